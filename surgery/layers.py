@@ -1,0 +1,209 @@
+"""Layer specifications, the modules they build, activations and weight initialisation.
+
+A ``LayerSpec`` is a value (frozen pydantic model): kind, sizes, activation. ``build()``
+turns it into a module whose parameters are called ``weight`` and ``bias`` so that a
+module's state-dict keys are the stack's tensor names (``h1.weight``) with no renaming.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import Tensor, nn
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "relu": torch.relu,
+    "linear": _identity,
+    "softplus": F.softplus,
+}
+
+# Activations for which f(f^-1-free identity layer) == identity on the layer's own outputs,
+# i.e. an identity-initialised layer after them keeps the function exactly.
+IDEMPOTENT_ON_OWN_RANGE = {"relu", "linear"}
+
+
+def check_activation(name: str) -> str:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+    return name
+
+
+class LayerSpec(BaseModel):
+    """What a layer is, without its numbers.
+
+    dense:  input [N, in_features] (higher-rank input is flattened), output [N, out_features]
+    conv2d: input [N, C, H, W] with ``in_shape=(C, H, W)`` and ``in_features=C``,
+            output [N, out_features, H', W']
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["dense", "conv2d"] = "dense"
+    in_features: int = Field(gt=0)
+    out_features: int = Field(gt=0)
+    activation: str = "sigmoid"
+    in_shape: tuple[int, int, int] | None = None
+    kernel_size: int = Field(default=5, gt=0)
+    stride: int = Field(default=1, gt=0)
+    padding: int = Field(default=0, ge=0)
+
+    @field_validator("activation")
+    @classmethod
+    def _known_activation(cls, v: str) -> str:
+        return check_activation(v)
+
+    def model_post_init(self, __context: object) -> None:
+        if self.kind == "conv2d":
+            if self.in_shape is None:
+                raise ValueError("a conv2d layer needs in_shape=(channels, height, width)")
+            if self.in_shape[0] != self.in_features:
+                raise ValueError(
+                    f"conv2d in_features={self.in_features} must equal in_shape channels "
+                    f"{self.in_shape[0]}"
+                )
+            h, w = self._conv_hw()
+            if h <= 0 or w <= 0:
+                raise ValueError(
+                    f"conv2d kernel_size={self.kernel_size} is larger than the input "
+                    f"{self.in_shape[1]}x{self.in_shape[2]}"
+                )
+
+    def _conv_hw(self) -> tuple[int, int]:
+        assert self.in_shape is not None
+        _, h, w = self.in_shape
+        k, s, p = self.kernel_size, self.stride, self.padding
+        return (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        if self.kind == "conv2d":
+            assert self.in_shape is not None
+            return tuple(self.in_shape)
+        return (self.in_features,)
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        if self.kind == "conv2d":
+            return (self.out_features, *self._conv_hw())
+        return (self.out_features,)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        if self.kind == "conv2d":
+            return (self.out_features, self.in_features, self.kernel_size, self.kernel_size)
+        return (self.out_features, self.in_features)
+
+    @property
+    def fan_in(self) -> int:
+        return math.prod(self.weight_shape[1:])
+
+    @property
+    def fan_out(self) -> int:
+        return self.weight_shape[0] * math.prod(self.weight_shape[2:])
+
+    def accepts(self, shape: tuple[int, ...]) -> bool:
+        """Whether an input of per-example ``shape`` fits (dense layers flatten)."""
+        if self.kind == "dense":
+            return math.prod(shape) == self.in_features
+        return tuple(shape) == self.input_shape
+
+    def build(self) -> nn.Module:
+        return Conv2dLayer(self) if self.kind == "conv2d" else Dense(self)
+
+
+class Dense(nn.Module):
+    """``act(x @ W.T + b)``; W is [out, in] as in ``nn.Linear``."""
+
+    def __init__(self, spec: LayerSpec):
+        super().__init__()
+        self.spec = spec
+        self.weight = nn.Parameter(torch.empty(spec.weight_shape))
+        self.bias = nn.Parameter(torch.zeros(spec.out_features))
+        self.act = ACTIVATIONS[spec.activation]
+        init_weight(self.weight, spec.activation, "classic", spec)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() > 2:
+            x = x.flatten(1)
+        return self.act(F.linear(x, self.weight, self.bias))
+
+    def extra_repr(self) -> str:
+        return f"{self.spec.in_features} -> {self.spec.out_features}, {self.spec.activation}"
+
+
+class Conv2dLayer(nn.Module):
+    def __init__(self, spec: LayerSpec):
+        super().__init__()
+        self.spec = spec
+        self.weight = nn.Parameter(torch.empty(spec.weight_shape))
+        self.bias = nn.Parameter(torch.zeros(spec.out_features))
+        self.act = ACTIVATIONS[spec.activation]
+        init_weight(self.weight, spec.activation, "classic", spec)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.conv2d(x, self.weight, self.bias, stride=self.spec.stride, padding=self.spec.padding)
+        return self.act(y)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"{s.in_shape} -> {s.output_shape}, k={s.kernel_size}, {s.activation}"
+
+
+INIT_SCHEMES = ("classic", "xavier", "he", "sparse", "torch")
+InitScheme = Literal["classic", "xavier", "he", "sparse", "torch"]
+
+
+@torch.no_grad()
+def init_weight(
+    weight: Tensor,
+    activation: str,
+    scheme: str,
+    spec: LayerSpec | None = None,
+    generator: torch.Generator | None = None,
+    sparse_nonzero: int = 15,
+) -> Tensor:
+    """Initialise ``weight`` in place.
+
+    classic: Glorot uniform, x4 for sigmoid (Glorot & Bengio 2010; the Theano tutorials'
+             choice); He normal for relu.  xavier: Glorot uniform.  he: Kaiming normal.
+    sparse:  each unit gets ``sparse_nonzero`` non-zero incoming weights drawn from N(0, 1)
+             (Martens 2010); the rest are 0.  torch: PyTorch's nn.Linear default.
+    """
+    fan_in = math.prod(weight.shape[1:])
+    fan_out = weight.shape[0] * math.prod(weight.shape[2:])
+    g = generator
+    if scheme == "classic" and activation == "relu":
+        scheme = "he"
+    if scheme in ("classic", "xavier"):
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        if scheme == "classic" and activation == "sigmoid":
+            bound *= 4.0
+        weight.uniform_(-bound, bound, generator=g)
+    elif scheme == "he":
+        weight.normal_(0.0, math.sqrt(2.0 / fan_in), generator=g)
+    elif scheme == "sparse":
+        weight.zero_()
+        flat = weight.view(weight.shape[0], -1)
+        k = min(sparse_nonzero, flat.shape[1])
+        scores = torch.rand(flat.shape, generator=g, device=weight.device)
+        idx = scores.topk(k, dim=1).indices
+        vals = torch.randn((flat.shape[0], k), generator=g, device=weight.device)
+        flat.scatter_(1, idx, vals.to(flat.dtype))
+    elif scheme == "torch":
+        bound = 1.0 / math.sqrt(fan_in)
+        weight.uniform_(-bound, bound, generator=g)
+    else:
+        raise ValueError(f"unknown init scheme {scheme!r}; choose one of {list(INIT_SCHEMES)}")
+    return weight

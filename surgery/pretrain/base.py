@@ -1,0 +1,68 @@
+"""What every layer pretrainer shares: the common config fields and the progress bar."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..layers import check_activation
+
+
+class LayerPretrainConfig(BaseModel):
+    """Fields shared by every ``pretrain.layers[i]`` entry."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hidden: int = Field(gt=0, description="units (dense) or feature maps (conv) of this layer")
+    epochs: int = Field(default=10, ge=0)
+    lr: float = Field(default=0.1, gt=0, le=100)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    batch_size: int | None = Field(default=None, gt=0, description="defaults to pretrain.batch_size")
+    activation: str = "sigmoid"
+    name: str | None = Field(default=None, description="layer name; defaults to h<i+1>")
+
+    @field_validator("activation")
+    @classmethod
+    def _act(cls, v: str) -> str:
+        return check_activation(v)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"name"})
+
+
+def progress_bar(total: int, desc: str, progress: bool | None) -> tqdm:
+    """tqdm bar; ``progress=None`` shows it only on a terminal."""
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=(None if progress is None else not progress), dynamic_ncols=True)
+
+
+def n_batches(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)
+
+
+def monitor_subset(x: Tensor, n: int = 1000) -> Tensor:
+    """A fixed slice of the input to compute per-epoch metrics on."""
+    return x[: min(n, x.shape[0])]
+
+
+def check_finite(value: float, what: str, layer: str, epoch: int) -> None:
+    from ..errors import TrainingDiverged
+
+    if not math.isfinite(value):
+        raise TrainingDiverged(
+            f"pretraining layer {layer!r}: {what} became {value} in epoch {epoch}; lower its lr "
+            "(or standardize the data for grbm) and run again."
+        )
+
+
+def as_rows(x: Tensor) -> Tensor:
+    return x.flatten(1) if x.dim() > 2 else x
+
+
+def new_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,174 @@
+"""Greedy layer-wise stacking: train layer 1 on the data, map the data through it, train
+layer 2 on that, and so on. Any mix of methods per layer.
+
+``grow`` is the supervised variant (Bengio et al. 2007): each stage puts a new layer on
+top of the stack so far under a fresh temporary softmax head and trains with labels,
+either every layer so far (``train: all``) or only the new one (``train: new``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
+
+from ..data import epoch_batches
+from ..layers import LayerSpec, init_weight
+from ..stack import LayerStack, StackLayer
+from .autoencoder import AEConfig
+from .base import LayerPretrainConfig, as_rows, check_finite, n_batches, new_generator, progress_bar
+from .rbm import RBMConfig
+
+
+class GrowConfig(LayerPretrainConfig):
+    """``{method: grow, hidden, epochs, lr, momentum, train: all|new, identity_init}``."""
+
+    method: Literal["grow"] = "grow"
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    train: Literal["all", "new"] = Field(default="all", description="train every layer so far, or only the new one")
+    identity_init: bool = Field(
+        default=False,
+        description="start the new layer as the identity (function-preserving for relu/linear; "
+        "needs hidden equal to the layer below)",
+    )
+
+    def fit(self, *a: Any, **k: Any) -> StackLayer:  # pragma: no cover - grow runs via greedy
+        raise TypeError("grow layers are trained by greedy_pretrain, which supplies the labels")
+
+
+LayerConfig = Annotated[RBMConfig | AEConfig | GrowConfig, Field(discriminator="method")]
+
+METHODS = ("rbm", "grbm", "ae", "dae", "sparse_ae", "conv_ae", "grow")
+
+
+class PretrainConfig(BaseModel):
+    """The ``pretrain:`` recipe section: a default batch size and one entry per layer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch_size: int = Field(default=100, gt=0)
+    layers: list[LayerConfig] = Field(min_length=1)
+    progress: bool | None = Field(default=None, description="progress bars (default: only on a terminal)")
+
+    @model_validator(mode="after")
+    def _names_and_order(self) -> PretrainConfig:
+        names = [lc.name or f"h{i + 1}" for i, lc in enumerate(self.layers)]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"layer names must be unique; {sorted(dup)} repeat")
+        for i, lc in enumerate(self.layers):
+            if lc.method == "conv_ae" and any(p.method != "conv_ae" for p in self.layers[:i]):
+                raise ValueError(f"layers[{i}]: a conv_ae layer cannot follow a dense layer")
+            if lc.method == "grow" and lc.identity_init and i == 0:
+                raise ValueError("layers[0]: identity_init needs a layer below it")
+            if lc.method == "grow" and lc.identity_init and self.layers[i - 1].hidden != lc.hidden:
+                raise ValueError(
+                    f"layers[{i}].identity_init: hidden={lc.hidden} must equal the layer below "
+                    f"({self.layers[i - 1].hidden})"
+                )
+        return self
+
+    def layer_name(self, i: int) -> str:
+        return self.layers[i].name or f"h{i + 1}"
+
+
+def greedy_pretrain(
+    x: Tensor,
+    cfg: PretrainConfig,
+    seed: int = 0,
+    y: Tensor | None = None,
+    progress: bool | None = None,
+    data_fingerprint: str | None = None,
+) -> LayerStack:
+    """Train ``cfg.layers`` one after another on ``x`` and return the stack.
+
+    ``x``: [N, D] or [N, C, H, W] on the training device; ``y``: int64 [N] labels, needed
+    only by ``grow`` layers.
+    """
+    progress = cfg.progress if progress is None else progress
+    g = new_generator(seed)
+    if x.device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+    stack = LayerStack(info={"seed": seed, "data_fingerprint": data_fingerprint, "n_train": int(x.shape[0])})
+    inp = x
+    for i, lc in enumerate(cfg.layers):
+        name = cfg.layer_name(i)
+        bs = lc.batch_size or cfg.batch_size
+        t0 = time.perf_counter()
+        if lc.method == "grow":
+            if y is None:
+                raise ValueError(f"pretrain.layers[{i}]: grow is supervised and needs labels")
+            layer = _grow_stage(x, y, inp, stack, lc, name, bs, g, progress)
+        else:
+            layer = lc.fit(inp, name, bs, g, progress)
+        layer.pretrain["seconds"] = round(time.perf_counter() - t0, 3)
+        layer.pretrain["data_fingerprint"] = data_fingerprint
+        stack.append(layer)
+        if i + 1 < len(cfg.layers):
+            if lc.method == "grow" and lc.train == "all":
+                inp = stack.transform(x)  # earlier layers changed too
+            else:
+                inp = layer.transform(inp)
+    return stack
+
+
+def _grow_stage(x: Tensor, y: Tensor, inp: Tensor, stack: LayerStack, cfg: GrowConfig, name: str,
+                batch_size: int, g: torch.Generator, progress: bool | None) -> StackLayer:
+    """Put a new layer on the stack under a fresh head and train with labels."""
+    dev = x.device
+    below = [layer.module().to(dev) for layer in stack.layers] if cfg.train == "all" else []
+    feats = x if cfg.train == "all" else inp  # frozen layers: their output once, not every step
+    in_features = as_rows(inp[:1]).shape[1]
+    spec = LayerSpec(in_features=in_features, out_features=cfg.hidden, activation=cfg.activation)
+    new = spec.build().to(dev)
+    with torch.no_grad():
+        if cfg.identity_init:
+            new.weight.copy_(torch.eye(cfg.hidden, in_features))
+        else:
+            init_weight(new.weight, cfg.activation, "classic", spec, generator=g)
+    classes = int(y.max()) + 1
+    head = torch.nn.Linear(cfg.hidden, classes).to(dev)
+    with torch.no_grad():
+        init_weight(head.weight, "linear", "classic", generator=g)
+        head.bias.zero_()
+    net = torch.nn.Sequential(*below, new, head)
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    history = []
+    n = x.shape[0]
+    bar = progress_bar(cfg.epochs * n_batches(n, batch_size), f"{name} grow", progress)
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        total = torch.zeros((), device=dev)
+        wrong = torch.zeros((), device=dev, dtype=torch.long)
+        for xb, yb in epoch_batches(feats, y, batch_size, g):
+            out = net(xb)
+            loss = F.cross_entropy(out, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach() * xb.shape[0]
+            wrong += (out.argmax(1) != yb).sum()
+            bar.update(1)
+        m = {"epoch": epoch, "loss": float(total) / n, "train_error": 100.0 * float(wrong) / n,
+             "seconds": round(time.perf_counter() - t0, 4)}
+        check_finite(m["loss"], "loss", name, epoch)
+        history.append(m)
+        bar.set_postfix(loss=f"{m['loss']:.4g}")
+    bar.close()
+    with torch.no_grad():
+        for layer, mod in zip(stack.layers, below):
+            layer.tensors["weight"] = mod.weight.detach().clone()
+            layer.tensors["bias"] = mod.bias.detach().clone()
+            layer.pretrain.setdefault("updated_by", []).append(f"grow:{name}")
+    return StackLayer(name, spec, {"weight": new.weight.detach().clone(), "bias": new.bias.detach().clone()}, {
+        "method": "grow",
+        "epochs": cfg.epochs,
+        "batch_size": batch_size,
+        "hyperparameters": cfg.hyperparameters(),
+        "history": history,
+        "final": {k: v for k, v in history[-1].items() if k not in ("epoch", "seconds")} if history else {},
+    })

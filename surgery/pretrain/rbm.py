@@ -1,0 +1,160 @@
+"""Restricted Boltzmann machines trained by contrastive divergence, as plain matmuls.
+
+Bernoulli-Bernoulli (``rbm``) and Gaussian-Bernoulli with unit-variance visibles
+(``grbm``; feed it standardized data). CD-k, or PCD-k with ``persistent: true``.
+The weight update is one GEMM over the stacked positive and negative phases:
+``[ph0; -phk]^T @ [v0; vk] = ph0^T v0 - phk^T vk`` written into preallocated buffers.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from ..data import epoch_batches
+from ..layers import LayerSpec
+from ..stack import StackLayer
+from .base import LayerPretrainConfig, as_rows, check_finite, monitor_subset, n_batches, progress_bar
+
+
+class RBMConfig(LayerPretrainConfig):
+    """``{method: rbm|grbm, hidden, epochs, lr, k, persistent, momentum, weight_decay}``."""
+
+    method: Literal["rbm", "grbm"] = "rbm"
+    k: int = Field(default=1, ge=1, le=1000, description="Gibbs steps per update (CD-k / PCD-k)")
+    persistent: bool = Field(default=False, description="PCD: keep the negative chains across updates")
+    init_std: float = Field(default=0.01, gt=0)
+
+    def fit(self, x: Tensor, name: str, batch_size: int, generator: torch.Generator,
+            progress: bool | None = None) -> StackLayer:
+        return train_rbm(x, self, name, batch_size, generator, progress)
+
+
+class _Buffers:
+    """Per-batch-size scratch tensors so the loop allocates nothing."""
+
+    def __init__(self, b: int, v: int, h: int, dev: torch.device):
+        self.hh = torch.empty(2 * b, h, device=dev)  # [ph0; -phk]
+        self.vv = torch.empty(2 * b, v, device=dev)  # [v0; vk]
+        self.h = torch.empty(b, h, device=dev)  # a hidden sample
+        self.r = torch.empty(b, h, device=dev)  # uniforms
+
+
+def _sample(p: Tensor, out: Tensor, rand: Tensor, g: torch.Generator | None) -> Tensor:
+    # rand < p is several times cheaper than torch.bernoulli and needs no new tensor.
+    rand.uniform_(generator=g)
+    return torch.lt(rand, p, out=out)
+
+
+def free_energy(v: Tensor, W: Tensor, b: Tensor, c: Tensor, gaussian: bool) -> Tensor:
+    """F(v) per example; Bernoulli: -v.b - sum softplus(vW^T + c); Gaussian: 0.5|v-b|^2 - ..."""
+    pre = torch.nn.functional.softplus(torch.addmm(c, v, W.t())).sum(1)
+    vis = 0.5 * ((v - b) ** 2).sum(1) if gaussian else -(v @ b)
+    return vis - pre
+
+
+@torch.no_grad()
+def train_rbm(x: Tensor, cfg: RBMConfig, name: str, batch_size: int, generator: torch.Generator,
+              progress: bool | None = None) -> StackLayer:
+    """Fit one RBM layer on ``x`` [N, D]; return it with per-epoch metrics."""
+    x = as_rows(x).contiguous()
+    n, nv = x.shape
+    nh = cfg.hidden
+    dev = x.device
+    gaussian = cfg.method == "grbm"
+    g = generator if dev.type == "cpu" else None
+    if g is None:
+        torch.cuda.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+    W = (torch.randn(nh, nv, generator=generator) * cfg.init_std).to(dev)
+    c = torch.zeros(nh, device=dev)
+    if gaussian:
+        b = x.mean(0).clone()
+    else:  # Hinton's guide: visible bias log(p / (1 - p)) of the data's pixel means
+        p = x.mean(0).clamp(1e-3, 1 - 1e-3)
+        b = torch.log(p / (1 - p))
+    vW, vb, vc = torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(c)
+    bufs: dict[int, _Buffers] = {}
+    chain: Tensor | None = None
+    mon = monitor_subset(x)
+    history = []
+    bar = progress_bar(cfg.epochs * n_batches(n, batch_size), f"{name} {cfg.method}", progress)
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        for v0, _ in epoch_batches(x, None, batch_size, generator):
+            bs = v0.shape[0]
+            buf = bufs.get(bs) or bufs.setdefault(bs, _Buffers(bs, nv, nh, dev))
+            ph0, phk = buf.hh[:bs], buf.hh[bs:]
+            vpos, vk = buf.vv[:bs], buf.vv[bs:]
+            vpos.copy_(v0)
+            torch.addmm(c, v0, W.t(), out=ph0).sigmoid_()
+            if cfg.persistent:
+                if chain is None:
+                    chain = _sample(ph0, torch.empty_like(ph0), buf.r, g)
+                h = chain[:bs] if chain.shape[0] >= bs else _sample(ph0, buf.h, buf.r, g)
+            else:
+                h = _sample(ph0, buf.h, buf.r, g)
+            for step in range(cfg.k):
+                torch.addmm(b, h, W, out=vk)
+                if not gaussian:
+                    vk.sigmoid_()
+                torch.addmm(c, vk, W.t(), out=phk).sigmoid_()
+                if step < cfg.k - 1 or cfg.persistent:
+                    h = _sample(phk, h if cfg.persistent else buf.h, buf.r, g)
+            alpha = cfg.lr / bs
+            vb.mul_(cfg.momentum).add_(vpos.sum(0) - vk.sum(0), alpha=alpha)
+            vc.mul_(cfg.momentum).add_(ph0.sum(0) - phk.sum(0), alpha=alpha)
+            phk.neg_()
+            vW.addmm_(buf.hh.t(), buf.vv, beta=cfg.momentum, alpha=alpha)
+            if cfg.weight_decay:
+                vW.add_(W, alpha=-cfg.lr * cfg.weight_decay)
+            W.add_(vW)
+            b.add_(vb)
+            c.add_(vc)
+            bar.update(1)
+        m = _metrics(mon, W, b, c, gaussian, generator)
+        m.update(epoch=epoch, seconds=round(time.perf_counter() - t0, 4))
+        check_finite(m["recon_error"], "reconstruction error", name, epoch)
+        history.append(m)
+        bar.set_postfix(recon=f"{m['recon_error']:.4g}")
+    bar.close()
+    spec = LayerSpec(in_features=nv, out_features=nh, activation="sigmoid")
+    return StackLayer(
+        name,
+        spec,
+        {"weight": W, "bias": c, "visible_bias": b},
+        {
+            "method": cfg.method,
+            "epochs": cfg.epochs,
+            "batch_size": batch_size,
+            "hyperparameters": cfg.hyperparameters(),
+            "history": history,
+            "final": {k: v for k, v in history[-1].items() if k not in ("epoch", "seconds")} if history else {},
+        },
+    )
+
+
+def _metrics(v: Tensor, W: Tensor, b: Tensor, c: Tensor, gaussian: bool, g: torch.Generator) -> dict:
+    """Mean-field reconstruction error and (Bernoulli) a pseudo-log-likelihood estimate."""
+    ph = torch.sigmoid(torch.addmm(c, v, W.t()))
+    pv = torch.addmm(b, ph, W)
+    if not gaussian:
+        pv = pv.sigmoid()
+    out = {"recon_error": float(((v - pv) ** 2).sum(1).mean())}
+    fe = free_energy(v, W, b, c, gaussian)
+    out["free_energy"] = float(fe.mean())
+    if not gaussian:
+        # Stochastic pseudo-likelihood: flip one random bit per example (as scikit-learn does).
+        vb = (v > 0.5).float()
+        idx = torch.randint(0, v.shape[1], (v.shape[0],), generator=g).to(v.device)
+        flipped = vb.clone()
+        rows = torch.arange(v.shape[0], device=v.device)
+        flipped[rows, idx] = 1 - flipped[rows, idx]
+        f0 = free_energy(vb, W, b, c, False)
+        f1 = free_energy(flipped, W, b, c, False)
+        pl = -torch.nn.functional.softplus(f0 - f1).mean() * v.shape[1]
+        out["pseudo_likelihood"] = float(pl)
+    return out

@@ -1,0 +1,277 @@
+"""LayerStack: ordered, named, pretrained layers saved as one ``.safetensors`` file.
+
+Tensors are named ``<layer>.<param>`` (``h1.weight`` [out, in], ``h1.bias`` [out], plus the
+tensors pretraining needed, e.g. ``h1.visible_bias``, ``h1.decoder_weight``). The file's
+``__metadata__`` holds one JSON string, ``surgery.manifest``: format and version, the input
+shape, the ordered layers (name, spec, in/out shapes, tensor shapes, how each was
+pretrained with its per-epoch metrics and data fingerprint) and the producing recipe.
+Reading a stack needs nothing beyond ``safetensors`` + ``json``; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .errors import ManifestError
+from .io import atomic_path
+from .layers import LayerSpec
+
+STACK_FORMAT = "surgery.stack"
+MODEL_FORMAT = "surgery.model"
+FORMAT_VERSION = 1
+MANIFEST_KEY = "surgery.manifest"
+
+
+def package_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+@dataclass
+class StackLayer:
+    """One pretrained layer: its spec, its tensors and how it was trained.
+
+    ``tensors['weight']`` / ``tensors['bias']`` are the layer itself; any other entry is
+    an extra that pretraining needed (visible bias, decoder weight).
+    """
+
+    name: str
+    spec: LayerSpec
+    tensors: dict[str, Tensor]
+    pretrain: dict[str, Any] = field(default_factory=dict)
+
+    def module(self) -> nn.Module:
+        """A fresh module holding copies of this layer's weight and bias."""
+        m = self.spec.build()
+        with torch.no_grad():
+            m.weight.copy_(self.tensors["weight"])
+            m.bias.copy_(self.tensors["bias"])
+        return m.to(self.tensors["weight"].device)
+
+    @torch.no_grad()
+    def transform(self, x: Tensor, chunk: int = 10000) -> Tensor:
+        m = self.module().to(x.device)
+        return torch.cat([m(x[i : i + chunk]) for i in range(0, x.shape[0], chunk)])
+
+    def layer_manifest(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.spec.kind,
+            "activation": self.spec.activation,
+            "in_shape": list(self.spec.input_shape),
+            "out_shape": list(self.spec.output_shape),
+            "spec": self.spec.model_dump(mode="json"),
+            "tensors": {k: list(v.shape) for k, v in self.tensors.items()},
+            "pretrain": self.pretrain,
+        }
+
+
+@dataclass
+class LayerStack:
+    layers: list[StackLayer] = field(default_factory=list)
+    recipe: dict[str, Any] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self) -> Iterator[StackLayer]:
+        return iter(self.layers)
+
+    def __getitem__(self, key: int | str) -> StackLayer:
+        if isinstance(key, str):
+            for layer in self.layers:
+                if layer.name == key:
+                    return layer
+            raise KeyError(f"no layer named {key!r}; the stack has {self.names}")
+        return self.layers[key]
+
+    @property
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.layers[0].spec.input_shape if self.layers else ()
+
+    def append(self, layer: StackLayer) -> LayerStack:
+        if layer.name in self.names:
+            raise ValueError(f"the stack already has a layer named {layer.name!r}")
+        self.layers.append(layer)
+        return self
+
+    @torch.no_grad()
+    def transform(self, x: Tensor, upto: int | None = None) -> Tensor:
+        """Map ``x`` through layers ``[0, upto)`` (all by default)."""
+        for layer in self.layers[:upto]:
+            x = layer.transform(x)
+        return x
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "format": STACK_FORMAT,
+            "version": FORMAT_VERSION,
+            "package_version": package_version(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "input_shape": list(self.input_shape),
+            "layers": [layer.layer_manifest() for layer in self.layers],
+            "info": self.info,
+            "recipe": self.recipe,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the stack atomically (temp file + rename) and return the path."""
+        path = Path(path)
+        tensors = {
+            f"{layer.name}.{k}": v.detach().to("cpu", torch.float32).contiguous()
+            for layer in self.layers
+            for k, v in layer.tensors.items()
+        }
+        meta = {MANIFEST_KEY: json.dumps(self.manifest())}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> LayerStack:
+        """Load and validate a stack file; every inconsistency is a ``ManifestError``."""
+        path = Path(path)
+        manifest, tensors = read_safetensors(path, expect=STACK_FORMAT)
+        layers = []
+        seen: set[str] = set()
+        prev_shape = None
+        for i, lm in enumerate(_list(manifest, "layers", path)):
+            where = f"{path}: manifest layer {i}"
+            try:
+                name = lm["name"]
+                spec = LayerSpec.model_validate(lm["spec"])
+                listed = lm["tensors"]
+            except (KeyError, TypeError, ValidationError) as e:
+                raise ManifestError(f"{where} is malformed ({_short(e)}); the file was edited or damaged.") from e
+            if name in seen:
+                raise ManifestError(f"{where}: duplicate layer name {name!r}.")
+            seen.add(name)
+            own = {}
+            for key in listed:
+                full = f"{name}.{key}"
+                if full not in tensors:
+                    raise ManifestError(f"{path}: the manifest lists tensor {full!r} but the file does not hold it.")
+                own[key] = tensors.pop(full).to(device)
+            for key, want in (("weight", spec.weight_shape), ("bias", (spec.out_features,))):
+                if key not in own:
+                    raise ManifestError(f"{path}: layer {name!r} has no {key} tensor.")
+                if tuple(own[key].shape) != tuple(want):
+                    raise ManifestError(
+                        f"{path}: layer {name!r} tensor {key!r} has shape {tuple(own[key].shape)} "
+                        f"but its spec needs {tuple(want)}."
+                    )
+            if prev_shape is not None and not spec.accepts(prev_shape):
+                raise ManifestError(
+                    f"{path}: layer {name!r} expects input {spec.input_shape} but the previous "
+                    f"layer gives {prev_shape}."
+                )
+            prev_shape = spec.output_shape
+            layers.append(StackLayer(name, spec, own, lm.get("pretrain", {})))
+        if tensors:
+            raise ManifestError(
+                f"{path}: tensors {sorted(tensors)[:5]} are not in the manifest; the file was "
+                "edited or written by another tool."
+            )
+        return cls(layers, manifest.get("recipe"), manifest.get("info", {}))
+
+
+def _short(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _list(manifest: dict, key: str, path: Path) -> list:
+    v = manifest.get(key)
+    if not isinstance(v, list):
+        raise ManifestError(f"{path}: manifest field {key!r} is missing or not a list.")
+    return v
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest alone (no tensors read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: no such file.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ManifestError(
+            f"{path}: not a readable safetensors file ({_short(e)}); it is truncated or corrupt. "
+            "Re-create it with `surgery pretrain` or `surgery assemble`."
+        ) from e
+    if MANIFEST_KEY not in meta:
+        raise ManifestError(
+            f"{path}: a safetensors file without a surgery manifest; to use foreign weights, "
+            "add it under surgery.sources with a `map:` and an `import` op."
+        )
+    try:
+        manifest = json.loads(meta[MANIFEST_KEY])
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: the surgery manifest is not valid JSON ({e}); the file was hand-edited.") from e
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path}: the surgery manifest is not a JSON object.")
+    return manifest
+
+
+def read_safetensors(path: Path, expect: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    manifest = read_manifest(path)
+    fmt = manifest.get("format")
+    if fmt != expect:
+        what = {STACK_FORMAT: "a layer stack", MODEL_FORMAT: "an assembled model"}
+        raise ManifestError(
+            f"{path}: this is {what.get(fmt, repr(fmt))}, not {what.get(expect, expect)}."
+        )
+    version = manifest.get("version")
+    if version != FORMAT_VERSION:
+        raise ManifestError(
+            f"{path}: manifest version {version!r}; this surgery reads version {FORMAT_VERSION}."
+        )
+    try:
+        tensors: dict[str, Tensor] = {}
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():
+                tensors[k] = f.get_tensor(k)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ManifestError(f"{path}: tensor data is unreadable ({_short(e)}); the file is truncated or corrupt.") from e
+    for k, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ManifestError(f"{path}: tensor {k!r} holds NaN or infinite values.")
+    return manifest, tensors
+
+
+def describe(manifest: dict[str, Any]) -> str:
+    """A human-readable summary of a stack or model manifest."""
+    lines = [f"{manifest.get('format')} v{manifest.get('version')} (surgery {manifest.get('package_version')})"]
+    lines.append(f"input shape: {tuple(manifest.get('input_shape', []))}")
+    if manifest.get("format") == STACK_FORMAT:
+        lines.append(f"{'layer':<8} {'kind':<7} {'in':>14} {'out':>14} {'activation':<10} {'method':<10} {'epochs':>6}  final metrics")
+        for lm in manifest.get("layers", []):
+            p = lm.get("pretrain", {}) or {}
+            final = p.get("final", {}) or {}
+            metrics = ", ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, (int, float)))
+            lines.append(
+                f"{lm['name']:<8} {lm['kind']:<7} {str(tuple(lm['in_shape'])):>14} "
+                f"{str(tuple(lm['out_shape'])):>14} {lm['activation']:<10} "
+                f"{str(p.get('method', '-')):<10} {str(p.get('epochs', '-')):>6}  {metrics}"
+            )
+        n = sum(math.prod(s) for lm in manifest.get("layers", []) for s in lm["tensors"].values())
+        lines.append(f"{n:,} numbers in {len(manifest.get('layers', []))} layers")
+    return "\n".join(lines)
