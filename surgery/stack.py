@@ -275,3 +275,48 @@ def describe(manifest: dict[str, Any]) -> str:
         n = sum(math.prod(s) for lm in manifest.get("layers", []) for s in lm["tensors"].values())
         lines.append(f"{n:,} numbers in {len(manifest.get('layers', []))} layers")
     return "\n".join(lines)
+
+
+def load_foreign(path: str | Path, mapping: dict[str, tuple[str, bool]]) -> tuple[dict[str, Tensor], dict[str, list[str]]]:
+    """Tensors of a foreign weights file renamed by ``mapping`` (src key -> (dest, transpose)).
+
+    Accepts any ``.safetensors`` file, or a torch state dict (``.pt``/``.pth``/``.bin``) read
+    with ``torch.load(weights_only=True)``, torch's restricted loader that admits tensors
+    and plain containers only. Returns the renamed tensors and a report with ``loaded``,
+    ``skipped`` (in the file, not mapped) and ``missing`` (mapped, not in the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: no such file.")
+    raw: dict[str, Tensor] = {}
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for k in f.keys():
+                    raw[k] = f.get_tensor(k)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ManifestError(f"{path}: not a readable safetensors file ({_short(e)}).") from e
+    else:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for bad files
+            raise ManifestError(
+                f"{path}: cannot read it as a torch state dict with weights_only=True ({_short(e)}); "
+                "convert it to safetensors."
+            ) from e
+        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict):
+            raise ManifestError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors.")
+        raw = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    out: dict[str, Tensor] = {}
+    report: dict[str, list[str]] = {"loaded": [], "skipped": [], "missing": []}
+    for src, (dest, transpose) in mapping.items():
+        if src not in raw:
+            report["missing"].append(src)
+            continue
+        t = raw[src].detach().float()
+        out[dest] = (t.t() if transpose else t).contiguous()
+        report["loaded"].append(f"{src} -> {dest}" + (" (transposed)" if transpose else ""))
+    report["skipped"] = sorted(set(raw) - set(mapping))
+    return out, report

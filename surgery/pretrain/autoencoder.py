@@ -19,7 +19,14 @@ from torch import Tensor
 from ..data import epoch_batches
 from ..layers import ACTIVATIONS, LayerSpec, init_weight
 from ..stack import StackLayer
-from .base import LayerPretrainConfig, as_rows, check_finite, monitor_subset, n_batches, progress_bar
+from .base import (
+    LayerPretrainConfig,
+    as_rows,
+    check_finite,
+    monitor_subset,
+    n_batches,
+    progress_bar,
+)
 
 
 class AEConfig(LayerPretrainConfig):
@@ -57,6 +64,15 @@ class AEConfig(LayerPretrainConfig):
         if self.noise_kind in ("mask", "salt_pepper") and self.noise >= 1:
             raise ValueError(f"noise={self.noise} must be below 1 for {self.noise_kind} corruption")
         return self
+
+    def spec_for(self, in_shape: tuple[int, ...]) -> LayerSpec:
+        if self.method != "conv_ae":
+            return super().spec_for(in_shape)
+        if len(in_shape) != 3:
+            raise ValueError(f"conv_ae needs image input (C, H, W), got {in_shape}; set data.flatten: false")
+        return LayerSpec(kind="conv2d", in_features=in_shape[0], out_features=self.hidden, in_shape=in_shape,
+                         activation=self.activation, kernel_size=self.kernel_size, stride=self.stride,
+                         padding=self.padding)
 
     def fit(self, x: Tensor, name: str, batch_size: int, generator: torch.Generator,
             progress: bool | None = None) -> StackLayer:
@@ -137,19 +153,14 @@ class _AE(torch.nn.Module):
 def train_autoencoder(x: Tensor, cfg: AEConfig, name: str, batch_size: int,
                       generator: torch.Generator, progress: bool | None = None) -> StackLayer:
     """Fit one autoencoder layer on ``x`` ([N, D], or [N, C, H, W] for conv_ae)."""
-    if cfg.method == "conv_ae":
-        if x.dim() != 4:
-            raise ValueError(
-                f"layer {name!r}: conv_ae needs image input [N, C, H, W] but got {tuple(x.shape)}; "
-                "set data.flatten: false and put conv layers first"
-            )
-        c, h, w = x.shape[1:]
-        spec = LayerSpec(kind="conv2d", in_features=c, out_features=cfg.hidden, in_shape=(c, h, w),
-                         activation=cfg.activation, kernel_size=cfg.kernel_size, stride=cfg.stride,
-                         padding=cfg.padding)
-    else:
+    if cfg.method == "conv_ae" and x.dim() != 4:
+        raise ValueError(
+            f"layer {name!r}: conv_ae needs image input [N, C, H, W] but got {tuple(x.shape)}; "
+            "set data.flatten: false and put conv layers first"
+        )
+    if cfg.method != "conv_ae":
         x = as_rows(x)
-        spec = LayerSpec(in_features=x.shape[1], out_features=cfg.hidden, activation=cfg.activation)
+    spec = cfg.spec_for(tuple(x.shape[1:]))
     x = x.contiguous()
     dev = x.device
     g = generator if dev.type == "cpu" else None

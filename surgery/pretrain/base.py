@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..layers import check_activation
+from ..layers import LayerSpec, check_activation
 
 
 class LayerPretrainConfig(BaseModel):
@@ -31,6 +31,10 @@ class LayerPretrainConfig(BaseModel):
     @classmethod
     def _act(cls, v: str) -> str:
         return check_activation(v)
+
+    def spec_for(self, in_shape: tuple[int, ...]) -> LayerSpec:
+        """The layer this entry makes from input of per-example shape ``in_shape``."""
+        return LayerSpec(in_features=math.prod(in_shape), out_features=self.hidden, activation=self.activation)
 
     def hyperparameters(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude={"name"})

@@ -9,6 +9,7 @@ either every layer so far (``train: all``) or only the new one (``train: new``).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import torch
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from ..data import epoch_batches
-from ..layers import LayerSpec, init_weight
+from ..layers import init_weight
 from ..stack import LayerStack, StackLayer
 from .autoencoder import AEConfig
 from .base import LayerPretrainConfig, as_rows, check_finite, n_batches, new_generator, progress_bar
@@ -76,6 +77,21 @@ class PretrainConfig(BaseModel):
         return self.layers[i].name or f"h{i + 1}"
 
 
+def plan_stack(cfg: PretrainConfig, input_shape: tuple[int, ...]) -> LayerStack:
+    """The stack ``cfg`` would make, with zero tensors: for shape checks before training."""
+    stack = LayerStack(info={"plan": True})
+    shape = tuple(input_shape)
+    for i, lc in enumerate(cfg.layers):
+        try:
+            spec = lc.spec_for(shape)
+        except ValueError as e:
+            raise ValueError(f"pretrain.layers[{i}]: {e}") from e
+        tensors = {"weight": torch.zeros(spec.weight_shape), "bias": torch.zeros(spec.out_features)}
+        stack.append(StackLayer(cfg.layer_name(i), spec, tensors, {"method": lc.method, "epochs": lc.epochs}))
+        shape = spec.output_shape
+    return stack
+
+
 def greedy_pretrain(
     x: Tensor,
     cfg: PretrainConfig,
@@ -83,6 +99,7 @@ def greedy_pretrain(
     y: Tensor | None = None,
     progress: bool | None = None,
     data_fingerprint: str | None = None,
+    on_layer: Callable[[int, LayerStack], None] | None = None,
 ) -> LayerStack:
     """Train ``cfg.layers`` one after another on ``x`` and return the stack.
 
@@ -108,6 +125,8 @@ def greedy_pretrain(
         layer.pretrain["seconds"] = round(time.perf_counter() - t0, 3)
         layer.pretrain["data_fingerprint"] = data_fingerprint
         stack.append(layer)
+        if on_layer is not None:
+            on_layer(i, stack)
         if i + 1 < len(cfg.layers):
             if lc.method == "grow" and lc.train == "all":
                 inp = stack.transform(x)  # earlier layers changed too
@@ -123,7 +142,7 @@ def _grow_stage(x: Tensor, y: Tensor, inp: Tensor, stack: LayerStack, cfg: GrowC
     below = [layer.module().to(dev) for layer in stack.layers] if cfg.train == "all" else []
     feats = x if cfg.train == "all" else inp  # frozen layers: their output once, not every step
     in_features = as_rows(inp[:1]).shape[1]
-    spec = LayerSpec(in_features=in_features, out_features=cfg.hidden, activation=cfg.activation)
+    spec = cfg.spec_for((in_features,))
     new = spec.build().to(dev)
     with torch.no_grad():
         if cfg.identity_init:

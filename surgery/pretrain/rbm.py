@@ -12,13 +12,20 @@ import time
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor
 
 from ..data import epoch_batches
 from ..layers import LayerSpec
 from ..stack import StackLayer
-from .base import LayerPretrainConfig, as_rows, check_finite, monitor_subset, n_batches, progress_bar
+from .base import (
+    LayerPretrainConfig,
+    as_rows,
+    check_finite,
+    monitor_subset,
+    n_batches,
+    progress_bar,
+)
 
 
 class RBMConfig(LayerPretrainConfig):
@@ -28,6 +35,13 @@ class RBMConfig(LayerPretrainConfig):
     k: int = Field(default=1, ge=1, le=1000, description="Gibbs steps per update (CD-k / PCD-k)")
     persistent: bool = Field(default=False, description="PCD: keep the negative chains across updates")
     init_std: float = Field(default=0.01, gt=0)
+
+    @field_validator("activation")
+    @classmethod
+    def _sigmoid_only(cls, v: str) -> str:
+        if v != "sigmoid":
+            raise ValueError(f"activation={v!r}: RBM hidden units are sigmoid (binary stochastic units)")
+        return v
 
     def fit(self, x: Tensor, name: str, batch_size: int, generator: torch.Generator,
             progress: bool | None = None) -> StackLayer:
@@ -121,7 +135,7 @@ def train_rbm(x: Tensor, cfg: RBMConfig, name: str, batch_size: int, generator: 
         history.append(m)
         bar.set_postfix(recon=f"{m['recon_error']:.4g}")
     bar.close()
-    spec = LayerSpec(in_features=nv, out_features=nh, activation="sigmoid")
+    spec = LayerSpec(in_features=nv, out_features=nh, activation="sigmoid")  # RBM hiddens are sigmoid
     return StackLayer(
         name,
         spec,

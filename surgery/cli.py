@@ -1,0 +1,260 @@
+"""``surgery <command>``: parse arguments, load the recipe, call the library.
+
+Every user-fixable problem is printed as one paragraph (no traceback) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from .errors import SurgeryError
+
+EPILOG = """recipes are YAML or JSON files with the sections data, pretrain, surgery,
+finetune, experiment and search; `surgery schema` prints their JSON Schema.
+Every command that reads a recipe takes --set dotted.path=value overrides, e.g.
+--set pretrain.layers.0.epochs=2 --set data.limit=1000."""
+
+
+def _recipe_cmd(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", type=Path, help="recipe file (.yaml/.yml or .json)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                   help="override a recipe field by its dotted path (repeatable); values are YAML scalars")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="surgery",
+        description="Greedy layer-wise pretraining (RBMs, autoencoders) and model surgery for PyTorch.",
+        epilog="Quick start: surgery run recipes/quick.yaml --out runs/quick",
+    )
+    ap.add_argument("--version", action="version", version=f"surgery {_version()}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = _recipe_cmd(sub, "pretrain", "train the recipe's pretrain: layers greedily and save the stack")
+    p.add_argument("-o", "--output", type=Path, help="stack file (default runs/<name>/stack.safetensors)")
+
+    p = sub.add_parser("inspect", help="show a stack or model file: layers, shapes, how each was trained")
+    p.add_argument("file", type=Path)
+    p.add_argument("--json", action="store_true", help="print the raw manifest as JSON")
+
+    _recipe_cmd(sub, "validate", "check a recipe and every file it refers to; print the planned network")
+    sub.add_parser("schema", help="print the recipe JSON Schema (for editor completion)")
+
+    p = _recipe_cmd(sub, "assemble", "build the network the surgery: section describes and save it")
+    p.add_argument("-o", "--output", type=Path, help="model file (default runs/<name>/assembled.safetensors)")
+
+    p = _recipe_cmd(sub, "finetune", "fine-tune the assembled network (or --model FILE) end to end")
+    p.add_argument("--out", type=Path, help="output directory (default runs/<name>)")
+    p.add_argument("--model", type=Path, help="an assembled model file to fine-tune instead of assembling")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/")
+
+    p = _recipe_cmd(sub, "run", "run everything the recipe holds: pretrain -> surgery -> finetune, or the experiment grid")
+    p.add_argument("--out", type=Path, help="output directory (default runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="single runs: continue from the last checkpoint "
+                   "(experiments always skip finished cells)")
+
+    p = sub.add_parser("compare", help="rebuild and merge reports from one or more experiment directories")
+    p.add_argument("dirs", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, help="where the merged report goes (default: the first directory)")
+    p.add_argument("--baseline", default="none")
+
+    p = _recipe_cmd(sub, "search", "Optuna hyperparameter search over the recipe's search: params")
+    p.add_argument("--trials", type=int, help="trials for this worker (default search.trials)")
+    p.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT/search.db); share it across workers")
+    p.add_argument("--out", type=Path, help="output directory (default runs/<name>-search)")
+    return ap
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _load(args: argparse.Namespace):
+    from .recipe import load_recipe
+
+    return load_recipe(args.recipe, args.overrides)
+
+
+def _out(args: argparse.Namespace, recipe, suffix: str = "") -> Path:
+    return args.out if getattr(args, "out", None) else Path("runs") / f"{recipe.name}{suffix}"
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from .pipeline import pretrain
+    from .stack import describe
+
+    recipe = _load(args)
+    out = args.output or Path("runs") / recipe.name / "stack.safetensors"
+    stack = pretrain(recipe)
+    stack.save(out)
+    print(describe(stack.manifest()))
+    print(f"stack written to {out}")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from .graph import ModelGraph
+    from .stack import MODEL_FORMAT, LayerStack, describe, read_manifest
+
+    manifest = read_manifest(args.file)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return
+    if manifest.get("format") == MODEL_FORMAT:
+        g = ModelGraph.load(args.file)
+        print(f"{MODEL_FORMAT} v{manifest.get('version')} (surgery {manifest.get('package_version')})")
+        print(g.summary())
+        if "result" in manifest:
+            r = manifest["result"]
+            print(f"fine-tuned: test error {r.get('test_error'):.2f}% after {r.get('epochs')} epochs")
+    else:
+        LayerStack.load(args.file)  # full validation, not just the header
+        print(describe(manifest))
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    from .pipeline import validate
+
+    recipe = _load(args)
+    graph, notes = validate(recipe)
+    print(f"{args.recipe}: ok")
+    for n in notes:
+        print("  " + n)
+    if graph is not None:
+        print(graph.summary())
+    if recipe.experiment is not None:
+        import math
+
+        from .data import load_dataset
+        from .experiment import plan_cells
+
+        data = load_dataset(recipe.data.model_copy(update={"device": "cpu"}), recipe.base_dir)
+        cells = plan_cells(recipe, math.prod(data.input_shape), data.num_classes)
+        print(f"experiment: {len(cells)} cells ({', '.join(recipe.experiment.arms())} x depths "
+              f"{recipe.experiment.depths} x seeds {recipe.experiment.seeds})")
+
+
+def cmd_schema(args: argparse.Namespace) -> None:
+    from .recipe import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+
+
+def cmd_assemble(args: argparse.Namespace) -> None:
+    from .data import load_dataset
+    from .pipeline import assemble, pretrain
+
+    recipe = _load(args)
+    data = load_dataset(recipe.data, recipe.base_dir)
+    stack = pretrain(recipe, data) if recipe.pretrain is not None else None
+    graph = assemble(recipe, stack, data.num_classes)
+    out = args.output or Path("runs") / recipe.name / "assembled.safetensors"
+    graph.save(out, {"recipe": recipe.to_dict()})
+    for line in graph.report:
+        print(line)
+    print(graph.summary())
+    print(f"model written to {out}")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from .data import load_dataset
+    from .pipeline import finetune_model, run
+
+    recipe = _load(args)
+    if recipe.finetune is None:
+        raise SurgeryError(f"{args.recipe}: the recipe has no finetune: section.")
+    out = _out(args, recipe)
+    if args.model:
+        data = load_dataset(recipe.data, recipe.base_dir)
+        res = finetune_model(args.model, data, recipe.finetune, recipe.seed, out, args.resume)
+    else:
+        res = run(recipe, out, resume=args.resume)
+    _print_result(res, out)
+
+
+def _print_result(res: dict, out: Path) -> None:
+    print(f"test error {res['test_error']:.2f}% (valid {res['valid_error']:.2f}%, best epoch "
+          f"{res['best_epoch']} of {res['epochs']}, {res['device']})")
+    print(f"results in {out}: result.json, metrics.jsonl, model.safetensors")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from .pipeline import run
+
+    recipe = _load(args)
+    out = _out(args, recipe)
+    if recipe.experiment is not None:
+        from .experiment import run_experiment
+        from .report import table
+
+        rows = run_experiment(recipe, out)
+        print(f"{len(rows)} cells; results in {out}/results.csv, report in {out}/report.md, figures in {out}/figures/")
+        for t in table(rows, recipe.experiment.baseline):
+            ci = "" if t["n"] < 2 else f" ± {t['ci_half']:.2f}"
+            print(f"  {t['condition']:<14} depth {t['depth']}: {t['mean']:.2f}%{ci} (n={t['n']})")
+        return
+    res = run(recipe, out, resume=args.resume)
+    if "test_error" in res:
+        _print_result(res, out)
+    else:
+        print(f"assembled model in {out}/assembled.safetensors (no finetune: section)")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .experiment import read_results, write_results_csv
+    from .report import write_report
+
+    rows = read_results(args.dirs)
+    out = args.out or args.dirs[0]
+    if out != args.dirs[0] or len(args.dirs) > 1:
+        write_results_csv(Path(out) / "results.csv", rows)
+    write_report(Path(out), rows, baseline=args.baseline)
+    print(f"report for {len(rows)} runs in {out}/report.md")
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from .search import run_search
+
+    recipe = _load(args)
+    out = _out(args, recipe, "-search")
+    s = run_search(recipe, out, args.trials, args.storage)
+    print(f"study {s['study']}: {len(s['trials'])} trials; best valid error {s['best_value']:.2f}% with {s['best_params']}")
+    print(f"best recipe written to {out}/best.yaml")
+
+
+COMMANDS = {
+    "pretrain": cmd_pretrain, "inspect": cmd_inspect, "validate": cmd_validate, "schema": cmd_schema,
+    "assemble": cmd_assemble, "finetune": cmd_finetune, "run": cmd_run, "compare": cmd_compare,
+    "search": cmd_search,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except SurgeryError as e:
+        print(f"surgery {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ValidationError as e:
+        from .recipe import format_validation_error
+
+        print(f"surgery {args.command}: error: {format_validation_error(e, str(getattr(args, 'recipe', '')))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"surgery {args.command}: interrupted; files written so far are kept (rerun to continue).", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""One recipe, start to finish: data -> pretrain -> surgery -> fine-tune.
+
+The same functions back the CLI commands (``pretrain``, ``assemble``, ``validate``,
+``finetune``, ``run``) and the Python API, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import Dataset, find_mnist_file, load_dataset
+from .errors import SurgeryError
+from .finetune import FinetuneConfig, Trainer
+from .graph import ModelGraph
+from .io import write_json
+from .ops import ForeignSource, ForeignWeights, HeadOp, SurgeryConfig, TakeOp, build_graph
+from .pretrain import greedy_pretrain
+from .pretrain.greedy import plan_stack
+from .recipe import Recipe
+from .stack import LayerStack, load_foreign
+
+
+def pretrain(recipe: Recipe, data: Dataset | None = None, progress: bool | None = None) -> LayerStack:
+    if recipe.pretrain is None:
+        raise SurgeryError(f"{recipe._source}: the recipe has no pretrain: section.")
+    data = data or load_dataset(recipe.data, recipe.base_dir)
+    stack = greedy_pretrain(data.train.x, recipe.pretrain, recipe.seed, y=data.train.y,
+                            progress=progress, data_fingerprint=data.fingerprint())
+    stack.recipe = recipe.to_dict()
+    stack.info["dataset"] = data.name
+    return stack
+
+
+def default_surgery(stack: LayerStack, classes: int) -> SurgeryConfig:
+    """All pretrained layers + a softmax head: the DBN-style default."""
+    return SurgeryConfig(ops=[TakeOp(op="take", source="pretrained"), HeadOp(op="head", classes=classes)])
+
+
+def load_sources(recipe: Recipe, pretrained: LayerStack | None) -> dict[str, Any]:
+    cfg = recipe.surgery
+    out: dict[str, Any] = {}
+    if pretrained is not None:
+        out["pretrained"] = pretrained
+    if cfg is None:
+        return out
+    for name, ref in cfg.sources.items():
+        try:
+            if isinstance(ref, ForeignSource):
+                tensors, report = load_foreign(recipe.resolve(ref.path), ref.mapping())
+                out[name] = ForeignWeights(tensors, report)
+            else:
+                out[name] = LayerStack.load(recipe.resolve(ref))
+        except SurgeryError as e:
+            raise SurgeryError(f"surgery.sources.{name}: {e}") from e
+    used = {getattr(op, "source", None) for op in cfg.ops}
+    if "pretrained" in used and pretrained is None:
+        raise SurgeryError(
+            "surgery: an op uses source 'pretrained' but the recipe has no pretrain: section to make it."
+        )
+    return out
+
+
+def assemble(recipe: Recipe, stack: LayerStack | None, classes: int) -> ModelGraph:
+    sources = load_sources(recipe, stack)
+    cfg = recipe.surgery
+    if cfg is None:
+        if stack is None:
+            raise SurgeryError(f"{recipe._source}: nothing to assemble: add a pretrain: or surgery: section.")
+        cfg = default_surgery(stack, classes)
+    return build_graph(cfg, sources, recipe.seed)
+
+
+def validate(recipe: Recipe) -> tuple[ModelGraph | None, list[str]]:
+    """Check the recipe and everything it refers to without training; return the planned
+    graph (``None`` when the recipe has no network to build) and notes for the user."""
+    notes = []
+    cfg = recipe.data
+    if cfg.dataset == "mnist" and cfg.path is None and find_mnist_file() is None:
+        load_dataset(cfg)  # raises the how-to-get-MNIST error
+    data = load_dataset(recipe.data.model_copy(update={"device": "cpu"}), recipe.base_dir)
+    notes.append(f"data: {data.name}, train {tuple(data.train.x.shape)}, valid {len(data.valid)}, test {len(data.test)}")
+    if recipe.finetune is not None:
+        from .data import resolve_device
+
+        dev = resolve_device(recipe.finetune.device)
+        notes.append(f"finetune device: {dev}")
+    stack = None
+    if recipe.pretrain is not None:
+        try:
+            stack = plan_stack(recipe.pretrain, data.input_shape)
+        except ValueError as e:
+            raise SurgeryError(str(e)) from e
+        if any(lc.method == "conv_ae" for lc in recipe.pretrain.layers) and len(data.input_shape) != 3:
+            raise SurgeryError("pretrain: conv_ae layers need images; set data.flatten: false.")
+        notes.append("pretrain plan: " + " -> ".join(f"{l.name}:{l.pretrain['method']}{l.spec.output_shape}" for l in stack))
+    if recipe.surgery is None and stack is None:
+        return None, notes
+    graph = assemble(recipe, stack, data.num_classes)
+    graph.validate()
+    if graph.input_shape is not None and not _fits(graph.input_shape, data.input_shape):
+        raise SurgeryError(
+            f"the network takes input {graph.input_shape} but data gives {data.input_shape}; "
+            "check data.flatten or the first layer's size."
+        )
+    notes += graph.report
+    return graph, notes
+
+
+def _fits(want: tuple[int, ...], have: tuple[int, ...]) -> bool:
+    import math
+
+    return tuple(want) == tuple(have) or (len(want) == 1 and math.prod(have) == want[0])
+
+
+def run(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool | None = None,
+        data: Dataset | None = None) -> dict[str, Any]:
+    """pretrain (if any) -> assemble -> fine-tune (if any); files go under ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    data = data or load_dataset(recipe.data, recipe.base_dir)
+    stack = None
+    stack_path = out / "stack.safetensors"
+    if recipe.pretrain is not None:
+        if resume and stack_path.is_file():
+            stack = LayerStack.load(stack_path)
+        else:
+            stack = pretrain(recipe, data, progress)
+            stack.save(stack_path)
+    t_pre = time.perf_counter() - t0
+    graph = assemble(recipe, stack, data.num_classes)
+    graph.save(out / "assembled.safetensors", {"recipe": recipe.to_dict()})
+    result: dict[str, Any] = {"pretrain_seconds": round(t_pre, 3), "out": str(out)}
+    if recipe.finetune is not None:
+        trainer = Trainer(graph, data, recipe.finetune, recipe.seed, out)
+        result.update(trainer.fit(resume=resume and (out / "checkpoints" / "last.safetensors").is_file()))
+        result["finetune_seconds"] = result.pop("seconds")
+        result["pretrain_seconds"] = round(t_pre, 3)
+        write_json(out / "result.json", result)
+    return result
+
+
+def finetune_model(model_path: str | Path, data: Dataset, cfg: FinetuneConfig, seed: int, out: str | Path,
+                   resume: bool = False) -> dict[str, Any]:
+    graph = ModelGraph.load(model_path)
+    return Trainer(graph, data, cfg, seed, out).fit(resume=resume)
+
+
+def torch_threads_note() -> str:
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads"

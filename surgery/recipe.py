@@ -1,0 +1,156 @@
+"""The top-level Recipe: composes each module's own config; YAML/JSON loading; overrides.
+
+Recipes are data: every section is a pydantic model defined next to the code that uses it.
+Errors name the field path and the value: ``pretrain.layers.0.rbm.hidden: must be > 0 (got -5)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from .data import DataConfig
+from .errors import SurgeryError
+from .experiment import ExperimentConfig
+from .finetune import FinetuneConfig
+from .ops import SurgeryConfig
+from .pretrain import PretrainConfig
+from .search import SearchConfig
+
+
+class Recipe(BaseModel):
+    """``name, seed, data, pretrain, surgery, finetune, experiment, search``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "run"
+    seed: int = Field(default=0, ge=0)
+    data: DataConfig = DataConfig()
+    pretrain: PretrainConfig | None = None
+    surgery: SurgeryConfig | None = None
+    finetune: FinetuneConfig | None = None
+    experiment: ExperimentConfig | None = None
+    search: SearchConfig | None = None
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _source: str = PrivateAttr(default="<recipe>")
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    def resolve(self, path: str | Path) -> Path:
+        """A path from the recipe, relative to the recipe file's directory."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self._base_dir / p
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def with_overrides(self, overrides: dict[str, Any] | list[str]) -> Recipe:
+        data = self.to_dict()
+        apply_overrides(data, overrides)
+        return recipe_from_dict(data, self._base_dir, self._source)
+
+
+def format_validation_error(e: ValidationError, source: str) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        got = err.get("input")
+        shown = json.dumps(got, default=str) if not isinstance(got, dict) else "{...}"
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        lines.append(f"  - {loc}: {msg} (got {shown})")
+    n = len(lines)
+    return f"{source}: {n} problem{'s' if n > 1 else ''} in the recipe:\n" + "\n".join(lines)
+
+
+def recipe_from_dict(data: Any, base_dir: Path | None = None, source: str = "<recipe>") -> Recipe:
+    if not isinstance(data, dict):
+        raise SurgeryError(f"{source}: a recipe must be a mapping of sections (data, pretrain, ...), got {type(data).__name__}.")
+    try:
+        r = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise SurgeryError(format_validation_error(e, source)) from None
+    r._base_dir = Path(base_dir) if base_dir else Path.cwd()
+    r._source = source
+    return r
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise SurgeryError(f"--set {item!r}: write it as dotted.path=value (e.g. pretrain.layers.0.epochs=3).")
+        key, _, raw = item.partition("=")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise SurgeryError(f"--set {item!r}: the value is not valid YAML ({e}).") from e
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
+    """Set ``a.b.0.c = value`` paths in a nested dict/list in place (lists by index)."""
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    for key, value in overrides.items():
+        parts = key.split(".")
+        cur: Any = data
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(cur, list):
+                try:
+                    idx = int(part)
+                    cur[idx]
+                except (ValueError, IndexError):
+                    raise SurgeryError(f"--set {key}: {part!r} is not an index of a list of {len(cur)}.") from None
+                if last:
+                    cur[idx] = value
+                else:
+                    cur = cur[idx]
+            elif isinstance(cur, dict):
+                if last:
+                    cur[part] = copy.deepcopy(value)
+                else:
+                    if cur.get(part) is None:
+                        cur[part] = {}
+                    cur = cur[part]
+            else:
+                raise SurgeryError(f"--set {key}: {'.'.join(parts[:i])} is a value, not a section.")
+    return data
+
+
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise SurgeryError(f"{path}: no such recipe file.")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise SurgeryError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
+    if data is None:
+        raise SurgeryError(f"{path}: the recipe is empty.")
+    if not isinstance(data, dict):
+        raise SurgeryError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}.")
+    return data
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file (YAML, or JSON by suffix)."""
+    data = read_recipe_file(path)
+    if overrides:
+        apply_overrides(data, overrides)
+    return recipe_from_dict(data, Path(path).resolve().parent, str(path))
+
+
+def json_schema() -> dict[str, Any]:
+    return Recipe.model_json_schema()

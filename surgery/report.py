@@ -1,0 +1,204 @@
+"""Tables and figures for a comparison: report.md and figures/*.png.
+
+Statistics per condition x depth: mean, standard deviation and a 95% confidence interval
+(Student t), and a Welch t-test of each arm against the baseline arm at the same depth.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats
+
+from .io import atomic_path, write_text
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=float)
+    n = len(a)
+    mean = float(a.mean()) if n else math.nan
+    std = float(a.std(ddof=1)) if n > 1 else math.nan
+    half = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else math.nan
+    return {"n": n, "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "ci_half": half}
+
+
+def welch(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Welch's t statistic and two-sided p-value (nan when either side has < 2 values)."""
+    if len(a) < 2 or len(b) < 2:
+        return math.nan, math.nan
+    if np.std(a) == 0 and np.std(b) == 0:
+        return (math.inf if np.mean(a) != np.mean(b) else math.nan), (0.0 if np.mean(a) != np.mean(b) else math.nan)
+    t, p = stats.ttest_ind(a, b, equal_var=False)
+    return float(t), float(p)
+
+
+def table(rows: list[dict[str, Any]], baseline: str = "none") -> list[dict[str, Any]]:
+    groups: dict[tuple[str, int], list[float]] = {}
+    for r in rows:
+        groups.setdefault((r["condition"], int(r["depth"])), []).append(float(r["test_error"]))
+    out = []
+    for (cond, depth), vals in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        s = summarize(vals)
+        base = groups.get((baseline, depth))
+        t, p = welch(vals, base) if base is not None and cond != baseline else (math.nan, math.nan)
+        out.append({"condition": cond, "depth": depth, **s, "t": t, "p": p,
+                    "baseline_mean": float(np.mean(base)) if base else math.nan})
+    return out
+
+
+def _fmt(x: float, nd: int = 2) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def markdown(rows: list[dict[str, Any]], baseline: str = "none") -> str:
+    tab = table(rows, baseline)
+    seeds = sorted({int(r["seed"]) for r in rows})
+    lines = [
+        "# Comparison report",
+        "",
+        f"{len(rows)} runs; seeds {seeds}. Test error in percent; CI is the 95% Student-t interval "
+        f"of the mean over seeds; Welch's t-test compares each arm with `{baseline}` at the same depth "
+        "(negative t: lower error than the baseline).",
+        "",
+        "| condition | depth | n | mean | std | 95% CI | vs baseline | t | p |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for t in tab:
+        ci = f"[{_fmt(t['ci_low'])}, {_fmt(t['ci_high'])}]"
+        diff = t["mean"] - t["baseline_mean"] if not math.isnan(t["baseline_mean"]) and t["condition"] != baseline else math.nan
+        lines.append(f"| {t['condition']} | {t['depth']} | {t['n']} | {_fmt(t['mean'])} | {_fmt(t['std'])} | {ci} | "
+                     f"{'' if math.isnan(diff) else f'{diff:+.2f}'} | {_fmt(t['t'])} | {_fmt(t['p'], 4)} |")
+    best = min(tab, key=lambda t: t["mean"]) if tab else None
+    if best:
+        lines += ["", f"Lowest mean test error: **{best['condition']}** at depth {best['depth']} ({best['mean']:.2f}%)."]
+    lines += ["", "## Figures", "",
+              "![test error vs depth](figures/error_vs_depth.png)", "",
+              "![spread over seeds](figures/error_hist.png)", "",
+              "![learning curves](figures/learning_curves.png)", "",
+              "![first-layer filters](figures/filters.png)", ""]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, rows: list[dict[str, Any]], baseline: str = "none") -> None:
+    out = Path(out)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    write_text(out / "report.md", markdown(rows, baseline))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conds = sorted({r["condition"] for r in rows}, key=lambda c: (c != baseline, c))
+    colors = {c: plt.cm.tab10(i % 10) for i, c in enumerate(conds)}
+    tab = table(rows, baseline)
+
+    # 1. test error vs depth with CI bars
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for c in conds:
+        ts = [t for t in tab if t["condition"] == c]
+        d = [t["depth"] for t in ts]
+        m = [t["mean"] for t in ts]
+        e = [0 if math.isnan(t["ci_half"]) else t["ci_half"] for t in ts]
+        ax.errorbar(d, m, yerr=e, marker="o", capsize=4, label=c, color=colors[c])
+    ax.set_xlabel("hidden layers")
+    ax.set_ylabel("test error (%)")
+    ax.set_title("Test error vs depth (mean, 95% CI over seeds)")
+    ax.set_xticks(sorted({t["depth"] for t in tab}))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, out / "figures" / "error_vs_depth.png")
+
+    # 2. histogram of test errors over seeds per condition (Erhan et al. 2010)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    allv = [float(r["test_error"]) for r in rows]
+    bins = np.linspace(min(allv), max(allv) + 1e-6, 16) if allv else 10
+    for c in conds:
+        v = [float(r["test_error"]) for r in rows if r["condition"] == c]
+        ax.hist(v, bins=bins, alpha=0.5, label=f"{c} (n={len(v)})", color=colors[c])
+    ax.set_xlabel("test error (%)")
+    ax.set_ylabel("runs (all depths and seeds)")
+    ax.set_title("Spread of test error over seeds and depths")
+    ax.legend()
+    _save(fig, out / "figures" / "error_hist.png")
+
+    # 3. learning curves: validation error per epoch at the largest depth
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for c in conds:
+        crow = [r for r in rows if r["condition"] == c]
+        dmax = max(int(r["depth"]) for r in crow)
+        curves = []
+        for r in crow:
+            p = Path(r["path"]) / "metrics.jsonl"
+            if int(r["depth"]) == dmax and p.is_file():
+                curves.append([json.loads(line)["valid_error"] for line in p.read_text().splitlines() if line])
+        if curves:
+            n = min(len(cv) for cv in curves)
+            mean = np.mean([cv[:n] for cv in curves], axis=0)
+            ax.plot(range(1, n + 1), mean, marker=".", label=f"{c} (depth {dmax})", color=colors[c])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation error (%)")
+    ax.set_title("Learning curves (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, out / "figures" / "learning_curves.png")
+
+    # 4. first-layer filters of each arm (seed with the lowest number, largest depth)
+    _filters_figure(rows, conds, out / "figures" / "filters.png", plt)
+
+
+def _filters_figure(rows: list[dict[str, Any]], conds: list[str], path: Path, plt: Any) -> None:
+    from safetensors import safe_open
+
+    panels = []
+    for c in conds:
+        crow = sorted((r for r in rows if r["condition"] == c), key=lambda r: (int(r["seed"]), -int(r["depth"])))
+        for r in crow:
+            mp = Path(r["path"]) / "model.safetensors"
+            if mp.is_file():
+                with safe_open(str(mp), framework="pt") as f:
+                    keys = [k for k in f.keys() if k.endswith(".weight")]
+                    w = f.get_tensor("h1.weight") if "h1.weight" in keys else f.get_tensor(keys[0])
+                panels.append((c, w))
+                break
+    n = len(panels)
+    fig, axes = plt.subplots(1, max(n, 1), figsize=(3.2 * max(n, 1), 3.6))
+    axes = np.atleast_1d(axes)
+    for ax, (c, w) in zip(axes, panels):
+        ax.imshow(filter_grid(w), cmap="gray", interpolation="nearest")
+        ax.set_title(c)
+        ax.axis("off")
+    for ax in axes[n:]:
+        ax.axis("off")
+    fig.suptitle("First-layer filters (first 64 units, each scaled to its own range)")
+    _save(fig, path)
+
+
+def filter_grid(w: torch.Tensor, n: int = 64) -> np.ndarray:
+    """Tile the first ``n`` units' incoming weights as square images."""
+    w = w.reshape(w.shape[0], -1)[:n].float()
+    side = int(math.isqrt(w.shape[1]))
+    if side * side != w.shape[1]:
+        return w.numpy()
+    cols = int(math.ceil(math.sqrt(w.shape[0])))
+    rows = int(math.ceil(w.shape[0] / cols))
+    grid = np.ones((rows * (side + 1) + 1, cols * (side + 1) + 1)) * 0.5
+    for i, unit in enumerate(w):
+        lo, hi = unit.min(), unit.max()
+        img = ((unit - lo) / (hi - lo + 1e-12)).reshape(side, side).numpy()
+        r, c = divmod(i, cols)
+        grid[1 + r * (side + 1): 1 + r * (side + 1) + side, 1 + c * (side + 1): 1 + c * (side + 1) + side] = img
+    return grid
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
