@@ -237,6 +237,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "scalar"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        # Python 3 writes bytes in protocol-2 pickles as _codecs.encode(str, "latin1").
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str):  # noqa: D401 - pickle API
@@ -248,6 +250,10 @@ class RestrictedUnpickler(pickle.Unpickler):
             )
         if name in ("ndarray", "dtype"):
             return getattr(np, name)
+        if module == "_codecs":
+            import _codecs
+
+            return _codecs.encode
         try:
             import numpy._core.multiarray as ma  # numpy >= 2
         except ImportError:  # pragma: no cover - numpy 1.x

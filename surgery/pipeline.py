@@ -96,7 +96,7 @@ def validate(recipe: Recipe) -> tuple[ModelGraph | None, list[str]]:
             raise SurgeryError(str(e)) from e
         if any(lc.method == "conv_ae" for lc in recipe.pretrain.layers) and len(data.input_shape) != 3:
             raise SurgeryError("pretrain: conv_ae layers need images; set data.flatten: false.")
-        notes.append("pretrain plan: " + " -> ".join(f"{l.name}:{l.pretrain['method']}{l.spec.output_shape}" for l in stack))
+        notes.append("pretrain plan: " + " -> ".join(f"{s.name}:{s.pretrain['method']}{s.spec.output_shape}" for s in stack))
     if recipe.surgery is None and stack is None:
         return None, notes
     graph = assemble(recipe, stack, data.num_classes)

@@ -1,0 +1,123 @@
+import pytest
+import torch
+
+from surgery.data import DataConfig, load_dataset
+from surgery.errors import TrainingDiverged
+from surgery.pretrain import AEConfig, PretrainConfig, RBMConfig, greedy_pretrain, train_autoencoder, train_rbm
+
+G = lambda s=0: torch.Generator().manual_seed(s)  # noqa: E731
+
+
+def _hist(layer, key):
+    return [h[key] for h in layer.pretrain["history"]]
+
+
+@pytest.fixture(scope="module")
+def x3k(mnist_small):
+    return mnist_small.train.x[:3000]
+
+
+def test_rbm_reconstruction_error_falls(x3k):
+    layer = train_rbm(x3k, RBMConfig(hidden=200, epochs=2, lr=0.1), "h1", 50, G(), False)
+    e = _hist(layer, "recon_error")
+    assert e[1] < 0.85 * e[0], e
+    assert layer.tensors["weight"].shape == (200, 784)
+    assert set(layer.tensors) == {"weight", "bias", "visible_bias"}
+    assert "pseudo_likelihood" in layer.pretrain["history"][0]
+
+
+@pytest.mark.parametrize("k,persistent", [(3, False), (1, True), (2, True)])
+def test_cdk_and_pcd_learn(x3k, k, persistent):
+    layer = train_rbm(x3k, RBMConfig(hidden=100, epochs=3, lr=0.05, k=k, persistent=persistent), "h1", 50, G(), False)
+    e = _hist(layer, "recon_error")
+    assert e[-1] < 0.8 * e[0], e
+    pl = _hist(layer, "pseudo_likelihood")
+    assert pl[-1] > pl[0] - 5  # stochastic estimate; it must not collapse
+
+
+def test_grbm_learns_on_standardized_data():
+    ds = load_dataset(DataConfig(limit=2000, normalize="standardize"))
+    layer = train_rbm(ds.train.x, RBMConfig(method="grbm", hidden=100, epochs=3, lr=0.01), "g1", 50, G(), False)
+    e = _hist(layer, "recon_error")
+    assert e[-1] < 0.9 * e[0], e
+
+
+def test_dae_loss_falls(x3k):
+    layer = train_autoencoder(x3k, AEConfig(method="dae", hidden=100, epochs=3, lr=0.01), "h1", 50, G(), False)
+    loss = _hist(layer, "loss")
+    assert loss[-1] < 0.8 * loss[0], loss
+    assert layer.pretrain["hyperparameters"]["noise"] == 0.25
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "salt_pepper"])
+def test_untied_noisy_ae_learns(x3k, kind):
+    cfg = AEConfig(method="dae", hidden=64, epochs=2, tied=False, noise=0.2, noise_kind=kind, loss="squared", lr=0.01)
+    layer = train_autoencoder(x3k[:2000], cfg, "h1", 50, G(), False)
+    assert "decoder_weight" in layer.tensors
+    r = _hist(layer, "recon_error")
+    assert r[-1] < r[0]
+
+
+def test_sparse_ae_lowers_mean_activation(x3k):
+    plain = train_autoencoder(x3k, AEConfig(method="ae", hidden=100, epochs=2), "a", 50, G(), False)
+    sparse = train_autoencoder(x3k, AEConfig(method="sparse_ae", hidden=100, epochs=2, sparsity_weight=3.0), "s", 50, G(), False)
+    act = lambda layer: layer.transform(x3k[:1000]).mean().item()  # noqa: E731
+    assert act(sparse) < 0.7 * act(plain)
+
+
+def test_conv_ae_learns_on_images():
+    ds = load_dataset(DataConfig(dataset="synthetic", flatten=False))
+    cfg = AEConfig(method="conv_ae", hidden=8, kernel_size=3, epochs=3, lr=0.01)
+    layer = train_autoencoder(ds.train.x, cfg, "c1", 50, G(), False)
+    loss = _hist(layer, "loss")
+    assert loss[-1] < loss[0]
+    assert layer.spec.kind == "conv2d" and layer.spec.output_shape == (8, 6, 6)
+    assert layer.transform(ds.train.x[:5]).shape == (5, 8, 6, 6)
+
+
+def test_greedy_stack_transform_equals_layer_by_layer(x3k):
+    cfg = PretrainConfig(batch_size=50, layers=[
+        {"method": "rbm", "hidden": 64, "epochs": 1},
+        {"method": "dae", "hidden": 32, "epochs": 1, "activation": "tanh", "loss": "squared"},
+        {"method": "sparse_ae", "hidden": 16, "epochs": 1, "activation": "relu", "loss": "squared"},
+    ])
+    x = x3k[:1000]
+    stack = greedy_pretrain(x, cfg, seed=3, progress=False)
+    assert stack.names == ["h1", "h2", "h3"]
+    h = x
+    for layer, act in zip(stack, (torch.sigmoid, torch.tanh, torch.relu)):
+        h = act(h @ layer.tensors["weight"].t() + layer.tensors["bias"])
+    assert torch.allclose(stack.transform(x), h, atol=1e-6)
+    # greedy = layer-wise: a deeper run's prefix equals the shallower run
+    short = greedy_pretrain(x, PretrainConfig(batch_size=50, layers=cfg.layers[:2]), seed=3, progress=False)
+    assert torch.equal(short[1].tensors["weight"], stack[1].tensors["weight"])
+
+
+def test_grow_supervised_stages(mnist_small):
+    x, y = mnist_small.train.x[:2000], mnist_small.train.y[:2000]
+    frozen = greedy_pretrain(x, PretrainConfig(layers=[
+        {"method": "grow", "hidden": 64, "epochs": 2, "lr": 0.1},
+        {"method": "grow", "hidden": 64, "epochs": 2, "lr": 0.1, "train": "new"},
+    ]), y=y, progress=False)
+    errs = [h["train_error"] for h in frozen[1].pretrain["history"]]
+    assert errs[-1] < errs[0] and errs[-1] < 50, errs
+    h1_after_stage1 = greedy_pretrain(x, PretrainConfig(layers=[{"method": "grow", "hidden": 64, "epochs": 2, "lr": 0.1}]),
+                                      y=y, progress=False)[0].tensors["weight"]
+    assert torch.equal(frozen[0].tensors["weight"], h1_after_stage1)  # train: new left h1 alone
+    both = greedy_pretrain(x, PretrainConfig(layers=[
+        {"method": "grow", "hidden": 64, "epochs": 2, "lr": 0.1},
+        {"method": "grow", "hidden": 64, "epochs": 2, "lr": 0.1, "train": "all"},
+    ]), y=y, progress=False)
+    assert not torch.equal(both[0].tensors["weight"], h1_after_stage1)
+    assert both[0].pretrain["updated_by"] == ["grow:h2"]
+
+
+def test_grow_needs_labels(x3k):
+    with pytest.raises(ValueError, match="needs labels"):
+        greedy_pretrain(x3k[:100], PretrainConfig(layers=[{"method": "grow", "hidden": 8}]), progress=False)
+
+
+def test_diverging_pretraining_names_layer_and_epoch():
+    x = torch.randn(200, 20) * 1e3
+    with pytest.raises(TrainingDiverged, match="layer 'h1'.*epoch 1"):
+        train_autoencoder(x, AEConfig(method="ae", hidden=8, epochs=2, lr=50.0, loss="squared", activation="linear"), "h1", 50, G(), False)
