@@ -339,15 +339,22 @@ def _input_width(g: ModelGraph, name: str) -> int:
 
 
 def build_graph(cfg: SurgeryConfig, sources: dict[str, Any], seed: int = 0) -> ModelGraph:
-    """Apply every op in order; any failure names the op by index and kind."""
+    """Apply every op in order; any failure names the op by index and kind.
+
+    Shapes may disagree between ops (remove a layer, then insert its replacement); the
+    finished graph must validate, and an error then names the nodes and shapes.
+    """
     g = ModelGraph()
     gen = torch.Generator().manual_seed(seed)
     for i, op in enumerate(cfg.ops):
         try:
             op.apply(g, sources, gen)
-            g.validate()
         except SurgeryError as e:
             raise SurgeryError(f"surgery.ops[{i}] ({op.op}): {e}") from e
         except (ValueError, KeyError, IndexError) as e:
             raise SurgeryError(f"surgery.ops[{i}] ({op.op}): {e}") from e
+    try:
+        g.validate()
+    except SurgeryError as e:
+        raise SurgeryError(f"surgery.ops (the network they build): {e}") from e
     return g

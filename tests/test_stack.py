@@ -1,0 +1,109 @@
+import json
+import struct
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from surgery.cli import main
+from surgery.errors import ManifestError
+from surgery.stack import LayerStack
+from tests.helpers import random_stack
+
+
+def test_save_load_bit_identical(tmp_path):
+    st = random_stack()
+    st.recipe = {"name": "x"}
+    p = st.save(tmp_path / "s.safetensors")
+    back = LayerStack.load(p)
+    assert back.names == st.names and back.recipe == {"name": "x"}
+    for a, b in zip(st, back):
+        assert a.spec == b.spec and a.pretrain == b.pretrain
+        assert a.tensors.keys() == b.tensors.keys()
+        for k in a.tensors:
+            assert torch.equal(a.tensors[k], b.tensors[k])
+
+
+def test_readable_with_only_safetensors_and_json(tmp_path):
+    p = random_stack().save(tmp_path / "s.safetensors")
+    with safe_open(str(p), framework="numpy") as f:
+        manifest = json.loads(f.metadata()["surgery.manifest"])
+        arrays = {k: f.get_tensor(k) for k in f.keys()}
+    assert manifest["format"] == "surgery.stack"
+    assert [layer["name"] for layer in manifest["layers"]] == ["h1", "h2", "h3"]
+    first = manifest["layers"][0]
+    assert first["in_shape"] == [784] and first["out_shape"] == [64] and first["activation"] == "sigmoid"
+    assert first["pretrain"]["method"] == "rbm"
+    assert arrays["h1.weight"].shape == tuple(first["tensors"]["weight"])
+
+
+def _edit_manifest(path, fn):
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    man = json.loads(header["__metadata__"]["surgery.manifest"])
+    man = fn(man)
+    header["__metadata__"]["surgery.manifest"] = man if isinstance(man, str) else json.dumps(man)
+    hb = json.dumps(header).encode()
+    hb += b" " * (-len(hb) % 8)
+    path.write_bytes(struct.pack("<Q", len(hb)) + hb + raw[8 + n :])
+
+
+def _set_out(m, v):
+    m["layers"][1]["spec"]["out_features"] = v
+    return m
+
+
+CORRUPTIONS = {
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[:-500]), "truncated or corrupt"),
+    "garbage": (lambda p: p.write_bytes(b"\x00garbage" * 10), "not a readable safetensors"),
+    "empty": (lambda p: p.write_bytes(b""), "not a readable safetensors"),
+    "bad json": (lambda p: _edit_manifest(p, lambda m: "{not json"), "not valid JSON"),
+    "wrong version": (lambda p: _edit_manifest(p, lambda m: {**m, "version": 99}), "manifest version 99"),
+    "shape edit": (lambda p: _edit_manifest(p, lambda m: _set_out(m, 65)), "has shape .* but its spec needs"),
+    "missing tensor": (lambda p: _edit_manifest(p, lambda m: (m["layers"][0]["tensors"].__setitem__("extra", [3]), m)[1]),
+                       "lists tensor 'h1.extra'"),
+    "dropped layer": (lambda p: _edit_manifest(p, lambda m: (m["layers"].pop(), m)[1]), "not in the manifest"),
+    "model not stack": (lambda p: _edit_manifest(p, lambda m: {**m, "format": "surgery.model"}), "assembled model, not a layer stack"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_damaged_files_give_one_paragraph_errors(tmp_path, case, capsys):
+    p = random_stack().save(tmp_path / "s.safetensors")
+    damage, pattern = CORRUPTIONS[case]
+    damage(p)
+    with pytest.raises(ManifestError, match=pattern):
+        LayerStack.load(p)
+    assert main(["inspect", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(p) in err and err.count("\n") == 1
+
+
+def test_missing_file(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "nope.safetensors")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_inspect_prints_layers_and_metrics(tmp_path, capsys):
+    p = random_stack().save(tmp_path / "s.safetensors")
+    assert main(["inspect", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "h1" in out and "(784,)" in out and "recon_error=1.5" in out
+    assert main(["inspect", str(p), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == "surgery.stack"
+
+
+def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    p = random_stack(seed=1).save(tmp_path / "s.safetensors")
+    before = p.read_bytes()
+    import surgery.stack as stack_mod
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(stack_mod, "save_file", boom)
+    with pytest.raises(OSError):
+        random_stack(seed=2).save(p)
+    assert p.read_bytes() == before
+    assert [x.name for x in tmp_path.iterdir()] == ["s.safetensors"]
