@@ -1,0 +1,210 @@
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from surgery.cli import main
+from surgery.errors import SurgeryError
+from surgery.recipe import Recipe, load_recipe, recipe_from_dict
+from tests.helpers import random_stack
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BASE = {
+    "name": "t",
+    "seed": 0,
+    "data": {"dataset": "synthetic"},
+    "surgery": {
+        "sources": {"a": "a.safetensors", "b": "b.safetensors"},
+        "ops": [{"op": "take", "source": "a", "layers": [0, 2]}, {"op": "head", "classes": 4}],
+    },
+    "finetune": {"epochs": 1, "device": "cpu"},
+}
+
+
+@pytest.fixture()
+def workdir(tmp_path):
+    random_stack(sizes=(64, 32, 16, 8)).save(tmp_path / "a.safetensors")
+    random_stack(sizes=(64, 32, 16, 8)).save(tmp_path / "b.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors at all")
+    return tmp_path
+
+
+def _set(path, value):
+    def f(r):
+        cur = r
+        keys = path.split(".")
+        for k in keys[:-1]:
+            cur = cur[int(k)] if isinstance(cur, list) else cur.setdefault(k, {})
+        last = keys[-1]
+        if isinstance(cur, list):
+            cur[int(last)] = value
+        elif value is DELETE:
+            del cur[last]
+        else:
+            cur[last] = value
+        return r
+    return f
+
+
+DELETE = object()
+OPS = "surgery.ops"
+
+
+def _ops(*ops):
+    return _set(OPS, list(ops))
+
+
+TAKE = {"op": "take", "source": "a", "layers": [0, 2]}
+HEAD = {"op": "head", "classes": 4}
+
+# (mutation, fragment that the message must hold: the field path or node and the bad value)
+CATALOGUE = {
+    "unknown top-level field": (_set("trainer", {}), "trainer: Extra inputs are not permitted"),
+    "unknown data field": (_set("data.shuffle", True), "data.shuffle"),
+    "wrong type for seed": (_set("seed", "zero"), 'seed: Input should be a valid integer'),
+    "negative seed": (_set("seed", -1), "seed: Input should be greater than or equal to 0 (got -1)"),
+    "unknown dataset": (_set("data.dataset", "cifar"), "data.dataset: Input should be 'mnist', 'idx' or 'synthetic' (got \"cifar\")"),
+    "idx without path": (_set("data.dataset", "idx"), "data.path: dataset 'idx' needs data.path"),
+    "limit zero": (_set("data.limit", 0), "data.limit: Input should be greater than 0 (got 0)"),
+    "unknown op": (_ops(TAKE, {"op": "graft", "source": "a"}), "surgery.ops.1: Input tag 'graft' found using 'op' does not match"),
+    "op without op": (_ops(TAKE, {"source": "a"}), "surgery.ops.1: Unable to extract tag using discriminator 'op'"),
+    "empty ops": (_ops(), "surgery.ops: List should have at least 1 item"),
+    "unknown op field": (_ops({**TAKE, "layer": 1}), "surgery.ops.0.take.layer: Extra inputs are not permitted"),
+    "reversed range": (_ops({**TAKE, "layers": [2, 1]}), "surgery.ops.0.take.layers: layers [2, 1] must be [start, stop)"),
+    "range out of bounds": (_ops({**TAKE, "layers": [0, 7]}), "surgery.ops[0] (take): layers [0, 7) is out of range for source 'a'"),
+    "unknown source": (_ops({**TAKE, "source": "zz"}), "ops[0].source: 'zz' is not among sources"),
+    "missing file": (_set("surgery.sources.a", "missing.safetensors"), "surgery.sources.a:"),
+    "corrupt file": (_set("surgery.sources.a", "bad.safetensors"), "bad.safetensors: not a readable safetensors file"),
+    "shape mismatch": (_ops(TAKE, {"op": "take", "source": "b", "layers": [0, 1]}, HEAD),
+                       "duplicate node name 'h1'"),
+    "shape mismatch prefixed": (_ops(TAKE, {"op": "take", "source": "b", "layers": [0, 1], "prefix": "b_"}, HEAD),
+                                "shape mismatch between 'h2' and 'b_h1': 'h2' gives (16,) but 'b_h1' expects (64,)"),
+    "head classes 1": (_ops(TAKE, {"op": "head", "classes": 1}), "surgery.ops.1.head.classes: Input should be greater than or equal to 2 (got 1)"),
+    "freeze unknown node": (_ops(TAKE, HEAD, {"op": "freeze", "nodes": ["h9"]}), "surgery.ops[2] (freeze): no node matches 'h9'"),
+    "dropout p 1.5": (_ops(TAKE, {"op": "dropout", "p": 1.5, "after": "h1"}, HEAD), "surgery.ops.1.dropout.p: Input should be less than 1 (got 1.5)"),
+    "widen narrower": (_ops(TAKE, {"op": "widen", "node": "h1", "units": 8}, HEAD), "widen: width=8 must exceed 'h1'"),
+    "deepen after sigmoid": (_ops(TAKE, {"op": "deepen", "after": "h1"}, HEAD), "deepen after 'h1': an identity sigmoid layer cannot keep"),
+    "transplant without place": (_ops(TAKE, {"op": "transplant", "source": "b", "layers": [2, 3]}), "transplant needs exactly one of after, before, replacing"),
+    "insert bad activation": (_ops(TAKE, {"op": "insert", "name": "x", "units": 3, "activation": "swish"}), "unknown activation 'swish'"),
+    "insert bad name": (_ops(TAKE, {"op": "insert", "name": "1x", "units": 3}), "'1x' is not a valid node name"),
+    "duplicate insert name": (_ops(TAKE, {"op": "insert", "name": "h1", "units": 3}), "duplicate node name 'h1'"),
+    "remove unknown": (_ops(TAKE, {"op": "remove", "node": "nope"}), "surgery.ops[1] (remove): no node named 'nope'"),
+    "cycle-free but two outputs": (_ops(TAKE, {"op": "insert", "name": "x", "units": 5, "before": "h1"}), "shape mismatch between 'x' and 'h1'"),
+    "epochs zero": (_set("finetune.epochs", 0), "finetune.epochs: Input should be greater than or equal to 1 (got 0)"),
+    "unknown optimizer": (_set("finetune.optimizer", {"name": "lbfgs"}), "finetune.optimizer.name: Input should be"),
+    "nesterov without momentum": (_set("finetune.optimizer", {"name": "sgd", "nesterov": True}), "nesterov: true needs name: sgd and momentum > 0"),
+    "momentum 1": (_set("finetune.optimizer", {"momentum": 1.0}), "finetune.optimizer.momentum: Input should be less than 1 (got 1.0)"),
+    "unknown device": (_set("finetune.device", "tpu"), "device: 'tpu' is not"),
+    "cuda without gpu": (_set("finetune.device", "cuda:0"), "device: 'cuda:0'"),
+    "bad schedule kind": (_set("finetune.schedule", {"lr": {"kind": "linearish"}}), "finetune.schedule.lr.kind"),
+    "layer_lr negative": (_set("finetune.layer_lr", {"h1": -1}), "layer_lr['h1']=-1.0 must be a finite number >= 0"),
+    "pretrain unknown method": (_set("pretrain", {"layers": [{"method": "vae", "hidden": 3}]}), "pretrain.layers.0: Input tag 'vae' found using 'method'"),
+    "pretrain hidden negative": (_set("pretrain", {"layers": [{"method": "rbm", "hidden": -5}]}), "pretrain.layers.0.rbm.hidden: Input should be greater than 0 (got -5)"),
+    "pretrain no layers": (_set("pretrain", {"layers": []}), "pretrain.layers: List should have at least 1 item"),
+    "rbm with relu": (_set("pretrain", {"layers": [{"method": "rbm", "hidden": 5, "activation": "relu"}]}), "RBM hidden units are sigmoid"),
+    "duplicate pretrain names": (_set("pretrain", {"layers": [{"method": "rbm", "hidden": 5, "name": "a"}, {"method": "dae", "hidden": 5, "name": "a"}]}), "layer names must be unique; ['a'] repeat"),
+    "conv_ae on flat data": (_set("pretrain", {"layers": [{"method": "conv_ae", "hidden": 4}]}), "conv_ae needs image input"),
+    "pretrained without pretrain": (_ops({"op": "take", "source": "pretrained"}, HEAD), "no pretrain: section"),
+    "experiment unknown arm": (_set("experiment", {"conditions": ["none", "magic"]}), "experiment.conditions: unknown arm(s) ['magic']"),
+    "experiment depth 0": (_set("experiment", {"conditions": ["none"], "depths": [0, 1]}), "depths [0, 1] must all be >= 1"),
+    "search bad range": (_set("search", {"params": {"finetune.optimizer.lr": {"low": 1, "high": 0.1}}}), "low=1.0 must be below high=0.1"),
+    "search bad path": (_set("search", {"params": {"seed": {"type": "int", "low": 0, "high": 3}}}), "search paths start with data, pretrain"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CATALOGUE))
+def test_malformed_recipe_catalogue(workdir, case, capsys):
+    mutate, fragment = CATALOGUE[case]
+    r = mutate(copy.deepcopy(BASE))
+    path = workdir / "r.yaml"
+    path.write_text(yaml.safe_dump(r))
+    code = main(["validate", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert fragment in err, err
+
+
+def test_catalogue_is_large_enough():
+    assert len(CATALOGUE) >= 25
+
+
+def test_yaml_syntax_error_and_non_mapping(workdir, capsys):
+    (workdir / "r.yaml").write_text("data: {dataset: [\n")
+    assert main(["validate", str(workdir / "r.yaml")]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    (workdir / "r.yaml").write_text("- 1\n- 2\n")
+    assert main(["validate", str(workdir / "r.yaml")]) == 2
+    assert "must be a mapping" in capsys.readouterr().err
+    assert main(["validate", str(workdir / "nope.yaml")]) == 2
+    assert "no such recipe file" in capsys.readouterr().err
+
+
+def test_valid_recipe_prints_a_plan(workdir, capsys):
+    (workdir / "r.json").write_text(json.dumps(BASE))
+    assert main(["validate", str(workdir / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "h1" in out and "out" in out and "(4,)" in out
+
+
+def test_overrides(workdir):
+    (workdir / "r.yaml").write_text(yaml.safe_dump(BASE))
+    r = load_recipe(workdir / "r.yaml", ["finetune.epochs=3", "surgery.ops.1.classes=5", "data.limit=100",
+                                         "finetune.optimizer.name=adam"])
+    assert r.finetune.epochs == 3 and r.surgery.ops[1].classes == 5 and r.data.limit == 100
+    assert r.finetune.optimizer.name == "adam"
+    assert r.resolve("a.safetensors") == workdir / "a.safetensors"
+    with pytest.raises(SurgeryError, match="is not an index"):
+        load_recipe(workdir / "r.yaml", ["surgery.ops.9.classes=5"])
+    with pytest.raises(SurgeryError, match="dotted.path=value"):
+        load_recipe(workdir / "r.yaml", ["finetune.epochs"])
+
+
+def test_schema_command(capsys):
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert {"data", "pretrain", "surgery", "finetune", "experiment", "search"} <= set(schema["properties"])
+
+
+def test_cli_subprocess_has_no_traceback(workdir):
+    r = copy.deepcopy(BASE)
+    r["surgery"]["ops"][0]["layers"] = [0, 9]
+    (workdir / "r.yaml").write_text(yaml.safe_dump(r))
+    p = subprocess.run([sys.executable, "-m", "surgery.cli", "validate", str(workdir / "r.yaml")],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "out of range" in p.stderr
+
+
+# Random recipe dicts: only clean validation errors may come out.
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 2000), st.floats(allow_nan=True), st.text(max_size=8))
+_keys = st.sampled_from(["data", "pretrain", "surgery", "finetune", "experiment", "search", "seed", "name",
+                         "layers", "ops", "op", "method", "hidden", "epochs", "dataset", "take", "head", "rbm",
+                         "classes", "source", "sources", "lr", "optimizer", "conditions", "depths", "params"])
+_values = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                         st.dictionaries(_keys, inner, max_size=5)), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.dictionaries(_keys, _values, max_size=6), _values))
+def test_random_recipes_give_only_clean_errors(data):
+    try:
+        r = recipe_from_dict(data)
+    except SurgeryError as e:
+        assert str(e) and "Traceback" not in str(e)
+    else:
+        assert isinstance(r, Recipe)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")))
+def test_shipped_recipes_load(name):
+    r = load_recipe(ROOT / "recipes" / name)
+    assert r.name
+    text = (ROOT / "recipes" / name).read_text()
+    assert text.startswith("#"), "each recipe starts with a header comment saying what it does"
