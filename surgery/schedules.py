@@ -28,7 +28,7 @@ class OptimizerConfig(_Cfg):
     alpha: float = Field(default=0.99, gt=0, lt=1, description="rmsprop smoothing")
     rho: float = Field(default=0.9, gt=0, lt=1, description="adadelta decay")
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(default=1e-8, gt=0)
+    eps: float | None = Field(default=None, gt=0, description="default: torch's per-optimizer default")
 
     @model_validator(mode="after")
     def _nesterov(self) -> OptimizerConfig:
@@ -42,16 +42,16 @@ def build_optimizer(cfg: OptimizerConfig, groups: list[dict]) -> torch.optim.Opt
     for gr in groups:
         gr["lr"] = cfg.lr * gr.get("lr_mult", 1.0)
     wd = cfg.weight_decay
-    # foreach=False: identical arithmetic whatever the group layout (DDP and resume tests compare exactly)
+    eps = {"eps": cfg.eps} if cfg.eps is not None else {}
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=wd)
     if cfg.name == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum, weight_decay=wd)
+        return torch.optim.RMSprop(groups, lr=cfg.lr, alpha=cfg.alpha, **eps, momentum=cfg.momentum, weight_decay=wd)
     if cfg.name == "adagrad":
-        return torch.optim.Adagrad(groups, lr=cfg.lr, eps=cfg.eps, weight_decay=wd)
+        return torch.optim.Adagrad(groups, lr=cfg.lr, weight_decay=wd, **eps)
     if cfg.name == "adadelta":
-        return torch.optim.Adadelta(groups, lr=cfg.lr, rho=cfg.rho, eps=cfg.eps, weight_decay=wd)
-    return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=wd)
+        return torch.optim.Adadelta(groups, lr=cfg.lr, rho=cfg.rho, **eps, weight_decay=wd)
+    return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, **eps, weight_decay=wd)
 
 
 class LRSchedule(_Cfg):

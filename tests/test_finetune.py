@@ -1,0 +1,240 @@
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from surgery.data import DataConfig, load_dataset
+from surgery.errors import SurgeryError, TrainingDiverged
+from surgery.finetune import FinetuneConfig, Trainer
+from surgery.graph import ModelGraph
+from surgery.layers import LayerSpec, init_weight
+from surgery.schedules import LRSchedule, MomentumSchedule
+from tests.helpers import random_stack
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mlp(sizes=(64, 32), classes=4, act="sigmoid", seed=0, init="classic"):
+    g = ModelGraph()
+    gen = torch.Generator().manual_seed(seed)
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        g.insert(f"h{i + 1}", LayerSpec(in_features=a, out_features=b, activation=act), init=init, generator=gen)
+    g.head(classes)
+    return g
+
+
+def cfg(**kw):
+    base = {"epochs": 2, "batch_size": 50, "device": "cpu", "progress": False,
+            "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}}
+    base.update(kw)
+    return FinetuneConfig.model_validate(base)
+
+
+def test_784_500_10_under_10_percent(mnist_small):
+    g = mlp((784, 500), 10)
+    r = Trainer(g, mnist_small, cfg(epochs=6)).fit()
+    assert r["test_error"] < 10.0, r
+    assert r["epochs"] == 6 and r["device"] == "cpu"
+
+
+@pytest.mark.parametrize("opt", [
+    {"name": "sgd", "lr": 0.5},
+    {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True},
+    {"name": "rmsprop", "lr": 0.002},
+    {"name": "adagrad", "lr": 0.05},
+    {"name": "adadelta", "lr": 1.0},
+    {"name": "adam", "lr": 0.002, "weight_decay": 1e-4},
+])
+def test_every_optimizer_learns(synth, opt):
+    t = Trainer(mlp(), synth, cfg(epochs=3, optimizer=opt))
+    r = t.fit()
+    h = t.history
+    assert h[-1]["train_loss"] < 0.7 * h[0]["train_loss"], (opt, h)
+    assert r["test_error"] < 40
+    assert type(t.opt).__name__.lower().startswith(opt["name"][:4])
+
+
+def test_exponential_lr_and_linear_momentum_follow_the_schedule(synth):
+    c = cfg(epochs=4, schedule={"lr": {"kind": "exponential", "start": 0.5, "end": 0.001},
+                                "momentum": {"kind": "linear", "start": 0.5, "end": 0.99}})
+    t = Trainer(mlp(), synth, c)
+    t.fit()
+    total = t.total_steps
+    last = [h["lr"] for h in t.history]
+    # the lr logged for epoch e is the one used at its last step
+    expect = [0.5 * (0.001 / 0.5) ** (((e + 1) * t.steps_per_epoch - 1) / (total - 1)) for e in range(4)]
+    assert all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(last, expect))
+    assert math.isclose(t.history[-1]["lr"], 0.001) and math.isclose(t.history[-1]["momentum"], 0.99)
+    assert all(g["lr"] == pytest.approx(0.001) for g in t.opt.param_groups)
+
+
+def test_schedule_shapes():
+    s = LRSchedule(kind="step", start=1.0, gamma=0.5, step_epochs=2)
+    assert [s.value(1.0, e * 10, 10, 100) for e in range(6)] == [1, 1, 0.5, 0.5, 0.25, 0.25]
+    c = LRSchedule(kind="cosine", start=1.0, end=0.0 + 1e-9)
+    assert c.value(1, 0, 10, 101) == pytest.approx(1.0) and c.value(1, 50, 10, 101) == pytest.approx(0.5, abs=1e-6)
+    assert c.value(1, 100, 10, 101) == pytest.approx(0.0, abs=1e-6)
+    e = LRSchedule(kind="exponential", start=0.5, end=0.0001, per="epoch")
+    assert e.value(1, 5, 10, 100) == e.value(1, 9, 10, 100) == 0.5
+    m = MomentumSchedule(kind="sutskever", end=0.995)
+    vals = [m.value(t, 100, 10**6) for t in (0, 249, 250, 750, 10**6)]
+    assert vals[:3] == [0.5, 0.5, 0.75] and vals[3] == pytest.approx(1 - 2 ** (-1 - 2)) and vals[4] == 0.995
+    lin = MomentumSchedule(kind="linear", start=0.7, end=0.995, ramp_epochs=2)
+    assert lin.value(0, 10, 100) == 0.7 and lin.value(19, 10, 100) == pytest.approx(0.995) and lin.value(60, 10, 100) == 0.995
+
+
+def test_frozen_weights_stay_equal_and_unfreeze_at_epoch(synth):
+    g = mlp((64, 32, 16))
+    g.set_frozen("h1", True)
+    t = Trainer(g, synth, cfg(epochs=2))
+    w0 = t.model.h1.weight.detach().clone()
+    t.fit()
+    assert torch.equal(t.model.h1.weight, w0)
+    assert not torch.equal(t.model.h2.weight, g.node("h2").tensors["weight"])
+    # head first, then everything
+    t = Trainer(mlp((64, 32, 16)), synth, cfg(epochs=1, unfreeze_at={"h*": 1}))
+    w1 = t.model.h1.weight.detach().clone()
+    t.fit()
+    assert torch.equal(t.model.h1.weight, w1)
+    t = Trainer(mlp((64, 32, 16)), synth, cfg(epochs=2, unfreeze_at={"h*": 1}))
+    t.fit()
+    assert not torch.equal(t.model.h1.weight, w1)
+    t = Trainer(mlp((64, 32, 16)), synth, cfg(epochs=1, freeze_at={"h1": 0}))
+    t.fit()
+    assert torch.equal(t.model.h1.weight, w1)
+
+
+def test_layer_lr_multipliers_give_per_group_lr(synth):
+    t = Trainer(mlp((64, 32, 16)), synth, cfg(epochs=1, layer_lr={"h1": 2.0, "out": 0.5},
+                                              schedule={"lr": {"kind": "exponential", "start": 0.2, "end": 0.02}}))
+    t.fit()
+    lrs = {g["node"]: g["lr"] for g in t.opt.param_groups}
+    assert lrs["h1"] == pytest.approx(2 * 0.02) and lrs["h2"] == pytest.approx(0.02) and lrs["out"] == pytest.approx(0.01)
+    with pytest.raises(SurgeryError, match="layer_lr: \\['zz'\\] match no layer"):
+        Trainer(mlp(), synth, cfg(layer_lr={"zz": 2.0}))
+
+
+def test_sparse_init_gives_15_nonzeros_per_unit():
+    w = init_weight(torch.empty(100, 784), "sigmoid", "sparse", generator=torch.Generator().manual_seed(0))
+    assert ((w != 0).sum(1) == 15).all()
+    assert 0.5 < w[w != 0].std() < 1.5
+    g = mlp((784, 100), init="sparse")
+    assert ((g.node("h1").tensors["weight"] != 0).sum(1) == 15).all()
+
+
+def test_classic_init_makes_deep_sigmoid_nets_trainable(mnist_small):
+    """784-1000x3-10 sigmoid: classic init learns in one epoch, PyTorch's stock init does not."""
+    res = {}
+    for init in ("classic", "torch"):
+        g = mlp((784, 1000, 1000, 1000), 10, init=init)
+        res[init] = Trainer(g, mnist_small, cfg(epochs=1, batch_size=100, optimizer={"name": "sgd", "lr": 0.1})).fit()["test_error"]
+    # 50 steps: the classic init is well on its way; the stock init still predicts one class
+    assert res["classic"] < 70 and res["torch"] > 85, res
+
+
+def test_dropout_is_placed_and_inactive_at_eval(synth):
+    t = Trainer(mlp((64, 32, 16)), synth, cfg(epochs=1, dropout={"h*": 0.5}, input_dropout=0.2))
+    assert t.graph.order() == ["drop_input", "h1", "drop_h1", "h2", "drop_h2", "out"]
+    t.fit()
+    t.model.eval()
+    x = synth.test.x[:10]
+    assert torch.equal(t.model(x), t.model(x))
+
+
+def test_early_stopping_restores_the_best_weights(synth):
+    t = Trainer(mlp(), synth, cfg(epochs=30, early_stopping={"patience": 2}, optimizer={"name": "sgd", "lr": 2.0, "momentum": 0.9}))
+    r = t.fit()
+    assert r["epochs"] < 30
+    best = min(h["valid_error"] for h in t.history)
+    assert r["valid_error"] == pytest.approx(best)
+    assert r["best_epoch"] == 1 + [h["valid_error"] for h in t.history].index(best)
+
+
+def test_kill_and_resume_equals_uninterrupted(synth, tmp_path):
+    c = cfg(epochs=4, checkpoint_every=1, dropout={"h1": 0.3},
+            schedule={"lr": {"kind": "exponential", "start": 0.3, "end": 0.01}, "momentum": {"kind": "linear"}})
+    ref = Trainer(mlp((64, 32, 16)), synth, c, seed=1, out_dir=tmp_path / "ref")
+    r_ref = ref.fit()
+    t = Trainer(mlp((64, 32, 16)), synth, c, seed=1, out_dir=tmp_path / "cut")
+    t.stop_after_epoch = 2
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    torch.manual_seed(12345)  # the resumed process starts with other RNG state
+    t2 = Trainer(mlp((64, 32, 16)), synth, c, seed=1, out_dir=tmp_path / "cut")
+    r2 = t2.fit(resume=True)
+    for k, v in ref.model.state_dict().items():
+        assert torch.equal(v, t2.model.state_dict()[k]), k
+    assert r2["test_error"] == r_ref["test_error"]
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3, 4]
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_checkpoint(synth, tmp_path):
+    c = cfg(epochs=3, checkpoint_every=1)
+    t = Trainer(mlp(), synth, c, out_dir=tmp_path)
+    t.fit()
+    ck = tmp_path / "checkpoints" / "last.safetensors"
+    before = ck.read_bytes()
+    bad = synth.to("cpu")
+    bad.train.x = bad.train.x.clone()
+    bad.train.x[5, 3] = float("nan")
+    c2 = cfg(epochs=3, checkpoint_every=1)
+    with pytest.raises(TrainingDiverged, match=r"epoch 1, step \d+"):
+        Trainer(mlp(), bad, c2, out_dir=tmp_path).fit()
+    assert ck.read_bytes() == before
+
+
+def test_overflowing_weights_stop_at_the_first_step(synth):
+    g = mlp(act="relu")
+    g.node("out").tensors["weight"].fill_(3e38)
+    with pytest.raises(TrainingDiverged, match="NaN or infinite in epoch 1, step 1 "):
+        Trainer(g, synth, cfg()).fit()
+
+
+def test_cuda_asked_for_without_gpu(synth):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SurgeryError, match="no usable CUDA GPU"):
+        Trainer(mlp(), synth, cfg(device="cuda"))
+    assert Trainer(mlp(), synth, cfg(device="auto")).device.type == "cpu"
+
+
+def test_ddp_two_gloo_processes_equal_one_process_on_doubled_batch(tmp_path):
+    from tests.ddp_worker import train
+
+    single = train(batch_size=100)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp.safetensors"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(ROOT / "tests" / "ddp_worker.py"), str(out), "50"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ddp = load_file(str(out))
+    for k, v in single.items():
+        assert torch.allclose(v, ddp[k], atol=1e-5), k
+
+
+def test_finetune_cli_writes_results_and_resumes(tmp_path, capsys):
+    from surgery.cli import main
+
+    random_stack(sizes=(64, 32, 16)).save(tmp_path / "a.safetensors")
+    (tmp_path / "r.yaml").write_text(
+        "data: {dataset: synthetic}\n"
+        "surgery: {sources: {a: a.safetensors}, ops: [{op: take, source: a}, {op: head, classes: 4}]}\n"
+        "finetune: {epochs: 3, device: cpu, checkpoint_every: 1, optimizer: {lr: 0.5}}\n")
+    out = tmp_path / "out"
+    assert main(["finetune", str(tmp_path / "r.yaml"), "--out", str(out)]) == 0
+    assert "test error" in capsys.readouterr().out
+    res = json.loads((out / "result.json").read_text())
+    assert res["epochs"] == 3 and 0 <= res["test_error"] <= 100
+    assert (out / "checkpoints" / "last.safetensors").is_file() and (out / "metrics.jsonl").is_file()
+    # more epochs, resumed from the checkpoint
+    assert main(["finetune", str(tmp_path / "r.yaml"), "--out", str(out), "--resume", "--set", "finetune.epochs=4"]) == 0
+    assert json.loads((out / "result.json").read_text())["epochs"] == 4
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
