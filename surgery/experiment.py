@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from tqdm.auto import tqdm
 
 from .errors import SurgeryError
-from .io import write_json, write_text
+from .io import progress_bar, write_json, write_text
 from .layers import check_activation
 
 ArmMethod = Literal["none", "rbm", "grbm", "ae", "dae", "sparse_ae", "grow"]
@@ -201,7 +200,7 @@ def run_experiment(recipe: Any, out: str | Path, progress: bool | None = None) -
     cells = plan_cells(recipe, in_features, classes)
     write_json(out / "experiment.json", {"recipe": recipe.to_dict(), "cells": len(cells)})
     rows = []
-    bar = tqdm(total=len(cells), desc="experiment", unit="cell", disable=None if progress is None else not progress)
+    bar = progress_bar(len(cells), "experiment", progress, "cell")
     for cell in cells:
         cdir = out / "cells" / cell.key
         res_path = cdir / "result.json"

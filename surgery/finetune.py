@@ -23,12 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .data import Dataset, resolve_device
 from .errors import ManifestError, SurgeryError, TrainingDiverged
 from .graph import ModelGraph, Node
-from .io import atomic_path, write_json
+from .io import atomic_path, progress_bar, write_json
 from .layers import INIT_SCHEMES, init_weight
 from .schedules import OptimizerConfig, ScheduleConfig, apply_schedule, build_optimizer
 
@@ -202,8 +201,7 @@ class Trainer:
         n = x.shape[0]
         B, W, r = cfg.batch_size, self.world, self.rank
         check_every = 1 if self.device.type == "cpu" else 50
-        bar = tqdm(total=cfg.epochs, initial=self.state["epoch"], desc="finetune", unit="epoch",
-                   disable=(None if cfg.progress is None else not cfg.progress) or r != 0, dynamic_ncols=True)
+        bar = progress_bar(cfg.epochs, "finetune", cfg.progress if r == 0 else False, "epoch", self.state["epoch"])
         t_run = time.perf_counter()
         self.model.train()
         while self.state["epoch"] < cfg.epochs:

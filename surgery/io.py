@@ -33,3 +33,13 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def progress_bar(total: int, desc: str, progress: bool | None, unit: str = "it", initial: int = 0):
+    """A tqdm bar; ``progress=None`` shows it only when stderr is a terminal."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    show = sys.stderr.isatty() if progress is None else progress
+    return tqdm(total=total, desc=desc, unit=unit, initial=initial, leave=False, disable=not show, dynamic_ncols=True)

@@ -73,6 +73,32 @@ def _sampler(name: str, seed: int) -> Any:
     return optuna.samplers.TPESampler(seed=seed)
 
 
+def _open_study(name: str, url: str, sampler: Any) -> Any:
+    """Create or join a study; workers starting together may race to create the schema,
+    so a failed attempt is retried after a short random wait."""
+    import random
+    import time
+
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .errors import SurgeryError
+
+    last: Exception | None = None
+    for _ in range(8):
+        try:
+            storage: Any = url
+            if url.startswith("sqlite"):
+                # wait for the writer lock instead of failing at once when workers share a file
+                storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+            return optuna.create_study(study_name=name, storage=storage, direction="minimize", sampler=sampler,
+                                       load_if_exists=True)
+        except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
+            last = e
+            time.sleep(0.2 + random.random())
+    raise SurgeryError(f"--storage {url}: cannot open the study ({type(last).__name__}: {str(last).splitlines()[0]}).")
+
+
 def run_search(recipe: Any, out: str | Path, trials: int | None = None, storage: str | None = None,
                progress: bool | None = None) -> dict[str, Any]:
     """Run (or join) the study; write best.yaml and search.json under ``out``."""
@@ -94,8 +120,7 @@ def run_search(recipe: Any, out: str | Path, trials: int | None = None, storage:
     name = cfg.study or recipe.name
     # Each worker draws its own sampler seed, so workers sharing a study do not repeat trials.
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    study = optuna.create_study(study_name=name, storage=storage, direction="minimize",
-                                sampler=_sampler(cfg.sampler, recipe.seed + os.getpid()), load_if_exists=True)
+    study = _open_study(name, storage, _sampler(cfg.sampler, recipe.seed + os.getpid()))
     base = recipe.to_dict()
     base.pop("search", None)
 

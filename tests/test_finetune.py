@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from surgery.data import DataConfig, load_dataset
 from surgery.errors import SurgeryError, TrainingDiverged
 from surgery.finetune import FinetuneConfig, Trainer
 from surgery.graph import ModelGraph

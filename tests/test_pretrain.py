@@ -3,7 +3,14 @@ import torch
 
 from surgery.data import DataConfig, load_dataset
 from surgery.errors import TrainingDiverged
-from surgery.pretrain import AEConfig, PretrainConfig, RBMConfig, greedy_pretrain, train_autoencoder, train_rbm
+from surgery.pretrain import (
+    AEConfig,
+    PretrainConfig,
+    RBMConfig,
+    greedy_pretrain,
+    train_autoencoder,
+    train_rbm,
+)
 
 G = lambda s=0: torch.Generator().manual_seed(s)  # noqa: E731
 

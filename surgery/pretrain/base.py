@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from ..io import progress_bar as _bar
 from ..layers import LayerSpec, check_activation
 
 
@@ -40,9 +40,9 @@ class LayerPretrainConfig(BaseModel):
         return self.model_dump(mode="json", exclude={"name"})
 
 
-def progress_bar(total: int, desc: str, progress: bool | None) -> tqdm:
-    """tqdm bar; ``progress=None`` shows it only on a terminal."""
-    return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=(None if progress is None else not progress), dynamic_ncols=True)
+def progress_bar(total: int, desc: str, progress: bool | None):
+    """A per-layer bar over batches; ``progress=None`` shows it only on a terminal."""
+    return _bar(total, desc, progress, unit="batch")
 
 
 def n_batches(n: int, batch_size: int) -> int:

@@ -1,0 +1,131 @@
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from surgery.cli import main
+from surgery.experiment import plan_cells
+from surgery.recipe import load_recipe
+from surgery.report import summarize, welch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "name": "tiny",
+    "data": {"dataset": "synthetic", "n_train": 400, "n_valid": 200, "n_test": 200},
+    "experiment": {"conditions": ["none", "rbm", "dae", "grow", "grow-frozen", "shallow"], "depths": [1, 2],
+                   "seeds": [0, 1], "hidden": 16, "pretrain_epochs": 1},
+    "finetune": {"epochs": 2, "batch_size": 50, "device": "cpu", "progress": False,
+                 "optimizer": {"name": "sgd", "lr": 0.2, "momentum": 0.9}},
+}
+
+
+def _rows(out):
+    with (out / "results.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_experiment_grid_report_and_skip(tmp_path, capsys):
+    rp = tmp_path / "tiny.yaml"
+    rp.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "out"
+    assert main(["run", str(rp), "--out", str(out)]) == 0
+    rows = _rows(out)
+    # 5 arms x 2 depths x 2 seeds + shallow (depth 1 only) x 2 seeds
+    assert len(rows) == 22
+    assert {"condition", "depth", "seed", "test_error"} <= set(rows[0])
+    assert all(0 <= float(r["test_error"]) <= 100 for r in rows)
+    report = (out / "report.md").read_text()
+    assert "| rbm | 2 | 2 |" in report and "95% CI" in report
+    for png in ("error_vs_depth", "error_hist", "learning_curves", "filters"):
+        p = out / "figures" / f"{png}.png"
+        assert p.is_file() and p.read_bytes()[:4] == b"\x89PNG"
+    # same arm, same seed: same data order; the rbm stack is trained once per seed
+    assert len(list((out / "stacks").iterdir())) == 2 * 4  # rbm, dae, grow, grow-frozen x 2 seeds
+    # re-running skips every finished cell
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/result.json")}
+    assert main(["run", str(rp), "--out", str(out)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("cells/*/result.json")} == stamps
+    # an interrupted run (cells missing their result) completes on re-run, redoing only those
+    gone = sorted(stamps)[:3]
+    for p in gone:
+        p.unlink()
+    assert main(["run", str(rp), "--out", str(out)]) == 0
+    after = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/result.json")}
+    assert len(after) == 22
+    assert [p for p in after if after[p] != stamps.get(p)] == gone or set(p for p in after if after[p] != stamps.get(p)) == set(gone)
+    # compare rebuilds and merges
+    assert main(["compare", str(out), "--out", str(tmp_path / "merged")]) == 0
+    assert len(_rows(tmp_path / "merged")) == 22
+
+
+def test_cells_share_data_order_and_budget():
+    from surgery.recipe import recipe_from_dict
+
+    r = recipe_from_dict(TINY)
+    cells = plan_cells(r, 64, 4)
+    by_seed = {}
+    for c in cells:
+        by_seed.setdefault(c.seed, []).append(c)
+    for seed, cs in by_seed.items():
+        assert {json.dumps(c.recipe["finetune"], sort_keys=True) for c in cs} == {json.dumps(cs[0].recipe["finetune"], sort_keys=True)}
+        assert {c.recipe["seed"] for c in cs} == {seed}
+    none = [c for c in cells if c.condition == "none"][0]
+    assert all(op.get("init", "classic") == "classic" for op in none.recipe["surgery"]["ops"] if op["op"] == "insert")
+    assert len({c.key for c in cells}) == len(cells)
+
+
+def test_stats():
+    s = summarize([1.0, 2.0, 3.0])
+    assert s["mean"] == 2.0 and s["std"] == 1.0
+    assert s["ci_half"] == pytest.approx(4.302652729 / 3 ** 0.5, rel=1e-6)
+    t, p = welch([1.0, 1.1, 0.9, 1.05], [2.0, 2.2, 1.9, 2.1])
+    assert t < 0 and p < 0.001
+
+
+def _search_recipe(tmp_path):
+    r = {
+        "name": "s",
+        "data": {"dataset": "synthetic", "n_train": 300, "n_valid": 100, "n_test": 100},
+        "surgery": {"ops": [{"op": "insert", "name": "h1", "units": 8, "in_features": 64}, {"op": "head", "classes": 4}]},
+        "finetune": {"epochs": 1, "device": "cpu", "progress": False},
+        "search": {"params": {"finetune.optimizer.lr": {"type": "float", "low": 0.01, "high": 1.0, "log": True},
+                              "finetune.batch_size": {"type": "categorical", "choices": [25, 50]}},
+                   "trials": 3},
+    }
+    p = tmp_path / "search.yaml"
+    p.write_text(yaml.safe_dump(r))
+    return p
+
+
+def test_search_end_to_end(tmp_path, capsys):
+    p = _search_recipe(tmp_path)
+    out = tmp_path / "sout"
+    assert main(["search", str(p), "--out", str(out)]) == 0
+    s = json.loads((out / "search.json").read_text())
+    assert len(s["trials"]) == 3 and s["storage"].startswith("sqlite:///")
+    best = load_recipe(out / "best.yaml")
+    assert best.finetune.optimizer.lr == pytest.approx(s["best_params"]["finetune.optimizer.lr"])
+    assert best.search is None
+
+
+def test_two_workers_share_one_sqlite_study(tmp_path):
+    p = _search_recipe(tmp_path)
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "surgery.cli", "search", str(p), "--trials", "2", "--storage", url]
+    procs = [subprocess.Popen(cmd + ["--out", str(tmp_path / f"w{i}")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for pr in procs:
+        _, err = pr.communicate(timeout=300)
+        assert pr.returncode == 0, err[-2000:]
+    import optuna
+
+    study = optuna.load_study(study_name="s", storage=url)
+    workers = {t.user_attrs["worker"] for t in study.trials if t.state.name == "COMPLETE"}
+    assert len(study.trials) == 4 and len(workers) == 2
