@@ -92,6 +92,7 @@ def write_report(out: Path, rows: list[dict[str, Any]], baseline: str = "none") 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     conds = sorted({r["condition"] for r in rows}, key=lambda c: (c != baseline, c))
     colors = {c: plt.cm.tab10(i % 10) for i, c in enumerate(conds)}
@@ -99,9 +100,10 @@ def write_report(out: Path, rows: list[dict[str, Any]], baseline: str = "none") 
 
     # 1. test error vs depth with CI bars
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for c in conds:
+    for i, c in enumerate(conds):
         ts = [t for t in tab if t["condition"] == c]
-        d = [t["depth"] for t in ts]
+        dodge = 0.06 * (i - (len(conds) - 1) / 2)  # keep the CI bars apart
+        d = [t["depth"] + dodge for t in ts]
         m = [t["mean"] for t in ts]
         e = [0 if math.isnan(t["ci_half"]) else t["ci_half"] for t in ts]
         ax.errorbar(d, m, yerr=e, marker="o", capsize=4, label=c, color=colors[c])
@@ -113,17 +115,23 @@ def write_report(out: Path, rows: list[dict[str, Any]], baseline: str = "none") 
     ax.legend()
     _save(fig, out / "figures" / "error_vs_depth.png")
 
-    # 2. histogram of test errors over seeds per condition (Erhan et al. 2010)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # 2. histogram of test errors over seeds, one panel per condition (Erhan et al. 2010)
     allv = [float(r["test_error"]) for r in rows]
-    bins = np.linspace(min(allv), max(allv) + 1e-6, 16) if allv else 10
-    for c in conds:
-        v = [float(r["test_error"]) for r in rows if r["condition"] == c]
-        ax.hist(v, bins=bins, alpha=0.5, label=f"{c} (n={len(v)})", color=colors[c])
-    ax.set_xlabel("test error (%)")
-    ax.set_ylabel("runs (all depths and seeds)")
-    ax.set_title("Spread of test error over seeds and depths")
-    ax.legend()
+    bins = np.linspace(min(allv), max(allv) + 1e-6, 21) if allv else 10
+    depths = sorted({int(r["depth"]) for r in rows})
+    fig, axes = plt.subplots(len(conds), 1, figsize=(7, 1.6 + 1.3 * len(conds)), sharex=True, squeeze=False)
+    for ax, c in zip(axes[:, 0], conds):
+        per_depth = [[float(r["test_error"]) for r in rows if r["condition"] == c and int(r["depth"]) == d] for d in depths]
+        shades = [plt.cm.viridis(i / max(len(depths) - 1, 1)) for i in range(len(depths))]
+        ax.hist(per_depth, bins=bins, stacked=True, color=shades, label=[f"depth {d}" for d in depths])
+        v = [x for xs in per_depth for x in xs]
+        ax.set_ylabel(c, rotation=0, ha="right", va="center")
+        ax.text(0.99, 0.8, f"n={len(v)}, sd={np.std(v, ddof=1) if len(v) > 1 else 0:.2f}", transform=ax.transAxes,
+                ha="right", bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none"})
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0, 0].legend(loc="upper left", fontsize="small", ncol=len(depths))
+    axes[-1, 0].set_xlabel("test error (%)")
+    fig.suptitle("Spread of test error over seeds (stacked by depth)")
     _save(fig, out / "figures" / "error_hist.png")
 
     # 3. learning curves: validation error per epoch at the largest depth
