@@ -132,13 +132,11 @@ def cmd_validate(args: argparse.Namespace) -> None:
     if graph is not None:
         print(graph.summary())
     if recipe.experiment is not None:
-        import math
-
         from .data import load_dataset
         from .experiment import plan_cells
 
         data = load_dataset(recipe.data.model_copy(update={"device": "cpu"}), recipe.base_dir)
-        cells = plan_cells(recipe, math.prod(data.input_shape), data.num_classes)
+        cells = plan_cells(recipe, data.input_shape, data.num_classes)
         print(f"experiment: {len(cells)} cells ({', '.join(recipe.experiment.arms())} x depths "
               f"{recipe.experiment.depths} x seeds {recipe.experiment.seeds})")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +25,16 @@ from .io import progress_bar, write_json, write_text
 from .layers import check_activation
 
 ArmMethod = Literal["none", "rbm", "grbm", "ae", "dae", "sparse_ae", "grow"]
+
+
+class ConvLayer(BaseModel):
+    """A convolutional first layer: ``maps`` feature maps of ``kernel_size`` with ``stride``;
+    pretrained arms pretrain it as a convolutional autoencoder."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    maps: int = Field(default=16, gt=0)
+    kernel_size: int = Field(default=5, gt=0)
+    stride: int = Field(default=2, gt=0)
 
 
 class ArmConfig(BaseModel):
@@ -38,6 +49,8 @@ class ArmConfig(BaseModel):
     hidden: int | None = Field(default=None, gt=0, description="units per hidden layer (default: experiment.hidden)")
     activation: str | None = None
     fixed_depth: int | None = Field(default=None, gt=0, description="run only this depth (shallow arms)")
+    conv: ConvLayer | None = Field(default=None, description="make the first hidden layer convolutional (needs data.flatten: false)")
+    data: dict[str, Any] = Field(default_factory=dict, description="overrides for the data section")
 
     @field_validator("activation")
     @classmethod
@@ -128,7 +141,7 @@ class Cell(BaseModel):
         return _hash(self.recipe)
 
 
-def plan_cells(recipe: Any, in_features: int, classes: int) -> list[Cell]:
+def plan_cells(recipe: Any, input_shape: tuple[int, ...], classes: int) -> list[Cell]:
     """Materialise every (arm, depth, seed) cell as a full recipe dict."""
     exp: ExperimentConfig = recipe.experiment
     if recipe.finetune is None:
@@ -141,6 +154,8 @@ def plan_cells(recipe: Any, in_features: int, classes: int) -> list[Cell]:
         depths = [arm.fixed_depth] if arm.fixed_depth else exp.depths
         hidden = arm.hidden or (exp.shallow_hidden if arm.fixed_depth and exp.shallow_hidden else exp.hidden)
         act = arm.activation or exp.activation
+        if arm.conv is not None and arm.data.get("flatten", base["data"].get("flatten", True)):
+            raise SurgeryError(f"experiment.conditions.{name}.conv: a conv first layer needs images; add data: {{flatten: false}} to the arm.")
         for seed in exp.seeds:
             max_d = max(depths)
             pre = None
@@ -151,7 +166,13 @@ def plan_cells(recipe: Any, in_features: int, classes: int) -> list[Cell]:
                     layer["train"] = arm.train
                 if arm.method not in ("rbm", "grbm"):
                     layer.setdefault("activation", act)
-                pre = {"batch_size": exp.pretrain_batch_size, "layers": [dict(layer) for _ in range(max_d)]}
+                layers = [dict(layer) for _ in range(max_d)]
+                if arm.conv is not None:
+                    c = arm.conv
+                    first = {"method": "conv_ae", "hidden": c.maps, "kernel_size": c.kernel_size, "stride": c.stride,
+                             "epochs": exp.pretrain_epochs, "lr": 0.01, "activation": act}
+                    layers[0] = {**first, **exp.methods.get("conv_ae", {})}
+                pre = {"batch_size": exp.pretrain_batch_size, "layers": layers}
             for depth in depths:
                 r = json.loads(json.dumps(base))
                 r["seed"] = seed
@@ -159,6 +180,7 @@ def plan_cells(recipe: Any, in_features: int, classes: int) -> list[Cell]:
                 ft = r.get("finetune", {})
                 ft.update(arm.finetune)
                 r["finetune"] = ft
+                r["data"] = {**r["data"], **arm.data}
                 classes_hint = {"op": "head", "classes": classes}
                 if pre is not None:
                     r["pretrain"] = pre
@@ -166,9 +188,13 @@ def plan_cells(recipe: Any, in_features: int, classes: int) -> list[Cell]:
                 else:
                     ops: list[dict[str, Any]] = []
                     for i in range(depth):
-                        op = {"op": "insert", "name": f"h{i + 1}", "units": hidden, "activation": act}
-                        if i == 0:
-                            op["in_features"] = in_features
+                        op: dict[str, Any] = {"op": "insert", "name": f"h{i + 1}", "units": hidden, "activation": act}
+                        if i == 0 and arm.conv is not None:
+                            c = arm.conv
+                            img = input_shape if len(input_shape) == 3 else (1, *(2 * (int(math.isqrt(math.prod(input_shape))),)))
+                            op.update(kind="conv2d", units=c.maps, kernel_size=c.kernel_size, stride=c.stride, in_shape=list(img))
+                        elif i == 0:
+                            op["in_features"] = math.prod(input_shape)
                         ops.append(op)
                     r["surgery"] = {"ops": [*ops, classes_hint]}
                 pkey = _hash({"data": r["data"], "pretrain": pre, "seed": seed}) if pre else None
@@ -182,8 +208,6 @@ RESULT_FIELDS = ["condition", "depth", "seed", "train_error", "valid_error", "te
 
 def run_experiment(recipe: Any, out: str | Path, progress: bool | None = None) -> list[dict[str, Any]]:
     """Run every cell not yet finished under ``out``; write results.csv and the report."""
-    import math
-
     from .data import load_dataset
     from .finetune import Trainer
     from .ops import build_graph
@@ -196,8 +220,8 @@ def run_experiment(recipe: Any, out: str | Path, progress: bool | None = None) -
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = load_dataset(recipe.data, recipe.base_dir)
-    in_features, classes = math.prod(data.input_shape), data.num_classes
-    cells = plan_cells(recipe, in_features, classes)
+    cells = plan_cells(recipe, data.input_shape, data.num_classes)
+    datasets = {json.dumps(recipe.data.model_dump(mode="json"), sort_keys=True): data}
     write_json(out / "experiment.json", {"recipe": recipe.to_dict(), "cells": len(cells)})
     rows = []
     bar = progress_bar(len(cells), "experiment", progress, "cell")
@@ -208,6 +232,10 @@ def run_experiment(recipe: Any, out: str | Path, progress: bool | None = None) -
             result = json.loads(res_path.read_text())
         else:
             r = recipe_from_dict(cell.recipe, recipe.base_dir, f"{recipe._source} [{cell.condition} d{cell.depth} s{cell.seed}]")
+            dkey = json.dumps(r.data.model_dump(mode="json"), sort_keys=True)
+            if dkey not in datasets:  # an arm with its own data section (e.g. images for a conv layer)
+                datasets[dkey] = load_dataset(r.data, recipe.base_dir)
+            data = datasets[dkey]
             t0 = time.perf_counter()
             stack = None
             if cell.pretrain_key is not None:

@@ -262,10 +262,13 @@ class Trainer:
         if self.best is not None:
             self.model.load_state_dict(self.best)
         self.graph.load_module_state(self.model)
+        # Only the test split needs a new pass: the best epoch's validation error is known,
+        # and its training error is the running one measured while training.
+        best_rec = self.history[self.state["best_epoch"] - 1] if self.history else {}
         result = {
             "test_error": self.error("test"),
-            "valid_error": self.error("valid"),
-            "train_error": self.error("train"),
+            "valid_error": best_rec.get("valid_error", self.state["best_valid"]),
+            "train_error": best_rec.get("train_error"),
             "epochs": self.state["epoch"],
             "best_epoch": self.state["best_epoch"],
             "steps": self.state["step"],

@@ -84,7 +84,11 @@ class TransplantOp(TakeOp):
 
 
 class InsertOp(_Op):
-    """A fresh layer (classic init by default) after or before a node, or at the end."""
+    """A fresh layer (classic init by default) after or before a node, or at the end.
+
+    ``kind: conv2d`` makes a convolutional layer with ``units`` feature maps; its input
+    must be an image (the previous node's output, or ``in_shape`` in an empty graph).
+    """
 
     op: Literal["insert"]
     name: str
@@ -93,7 +97,12 @@ class InsertOp(_Op):
     init: str = "classic"
     after: str | None = None
     before: str | None = None
-    in_features: int | None = Field(default=None, gt=0, description="only when the graph is empty")
+    in_features: int | None = Field(default=None, gt=0, description="dense, only when the graph is empty")
+    kind: Literal["dense", "conv2d"] = "dense"
+    in_shape: tuple[int, int, int] | None = Field(default=None, description="conv2d, only when the graph is empty")
+    kernel_size: int = Field(default=5, gt=0)
+    stride: int = Field(default=1, gt=0)
+    padding: int = Field(default=0, ge=0)
 
     _n = field_validator("name")(classmethod(lambda cls, v: _check_name(v)))
     _a = field_validator("activation")(classmethod(lambda cls, v: check_activation(v)))
@@ -105,18 +114,32 @@ class InsertOp(_Op):
             raise ValueError(f"unknown init {v!r}; choose one of {list(INIT_SCHEMES)}")
         return v
 
-    def apply(self, g: ModelGraph, sources: dict[str, Any], gen: torch.Generator) -> list[str]:
+    def _input_shape(self, g: ModelGraph) -> tuple[int, ...]:
         if self.before is not None:
-            width = _input_width(g, self.before)
-        elif self.after is not None:
-            width = _output_width(g, self.after)
-        elif len(g):
-            width = _output_width(g, g.last())  # type: ignore[arg-type]
-        elif self.in_features is not None:
-            width = self.in_features
+            preds = g.inputs_of(self.before)
+            return g.shapes()[preds[0]] if preds else tuple(g.input_shape or ())
+        if self.after is not None:
+            return g.shapes()[self.after]
+        if len(g):
+            return g.shapes()[g.last()]  # type: ignore[index]
+        if self.kind == "conv2d" and self.in_shape is not None:
+            return tuple(self.in_shape)
+        if self.kind == "dense" and self.in_features is not None:
+            return (self.in_features,)
+        raise SurgeryError(f"insert into an empty graph needs {'in_shape' if self.kind == 'conv2d' else 'in_features'}.")
+
+    def apply(self, g: ModelGraph, sources: dict[str, Any], gen: torch.Generator) -> list[str]:
+        import math
+
+        shape = self._input_shape(g)
+        if self.kind == "conv2d":
+            if len(shape) != 3:
+                raise SurgeryError(f"insert {self.name!r}: a conv2d layer needs image input (C, H, W), got {shape}.")
+            spec = LayerSpec(kind="conv2d", in_features=shape[0], out_features=self.units, in_shape=shape,
+                             activation=self.activation, kernel_size=self.kernel_size, stride=self.stride,
+                             padding=self.padding)
         else:
-            raise SurgeryError("insert into an empty graph needs in_features.")
-        spec = LayerSpec(in_features=width, out_features=self.units, activation=self.activation)
+            spec = LayerSpec(in_features=math.prod(shape), out_features=self.units, activation=self.activation)
         g.insert(self.name, spec, after=self.after, before=self.before, init=self.init, generator=gen)
         return [self.name]
 
@@ -321,21 +344,6 @@ def _stack(sources: dict[str, Any], name: str) -> LayerStack:
     if not isinstance(s, LayerStack):
         raise SurgeryError(f"source {name!r} is a foreign weights file; use op: import for it.")
     return s
-
-
-def _output_width(g: ModelGraph, name: str) -> int:
-    import math
-
-    return math.prod(g.shapes()[name])
-
-
-def _input_width(g: ModelGraph, name: str) -> int:
-    preds = g.inputs_of(name)
-    if preds:
-        return _output_width(g, preds[0])
-    import math
-
-    return math.prod(g.input_shape or ())
 
 
 def build_graph(cfg: SurgeryConfig, sources: dict[str, Any], seed: int = 0) -> ModelGraph:

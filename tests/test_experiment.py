@@ -68,7 +68,7 @@ def test_cells_share_data_order_and_budget():
     from surgery.recipe import recipe_from_dict
 
     r = recipe_from_dict(TINY)
-    cells = plan_cells(r, 64, 4)
+    cells = plan_cells(r, (64,), 4)
     by_seed = {}
     for c in cells:
         by_seed.setdefault(c.seed, []).append(c)
@@ -129,3 +129,26 @@ def test_two_workers_share_one_sqlite_study(tmp_path):
     study = optuna.load_study(study_name="s", storage=url)
     workers = {t.user_attrs["worker"] for t in study.trials if t.state.name == "COMPLETE"}
     assert len(study.trials) == 4 and len(workers) == 2
+
+
+def test_conv_and_custom_arms(tmp_path):
+    r = {
+        "name": "conv",
+        "data": {"dataset": "synthetic", "n_train": 300, "n_valid": 100, "n_test": 100},
+        "experiment": {"conditions": {
+            "conv-none": {"method": "none", "conv": {"maps": 4, "kernel_size": 3, "stride": 1}, "data": {"flatten": False}},
+            "conv-dae": {"method": "dae", "conv": {"maps": 4, "kernel_size": 3, "stride": 1}, "data": {"flatten": False}},
+            "relu-rmsprop": {"method": "none", "activation": "relu", "finetune": {"optimizer": {"name": "rmsprop", "lr": 0.001}}},
+        }, "depths": [2], "seeds": [0], "hidden": 16, "pretrain_epochs": 1, "baseline": "relu-rmsprop"},
+        "finetune": {"epochs": 1, "device": "cpu", "progress": False},
+    }
+    p = tmp_path / "conv.yaml"
+    p.write_text(yaml.safe_dump(r))
+    assert main(["run", str(p), "--out", str(tmp_path / "o")]) == 0
+    rows = _rows(tmp_path / "o")
+    assert {x["condition"] for x in rows} == {"conv-none", "conv-dae", "relu-rmsprop"}
+    model = json.loads((tmp_path / "o" / "cells" / rows[0]["cell"] / "recipe.json").read_text())
+    assert model["surgery"]["ops"][0].get("kind") == "conv2d" or model["pretrain"]["layers"][0]["method"] == "conv_ae"
+    r["experiment"]["conditions"]["conv-none"]["data"] = {}
+    p.write_text(yaml.safe_dump(r))
+    assert main(["run", str(p), "--out", str(tmp_path / "o2")]) == 2

@@ -208,3 +208,33 @@ def test_shipped_recipes_load(name):
     assert r.name
     text = (ROOT / "recipes" / name).read_text()
     assert text.startswith("#"), "each recipe starts with a header comment saying what it does"
+
+
+SMALL = ["--set", "data.dataset=synthetic", "--set", "data.limit=300"]
+
+
+def _small_layers(n, hidden=16, epochs=1):
+    out = []
+    for i in range(n):
+        out += ["--set", f"pretrain.layers.{i}.hidden={hidden}", "--set", f"pretrain.layers.{i}.epochs={epochs}"]
+    return out
+
+
+def test_shipped_surgery_recipes_run(tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
+    rec = tmp_path / "recipes"
+    ft = ["--set", "finetune.epochs=1", "--set", "finetune.device=cpu"]
+    assert main(["run", str(rec / "dbn.yaml"), "--out", str(tmp_path / "runs" / "dbn"), *SMALL, *ft, *_small_layers(3)]) == 0
+    assert main(["pretrain", str(rec / "dae_stack.yaml"), "-o", str(tmp_path / "runs" / "dae_stack" / "stack.safetensors"),
+                 *SMALL, *_small_layers(3)]) == 0
+    assert main(["validate", str(rec / "transplant.yaml"), *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "source=a" in out and "source=b" in out
+    assert main(["run", str(rec / "transplant.yaml"), "--out", str(tmp_path / "t"), *SMALL, *ft]) == 0
+    assert main(["run", str(rec / "net2net.yaml"), "--out", str(tmp_path / "n"), *SMALL, *ft, *_small_layers(2)]) == 0
+    assert json.loads((tmp_path / "n" / "result.json").read_text())["epochs"] == 1
+    assert main(["assemble", str(rec / "net2net.yaml"), "-o", str(tmp_path / "m.safetensors"), *SMALL, *_small_layers(2)]) == 0
+    assert main(["inspect", str(tmp_path / "m.safetensors")]) == 0
+    assert "h2_deep" in capsys.readouterr().out

@@ -1,0 +1,28 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CASES = {
+    "stacking.py": ["--dataset", "synthetic", "--limit", "300", "--epochs", "1"],
+    "surgery_ops.py": [],
+    "finetuning.py": ["--dataset", "synthetic", "--limit", "300", "--epochs", "1"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(CASES))
+def test_example_runs(script, tmp_path):
+    args = CASES[script]
+    if "--limit" in args:
+        args = [*args, "--out", str(tmp_path)]
+    p = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip()
+
+
+def test_examples_are_all_tested():
+    assert {p.name for p in (ROOT / "examples").glob("*.py")} == set(CASES)
