@@ -49,11 +49,18 @@ class RBMConfig(LayerPretrainConfig):
 
 
 class _Buffers:
-    """Per-batch-size scratch tensors so the loop allocates nothing."""
+    """Per-batch-size scratch tensors so the loop allocates nothing.
+
+    ``hh = [[ph0, 1], [-phk, -1]]`` and ``vv = [[v0, 1], [vk, 1]]``: one GEMM ``hh^T vv``
+    yields the weight gradient and, in its last column and row, both bias gradients.
+    """
 
     def __init__(self, b: int, v: int, h: int, dev: torch.device):
-        self.hh = torch.empty(2 * b, h, device=dev)  # [ph0; -phk]
-        self.vv = torch.empty(2 * b, v, device=dev)  # [v0; vk]
+        self.hh = torch.empty(2 * b, h + 1, device=dev)
+        self.hh[:b, h] = 1.0
+        self.hh[b:, h] = -1.0
+        self.vv = torch.empty(2 * b, v + 1, device=dev)
+        self.vv[:, v] = 1.0
         self.h = torch.empty(b, h, device=dev)  # a hidden sample
         self.r = torch.empty(b, h, device=dev)  # uniforms
 
@@ -83,14 +90,16 @@ def train_rbm(x: Tensor, cfg: RBMConfig, name: str, batch_size: int, generator: 
     g = generator if dev.type == "cpu" else None
     if g is None:
         torch.cuda.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
-    W = (torch.randn(nh, nv, generator=generator) * cfg.init_std).to(dev)
-    c = torch.zeros(nh, device=dev)
+    # P = [[W, c], [b, 0]]: weights and both biases in one matrix, updated by one GEMM.
+    P = torch.zeros(nh + 1, nv + 1, device=dev)
+    W, c, b = P[:nh, :nv], P[:nh, nv], P[nh, :nv]
+    W.copy_(torch.randn(nh, nv, generator=generator) * cfg.init_std)
     if gaussian:
-        b = x.mean(0).clone()
+        b.copy_(x.mean(0))
     else:  # Hinton's guide: visible bias log(p / (1 - p)) of the data's pixel means
         p = x.mean(0).clamp(1e-3, 1 - 1e-3)
-        b = torch.log(p / (1 - p))
-    vW, vb, vc = torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(c)
+        b.copy_(torch.log(p / (1 - p)))
+    vel = torch.zeros_like(P)
     bufs: dict[int, _Buffers] = {}
     chain: Tensor | None = None
     mon = monitor_subset(x)
@@ -101,14 +110,14 @@ def train_rbm(x: Tensor, cfg: RBMConfig, name: str, batch_size: int, generator: 
         for v0, _ in epoch_batches(x, None, batch_size, generator):
             bs = v0.shape[0]
             buf = bufs.get(bs) or bufs.setdefault(bs, _Buffers(bs, nv, nh, dev))
-            ph0, phk = buf.hh[:bs], buf.hh[bs:]
-            vpos, vk = buf.vv[:bs], buf.vv[bs:]
+            ph0, phk = buf.hh[:bs, :nh], buf.hh[bs:, :nh]
+            vpos, vk = buf.vv[:bs, :nv], buf.vv[bs:, :nv]
             vpos.copy_(v0)
             torch.addmm(c, v0, W.t(), out=ph0).sigmoid_()
             if cfg.persistent:
                 if chain is None:
-                    chain = _sample(ph0, torch.empty_like(ph0), buf.r, g)
-                h = chain[:bs] if chain.shape[0] >= bs else _sample(ph0, buf.h, buf.r, g)
+                    chain = _sample(ph0, torch.empty(bs, nh, device=dev), buf.r, g)
+                h = chain[:bs]
             else:
                 h = _sample(ph0, buf.h, buf.r, g)
             for step in range(cfg.k):
@@ -118,16 +127,12 @@ def train_rbm(x: Tensor, cfg: RBMConfig, name: str, batch_size: int, generator: 
                 torch.addmm(c, vk, W.t(), out=phk).sigmoid_()
                 if step < cfg.k - 1 or cfg.persistent:
                     h = _sample(phk, h if cfg.persistent else buf.h, buf.r, g)
-            alpha = cfg.lr / bs
-            vb.mul_(cfg.momentum).add_(vpos.sum(0) - vk.sum(0), alpha=alpha)
-            vc.mul_(cfg.momentum).add_(ph0.sum(0) - phk.sum(0), alpha=alpha)
             phk.neg_()
-            vW.addmm_(buf.hh.t(), buf.vv, beta=cfg.momentum, alpha=alpha)
+            vel.addmm_(buf.hh.t(), buf.vv, beta=cfg.momentum, alpha=cfg.lr / bs)
             if cfg.weight_decay:
-                vW.add_(W, alpha=-cfg.lr * cfg.weight_decay)
-            W.add_(vW)
-            b.add_(vb)
-            c.add_(vc)
+                vel[:nh, :nv].add_(W, alpha=-cfg.lr * cfg.weight_decay)
+            vel[nh, nv] = 0.0
+            P.add_(vel)
             bar.update(1)
         m = _metrics(mon, W, b, c, gaussian, generator)
         m.update(epoch=epoch, seconds=round(time.perf_counter() - t0, 4))
@@ -139,7 +144,7 @@ def train_rbm(x: Tensor, cfg: RBMConfig, name: str, batch_size: int, generator: 
     return StackLayer(
         name,
         spec,
-        {"weight": W, "bias": c, "visible_bias": b},
+        {"weight": W.clone(), "bias": c.clone(), "visible_bias": b.clone()},
         {
             "method": cfg.method,
             "epochs": cfg.epochs,
