@@ -237,3 +237,32 @@ def test_finetune_cli_writes_results_and_resumes(tmp_path, capsys):
     assert main(["finetune", str(tmp_path / "r.yaml"), "--out", str(out), "--resume", "--set", "finetune.epochs=4"]) == 0
     assert json.loads((out / "result.json").read_text())["epochs"] == 4
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
+    """A real kill: SIGKILL the CLI after its first checkpoint, resume, compare weights."""
+    import signal
+    import time
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "data: {dataset: synthetic, n_train: 6000, side: 16}\n"
+        "surgery: {ops: [{op: insert, name: h1, units: 128, in_features: 256}, {op: head, classes: 4}]}\n"
+        "finetune: {epochs: 8, device: cpu, checkpoint_every: 1, dropout: {h1: 0.2},\n"
+        "           schedule: {lr: {kind: exponential, start: 0.2, end: 0.01}}}\n")
+    cmd = [sys.executable, "-m", "surgery.cli", "finetune", str(recipe), "--out"]
+    ref = subprocess.run(cmd + [str(tmp_path / "ref")], capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    cut = tmp_path / "cut"
+    p = subprocess.Popen(cmd + [str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck = cut / "checkpoints" / "last.safetensors"
+    deadline = time.time() + 120
+    while not ck.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (cut / "result.json").exists(), "the run finished before it could be killed"
+    r = subprocess.run(cmd + [str(cut), "--resume"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
