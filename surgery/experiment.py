@@ -241,7 +241,7 @@ def run_experiment(recipe: Any, out: str | Path, progress: bool | None = None) -
             if cell.pretrain_key is not None:
                 sdir = out / "stacks" / cell.pretrain_key
                 spath = sdir / f"depth{cell.depth}.safetensors"
-                if not spath.is_file():
+                if not (spath.is_file() and (sdir / "pretrain.json").is_file()):  # pretrain.json marks it finished
                     assert r.pretrain is not None
 
                     def snapshot(i: int, st: LayerStack, sdir: Path = sdir) -> None:

@@ -123,8 +123,8 @@ class LayerSpec(BaseModel):
         return Conv2dLayer(self) if self.kind == "conv2d" else Dense(self)
 
 
-class Dense(nn.Module):
-    """``act(x @ W.T + b)``; W is [out, in] as in ``nn.Linear``."""
+class _Layer(nn.Module):
+    """Parameters ``weight`` and ``bias`` (classic init) plus the spec's activation."""
 
     def __init__(self, spec: LayerSpec):
         super().__init__()
@@ -133,6 +133,10 @@ class Dense(nn.Module):
         self.bias = nn.Parameter(torch.zeros(spec.out_features))
         self.act = ACTIVATIONS[spec.activation]
         init_weight(self.weight, spec.activation, "classic", spec)
+
+
+class Dense(_Layer):
+    """``act(x @ W.T + b)``; W is [out, in] as in ``nn.Linear``."""
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() > 2:
@@ -143,15 +147,7 @@ class Dense(nn.Module):
         return f"{self.spec.in_features} -> {self.spec.out_features}, {self.spec.activation}"
 
 
-class Conv2dLayer(nn.Module):
-    def __init__(self, spec: LayerSpec):
-        super().__init__()
-        self.spec = spec
-        self.weight = nn.Parameter(torch.empty(spec.weight_shape))
-        self.bias = nn.Parameter(torch.zeros(spec.out_features))
-        self.act = ACTIVATIONS[spec.activation]
-        init_weight(self.weight, spec.activation, "classic", spec)
-
+class Conv2dLayer(_Layer):
     def forward(self, x: Tensor) -> Tensor:
         y = F.conv2d(x, self.weight, self.bias, stride=self.spec.stride, padding=self.spec.padding)
         return self.act(y)

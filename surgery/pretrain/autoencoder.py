@@ -25,6 +25,7 @@ from .base import (
     check_finite,
     monitor_subset,
     n_batches,
+    pretrain_record,
     progress_bar,
 )
 
@@ -190,11 +191,4 @@ def train_autoencoder(x: Tensor, cfg: AEConfig, name: str, batch_size: int,
                "visible_bias": model.visible_bias.detach()}
     if model.decoder_weight is not None:
         tensors["decoder_weight"] = model.decoder_weight.detach()
-    return StackLayer(name, spec, tensors, {
-        "method": cfg.method,
-        "epochs": cfg.epochs,
-        "batch_size": batch_size,
-        "hyperparameters": cfg.hyperparameters(),
-        "history": history,
-        "final": {k: v for k, v in history[-1].items() if k not in ("epoch", "seconds")} if history else {},
-    })
+    return StackLayer(name, spec, tensors, pretrain_record(cfg.method, cfg, batch_size, history))

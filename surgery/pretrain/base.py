@@ -70,3 +70,10 @@ def as_rows(x: Tensor) -> Tensor:
 
 def new_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def pretrain_record(method: str, cfg: LayerPretrainConfig, batch_size: int, history: list[dict]) -> dict[str, Any]:
+    """What a stack manifest records about how a layer was pretrained."""
+    final = {k: v for k, v in history[-1].items() if k not in ("epoch", "seconds")} if history else {}
+    return {"method": method, "epochs": cfg.epochs, "batch_size": batch_size,
+            "hyperparameters": cfg.hyperparameters(), "history": history, "final": final}

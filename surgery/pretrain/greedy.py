@@ -21,7 +21,15 @@ from ..data import epoch_batches
 from ..layers import init_weight
 from ..stack import LayerStack, StackLayer
 from .autoencoder import AEConfig
-from .base import LayerPretrainConfig, as_rows, check_finite, n_batches, new_generator, progress_bar
+from .base import (
+    LayerPretrainConfig,
+    as_rows,
+    check_finite,
+    n_batches,
+    new_generator,
+    pretrain_record,
+    progress_bar,
+)
 from .rbm import RBMConfig
 
 
@@ -183,11 +191,4 @@ def _grow_stage(x: Tensor, y: Tensor, inp: Tensor, stack: LayerStack, cfg: GrowC
             layer.tensors["weight"] = mod.weight.detach().clone()
             layer.tensors["bias"] = mod.bias.detach().clone()
             layer.pretrain.setdefault("updated_by", []).append(f"grow:{name}")
-    return StackLayer(name, spec, {"weight": new.weight.detach().clone(), "bias": new.bias.detach().clone()}, {
-        "method": "grow",
-        "epochs": cfg.epochs,
-        "batch_size": batch_size,
-        "hyperparameters": cfg.hyperparameters(),
-        "history": history,
-        "final": {k: v for k, v in history[-1].items() if k not in ("epoch", "seconds")} if history else {},
-    })
+    return StackLayer(name, spec, {"weight": new.weight.detach().clone(), "bias": new.bias.detach().clone()}, pretrain_record("grow", cfg, batch_size, history))

@@ -24,6 +24,7 @@ from .base import (
     check_finite,
     monitor_subset,
     n_batches,
+    pretrain_record,
     progress_bar,
 )
 
@@ -145,14 +146,7 @@ def train_rbm(x: Tensor, cfg: RBMConfig, name: str, batch_size: int, generator: 
         name,
         spec,
         {"weight": W.clone(), "bias": c.clone(), "visible_bias": b.clone()},
-        {
-            "method": cfg.method,
-            "epochs": cfg.epochs,
-            "batch_size": batch_size,
-            "hyperparameters": cfg.hyperparameters(),
-            "history": history,
-            "final": {k: v for k, v in history[-1].items() if k not in ("epoch", "seconds")} if history else {},
-        },
+        pretrain_record(cfg.method, cfg, batch_size, history),
     )
 
 
