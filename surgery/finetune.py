@@ -9,6 +9,7 @@ equals an uninterrupted one on the CPU. Launched by ``torchrun``, it trains with
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import math
@@ -190,7 +191,7 @@ class Trainer:
     def _autocast(self):
         if self.cfg.amp and self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast(self.device.type, enabled=False)
+        return contextlib.nullcontext()
 
     # --------------------------------------------------------------------- fit
     def fit(self, resume: bool = False) -> dict[str, Any]:
@@ -214,16 +215,18 @@ class Trainer:
             wrong = torch.zeros((), dtype=torch.long, device=self.device)
             seen = 0
             lr = mom = None
+            scheduled = cfg.schedule.lr is not None or cfg.schedule.momentum is not None
             for s in range(self.steps_per_epoch):
                 lo = s * B * W + r * B
                 xb, yb = xs[lo : lo + B], ys[lo : lo + B]
                 if xb.shape[0] == 0:
                     continue
-                lr, mom = apply_schedule(self.opt, cfg.schedule, cfg.optimizer.lr, self.state["step"],
-                                         self.steps_per_epoch, self.total_steps)
+                if scheduled or s == 0:  # constant lr/momentum: set once per epoch
+                    lr, mom = apply_schedule(self.opt, cfg.schedule, cfg.optimizer.lr, self.state["step"],
+                                             self.steps_per_epoch, self.total_steps)
                 with self._autocast():
                     out = self.net(xb)
-                    loss = F.cross_entropy(out.float(), yb)
+                    loss = F.cross_entropy(out if out.dtype == torch.float32 else out.float(), yb)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt.step()
