@@ -152,3 +152,13 @@ def test_conv_and_custom_arms(tmp_path):
     r["experiment"]["conditions"]["conv-none"]["data"] = {}
     p.write_text(yaml.safe_dump(r))
     assert main(["run", str(p), "--out", str(tmp_path / "o2")]) == 2
+
+
+@pytest.mark.slow
+def test_quick_recipe_end_to_end(tmp_path):
+    """The README's main job, in full (about 2 minutes on 2 cores)."""
+    out = tmp_path / "quick"
+    assert main(["run", str(ROOT / "recipes" / "quick.yaml"), "--out", str(out)]) == 0
+    rows = _rows(out)
+    assert len(rows) == 24 and all(float(r["test_error"]) < 15 for r in rows)
+    assert all((out / "figures" / f"{n}.png").is_file() for n in ("error_vs_depth", "error_hist", "learning_curves", "filters"))
