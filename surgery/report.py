@@ -128,9 +128,8 @@ def write_report(out: Path, rows: list[dict[str, Any]], baseline: str = "none") 
         shades = [plt.cm.viridis(i / max(len(depths) - 1, 1)) for i in range(len(depths))]
         ax.hist(per_depth, bins=bins, stacked=True, color=shades, label=[f"depth {d}" for d in depths])
         v = [x for xs in per_depth for x in xs]
-        ax.set_ylabel(c, rotation=0, ha="right", va="center")
-        ax.text(0.99, 0.8, f"n={len(v)}, sd={np.std(v, ddof=1) if len(v) > 1 else 0:.2f}", transform=ax.transAxes,
-                ha="right", bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none"})
+        sd = np.std(v, ddof=1) if len(v) > 1 else 0.0
+        ax.set_ylabel(f"{c}\nn={len(v)}, sd={sd:.2f}", rotation=0, ha="right", va="center")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0, 0].legend(loc="upper left", fontsize="small", ncol=len(depths))
     axes[-1, 0].set_xlabel("test error (%)")
