@@ -15,7 +15,6 @@ import torch
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from ..data import epoch_batches
 from ..layers import LayerSpec
 from ..stack import StackLayer
 from .base import (
@@ -108,13 +107,16 @@ def train_rbm(x: Tensor, cfg: RBMConfig, name: str, batch_size: int, generator: 
     bar = progress_bar(cfg.epochs * n_batches(n, batch_size), f"{name} {cfg.method}", progress)
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        for v0, _ in epoch_batches(x, None, batch_size, generator):
-            bs = v0.shape[0]
+        perm = torch.randperm(n, generator=generator).to(dev)
+        for i in range(0, n, batch_size):
+            idx = perm[i : i + batch_size]
+            bs = idx.shape[0]
             buf = bufs.get(bs) or bufs.setdefault(bs, _Buffers(bs, nv, nh, dev))
             ph0, phk = buf.hh[:bs, :nh], buf.hh[bs:, :nh]
             vpos, vk = buf.vv[:bs, :nv], buf.vv[bs:, :nv]
-            vpos.copy_(v0)
-            torch.addmm(c, v0, W.t(), out=ph0).sigmoid_()
+            # gather the batch straight into its slot of the fused GEMM's operand
+            torch.index_select(x, 0, idx, out=vpos)
+            torch.addmm(c, vpos, W.t(), out=ph0).sigmoid_()
             if cfg.persistent:
                 if chain is None:
                     chain = _sample(ph0, torch.empty(bs, nh, device=dev), buf.r, g)
