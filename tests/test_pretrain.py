@@ -128,3 +128,20 @@ def test_diverging_pretraining_names_layer_and_epoch():
     x = torch.randn(200, 20) * 1e3
     with pytest.raises(TrainingDiverged, match="layer 'h1'.*epoch 1"):
         train_autoencoder(x, AEConfig(method="ae", hidden=8, epochs=2, lr=50.0, loss="squared", activation="linear"), "h1", 50, G(), False)
+
+
+def test_pseudo_likelihood_shortcut_equals_direct_free_energies():
+    import torch.nn.functional as F
+
+    from surgery.pretrain.rbm import _metrics, free_energy
+
+    v = (torch.rand(300, 50, generator=G(3)) < 0.3).float()
+    W, b, c = torch.randn(20, 50, generator=G(4)) * 0.3, torch.randn(50, generator=G(5)) * 0.1, torch.randn(20, generator=G(6))
+    m = _metrics(v, W, b, c, False, G(1))
+    idx = torch.randint(0, 50, (300,), generator=G(1))
+    flipped = v.clone()
+    rows = torch.arange(300)
+    flipped[rows, idx] = 1 - flipped[rows, idx]
+    f0, f1 = free_energy(v, W, b, c, False), free_energy(flipped, W, b, c, False)
+    assert m["pseudo_likelihood"] == pytest.approx(float(-F.softplus(f0 - f1).mean() * 50), rel=1e-5)
+    assert m["free_energy"] == pytest.approx(float(f0.mean()), rel=1e-5)
