@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="rebuild and merge reports from one or more experiment directories")
     p.add_argument("dirs", type=Path, nargs="+")
     p.add_argument("--out", type=Path, help="where the merged report goes (default: the first directory)")
-    p.add_argument("--baseline", default="none")
+    p.add_argument("--baseline", help="arm to test the others against (default: the experiment's own, else none)")
 
     p = _recipe_cmd(sub, "search", "Optuna hyperparameter search over the recipe's search: params")
     p.add_argument("--trials", type=int, help="trials for this worker (default search.trials)")
@@ -213,9 +213,14 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     rows = read_results(args.dirs)
     out = args.out or args.dirs[0]
+    baseline = args.baseline
+    if baseline is None:
+        meta = Path(args.dirs[0]) / "experiment.json"
+        recipe = json.loads(meta.read_text()).get("recipe", {}) if meta.is_file() else {}
+        baseline = (recipe.get("experiment") or {}).get("baseline", "none")
     if out != args.dirs[0] or len(args.dirs) > 1:
         write_results_csv(Path(out) / "results.csv", rows)
-    write_report(Path(out), rows, baseline=args.baseline)
+    write_report(Path(out), rows, baseline=baseline)
     print(f"report for {len(rows)} runs in {out}/report.md")
 
 

@@ -98,24 +98,45 @@ def write_report(out: Path, rows: list[dict[str, Any]], baseline: str = "none") 
     from matplotlib.ticker import MaxNLocator
 
     conds = sorted({r["condition"] for r in rows}, key=lambda c: (c != baseline, c))
-    colors = {c: plt.cm.tab10(i % 10) for i, c in enumerate(conds)}
+    cmap = plt.cm.tab10 if len(conds) <= 10 else plt.cm.tab20
+    colors = {c: cmap(i % cmap.N) for i, c in enumerate(conds)}
     tab = table(rows, baseline)
 
-    # 1. test error vs depth with CI bars
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, c in enumerate(conds):
-        ts = [t for t in tab if t["condition"] == c]
-        dodge = 0.06 * (i - (len(conds) - 1) / 2)  # keep the CI bars apart
-        d = [t["depth"] + dodge for t in ts]
-        m = [t["mean"] for t in ts]
-        e = [0 if math.isnan(t["ci_half"]) else t["ci_half"] for t in ts]
-        ax.errorbar(d, m, yerr=e, marker="o", capsize=4, label=c, color=colors[c])
-    ax.set_xlabel("hidden layers")
-    ax.set_ylabel("test error (%)")
-    ax.set_title("Test error vs depth (mean, 95% CI over seeds)")
-    ax.set_xticks(sorted({t["depth"] for t in tab}))
-    ax.grid(alpha=0.3)
-    ax.legend()
+    # 1. test error vs depth with CI bars (one depth: arms side by side, sorted)
+    depths_all = sorted({t["depth"] for t in tab})
+    if len(depths_all) == 1 or all(len({t["depth"] for t in tab if t["condition"] == c}) == 1 for c in conds):
+        ts = sorted(tab, key=lambda t: t["mean"])
+        fig, ax = plt.subplots(figsize=(7, 1.2 + 0.32 * len(ts)))
+        ys = range(len(ts))
+        errs = [0 if math.isnan(t["ci_half"]) else t["ci_half"] for t in ts]
+        ax.errorbar([t["mean"] for t in ts], ys, xerr=errs, fmt="o", capsize=3,
+                    color="tab:blue", ecolor="tab:gray")
+        for t in ts:
+            if t["condition"] == baseline:
+                ax.axvline(t["mean"], color="tab:red", lw=0.8, ls="--")
+        ax.set_yticks(list(ys), [f"{t['condition']} (depth {t['depth']})" for t in ts])
+        ax.invert_yaxis()
+        ax.set_xlabel("test error (%)")
+        ax.set_title(f"Test error per arm (mean, 95% CI over seeds; dashed: {baseline})")
+        ax.grid(alpha=0.3, axis="x")
+    else:
+        fig, ax = plt.subplots(figsize=(7 if len(conds) <= 8 else 9, 4.5))
+        for i, c in enumerate(conds):
+            ts = [t for t in tab if t["condition"] == c]
+            dodge = 0.06 * (i - (len(conds) - 1) / 2)  # keep the CI bars apart
+            d = [t["depth"] + dodge for t in ts]
+            m = [t["mean"] for t in ts]
+            e = [0 if math.isnan(t["ci_half"]) else t["ci_half"] for t in ts]
+            ax.errorbar(d, m, yerr=e, marker="o", capsize=4, label=c, color=colors[c])
+        ax.set_xlabel("hidden layers")
+        ax.set_ylabel("test error (%)")
+        ax.set_title("Test error vs depth (mean, 95% CI over seeds)")
+        ax.set_xticks(depths_all)
+        ax.grid(alpha=0.3)
+        if len(conds) > 6:
+            ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
+        else:
+            ax.legend()
     _save(fig, out / "figures" / "error_vs_depth.png")
 
     # 2. histogram of test errors over seeds, one panel per condition (Erhan et al. 2010)
@@ -175,9 +196,12 @@ def _filters_figure(rows: list[dict[str, Any]], conds: list[str], path: Path, pl
                     w = f.get_tensor("h1.weight") if "h1.weight" in keys else f.get_tensor(keys[0])
                 panels.append((c, w))
                 break
+    n = max(len(panels), 1)
+    cols = min(n, 6)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows + 0.4), squeeze=False)
+    axes = axes.ravel()
     n = len(panels)
-    fig, axes = plt.subplots(1, max(n, 1), figsize=(3.2 * max(n, 1), 3.6))
-    axes = np.atleast_1d(axes)
     for ax, (c, w) in zip(axes, panels):
         ax.imshow(filter_grid(w), cmap="gray", interpolation="nearest")
         ax.set_title(c)
