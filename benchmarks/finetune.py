@@ -80,7 +80,9 @@ def bench(n: int | None, epochs: int, rounds: int, device: str, peak: float | No
     }, rounds)
     N = len(ds.train) * epochs
     params = sum(a * b for a, b in zip(SIZES, SIZES[1:])) + SIZES[-1] * 10
-    flops = 6 * params  # forward 2, backward 4 per weight
+    # All the matmul work done per training example: forward 2 + backward 4 flops per
+    # weight, plus the validation pass each epoch and the test pass at the end (2 each).
+    flops = 6 * params + 2 * params * (len(ds.valid) + len(ds.test) / epochs) / len(ds.train)
     return [row(f"finetune 784-1000x3-10 b{batch} {k} ({device})", N / t, flops, peak,
                 {p: med[p] / t for p in med if p != k}) | {"seconds_per_epoch": round(t / epochs, 3)}
             for k, t in med.items()]
