@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from . import __version__
 from .errors import SurgeryError
 
 EPILOG = """recipes are YAML or JSON files with the sections data, pretrain, surgery,
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Greedy layer-wise pretraining (RBMs, autoencoders) and model surgery for PyTorch.",
         epilog="Quick start: surgery run recipes/quick.yaml --out runs/quick",
     )
-    ap.add_argument("--version", action="version", version=f"surgery {_version()}")
+    ap.add_argument("--version", action="version", version=f"surgery {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = _recipe_cmd(sub, "pretrain", "train the recipe's pretrain: layers greedily and save the stack")
@@ -71,12 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT/search.db); share it across workers")
     p.add_argument("--out", type=Path, help="output directory (default runs/<name>-search)")
     return ap
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def _load(args: argparse.Namespace):
@@ -131,14 +126,6 @@ def cmd_validate(args: argparse.Namespace) -> None:
         print("  " + n)
     if graph is not None:
         print(graph.summary())
-    if recipe.experiment is not None:
-        from .data import load_dataset
-        from .experiment import plan_cells
-
-        data = load_dataset(recipe.data.model_copy(update={"device": "cpu"}), recipe.base_dir)
-        cells = plan_cells(recipe, data.input_shape, data.num_classes)
-        print(f"experiment: {len(cells)} cells ({', '.join(recipe.experiment.arms())} x depths "
-              f"{recipe.experiment.depths} x seeds {recipe.experiment.seeds})")
 
 
 def cmd_schema(args: argparse.Namespace) -> None:

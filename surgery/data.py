@@ -16,7 +16,7 @@ import os
 import pickle
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -76,6 +76,7 @@ class Dataset:
     train: Split
     valid: Split
     test: Split
+    _fingerprint: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -93,8 +94,12 @@ class Dataset:
         return Dataset(self.name, self.train.to(device), self.valid.to(device), self.test.to(device))
 
     def fingerprint(self) -> str:
-        """A short hash of the training inputs and labels (recorded in stack manifests)."""
-        return fingerprint(self.train.x, self.train.y)
+        """A short hash of the training inputs and labels (recorded in stack manifests);
+        computed once per training tensor, since an experiment asks for it per stack."""
+        key = (self.train.x.data_ptr(), tuple(self.train.x.shape), self.train.y.data_ptr())
+        if self._fingerprint is None or self._fingerprint[0] != key:
+            self._fingerprint = (key, fingerprint(self.train.x, self.train.y))
+        return self._fingerprint[1]
 
 
 def fingerprint(*tensors: Tensor) -> str:
@@ -102,7 +107,8 @@ def fingerprint(*tensors: Tensor) -> str:
     for t in tensors:
         t = t.detach().cpu().contiguous()
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.view(-1).view(torch.uint8).numpy())  # hashed in place, no bytes copy
     return h.hexdigest()[:16]
 
 

@@ -31,6 +31,7 @@ from .graph import ModelGraph, Node
 from .io import atomic_path, progress_bar, write_json
 from .layers import INIT_SCHEMES, init_weight
 from .schedules import OptimizerConfig, ScheduleConfig, apply_schedule, build_optimizer
+from .stack import package_version
 
 
 class EarlyStopping(BaseModel):
@@ -150,7 +151,8 @@ class Trainer:
             mult = 1.0
             for pat, m in self.cfg.layer_lr.items():
                 if fnmatch.fnmatchcase(node.name, pat):
-                    mult, _ = m, matched.add(pat)
+                    mult = m
+                    matched.add(pat)
             groups.append({"params": list(mods[node.name].parameters()), "lr_mult": mult, "node": node.name})
         unknown = set(self.cfg.layer_lr) - matched
         if unknown:
@@ -279,7 +281,7 @@ class Trainer:
             "device": str(self.device),
             "world_size": self.world,
             "seed": self.seed,
-            "versions": {"torch": torch.__version__, "surgery": _version()},
+            "versions": {"torch": torch.__version__, "surgery": package_version()},
         }
         if self.out is not None and self.rank == 0:
             write_json(self.out / "result.json", result)
@@ -364,9 +366,3 @@ class Trainer:
             torch.cuda.set_rng_state(t["rng.cuda"], self.device)
         self.state = meta["state"]
         self.history = meta["history"]
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__

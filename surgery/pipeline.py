@@ -10,8 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .data import Dataset, find_mnist_file, load_dataset
 from .errors import SurgeryError
 from .finetune import FinetuneConfig, Trainer
@@ -97,6 +95,12 @@ def validate(recipe: Recipe) -> tuple[ModelGraph | None, list[str]]:
         if any(lc.method == "conv_ae" for lc in recipe.pretrain.layers) and len(data.input_shape) != 3:
             raise SurgeryError("pretrain: conv_ae layers need images; set data.flatten: false.")
         notes.append("pretrain plan: " + " -> ".join(f"{s.name}:{s.pretrain['method']}{s.spec.output_shape}" for s in stack))
+    if recipe.experiment is not None:
+        from .experiment import plan_cells
+
+        cells = plan_cells(recipe, data.input_shape, data.num_classes)
+        exp = recipe.experiment
+        notes.append(f"experiment: {len(cells)} cells ({', '.join(exp.arms())} x depths {exp.depths} x seeds {exp.seeds})")
     if recipe.surgery is None and stack is None:
         return None, notes
     graph = assemble(recipe, stack, data.num_classes)
@@ -148,7 +152,3 @@ def finetune_model(model_path: str | Path, data: Dataset, cfg: FinetuneConfig, s
                    resume: bool = False) -> dict[str, Any]:
     graph = ModelGraph.load(model_path)
     return Trainer(graph, data, cfg, seed, out).fit(resume=resume)
-
-
-def torch_threads_note() -> str:
-    return f"torch {torch.__version__}, {torch.get_num_threads()} threads"

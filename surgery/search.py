@@ -8,6 +8,7 @@ the output directory; any Optuna RDB URL lets several workers share one study.
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 from pathlib import Path
@@ -134,7 +135,7 @@ def run_search(recipe: Any, out: str | Path, trials: int | None = None, storage:
             else:
                 values[path] = trial.suggest_float(path, pr.low, pr.high, log=pr.log)  # type: ignore[arg-type]
         trial.set_user_attr("worker", worker)
-        data = apply_overrides(__import__("copy").deepcopy(base), values)
+        data = apply_overrides(copy.deepcopy(base), values)
         r = recipe_from_dict(data, recipe.base_dir, f"{recipe._source} [trial {trial.number}]")
         try:
             res = run(r, out / "trials" / f"{trial.number:04d}-{os.getpid()}", progress=progress)
@@ -145,7 +146,7 @@ def run_search(recipe: Any, out: str | Path, trials: int | None = None, storage:
 
     study.optimize(objective, n_trials=trials or cfg.trials)
     best = study.best_trial
-    best_recipe = apply_overrides(__import__("copy").deepcopy(recipe.to_dict()), dict(best.params))
+    best_recipe = apply_overrides(copy.deepcopy(recipe.to_dict()), dict(best.params))
     best_recipe.pop("search", None)
     write_text(out / "best.yaml", f"# best of study {name!r}: trial {best.number}, valid error {best.value:.3f}%\n"
                + yaml.safe_dump(best_recipe, sort_keys=False))

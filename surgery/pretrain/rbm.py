@@ -92,6 +92,7 @@ def train_rbm(x: Tensor, cfg: RBMConfig, name: str, batch_size: int, generator: 
     if g is None:
         torch.cuda.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
     # P = [[W, c], [b, 0]]: weights and both biases in one matrix, updated by one GEMM.
+    # Its corner stays exactly 0: the gradient there is (+1) * B + (-1) * B.
     P = torch.zeros(nh + 1, nv + 1, device=dev)
     W, c, b = P[:nh, :nv], P[:nh, nv], P[nh, :nv]
     W.copy_(torch.randn(nh, nv, generator=generator) * cfg.init_std)
@@ -135,7 +136,6 @@ def train_rbm(x: Tensor, cfg: RBMConfig, name: str, batch_size: int, generator: 
             vel.addmm_(buf.hh.t(), buf.vv, beta=cfg.momentum, alpha=cfg.lr / bs)
             if cfg.weight_decay:
                 vel[:nh, :nv].add_(W, alpha=-cfg.lr * cfg.weight_decay)
-            vel[nh, nv] = 0.0
             P.add_(vel)
             bar.update(1)
         m = _metrics(mon, W, b, c, gaussian, generator)
