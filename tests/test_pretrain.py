@@ -145,3 +145,52 @@ def test_pseudo_likelihood_shortcut_equals_direct_free_energies():
     f0, f1 = free_energy(v, W, b, c, False), free_energy(flipped, W, b, c, False)
     assert m["pseudo_likelihood"] == pytest.approx(float(-F.softplus(f0 - f1).mean() * 50), rel=1e-5)
     assert m["free_energy"] == pytest.approx(float(f0.mean()), rel=1e-5)
+
+
+def test_bernoulli_sampler_frequencies_match_p():
+    from surgery.pretrain.rbm import BernoulliSampler
+
+    b, h = 7, 1001  # b * h not a multiple of 4: the last 64-bit draw is partly unused
+    s = BernoulliSampler(b, h, torch.device("cpu"))
+    p = torch.linspace(0, 1, h).expand(b, h).contiguous()
+    out, total, g = torch.empty(b, h), torch.zeros(h), G(0)
+    for _ in range(300):
+        total += s(p, out, g).sum(0)
+    freq = total / (300 * b)
+    assert freq[0] == 0 and freq[-1] == 1  # p = 0 and p = 1 are exact
+    sd = (p[0] * (1 - p[0]) / (300 * b)).sqrt()
+    assert ((freq - p[0]).abs() <= 5 * sd + 2**-15).all()
+    assert abs(float(freq.mean() - p[0].mean())) < 2e-3
+    few = s(p[:3], torch.empty(3, h), g)  # a short last batch uses the first rows
+    assert few.shape == (3, h) and set(few.unique().tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.0, 0.01), (0.5, 0.01)])
+def test_cd1_steps_equal_the_textbook_update(monkeypatch, momentum, weight_decay):
+    """Two CD-1 steps by hand (deterministic hidden 'samples': p > 0.5) against the fused
+    GEMM with the biases carried in ones columns."""
+    from surgery.pretrain import rbm
+
+    monkeypatch.setattr(rbm.BernoulliSampler, "__call__", lambda self, p, out, g: torch.gt(p, 0.5, out=out))
+    x = (torch.rand(40, 30, generator=G(7)) < 0.4).float()
+    cfg = RBMConfig(hidden=12, epochs=1, lr=0.3, momentum=momentum, weight_decay=weight_decay, init_std=0.3)
+    layer = train_rbm(x, cfg, "h1", 20, G(0), False)
+    g = G(0)
+    W = torch.randn(12, 30, generator=g) * 0.3
+    perm = torch.randperm(40, generator=g)
+    m = x.mean(0).clamp(1e-3, 1 - 1e-3)
+    b, c = torch.log(m / (1 - m)), torch.zeros(12)
+    vW, vb, vc = torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(c)
+    for i in (0, 20):
+        v0 = x[perm[i : i + 20]]
+        ph0 = torch.sigmoid(v0 @ W.t() + c)
+        v1 = torch.sigmoid((ph0 > 0.5).float() @ W + b)
+        ph1 = torch.sigmoid(v1 @ W.t() + c)
+        a = cfg.lr / 20
+        vW = momentum * vW + a * (ph0.t() @ v0 - ph1.t() @ v1) - cfg.lr * weight_decay * W
+        vb = momentum * vb + a * (v0 - v1).sum(0)
+        vc = momentum * vc + a * (ph0 - ph1).sum(0)
+        W, b, c = W + vW, b + vb, c + vc
+    torch.testing.assert_close(layer.tensors["weight"], W, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(layer.tensors["visible_bias"], b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(layer.tensors["bias"], c, atol=1e-5, rtol=1e-4)
