@@ -80,9 +80,10 @@ def bench(n: int | None, epochs: int, rounds: int, device: str, peak: float | No
     }, rounds)
     N = len(ds.train) * epochs
     params = sum(a * b for a, b in zip(SIZES, SIZES[1:])) + SIZES[-1] * 10
-    # All the matmul work done per training example: forward 2 + backward 4 flops per
-    # weight, plus the validation pass each epoch and the test pass at the end (2 each).
-    flops = 6 * params + 2 * params * (len(ds.valid) + len(ds.test) / epochs) / len(ds.train)
+    # The matmul work per training example: forward 2 and backward 4 flops per weight,
+    # less the first layer's input gradient (the data needs none), plus the validation
+    # pass each epoch and the test pass at the end (2 flops per weight per example each).
+    flops = 6 * params - 2 * SIZES[0] * SIZES[1] + 2 * params * (len(ds.valid) + len(ds.test) / epochs) / len(ds.train)
     return [row(f"finetune 784-1000x3-10 b{batch} {k} ({device})", N / t, flops, peak,
                 {p: med[p] / t for p in med if p != k}) | {"seconds_per_epoch": round(t / epochs, 3)}
             for k, t in med.items()]

@@ -26,10 +26,11 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .data import Dataset, resolve_device
-from .errors import ManifestError, SurgeryError, TrainingDiverged
-from .graph import ModelGraph, Node
+from .errors import ManifestError, ShapeError, SurgeryError, TrainingDiverged
+from .graph import ModelGraph, Node, input_fits
 from .io import atomic_path, progress_bar, write_json
 from .layers import INIT_SCHEMES, init_weight
+from .runtime import keep_freed_memory
 from .schedules import OptimizerConfig, ScheduleConfig, apply_schedule, build_optimizer
 from .stack import package_version
 
@@ -107,6 +108,23 @@ def prepare_graph(graph: ModelGraph, cfg: FinetuneConfig, seed: int) -> ModelGra
     return g
 
 
+def check_fits(graph: ModelGraph, data: Dataset) -> None:
+    """Raise ``ShapeError`` unless ``data`` feeds ``graph`` and its labels fit its output."""
+    shapes = graph.validate()
+    if graph.input_shape is not None and not input_fits(graph.input_shape, data.input_shape):
+        raise ShapeError(
+            f"the network takes input {graph.input_shape} but the data {data.name!r} gives "
+            f"{data.input_shape} per example; check data.flatten or the first layer's size."
+        )
+    last = graph.last()
+    out = shapes[last] if last is not None else ()
+    if len(out) != 1 or out[0] < data.num_classes:
+        raise ShapeError(
+            f"the network ends in {last!r} with output {out}, but the data {data.name!r} has "
+            f"{data.num_classes} classes; end it with a head of {data.num_classes} units (op: head)."
+        )
+
+
 class Trainer:
     """Train ``graph`` on ``data`` as ``cfg`` says; ``fit()`` returns the result dict."""
 
@@ -118,6 +136,9 @@ class Trainer:
         self.rank, self.world = _dist()
         if self.world > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        check_fits(graph, data)
         self.graph = prepare_graph(graph, cfg, seed)
         self.data = data.to(self.device)
         torch.manual_seed(seed)
@@ -138,6 +159,8 @@ class Trainer:
         self.state: dict[str, Any] = {"epoch": 0, "step": 0, "best_valid": math.inf, "best_epoch": 0, "bad_epochs": 0}
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Tensor] | None = None
+        self._xs: Tensor | None = None  # the shuffled training set, reused every epoch
+        self._ys: Tensor | None = None
         self.stop_after_epoch: int | None = None  # tests: simulate a kill after this epoch
 
     # ------------------------------------------------------------------ groups
@@ -176,11 +199,24 @@ class Trainer:
             for p in gr["params"]:
                 p.requires_grad_(trainable)
 
+    def _shuffled(self, x: Tensor, y: Tensor, perm: Tensor) -> tuple[Tensor, Tensor]:
+        """This epoch's shuffled copy of the training set, written into the same buffers
+        every epoch (a fresh copy a epoch costs page faults on all of it)."""
+        if self._xs is None or self._xs.shape != x.shape:
+            self._xs, self._ys = torch.empty_like(x), torch.empty_like(y)
+        torch.index_select(x, 0, perm, out=self._xs)
+        torch.index_select(y, 0, perm, out=self._ys)
+        return self._xs, self._ys
+
     # --------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def error(self, split: str, chunk: int = 10000) -> float:
-        """Classification error in percent on ``split`` (train, valid or test)."""
+    def error(self, split: str, chunk: int | None = None) -> float:
+        """Classification error in percent on ``split`` (train, valid or test).
+
+        Evaluated in chunks of ``chunk`` rows (default: 1000 on a CPU, where chunks whose
+        activations stay in cache ran 1.2x faster than 10000-row ones, 10000 on a GPU)."""
         s = getattr(self.data, split)
+        chunk = chunk or (1000 if self.device.type == "cpu" else 10000)
         self.model.eval()
         wrong = torch.zeros((), dtype=torch.long, device=self.device)
         for i in range(0, len(s), chunk):
@@ -212,7 +248,7 @@ class Trainer:
             self._apply_freezing(epoch)
             t0 = time.perf_counter()
             perm = torch.randperm(n, generator=self.shuffle).to(self.device)
-            xs, ys = x.index_select(0, perm), y.index_select(0, perm)
+            xs, ys = self._shuffled(x, y, perm)
             loss_sum = torch.zeros((), device=self.device)
             wrong = torch.zeros((), dtype=torch.long, device=self.device)
             seen = 0

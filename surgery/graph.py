@@ -78,6 +78,12 @@ def layer_node(name: str, spec: LayerSpec, tensors: dict[str, Tensor] | None = N
     return Node(name, "layer", spec, tensors, provenance=provenance or {})
 
 
+def input_fits(want: tuple[int, ...], have: tuple[int, ...]) -> bool:
+    """Whether data of shape ``have`` (per example) feeds a network taking ``want``
+    (images feed a dense first layer of their flattened size)."""
+    return tuple(want) == tuple(have) or (len(want) == 1 and math.prod(have) == want[0])
+
+
 class ModelGraph:
     """A network under surgery. ``input_shape`` is per example, e.g. ``(784,)``."""
 

@@ -13,7 +13,7 @@ from typing import Any
 from .data import Dataset, find_mnist_file, load_dataset
 from .errors import SurgeryError
 from .finetune import FinetuneConfig, Trainer
-from .graph import ModelGraph
+from .graph import ModelGraph, input_fits
 from .io import write_json
 from .ops import ForeignSource, ForeignWeights, HeadOp, SurgeryConfig, TakeOp, build_graph
 from .pretrain import greedy_pretrain
@@ -105,19 +105,13 @@ def validate(recipe: Recipe) -> tuple[ModelGraph | None, list[str]]:
         return None, notes
     graph = assemble(recipe, stack, data.num_classes)
     graph.validate()
-    if graph.input_shape is not None and not _fits(graph.input_shape, data.input_shape):
+    if graph.input_shape is not None and not input_fits(graph.input_shape, data.input_shape):
         raise SurgeryError(
             f"the network takes input {graph.input_shape} but data gives {data.input_shape}; "
             "check data.flatten or the first layer's size."
         )
     notes += graph.report
     return graph, notes
-
-
-def _fits(want: tuple[int, ...], have: tuple[int, ...]) -> bool:
-    import math
-
-    return tuple(want) == tuple(have) or (len(want) == 1 and math.prod(have) == want[0])
 
 
 def run(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool | None = None,

@@ -59,6 +59,62 @@ def test_every_optimizer_learns(synth, opt):
     assert type(t.opt).__name__.lower().startswith(opt["name"][:4])
 
 
+@pytest.mark.parametrize("opt", [
+    {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3},
+    {"name": "adagrad", "lr": 0.05, "weight_decay": 1e-3},
+    {"name": "adam", "lr": 0.01, "weight_decay": 1e-3},
+])
+def test_fused_optimizers_step_like_the_reference_ones(opt):
+    """build_optimizer picks torch's fused kernels where they exist; the steps must match
+    the reference (for-loop) implementation."""
+    from surgery.schedules import OptimizerConfig, build_optimizer
+
+    ocfg = OptimizerConfig.model_validate(opt)
+    a = [torch.nn.Parameter(torch.randn(20, 30, generator=torch.Generator().manual_seed(i))) for i in range(2)]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    ours = build_optimizer(ocfg, [{"params": a[:1], "lr_mult": 2.0}, {"params": a[1:]}])
+    kw = {k: v for k, v in opt.items() if k != "name"}
+    cls = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam}[opt["name"]]
+    ref = cls([{"params": b[:1], "lr": 2 * opt["lr"]}, {"params": b[1:]}], foreach=False, **kw)
+    for step in range(5):
+        for p, q in zip(a, b):
+            g = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 + step))
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_error_does_not_depend_on_the_evaluation_chunk(synth):
+    t = Trainer(mlp(), synth, cfg(epochs=1))
+    t.fit()
+    assert t.error("valid", chunk=7) == pytest.approx(t.error("valid")) == pytest.approx(t.error("valid", chunk=10**6))
+
+
+def test_data_that_does_not_fit_the_network_is_refused_before_training(synth):
+    from surgery.errors import ShapeError
+
+    with pytest.raises(ShapeError, match=r"takes input \(63,\) but the data .* gives \(64,\)"):
+        Trainer(mlp((63, 32)), synth, cfg())
+    with pytest.raises(ShapeError, match="output \\(3,\\), but the data .* has 4 classes.*head of 4"):
+        Trainer(mlp(classes=3), synth, cfg())
+
+
+def test_keep_freed_memory_applies_once_and_can_be_turned_off(monkeypatch):
+    from surgery import runtime
+
+    monkeypatch.setattr(runtime, "_done", False)
+    monkeypatch.setenv("SURGERY_MALLOC_TUNING", "0")
+    assert runtime.keep_freed_memory() is False
+    monkeypatch.delenv("SURGERY_MALLOC_TUNING")
+    import platform
+
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert runtime.keep_freed_memory() is True
+        assert runtime.keep_freed_memory() is True  # idempotent
+
+
 def test_exponential_lr_and_linear_momentum_follow_the_schedule(synth):
     c = cfg(epochs=4, schedule={"lr": {"kind": "exponential", "start": 0.5, "end": 0.001},
                                 "momentum": {"kind": "linear", "start": 0.5, "end": 0.99}})

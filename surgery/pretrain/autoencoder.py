@@ -18,6 +18,8 @@ from torch import Tensor
 
 from ..data import epoch_batches
 from ..layers import ACTIVATIONS, LayerSpec, init_weight
+from ..runtime import keep_freed_memory
+from ..schedules import OptimizerConfig, build_optimizer
 from ..stack import StackLayer
 from .base import (
     LayerPretrainConfig,
@@ -166,7 +168,10 @@ def train_autoencoder(x: Tensor, cfg: AEConfig, name: str, batch_size: int,
     dev = x.device
     g = generator if dev.type == "cpu" else None
     model = _AE(spec, cfg, tuple(x.shape[1:]), generator).to(dev)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if dev.type == "cpu":
+        keep_freed_memory()
+    opt = build_optimizer(OptimizerConfig(name="sgd", lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
+                          [{"params": list(model.parameters())}])
     mon = monitor_subset(x)
     history = []
     n = x.shape[0]
