@@ -194,3 +194,41 @@ def test_cd1_steps_equal_the_textbook_update(monkeypatch, momentum, weight_decay
     torch.testing.assert_close(layer.tensors["weight"], W, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(layer.tensors["visible_bias"], b, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(layer.tensors["bias"], c, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(method="ae"),
+    dict(method="ae", momentum=0.0, weight_decay=1e-2),
+    dict(method="ae", weight_decay=1e-2, tied=False),
+    dict(method="ae", activation="tanh", loss="squared", lr=0.005),
+    dict(method="ae", activation="relu", loss="squared", lr=0.005, tied=False),
+    dict(method="ae", activation="linear", loss="squared", lr=0.005),
+    dict(method="ae", activation="softplus"),
+    dict(method="sparse_ae", sparsity_weight=0.5),
+    dict(method="sparse_ae", sparsity_weight=0.5, tied=False, momentum=0.0),
+])
+def test_dense_ae_hand_written_gradients_equal_autograd(kw):
+    """The fused dense loop against autograd + torch.optim.SGD on the same batches
+    (no corruption, so both see the same inputs), including a short last batch."""
+    x = torch.rand(130, 30, generator=G(3))
+    cfg = AEConfig(hidden=12, epochs=2, lr=kw.pop("lr", 0.1), noise=0.0, **kw)
+    fast = train_autoencoder(x, cfg, "h1", 50, G(0), False)
+    ref = train_autoencoder(x, cfg, "h1", 50, G(0), False, _autograd=True)
+    assert set(fast.tensors) == set(ref.tensors)
+    for k in ref.tensors:
+        torch.testing.assert_close(fast.tensors[k], ref.tensors[k], atol=2e-5, rtol=1e-4, msg=k)
+    for a, b in zip(_hist(fast, "loss"), _hist(ref, "loss")):
+        assert a == pytest.approx(b, rel=1e-4)
+    assert _hist(fast, "recon_error") == pytest.approx(_hist(ref, "recon_error"), rel=1e-4)
+
+
+def test_mask_noise_keeps_one_minus_level():
+    from surgery.pretrain.sampling import MaskNoise
+
+    m, g = MaskNoise(50, 333, torch.device("cpu")), G(1)
+    x = torch.ones(50, 333)
+    out = torch.empty_like(x)
+    kept = torch.stack([m(x, 0.25, out, g).mean() for _ in range(200)])
+    assert float(kept.mean()) == pytest.approx(0.75, abs=2e-3)
+    assert float(m(x, 0.0, out, g).min()) == 1.0
+    assert float(m(x * 3, 0.25, out, g).max()) == 3.0  # kept values pass unchanged

@@ -30,6 +30,7 @@ from .base import (
     pretrain_record,
     progress_bar,
 )
+from .dense_ae import train_dense
 
 
 class AEConfig(LayerPretrainConfig):
@@ -154,8 +155,12 @@ class _AE(torch.nn.Module):
 
 
 def train_autoencoder(x: Tensor, cfg: AEConfig, name: str, batch_size: int,
-                      generator: torch.Generator, progress: bool | None = None) -> StackLayer:
-    """Fit one autoencoder layer on ``x`` ([N, D], or [N, C, H, W] for conv_ae)."""
+                      generator: torch.Generator, progress: bool | None = None,
+                      _autograd: bool = False) -> StackLayer:
+    """Fit one autoencoder layer on ``x`` ([N, D], or [N, C, H, W] for conv_ae).
+
+    Dense layers train with hand-written gradients (:mod:`.dense_ae`); conv layers (and
+    dense ones with ``_autograd=True``, which the tests compare against) with autograd."""
     if cfg.method == "conv_ae" and x.dim() != 4:
         raise ValueError(
             f"layer {name!r}: conv_ae needs image input [N, C, H, W] but got {tuple(x.shape)}; "
@@ -166,16 +171,31 @@ def train_autoencoder(x: Tensor, cfg: AEConfig, name: str, batch_size: int,
     spec = cfg.spec_for(tuple(x.shape[1:]))
     x = x.contiguous()
     dev = x.device
-    g = generator if dev.type == "cpu" else None
     model = _AE(spec, cfg, tuple(x.shape[1:]), generator).to(dev)
     if dev.type == "cpu":
         keep_freed_memory()
-    opt = build_optimizer(OptimizerConfig(name="sgd", lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
-                          [{"params": list(model.parameters())}])
     mon = monitor_subset(x)
-    history = []
     n = x.shape[0]
     bar = progress_bar(cfg.epochs * n_batches(n, batch_size), f"{name} {cfg.method}", progress)
+    if spec.kind == "dense" and not _autograd:
+        history = train_dense(x, cfg, model, mon, name, batch_size, generator, bar)
+    else:
+        history = _train_autograd(x, cfg, model, mon, name, batch_size, generator, bar)
+    bar.close()
+    tensors = {"weight": model.weight.detach(), "bias": model.bias.detach(),
+               "visible_bias": model.visible_bias.detach()}
+    if model.decoder_weight is not None:
+        tensors["decoder_weight"] = model.decoder_weight.detach()
+    return StackLayer(name, spec, tensors, pretrain_record(cfg.method, cfg, batch_size, history))
+
+
+def _train_autograd(x: Tensor, cfg: AEConfig, model: _AE, mon: Tensor, name: str, batch_size: int,
+                    generator: torch.Generator, bar) -> list[dict]:
+    dev = x.device
+    g = generator if dev.type == "cpu" else None
+    opt = build_optimizer(OptimizerConfig(name="sgd", lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
+                          [{"params": list(model.parameters())}])
+    history = []
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         total = torch.zeros((), device=dev)
@@ -186,14 +206,9 @@ def train_autoencoder(x: Tensor, cfg: AEConfig, name: str, batch_size: int,
             opt.step()
             total += loss.detach() * xb.shape[0]
             bar.update(1)
-        m = {"epoch": epoch, "loss": float(total) / n, "recon_error": model.recon_error(mon),
+        m = {"epoch": epoch, "loss": float(total) / x.shape[0], "recon_error": model.recon_error(mon),
              "seconds": round(time.perf_counter() - t0, 4)}
         check_finite(m["loss"], "loss", name, epoch)
         history.append(m)
         bar.set_postfix(loss=f"{m['loss']:.4g}")
-    bar.close()
-    tensors = {"weight": model.weight.detach(), "bias": model.bias.detach(),
-               "visible_bias": model.visible_bias.detach()}
-    if model.decoder_weight is not None:
-        tensors["decoder_weight"] = model.decoder_weight.detach()
-    return StackLayer(name, spec, tensors, pretrain_record(cfg.method, cfg, batch_size, history))
+    return history

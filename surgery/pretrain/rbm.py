@@ -27,6 +27,7 @@ from .base import (
     pretrain_record,
     progress_bar,
 )
+from .sampling import BernoulliSampler
 
 
 class RBMConfig(LayerPretrainConfig):
@@ -77,27 +78,6 @@ def hidden_sample(b: int, h: int, dev: torch.device) -> Tensor:
     out = torch.empty(b, h + 1, device=dev)
     out[:, h] = 1.0
     return out
-
-
-class BernoulliSampler:
-    """``out = Bernoulli(p)`` for ``p`` of shape [<=b, h], from 16 random bits per unit.
-
-    One 64-bit draw of the generator serves four units, where ``rand(...) < p`` spends a
-    32-bit draw on each (profiled, the generator was the largest cost of a CD-1 step after
-    its GEMMs). Each signed 16-bit word ``r`` is uniform on [-2^15, 2^15), so ``r < 2^16 p -
-    2^15`` holds with probability ``p`` to within 2^-16, exactly 0 for p = 0 and 1 for p = 1.
-    """
-
-    def __init__(self, b: int, h: int, dev: torch.device):
-        self.bits = torch.empty((b * h + 3) // 4, dtype=torch.int64, device=dev)
-        self.words = self.bits.view(torch.int16)[: b * h].view(b, h)
-        self.q = torch.empty(b, h, device=dev)
-
-    def __call__(self, p: Tensor, out: Tensor, g: torch.Generator | None) -> Tensor:
-        n = p.shape[0]
-        self.bits.random_(-(2**63), None, generator=g)  # the full 64-bit range
-        q = torch.mul(p, 65536.0, out=self.q[:n]).sub_(32768.0)
-        return torch.lt(self.words[:n], q, out=out)
 
 
 def free_energy(v: Tensor, W: Tensor, b: Tensor, c: Tensor, gaussian: bool) -> Tensor:
