@@ -15,9 +15,23 @@ def timeit(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def interleaved(contenders: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each contender, run in turn each round (the machine is
-    noisy; interleaving makes the ratios fair)."""
+class Timings(dict):
+    """Median seconds per call of each contender (``timings[name]``), with every round's
+    times kept (``timings.rounds``) for paired ratios."""
+
+    def __init__(self, rounds: dict[str, list[float]]):
+        super().__init__({k: statistics.median(v) for k, v in rounds.items()})
+        self.rounds = rounds
+
+    def ratio(self, k: str, peer: str) -> float:
+        """How many times faster ``k`` is than ``peer``: the median over rounds of
+        ``t_peer / t_k`` within the same round. The machine's speed drifts by 20-30%
+        between minutes; a round's contenders run back to back, so their ratio does not."""
+        return statistics.median(p / t for p, t in zip(self.rounds[peer], self.rounds[k]))
+
+
+def interleaved(contenders: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> Timings:
+    """Time each contender once per round, in turn, after ``warmup`` untimed rounds."""
     for _ in range(warmup):
         for fn in contenders.values():
             fn()
@@ -25,7 +39,7 @@ def interleaved(contenders: dict[str, Callable[[], object]], rounds: int, warmup
     for _ in range(rounds):
         for k, fn in contenders.items():
             times[k].append(timeit(fn))
-    return {k: statistics.median(v) for k, v in times.items()}
+    return Timings(times)
 
 
 def matmul_peak(n: int = 4096, reps: int = 3, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:

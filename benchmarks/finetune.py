@@ -85,7 +85,7 @@ def bench(n: int | None, epochs: int, rounds: int, device: str, peak: float | No
     # pass each epoch and the test pass at the end (2 flops per weight per example each).
     flops = 6 * params - 2 * SIZES[0] * SIZES[1] + 2 * params * (len(ds.valid) + len(ds.test) / epochs) / len(ds.train)
     return [row(f"finetune 784-1000x3-10 b{batch} {k} ({device})", N / t, flops, peak,
-                {p: med[p] / t for p in med if p != k}) | {"seconds_per_epoch": round(t / epochs, 3)}
+                {p: med.ratio(k, p) for p in med if p != k}) | {"seconds_per_epoch": round(t / epochs, 3)}
             for k, t in med.items()]
 
 

@@ -2,7 +2,7 @@
 surgery's trainer vs a hand-written plain torch CD-1 loop vs scikit-learn's BernoulliRBM
 (float32 input), interleaved in one process; prints samples/s and ratios.
 
-    python benchmarks/rbm.py [--rounds 3] [--n 50000] [--hidden 500]
+    python benchmarks/rbm.py [--rounds 3] [--n 50000] [--hidden 500] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -22,14 +22,16 @@ from surgery.pretrain import RBMConfig, train_rbm  # noqa: E402
 def plain_torch_cd1(x: torch.Tensor, hidden: int, lr: float = 0.05, batch: int = 100, seed: int = 0) -> torch.Tensor:
     """The loop a user would write: CD-1 with torch.bernoulli, two outer products."""
     g = torch.Generator().manual_seed(seed)
-    W = torch.randn(x.shape[1], hidden, generator=g) * 0.01
-    b = torch.zeros(x.shape[1])
-    c = torch.zeros(hidden)
-    perm = torch.randperm(x.shape[0], generator=g)
+    dev = x.device
+    W = (torch.randn(x.shape[1], hidden, generator=g) * 0.01).to(dev)
+    b = torch.zeros(x.shape[1], device=dev)
+    c = torch.zeros(hidden, device=dev)
+    perm = torch.randperm(x.shape[0], generator=g).to(dev)
+    gb = g if dev.type == "cpu" else None
     for i in range(0, x.shape[0], batch):
         v0 = x[perm[i : i + batch]]
         ph0 = torch.sigmoid(v0 @ W + c)
-        h0 = torch.bernoulli(ph0, generator=g)
+        h0 = torch.bernoulli(ph0, generator=gb)
         pv1 = torch.sigmoid(h0 @ W.t() + b)
         ph1 = torch.sigmoid(pv1 @ W + c)
         W += lr * (v0.t() @ ph0 - pv1.t() @ ph1) / v0.shape[0]
@@ -49,36 +51,42 @@ def sklearn_rbm(xn, hidden: int) -> None:
     BernoulliRBM(n_components=hidden, learning_rate=0.05, batch_size=100, n_iter=1, random_state=0).fit(xn)
 
 
-def bench(n: int | None, hidden: int, rounds: int, peak: float | None) -> list[dict]:
-    x, _ = mnist_train(n)
-    xn = x.numpy()
+def bench(n: int | None, hidden: int, rounds: int, peak: float | None, device: str = "cpu") -> list[dict]:
+    x, _ = mnist_train(n, device=device)
+
+    def sync() -> None:
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+
     contenders = {
-        "surgery": lambda: ours(x, hidden),
-        "surgery_pcd": lambda: ours(x, hidden, persistent=True),
-        "plain_torch": lambda: plain_torch_cd1(x, hidden),
+        "surgery": lambda: (ours(x, hidden), sync()),
+        "surgery_pcd": lambda: (ours(x, hidden, persistent=True), sync()),
+        "plain_torch": lambda: (plain_torch_cd1(x, hidden), sync()),
     }
-    try:
-        import sklearn  # noqa: F401
+    if x.device.type == "cpu":  # the peers below are CPU libraries here
+        xn = x.numpy()
+        try:
+            import sklearn  # noqa: F401
 
-        contenders["sklearn"] = lambda: sklearn_rbm(xn, hidden)
-    except ImportError:
-        print("scikit-learn is not installed (pip install -e '.[bench]'); skipping it")
-    try:
-        import learnergy  # noqa: F401
-        from learnergy.models.bernoulli import RBM as LRBM  # type: ignore
+            contenders["sklearn"] = lambda: sklearn_rbm(xn, hidden)
+        except ImportError:
+            print("scikit-learn is not installed (pip install -e '.[bench]'); skipping it")
+        try:
+            import learnergy  # noqa: F401
+            from learnergy.models.bernoulli import RBM as LRBM  # type: ignore
 
-        ds = torch.utils.data.TensorDataset(x, torch.zeros(len(x)))
-        contenders["learnergy"] = lambda: LRBM(n_visible=x.shape[1], n_hidden=hidden, steps=1,
-                                                learning_rate=0.05).fit(ds, batch_size=100, epochs=1)
-    except ImportError:
-        pass
+            ds = torch.utils.data.TensorDataset(x, torch.zeros(len(x)))
+            contenders["learnergy"] = lambda: LRBM(n_visible=x.shape[1], n_hidden=hidden, steps=1,
+                                                    learning_rate=0.05).fit(ds, batch_size=100, epochs=1)
+        except ImportError:
+            pass
     med = interleaved(contenders, rounds)
     N = x.shape[0]
     flops = 10 * x.shape[1] * hidden  # 3 forward matmuls + 2 gradient outer products
     rows = []
     for k, t in med.items():
-        ratios = {p: med[p] / t for p in med if p != k and not (k.startswith("surgery") and p.startswith("surgery"))}
-        rows.append(row(f"rbm cd1 784->{hidden} {k}", N / t, flops, peak, ratios))
+        ratios = {p: med.ratio(k, p) for p in med if p != k and not (k.startswith("surgery") and p.startswith("surgery"))}
+        rows.append(row(f"rbm cd1 784->{hidden} {k} ({device})", N / t, flops, peak, ratios))
     return rows
 
 
@@ -87,7 +95,8 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--n", type=int, default=None, help="training examples (default all 50k)")
     ap.add_argument("--hidden", type=int, default=500)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (our RBM and the plain loop only)")
     a = ap.parse_args()
-    peak = matmul_peak()
+    peak = matmul_peak(device="cuda" if a.device.startswith("cuda") else "cpu")
     print(f"matmul peak (4096^3 float32, {torch.get_num_threads()} threads): {peak:.1f} GFLOP/s")
-    print_rows(bench(a.n, a.hidden, a.rounds, peak))
+    print_rows(bench(a.n, a.hidden, a.rounds, peak, a.device))

@@ -70,7 +70,7 @@ def ae_bench(x: torch.Tensor, hidden: int, rounds: int, peak: float) -> list[dic
     # gradients (3 GEMMs); the corrupted input needs no gradient: 10 flops per weight.
     flops = 10 * x.shape[1] * hidden
     return [row(f"{k.replace('surgery_', '').replace('plain_torch_', '')} 784->{hidden} b100 {k.split('_')[0]}",
-                len(x) / t, flops, peak, {"plain_torch_dae": med["plain_torch_dae"] / t} if k != "plain_torch_dae" else {})
+                len(x) / t, flops, peak, {"plain_torch_dae": med.ratio(k, "plain_torch_dae")} if k != "plain_torch_dae" else {})
             for k, t in med.items()]
 
 
@@ -103,7 +103,7 @@ def io_bench(rounds: int) -> list[dict]:
         }, rounds)
     mb = nbytes / 1e6
     return [{"name": f"stack {k} ({mb:.0f} MB)", "samples_per_s": round(mb / t, 1), "unit": "MB/s",
-             **({f"x_raw_{k}": round(med[f'raw_{k}'] / t, 3)} if not k.startswith("raw") else {})}
+             **({f"x_raw_{k}": round(med.ratio(k, f'raw_{k}'), 3)} if not k.startswith("raw") else {})}
             for k, t in med.items()]
 
 
@@ -120,8 +120,7 @@ def main() -> None:
     peak = matmul_peak(n=2048 if a.quick else 4096, device=dev)
     rows: list[dict] = []
     x, _ = mnist_train(n, device=a.device)
-    if dev == "cpu":
-        rows += rbm_bench.bench(n, 500, rounds, peak)
+    rows += rbm_bench.bench(n, 500, rounds, peak, a.device)
     rows += ae_bench(x, 1000, rounds, peak)
     rows += greedy_bench(x, rounds, peak)
     rows += ft_bench.bench(n, 1, rounds, a.device, peak)
