@@ -70,7 +70,7 @@ def bench(n: int | None, hidden: int, rounds: int, peak: float | None, device: s
 
             contenders["sklearn"] = lambda: sklearn_rbm(xn, hidden)
         except ImportError:
-            print("scikit-learn is not installed (pip install -e '.[bench]'); skipping it")
+            print("scikit-learn is not installed (pip install -e '.[bench]'); skipping it", file=sys.stderr)
         try:
             import learnergy  # noqa: F401
             from learnergy.models.bernoulli import RBM as LRBM  # type: ignore

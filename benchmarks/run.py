@@ -8,7 +8,7 @@
 Prints samples/s, achieved GFLOP/s, the fraction of this machine's measured matmul peak
 and the ratio to each peer.
 
-    python benchmarks/run.py [--quick] [--json] [--device cpu|cuda]
+    python benchmarks/run.py [--quick] [--json] [--device cpu|cuda] [--rounds R] [--n N]
 """
 
 from __future__ import annotations
@@ -113,8 +113,9 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--n", type=int, default=None, help="training examples (default: all 50k; --quick: 10k)")
     a = ap.parse_args()
-    n = 10000 if a.quick else None
+    n = a.n or (10000 if a.quick else None)
     rounds = a.rounds or (2 if a.quick else 3)
     dev = "cuda" if a.device.startswith("cuda") else "cpu"
     peak = matmul_peak(n=2048 if a.quick else 4096, device=dev)
