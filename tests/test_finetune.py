@@ -322,3 +322,14 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(cut / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(synth):
+    """finetune.compile: true (torch.compile, inductor on the CPU) trains the same weights."""
+    eager = Trainer(mlp(), synth, cfg(epochs=1))
+    eager.fit()
+    compiled = Trainer(mlp(), synth, cfg(epochs=1, compile=True))
+    compiled.fit()
+    for (k, a), (_, b) in zip(eager.model.state_dict().items(), compiled.model.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=k)
