@@ -10,6 +10,10 @@ set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
 quick=${1:-}
+if ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    echo "gpu.sh: torch $(python -c 'import torch; print(torch.__version__)') sees no CUDA GPU here; nothing to measure." >&2
+    exit 2
+fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
 
