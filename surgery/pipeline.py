@@ -12,8 +12,8 @@ from typing import Any
 
 from .data import Dataset, find_mnist_file, load_dataset
 from .errors import SurgeryError
-from .finetune import FinetuneConfig, Trainer
-from .graph import ModelGraph, input_fits
+from .finetune import FinetuneConfig, Trainer, check_fits
+from .graph import ModelGraph
 from .io import write_json
 from .ops import ForeignSource, ForeignWeights, HeadOp, SurgeryConfig, TakeOp, build_graph
 from .pretrain import greedy_pretrain
@@ -104,12 +104,7 @@ def validate(recipe: Recipe) -> tuple[ModelGraph | None, list[str]]:
     if recipe.surgery is None and stack is None:
         return None, notes
     graph = assemble(recipe, stack, data.num_classes)
-    graph.validate()
-    if graph.input_shape is not None and not input_fits(graph.input_shape, data.input_shape):
-        raise SurgeryError(
-            f"the network takes input {graph.input_shape} but data gives {data.input_shape}; "
-            "check data.flatten or the first layer's size."
-        )
+    check_fits(graph, data)  # what Trainer would refuse
     notes += graph.report
     return graph, notes
 

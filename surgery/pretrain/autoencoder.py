@@ -31,6 +31,7 @@ from .base import (
     progress_bar,
 )
 from .dense_ae import train_dense
+from .sampling import corrupt
 
 
 class AEConfig(LayerPretrainConfig):
@@ -81,20 +82,6 @@ class AEConfig(LayerPretrainConfig):
     def fit(self, x: Tensor, name: str, batch_size: int, generator: torch.Generator,
             progress: bool | None = None) -> StackLayer:
         return train_autoencoder(x, self, name, batch_size, generator, progress)
-
-
-def corrupt(x: Tensor, kind: str, level: float, g: torch.Generator | None) -> Tensor:
-    if level == 0:
-        return x
-    if kind == "gaussian":
-        return x + level * torch.randn(x.shape, generator=g, device=x.device)
-    r = torch.rand(x.shape, generator=g, device=x.device)
-    if kind == "mask":
-        return x * (r >= level)
-    # salt and pepper: a fraction `level` of the inputs set to 0 or 1 with equal odds
-    flip = r < level
-    salt = r < level / 2
-    return torch.where(flip, salt.to(x.dtype), x)
 
 
 class _AE(torch.nn.Module):

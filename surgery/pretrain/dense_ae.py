@@ -25,16 +25,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import check_finite
-from .sampling import MaskNoise
+from .sampling import MaskNoise, corrupt
 
 if TYPE_CHECKING:
     from .autoencoder import _AE, AEConfig
 
 
 class _Buffers:
-    """Per-batch-size operands: ``A = [[dpre, 0], [h, 1]]``, ``R = [[x~, 1], [dlogits, 0]]``."""
+    """Per-batch-size operands: ``A = [[dpre, 0], [h, 1]]``, ``R = [[x~, 1], [dlogits, 0]]``,
+    and ``grads``: the (left, right) GEMM operands of each parameter matrix's gradient."""
 
-    def __init__(self, b: int, v: int, h: int, dev: torch.device):
+    def __init__(self, b: int, v: int, h: int, dev: torch.device, tied: bool):
         self.x0 = torch.empty(b, v, device=dev)  # the clean batch: the target
         self.A = torch.zeros(2 * b, h + 1, device=dev)
         self.A[b:, h] = 1.0
@@ -45,6 +46,9 @@ class _Buffers:
         self.dlog, self.dlog_1 = self.R[b:, :v], self.R[b:]
         self.tmp = torch.empty(b, h, device=dev)
         self.mask = MaskNoise(b, v, dev)
+        # tied: one GEMM for [[W, c], [b, 0]]; untied: [W, c] and [Wd; b] separately
+        self.grads = ([(self.A.t(), self.R)] if tied
+                      else [(self.dpre.t(), self.xn_1), (self.h_1.t(), self.dlog)])
 
 
 def _times_derivative(dh: Tensor, h: Tensor, act: str, tmp: Tensor) -> None:
@@ -76,8 +80,6 @@ def train_dense(x: Tensor, cfg: AEConfig, model: _AE, mon: Tensor, name: str, ba
                 generator: torch.Generator, bar) -> list[dict]:
     """Train ``model`` (a dense ``_AE``, initialised) on ``x`` [N, D]; its parameters hold the
     result. Returns the per-epoch history."""
-    from .autoencoder import corrupt
-
     n, nv = x.shape
     nh = cfg.hidden
     dev = x.device
@@ -117,7 +119,7 @@ def train_dense(x: Tensor, cfg: AEConfig, model: _AE, mon: Tensor, name: str, ba
         for i in range(0, n, batch_size):
             idx = perm[i : i + batch_size]
             bs = idx.shape[0]
-            buf = bufs.get(bs) or bufs.setdefault(bs, _Buffers(bs, nv, nh, dev))
+            buf = bufs.get(bs) or bufs.setdefault(bs, _Buffers(bs, nv, nh, dev, tied))
             x0 = torch.index_select(x, 0, idx, out=buf.x0)
             if cfg.noise == 0:
                 buf.xn.copy_(x0)
@@ -147,11 +149,7 @@ def train_dense(x: Tensor, cfg: AEConfig, model: _AE, mon: Tensor, name: str, ba
                 buf.dpre.add_((sw / bs) * ((1 - rho) / (1 - r) - rho / r) * inside)
             _times_derivative(buf.dpre, buf.h, act, buf.tmp)
             # every parameter's gradient: one GEMM (tied) or one per matrix (untied)
-            if tied:
-                ops = [(buf.A.t(), buf.R)]
-            else:
-                ops = [(buf.dpre.t(), buf.xn_1), (buf.h_1.t(), buf.dlog)]
-            for j, (a, b) in enumerate(ops):
+            for j, (a, b) in enumerate(buf.grads):
                 m = mats[j]
                 if vel is None:
                     if wd:

@@ -65,6 +65,7 @@ class _Buffers:
         self.hh[b:, h] = -1.0
         self.vv = torch.empty(2 * b, v + 1, device=dev)
         self.vv[:, v] = 1.0
+        self.hh_t = self.hh.t()
         self.ph0, self.phk = self.hh[:b, :h], self.hh[b:, :h]
         self.v0, self.vk = self.vv[:b, :v], self.vv[b:, :v]
         self.v0_1, self.vk_1 = self.vv[:b], self.vv[b:]
@@ -145,9 +146,9 @@ def train_rbm(x: Tensor, cfg: RBMConfig, name: str, batch_size: int, generator: 
             if vel is None:  # no momentum: the GEMM adds the step straight into P
                 if cfg.weight_decay:
                     W.mul_(1 - cfg.lr * cfg.weight_decay)
-                P.addmm_(buf.hh.t(), buf.vv, alpha=cfg.lr / bs)
+                P.addmm_(buf.hh_t, buf.vv, alpha=cfg.lr / bs)
             else:
-                vel.addmm_(buf.hh.t(), buf.vv, beta=cfg.momentum, alpha=cfg.lr / bs)
+                vel.addmm_(buf.hh_t, buf.vv, beta=cfg.momentum, alpha=cfg.lr / bs)
                 if cfg.weight_decay:
                     vel[:nh, :nv].add_(W, alpha=-cfg.lr * cfg.weight_decay)
                 P.add_(vel)

@@ -1,9 +1,10 @@
-"""Cheap Bernoulli draws for the pretraining loops: 16 random bits per unit.
+"""Random draws for the pretraining loops: Bernoulli samples and input corruption.
 
-One 64-bit draw of the generator serves four units, where ``rand(...) < p`` spends a
-32-bit draw on each (profiled, the generator was the largest cost of a CD-1 step after
-its GEMMs). Each signed 16-bit word ``r`` is uniform on [-2^15, 2^15), so ``r < 2^16 p -
-2^15`` holds with probability ``p`` to within 2^-16, exactly 0 for p = 0 and 1 for p = 1.
+The hot loops draw 16 random bits per unit: one 64-bit draw of the generator serves four
+units, where ``rand(...) < p`` spends a 32-bit draw on each (profiled, the generator was
+the largest cost of a CD-1 step after its GEMMs). Each signed 16-bit word ``r`` is uniform
+on [-2^15, 2^15), so ``r < 2^16 p - 2^15`` holds with probability ``p`` to within 2^-16,
+exactly 0 for p = 0 and 1 for p = 1.
 """
 
 from __future__ import annotations
@@ -49,3 +50,17 @@ class MaskNoise(RandomWords):
         n = x.shape[0]
         keep = torch.ge(self.draw(n, g), 65536.0 * level - 32768.0, out=self.keep[:n])
         return torch.mul(x, keep, out=out)
+
+
+def corrupt(x: Tensor, kind: str, level: float, g: torch.Generator | None) -> Tensor:
+    if level == 0:
+        return x
+    if kind == "gaussian":
+        return x + level * torch.randn(x.shape, generator=g, device=x.device)
+    r = torch.rand(x.shape, generator=g, device=x.device)
+    if kind == "mask":
+        return x * (r >= level)
+    # salt and pepper: a fraction `level` of the inputs set to 0 or 1 with equal odds
+    flip = r < level
+    salt = r < level / 2
+    return torch.where(flip, salt.to(x.dtype), x)
