@@ -19,21 +19,19 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved, matmul_peak, print_rows, row  # noqa: E402
 
+from surgery.assembly import build_graph  # noqa: E402
 from surgery.data import DataConfig, load_dataset  # noqa: E402
 from surgery.finetune import FinetuneConfig, Trainer  # noqa: E402
 from surgery.graph import ModelGraph  # noqa: E402
-from surgery.layers import LayerSpec  # noqa: E402
+from surgery.ops import HeadOp, InsertOp  # noqa: E402
 
 SIZES = (784, 1000, 1000, 1000)
 
 
 def assembled() -> ModelGraph:
-    g = ModelGraph()
-    gen = torch.Generator().manual_seed(0)
-    for i, (a, b) in enumerate(zip(SIZES, SIZES[1:])):
-        g.insert(f"h{i + 1}", LayerSpec(in_features=a, out_features=b), generator=gen)
-    g.head(10)
-    return g
+    layers = [InsertOp(name=f"h{i + 1}", units=b, in_features=a if i == 0 else None)
+              for i, (a, b) in enumerate(zip(SIZES, SIZES[1:]))]
+    return build_graph([*layers, HeadOp(classes=10)], seed=0)
 
 
 def plain_loop(ds, epochs: int, batch: int, device: torch.device, amp: bool = False) -> float:

@@ -17,9 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved, print_rows, row  # noqa: E402
 from finetune import SIZES, assembled  # noqa: E402
 
+from surgery.modules import to_module  # noqa: E402
+
 
 def bench(rounds: int, batch: int = 1000, iters: int = 20) -> list[dict]:
-    compiled = assembled().compile().eval()
+    compiled = to_module(assembled()).eval()
     layers: list[nn.Module] = []
     for a, b in zip(SIZES, SIZES[1:]):
         layers += [nn.Linear(a, b), nn.Sigmoid()]

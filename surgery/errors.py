@@ -1,8 +1,11 @@
-"""The one exception type users see.
+"""The one family of exceptions users see.
 
 Every error that is the user's to fix (bad recipe, missing file, wrong shapes, NaN loss,
-unknown device) is raised as a ``SurgeryError`` whose message is one paragraph naming
-the field, file or layer and what to do. The CLI prints it without a traceback.
+unknown device) is raised as a ``SurgeryError`` subclass whose message is one paragraph
+naming the field, file or layer and what to do. The CLI prints it without a traceback and
+exits with status 2. Like scikit-learn's ``NotFittedError(ValueError, AttributeError)``,
+members also derive from the builtin a caller would expect, so ``except ValueError`` keeps
+working for configuration and shape errors.
 """
 
 from __future__ import annotations
@@ -12,13 +15,40 @@ class SurgeryError(Exception):
     """A problem the user can fix; the message says what and how."""
 
 
+class ConfigError(SurgeryError, ValueError):
+    """A recipe field or parameter has a value outside what it accepts."""
+
+
+class DataError(SurgeryError):
+    """A dataset file is missing, unreadable or in the wrong format."""
+
+
+class DeviceError(SurgeryError, ValueError):
+    """A device name is unknown, or the device is not available on this machine."""
+
+
+class ShapeError(SurgeryError, ValueError):
+    """Two connected layers, or a network and its data, disagree on a shape."""
+
+
 class ManifestError(SurgeryError):
     """A stack or model file is missing, truncated, corrupt or inconsistent."""
 
 
-class ShapeError(SurgeryError):
-    """Two connected layers disagree on the shape they exchange."""
+class CheckpointError(ManifestError):
+    """A checkpoint is missing, unreadable, or made for another network."""
 
 
-class TrainingDiverged(SurgeryError):
+class OutputError(SurgeryError, OSError):
+    """An output file or directory cannot be written."""
+
+
+class NameNotFound(SurgeryError, KeyError):
+    """A layer or node name that does not exist was asked for."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""
+
+
+class TrainingDiverged(SurgeryError, ArithmeticError):
     """A loss became NaN or infinite."""

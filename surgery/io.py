@@ -1,4 +1,6 @@
-"""Atomic writes: every file goes to a temp name beside its target and is renamed."""
+"""Writing files: every file goes to a temp name beside its target and is renamed, so a
+reader (or a killed run) never sees half a file; an unwritable place is an ``OutputError``
+naming the path. Also the progress bar every long loop shows."""
 
 from __future__ import annotations
 
@@ -10,13 +12,30 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import OutputError
+
+
+def make_dir(path: str | Path) -> Path:
+    """Create ``path`` (and its parents) if needed; ``OutputError`` if that is not allowed."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the directory {path} ({e.strerror}); choose another --out/--output "
+                          "or fix its permissions.") from e
+    return path
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path in the target's directory; rename over ``path`` on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    make_dir(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OutputError(f"cannot write {path} ({e.strerror}); choose another --out/--output "
+                          "or fix the directory's permissions.") from e
     os.close(fd)
     try:
         yield Path(tmp)
@@ -27,11 +46,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
     write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from torch import Tensor, nn
+
+from .errors import ConfigError
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -29,15 +31,30 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "softplus": F.softplus,
 }
 
+INIT_SCHEMES = ("classic", "xavier", "he", "sparse", "torch")
+
 # Activations for which f(f^-1-free identity layer) == identity on the layer's own outputs,
 # i.e. an identity-initialised layer after them keeps the function exactly.
 IDEMPOTENT_ON_OWN_RANGE = {"relu", "linear"}
 
 
 def check_activation(name: str) -> str:
+    """Return ``name`` if it is a known activation; raise ``ConfigError`` naming the choices."""
     if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+        raise ConfigError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
     return name
+
+
+def check_init(name: str) -> str:
+    """Return ``name`` if it is a known init scheme; raise ``ConfigError`` naming the choices."""
+    if name not in INIT_SCHEMES:
+        raise ConfigError(f"unknown init scheme {name!r}; choose one of {list(INIT_SCHEMES)}")
+    return name
+
+
+# Recipe field types: validated by name at load time, so pydantic reports the field path.
+Activation = Annotated[str, AfterValidator(check_activation)]
+InitName = Annotated[str, AfterValidator(check_init)]
 
 
 class LayerSpec(BaseModel):
@@ -53,29 +70,24 @@ class LayerSpec(BaseModel):
     kind: Literal["dense", "conv2d"] = "dense"
     in_features: int = Field(gt=0)
     out_features: int = Field(gt=0)
-    activation: str = "sigmoid"
+    activation: Activation = "sigmoid"
     in_shape: tuple[int, int, int] | None = None
     kernel_size: int = Field(default=5, gt=0)
     stride: int = Field(default=1, gt=0)
     padding: int = Field(default=0, ge=0)
 
-    @field_validator("activation")
-    @classmethod
-    def _known_activation(cls, v: str) -> str:
-        return check_activation(v)
-
     def model_post_init(self, __context: object) -> None:
         if self.kind == "conv2d":
             if self.in_shape is None:
-                raise ValueError("a conv2d layer needs in_shape=(channels, height, width)")
+                raise ConfigError("a conv2d layer needs in_shape=(channels, height, width)")
             if self.in_shape[0] != self.in_features:
-                raise ValueError(
+                raise ConfigError(
                     f"conv2d in_features={self.in_features} must equal in_shape channels "
                     f"{self.in_shape[0]}"
                 )
             h, w = self._conv_hw()
             if h <= 0 or w <= 0:
-                raise ValueError(
+                raise ConfigError(
                     f"conv2d kernel_size={self.kernel_size} is larger than the input "
                     f"{self.in_shape[1]}x{self.in_shape[2]}"
                 )
@@ -88,6 +100,7 @@ class LayerSpec(BaseModel):
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """Per-example input shape: ``(in_features,)`` or ``in_shape``."""
         if self.kind == "conv2d":
             assert self.in_shape is not None
             return tuple(self.in_shape)
@@ -95,22 +108,26 @@ class LayerSpec(BaseModel):
 
     @property
     def output_shape(self) -> tuple[int, ...]:
+        """Per-example output shape: ``(out_features,)`` or ``(maps, H', W')``."""
         if self.kind == "conv2d":
             return (self.out_features, *self._conv_hw())
         return (self.out_features,)
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
+        """``[out, in]`` (dense) or ``[out, in, k, k]`` (conv2d)."""
         if self.kind == "conv2d":
             return (self.out_features, self.in_features, self.kernel_size, self.kernel_size)
         return (self.out_features, self.in_features)
 
     @property
     def fan_in(self) -> int:
+        """Inputs per unit."""
         return math.prod(self.weight_shape[1:])
 
     @property
     def fan_out(self) -> int:
+        """Outputs per input unit."""
         return self.weight_shape[0] * math.prod(self.weight_shape[2:])
 
     def accepts(self, shape: tuple[int, ...]) -> bool:
@@ -120,6 +137,7 @@ class LayerSpec(BaseModel):
         return tuple(shape) == self.input_shape
 
     def build(self) -> nn.Module:
+        """A fresh module for this spec (classic init; callers copy weights in)."""
         return Conv2dLayer(self) if self.kind == "conv2d" else Dense(self)
 
 
@@ -148,6 +166,7 @@ class Dense(_Layer):
 
 
 class Conv2dLayer(_Layer):
+    """``act(conv2d(x, W, b))`` on [N, C, H, W]."""
     def forward(self, x: Tensor) -> Tensor:
         y = F.conv2d(x, self.weight, self.bias, stride=self.spec.stride, padding=self.spec.padding)
         return self.act(y)
@@ -157,8 +176,6 @@ class Conv2dLayer(_Layer):
         return f"{s.in_shape} -> {s.output_shape}, k={s.kernel_size}, {s.activation}"
 
 
-INIT_SCHEMES = ("classic", "xavier", "he", "sparse", "torch")
-InitScheme = Literal["classic", "xavier", "he", "sparse", "torch"]
 
 
 @torch.no_grad()
@@ -201,5 +218,5 @@ def init_weight(
         bound = 1.0 / math.sqrt(fan_in)
         weight.uniform_(-bound, bound, generator=g)
     else:
-        raise ValueError(f"unknown init scheme {scheme!r}; choose one of {list(INIT_SCHEMES)}")
+        check_init(scheme)
     return weight

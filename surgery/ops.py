@@ -1,70 +1,115 @@
-"""The ``surgery:`` recipe section: sources and a list of operations, each a small pydantic
-model (discriminated on ``op``) that calls one ``ModelGraph`` method.
+"""Surgery operations: each op is a small frozen pydantic model (discriminated on ``op``)
+whose ``apply`` does the whole operation on a ModelGraph; the graph itself only knows
+structure. Recipes list ops under ``surgery.ops``; Python calls them directly::
 
-Checks that need only the recipe run at load time (pydantic); checks that need the
-source files (layer ranges, shape chains) run in ``build_graph``, before any training,
-and name the op by its index.
+    g = ModelGraph()
+    TakeOp(source="rbm", layers=(0, 2)).apply(g, {"rbm": stack})
+    HeadOp(classes=10).apply(g)
+
+``apply(graph, sources, generator)`` returns the names of the nodes it made or changed.
+Checks that need only the op run at validation (pydantic, naming the field); checks that
+need the graph or the sources raise ``SurgeryError``/``ShapeError`` naming the nodes.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Annotated, Any, Literal, Union
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from .errors import SurgeryError
-from .graph import ModelGraph, layer_node
-from .layers import INIT_SCHEMES, LayerSpec, check_activation
+from .errors import ShapeError, SurgeryError
+from .graph import ModelGraph, Node, layer_node
+from .layers import IDEMPOTENT_ON_OWN_RANGE, Activation, InitName, LayerSpec, init_weight
 from .stack import LayerStack
 
-NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+Sources = Mapping[str, Any]
 
 
-def _check_name(v: str) -> str:
-    if not re.match(NAME, v):
+def check_node_name(v: str) -> str:
+    """A node name is an identifier (it becomes a state-dict key prefix)."""
+    if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v):
         raise ValueError(f"{v!r} is not a valid node name (letters, digits, underscore; not starting with a digit)")
     return v
+
+
+def layer_range(v: Any) -> Any:
+    """``3`` means layer 3 alone: ``[3, 4)``."""
+    return (v, v + 1) if isinstance(v, int) else v
+
+
+def as_list(v: Any) -> Any:
+    """One name means a list of one."""
+    return [v] if isinstance(v, str) else v
+
+
+def check_range(v: tuple[int, int] | None) -> tuple[int, int] | None:
+    """A half-open ``[start, stop)`` with ``0 <= start < stop``."""
+    if v is not None and not (0 <= v[0] < v[1]):
+        raise ValueError(f"layers {list(v)} must be [start, stop) with 0 <= start < stop")
+    return v
+
+
+NodeName = Annotated[str, AfterValidator(check_node_name)]
+LayerRange = Annotated[tuple[int, int] | None, BeforeValidator(layer_range), AfterValidator(check_range)]
+
+
+class ForeignWeights:
+    """Tensors from a foreign file, renamed to ``<layer>.weight|bias`` by a source's map,
+    and the report of what loaded, what was skipped and what was missing."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], report: dict[str, list[str]]):
+        self.tensors, self.report = tensors, report
+
+
+def _stack(sources: Sources | None, name: str) -> LayerStack:
+    s = (sources or {}).get(name)
+    if s is None:
+        raise SurgeryError(f"source {name!r} is not loaded; known: {sorted(sources or {})}")
+    if not isinstance(s, LayerStack):
+        raise SurgeryError(f"source {name!r} is a foreign weights file; use op: import for it.")
+    return s
 
 
 class _Op(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _range(v: Any) -> Any:
-    if isinstance(v, int):
-        return (v, v + 1)
-    return v
-
-
 class TakeOp(_Op):
-    """Append layers ``[start, stop)`` of a source stack."""
+    """Append copies of layers ``[start, stop)`` of a source stack."""
 
-    op: Literal["take"]
+    op: Literal["take"] = "take"
     source: str
-    layers: tuple[int, int] | None = Field(default=None, description="[start, stop), half-open; default all")
+    layers: LayerRange = Field(default=None, description="[start, stop), half-open; default all")
     prefix: str = Field(default="", description="prepended to node names (needed when a source repeats)")
 
-    _norm = field_validator("layers", mode="before")(classmethod(lambda cls, v: _range(v)))
-
-    @field_validator("layers")
-    @classmethod
-    def _ordered(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
-        if v is not None and not (0 <= v[0] < v[1]):
-            raise ValueError(f"layers {list(v)} must be [start, stop) with 0 <= start < stop")
-        return v
-
-    def apply(self, g: ModelGraph, sources: dict[str, Any], gen: torch.Generator) -> list[str]:
+    def nodes(self, sources: Sources | None) -> list[Node]:
+        """The layer nodes this op adds (copies of the source's tensors)."""
         stack = _stack(sources, self.source)
         start, stop = self.layers or (0, len(stack))
-        return g.take(stack, start, stop, self.source, self.prefix)
+        if stop > len(stack):
+            raise SurgeryError(
+                f"layers [{start}, {stop}) is out of range for source {self.source!r}, which has "
+                f"{len(stack)} layers {stack.names} (half-open, like Python slices)."
+            )
+        return [layer_node(self.prefix + stack[i].name, stack[i].spec, stack[i].tensors,
+                           {"source": self.source, "layer": stack[i].name, "index": i,
+                            "method": stack[i].pretrain.get("method")}) for i in range(start, stop)]
+
+    def apply(self, g: ModelGraph, sources: Sources | None = None, gen: torch.Generator | None = None) -> list[str]:
+        """Append the layers at the graph's output."""
+        nodes = self.nodes(sources)
+        g.place(nodes)
+        return [n.name for n in nodes]
 
 
 class TransplantOp(TakeOp):
-    """Put layers of a source after / before / in place of a node."""
+    """Put copies of layers of a source after / before / in place of a node."""
 
-    op: Literal["transplant"]  # type: ignore[assignment]
+    op: Literal["transplant"] = "transplant"  # type: ignore[assignment]
     after: str | None = None
     before: str | None = None
     replacing: str | None = None
@@ -76,25 +121,26 @@ class TransplantOp(TakeOp):
             raise ValueError(f"transplant needs exactly one of after, before, replacing; got {given or 'none'}")
         return self
 
-    def apply(self, g: ModelGraph, sources: dict[str, Any], gen: torch.Generator) -> list[str]:
-        stack = _stack(sources, self.source)
-        start, stop = self.layers or (0, len(stack))
-        return g.transplant(stack, start, stop, self.source, after=self.after, before=self.before,
-                            replacing=self.replacing, prefix=self.prefix)
+    def apply(self, g: ModelGraph, sources: Sources | None = None, gen: torch.Generator | None = None) -> list[str]:
+        """Place the layers where ``after``/``before``/``replacing`` says."""
+        nodes = self.nodes(sources)
+        g.place(nodes, self.after, self.before, self.replacing)
+        return [n.name for n in nodes]
 
 
 class InsertOp(_Op):
     """A fresh layer (classic init by default) after or before a node, or at the end.
 
     ``kind: conv2d`` makes a convolutional layer with ``units`` feature maps; its input
-    must be an image (the previous node's output, or ``in_shape`` in an empty graph).
+    must be an image. In an empty graph the input is ``in_features``/``in_shape`` or, when
+    neither is given, the data's (recipes fill it in).
     """
 
-    op: Literal["insert"]
-    name: str
+    op: Literal["insert"] = "insert"
+    name: NodeName
     units: int = Field(gt=0)
-    activation: str = "sigmoid"
-    init: str = "classic"
+    activation: Activation = "sigmoid"
+    init: InitName = "classic"
     after: str | None = None
     before: str | None = None
     in_features: int | None = Field(default=None, gt=0, description="dense, only when the graph is empty")
@@ -103,16 +149,6 @@ class InsertOp(_Op):
     kernel_size: int = Field(default=5, gt=0)
     stride: int = Field(default=1, gt=0)
     padding: int = Field(default=0, ge=0)
-
-    _n = field_validator("name")(classmethod(lambda cls, v: _check_name(v)))
-    _a = field_validator("activation")(classmethod(lambda cls, v: check_activation(v)))
-
-    @field_validator("init")
-    @classmethod
-    def _init(cls, v: str) -> str:
-        if v not in INIT_SCHEMES:
-            raise ValueError(f"unknown init {v!r}; choose one of {list(INIT_SCHEMES)}")
-        return v
 
     def _input_shape(self, g: ModelGraph) -> tuple[int, ...]:
         if self.before is not None:
@@ -126,243 +162,243 @@ class InsertOp(_Op):
             return tuple(self.in_shape)
         if self.kind == "dense" and self.in_features is not None:
             return (self.in_features,)
+        if g.input_shape is not None:
+            return g.input_shape
         raise SurgeryError(f"insert into an empty graph needs {'in_shape' if self.kind == 'conv2d' else 'in_features'}.")
 
-    def apply(self, g: ModelGraph, sources: dict[str, Any], gen: torch.Generator) -> list[str]:
-        import math
-
+    def spec(self, g: ModelGraph) -> LayerSpec:
+        """The new layer's spec, sized from what feeds it."""
         shape = self._input_shape(g)
-        if self.kind == "conv2d":
-            if len(shape) != 3:
-                raise SurgeryError(f"insert {self.name!r}: a conv2d layer needs image input (C, H, W), got {shape}.")
-            spec = LayerSpec(kind="conv2d", in_features=shape[0], out_features=self.units, in_shape=shape,
-                             activation=self.activation, kernel_size=self.kernel_size, stride=self.stride,
-                             padding=self.padding)
-        else:
-            spec = LayerSpec(in_features=math.prod(shape), out_features=self.units, activation=self.activation)
-        g.insert(self.name, spec, after=self.after, before=self.before, init=self.init, generator=gen)
+        if self.kind == "dense":
+            return LayerSpec(in_features=math.prod(shape), out_features=self.units, activation=self.activation)
+        if len(shape) != 3:
+            raise ShapeError(f"insert {self.name!r}: a conv2d layer needs image input (C, H, W), got {shape}.")
+        return LayerSpec(kind="conv2d", in_features=shape[0], out_features=self.units, in_shape=shape,
+                         activation=self.activation, kernel_size=self.kernel_size, stride=self.stride,
+                         padding=self.padding)
+
+    def apply(self, g: ModelGraph, sources: Sources | None = None, gen: torch.Generator | None = None) -> list[str]:
+        """Add the freshly initialised layer."""
+        g.place([layer_node(self.name, self.spec(g), None, None, gen, self.init)], self.after, self.before)
         return [self.name]
 
 
 class RemoveOp(_Op):
-    op: Literal["remove"]
+    """Remove a node, joining its input to its outputs."""
+
+    op: Literal["remove"] = "remove"
     node: str
 
-    def apply(self, g: ModelGraph, sources: dict[str, Any], gen: torch.Generator) -> list[str]:
+    def apply(self, g: ModelGraph, sources: Sources | None = None, gen: torch.Generator | None = None) -> list[str]:
+        """Remove the node; returns no names."""
         g.remove(self.node)
         return []
 
 
 class ReinitOp(_Op):
-    op: Literal["reinit"]
+    """Draw fresh weights (zero biases) for layers by name or glob."""
+
+    op: Literal["reinit"] = "reinit"
     nodes: list[str] = Field(min_length=1)
-    init: str = "classic"
+    init: InitName = "classic"
 
-    _init = InsertOp._init  # type: ignore[assignment]
-
-    def apply(self, g: ModelGraph, sources: dict[str, Any], gen: torch.Generator) -> list[str]:
-        return g.reinit(self.nodes, self.init, gen)
+    def apply(self, g: ModelGraph, sources: Sources | None = None, gen: torch.Generator | None = None) -> list[str]:
+        """Re-initialise the matching layers in place."""
+        names = [n for n in g.match(self.nodes) if g.node(n).kind == "layer"]
+        for name in names:
+            node = g.node(name)
+            assert node.spec is not None
+            init_weight(node.tensors["weight"], node.spec.activation, self.init, node.spec, gen)
+            node.tensors["bias"].zero_()
+            node.provenance = {**node.provenance, "reinit": self.init}
+        return names
 
 
 class FreezeOp(_Op):
     """Freeze (or with ``op: unfreeze``, unfreeze) nodes by name or glob."""
 
-    op: Literal["freeze", "unfreeze"]
+    op: Literal["freeze", "unfreeze"] = "freeze"
     nodes: list[str] = Field(min_length=1)
 
-    def apply(self, g: ModelGraph, sources: dict[str, Any], gen: torch.Generator) -> list[str]:
-        return g.set_frozen(self.nodes, self.op == "freeze")
+    def apply(self, g: ModelGraph, sources: Sources | None = None, gen: torch.Generator | None = None) -> list[str]:
+        """Set the matching nodes' frozen flag."""
+        names = g.match(self.nodes)
+        for n in names:
+            g.node(n).frozen = self.op == "freeze"
+        return names
 
 
 class DeepenOp(_Op):
-    """Net2DeeperNet: an identity layer after ``after``."""
+    """Net2DeeperNet: an identity-initialised layer after ``after``.
 
-    op: Literal["deepen"]
+    Exact for relu and linear (relu(I relu(z)) = relu(z)); for sigmoid/tanh no identity
+    weight exists (sigmoid(h) != h), so ``activation: linear`` is the exact choice and
+    ``allow_inexact`` keeps the squashing at the price of changing the function.
+    """
+
+    op: Literal["deepen"] = "deepen"
     after: str
     name: str | None = None
-    activation: str | None = None
+    activation: Activation | None = None
     allow_inexact: bool = False
 
-    @field_validator("activation")
-    @classmethod
-    def _act(cls, v: str | None) -> str | None:
-        return None if v is None else check_activation(v)
-
-    def apply(self, g: ModelGraph, sources: dict[str, Any], gen: torch.Generator) -> list[str]:
-        return [g.deepen(self.after, self.name, self.activation, self.allow_inexact)]
+    def apply(self, g: ModelGraph, sources: Sources | None = None, gen: torch.Generator | None = None) -> list[str]:
+        """Insert the identity layer; ``SurgeryError`` when it could not keep the function."""
+        node = g.node(self.after)
+        if node.kind != "layer" or node.spec is None or node.spec.kind != "dense":
+            raise SurgeryError(f"deepen: {self.after!r} is not a dense layer; deepen goes after a dense layer.")
+        act = self.activation or node.spec.activation
+        exact = act == "linear" or (act in IDEMPOTENT_ON_OWN_RANGE and act == node.spec.activation)
+        if not exact and not self.allow_inexact:
+            raise SurgeryError(
+                f"deepen after {self.after!r}: an identity {act} layer cannot keep the function exactly "
+                f"({act}(h) != h for the {node.spec.activation} outputs of {self.after!r}). Use "
+                "activation: linear (exact; the new layer then learns), activation: relu after a "
+                "relu layer, or allow_inexact: true to accept the change."
+            )
+        width = node.spec.out_features
+        new = self.name or f"{self.after}_deep"
+        spec = LayerSpec(in_features=width, out_features=width, activation=act)
+        tensors = {"weight": torch.eye(width), "bias": torch.zeros(width)}
+        g.insert_after(self.after, [layer_node(new, spec, tensors, {"source": "deepen", "after": self.after,
+                                                                     "exact": exact})])
+        return [new]
 
 
 class WidenOp(_Op):
-    """Net2WiderNet: ``node`` grows to ``units`` units, the function unchanged."""
+    """Net2WiderNet: ``node`` grows to ``units`` units by copying random units and dividing
+    their outgoing weights by the copy count, the function unchanged (with ``noise: 0``)."""
 
-    op: Literal["widen"]
+    op: Literal["widen"] = "widen"
     node: str
     units: int = Field(gt=0)
     noise: float = Field(default=0.0, ge=0, description="symmetry-breaking noise on copied weights (0: exact)")
 
-    def apply(self, g: ModelGraph, sources: dict[str, Any], gen: torch.Generator) -> list[str]:
-        return g.widen(self.node, self.units, gen, self.noise)
+    def apply(self, g: ModelGraph, sources: Sources | None = None, gen: torch.Generator | None = None) -> list[str]:
+        """Widen the layer and every dense layer it feeds; returns their names."""
+        node = g.node(self.node)
+        if node.kind != "layer" or node.spec is None or node.spec.kind != "dense":
+            raise SurgeryError(f"widen: {self.node!r} is not a dense layer.")
+        old = node.spec.out_features
+        if self.units <= old:
+            raise SurgeryError(f"widen: units={self.units} must exceed {self.node!r}'s current {old} units.")
+        consumers = _dense_consumers(g, self.node)
+        mapping = torch.cat([torch.arange(old), torch.randint(0, old, (self.units - old,), generator=gen)])
+        counts = torch.bincount(mapping, minlength=old).float()
+        w, b = node.tensors["weight"], node.tensors["bias"]
+        node.tensors = {"weight": w[mapping].clone(), "bias": b[mapping].clone()}
+        node.spec = node.spec.model_copy(update={"out_features": self.units})
+        for cname in consumers:
+            c = g.node(cname)
+            assert c.spec is not None
+            cw = c.tensors["weight"][:, mapping] / counts[mapping]
+            if self.noise:
+                cw = cw + self.noise * torch.randn(cw.shape, generator=gen)
+            c.tensors["weight"] = cw.clone()
+            c.spec = c.spec.model_copy(update={"in_features": self.units})
+        node.provenance = {**node.provenance, "widened": f"{old}->{self.units}"}
+        return [self.node, *consumers]
+
+
+def _dense_consumers(g: ModelGraph, name: str) -> list[str]:
+    """The dense layers ``name`` feeds, looking through dropout nodes."""
+    out = []
+    frontier = list(g.g.successors(name))
+    while frontier:
+        s = frontier.pop()
+        n = g.node(s)
+        if n.kind == "dropout":
+            frontier += list(g.g.successors(s))
+        elif n.kind == "layer" and n.spec is not None and n.spec.kind == "dense":
+            out.append(s)
+        else:
+            raise SurgeryError(f"widen: {name!r} feeds {s!r} ({n.kind}); only dense consumers can absorb new units.")
+    return out
 
 
 class HeadOp(_Op):
-    """A softmax classifier on top, with optional hidden layers."""
+    """A softmax classifier on top (zero-initialised), with optional fresh hidden layers."""
 
-    op: Literal["head"]
+    op: Literal["head"] = "head"
     classes: int = Field(ge=2)
     hidden: list[Annotated[int, Field(gt=0)]] = Field(default_factory=list)
-    activation: str = "sigmoid"
-    name: str = "out"
+    activation: Activation = "sigmoid"
+    name: NodeName = "out"
 
-    _a = field_validator("activation")(classmethod(lambda cls, v: check_activation(v)))
-    _n = field_validator("name")(classmethod(lambda cls, v: _check_name(v)))
-
-    def apply(self, g: ModelGraph, sources: dict[str, Any], gen: torch.Generator) -> list[str]:
-        return g.head(self.classes, self.hidden, self.activation, gen, name=self.name)
+    def apply(self, g: ModelGraph, sources: Sources | None = None, gen: torch.Generator | None = None) -> list[str]:
+        """Append the hidden layers and the output layer."""
+        shapes = g.validate()
+        width = math.prod(shapes[g.last()])  # type: ignore[index]
+        names = []
+        for i, h in enumerate(self.hidden):
+            nm = f"fc{i + 1}"
+            g.append(layer_node(nm, LayerSpec(in_features=width, out_features=h, activation=self.activation),
+                                None, None, gen))
+            names.append(nm)
+            width = h
+        g.append(layer_node(self.name, LayerSpec(in_features=width, out_features=self.classes, activation="linear"),
+                            {"weight": torch.zeros(self.classes, width), "bias": torch.zeros(self.classes)},
+                            {"source": "fresh", "init": "zeros"}))
+        return [*names, self.name]
 
 
 class DropoutOp(_Op):
-    op: Literal["dropout"]
+    """Dropout with rate ``p`` after each node matching ``after``."""
+
+    op: Literal["dropout"] = "dropout"
     p: float = Field(gt=0, lt=1)
-    after: list[str] = Field(min_length=1, description="node names or globs")
+    after: Annotated[list[str], BeforeValidator(as_list)] = Field(min_length=1, description="node names or globs")
 
-    @field_validator("after", mode="before")
-    @classmethod
-    def _listify(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
-
-    def apply(self, g: ModelGraph, sources: dict[str, Any], gen: torch.Generator) -> list[str]:
-        return g.add_dropout(self.after, self.p)
+    def apply(self, g: ModelGraph, sources: Sources | None = None, gen: torch.Generator | None = None) -> list[str]:
+        """Insert one dropout node after each match; returns their names."""
+        made = []
+        for n in g.match(self.after):
+            nm = f"drop_{n}"
+            g.insert_after(n, [Node(nm, "dropout", p=self.p, provenance={"source": "dropout"})])
+            made.append(nm)
+        return made
 
 
 class ImportOp(_Op):
     """Layers from a foreign weights file: ``layers`` names the destination layers whose
     ``<layer>.weight`` / ``<layer>.bias`` the source's ``map`` provides."""
 
-    op: Literal["import"]
+    op: Literal["import"] = "import"
     source: str
     layers: list[str] = Field(min_length=1)
-    activation: str = "sigmoid"
+    activation: Activation = "sigmoid"
     after: str | None = None
     before: str | None = None
 
-    _a = field_validator("activation")(classmethod(lambda cls, v: check_activation(v)))
+    def _node(self, src: ForeignWeights, name: str) -> Node:
+        w, b = src.tensors.get(f"{name}.weight"), src.tensors.get(f"{name}.bias")
+        if w is None:
+            raise SurgeryError(f"source {self.source!r} maps nothing to {name}.weight; its map gives {sorted(src.tensors)}.")
+        if w.dim() != 2:
+            raise ShapeError(f"{name}.weight from {self.source!r} has shape {tuple(w.shape)}; "
+                             "import takes dense [out, in] weights.")
+        if b is None:
+            b = torch.zeros(w.shape[0])
+        if tuple(b.shape) != (w.shape[0],):
+            raise ShapeError(f"{name}.bias from {self.source!r} has shape {tuple(b.shape)}, weight needs "
+                             f"({w.shape[0]},); map it with transpose: true?")
+        spec = LayerSpec(in_features=w.shape[1], out_features=w.shape[0], activation=self.activation)
+        return layer_node(name, spec, {"weight": w, "bias": b}, {"source": self.source, "import": True})
 
-    def apply(self, g: ModelGraph, sources: dict[str, Any], gen: torch.Generator) -> list[str]:
-        src = sources.get(self.source)
+    def apply(self, g: ModelGraph, sources: Sources | None = None, gen: torch.Generator | None = None) -> list[str]:
+        """Add the imported layers and record what loaded in ``g.report``."""
+        src = (sources or {}).get(self.source)
         if not isinstance(src, ForeignWeights):
             raise SurgeryError(f"source {self.source!r} is not a foreign file with a map:; import needs one.")
-        nodes = []
-        for name in self.layers:
-            w, b = src.tensors.get(f"{name}.weight"), src.tensors.get(f"{name}.bias")
-            if w is None:
-                raise SurgeryError(
-                    f"source {self.source!r} maps nothing to {name}.weight; its map gives {sorted(src.tensors)}."
-                )
-            if w.dim() != 2:
-                raise SurgeryError(f"{name}.weight from {self.source!r} has shape {tuple(w.shape)}; import takes dense [out, in] weights.")
-            if b is None:
-                b = torch.zeros(w.shape[0])
-            if tuple(b.shape) != (w.shape[0],):
-                raise SurgeryError(f"{name}.bias from {self.source!r} has shape {tuple(b.shape)}, weight needs ({w.shape[0]},); map it with transpose: true?")
-            spec = LayerSpec(in_features=w.shape[1], out_features=w.shape[0], activation=self.activation)
-            nodes.append(layer_node(name, spec, {"weight": w, "bias": b}, {"source": self.source, "import": True}))
-        g._place(nodes, self.after, self.before, None)
+        nodes = [self._node(src, name) for name in self.layers]
+        g.place(nodes, self.after, self.before)
         g.report.append(f"import from {self.source!r}: loaded {src.report['loaded']}; "
                         f"skipped {src.report['skipped']}; missing {src.report['missing']}")
         return [n.name for n in nodes]
 
 
 Op = Annotated[
-    Union[TakeOp, TransplantOp, InsertOp, RemoveOp, ReinitOp, FreezeOp, DeepenOp, WidenOp, HeadOp,
-          DropoutOp, ImportOp],
+    TakeOp | TransplantOp | InsertOp | RemoveOp | ReinitOp | FreezeOp | DeepenOp | WidenOp | HeadOp
+    | DropoutOp | ImportOp,
     Field(discriminator="op"),
 ]
-
-
-class MapEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    to: str
-    transpose: bool = False
-
-
-class ForeignSource(BaseModel):
-    """A foreign weights file and how its keys map onto ``<layer>.weight|bias``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    path: str
-    map: dict[str, str | MapEntry] = Field(min_length=1)
-    transpose: bool = Field(default=False, description="all weights stored visible x hidden")
-
-    @field_validator("map")
-    @classmethod
-    def _dest(cls, v: dict[str, str | MapEntry]) -> dict[str, str | MapEntry]:
-        for k, d in v.items():
-            to = d if isinstance(d, str) else d.to
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*\.(weight|bias)$", to):
-                raise ValueError(f"map[{k!r}] -> {to!r}: destinations are <layer>.weight or <layer>.bias")
-        return v
-
-    def mapping(self) -> dict[str, tuple[str, bool]]:
-        out = {}
-        for k, d in self.map.items():
-            if isinstance(d, str):
-                out[k] = (d, self.transpose and d.endswith(".weight"))
-            else:
-                out[k] = (d.to, d.transpose)
-        return out
-
-
-class ForeignWeights:
-    def __init__(self, tensors: dict[str, torch.Tensor], report: dict[str, list[str]]):
-        self.tensors, self.report = tensors, report
-
-
-class SurgeryConfig(BaseModel):
-    """The ``surgery:`` recipe section."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    sources: dict[str, str | ForeignSource] = Field(default_factory=dict)
-    ops: list[Op] = Field(min_length=1)
-
-    @model_validator(mode="after")
-    def _sources_exist(self) -> SurgeryConfig:
-        for i, op in enumerate(self.ops):
-            src = getattr(op, "source", None)
-            if src is not None and src not in self.sources and src != "pretrained":
-                raise ValueError(
-                    f"ops[{i}].source: {src!r} is not among sources {sorted(self.sources)} "
-                    "(or 'pretrained', the stack this recipe's pretrain section makes)"
-                )
-        return self
-
-
-def _stack(sources: dict[str, Any], name: str) -> LayerStack:
-    if name not in sources:
-        raise SurgeryError(f"source {name!r} is not loaded; known: {sorted(sources)}")
-    s = sources[name]
-    if not isinstance(s, LayerStack):
-        raise SurgeryError(f"source {name!r} is a foreign weights file; use op: import for it.")
-    return s
-
-
-def build_graph(cfg: SurgeryConfig, sources: dict[str, Any], seed: int = 0) -> ModelGraph:
-    """Apply every op in order; any failure names the op by index and kind.
-
-    Shapes may disagree between ops (remove a layer, then insert its replacement); the
-    finished graph must validate, and an error then names the nodes and shapes.
-    """
-    g = ModelGraph()
-    gen = torch.Generator().manual_seed(seed)
-    for i, op in enumerate(cfg.ops):
-        try:
-            op.apply(g, sources, gen)
-        except SurgeryError as e:
-            raise SurgeryError(f"surgery.ops[{i}] ({op.op}): {e}") from e
-        except (ValueError, KeyError, IndexError) as e:
-            raise SurgeryError(f"surgery.ops[{i}] ({op.op}): {e}") from e
-    try:
-        g.validate()
-    except SurgeryError as e:
-        raise SurgeryError(f"surgery.ops (the network they build): {e}") from e
-    return g

@@ -10,12 +10,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .data import Dataset, find_mnist_file, load_dataset
-from .errors import SurgeryError
+from .assembly import ForeignSource, SurgeryConfig, build_graph
+from .data import Dataset, find_mnist_file, load_dataset, resolve_device
+from .errors import ConfigError, SurgeryError
 from .finetune import FinetuneConfig, Trainer, check_fits
 from .graph import ModelGraph
-from .io import write_json
-from .ops import ForeignSource, ForeignWeights, HeadOp, SurgeryConfig, TakeOp, build_graph
+from .grid import plan_cells
+from .io import make_dir, write_json
+from .model_file import load_model, save_model
+from .ops import ForeignWeights, HeadOp, TakeOp
 from .pretrain import greedy_pretrain
 from .pretrain.greedy import plan_stack
 from .recipe import Recipe
@@ -23,8 +26,10 @@ from .stack import LayerStack, load_foreign
 
 
 def pretrain(recipe: Recipe, data: Dataset | None = None, progress: bool | None = None) -> LayerStack:
+    """Greedy layer-wise pretraining of ``recipe.pretrain`` on the recipe's data; the stack
+    records the recipe and the dataset."""
     if recipe.pretrain is None:
-        raise SurgeryError(f"{recipe._source}: the recipe has no pretrain: section.")
+        raise SurgeryError(f"{recipe.source}: the recipe has no pretrain: section.")
     data = data or load_dataset(recipe.data, recipe.base_dir)
     stack = greedy_pretrain(data.train.x, recipe.pretrain, recipe.seed, y=data.train.y,
                             progress=progress, data_fingerprint=data.fingerprint())
@@ -39,6 +44,8 @@ def default_surgery(stack: LayerStack, classes: int) -> SurgeryConfig:
 
 
 def load_sources(recipe: Recipe, pretrained: LayerStack | None) -> dict[str, Any]:
+    """The surgery section's sources by name (stacks and foreign weights), plus the
+    ``pretrained`` stack when given; errors name ``surgery.sources.<name>``."""
     cfg = recipe.surgery
     out: dict[str, Any] = {}
     if pretrained is not None:
@@ -62,14 +69,17 @@ def load_sources(recipe: Recipe, pretrained: LayerStack | None) -> dict[str, Any
     return out
 
 
-def assemble(recipe: Recipe, stack: LayerStack | None, classes: int) -> ModelGraph:
+def assemble(recipe: Recipe, stack: LayerStack | None, classes: int,
+             input_shape: tuple[int, ...] | None = None) -> ModelGraph:
+    """The network the recipe's surgery section builds (default: every pretrained layer
+    and a softmax head of ``classes``); ``input_shape`` is the data's, per example."""
     sources = load_sources(recipe, stack)
     cfg = recipe.surgery
     if cfg is None:
         if stack is None:
-            raise SurgeryError(f"{recipe._source}: nothing to assemble: add a pretrain: or surgery: section.")
+            raise SurgeryError(f"{recipe.source}: nothing to assemble: add a pretrain: or surgery: section.")
         cfg = default_surgery(stack, classes)
-    return build_graph(cfg, sources, recipe.seed)
+    return build_graph(cfg, sources, recipe.seed, input_shape)
 
 
 def validate(recipe: Recipe) -> tuple[ModelGraph | None, list[str]]:
@@ -82,8 +92,6 @@ def validate(recipe: Recipe) -> tuple[ModelGraph | None, list[str]]:
     data = load_dataset(recipe.data.model_copy(update={"device": "cpu"}), recipe.base_dir)
     notes.append(f"data: {data.name}, train {tuple(data.train.x.shape)}, valid {len(data.valid)}, test {len(data.test)}")
     if recipe.finetune is not None:
-        from .data import resolve_device
-
         dev = resolve_device(recipe.finetune.device)
         notes.append(f"finetune device: {dev}")
     stack = None
@@ -91,19 +99,17 @@ def validate(recipe: Recipe) -> tuple[ModelGraph | None, list[str]]:
         try:
             stack = plan_stack(recipe.pretrain, data.input_shape)
         except ValueError as e:
-            raise SurgeryError(str(e)) from e
+            raise ConfigError(str(e)) from e
         if any(lc.method == "conv_ae" for lc in recipe.pretrain.layers) and len(data.input_shape) != 3:
             raise SurgeryError("pretrain: conv_ae layers need images; set data.flatten: false.")
         notes.append("pretrain plan: " + " -> ".join(f"{s.name}:{s.pretrain['method']}{s.spec.output_shape}" for s in stack))
     if recipe.experiment is not None:
-        from .experiment import plan_cells
-
         cells = plan_cells(recipe, data.input_shape, data.num_classes)
         exp = recipe.experiment
         notes.append(f"experiment: {len(cells)} cells ({', '.join(exp.arms())} x depths {exp.depths} x seeds {exp.seeds})")
     if recipe.surgery is None and stack is None:
         return None, notes
-    graph = assemble(recipe, stack, data.num_classes)
+    graph = assemble(recipe, stack, data.num_classes, data.input_shape)
     check_fits(graph, data)  # what Trainer would refuse
     notes += graph.report
     return graph, notes
@@ -113,7 +119,7 @@ def run(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool | 
         data: Dataset | None = None) -> dict[str, Any]:
     """pretrain (if any) -> assemble -> fine-tune (if any); files go under ``out``."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     t0 = time.perf_counter()
     data = data or load_dataset(recipe.data, recipe.base_dir)
     stack = None
@@ -125,8 +131,8 @@ def run(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool | 
             stack = pretrain(recipe, data, progress)
             stack.save(stack_path)
     t_pre = time.perf_counter() - t0
-    graph = assemble(recipe, stack, data.num_classes)
-    graph.save(out / "assembled.safetensors", {"recipe": recipe.to_dict()})
+    graph = assemble(recipe, stack, data.num_classes, data.input_shape)
+    save_model(graph, out / "assembled.safetensors", {"recipe": recipe.to_dict()})
     result: dict[str, Any] = {"pretrain_seconds": round(t_pre, 3), "out": str(out)}
     if recipe.finetune is not None:
         trainer = Trainer(graph, data, recipe.finetune, recipe.seed, out)
@@ -139,5 +145,6 @@ def run(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool | 
 
 def finetune_model(model_path: str | Path, data: Dataset, cfg: FinetuneConfig, seed: int, out: str | Path,
                    resume: bool = False) -> dict[str, Any]:
-    graph = ModelGraph.load(model_path)
+    """Fine-tune an assembled model file on ``data``; results go under ``out``."""
+    graph = load_model(model_path)
     return Trainer(graph, data, cfg, seed, out).fit(resume=resume)

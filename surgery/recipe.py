@@ -14,13 +14,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
+from .assembly import SurgeryConfig
 from .data import DataConfig
-from .errors import SurgeryError
-from .experiment import ExperimentConfig
+from .errors import ConfigError
+from .experiment_config import ExperimentConfig
 from .finetune import FinetuneConfig
-from .ops import SurgeryConfig
 from .pretrain import PretrainConfig
-from .search import SearchConfig
+from .search_config import SearchConfig
 
 
 class Recipe(BaseModel):
@@ -42,7 +42,13 @@ class Recipe(BaseModel):
 
     @property
     def base_dir(self) -> Path:
+        """The directory relative paths in the recipe are resolved against."""
         return self._base_dir
+
+    @property
+    def source(self) -> str:
+        """Where the recipe came from (its file, or a description), for error messages."""
+        return self._source
 
     def resolve(self, path: str | Path) -> Path:
         """A path from the recipe, relative to the recipe file's directory."""
@@ -50,15 +56,18 @@ class Recipe(BaseModel):
         return p if p.is_absolute() else self._base_dir / p
 
     def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain JSON-able data (unset sections left out)."""
         return self.model_dump(mode="json", exclude_none=True)
 
     def with_overrides(self, overrides: dict[str, Any] | list[str]) -> Recipe:
+        """A new recipe with ``dotted.path=value`` overrides applied and validated again."""
         data = self.to_dict()
         apply_overrides(data, overrides)
         return recipe_from_dict(data, self._base_dir, self._source)
 
 
 def format_validation_error(e: ValidationError, source: str) -> str:
+    """One paragraph from a pydantic error: each problem's field path, message and value."""
     lines = []
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
@@ -73,27 +82,29 @@ def format_validation_error(e: ValidationError, source: str) -> str:
 
 
 def recipe_from_dict(data: Any, base_dir: Path | None = None, source: str = "<recipe>") -> Recipe:
+    """Validate ``data`` as a Recipe; ``ConfigError`` names every bad field and value."""
     if not isinstance(data, dict):
-        raise SurgeryError(f"{source}: a recipe must be a mapping of sections (data, pretrain, ...), got {type(data).__name__}.")
+        raise ConfigError(f"{source}: a recipe must be a mapping of sections (data, pretrain, ...), got {type(data).__name__}.")
     try:
         r = Recipe.model_validate(data)
     except ValidationError as e:
-        raise SurgeryError(format_validation_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source)) from None
     r._base_dir = Path(base_dir) if base_dir else Path.cwd()
     r._source = source
     return r
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``['a.b=1', ...]`` -> ``{'a.b': 1}`` (values parsed as YAML scalars)."""
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise SurgeryError(f"--set {item!r}: write it as dotted.path=value (e.g. pretrain.layers.0.epochs=3).")
+            raise ConfigError(f"--set {item!r}: write it as dotted.path=value (e.g. pretrain.layers.0.epochs=3).")
         key, _, raw = item.partition("=")
         try:
             out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
-            raise SurgeryError(f"--set {item!r}: the value is not valid YAML ({e}).") from e
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e}).") from e
     return out
 
 
@@ -111,7 +122,7 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str])
                     idx = int(part)
                     cur[idx]
                 except (ValueError, IndexError):
-                    raise SurgeryError(f"--set {key}: {part!r} is not an index of a list of {len(cur)}.") from None
+                    raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {len(cur)}.") from None
                 if last:
                     cur[idx] = value
                 else:
@@ -124,23 +135,24 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str])
                         cur[part] = {}
                     cur = cur[part]
             else:
-                raise SurgeryError(f"--set {key}: {'.'.join(parts[:i])} is a value, not a section.")
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is a value, not a section.")
     return data
 
 
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    """The recipe file as a dict (YAML, or JSON by suffix); ``ConfigError`` for a missing, empty or malformed file."""
     path = Path(path)
     if not path.is_file():
-        raise SurgeryError(f"{path}: no such recipe file.")
+        raise ConfigError(f"{path}: no such recipe file.")
     text = path.read_text()
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise SurgeryError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
     if data is None:
-        raise SurgeryError(f"{path}: the recipe is empty.")
+        raise ConfigError(f"{path}: the recipe is empty.")
     if not isinstance(data, dict):
-        raise SurgeryError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}.")
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}.")
     return data
 
 
@@ -153,4 +165,5 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | list[str] | None =
 
 
 def json_schema() -> dict[str, Any]:
+    """The recipe's JSON Schema."""
     return Recipe.model_json_schema()

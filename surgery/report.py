@@ -14,12 +14,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from scipy import stats
 
-from .io import atomic_path, write_text
+from .io import atomic_path, make_dir, write_text
 
 
 def summarize(values: list[float]) -> dict[str, float]:
+    """n, mean, sd and the 95% Student-t interval of the mean."""
     a = np.asarray(values, dtype=float)
     n = len(a)
     mean = float(a.mean()) if n else math.nan
@@ -41,6 +43,7 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float]:
 
 
 def table(rows: list[dict[str, Any]], baseline: str = "none") -> list[dict[str, Any]]:
+    """Per (arm, depth): the summary of test errors and Welch's t-test against ``baseline``."""
     groups: dict[tuple[str, int], list[float]] = {}
     for r in rows:
         groups.setdefault((r["condition"], int(r["depth"])), []).append(float(r["test_error"]))
@@ -59,6 +62,7 @@ def _fmt(x: float, nd: int = 2) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], baseline: str = "none") -> str:
+    """The report's markdown: the table, the best arm, and links to the figures."""
     tab = table(rows, baseline)
     seeds = sorted({int(r["seed"]) for r in rows})
     lines = [
@@ -87,30 +91,59 @@ def markdown(rows: list[dict[str, Any]], baseline: str = "none") -> str:
     return "\n".join(lines)
 
 
+def significance_line(rows: list[dict[str, Any]], baseline: str = "none", alpha: float = 0.01) -> str:
+    """One sentence: which arms differ from ``baseline`` at the same depth (Welch p < alpha)."""
+    tab = [t for t in table(rows, baseline) if t["condition"] != baseline and not math.isnan(t["p"])]
+    if not tab:
+        return f"significance: no arm can be tested against {baseline!r} (needs >= 2 seeds per cell)."
+    better = [f"{t['condition']} d{t['depth']}" for t in tab if t["p"] < alpha and t["mean"] < t["baseline_mean"]]
+    worse = [f"{t['condition']} d{t['depth']}" for t in tab if t["p"] < alpha and t["mean"] > t["baseline_mean"]]
+    if not better and not worse:
+        return f"significance: no arm differs from {baseline!r} at p < {alpha} (Welch t-test per depth)."
+    parts = []
+    if better:
+        parts.append(f"below {baseline!r}: {', '.join(better)}")
+    if worse:
+        parts.append(f"above {baseline!r}: {', '.join(worse)}")
+    return f"significance (Welch p < {alpha}, same depth): " + "; ".join(parts) + "."
+
+
 def write_report(out: Path, rows: list[dict[str, Any]], baseline: str = "none") -> None:
-    out = Path(out)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    write_text(out / "report.md", markdown(rows, baseline))
+    """Write ``out/report.md`` and ``out/figures/*.png`` for an experiment's result rows."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
+    out = Path(out)
+    make_dir(out / "figures")
+    write_text(out / "report.md", markdown(rows, baseline))
     conds = sorted({r["condition"] for r in rows}, key=lambda c: (c != baseline, c))
-    cmap = plt.cm.tab10 if len(conds) <= 10 else plt.cm.tab20
+    cmap = plt_colormap(len(conds))
     colors = {c: cmap(i % cmap.N) for i, c in enumerate(conds)}
     tab = table(rows, baseline)
+    _save(_depth_figure(tab, conds, colors, baseline), out / "figures" / "error_vs_depth.png")
+    _save(_hist_figure(rows, conds), out / "figures" / "error_hist.png")
+    _save(_curves_figure(rows, conds, colors), out / "figures" / "learning_curves.png")
+    _save(_filters_figure(rows, conds), out / "figures" / "filters.png")
 
-    # 1. test error vs depth with CI bars (one depth: arms side by side, sorted)
+
+def plt_colormap(n: int) -> Any:
+    """A qualitative colormap with enough colours for ``n`` arms."""
+    import matplotlib.pyplot as plt
+
+    return plt.cm.tab10 if n <= 10 else plt.cm.tab20
+
+
+def _depth_figure(tab: list[dict[str, Any]], conds: list[str], colors: dict[str, Any], baseline: str) -> Any:
+    """Test error vs depth with CI bars (one depth: arms side by side, sorted)."""
+    import matplotlib.pyplot as plt
+
     depths_all = sorted({t["depth"] for t in tab})
     if len(depths_all) == 1 or all(len({t["depth"] for t in tab if t["condition"] == c}) == 1 for c in conds):
         ts = sorted(tab, key=lambda t: t["mean"])
         fig, ax = plt.subplots(figsize=(7, 1.2 + 0.32 * len(ts)))
         ys = range(len(ts))
         errs = [0 if math.isnan(t["ci_half"]) else t["ci_half"] for t in ts]
-        ax.errorbar([t["mean"] for t in ts], ys, xerr=errs, fmt="o", capsize=3,
-                    color="tab:blue", ecolor="tab:gray")
+        ax.errorbar([t["mean"] for t in ts], ys, xerr=errs, fmt="o", capsize=3, color="tab:blue", ecolor="tab:gray")
         for t in ts:
             if t["condition"] == baseline:
                 ax.axvline(t["mean"], color="tab:red", lw=0.8, ls="--")
@@ -119,27 +152,28 @@ def write_report(out: Path, rows: list[dict[str, Any]], baseline: str = "none") 
         ax.set_xlabel("test error (%)")
         ax.set_title(f"Test error per arm (mean, 95% CI over seeds; dashed: {baseline})")
         ax.grid(alpha=0.3, axis="x")
-    else:
-        fig, ax = plt.subplots(figsize=(7 if len(conds) <= 8 else 9, 4.5))
-        for i, c in enumerate(conds):
-            ts = [t for t in tab if t["condition"] == c]
-            dodge = 0.06 * (i - (len(conds) - 1) / 2)  # keep the CI bars apart
-            d = [t["depth"] + dodge for t in ts]
-            m = [t["mean"] for t in ts]
-            e = [0 if math.isnan(t["ci_half"]) else t["ci_half"] for t in ts]
-            ax.errorbar(d, m, yerr=e, marker="o", capsize=4, label=c, color=colors[c])
-        ax.set_xlabel("hidden layers")
-        ax.set_ylabel("test error (%)")
-        ax.set_title("Test error vs depth (mean, 95% CI over seeds)")
-        ax.set_xticks(depths_all)
-        ax.grid(alpha=0.3)
-        if len(conds) > 6:
-            ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
-        else:
-            ax.legend()
-    _save(fig, out / "figures" / "error_vs_depth.png")
+        return fig
+    fig, ax = plt.subplots(figsize=(7 if len(conds) <= 8 else 9, 4.5))
+    for i, c in enumerate(conds):
+        ts = [t for t in tab if t["condition"] == c]
+        dodge = 0.06 * (i - (len(conds) - 1) / 2)  # keep the CI bars apart
+        e = [0 if math.isnan(t["ci_half"]) else t["ci_half"] for t in ts]
+        ax.errorbar([t["depth"] + dodge for t in ts], [t["mean"] for t in ts], yerr=e, marker="o", capsize=4,
+                    label=c, color=colors[c])
+    ax.set_xlabel("hidden layers")
+    ax.set_ylabel("test error (%)")
+    ax.set_title("Test error vs depth (mean, 95% CI over seeds)")
+    ax.set_xticks(depths_all)
+    ax.grid(alpha=0.3)
+    ax.legend(**({"loc": "center left", "bbox_to_anchor": (1.0, 0.5)} if len(conds) > 6 else {}))
+    return fig
 
-    # 2. histogram of test errors over seeds, one panel per condition (Erhan et al. 2010)
+
+def _hist_figure(rows: list[dict[str, Any]], conds: list[str]) -> Any:
+    """Histogram of test errors over seeds, one panel per arm (as Erhan et al. 2010)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
     allv = [float(r["test_error"]) for r in rows]
     bins = np.linspace(min(allv), max(allv) + 1e-6, 21) if allv else 10
     depths = sorted({int(r["depth"]) for r in rows})
@@ -155,9 +189,13 @@ def write_report(out: Path, rows: list[dict[str, Any]], baseline: str = "none") 
     axes[0, 0].legend(loc="upper left", fontsize="small", ncol=len(depths))
     axes[-1, 0].set_xlabel("test error (%)")
     fig.suptitle("Spread of test error over seeds (stacked by depth)")
-    _save(fig, out / "figures" / "error_hist.png")
+    return fig
 
-    # 3. learning curves: validation error per epoch at the largest depth
+
+def _curves_figure(rows: list[dict[str, Any]], conds: list[str], colors: dict[str, Any]) -> Any:
+    """Validation error per epoch at each arm's largest depth, mean over seeds."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for c in conds:
         crow = [r for r in rows if r["condition"] == c]
@@ -176,14 +214,12 @@ def write_report(out: Path, rows: list[dict[str, Any]], baseline: str = "none") 
     ax.set_title("Learning curves (mean over seeds)")
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, out / "figures" / "learning_curves.png")
-
-    # 4. first-layer filters of each arm (seed with the lowest number, largest depth)
-    _filters_figure(rows, conds, out / "figures" / "filters.png", plt)
+    return fig
 
 
-def _filters_figure(rows: list[dict[str, Any]], conds: list[str], path: Path, plt: Any) -> None:
-    from safetensors import safe_open
+def _filters_figure(rows: list[dict[str, Any]], conds: list[str]) -> Any:
+    """First-layer filters of each arm (the lowest seed, largest depth)."""
+    import matplotlib.pyplot as plt
 
     panels = []
     for c in conds:
@@ -209,7 +245,7 @@ def _filters_figure(rows: list[dict[str, Any]], conds: list[str], path: Path, pl
     for ax in axes[n:]:
         ax.axis("off")
     fig.suptitle("First-layer filters (first 64 units, each scaled to its own range)")
-    _save(fig, path)
+    return fig
 
 
 def filter_grid(w: torch.Tensor, n: int = 64) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Process-level settings that make CPU training loops faster.
+"""Process-level settings: malloc tuning for CPU training loops, and the process's rank
+under torchrun (who prints and writes).
 
 glibc's malloc returns freed blocks of a few MB to the kernel (its trim and mmap
 thresholds), so a training step that frees its gradients and activations and allocates
@@ -15,6 +16,8 @@ import ctypes
 import ctypes.util
 import os
 import sys
+
+import torch
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _done = False
@@ -35,3 +38,28 @@ def keep_freed_memory(trim_bytes: int = 1 << 30, mmap_bytes: int = 32 << 20) -> 
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _done = bool(mallopt(_M_MMAP_THRESHOLD, mmap_bytes)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_bytes))
     return _done
+
+
+def rank() -> int:
+    """This process's rank under ``torchrun`` (0 when not distributed)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """Whether this process prints and writes: rank 0, or the only process."""
+    return rank() == 0
+
+
+def distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """``(rank, world size, device)``: under ``torchrun`` (``WORLD_SIZE`` > 1) the process
+    group is set up (gloo on the CPU, nccl on GPUs) and each rank takes the GPU of its
+    ``LOCAL_RANK``; otherwise ``(0, 1, device)``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size(), device

@@ -7,7 +7,7 @@ recomputes exactly the values an uninterrupted one would have used.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -22,13 +22,21 @@ class OptimizerConfig(_Cfg):
 
     name: Literal["sgd", "rmsprop", "adagrad", "adadelta", "adam"] = "sgd"
     lr: float = Field(default=0.1, gt=0, le=100)
-    momentum: float = Field(default=0.0, ge=0, lt=1, description="sgd and rmsprop")
+    momentum: float = Field(default=0.0, ge=0, lt=1, description="sgd (default 0.9) and rmsprop (default 0)")
     nesterov: bool = False
     weight_decay: float = Field(default=0.0, ge=0)
     alpha: float = Field(default=0.99, gt=0, lt=1, description="rmsprop smoothing")
     rho: float = Field(default=0.9, gt=0, lt=1, description="adadelta decay")
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float | None = Field(default=None, gt=0, description="default: torch's per-optimizer default")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sgd_momentum(cls, data: Any) -> Any:
+        # SGD defaults to momentum 0.9, as every shipped recipe uses; plain SGD is momentum: 0.
+        if isinstance(data, dict) and data.get("name", "sgd") == "sgd" and "momentum" not in data:
+            data = {**data, "momentum": 0.9}
+        return data
 
     @model_validator(mode="after")
     def _nesterov(self) -> OptimizerConfig:
@@ -80,6 +88,7 @@ class LRSchedule(_Cfg):
     per: Literal["step", "epoch"] = "step"
 
     def value(self, base: float, step: int, steps_per_epoch: int, total_steps: int) -> float:
+        """The lr at global ``step`` (``base``: the optimizer's lr)."""
         start = self.start or base
         epoch = step // steps_per_epoch
         t = epoch * steps_per_epoch if self.per == "epoch" else step
@@ -106,6 +115,7 @@ class MomentumSchedule(_Cfg):
     ramp_epochs: int | None = Field(default=None, gt=0)
 
     def value(self, step: int, steps_per_epoch: int, total_steps: int) -> float:
+        """The momentum at global ``step``."""
         if self.kind == "constant":
             return self.start
         if self.kind == "sutskever":
@@ -116,6 +126,8 @@ class MomentumSchedule(_Cfg):
 
 
 class ScheduleConfig(_Cfg):
+    """``{lr: LRSchedule, momentum: MomentumSchedule}``; either may be left out."""
+
     lr: LRSchedule | None = None
     momentum: MomentumSchedule | None = None
 

@@ -10,58 +10,22 @@ from __future__ import annotations
 
 import copy
 import os
+import random
 import socket
+import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .io import write_json, write_text
+from .errors import SurgeryError, TrainingDiverged
+from .io import make_dir, write_json, write_text
+from .pipeline import run
+from .recipe import Recipe, apply_overrides, recipe_from_dict
+from .search_config import SearchConfig
 
-
-class ParamRange(BaseModel):
-    """``{type: float, low, high, log}`` | ``{type: int, low, high}`` | ``{type: categorical, choices}``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    type: Literal["float", "int", "categorical"] = "float"
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    choices: list[Any] | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> ParamRange:
-        if self.type == "categorical":
-            if not self.choices:
-                raise ValueError("a categorical parameter needs a non-empty choices list")
-        else:
-            if self.low is None or self.high is None:
-                raise ValueError(f"a {self.type} parameter needs low and high")
-            if self.low >= self.high:
-                raise ValueError(f"low={self.low} must be below high={self.high}")
-            if self.log and self.low <= 0:
-                raise ValueError(f"log scale needs low > 0 (got {self.low})")
-        return self
-
-
-class SearchConfig(BaseModel):
-    """The ``search:`` recipe section."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    params: dict[str, ParamRange] = Field(min_length=1, description="dotted recipe path -> range")
-    trials: int = Field(default=20, ge=1)
-    sampler: Literal["tpe", "gp", "random"] = "tpe"
-    study: str | None = Field(default=None, description="study name (default: the recipe's name)")
-
-    @model_validator(mode="after")
-    def _paths(self) -> SearchConfig:
-        for k in self.params:
-            if k.split(".")[0] not in ("data", "pretrain", "surgery", "finetune"):
-                raise ValueError(f"params[{k!r}]: search paths start with data, pretrain, surgery or finetune")
-        return self
+# Optuna (and SQLAlchemy under it) is imported where a search starts: it costs about a
+# second, and `import surgery` should not pay it.
 
 
 def _sampler(name: str, seed: int) -> Any:
@@ -77,13 +41,8 @@ def _sampler(name: str, seed: int) -> Any:
 def _open_study(name: str, url: str, sampler: Any) -> Any:
     """Create or join a study; workers starting together may race to create the schema,
     so a failed attempt is retried after a short random wait."""
-    import random
-    import time
-
     import optuna
     from sqlalchemy.exc import SQLAlchemyError
-
-    from .errors import SurgeryError
 
     last: Exception | None = None
     for _ in range(8):
@@ -100,22 +59,18 @@ def _open_study(name: str, url: str, sampler: Any) -> Any:
     raise SurgeryError(f"--storage {url}: cannot open the study ({type(last).__name__}: {str(last).splitlines()[0]}).")
 
 
-def run_search(recipe: Any, out: str | Path, trials: int | None = None, storage: str | None = None,
+def run_search(recipe: Recipe, out: str | Path, trials: int | None = None, storage: str | None = None,
                progress: bool | None = None) -> dict[str, Any]:
     """Run (or join) the study; write best.yaml and search.json under ``out``."""
     import optuna
 
-    from .errors import SurgeryError, TrainingDiverged
-    from .pipeline import run
-    from .recipe import apply_overrides, recipe_from_dict
-
     cfg: SearchConfig | None = recipe.search
     if cfg is None:
-        raise SurgeryError(f"{recipe._source}: the recipe has no search: section.")
+        raise SurgeryError(f"{recipe.source}: the recipe has no search: section.")
     if recipe.finetune is None:
         raise SurgeryError("search: the objective is the validation error, so the recipe needs a finetune: section.")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     storage = storage or f"sqlite:///{(out / 'search.db').resolve()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = cfg.study or recipe.name
@@ -136,7 +91,7 @@ def run_search(recipe: Any, out: str | Path, trials: int | None = None, storage:
                 values[path] = trial.suggest_float(path, pr.low, pr.high, log=pr.log)  # type: ignore[arg-type]
         trial.set_user_attr("worker", worker)
         data = apply_overrides(copy.deepcopy(base), values)
-        r = recipe_from_dict(data, recipe.base_dir, f"{recipe._source} [trial {trial.number}]")
+        r = recipe_from_dict(data, recipe.base_dir, f"{recipe.source} [trial {trial.number}]")
         try:
             res = run(r, out / "trials" / f"{trial.number:04d}-{os.getpid()}", progress=progress)
         except TrainingDiverged:

@@ -24,20 +24,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .errors import ManifestError
+from .errors import ConfigError, ManifestError, NameNotFound
 from .io import atomic_path
 from .layers import LayerSpec
+from .version import package_version
 
 STACK_FORMAT = "surgery.stack"
 MODEL_FORMAT = "surgery.model"
 FORMAT_VERSION = 1
 MANIFEST_KEY = "surgery.manifest"
-
-
-def package_version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 @dataclass
@@ -63,10 +58,12 @@ class StackLayer:
 
     @torch.no_grad()
     def transform(self, x: Tensor, chunk: int = 10000) -> Tensor:
+        """The layer's output for ``x`` [N, ...], computed in chunks of ``chunk`` rows without autograd."""
         m = self.module().to(x.device)
         return torch.cat([m(x[i : i + chunk]) for i in range(0, x.shape[0], chunk)])
 
     def layer_manifest(self) -> dict[str, Any]:
+        """This layer's manifest entry (spec, shapes, tensors, how it was pretrained)."""
         return {
             "name": self.name,
             "kind": self.spec.kind,
@@ -81,6 +78,7 @@ class StackLayer:
 
 @dataclass
 class LayerStack:
+    """An ordered list of pretrained layers plus provenance; saved as one safetensors file."""
     layers: list[StackLayer] = field(default_factory=list)
     recipe: dict[str, Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)
@@ -96,20 +94,23 @@ class LayerStack:
             for layer in self.layers:
                 if layer.name == key:
                     return layer
-            raise KeyError(f"no layer named {key!r}; the stack has {self.names}")
+            raise NameNotFound(f"no layer named {key!r}; the stack has {self.names}")
         return self.layers[key]
 
     @property
     def names(self) -> list[str]:
+        """The layer names in order."""
         return [layer.name for layer in self.layers]
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """The per-example input shape of the first layer."""
         return self.layers[0].spec.input_shape if self.layers else ()
 
     def append(self, layer: StackLayer) -> LayerStack:
+        """Add ``layer`` on top; ``ConfigError`` if its name is taken. Returns self."""
         if layer.name in self.names:
-            raise ValueError(f"the stack already has a layer named {layer.name!r}")
+            raise ConfigError(f"the stack already has a layer named {layer.name!r}; give the new layer another name")
         self.layers.append(layer)
         return self
 
@@ -121,6 +122,7 @@ class LayerStack:
         return x
 
     def manifest(self) -> dict[str, Any]:
+        """The JSON manifest written into the file's metadata."""
         return {
             "format": STACK_FORMAT,
             "version": FORMAT_VERSION,
@@ -232,6 +234,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def read_safetensors(path: Path, expect: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The manifest and tensors of a surgery file of format ``expect``; ``ManifestError`` names what is wrong."""
     manifest = read_manifest(path)
     fmt = manifest.get("format")
     if fmt != expect:

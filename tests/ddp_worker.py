@@ -5,17 +5,15 @@ import sys
 import torch
 from safetensors.torch import save_file
 
+from surgery.assembly import build_graph
 from surgery.data import DataConfig, load_dataset
 from surgery.finetune import FinetuneConfig, Trainer
 from surgery.graph import ModelGraph
-from surgery.layers import LayerSpec
+from surgery.ops import HeadOp, InsertOp
 
 
 def build() -> ModelGraph:
-    g = ModelGraph()
-    g.insert("h1", LayerSpec(in_features=64, out_features=32), generator=torch.Generator().manual_seed(5))
-    g.head(4)
-    return g
+    return build_graph([InsertOp(name="h1", units=32, in_features=64), HeadOp(classes=4)], seed=5)
 
 
 def train(batch_size: int) -> dict:

@@ -3,10 +3,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from surgery.assembly import SurgeryConfig, build_graph
 from surgery.errors import ShapeError, SurgeryError
 from surgery.graph import ModelGraph, Node, layer_node
 from surgery.layers import LayerSpec
-from surgery.ops import SurgeryConfig, build_graph
+from surgery.model_file import load_model, save_model
+from surgery.modules import to_module
+from surgery.ops import DeepenOp, DropoutOp, FreezeOp, HeadOp, TakeOp, WidenOp
 from surgery.stack import LayerStack, StackLayer
 from tests.helpers import random_stack
 
@@ -22,10 +25,10 @@ def _forward_upto(module, x, stop):
 def test_transplanted_layer_computes_exactly_what_it_did_in_its_source():
     a, b = random_stack(seed=1), random_stack(seed=2)
     g = ModelGraph()
-    g.take(a, 0, 2, "a")
-    g.take(b, 2, 3, "b")
-    g.head(10)
-    net = g.compile()
+    TakeOp(source="a", layers=(0, 2)).apply(g, {"a": a})
+    TakeOp(source="b", layers=(2, 3)).apply(g, {"b": b})
+    HeadOp(classes=10).apply(g)
+    net = to_module(g)
     x = torch.rand(32, 784)
     h2 = a.transform(x, upto=2)
     assert torch.equal(_forward_upto(net, x, "h2"), h2)
@@ -36,71 +39,71 @@ def test_transplanted_layer_computes_exactly_what_it_did_in_its_source():
 def test_repeated_take_gives_independent_tensors():
     a = random_stack(sizes=(16, 16, 16))
     g = ModelGraph()
-    g.take(a, 0, 2, "a", prefix="x_")
-    g.take(a, 0, 2, "a", prefix="y_")
+    TakeOp(source="a", layers=(0, 2), prefix="x_").apply(g, {"a": a})
+    TakeOp(source="a", layers=(0, 2), prefix="y_").apply(g, {"a": a})
     wx, wy = g.node("x_h1").tensors["weight"], g.node("y_h1").tensors["weight"]
     assert torch.equal(wx, wy) and wx.data_ptr() != wy.data_ptr()
     wx.add_(1.0)
     assert not torch.equal(wx, wy) and torch.equal(wy, a[0].tensors["weight"])
     with pytest.raises(SurgeryError, match="duplicate node name 'h1'"):
         g2 = ModelGraph()
-        g2.take(a, 0, 1, "a")
-        g2.take(a, 0, 1, "a")
+        TakeOp(source="a", layers=(0, 1)).apply(g2, {"a": a})
+        TakeOp(source="a", layers=(0, 1)).apply(g2, {"a": a})
 
 
 @pytest.mark.parametrize("act", ["relu", "linear"])
 def test_deepen_is_exact_for_relu_and_linear(act):
     g = ModelGraph()
-    g.take(random_stack(sizes=(20, 12, 8), act=act), 0, 2, "s")
-    g.head(3)
+    TakeOp(source="s", layers=(0, 2)).apply(g, {"s": random_stack(sizes=(20, 12, 8), act=act)})
+    HeadOp(classes=3).apply(g)
     with torch.no_grad():
         g.node("out").tensors["weight"].normal_()
     x = torch.randn(50, 20)
-    before = g.compile()(x)
-    g.deepen("h1")
-    g.deepen("h2", name="extra")
+    before = to_module(g)(x)
+    DeepenOp(after="h1").apply(g)
+    DeepenOp(after="h2", name="extra").apply(g)
     assert g.order() == ["h1", "h1_deep", "h2", "extra", "out"]
-    assert torch.equal(g.compile()(x), before)
+    assert torch.equal(to_module(g)(x), before)
 
 
 def test_deepen_after_sigmoid_explains_and_offers_linear():
     g = ModelGraph()
-    g.take(random_stack(sizes=(20, 12, 8)), 0, 2, "s")
+    TakeOp(source="s", layers=(0, 2)).apply(g, {"s": random_stack(sizes=(20, 12, 8))})
     x = torch.rand(10, 20)
-    before = g.compile()(x)
+    before = to_module(g)(x)
     with pytest.raises(SurgeryError, match="sigmoid.*activation: linear"):
-        g.deepen("h1")
-    g.deepen("h1", activation="linear")
-    assert torch.allclose(g.compile()(x), before, atol=1e-7)
-    g.deepen("h2", allow_inexact=True)
-    assert not torch.allclose(g.compile()(x), before, atol=1e-3)
+        DeepenOp(after="h1").apply(g)
+    DeepenOp(after="h1", activation="linear").apply(g)
+    assert torch.allclose(to_module(g)(x), before, atol=1e-7)
+    DeepenOp(after="h2", allow_inexact=True).apply(g)
+    assert not torch.allclose(to_module(g)(x), before, atol=1e-3)
 
 
 @pytest.mark.parametrize("act", ["sigmoid", "relu", "tanh"])
 def test_widen_preserves_the_function(act):
     g = ModelGraph()
-    g.take(random_stack(sizes=(20, 12, 8), act=act), 0, 2, "s")
-    g.add_dropout("h1", 0.5)
-    g.head(4)
+    TakeOp(source="s", layers=(0, 2)).apply(g, {"s": random_stack(sizes=(20, 12, 8), act=act)})
+    DropoutOp(p=0.5, after="h1").apply(g)
+    HeadOp(classes=4).apply(g)
     with torch.no_grad():
         g.node("out").tensors["weight"].normal_()
     x = torch.randn(40, 20)
-    net = g.compile().eval()
+    net = to_module(g).eval()
     before = net(x)
-    changed = g.widen("h1", 30, generator=torch.Generator().manual_seed(0))
+    changed = WidenOp(node="h1", units=30).apply(g, None, torch.Generator().manual_seed(0))
     assert changed == ["h1", "h2"]
-    g.widen("h2", 17, generator=torch.Generator().manual_seed(1))
-    after = g.compile().eval()(x)
+    WidenOp(node="h2", units=17).apply(g, None, torch.Generator().manual_seed(1))
+    after = to_module(g).eval()(x)
     assert g.shapes()["h1"] == (30,) and g.node("out").spec.in_features == 17
     assert torch.allclose(after, before, atol=1e-5)
 
 
 def test_compile_frozen_and_names_map_to_nodes():
     g = ModelGraph()
-    g.take(random_stack(), 0, 3, "s")
-    g.head(10, hidden=[5])
-    g.set_frozen(["h*"], True)
-    net = g.compile()
+    TakeOp(source="s", layers=(0, 3)).apply(g, {"s": random_stack()})
+    HeadOp(classes=10, hidden=[5]).apply(g)
+    FreezeOp(nodes=["h*"]).apply(g)
+    net = to_module(g)
     assert isinstance(net, nn.Sequential)
     names = dict(net.named_parameters())
     assert set(names) == {f"{n}.{p}" for n in ["h1", "h2", "h3", "fc1", "out"] for p in ("weight", "bias")}
@@ -109,14 +112,14 @@ def test_compile_frozen_and_names_map_to_nodes():
 
 def test_model_file_round_trips(tmp_path):
     g = ModelGraph()
-    g.take(random_stack(), 0, 3, "s")
-    g.add_dropout(["h1"], 0.2)
-    g.head(10)
-    g.set_frozen("h1", True)
-    p = g.save(tmp_path / "m.safetensors")
-    back = ModelGraph.load(p)
+    TakeOp(source="s", layers=(0, 3)).apply(g, {"s": random_stack()})
+    DropoutOp(p=0.2, after=["h1"]).apply(g)
+    HeadOp(classes=10).apply(g)
+    FreezeOp(nodes=["h1"]).apply(g)
+    p = save_model(g, tmp_path / "m.safetensors")
+    back = load_model(p)
     assert back.order() == g.order() and back.node("h1").frozen and back.node("drop_h1").p == 0.2
-    sa, sb = g.compile().state_dict(), back.compile().state_dict()
+    sa, sb = to_module(g).state_dict(), to_module(back).state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     with pytest.raises(SurgeryError, match="assembled model, not a layer stack"):
         LayerStack.load(p)
@@ -133,7 +136,7 @@ def test_dag_with_merges_compiles():
     g.add_node(Node("cat", "concat"), ["sum", "d"])
     g.add_node(layer_node("out", s(9, 2, "linear")), ["cat"])
     assert g.shapes()["cat"] == (9,)
-    net = g.compile()
+    net = to_module(g)
     x = torch.randn(5, 10)
     m = dict(net.named_children())
     a = m["a"](x)
@@ -143,7 +146,7 @@ def test_dag_with_merges_compiles():
 
 def test_shape_mismatch_names_both_nodes_and_shapes():
     g = ModelGraph()
-    g.take(random_stack(sizes=(784, 64, 32)), 0, 1, "a")
+    TakeOp(source="a", layers=(0, 1)).apply(g, {"a": random_stack(sizes=(784, 64, 32))})
     with pytest.raises(ShapeError, match=r"'h1' gives \(64,\) but 'z2' expects \(16,\)"):
         g.append(layer_node("z2", LayerSpec(in_features=16, out_features=4)))
         g.validate()
@@ -181,11 +184,11 @@ def test_import_foreign_safetensors_and_state_dict(tmp_path):
     sources = load_sources(r, None)
     g = build_graph(cfg, sources)
     x = torch.randn(7, 20)
-    assert torch.equal(g.compile()(x), ref(x))
+    assert torch.equal(to_module(g)(x), ref(x))
     assert "skipped ['junk']" in g.report[0]
     g2 = build_graph(SurgeryConfig.model_validate({"sources": cfg.sources, "ops": [
         {"op": "import", "source": "r", "layers": ["r1"]}]}), sources)
-    assert torch.allclose(g2.compile()(x), torch.sigmoid(ref[0](x)))
+    assert torch.allclose(to_module(g2)(x), torch.sigmoid(ref[0](x)))
 
 
 def test_graph_ops_through_the_recipe_section():
@@ -215,7 +218,7 @@ def test_conv_then_dense_flattens():
     spec = LayerSpec(kind="conv2d", in_features=1, out_features=4, in_shape=(1, 8, 8), kernel_size=3)
     st = LayerStack([StackLayer("c1", spec, {"weight": torch.randn(4, 1, 3, 3), "bias": torch.zeros(4)})])
     g = ModelGraph()
-    g.take(st, 0, 1, "c")
-    g.head(2)
+    TakeOp(source="c", layers=(0, 1)).apply(g, {"c": st})
+    HeadOp(classes=2).apply(g)
     assert g.node("out").spec.in_features == 4 * 6 * 6
-    assert g.compile()(torch.rand(3, 1, 8, 8)).shape == (3, 2)
+    assert to_module(g)(torch.rand(3, 1, 8, 8)).shape == (3, 2)

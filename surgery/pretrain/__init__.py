@@ -1,11 +1,13 @@
 """Layer pretrainers and greedy stacking."""
 
-from .autoencoder import AEConfig, train_autoencoder
+from .ae_model import AEConfig, AEModel
+from .autoencoder import train_autoencoder
 from .greedy import METHODS, GrowConfig, LayerConfig, PretrainConfig, greedy_pretrain
 from .rbm import RBMConfig, train_rbm
 
 __all__ = [
     "AEConfig",
+    "AEModel",
     "GrowConfig",
     "LayerConfig",
     "METHODS",

@@ -6,11 +6,11 @@ import math
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from ..io import progress_bar as _bar
-from ..layers import LayerSpec, check_activation
+from ..layers import Activation, LayerSpec
 
 
 class LayerPretrainConfig(BaseModel):
@@ -24,19 +24,15 @@ class LayerPretrainConfig(BaseModel):
     momentum: float = Field(default=0.0, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
     batch_size: int | None = Field(default=None, gt=0, description="defaults to pretrain.batch_size")
-    activation: str = "sigmoid"
+    activation: Activation = "sigmoid"
     name: str | None = Field(default=None, description="layer name; defaults to h<i+1>")
-
-    @field_validator("activation")
-    @classmethod
-    def _act(cls, v: str) -> str:
-        return check_activation(v)
 
     def spec_for(self, in_shape: tuple[int, ...]) -> LayerSpec:
         """The layer this entry makes from input of per-example shape ``in_shape``."""
         return LayerSpec(in_features=math.prod(in_shape), out_features=self.hidden, activation=self.activation)
 
     def hyperparameters(self) -> dict[str, Any]:
+        """The entry's fields as recorded in the stack manifest."""
         return self.model_dump(mode="json", exclude={"name"})
 
 
@@ -46,6 +42,7 @@ def progress_bar(total: int, desc: str, progress: bool | None):
 
 
 def n_batches(n: int, batch_size: int) -> int:
+    """Batches in an epoch of ``n`` examples."""
     return math.ceil(n / batch_size)
 
 
@@ -55,6 +52,7 @@ def monitor_subset(x: Tensor, n: int = 1000) -> Tensor:
 
 
 def check_finite(value: float, what: str, layer: str, epoch: int) -> None:
+    """Raise ``TrainingDiverged`` naming the layer and epoch when ``value`` is NaN or infinite."""
     from ..errors import TrainingDiverged
 
     if not math.isfinite(value):
@@ -65,10 +63,12 @@ def check_finite(value: float, what: str, layer: str, epoch: int) -> None:
 
 
 def as_rows(x: Tensor) -> Tensor:
+    """Flatten images [N, C, H, W] to rows [N, C*H*W]; rows stay as they are."""
     return x.flatten(1) if x.dim() > 2 else x
 
 
 def new_generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed``."""
     return torch.Generator().manual_seed(seed)
 
 

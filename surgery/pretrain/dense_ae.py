@@ -18,17 +18,14 @@ activation, loss, tying, sparsity, momentum and weight decay.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .ae_model import AEConfig, AEModel
 from .base import check_finite
 from .sampling import MaskNoise, corrupt
-
-if TYPE_CHECKING:
-    from .autoencoder import _AE, AEConfig
 
 
 class _Buffers:
@@ -76,10 +73,14 @@ def _activate(h: Tensor, act: str) -> None:
         h.copy_(F.softplus(h))
 
 
-def train_dense(x: Tensor, cfg: AEConfig, model: _AE, mon: Tensor, name: str, batch_size: int,
+def train_dense(x: Tensor, cfg: AEConfig, model: AEModel, mon: Tensor, name: str, batch_size: int,
                 generator: torch.Generator, bar) -> list[dict]:
-    """Train ``model`` (a dense ``_AE``, initialised) on ``x`` [N, D]; its parameters hold the
-    result. Returns the per-epoch history."""
+    """Train ``model`` (a dense ``AEModel``, initialised) on ``x`` [N, D]; its parameters hold the
+    result. Returns the per-epoch history.
+
+    One function on purpose (a numerical kernel): the batch loop is four GEMMs over views
+    of buffers made once here, written in place; split into helpers, each batch would
+    rebuild or re-look-up those views."""
     n, nv = x.shape
     nh = cfg.hidden
     dev = x.device

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,8 @@ from torch import Tensor
 from ..data import epoch_batches
 from ..layers import init_weight
 from ..stack import LayerStack, StackLayer
-from .autoencoder import AEConfig
+from .ae_model import AEConfig
+from .autoencoder import train_autoencoder
 from .base import (
     LayerPretrainConfig,
     as_rows,
@@ -30,7 +31,7 @@ from .base import (
     pretrain_record,
     progress_bar,
 )
-from .rbm import RBMConfig
+from .rbm import RBMConfig, train_rbm
 
 
 class GrowConfig(LayerPretrainConfig):
@@ -45,13 +46,18 @@ class GrowConfig(LayerPretrainConfig):
         "needs hidden equal to the layer below)",
     )
 
-    def fit(self, *a: Any, **k: Any) -> StackLayer:  # pragma: no cover - grow runs via greedy
-        raise TypeError("grow layers are trained by greedy_pretrain, which supplies the labels")
 
 
 LayerConfig = Annotated[RBMConfig | AEConfig | GrowConfig, Field(discriminator="method")]
 
 METHODS = ("rbm", "grbm", "ae", "dae", "sparse_ae", "conv_ae", "grow")
+
+# The unsupervised layer trainers by method; ``grow`` needs labels and the stack so far,
+# so greedy_pretrain runs it itself.
+TRAINERS: dict[str, Callable[..., StackLayer]] = {
+    "rbm": train_rbm, "grbm": train_rbm,
+    "ae": train_autoencoder, "dae": train_autoencoder, "sparse_ae": train_autoencoder, "conv_ae": train_autoencoder,
+}
 
 
 class PretrainConfig(BaseModel):
@@ -82,6 +88,7 @@ class PretrainConfig(BaseModel):
         return self
 
     def layer_name(self, i: int) -> str:
+        """The name of layer ``i``: its ``name``, else ``h<i+1>``."""
         return self.layers[i].name or f"h{i + 1}"
 
 
@@ -129,7 +136,7 @@ def greedy_pretrain(
                 raise ValueError(f"pretrain.layers[{i}]: grow is supervised and needs labels")
             layer = _grow_stage(x, y, inp, stack, lc, name, bs, g, progress)
         else:
-            layer = lc.fit(inp, name, bs, g, progress)
+            layer = TRAINERS[lc.method](inp, lc, name, bs, g, progress)
         layer.pretrain["seconds"] = round(time.perf_counter() - t0, 3)
         layer.pretrain["data_fingerprint"] = data_fingerprint
         stack.append(layer)

@@ -45,9 +45,6 @@ class RBMConfig(LayerPretrainConfig):
             raise ValueError(f"activation={v!r}: RBM hidden units are sigmoid (binary stochastic units)")
         return v
 
-    def fit(self, x: Tensor, name: str, batch_size: int, generator: torch.Generator,
-            progress: bool | None = None) -> StackLayer:
-        return train_rbm(x, self, name, batch_size, generator, progress)
 
 
 class _Buffers:
@@ -91,7 +88,11 @@ def free_energy(v: Tensor, W: Tensor, b: Tensor, c: Tensor, gaussian: bool) -> T
 @torch.no_grad()
 def train_rbm(x: Tensor, cfg: RBMConfig, name: str, batch_size: int, generator: torch.Generator,
               progress: bool | None = None) -> StackLayer:
-    """Fit one RBM layer on ``x`` [N, D]; return it with per-epoch metrics."""
+    """Fit one RBM layer on ``x`` [N, D]; return it with per-epoch metrics.
+
+    One function on purpose (a numerical kernel): the CD-k batch loop works on views of
+    buffers made once here, and every step of it is a GEMM or an in-place pass; split
+    into helpers, each batch would rebuild or re-look-up those views."""
     x = as_rows(x).contiguous()
     n, nv = x.shape
     nh = cfg.hidden

@@ -53,6 +53,7 @@ class MaskNoise(RandomWords):
 
 
 def corrupt(x: Tensor, kind: str, level: float, g: torch.Generator | None) -> Tensor:
+    """A corrupted copy of ``x``: masking (zeros), Gaussian noise, or salt-and-pepper, at ``level``."""
     if level == 0:
         return x
     if kind == "gaussian":

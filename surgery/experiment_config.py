@@ -1,0 +1,106 @@
+"""The ``experiment:`` recipe section: arms (conditions), depths, seeds and the per-method
+layer defaults. Kept apart from the runner (:mod:`surgery.experiment`) so that recipe
+composition can import it without importing what runs it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .layers import Activation
+
+ArmMethod = Literal["none", "rbm", "grbm", "ae", "dae", "sparse_ae", "grow"]
+
+
+class ConvLayer(BaseModel):
+    """A convolutional first layer: ``maps`` feature maps of ``kernel_size`` with ``stride``;
+    pretrained arms pretrain it as a convolutional autoencoder."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    maps: int = Field(default=16, gt=0)
+    kernel_size: int = Field(default=5, gt=0)
+    stride: int = Field(default=2, gt=0)
+
+
+class ArmConfig(BaseModel):
+    """One arm. ``method`` pretrains every hidden layer (``none``: random classic init)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: ArmMethod = "none"
+    train: Literal["all", "new"] = Field(default="all", description="grow only")
+    layer: dict[str, Any] = Field(default_factory=dict, description="overrides for each pretrain.layers entry")
+    finetune: dict[str, Any] = Field(default_factory=dict, description="overrides for the finetune section")
+    hidden: int | None = Field(default=None, gt=0, description="units per hidden layer (default: experiment.hidden)")
+    activation: Activation | None = None
+    fixed_depth: int | None = Field(default=None, gt=0, description="run only this depth (shallow arms)")
+    conv: ConvLayer | None = Field(default=None, description="make the first hidden layer convolutional (needs data.flatten: false)")
+    data: dict[str, Any] = Field(default_factory=dict, description="overrides for the data section")
+
+
+BUILTIN_ARMS: dict[str, ArmConfig] = {
+    "none": ArmConfig(method="none"),
+    "rbm": ArmConfig(method="rbm"),
+    "dae": ArmConfig(method="dae"),
+    "ae": ArmConfig(method="ae"),
+    "grow": ArmConfig(method="grow", train="all"),
+    "grow-frozen": ArmConfig(method="grow", train="new"),
+    "shallow": ArmConfig(method="none", fixed_depth=1),
+}
+
+
+class ExperimentConfig(BaseModel):
+    """The ``experiment:`` recipe section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    conditions: list[str] | dict[str, ArmConfig] = Field(description="built-in arm names, or name -> arm")
+    depths: list[int] = Field(default=[1, 2, 3], min_length=1)
+    seeds: list[int] = Field(default=[0], min_length=1)
+    hidden: int = Field(default=500, gt=0)
+    activation: Activation = "sigmoid"
+    shallow_hidden: int | None = Field(default=None, gt=0, description="units of the shallow arm (default: hidden)")
+    pretrain_epochs: int = Field(default=5, ge=0)
+    pretrain_batch_size: int = Field(default=100, gt=0)
+    methods: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-method layer defaults, e.g. {rbm: {lr: 0.05}}"
+    )
+    baseline: str = Field(default="none", description="the arm every other is tested against")
+
+    @field_validator("conditions")
+    @classmethod
+    def _known(cls, v: list[str] | dict[str, ArmConfig]) -> list[str] | dict[str, ArmConfig]:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("conditions is empty; name at least one arm")
+            bad = [c for c in v if c not in BUILTIN_ARMS]
+            if bad:
+                raise ValueError(f"unknown arm(s) {bad}; built-in arms are {sorted(BUILTIN_ARMS)} (or give a mapping)")
+            if len(set(v)) != len(v):
+                raise ValueError("conditions repeat an arm")
+        return v
+
+    @field_validator("depths")
+    @classmethod
+    def _depths(cls, v: list[int]) -> list[int]:
+        if any(d < 1 for d in v):
+            raise ValueError(f"depths {v} must all be >= 1")
+        return sorted(set(v))
+
+    def arms(self) -> dict[str, ArmConfig]:
+        """The arms by name (built-in names resolved to their configs)."""
+        if isinstance(self.conditions, list):
+            return {c: BUILTIN_ARMS[c] for c in self.conditions}
+        return dict(self.conditions)
+
+
+DEFAULT_LAYER = {
+    "rbm": {"lr": 0.05, "momentum": 0.5},
+    "grbm": {"lr": 0.005, "momentum": 0.5},
+    "ae": {"lr": 0.01, "momentum": 0.9},
+    "dae": {"lr": 0.01, "momentum": 0.9, "noise": 0.25},
+    "sparse_ae": {"lr": 0.01, "momentum": 0.9},
+    "grow": {"lr": 0.1, "momentum": 0.9},
+}

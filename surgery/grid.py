@@ -1,0 +1,100 @@
+"""Planning an experiment grid: every (arm, depth, seed) cell as a full recipe dict.
+
+Every arm of a seed sees the same data order (the fine-tuning shuffle is seeded by the
+seed alone) and the same fine-tuning budget; the no-pretraining arm starts from the
+classic initialisation for its activation. Greedy stacks are planned once per (arm, seed)
+at the largest depth (``Cell.pretrain_key``); the depth-d stack is the snapshot after its
+d-th layer, which for layer-wise methods is exactly what a depth-d run trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+from pydantic import BaseModel
+
+from .errors import SurgeryError
+from .experiment_config import DEFAULT_LAYER, ExperimentConfig
+from .recipe import Recipe
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class Cell(BaseModel):
+    """One (arm, depth, seed) of a grid: its full recipe and the key of the stack it pretrains."""
+    condition: str
+    depth: int
+    seed: int
+    recipe: dict[str, Any]
+    pretrain_key: str | None
+
+    @property
+    def key(self) -> str:
+        """A hash of the cell's recipe: its directory name, so finished cells are found again."""
+        return _hash(self.recipe)
+
+
+def plan_cells(recipe: Recipe, input_shape: tuple[int, ...], classes: int) -> list[Cell]:
+    """Materialise every (arm, depth, seed) cell as a full recipe dict."""
+    exp: ExperimentConfig = recipe.experiment
+    if recipe.finetune is None:
+        raise SurgeryError("experiment: a comparison needs a finetune: section (the budget every arm gets).")
+    base = recipe.to_dict()
+    for k in ("experiment", "pretrain", "surgery", "search"):
+        base.pop(k, None)
+    cells = []
+    for name, arm in exp.arms().items():
+        depths = [arm.fixed_depth] if arm.fixed_depth else exp.depths
+        hidden = arm.hidden or (exp.shallow_hidden if arm.fixed_depth and exp.shallow_hidden else exp.hidden)
+        act = arm.activation or exp.activation
+        if arm.conv is not None and arm.data.get("flatten", base["data"].get("flatten", True)):
+            raise SurgeryError(f"experiment.conditions.{name}.conv: a conv first layer needs images; add data: {{flatten: false}} to the arm.")
+        for seed in exp.seeds:
+            max_d = max(depths)
+            pre = None
+            if arm.method != "none":
+                layer = {"method": arm.method, "hidden": hidden, "epochs": exp.pretrain_epochs,
+                         **DEFAULT_LAYER.get(arm.method, {}), **exp.methods.get(arm.method, {}), **arm.layer}
+                if arm.method == "grow":
+                    layer["train"] = arm.train
+                if arm.method not in ("rbm", "grbm"):
+                    layer.setdefault("activation", act)
+                layers = [dict(layer) for _ in range(max_d)]
+                if arm.conv is not None:
+                    c = arm.conv
+                    first = {"method": "conv_ae", "hidden": c.maps, "kernel_size": c.kernel_size, "stride": c.stride,
+                             "epochs": exp.pretrain_epochs, "lr": 0.01, "activation": act}
+                    layers[0] = {**first, **exp.methods.get("conv_ae", {})}
+                pre = {"batch_size": exp.pretrain_batch_size, "layers": layers}
+            for depth in depths:
+                r = json.loads(json.dumps(base))
+                r["seed"] = seed
+                r["name"] = f"{name}-d{depth}-s{seed}"
+                ft = r.get("finetune", {})
+                ft.update(arm.finetune)
+                r["finetune"] = ft
+                r["data"] = {**r["data"], **arm.data}
+                classes_hint = {"op": "head", "classes": classes}
+                if pre is not None:
+                    r["pretrain"] = pre
+                    r["surgery"] = {"ops": [{"op": "take", "source": "pretrained", "layers": [0, depth]}, classes_hint]}
+                else:
+                    ops: list[dict[str, Any]] = []
+                    for i in range(depth):
+                        op: dict[str, Any] = {"op": "insert", "name": f"h{i + 1}", "units": hidden, "activation": act}
+                        if i == 0 and arm.conv is not None:
+                            c = arm.conv
+                            img = input_shape if len(input_shape) == 3 else (1, *(2 * (int(math.isqrt(math.prod(input_shape))),)))
+                            op.update(kind="conv2d", units=c.maps, kernel_size=c.kernel_size, stride=c.stride, in_shape=list(img))
+                        elif i == 0:
+                            op["in_features"] = math.prod(input_shape)
+                        ops.append(op)
+                    r["surgery"] = {"ops": [*ops, classes_hint]}
+                pkey = _hash({"data": r["data"], "pretrain": pre, "seed": seed}) if pre else None
+                cells.append(Cell(condition=name, depth=depth, seed=seed, recipe=r, pretrain_key=pkey))
+    return cells
