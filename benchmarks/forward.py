@@ -35,7 +35,8 @@ def bench(rounds: int, batch: int = 1000, iters: int = 20) -> list[dict]:
 
     med = interleaved({"graph": lambda: run(compiled), "nn_sequential": lambda: run(hand)}, rounds)
     params = sum(a * b for a, b in zip(SIZES, SIZES[1:])) + SIZES[-1] * 10
-    return [row(f"forward b{batch} {k}", batch * iters / t, 2 * params, None, {p: med.ratio(k, p) for p in med if p != k})
+    return [row(f"forward b{batch} {k}", batch * iters / t, 2 * params, None,
+                {p: med.ratio(k, p) for p in med if p != k})
             for k, t in med.items()]
 
 

@@ -85,7 +85,8 @@ def bench(n: int | None, hidden: int, rounds: int, peak: float | None, device: s
     flops = 10 * x.shape[1] * hidden  # 3 forward matmuls + 2 gradient outer products
     rows = []
     for k, t in med.items():
-        ratios = {p: med.ratio(k, p) for p in med if p != k and not (k.startswith("surgery") and p.startswith("surgery"))}
+        both_ours = k.startswith("surgery")
+        ratios = {p: med.ratio(k, p) for p in med if p != k and not (both_ours and p.startswith("surgery"))}
         rows.append(row(f"rbm cd1 784->{hidden} {k} ({device})", N / t, flops, peak, ratios))
     return rows
 

@@ -70,7 +70,8 @@ def ae_bench(x: torch.Tensor, hidden: int, rounds: int, peak: float) -> list[dic
     # gradients (3 GEMMs); the corrupted input needs no gradient: 10 flops per weight.
     flops = 10 * x.shape[1] * hidden
     return [row(f"{k.replace('surgery_', '').replace('plain_torch_', '')} 784->{hidden} b100 {k.split('_')[0]}",
-                len(x) / t, flops, peak, {"plain_torch_dae": med.ratio(k, "plain_torch_dae")} if k != "plain_torch_dae" else {})
+                len(x) / t, flops, peak,
+                {"plain_torch_dae": med.ratio(k, "plain_torch_dae")} if k != "plain_torch_dae" else {})
             for k, t in med.items()]
 
 

@@ -67,7 +67,8 @@ from .version import __version__
 __all__ = [
     "AEConfig", "ArmConfig", "CheckpointError", "ConfigError", "DataConfig", "DataError", "Dataset", "DeepenOp",
     "DeviceError", "DropoutOp", "ExperimentConfig", "FinetuneConfig", "ForeignSource", "FreezeOp", "GrowConfig",
-    "HeadOp", "ImportOp", "InsertOp", "LayerSpec", "LayerStack", "ManifestError", "ModelGraph", "Node", "describe_model",
+    "HeadOp", "ImportOp", "InsertOp", "LayerSpec", "LayerStack", "ManifestError", "ModelGraph", "Node",
+    "describe_model",
     "OptimizerConfig", "OutputError", "PretrainConfig", "RBMConfig", "Recipe", "ReinitOp", "RemoveOp",
     "ScheduleConfig", "SearchConfig", "ShapeError", "Split", "StackLayer", "SurgeryConfig", "SurgeryError",
     "TakeOp", "Trainer", "TrainingDiverged", "TransplantOp", "WidenOp", "__version__", "assemble", "build_graph",

@@ -65,7 +65,8 @@ def save_checkpoint(path: Path, ck: Checkpoint) -> Path:
 def read_checkpoint(path: Path) -> Checkpoint:
     """Read a checkpoint; ``CheckpointError`` names the file when it is missing or corrupt."""
     if not path.is_file():
-        raise CheckpointError(f"--resume: no checkpoint at {path}; run without --resume, or set finetune.checkpoint_every.")
+        raise CheckpointError(f"--resume: no checkpoint at {path}; run without --resume, or set "
+                              "finetune.checkpoint_every.")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})[META_KEY])
@@ -98,7 +99,8 @@ def mismatch(saved: dict[str, Tensor], model: nn.Module, limit: int = 4) -> str:
     parts = []
     missing = [k for k in want if k not in have]
     extra = [k for k in have if k not in want]
-    shapes = [f"{k} {have[k]} in the checkpoint, {want[k]} in the model" for k in want if k in have and have[k] != want[k]]
+    shapes = [f"{k} {have[k]} in the checkpoint, {want[k]} in the "
+              "model" for k in want if k in have and have[k] != want[k]]
     for label, items in (("missing", missing), ("unexpected", extra), ("different shape", shapes)):
         if items:
             more = f" and {len(items) - limit} more" if len(items) > limit else ""

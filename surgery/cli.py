@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, help="an assembled model file to fine-tune instead of assembling")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/")
 
-    p = _recipe_cmd(sub, "run", "run everything the recipe holds: pretrain -> surgery -> finetune, or the experiment grid")
+    p = _recipe_cmd(sub, "run", "run everything the recipe holds: pretrain -> surgery -> finetune, or the experiment "
+                                "grid")
     p.add_argument("--out", type=Path, help="output directory (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="single runs: continue from the last checkpoint "
                    "(experiments always skip finished cells)")
@@ -154,7 +155,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     """``surgery finetune``: fine-tune the recipe's network, or a model file."""
     recipe = _load(args)
     if recipe.finetune is None:
-        raise SurgeryError(f"{args.recipe}: the recipe has no finetune: section; add one (e.g. finetune: {{epochs: 10}}).")
+        raise SurgeryError(f"{args.recipe}: the recipe has no finetune: section; add one (e.g. finetune: "
+                           f"{{epochs: 10}}).")
     out = _out(args, recipe)
     if args.model:
         data = load_dataset(recipe.data, recipe.base_dir)
@@ -211,7 +213,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     recipe = _load(args)
     out = _out(args, recipe, "-search")
     s = run_search(recipe, out, args.trials, args.storage)
-    say(f"study {s['study']}: {len(s['trials'])} trials; best valid error {s['best_value']:.2f}% with {s['best_params']}",
+    say(f"study {s['study']}: {len(s['trials'])} trials; best valid error {s['best_value']:.2f}% "
+        f"with {s['best_params']}",
         f"best recipe written to {out}/best.yaml")
 
 
@@ -235,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"surgery {args.command}: interrupted; files written so far are kept (rerun to continue).", file=sys.stderr)
+        print(f"surgery {args.command}: interrupted; files written so far are kept (rerun to "
+              "continue).", file=sys.stderr)
         return 130
     return 0
 

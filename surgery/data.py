@@ -345,11 +345,13 @@ def _find_idx(directory: Path, stem: str) -> Path:
     for cand in (directory / alt, directory / (alt + ".gz")):
         if cand.is_file():
             return cand
-    raise DataError(f"data.path: {directory} has no {stem} (or {stem}.gz); an IDX directory needs all of {sorted(IDX_FILES.values())}.")
+    raise DataError(f"data.path: {directory} has no {stem} (or {stem}.gz); an IDX directory needs all of "
+                    f"{sorted(IDX_FILES.values())}.")
 
 
 def load_idx_dir(directory: Path, valid_size: int = 10000) -> Dataset:
-    """The four IDX files of ``directory`` (gzipped or not) as a Dataset; the last ``valid_size`` training examples become the validation split."""
+    """The four IDX files of ``directory`` (gzipped or not) as a Dataset; the last
+    ``valid_size`` training examples become the validation split."""
     if not directory.is_dir():
         raise DataError(f"data.path: {directory} is not a directory of IDX files.")
     arr = {k: read_idx(_find_idx(directory, v)) for k, v in IDX_FILES.items()}

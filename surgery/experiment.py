@@ -49,7 +49,8 @@ def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None
         if res_path.is_file():
             result = json.loads(res_path.read_text())
         else:
-            r = recipe_from_dict(cell.recipe, recipe.base_dir, f"{recipe.source} [{cell.condition} d{cell.depth} s{cell.seed}]")
+            r = recipe_from_dict(cell.recipe, recipe.base_dir, f"{recipe.source} [{cell.condition} d{cell.depth} "
+                                                               f"s{cell.seed}]")
             dkey = json.dumps(r.data.model_dump(mode="json"), sort_keys=True)
             if dkey not in datasets:  # an arm with its own data section (e.g. images for a conv layer)
                 datasets[dkey] = load_dataset(r.data, recipe.base_dir)
@@ -67,7 +68,8 @@ def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None
 
                     st = greedy_pretrain(data.train.x, r.pretrain, r.seed, y=data.train.y, progress=progress,
                                          data_fingerprint=data.fingerprint(), on_layer=snapshot)
-                    write_json(sdir / "pretrain.json", {"seconds": round(time.perf_counter() - t0, 3), "layers": len(st)})
+                    seconds = round(time.perf_counter() - t0, 3)
+                    write_json(sdir / "pretrain.json", {"seconds": seconds, "layers": len(st)})
                 stack = LayerStack.load(spath)
                 meta = json.loads((sdir / "pretrain.json").read_text())
                 pre_s = meta["seconds"] * cell.depth / max(meta["layers"], 1)
@@ -104,7 +106,8 @@ def write_results_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def read_results(dirs: list[Path]) -> list[dict[str, Any]]:
-    """The result rows of one or more experiment directories; later directories win for the same (condition, depth, seed)."""
+    """The result rows of one or more experiment directories; later directories win for
+    the same (condition, depth, seed)."""
     rows = []
     for d in dirs:
         p = d / "results.csv"

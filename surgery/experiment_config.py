@@ -36,7 +36,8 @@ class ArmConfig(BaseModel):
     hidden: int | None = Field(default=None, gt=0, description="units per hidden layer (default: experiment.hidden)")
     activation: Activation | None = None
     fixed_depth: int | None = Field(default=None, gt=0, description="run only this depth (shallow arms)")
-    conv: ConvLayer | None = Field(default=None, description="make the first hidden layer convolutional (needs data.flatten: false)")
+    conv: ConvLayer | None = Field(default=None, description="make the first hidden layer convolutional (needs "
+                                                             "data.flatten: false)")
     data: dict[str, Any] = Field(default_factory=dict, description="overrides for the data section")
 
 

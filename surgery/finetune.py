@@ -96,7 +96,8 @@ class FinetuneConfig(BaseModel):
         default_factory=dict, description="node glob -> epoch it becomes trainable")
     freeze_at: Annotated[dict[str, int], AfterValidator(_epochs)] = Field(
         default_factory=dict, description="node glob -> epoch it stops training")
-    init: InitName | None = Field(default=None, description="re-initialise fresh hidden layers: classic, xavier, he, sparse, torch")
+    init: InitName | None = Field(default=None, description="re-initialise fresh hidden layers: classic, xavier, he, "
+                                                            "sparse, torch")
     dropout: Annotated[dict[str, float], AfterValidator(_rates)] = Field(
         default_factory=dict, description="node name/glob -> dropout rate after it")
     input_dropout: float = Field(default=0.0, ge=0, lt=1)
@@ -114,7 +115,8 @@ def prepare_graph(graph: ModelGraph, cfg: FinetuneConfig, seed: int) -> ModelGra
     gen = torch.Generator().manual_seed(seed + 7919)
     if cfg.init is not None:
         for node in g.nodes():
-            if node.kind == "layer" and node.provenance.get("source") == "fresh" and node.provenance.get("init") != "zeros":
+            fresh = node.provenance.get("source") == "fresh" and node.provenance.get("init") != "zeros"
+            if node.kind == "layer" and fresh:
                 init_weight(node.tensors["weight"], node.spec.activation, cfg.init, node.spec, gen)  # type: ignore[union-attr]
                 node.provenance = {**node.provenance, "init": cfg.init}
     for pat, p in cfg.dropout.items():
@@ -223,9 +225,9 @@ class EpochPlan:
 def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, xs: Tensor, ys: Tensor, cfg: FinetuneConfig,
                     plan: EpochPlan, epoch: int, step: int, device: torch.device) -> dict[str, Any]:
     """One pass over the shuffled training set ``xs`` [N, ...], ``ys`` [N] as epoch
-    ``epoch`` (from 0), starting at global step ``step``. Returns the epoch's record (loss, error, lr, momentum) and the new
-    ``step``; raises ``TrainingDiverged`` (checked every step on a CPU, every 50 on a GPU:
-    a check is a host sync)."""
+    ``epoch`` (from 0), starting at global step ``step``. Returns the epoch's record
+    (loss, error, lr, momentum) and the new ``step``; raises ``TrainingDiverged``
+    (checked every step on a CPU, every 50 on a GPU: a check is a host sync)."""
     check_every = 1 if device.type == "cpu" else 50
     loss_sum = torch.zeros((), device=device)
     wrong = torch.zeros((), dtype=torch.long, device=device)

@@ -111,7 +111,8 @@ class ModelGraph:
             return list(nx.topological_sort(self.g))
         except nx.NetworkXUnfeasible as e:
             cycle = nx.find_cycle(self.g)
-            raise ShapeError(f"the graph has a cycle through {[u for u, _ in cycle]}; a network must be acyclic.") from e
+            raise ShapeError(f"the graph has a cycle through {[u for u, _ in cycle]}; a network must be "
+                             "acyclic.") from e
 
     def inputs_of(self, name: str) -> list[str]:
         """The nodes feeding ``name``, in input-slot order."""

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from .errors import SurgeryError
-from .experiment_config import DEFAULT_LAYER, ExperimentConfig
+from .experiment_config import DEFAULT_LAYER, ArmConfig, ExperimentConfig
 from .recipe import Recipe
 
 
@@ -39,6 +39,41 @@ class Cell(BaseModel):
         return _hash(self.recipe)
 
 
+def _pretrain_section(arm: ArmConfig, exp: ExperimentConfig, hidden: int, act: str, depth: int) -> dict | None:
+    """The greedy stack an arm pretrains (``depth`` layers), or ``None`` for ``method: none``."""
+    if arm.method == "none":
+        return None
+    layer = {"method": arm.method, "hidden": hidden, "epochs": exp.pretrain_epochs,
+             **DEFAULT_LAYER.get(arm.method, {}), **exp.methods.get(arm.method, {}), **arm.layer}
+    if arm.method == "grow":
+        layer["train"] = arm.train
+    if arm.method not in ("rbm", "grbm"):
+        layer.setdefault("activation", act)
+    layers = [dict(layer) for _ in range(depth)]
+    if arm.conv is not None:
+        c = arm.conv
+        first = {"method": "conv_ae", "hidden": c.maps, "kernel_size": c.kernel_size, "stride": c.stride,
+                 "epochs": exp.pretrain_epochs, "lr": 0.01, "activation": act}
+        layers[0] = {**first, **exp.methods.get("conv_ae", {})}
+    return {"batch_size": exp.pretrain_batch_size, "layers": layers}
+
+
+def _fresh_ops(arm: ArmConfig, depth: int, hidden: int, act: str, input_shape: tuple[int, ...]) -> list[dict]:
+    """``insert`` ops for ``depth`` freshly initialised hidden layers (no pretraining)."""
+    ops: list[dict[str, Any]] = []
+    for i in range(depth):
+        op: dict[str, Any] = {"op": "insert", "name": f"h{i + 1}", "units": hidden, "activation": act}
+        if i == 0 and arm.conv is not None:
+            c = arm.conv
+            side = int(math.isqrt(math.prod(input_shape)))
+            img = input_shape if len(input_shape) == 3 else (1, side, side)
+            op.update(kind="conv2d", units=c.maps, kernel_size=c.kernel_size, stride=c.stride, in_shape=list(img))
+        elif i == 0:
+            op["in_features"] = math.prod(input_shape)
+        ops.append(op)
+    return ops
+
+
 def plan_cells(recipe: Recipe, input_shape: tuple[int, ...], classes: int) -> list[Cell]:
     """Materialise every (arm, depth, seed) cell as a full recipe dict."""
     exp: ExperimentConfig = recipe.experiment
@@ -47,54 +82,28 @@ def plan_cells(recipe: Recipe, input_shape: tuple[int, ...], classes: int) -> li
     base = recipe.to_dict()
     for k in ("experiment", "pretrain", "surgery", "search"):
         base.pop(k, None)
+    head = {"op": "head", "classes": classes}
     cells = []
     for name, arm in exp.arms().items():
         depths = [arm.fixed_depth] if arm.fixed_depth else exp.depths
         hidden = arm.hidden or (exp.shallow_hidden if arm.fixed_depth and exp.shallow_hidden else exp.hidden)
         act = arm.activation or exp.activation
         if arm.conv is not None and arm.data.get("flatten", base["data"].get("flatten", True)):
-            raise SurgeryError(f"experiment.conditions.{name}.conv: a conv first layer needs images; add data: {{flatten: false}} to the arm.")
+            raise SurgeryError(f"experiment.conditions.{name}.conv: a conv first layer needs images; add data: "
+                               f"{{flatten: false}} to the arm.")
+        pre = _pretrain_section(arm, exp, hidden, act, max(depths))
         for seed in exp.seeds:
-            max_d = max(depths)
-            pre = None
-            if arm.method != "none":
-                layer = {"method": arm.method, "hidden": hidden, "epochs": exp.pretrain_epochs,
-                         **DEFAULT_LAYER.get(arm.method, {}), **exp.methods.get(arm.method, {}), **arm.layer}
-                if arm.method == "grow":
-                    layer["train"] = arm.train
-                if arm.method not in ("rbm", "grbm"):
-                    layer.setdefault("activation", act)
-                layers = [dict(layer) for _ in range(max_d)]
-                if arm.conv is not None:
-                    c = arm.conv
-                    first = {"method": "conv_ae", "hidden": c.maps, "kernel_size": c.kernel_size, "stride": c.stride,
-                             "epochs": exp.pretrain_epochs, "lr": 0.01, "activation": act}
-                    layers[0] = {**first, **exp.methods.get("conv_ae", {})}
-                pre = {"batch_size": exp.pretrain_batch_size, "layers": layers}
             for depth in depths:
                 r = json.loads(json.dumps(base))
                 r["seed"] = seed
                 r["name"] = f"{name}-d{depth}-s{seed}"
-                ft = r.get("finetune", {})
-                ft.update(arm.finetune)
-                r["finetune"] = ft
+                r["finetune"] = {**r.get("finetune", {}), **arm.finetune}
                 r["data"] = {**r["data"], **arm.data}
-                classes_hint = {"op": "head", "classes": classes}
                 if pre is not None:
                     r["pretrain"] = pre
-                    r["surgery"] = {"ops": [{"op": "take", "source": "pretrained", "layers": [0, depth]}, classes_hint]}
+                    r["surgery"] = {"ops": [{"op": "take", "source": "pretrained", "layers": [0, depth]}, head]}
                 else:
-                    ops: list[dict[str, Any]] = []
-                    for i in range(depth):
-                        op: dict[str, Any] = {"op": "insert", "name": f"h{i + 1}", "units": hidden, "activation": act}
-                        if i == 0 and arm.conv is not None:
-                            c = arm.conv
-                            img = input_shape if len(input_shape) == 3 else (1, *(2 * (int(math.isqrt(math.prod(input_shape))),)))
-                            op.update(kind="conv2d", units=c.maps, kernel_size=c.kernel_size, stride=c.stride, in_shape=list(img))
-                        elif i == 0:
-                            op["in_features"] = math.prod(input_shape)
-                        ops.append(op)
-                    r["surgery"] = {"ops": [*ops, classes_hint]}
+                    r["surgery"] = {"ops": [*_fresh_ops(arm, depth, hidden, act, input_shape), head]}
                 pkey = _hash({"data": r["data"], "pretrain": pre, "seed": seed}) if pre else None
                 cells.append(Cell(condition=name, depth=depth, seed=seed, recipe=r, pretrain_key=pkey))
     return cells

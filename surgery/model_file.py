@@ -86,6 +86,7 @@ def describe_model(graph: ModelGraph) -> str:
         if n.kind == "dropout":
             what = f"drop {n.p:g}"
         prov = ", ".join(f"{k}={v}" for k, v in n.provenance.items())
-        rows.append(f"{name:<12} {what:<8} {str(shapes[name]):>14} {n.n_params:>10,} {'yes' if n.frozen else 'no':<6} {prov}")
+        rows.append(f"{name:<12} {what:<8} {str(shapes[name]):>14} {n.n_params:>10,} {'yes' if n.frozen else 'no':<6} "
+                    f"{prov}")
     rows.append(f"input {graph.input_shape}; {total:,} parameters, {trainable:,} trainable")
     return "\n".join(rows)

@@ -164,7 +164,8 @@ class InsertOp(_Op):
             return (self.in_features,)
         if g.input_shape is not None:
             return g.input_shape
-        raise SurgeryError(f"insert into an empty graph needs {'in_shape' if self.kind == 'conv2d' else 'in_features'}.")
+        raise SurgeryError("insert into an empty graph needs "
+                           f"{'in_shape' if self.kind == 'conv2d' else 'in_features'}.")
 
     def spec(self, g: ModelGraph) -> LayerSpec:
         """The new layer's spec, sized from what feeds it."""
@@ -373,7 +374,8 @@ class ImportOp(_Op):
     def _node(self, src: ForeignWeights, name: str) -> Node:
         w, b = src.tensors.get(f"{name}.weight"), src.tensors.get(f"{name}.bias")
         if w is None:
-            raise SurgeryError(f"source {self.source!r} maps nothing to {name}.weight; its map gives {sorted(src.tensors)}.")
+            raise SurgeryError(f"source {self.source!r} maps nothing to {name}.weight; its map gives "
+                               f"{sorted(src.tensors)}.")
         if w.dim() != 2:
             raise ShapeError(f"{name}.weight from {self.source!r} has shape {tuple(w.shape)}; "
                              "import takes dense [out, in] weights.")

@@ -90,7 +90,8 @@ def validate(recipe: Recipe) -> tuple[ModelGraph | None, list[str]]:
     if cfg.dataset == "mnist" and cfg.path is None and find_mnist_file() is None:
         load_dataset(cfg)  # raises the how-to-get-MNIST error
     data = load_dataset(recipe.data.model_copy(update={"device": "cpu"}), recipe.base_dir)
-    notes.append(f"data: {data.name}, train {tuple(data.train.x.shape)}, valid {len(data.valid)}, test {len(data.test)}")
+    notes.append(f"data: {data.name}, train {tuple(data.train.x.shape)}, valid {len(data.valid)}, test "
+                 f"{len(data.test)}")
     if recipe.finetune is not None:
         dev = resolve_device(recipe.finetune.device)
         notes.append(f"finetune device: {dev}")
@@ -102,11 +103,13 @@ def validate(recipe: Recipe) -> tuple[ModelGraph | None, list[str]]:
             raise ConfigError(str(e)) from e
         if any(lc.method == "conv_ae" for lc in recipe.pretrain.layers) and len(data.input_shape) != 3:
             raise SurgeryError("pretrain: conv_ae layers need images; set data.flatten: false.")
-        notes.append("pretrain plan: " + " -> ".join(f"{s.name}:{s.pretrain['method']}{s.spec.output_shape}" for s in stack))
+        plan = " -> ".join(f"{s.name}:{s.pretrain['method']}{s.spec.output_shape}" for s in stack)
+        notes.append("pretrain plan: " + plan)
     if recipe.experiment is not None:
         cells = plan_cells(recipe, data.input_shape, data.num_classes)
         exp = recipe.experiment
-        notes.append(f"experiment: {len(cells)} cells ({', '.join(exp.arms())} x depths {exp.depths} x seeds {exp.seeds})")
+        notes.append(f"experiment: {len(cells)} cells ({', '.join(exp.arms())} x depths {exp.depths} x seeds "
+                     f"{exp.seeds})")
     if recipe.surgery is None and stack is None:
         return None, notes
     graph = assemble(recipe, stack, data.num_classes, data.input_shape)
@@ -132,11 +135,13 @@ def run(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool | 
             stack.save(stack_path)
     t_pre = time.perf_counter() - t0
     graph = assemble(recipe, stack, data.num_classes, data.input_shape)
+    trainer = Trainer(graph, data, recipe.finetune, recipe.seed, out) if recipe.finetune is not None else None
+    if trainer is not None and resume and trainer.ckpt_path().is_file():
+        trainer.load_checkpoint()  # a checkpoint that does not fit fails here, before anything is written
     save_model(graph, out / "assembled.safetensors", {"recipe": recipe.to_dict()})
     result: dict[str, Any] = {"pretrain_seconds": round(t_pre, 3), "out": str(out)}
-    if recipe.finetune is not None:
-        trainer = Trainer(graph, data, recipe.finetune, recipe.seed, out)
-        result.update(trainer.fit(resume=resume and (out / "checkpoints" / "last.safetensors").is_file()))
+    if trainer is not None:
+        result.update(trainer.fit())
         result["finetune_seconds"] = result.pop("seconds")
         result["pretrain_seconds"] = round(t_pre, 3)
         write_json(out / "result.json", result)

@@ -84,7 +84,8 @@ def format_validation_error(e: ValidationError, source: str) -> str:
 def recipe_from_dict(data: Any, base_dir: Path | None = None, source: str = "<recipe>") -> Recipe:
     """Validate ``data`` as a Recipe; ``ConfigError`` names every bad field and value."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: a recipe must be a mapping of sections (data, pretrain, ...), got {type(data).__name__}.")
+        raise ConfigError(f"{source}: a recipe must be a mapping of sections (data, pretrain, ...), got "
+                          f"{type(data).__name__}.")
     try:
         r = Recipe.model_validate(data)
     except ValidationError as e:

@@ -77,12 +77,14 @@ def markdown(rows: list[dict[str, Any]], baseline: str = "none") -> str:
     ]
     for t in tab:
         ci = f"[{_fmt(t['ci_low'])}, {_fmt(t['ci_high'])}]"
-        diff = t["mean"] - t["baseline_mean"] if not math.isnan(t["baseline_mean"]) and t["condition"] != baseline else math.nan
+        vs_base = not math.isnan(t["baseline_mean"]) and t["condition"] != baseline
+        diff = t["mean"] - t["baseline_mean"] if vs_base else math.nan
         lines.append(f"| {t['condition']} | {t['depth']} | {t['n']} | {_fmt(t['mean'])} | {_fmt(t['std'])} | {ci} | "
                      f"{'' if math.isnan(diff) else f'{diff:+.2f}'} | {_fmt(t['t'])} | {_fmt(t['p'], 4)} |")
     best = min(tab, key=lambda t: t["mean"]) if tab else None
     if best:
-        lines += ["", f"Lowest mean test error: **{best['condition']}** at depth {best['depth']} ({best['mean']:.2f}%)."]
+        lines += ["", f"Lowest mean test error: **{best['condition']}** at depth {best['depth']} "
+                      f"({best['mean']:.2f}%)."]
     lines += ["", "## Figures", "",
               "![test error vs depth](figures/error_vs_depth.png)", "",
               "![spread over seeds](figures/error_hist.png)", "",
@@ -179,7 +181,8 @@ def _hist_figure(rows: list[dict[str, Any]], conds: list[str]) -> Any:
     depths = sorted({int(r["depth"]) for r in rows})
     fig, axes = plt.subplots(len(conds), 1, figsize=(7, 1.6 + 1.3 * len(conds)), sharex=True, squeeze=False)
     for ax, c in zip(axes[:, 0], conds):
-        per_depth = [[float(r["test_error"]) for r in rows if r["condition"] == c and int(r["depth"]) == d] for d in depths]
+        mine = [r for r in rows if r["condition"] == c]
+        per_depth = [[float(r["test_error"]) for r in mine if int(r["depth"]) == d] for d in depths]
         shades = [plt.cm.viridis(i / max(len(depths) - 1, 1)) for i in range(len(depths))]
         ax.hist(per_depth, bins=bins, stacked=True, color=shades, label=[f"depth {d}" for d in depths])
         v = [x for xs in per_depth for x in xs]

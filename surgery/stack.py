@@ -253,7 +253,8 @@ def read_safetensors(path: Path, expect: str) -> tuple[dict[str, Any], dict[str,
             for k in f.keys():
                 tensors[k] = f.get_tensor(k)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ManifestError(f"{path}: tensor data is unreadable ({_short(e)}); the file is truncated or corrupt.") from e
+        raise ManifestError(f"{path}: tensor data is unreadable ({_short(e)}); the file is truncated or "
+                            "corrupt.") from e
     for k, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ManifestError(f"{path}: tensor {k!r} holds NaN or infinite values.")
@@ -265,7 +266,8 @@ def describe(manifest: dict[str, Any]) -> str:
     lines = [f"{manifest.get('format')} v{manifest.get('version')} (surgery {manifest.get('package_version')})"]
     lines.append(f"input shape: {tuple(manifest.get('input_shape', []))}")
     if manifest.get("format") == STACK_FORMAT:
-        lines.append(f"{'layer':<8} {'kind':<7} {'in':>14} {'out':>14} {'activation':<10} {'method':<10} {'epochs':>6}  final metrics")
+        lines.append(f"{'layer':<8} {'kind':<7} {'in':>14} {'out':>14} {'activation':<10} {'method':<10} "
+                     f"{'epochs':>6}  final metrics")
         for lm in manifest.get("layers", []):
             p = lm.get("pretrain", {}) or {}
             final = p.get("final", {}) or {}
@@ -280,7 +282,8 @@ def describe(manifest: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def load_foreign(path: str | Path, mapping: dict[str, tuple[str, bool]]) -> tuple[dict[str, Tensor], dict[str, list[str]]]:
+def load_foreign(path: str | Path,
+                 mapping: dict[str, tuple[str, bool]]) -> tuple[dict[str, Tensor], dict[str, list[str]]]:
     """Tensors of a foreign weights file renamed by ``mapping`` (src key -> (dest, transpose)).
 
     Accepts any ``.safetensors`` file, or a torch state dict (``.pt``/``.pth``/``.bin``) read

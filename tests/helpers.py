@@ -15,5 +15,6 @@ def random_stack(sizes=(784, 64, 32, 16), act="sigmoid", seed=0, prefix="h"):
             "weight": torch.randn(b, a, generator=g) * 0.1,
             "bias": torch.randn(b, generator=g) * 0.1,
             "visible_bias": torch.randn(a, generator=g),
-        }, {"method": "rbm", "epochs": 1, "history": [{"epoch": 1, "recon_error": 1.5}], "final": {"recon_error": 1.5}}))
+        }, {"method": "rbm", "epochs": 1, "history": [{"epoch": 1, "recon_error": 1.5}],
+            "final": {"recon_error": 1.5}}))
     return st

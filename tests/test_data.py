@@ -143,10 +143,11 @@ def test_cli_pretrain_on_idx_files(tmp_path, gz, capsys):
 
     make_idx_dir(tmp_path / "idx", n_train=200, n_test=50, gz=gz)
     (tmp_path / "r.yaml").write_text("data: {dataset: mnist}\npretrain:\n  layers:\n"
-                                     "    - {method: rbm, hidden: 32, epochs: 2}\n    - {method: dae, hidden: 16, epochs: 1}\n")
+                                     "    - {method: rbm, hidden: 32, epochs: 2}\n"
+                                     "    - {method: dae, hidden: 16, epochs: 1}\n")
     out = tmp_path / "s.safetensors"
-    code = main(["pretrain", str(tmp_path / "r.yaml"), "--set", "data.dataset=idx", "--set", f"data.path={tmp_path / 'idx'}",
-                 "--set", "data.valid_size=50", "-o", str(out)])
+    data = ["--set", "data.dataset=idx", "--set", f"data.path={tmp_path / 'idx'}", "--set", "data.valid_size=50"]
+    code = main(["pretrain", str(tmp_path / "r.yaml"), *data, "-o", str(out)])
     assert code == 0, capsys.readouterr().err
     st = LayerStack.load(out)
     assert st.names == ["h1", "h2"] and st[0].spec.in_features == 784

@@ -9,11 +9,12 @@ import pytest
 import yaml
 
 from surgery.cli import main
-from surgery.experiment import plan_cells
+from surgery.grid import plan_cells
 from surgery.recipe import load_recipe
 from surgery.report import summarize, welch
 
 ROOT = Path(__file__).resolve().parents[1]
+CONV = {"maps": 4, "kernel_size": 3, "stride": 1}
 
 TINY = {
     "name": "tiny",
@@ -58,7 +59,8 @@ def test_experiment_grid_report_and_skip(tmp_path, capsys):
     assert main(["run", str(rp), "--out", str(out)]) == 0
     after = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/result.json")}
     assert len(after) == 22
-    assert [p for p in after if after[p] != stamps.get(p)] == gone or set(p for p in after if after[p] != stamps.get(p)) == set(gone)
+    changed = [p for p in after if after[p] != stamps.get(p)]
+    assert changed == gone or set(changed) == set(gone)
     # compare rebuilds and merges
     assert main(["compare", str(out), "--out", str(tmp_path / "merged")]) == 0
     assert len(_rows(tmp_path / "merged")) == 22
@@ -73,7 +75,8 @@ def test_cells_share_data_order_and_budget():
     for c in cells:
         by_seed.setdefault(c.seed, []).append(c)
     for seed, cs in by_seed.items():
-        assert {json.dumps(c.recipe["finetune"], sort_keys=True) for c in cs} == {json.dumps(cs[0].recipe["finetune"], sort_keys=True)}
+        budgets = {json.dumps(c.recipe["finetune"], sort_keys=True) for c in cs}
+        assert budgets == {json.dumps(cs[0].recipe["finetune"], sort_keys=True)}
         assert {c.recipe["seed"] for c in cs} == {seed}
     none = [c for c in cells if c.condition == "none"][0]
     assert all(op.get("init", "classic") == "classic" for op in none.recipe["surgery"]["ops"] if op["op"] == "insert")
@@ -92,7 +95,8 @@ def _search_recipe(tmp_path):
     r = {
         "name": "s",
         "data": {"dataset": "synthetic", "n_train": 300, "n_valid": 100, "n_test": 100},
-        "surgery": {"ops": [{"op": "insert", "name": "h1", "units": 8, "in_features": 64}, {"op": "head", "classes": 4}]},
+        "surgery": {"ops": [{"op": "insert", "name": "h1", "units": 8, "in_features": 64},
+                            {"op": "head", "classes": 4}]},
         "finetune": {"epochs": 1, "device": "cpu", "progress": False},
         "search": {"params": {"finetune.optimizer.lr": {"type": "float", "low": 0.01, "high": 1.0, "log": True},
                               "finetune.batch_size": {"type": "categorical", "choices": [25, 50]}},
@@ -136,9 +140,10 @@ def test_conv_and_custom_arms(tmp_path):
         "name": "conv",
         "data": {"dataset": "synthetic", "n_train": 300, "n_valid": 100, "n_test": 100},
         "experiment": {"conditions": {
-            "conv-none": {"method": "none", "conv": {"maps": 4, "kernel_size": 3, "stride": 1}, "data": {"flatten": False}},
-            "conv-dae": {"method": "dae", "conv": {"maps": 4, "kernel_size": 3, "stride": 1}, "data": {"flatten": False}},
-            "relu-rmsprop": {"method": "none", "activation": "relu", "finetune": {"optimizer": {"name": "rmsprop", "lr": 0.001}}},
+            "conv-none": {"method": "none", "conv": CONV, "data": {"flatten": False}},
+            "conv-dae": {"method": "dae", "conv": CONV, "data": {"flatten": False}},
+            "relu-rmsprop": {"method": "none", "activation": "relu",
+                             "finetune": {"optimizer": {"name": "rmsprop", "lr": 0.001}}},
         }, "depths": [2], "seeds": [0], "hidden": 16, "pretrain_epochs": 1, "baseline": "relu-rmsprop"},
         "finetune": {"epochs": 1, "device": "cpu", "progress": False},
     }
@@ -161,4 +166,5 @@ def test_quick_recipe_end_to_end(tmp_path):
     assert main(["run", str(ROOT / "recipes" / "quick.yaml"), "--out", str(out)]) == 0
     rows = _rows(out)
     assert len(rows) == 24 and all(float(r["test_error"]) < 15 for r in rows)
-    assert all((out / "figures" / f"{n}.png").is_file() for n in ("error_vs_depth", "error_hist", "learning_curves", "filters"))
+    figures = ("error_vs_depth", "error_hist", "learning_curves", "filters")
+    assert all((out / "figures" / f"{n}.png").is_file() for n in figures)

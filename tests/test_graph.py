@@ -164,7 +164,8 @@ def test_cycle_is_reported():
 
 def test_import_foreign_safetensors_and_state_dict(tmp_path):
     ref = nn.Sequential(nn.Linear(20, 8), nn.Sigmoid(), nn.Linear(8, 3))
-    save_file({k: v.contiguous() for k, v in ref.state_dict().items()} | {"junk": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
+    tensors = {k: v.contiguous() for k, v in ref.state_dict().items()} | {"junk": torch.zeros(2)}
+    save_file(tensors, str(tmp_path / "w.safetensors"))
     # An RBM-style file storing W as visible x hidden
     torch.save({"W": ref[0].weight.detach().t().clone(), "hbias": ref[0].bias.detach().clone()}, tmp_path / "rbm.pt")
     cfg = SurgeryConfig.model_validate({
@@ -211,7 +212,8 @@ def test_graph_ops_through_the_recipe_section():
     assert g.node("h1").frozen and not g.node("h3").frozen
     assert g.node("h3").provenance["reinit"] == "xavier"
     with pytest.raises(SurgeryError, match=r"ops\[0\] \(take\): layers \[0, 9\) is out of range for source 'a'"):
-        build_graph(SurgeryConfig.model_validate({"sources": {"a": "x"}, "ops": [{"op": "take", "source": "a", "layers": [0, 9]}]}), {"a": st})
+        take = {"op": "take", "source": "a", "layers": [0, 9]}
+        build_graph(SurgeryConfig.model_validate({"sources": {"a": "x"}, "ops": [take]}), {"a": st})
 
 
 def test_conv_then_dense_flattens():

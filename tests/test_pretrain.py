@@ -67,7 +67,8 @@ def test_untied_noisy_ae_learns(x3k, kind):
 
 def test_sparse_ae_lowers_mean_activation(x3k):
     plain = train_autoencoder(x3k, AEConfig(method="ae", hidden=100, epochs=2), "a", 50, G(), False)
-    sparse = train_autoencoder(x3k, AEConfig(method="sparse_ae", hidden=100, epochs=2, sparsity_weight=3.0), "s", 50, G(), False)
+    sparse_cfg = AEConfig(method="sparse_ae", hidden=100, epochs=2, sparsity_weight=3.0)
+    sparse = train_autoencoder(x3k, sparse_cfg, "s", 50, G(), False)
     act = lambda layer: layer.transform(x3k[:1000]).mean().item()  # noqa: E731
     assert act(sparse) < 0.7 * act(plain)
 
@@ -108,8 +109,8 @@ def test_grow_supervised_stages(mnist_small):
     ]), y=y, progress=False)
     errs = [h["train_error"] for h in frozen[1].pretrain["history"]]
     assert errs[-1] < errs[0] and errs[-1] < 50, errs
-    h1_after_stage1 = greedy_pretrain(x, PretrainConfig(layers=[{"method": "grow", "hidden": 64, "epochs": 2, "lr": 0.1}]),
-                                      y=y, progress=False)[0].tensors["weight"]
+    stage1 = PretrainConfig(layers=[{"method": "grow", "hidden": 64, "epochs": 2, "lr": 0.1}])
+    h1_after_stage1 = greedy_pretrain(x, stage1, y=y, progress=False)[0].tensors["weight"]
     assert torch.equal(frozen[0].tensors["weight"], h1_after_stage1)  # train: new left h1 alone
     both = greedy_pretrain(x, PretrainConfig(layers=[
         {"method": "grow", "hidden": 64, "epochs": 2, "lr": 0.1},
@@ -127,7 +128,8 @@ def test_grow_needs_labels(x3k):
 def test_diverging_pretraining_names_layer_and_epoch():
     x = torch.randn(200, 20) * 1e3
     with pytest.raises(TrainingDiverged, match="layer 'h1'.*epoch 1"):
-        train_autoencoder(x, AEConfig(method="ae", hidden=8, epochs=2, lr=50.0, loss="squared", activation="linear"), "h1", 50, G(), False)
+        wild = AEConfig(method="ae", hidden=8, epochs=2, lr=50.0, loss="squared", activation="linear")
+        train_autoencoder(x, wild, "h1", 50, G(), False)
 
 
 def test_pseudo_likelihood_shortcut_equals_direct_free_energies():
@@ -136,7 +138,8 @@ def test_pseudo_likelihood_shortcut_equals_direct_free_energies():
     from surgery.pretrain.rbm import _metrics, free_energy
 
     v = (torch.rand(300, 50, generator=G(3)) < 0.3).float()
-    W, b, c = torch.randn(20, 50, generator=G(4)) * 0.3, torch.randn(50, generator=G(5)) * 0.1, torch.randn(20, generator=G(6))
+    W = torch.randn(20, 50, generator=G(4)) * 0.3
+    b, c = torch.randn(50, generator=G(5)) * 0.1, torch.randn(20, generator=G(6))
     m = _metrics(v, W, b, c, False, G(1))
     idx = torch.randint(0, 50, (300,), generator=G(1))
     flipped = v.clone()

@@ -70,15 +70,19 @@ CATALOGUE = {
     "unknown data field": (_set("data.shuffle", True), "data.shuffle"),
     "wrong type for seed": (_set("seed", "zero"), 'seed: Input should be a valid integer'),
     "negative seed": (_set("seed", -1), "seed: Input should be greater than or equal to 0 (got -1)"),
-    "unknown dataset": (_set("data.dataset", "cifar"), "data.dataset: Input should be 'mnist', 'idx' or 'synthetic' (got \"cifar\")"),
+    "unknown dataset": (_set("data.dataset", "cifar"),
+                        "data.dataset: Input should be 'mnist', 'idx' or 'synthetic' (got \"cifar\")"),
     "idx without path": (_set("data.dataset", "idx"), "data.path: dataset 'idx' needs data.path"),
     "limit zero": (_set("data.limit", 0), "data.limit: Input should be greater than 0 (got 0)"),
-    "unknown op": (_ops(TAKE, {"op": "graft", "source": "a"}), "surgery.ops.1: Input tag 'graft' found using 'op' does not match"),
+    "unknown op": (_ops(TAKE, {"op": "graft", "source": "a"}),
+                   "surgery.ops.1: Input tag 'graft' found using 'op' does not match"),
     "op without op": (_ops(TAKE, {"source": "a"}), "surgery.ops.1: Unable to extract tag using discriminator 'op'"),
     "empty ops": (_ops(), "surgery.ops: List should have at least 1 item"),
     "unknown op field": (_ops({**TAKE, "layer": 1}), "surgery.ops.0.take.layer: Extra inputs are not permitted"),
-    "reversed range": (_ops({**TAKE, "layers": [2, 1]}), "surgery.ops.0.take.layers: layers [2, 1] must be [start, stop)"),
-    "range out of bounds": (_ops({**TAKE, "layers": [0, 7]}), "surgery.ops[0] (take): layers [0, 7) is out of range for source 'a'"),
+    "reversed range": (_ops({**TAKE, "layers": [2, 1]}),
+                       "surgery.ops.0.take.layers: layers [2, 1] must be [start, stop)"),
+    "range out of bounds": (_ops({**TAKE, "layers": [0, 7]}),
+                            "surgery.ops[0] (take): layers [0, 7) is out of range for source 'a'"),
     "unknown source": (_ops({**TAKE, "source": "zz"}), "ops[0].source: 'zz' is not among sources"),
     "missing file": (_set("surgery.sources.a", "missing.safetensors"), "surgery.sources.a:"),
     "corrupt file": (_set("surgery.sources.a", "bad.safetensors"), "bad.safetensors: not a readable safetensors file"),
@@ -86,36 +90,56 @@ CATALOGUE = {
                        "duplicate node name 'h1'"),
     "shape mismatch prefixed": (_ops(TAKE, {"op": "take", "source": "b", "layers": [0, 1], "prefix": "b_"}, HEAD),
                                 "shape mismatch between 'h2' and 'b_h1': 'h2' gives (16,) but 'b_h1' expects (64,)"),
-    "head classes 1": (_ops(TAKE, {"op": "head", "classes": 1}), "surgery.ops.1.head.classes: Input should be greater than or equal to 2 (got 1)"),
-    "freeze unknown node": (_ops(TAKE, HEAD, {"op": "freeze", "nodes": ["h9"]}), "surgery.ops[2] (freeze): no node matches 'h9'"),
-    "dropout p 1.5": (_ops(TAKE, {"op": "dropout", "p": 1.5, "after": "h1"}, HEAD), "surgery.ops.1.dropout.p: Input should be less than 1 (got 1.5)"),
+    "head classes 1": (_ops(TAKE, {"op": "head", "classes": 1}),
+                       "surgery.ops.1.head.classes: Input should be greater than or equal to 2 (got 1)"),
+    "freeze unknown node": (_ops(TAKE, HEAD, {"op": "freeze", "nodes": ["h9"]}),
+                            "surgery.ops[2] (freeze): no node matches 'h9'"),
+    "dropout p 1.5": (_ops(TAKE, {"op": "dropout", "p": 1.5, "after": "h1"}, HEAD),
+                      "surgery.ops.1.dropout.p: Input should be less than 1 (got 1.5)"),
     "widen narrower": (_ops(TAKE, {"op": "widen", "node": "h1", "units": 8}, HEAD), "widen: units=8 must exceed 'h1'"),
-    "deepen after sigmoid": (_ops(TAKE, {"op": "deepen", "after": "h1"}, HEAD), "deepen after 'h1': an identity sigmoid layer cannot keep"),
-    "transplant without place": (_ops(TAKE, {"op": "transplant", "source": "b", "layers": [2, 3]}), "transplant needs exactly one of after, before, replacing"),
-    "insert bad activation": (_ops(TAKE, {"op": "insert", "name": "x", "units": 3, "activation": "swish"}), "unknown activation 'swish'"),
+    "deepen after sigmoid": (_ops(TAKE, {"op": "deepen", "after": "h1"}, HEAD),
+                             "deepen after 'h1': an identity sigmoid layer cannot keep"),
+    "transplant without place": (_ops(TAKE, {"op": "transplant", "source": "b", "layers": [2, 3]}),
+                                 "transplant needs exactly one of after, before, replacing"),
+    "insert bad activation": (_ops(TAKE, {"op": "insert", "name": "x", "units": 3, "activation": "swish"}),
+                              "unknown activation 'swish'"),
     "insert bad name": (_ops(TAKE, {"op": "insert", "name": "1x", "units": 3}), "'1x' is not a valid node name"),
     "duplicate insert name": (_ops(TAKE, {"op": "insert", "name": "h1", "units": 3}), "duplicate node name 'h1'"),
     "remove unknown": (_ops(TAKE, {"op": "remove", "node": "nope"}), "surgery.ops[1] (remove): no node named 'nope'"),
-    "cycle-free but two outputs": (_ops(TAKE, {"op": "insert", "name": "x", "units": 5, "before": "h1"}), "shape mismatch between 'x' and 'h1'"),
+    "cycle-free but two outputs": (_ops(TAKE, {"op": "insert", "name": "x", "units": 5, "before": "h1"}),
+                                   "shape mismatch between 'x' and 'h1'"),
     "epochs zero": (_set("finetune.epochs", 0), "finetune.epochs: Input should be greater than or equal to 1 (got 0)"),
     "unknown optimizer": (_set("finetune.optimizer", {"name": "lbfgs"}), "finetune.optimizer.name: Input should be"),
-    "nesterov without momentum": (_set("finetune.optimizer", {"name": "sgd", "nesterov": True, "momentum": 0}), "nesterov: true needs name: sgd and momentum > 0"),
-    "momentum 1": (_set("finetune.optimizer", {"momentum": 1.0}), "finetune.optimizer.momentum: Input should be less than 1 (got 1.0)"),
+    "nesterov without momentum": (_set("finetune.optimizer", {"name": "sgd", "nesterov": True, "momentum": 0}),
+                                  "nesterov: true needs name: sgd and momentum > 0"),
+    "momentum 1": (_set("finetune.optimizer", {"momentum": 1.0}),
+                   "finetune.optimizer.momentum: Input should be less than 1 (got 1.0)"),
     "unknown device": (_set("finetune.device", "tpu"), "device: 'tpu' is not"),
     "cuda beyond the GPUs": (_set("finetune.device", "cuda:99"), "device: 'cuda:99'"),
     "bad schedule kind": (_set("finetune.schedule", {"lr": {"kind": "linearish"}}), "finetune.schedule.lr.kind"),
-    "layer_lr negative": (_set("finetune.layer_lr", {"h1": -1}), "finetune.layer_lr: ['h1']=-1.0 must be a finite number >= 0"),
-    "pretrain unknown method": (_set("pretrain", {"layers": [{"method": "vae", "hidden": 3}]}), "pretrain.layers.0: Input tag 'vae' found using 'method'"),
-    "pretrain hidden negative": (_set("pretrain", {"layers": [{"method": "rbm", "hidden": -5}]}), "pretrain.layers.0.rbm.hidden: Input should be greater than 0 (got -5)"),
+    "layer_lr negative": (_set("finetune.layer_lr", {"h1": -1}),
+                          "finetune.layer_lr: ['h1']=-1.0 must be a finite number >= 0"),
+    "pretrain unknown method": (_set("pretrain", {"layers": [{"method": "vae", "hidden": 3}]}),
+                                "pretrain.layers.0: Input tag 'vae' found using 'method'"),
+    "pretrain hidden negative": (_set("pretrain", {"layers": [{"method": "rbm", "hidden": -5}]}),
+                                 "pretrain.layers.0.rbm.hidden: Input should be greater than 0 (got -5)"),
     "pretrain no layers": (_set("pretrain", {"layers": []}), "pretrain.layers: List should have at least 1 item"),
-    "rbm with relu": (_set("pretrain", {"layers": [{"method": "rbm", "hidden": 5, "activation": "relu"}]}), "RBM hidden units are sigmoid"),
-    "duplicate pretrain names": (_set("pretrain", {"layers": [{"method": "rbm", "hidden": 5, "name": "a"}, {"method": "dae", "hidden": 5, "name": "a"}]}), "layer names must be unique; ['a'] repeat"),
-    "conv_ae on flat data": (_set("pretrain", {"layers": [{"method": "conv_ae", "hidden": 4}]}), "conv_ae needs image input"),
+    "rbm with relu": (_set("pretrain", {"layers": [{"method": "rbm", "hidden": 5, "activation": "relu"}]}),
+                      "RBM hidden units are sigmoid"),
+    "duplicate pretrain names": (_set("pretrain", {"layers": [{"method": "rbm", "hidden": 5, "name": "a"},
+                                                              {"method": "dae", "hidden": 5, "name": "a"}]}),
+                                 "layer names must be unique; ['a'] repeat"),
+    "conv_ae on flat data": (_set("pretrain", {"layers": [{"method": "conv_ae", "hidden": 4}]}),
+                             "conv_ae needs image input"),
     "pretrained without pretrain": (_ops({"op": "take", "source": "pretrained"}, HEAD), "no pretrain: section"),
-    "experiment unknown arm": (_set("experiment", {"conditions": ["none", "magic"]}), "experiment.conditions: unknown arm(s) ['magic']"),
-    "experiment depth 0": (_set("experiment", {"conditions": ["none"], "depths": [0, 1]}), "depths [0, 1] must all be >= 1"),
-    "search bad range": (_set("search", {"params": {"finetune.optimizer.lr": {"low": 1, "high": 0.1}}}), "low=1.0 must be below high=0.1"),
-    "search bad path": (_set("search", {"params": {"seed": {"type": "int", "low": 0, "high": 3}}}), "search paths start with data, pretrain"),
+    "experiment unknown arm": (_set("experiment", {"conditions": ["none", "magic"]}),
+                               "experiment.conditions: unknown arm(s) ['magic']"),
+    "experiment depth 0": (_set("experiment", {"conditions": ["none"], "depths": [0, 1]}),
+                           "depths [0, 1] must all be >= 1"),
+    "search bad range": (_set("search", {"params": {"finetune.optimizer.lr": {"low": 1, "high": 0.1}}}),
+                         "low=1.0 must be below high=0.1"),
+    "search bad path": (_set("search", {"params": {"seed": {"type": "int", "low": 0, "high": 3}}}),
+                        "search paths start with data, pretrain"),
 }
 
 
@@ -226,15 +250,17 @@ def test_shipped_surgery_recipes_run(tmp_path, capsys):
     shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
     rec = tmp_path / "recipes"
     ft = ["--set", "finetune.epochs=1", "--set", "finetune.device=cpu"]
-    assert main(["run", str(rec / "dbn.yaml"), "--out", str(tmp_path / "runs" / "dbn"), *SMALL, *ft, *_small_layers(3)]) == 0
-    assert main(["pretrain", str(rec / "dae_stack.yaml"), "-o", str(tmp_path / "runs" / "dae_stack" / "stack.safetensors"),
-                 *SMALL, *_small_layers(3)]) == 0
+    runs = tmp_path / "runs"
+    assert main(["run", str(rec / "dbn.yaml"), "--out", str(runs / "dbn"), *SMALL, *ft, *_small_layers(3)]) == 0
+    stack = runs / "dae_stack" / "stack.safetensors"
+    assert main(["pretrain", str(rec / "dae_stack.yaml"), "-o", str(stack), *SMALL, *_small_layers(3)]) == 0
     assert main(["validate", str(rec / "transplant.yaml"), *SMALL]) == 0
     out = capsys.readouterr().out
     assert "source=a" in out and "source=b" in out
     assert main(["run", str(rec / "transplant.yaml"), "--out", str(tmp_path / "t"), *SMALL, *ft]) == 0
     assert main(["run", str(rec / "net2net.yaml"), "--out", str(tmp_path / "n"), *SMALL, *ft, *_small_layers(2)]) == 0
     assert json.loads((tmp_path / "n" / "result.json").read_text())["epochs"] == 1
-    assert main(["assemble", str(rec / "net2net.yaml"), "-o", str(tmp_path / "m.safetensors"), *SMALL, *_small_layers(2)]) == 0
+    model = tmp_path / "m.safetensors"
+    assert main(["assemble", str(rec / "net2net.yaml"), "-o", str(model), *SMALL, *_small_layers(2)]) == 0
     assert main(["inspect", str(tmp_path / "m.safetensors")]) == 0
     assert "h2_deep" in capsys.readouterr().out

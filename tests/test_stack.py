@@ -54,6 +54,11 @@ def _set_out(m, v):
     return m
 
 
+def _list_extra_tensor(m):
+    m["layers"][0]["tensors"]["extra"] = [3]
+    return m
+
+
 CORRUPTIONS = {
     "truncated": (lambda p: p.write_bytes(p.read_bytes()[:-500]), "truncated or corrupt"),
     "garbage": (lambda p: p.write_bytes(b"\x00garbage" * 10), "not a readable safetensors"),
@@ -61,10 +66,10 @@ CORRUPTIONS = {
     "bad json": (lambda p: _edit_manifest(p, lambda m: "{not json"), "not valid JSON"),
     "wrong version": (lambda p: _edit_manifest(p, lambda m: {**m, "version": 99}), "manifest version 99"),
     "shape edit": (lambda p: _edit_manifest(p, lambda m: _set_out(m, 65)), "has shape .* but its spec needs"),
-    "missing tensor": (lambda p: _edit_manifest(p, lambda m: (m["layers"][0]["tensors"].__setitem__("extra", [3]), m)[1]),
-                       "lists tensor 'h1.extra'"),
+    "missing tensor": (lambda p: _edit_manifest(p, _list_extra_tensor), "lists tensor 'h1.extra'"),
     "dropped layer": (lambda p: _edit_manifest(p, lambda m: (m["layers"].pop(), m)[1]), "not in the manifest"),
-    "model not stack": (lambda p: _edit_manifest(p, lambda m: {**m, "format": "surgery.model"}), "assembled model, not a layer stack"),
+    "model not stack": (lambda p: _edit_manifest(p, lambda m: {**m, "format": "surgery.model"}),
+                        "assembled model, not a layer stack"),
 }
 
 

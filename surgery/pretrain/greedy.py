@@ -198,4 +198,5 @@ def _grow_stage(x: Tensor, y: Tensor, inp: Tensor, stack: LayerStack, cfg: GrowC
             layer.tensors["weight"] = mod.weight.detach().clone()
             layer.tensors["bias"] = mod.bias.detach().clone()
             layer.pretrain.setdefault("updated_by", []).append(f"grow:{name}")
-    return StackLayer(name, spec, {"weight": new.weight.detach().clone(), "bias": new.bias.detach().clone()}, pretrain_record("grow", cfg, batch_size, history))
+    tensors = {"weight": new.weight.detach().clone(), "bias": new.bias.detach().clone()}
+    return StackLayer(name, spec, tensors, pretrain_record("grow", cfg, batch_size, history))

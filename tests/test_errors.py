@@ -1,0 +1,290 @@
+"""Bad input through every command, not only `validate`: exit status 2, one paragraph that
+names the file, field or layer, no traceback, and nothing already written is lost."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import surgery as S
+from surgery.cli import main
+from tests.helpers import random_stack
+
+ROOT = Path(__file__).resolve().parents[1]
+TAKE_A = [{"op": "take", "source": "a"}, {"op": "head", "classes": 4}]
+SMALL_FT = {"epochs": 2, "batch_size": 100, "device": "cpu", "checkpoint_every": 1, "progress": False}
+
+
+def _write(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _net_recipe(units: int = 16) -> dict:
+    return {"data": {"dataset": "synthetic", "n_train": 400},
+            "surgery": {"ops": [{"op": "insert", "name": "h1", "units": units}, {"op": "head", "classes": 4}]},
+            "finetune": SMALL_FT}
+
+
+def _idx_dir(d: Path, bad: str) -> Path:
+    """An IDX directory whose training images file is broken as ``bad`` says."""
+    d.mkdir()
+    imgs = np.zeros((20, 4, 4), np.uint8)
+    labels = np.arange(20, dtype=np.uint8) % 4
+    for stem, arr in (("train-images-idx3-ubyte", imgs), ("train-labels-idx1-ubyte", labels),
+                      ("t10k-images-idx3-ubyte", imgs), ("t10k-labels-idx1-ubyte", labels)):
+        header = struct.pack(">I", 0x0800 + arr.ndim) + b"".join(struct.pack(">I", n) for n in arr.shape)
+        (d / stem).write_bytes(header + arr.tobytes())
+    target = d / "train-images-idx3-ubyte"
+    if bad == "magic":
+        target.write_bytes(b"\x12\x34\x56\x78" + target.read_bytes()[4:])
+    elif bad == "truncated":
+        target.write_bytes(target.read_bytes()[:6])
+    elif bad == "gzip":
+        (d / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
+        target.unlink()
+    return d
+
+
+class Evil:
+    """Unpickling this would run a command; no load path may ever do that."""
+
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+# Each case: (setup(tmp) -> argv, fragment the message must contain, files that must survive unchanged)
+Case = Callable[[Path], tuple[list[str], str, list[Path]]]
+
+
+def conv_on_flat(tmp: Path):
+    r = _write(tmp / "r.yaml", {"data": {"dataset": "synthetic", "n_train": 200},
+                                "pretrain": {"layers": [{"method": "conv_ae", "hidden": 4, "epochs": 1}]}})
+    return ["pretrain", str(r), "-o", str(tmp / "s.safetensors")], "conv_ae needs image input", []
+
+
+def truncated_stack(tmp: Path):
+    p = random_stack(sizes=(64, 8)).save(tmp / "s.safetensors")
+    p.write_bytes(p.read_bytes()[:200])
+    return ["inspect", str(p)], "truncated or corrupt", [p]
+
+
+def garbage_stack(tmp: Path):
+    p = tmp / "s.safetensors"
+    p.write_bytes(os.urandom(4096))
+    return ["inspect", str(p)], "s.safetensors", [p]
+
+
+def missing_stack(tmp: Path):
+    return ["inspect", str(tmp / "nope.safetensors")], "nope.safetensors: no such file", []
+
+
+def pickle_runs_code(tmp: Path):
+    p = tmp / "evil.safetensors"
+    p.write_bytes(pickle.dumps(Evil()))
+    return ["inspect", str(p)], "evil.safetensors", [p]
+
+
+def pickle_as_foreign_source(tmp: Path):
+    p = tmp / "evil.pt"
+    p.write_bytes(pickle.dumps({"w": Evil()}))
+    r = _net_recipe()
+    r["surgery"] = {"sources": {"x": {"path": "evil.pt", "map": {"w": "h1.weight"}}},
+                    "ops": [{"op": "import", "source": "x", "layers": ["h1"]}, {"op": "head", "classes": 4}]}
+    return ["run", str(_write(tmp / "r.yaml", r)), "--out", str(tmp / "out")], "weights_only=True", [p]
+
+
+def truncated_checkpoint(tmp: Path):
+    r = _write(tmp / "r.yaml", _net_recipe())
+    assert main(["finetune", str(r), "--out", str(tmp / "out")]) == 0
+    ck = tmp / "out" / "checkpoints" / "last.safetensors"
+    ck.write_bytes(ck.read_bytes()[:300])
+    return ["finetune", str(r), "--out", str(tmp / "out"), "--resume"], "unreadable checkpoint", [
+        ck, tmp / "out" / "assembled.safetensors", tmp / "out" / "result.json"]
+
+
+def checkpoint_of_another_network(tmp: Path):
+    r = _write(tmp / "r.yaml", _net_recipe(16))
+    assert main(["finetune", str(r), "--out", str(tmp / "out")]) == 0
+    r2 = _write(tmp / "r2.yaml", _net_recipe(24))
+    out = tmp / "out"
+    return (["finetune", str(r2), "--out", str(out), "--resume"],
+            "different shape: h1.weight (16, 64) in the checkpoint, (24, 64) in the model",
+            [out / "checkpoints" / "last.safetensors", out / "assembled.safetensors", out / "model.safetensors"])
+
+
+def resume_without_checkpoint(tmp: Path):
+    model = tmp / "m.safetensors"
+    S.save_model(S.build_graph([S.InsertOp(name="h1", units=8, in_features=64), S.HeadOp(classes=4)]), model)
+    r = _write(tmp / "r.yaml", _net_recipe())
+    return (["finetune", str(r), "--model", str(model), "--out", str(tmp / "out"), "--resume"],
+            "no checkpoint at", [model])
+
+
+def model_of_other_width(tmp: Path):
+    model = tmp / "m.safetensors"
+    S.save_model(S.build_graph([S.InsertOp(name="h1", units=8, in_features=32), S.HeadOp(classes=4)]), model)
+    r = _write(tmp / "r.yaml", _net_recipe())
+    return (["finetune", str(r), "--model", str(model), "--out", str(tmp / "out")],
+            "the network takes input (32,) but the data 'synthetic' gives (64,)", [model])
+
+
+def stack_given_as_model(tmp: Path):
+    p = random_stack(sizes=(64, 8)).save(tmp / "s.safetensors")
+    r = _write(tmp / "r.yaml", _net_recipe())
+    return ["finetune", str(r), "--model", str(p), "--out", str(tmp / "out")], "layer stack", [p]
+
+
+def _idx_case(bad: str, fragment: str) -> Case:
+    def case(tmp: Path):
+        _idx_dir(tmp / "idx", bad)
+        r = _net_recipe()
+        r["data"] = {"dataset": "idx", "path": "idx", "valid_size": 4}
+        return ["run", str(_write(tmp / "r.yaml", r)), "--out", str(tmp / "out")], fragment, []
+    return case
+
+
+def unwritable_out(tmp: Path):
+    blocker = tmp / "file"
+    blocker.write_text("a file where a directory should be")
+    r = _write(tmp / "r.yaml", _net_recipe())
+    return ["run", str(r), "--out", str(blocker / "out")], "cannot create the directory", [blocker]
+
+
+def unwritable_stack_output(tmp: Path):
+    blocker = tmp / "file"
+    blocker.write_text("x")
+    r = _write(tmp / "r.yaml", {"data": {"dataset": "synthetic", "n_train": 200},
+                                "pretrain": {"layers": [{"method": "rbm", "hidden": 4, "epochs": 1}]}})
+    return ["pretrain", str(r), "-o", str(blocker / "s.safetensors")], "cannot create the directory", [blocker]
+
+
+def corrupt_source_stack(tmp: Path):
+    p = tmp / "a.safetensors"
+    p.write_bytes(b"\x00" * 64)
+    r = _net_recipe()
+    r["surgery"] = {"sources": {"a": "a.safetensors"}, "ops": TAKE_A}
+    return ["run", str(_write(tmp / "r.yaml", r)), "--out", str(tmp / "out")], "surgery.sources.a", [p]
+
+
+def diverging_loss(tmp: Path):
+    st = random_stack(sizes=(64, 16), act="relu")
+    st[0].tensors["weight"].fill_(3e38)
+    st.save(tmp / "a.safetensors")
+    r = _net_recipe()
+    r["surgery"] = {"sources": {"a": "a.safetensors"}, "ops": TAKE_A}
+    return ["run", str(_write(tmp / "r.yaml", r)), "--out", str(tmp / "out")], "NaN or infinite in epoch 1", []
+
+
+def unknown_device_at_run(tmp: Path):
+    r = _net_recipe()
+    r["finetune"] = {**SMALL_FT, "device": "tpu"}
+    return ["run", str(_write(tmp / "r.yaml", r)), "--out", str(tmp / "out")], "device: 'tpu'", []
+
+
+def missing_data_file(tmp: Path):
+    r = _net_recipe()
+    r["data"] = {"dataset": "mnist", "path": "no-such.pkl.gz"}
+    return ["run", str(_write(tmp / "r.yaml", r)), "--out", str(tmp / "out")], "no-such.pkl.gz", []
+
+
+def truncated_mnist_pickle(tmp: Path):
+    p = tmp / "mnist.pkl.gz"
+    p.write_bytes(gzip.compress(b"\x80\x04\x95"))
+    r = _net_recipe()
+    r["data"] = {"dataset": "mnist", "path": "mnist.pkl.gz"}
+    return ["run", str(_write(tmp / "r.yaml", r)), "--out", str(tmp / "out")], "mnist.pkl.gz", [p]
+
+
+def experiment_with_unwritable_out(tmp: Path):
+    blocker = tmp / "file"
+    blocker.write_text("x")
+    r = _net_recipe()
+    del r["surgery"]
+    r["experiment"] = {"conditions": ["none"], "depths": [1], "hidden": 8}
+    argv = ["run", str(_write(tmp / "r.yaml", r)), "--out", str(blocker / "x")]
+    return argv, "cannot create the directory", [blocker]
+
+
+CASES: dict[str, Case] = {
+    "pretrain: conv_ae on flat data": conv_on_flat,
+    "pretrain: unwritable -o": unwritable_stack_output,
+    "inspect: truncated stack": truncated_stack,
+    "inspect: random bytes": garbage_stack,
+    "inspect: missing file": missing_stack,
+    "inspect: a pickle that runs code": pickle_runs_code,
+    "run: a pickle as a foreign source": pickle_as_foreign_source,
+    "run: IDX bad magic": _idx_case("magic", "bad magic number"),
+    "run: IDX truncated header": _idx_case("truncated", "truncated IDX header"),
+    "run: IDX gzip that is not": _idx_case("gzip", "train-images-idx3-ubyte.gz"),
+    "run: unwritable --out": unwritable_out,
+    "run: experiment, unwritable --out": experiment_with_unwritable_out,
+    "run: corrupt source stack": corrupt_source_stack,
+    "run: loss diverges": diverging_loss,
+    "run: unknown device": unknown_device_at_run,
+    "run: missing data file": missing_data_file,
+    "run: truncated MNIST pickle": truncated_mnist_pickle,
+    "finetune --resume: truncated checkpoint": truncated_checkpoint,
+    "finetune --resume: checkpoint of another network": checkpoint_of_another_network,
+    "finetune --resume: no checkpoint": resume_without_checkpoint,
+    "finetune --model: wrong input width": model_of_other_width,
+    "finetune --model: a stack, not a model": stack_given_as_model,
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_gives_one_paragraph_and_exit_2(name, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv, fragment, keep = CASES[name](tmp_path)
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in keep}
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and err.startswith(f"surgery {argv[0]}: error: "), err
+    assert fragment in err, err
+    for p, data in before.items():
+        assert p.read_bytes() == data, f"{p} changed"
+    assert not (tmp_path / "PWNED").exists(), "a pickle ran code"
+
+
+def test_catalogue_covers_the_commands():
+    commands = {name.split(":")[0].split()[0] for name in CASES}
+    assert len(CASES) >= 15 and {"pretrain", "run", "finetune", "inspect"} <= commands
+
+
+def test_one_case_through_a_real_process(tmp_path):
+    """The console script's process: exit 2, no traceback on stderr."""
+    argv, fragment, _ = checkpoint_of_another_network(tmp_path)
+    p = subprocess.run([sys.executable, "-m", "surgery.cli", *argv], capture_output=True, text=True,
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 2 and "Traceback" not in p.stderr and fragment in p.stderr, p.stderr
+
+
+def test_insert_first_takes_its_input_size_from_the_data(tmp_path):
+    r = _write(tmp_path / "r.yaml", _net_recipe())  # insert h1 without in_features
+    assert main(["run", str(r), "--out", str(tmp_path / "out")]) == 0
+    g = S.load_model(tmp_path / "out" / "model.safetensors")
+    assert g.node("h1").spec.in_features == 64
+
+
+def test_errors_are_one_family():
+    for cls in (S.ConfigError, S.DataError, S.DeviceError, S.ShapeError, S.ManifestError, S.CheckpointError,
+                S.OutputError, S.TrainingDiverged):
+        assert issubclass(cls, S.SurgeryError)
+    assert issubclass(S.ConfigError, ValueError) and issubclass(S.ShapeError, ValueError)
+    with pytest.raises(ValueError, match="unknown activation"):
+        S.LayerSpec(in_features=3, out_features=2, activation="swish")
+    with pytest.raises(S.ShapeError):
+        S.train_autoencoder(torch.rand(10, 16), S.AEConfig(method="conv_ae", hidden=2), "h1", 5, torch.Generator())
