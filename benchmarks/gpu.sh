@@ -50,11 +50,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the output
 
 n=()
 [ "$quick" = quick ] && n=(--n 10000)
-step tests 300 $py -m pytest -q -x -p no:cacheprovider
-step finetune 180 $py benchmarks/finetune.py --device cuda --rounds 3 "${n[@]}"
-step rbm 120 $py benchmarks/rbm.py --device cuda --rounds 3 "${n[@]}"
+step tests 240 $py -m pytest -q -p no:cacheprovider
+step finetune 120 $py benchmarks/finetune.py --device cuda --rounds 3 "${n[@]}"
+step rbm 60 $py benchmarks/rbm.py --device cuda --rounds 3 "${n[@]}"
 if [ "$quick" != quick ]; then
-    step bengio2007 300 $py -m surgery.cli run recipes/bengio2007.yaml --out "$out/bengio2007" \
+    step bengio2007 150 $py -m surgery.cli run recipes/bengio2007.yaml --out "$out/bengio2007" \
         --set 'experiment.seeds=[0]' --set data.device=cuda --set finetune.device=cuda
 fi
 cat "$out/summary.txt"
