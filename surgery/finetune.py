@@ -266,15 +266,18 @@ def train_graphed_epoch(step_fn: GraphedStep, opt: torch.optim.Optimizer, xs: Te
                         cfg: FinetuneConfig, plan: EpochPlan, epoch: int, step: int) -> dict[str, Any]:
     """:func:`train_one_epoch` through a captured step: the same record, with the loss and
     error summed on the device and NaN checked once, at the end of the epoch."""
-    step_fn.reset_sums()
+    step_fn.start_epoch(xs, ys, plan.batch)
     lr = mom = None
     scheduled = cfg.schedule.lr is not None or cfg.schedule.momentum is not None
+    full = xs.shape[0] // plan.batch
     for s in range(plan.steps):
-        xb, yb = xs[s * plan.batch : (s + 1) * plan.batch], ys[s * plan.batch : (s + 1) * plan.batch]
         if scheduled or s == 0:
             lr, mom = apply_schedule(opt, cfg.schedule, cfg.optimizer.lr, step, plan.steps, plan.total_steps)
             step_fn.set_hyperparameters(lr, mom)
-        step_fn(xb, yb)
+        if s < full:
+            step_fn.step()
+        else:
+            step_fn.last_batch(s * plan.batch)
         step += 1
     loss_sum, n = float(step_fn.loss_sum), xs.shape[0]  # the epoch's one host sync
     if not math.isfinite(loss_sum):

@@ -67,8 +67,8 @@ def layer_node(name: str, spec: LayerSpec, tensors: dict[str, Tensor] | None = N
         w = init_weight(torch.empty(spec.weight_shape), spec.activation, init, spec, generator)
         tensors = {"weight": w, "bias": torch.zeros(spec.out_features)}
         provenance = provenance or {"source": "fresh", "init": init}
-    else:
-        tensors = {k: tensors[k].detach().clone() for k in ("weight", "bias")}
+    else:  # graphs hold CPU copies, whatever device a stack was trained on
+        tensors = {k: tensors[k].detach().to("cpu", copy=True) for k in ("weight", "bias")}
     return Node(name, "layer", spec, tensors, provenance=provenance or {})
 
 

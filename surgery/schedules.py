@@ -64,6 +64,9 @@ def build_optimizer(cfg: OptimizerConfig, groups: list[dict]) -> torch.optim.Opt
         cls, kw = torch.optim.SGD, {"momentum": cfg.momentum, "nesterov": cfg.nesterov}
     elif cfg.name == "adagrad":
         cls, kw = torch.optim.Adagrad, dict(eps)
+        if any(p.device.type != "cpu" for gr in groups for p in gr["params"]):
+            # torch's fused Adagrad is CPU-only and says so at the first step, not here
+            return cls(groups, lr=cfg.lr, weight_decay=wd, **kw)
     else:
         cls, kw = torch.optim.Adam, {"betas": cfg.betas, **eps}
     try:

@@ -97,7 +97,7 @@ def test_cuda_graph_resume_equals_uninterrupted(tmp_path):
     ds = _ds()
     c = FinetuneConfig(epochs=4, device="cuda", checkpoint_every=1, progress=False, cuda_graph=True,
                        optimizer={"name": "sgd", "lr": 0.2, "momentum": 0.9})
-    ref = Trainer(mlp(), ds, c, seed=1)
+    ref = Trainer(mlp(), ds, c, seed=1, out_dir=tmp_path / "ref")
     ref.fit()
 
     def stop_after_two(trainer, rec):
@@ -105,8 +105,8 @@ def test_cuda_graph_resume_equals_uninterrupted(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        Trainer(mlp(), ds, c, seed=1, out_dir=tmp_path, on_epoch_end=stop_after_two).fit()
-    t = Trainer(mlp(), ds, c, seed=1, out_dir=tmp_path)
+        Trainer(mlp(), ds, c, seed=1, out_dir=tmp_path / "cut", on_epoch_end=stop_after_two).fit()
+    t = Trainer(mlp(), ds, c, seed=1, out_dir=tmp_path / "cut")
     assert t.fit(resume=True)["epochs"] == 4
     for (k, a), (_, b) in zip(ref.model.state_dict().items(), t.model.state_dict().items()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=k)

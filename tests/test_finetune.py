@@ -364,15 +364,17 @@ def _graphed_vs_torch(opt_cfg, schedule=None, layer_lr=None, steps=6):
     step = GraphedStep(nets[1], opts[1], o.name, o.momentum, o.weight_decay, o.nesterov, o.betas, o.eps,
                        amp=False, capture=False)
     gen = torch.Generator().manual_seed(0)
+    xs, ys = torch.rand(16 * steps - 5, 20, generator=gen), torch.randint(0, 3, (16 * steps - 5,), generator=gen)
+    step.start_epoch(xs, ys, 16)
     for t in range(steps):
-        x, y = torch.rand(16, 20, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+        x, y = xs[16 * t : 16 * (t + 1)], ys[16 * t : 16 * (t + 1)]
         lr, mom = apply_schedule(opts[0], sched, o.lr, t, 3, steps)
         opts[0].zero_grad()
         torch.nn.functional.cross_entropy(nets[0](x), y).backward()
         opts[0].step()
         lr1, mom1 = apply_schedule(opts[1], sched, o.lr, t, 3, steps)
         step.set_hyperparameters(lr1, mom1)
-        step(x, y)
+        step.step() if t < steps - 1 else step.last_batch(16 * t)  # the last batch is 11 rows
     for (k, a), (_, b) in zip(nets[0].state_dict().items(), nets[1].state_dict().items()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=k)
 
