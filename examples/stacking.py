@@ -7,9 +7,8 @@ autoencoder on the RBM's features; save the stack and read it back.
 import argparse
 from pathlib import Path
 
-from surgery.data import DataConfig, load_dataset
-from surgery.pretrain import PretrainConfig, greedy_pretrain
-from surgery.stack import LayerStack, describe
+import surgery as S
+from surgery.stack import describe
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--dataset", default="mnist")
@@ -18,13 +17,13 @@ ap.add_argument("--epochs", type=int, default=2)
 ap.add_argument("--out", type=Path, default=Path("runs/examples"))
 args = ap.parse_args()
 
-data = load_dataset(DataConfig(dataset=args.dataset, limit=args.limit))
-cfg = PretrainConfig(layers=[
+data = S.load_dataset(S.DataConfig(dataset=args.dataset, limit=args.limit))
+cfg = S.PretrainConfig(layers=[
     {"method": "rbm", "hidden": 256, "epochs": args.epochs, "lr": 0.05},
     {"method": "dae", "hidden": 128, "epochs": args.epochs, "noise": 0.3},
 ])
-stack = greedy_pretrain(data.train.x, cfg, seed=0, data_fingerprint=data.fingerprint())
+stack = S.greedy_pretrain(data.train.x, cfg, seed=0, data_fingerprint=data.fingerprint())
 path = stack.save(args.out / "stack.safetensors")
-back = LayerStack.load(path)
+back = S.LayerStack.load(path)
 print(describe(back.manifest()))
 print("features:", tuple(back.transform(data.test.x[:5]).shape))

@@ -23,11 +23,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from .checkpoint import (
@@ -40,76 +39,17 @@ from .checkpoint import (
 )
 from .data import Dataset, Split, resolve_device
 from .errors import ConfigError, ShapeError, SurgeryError, TrainingDiverged
+from .finetune_config import FinetuneConfig
 from .graph import ModelGraph, Node, input_fits
 from .graphed import GRAPH_OPTIMIZERS, GraphedStep
 from .io import atomic_path, progress_bar, write_json
-from .layers import InitName, init_weight
+from .layers import init_weight
 from .model_file import save_model
 from .modules import read_back, to_module
 from .ops import DropoutOp
 from .runtime import distributed, keep_freed_memory
-from .schedules import OptimizerConfig, ScheduleConfig, apply_schedule, build_optimizer
+from .schedules import apply_schedule, build_optimizer
 from .version import package_version
-
-
-def _finite_multipliers(v: dict[str, float]) -> dict[str, float]:
-    for k, m in v.items():
-        if not (m >= 0 and math.isfinite(m)):
-            raise ValueError(f"[{k!r}]={m} must be a finite number >= 0")
-    return v
-
-
-def _rates(v: dict[str, float]) -> dict[str, float]:
-    for k, p in v.items():
-        if not 0 <= p < 1:
-            raise ValueError(f"[{k!r}]={p} must be in [0, 1)")
-    return v
-
-
-def _epochs(v: dict[str, int]) -> dict[str, int]:
-    for k, e in v.items():
-        if e < 0:
-            raise ValueError(f"[{k!r}]={e} must be an epoch >= 0")
-    return v
-
-
-class EarlyStopping(BaseModel):
-    """Stop after ``patience`` epochs without a validation error ``min_delta`` below the best."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    patience: int = Field(default=5, ge=1)
-    min_delta: float = Field(default=0.0, ge=0, description="in error percentage points")
-
-
-class FinetuneConfig(BaseModel):
-    """The ``finetune:`` recipe section."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    epochs: int = Field(default=10, ge=1)
-    batch_size: int = Field(default=100, gt=0, description="per process under torchrun")
-    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N")
-    optimizer: OptimizerConfig = OptimizerConfig()
-    schedule: ScheduleConfig = ScheduleConfig()
-    layer_lr: Annotated[dict[str, float], AfterValidator(_finite_multipliers)] = Field(
-        default_factory=dict, description="node name/glob -> lr multiplier")
-    unfreeze_at: Annotated[dict[str, int], AfterValidator(_epochs)] = Field(
-        default_factory=dict, description="node glob -> epoch it becomes trainable")
-    freeze_at: Annotated[dict[str, int], AfterValidator(_epochs)] = Field(
-        default_factory=dict, description="node glob -> epoch it stops training")
-    init: InitName | None = Field(default=None, description="re-initialise fresh hidden layers: classic, xavier, he, "
-                                                            "sparse, torch")
-    dropout: Annotated[dict[str, float], AfterValidator(_rates)] = Field(
-        default_factory=dict, description="node name/glob -> dropout rate after it")
-    input_dropout: float = Field(default=0.0, ge=0, lt=1)
-    early_stopping: EarlyStopping | None = None
-    checkpoint_every: int = Field(default=0, ge=0, description="epochs between checkpoints; 0: none")
-    amp: bool = Field(default=False, description="bf16 autocast (CUDA)")
-    cuda_graph: bool | Literal["auto"] = Field(
-        default="auto", description="capture the training step as a CUDA graph; auto: on CUDA with sgd/adam, "
-        "no DDP, no compile and no freeze schedule")
-    compile: bool = Field(default=False, description="torch.compile the model")
-    progress: bool | None = None
 
 
 def prepare_graph(graph: ModelGraph, cfg: FinetuneConfig, seed: int) -> ModelGraph:

@@ -18,7 +18,7 @@ from .assembly import SurgeryConfig
 from .data import DataConfig
 from .errors import ConfigError
 from .experiment_config import ExperimentConfig
-from .finetune import FinetuneConfig
+from .finetune_config import FinetuneConfig
 from .pretrain import PretrainConfig
 from .search_config import SearchConfig
 

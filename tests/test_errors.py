@@ -289,3 +289,13 @@ def test_errors_are_one_family():
         S.LayerSpec(in_features=3, out_features=2, activation="swish")
     with pytest.raises(S.ShapeError):
         S.train_autoencoder(torch.rand(10, 16), S.AEConfig(method="conv_ae", hidden=2), "h1", 5, torch.Generator())
+
+
+def test_only_rank_zero_prints_under_torchrun(tmp_path, capsys, monkeypatch):
+    r = _write(tmp_path / "r.yaml", _net_recipe())
+    monkeypatch.setenv("RANK", "1")
+    assert main(["validate", str(r)]) == 0
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(["validate", str(r)]) == 0
+    assert "ok" in capsys.readouterr().out
