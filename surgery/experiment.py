@@ -17,72 +17,94 @@ from pathlib import Path
 from typing import Any
 
 from .assembly import build_graph
-from .data import load_dataset
+from .data import Dataset, load_dataset
 from .errors import SurgeryError
+from .experiment_config import TuneConfig
 from .finetune import Trainer
-from .grid import plan_cells
+from .grid import Cell, plan_cells, with_values
 from .io import make_dir, progress_bar, write_json, write_text
 from .pipeline import load_sources
 from .pretrain import greedy_pretrain
 from .recipe import Recipe, recipe_from_dict
+from .search import make_sampler, suggest
 from .stack import LayerStack
 
 RESULT_FIELDS = ["condition", "depth", "seed", "train_error", "valid_error", "test_error", "epochs",
                  "best_epoch", "pretrain_seconds", "finetune_seconds", "cell", "path"]
 
 
+class CellRunner:
+    """Runs cells of one experiment directory: pretrains each greedy stack once (and keeps
+    its depth snapshots), fine-tunes, and caches each result under the cell's key."""
+
+    def __init__(self, recipe: Recipe, out: Path, progress: bool | None = None):
+        self.recipe, self.out, self.progress = recipe, out, progress
+        data = load_dataset(recipe.data, recipe.base_dir)
+        self.data = data
+        self.datasets = {json.dumps(recipe.data.model_dump(mode="json"), sort_keys=True): data}
+
+    def dataset(self, r: Recipe) -> Dataset:
+        """The cell's dataset, loaded once per distinct data section (an arm may have its own)."""
+        key = json.dumps(r.data.model_dump(mode="json"), sort_keys=True)
+        if key not in self.datasets:
+            self.datasets[key] = load_dataset(r.data, self.recipe.base_dir)
+        return self.datasets[key]
+
+    def stack(self, cell: Cell, r: Recipe, data: Dataset) -> tuple[LayerStack, float]:
+        """The depth-``cell.depth`` snapshot of the cell's greedy stack (trained on first
+        use) and the pretraining seconds attributed to that depth."""
+        sdir = self.out / "stacks" / str(cell.pretrain_key)
+        spath = sdir / f"depth{cell.depth}.safetensors"
+        if not (spath.is_file() and (sdir / "pretrain.json").is_file()):  # pretrain.json marks it finished
+            assert r.pretrain is not None
+            t0 = time.perf_counter()
+
+            def snapshot(i: int, st: LayerStack) -> None:
+                st.save(sdir / f"depth{i + 1}.safetensors")
+
+            st = greedy_pretrain(data.train.x, r.pretrain, r.seed, y=data.train.y, progress=self.progress,
+                                 data_fingerprint=data.fingerprint(), on_layer=snapshot)
+            write_json(sdir / "pretrain.json", {"seconds": round(time.perf_counter() - t0, 3), "layers": len(st)})
+        meta = json.loads((sdir / "pretrain.json").read_text())
+        return LayerStack.load(spath), meta["seconds"] * cell.depth / max(meta["layers"], 1)
+
+    def run(self, cell: Cell, cells_dir: str = "cells") -> tuple[dict[str, Any], Path]:
+        """The cell's result (cached in ``OUT/<cells_dir>/<key>/result.json``) and its directory."""
+        cdir = self.out / cells_dir / cell.key
+        res_path = cdir / "result.json"
+        if res_path.is_file():
+            return json.loads(res_path.read_text()), cdir
+        where = f"{self.recipe.source} [{cell.condition} d{cell.depth} s{cell.seed}]"
+        r = recipe_from_dict(cell.recipe, self.recipe.base_dir, where)
+        data = self.dataset(r)
+        stack, pre_s = self.stack(cell, r, data) if cell.pretrain_key is not None else (None, 0.0)
+        assert r.surgery is not None and r.finetune is not None
+        graph = build_graph(r.surgery, load_sources(r, stack), r.seed, data.input_shape)
+        result = Trainer(graph, data, r.finetune, r.seed, cdir).fit()
+        result["finetune_seconds"] = result.pop("seconds")
+        result["pretrain_seconds"] = round(pre_s, 3)
+        result.update(condition=cell.condition, depth=cell.depth, seed=cell.seed, cell=cell.key)
+        write_json(cdir / "recipe.json", cell.recipe)
+        write_json(res_path, result)  # written last: its presence marks the cell finished
+        return result, cdir
+
+
 def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None) -> list[dict[str, Any]]:
-    """Run every cell not yet finished under ``out``; write ``results.csv`` and return its rows.
+    """Run every cell not yet finished under ``out`` (after tuning each arm when the
+    experiment has ``tune:``); write ``results.csv`` and return its rows.
 
     The report (tables, figures) is :func:`surgery.report.write_report`'s job."""
-    out = Path(out)
-    make_dir(out)
-    data = load_dataset(recipe.data, recipe.base_dir)
-    cells = plan_cells(recipe, data.input_shape, data.num_classes)
-    datasets = {json.dumps(recipe.data.model_dump(mode="json"), sort_keys=True): data}
+    out = make_dir(Path(out))
+    runner = CellRunner(recipe, out, progress)
+    cells = plan_cells(recipe, runner.data.input_shape, runner.data.num_classes)
+    assert recipe.experiment is not None
+    if recipe.experiment.tune is not None:
+        cells = tune_arms(recipe.experiment.tune, cells, runner, out, progress)
     write_json(out / "experiment.json", {"recipe": recipe.to_dict(), "cells": len(cells)})
     rows = []
     bar = progress_bar(len(cells), "experiment", progress, "cell")
     for cell in cells:
-        cdir = out / "cells" / cell.key
-        res_path = cdir / "result.json"
-        if res_path.is_file():
-            result = json.loads(res_path.read_text())
-        else:
-            r = recipe_from_dict(cell.recipe, recipe.base_dir, f"{recipe.source} [{cell.condition} d{cell.depth} "
-                                                               f"s{cell.seed}]")
-            dkey = json.dumps(r.data.model_dump(mode="json"), sort_keys=True)
-            if dkey not in datasets:  # an arm with its own data section (e.g. images for a conv layer)
-                datasets[dkey] = load_dataset(r.data, recipe.base_dir)
-            data = datasets[dkey]
-            t0 = time.perf_counter()
-            stack = None
-            if cell.pretrain_key is not None:
-                sdir = out / "stacks" / cell.pretrain_key
-                spath = sdir / f"depth{cell.depth}.safetensors"
-                if not (spath.is_file() and (sdir / "pretrain.json").is_file()):  # pretrain.json marks it finished
-                    assert r.pretrain is not None
-
-                    def snapshot(i: int, st: LayerStack, sdir: Path = sdir) -> None:
-                        st.save(sdir / f"depth{i + 1}.safetensors")
-
-                    st = greedy_pretrain(data.train.x, r.pretrain, r.seed, y=data.train.y, progress=progress,
-                                         data_fingerprint=data.fingerprint(), on_layer=snapshot)
-                    seconds = round(time.perf_counter() - t0, 3)
-                    write_json(sdir / "pretrain.json", {"seconds": seconds, "layers": len(st)})
-                stack = LayerStack.load(spath)
-                meta = json.loads((sdir / "pretrain.json").read_text())
-                pre_s = meta["seconds"] * cell.depth / max(meta["layers"], 1)
-            else:
-                pre_s = 0.0
-            assert r.surgery is not None and r.finetune is not None
-            graph = build_graph(r.surgery, load_sources(r, stack), r.seed, data.input_shape)
-            result = Trainer(graph, data, r.finetune, r.seed, cdir).fit()
-            result["finetune_seconds"] = result.pop("seconds")
-            result["pretrain_seconds"] = round(pre_s, 3)
-            result.update(condition=cell.condition, depth=cell.depth, seed=cell.seed, cell=cell.key)
-            write_json(cdir / "recipe.json", cell.recipe)
-            write_json(res_path, result)  # written last: its presence marks the cell finished
+        result, cdir = runner.run(cell)
         row = {k: result.get(k) for k in RESULT_FIELDS}
         row.update(condition=cell.condition, depth=cell.depth, seed=cell.seed, cell=cell.key, path=str(cdir))
         rows.append(row)
@@ -91,6 +113,38 @@ def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None
     bar.close()
     write_results_csv(out / "results.csv", rows)
     return rows
+
+
+def tune_arms(cfg: TuneConfig, cells: list[Cell], runner: CellRunner, out: Path,
+              progress: bool | None = None) -> list[Cell]:
+    """The same search budget for every (arm, depth): ``cfg.trials`` Optuna trials on the
+    first seed's cell, scored by validation error (never test); then every seed's cell
+    with the best trial's values. Writes every trial to ``OUT/tuning.json``."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    groups: dict[tuple[str, int], list[Cell]] = {}
+    for c in cells:
+        groups.setdefault((c.condition, c.depth), []).append(c)
+    record, tuned = [], []
+    bar = progress_bar(len(groups) * cfg.trials, "tuning", progress, "trial")
+    for (arm, depth), group in groups.items():
+        study = optuna.create_study(direction="minimize", sampler=make_sampler(cfg.sampler, cfg.seed))
+        for _ in range(cfg.trials):
+            trial = study.ask()
+            values = suggest(trial, cfg.params)
+            result, _ = runner.run(with_values(group[0], values), "tuning")
+            study.tell(trial, result[cfg.metric])
+            record.append({"condition": arm, "depth": depth, "trial": trial.number, "params": values,
+                           cfg.metric: result[cfg.metric]})
+            bar.update(1)
+        best = study.best_trial
+        record.append({"condition": arm, "depth": depth, "best_trial": best.number, "params": best.params,
+                       cfg.metric: best.value})
+        tuned += [with_values(c, best.params) for c in group]
+    bar.close()
+    write_json(out / "tuning.json", {"metric": cfg.metric, "trials_per_arm": cfg.trials, "trials": record})
+    return tuned
 
 
 def write_results_csv(path: Path, rows: list[dict[str, Any]]) -> None:

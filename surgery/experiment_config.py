@@ -5,11 +5,12 @@ composition can import it without importing what runs it.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from .layers import Activation
+from .search_config import ParamRange
 
 ArmMethod = Literal["none", "rbm", "grbm", "ae", "dae", "sparse_ae", "grow"]
 
@@ -52,6 +53,29 @@ BUILTIN_ARMS: dict[str, ArmConfig] = {
 }
 
 
+def _tunable_paths(v: dict[str, ParamRange]) -> dict[str, ParamRange]:
+    for k in v:
+        if k.split(".")[0] not in ("data", "pretrain", "finetune"):
+            raise ValueError(f"params[{k!r}]: tuned paths start with data, pretrain or finetune "
+                             "(a cell's recipe; pretrain.layers.*.lr sets every layer)")
+    return v
+
+
+class TuneConfig(BaseModel):
+    """``experiment.tune``: the same search budget for every arm. Per (arm, depth),
+    ``trials`` Optuna trials on the first seed score each set of values by ``metric`` (the
+    validation error); every seed then runs with the best values."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    params: Annotated[dict[str, ParamRange], AfterValidator(_tunable_paths)] = Field(
+        min_length=1, description="dotted path in a cell's recipe -> range")
+    trials: int = Field(default=10, ge=1)
+    metric: Literal["valid_error"] = "valid_error"
+    sampler: Literal["tpe", "gp", "random"] = "tpe"
+    seed: int = Field(default=0, ge=0, description="the sampler's seed")
+
+
 class ExperimentConfig(BaseModel):
     """The ``experiment:`` recipe section."""
 
@@ -69,6 +93,7 @@ class ExperimentConfig(BaseModel):
         default_factory=dict, description="per-method layer defaults, e.g. {rbm: {lr: 0.05}}"
     )
     baseline: str = Field(default="none", description="the arm every other is tested against")
+    tune: TuneConfig | None = Field(default=None, description="tune every arm with the same budget first")
 
     @field_validator("conditions")
     @classmethod

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from .errors import SurgeryError
 from .experiment_config import DEFAULT_LAYER, ArmConfig, ExperimentConfig
-from .recipe import Recipe
+from .recipe import Recipe, apply_overrides
 
 
 def _hash(obj: Any) -> str:
@@ -107,3 +107,31 @@ def plan_cells(recipe: Recipe, input_shape: tuple[int, ...], classes: int) -> li
                 pkey = _hash({"data": r["data"], "pretrain": pre, "seed": seed}) if pre else None
                 cells.append(Cell(condition=name, depth=depth, seed=seed, recipe=r, pretrain_key=pkey))
     return cells
+
+
+def _set_path(r: dict[str, Any], path: str, value: Any) -> None:
+    """``a.b.0.c = value``; a ``*`` step sets every item of a list (``pretrain.layers.*.lr``)."""
+    head, _, rest = path.partition(".*.")
+    if not rest:
+        apply_overrides(r, {path: value})
+        return
+    items = r
+    for part in head.split("."):
+        items = items.get(part) if isinstance(items, dict) else None  # type: ignore[assignment]
+    if not isinstance(items, list):
+        raise SurgeryError(f"experiment.tune.params[{path!r}]: {head} is not a list in this cell's recipe.")
+    for i in range(len(items)):
+        _set_path(r, f"{head}.{i}.{rest}", value)
+
+
+def with_values(cell: Cell, values: dict[str, Any]) -> Cell:
+    """``cell`` with ``values`` (dotted path -> value) set in its recipe; a changed
+    pretrain section gets its own stack key."""
+    r = json.loads(json.dumps(cell.recipe))
+    for path, value in values.items():
+        if path.startswith("pretrain") and "pretrain" not in r:
+            continue  # a pretraining value means nothing to an arm that does not pretrain
+        _set_path(r, path, value)
+    pkey = _hash({"data": r["data"], "pretrain": r["pretrain"], "seed": cell.seed}) if "pretrain" in r else None
+    return Cell(condition=cell.condition, depth=cell.depth, seed=cell.seed, recipe=r, pretrain_key=pkey)
+

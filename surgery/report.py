@@ -61,8 +61,24 @@ def _fmt(x: float, nd: int = 2) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
-def markdown(rows: list[dict[str, Any]], baseline: str = "none") -> str:
-    """The report's markdown: the table, the best arm, and links to the figures."""
+def tuning_markdown(tuning: dict[str, Any]) -> list[str]:
+    """The report's tuning section: the budget, and per (arm, depth) the values chosen on
+    the validation set; every trial is listed in ``tuning.json``."""
+    metric = tuning["metric"]
+    lines = ["", "## Tuning", "",
+             f"Every arm had the same budget: {tuning['trials_per_arm']} trials per depth on the first seed, "
+             f"scored by {metric} (the test set plays no part); the seeds then ran with the best values. "
+             "All trials: `tuning.json`.", "",
+             f"| condition | depth | best trial | {metric} | values |", "|---|---:|---:|---:|---|"]
+    for t in tuning["trials"]:
+        if "best_trial" in t:
+            vals = ", ".join(f"`{k}`={v:.4g}" if isinstance(v, float) else f"`{k}`={v}" for k, v in t["params"].items())
+            lines.append(f"| {t['condition']} | {t['depth']} | {t['best_trial']} | {t[metric]:.2f} | {vals} |")
+    return lines
+
+
+def markdown(rows: list[dict[str, Any]], baseline: str = "none", tuning: dict[str, Any] | None = None) -> str:
+    """The report's markdown: the table, the best arm, the tuning (if any), the figures."""
     tab = table(rows, baseline)
     seeds = sorted({int(r["seed"]) for r in rows})
     lines = [
@@ -83,8 +99,10 @@ def markdown(rows: list[dict[str, Any]], baseline: str = "none") -> str:
                      f"{'' if math.isnan(diff) else f'{diff:+.2f}'} | {_fmt(t['t'])} | {_fmt(t['p'], 4)} |")
     best = min(tab, key=lambda t: t["mean"]) if tab else None
     if best:
+        lines += ["", significance_line(rows, baseline)]
         lines += ["", f"Lowest mean test error: **{best['condition']}** at depth {best['depth']} "
                       f"({best['mean']:.2f}%)."]
+    lines += tuning_markdown(tuning) if tuning else []
     lines += ["", "## Figures", "",
               "![test error vs depth](figures/error_vs_depth.png)", "",
               "![spread over seeds](figures/error_hist.png)", "",
@@ -117,7 +135,9 @@ def write_report(out: Path, rows: list[dict[str, Any]], baseline: str = "none") 
     matplotlib.use("Agg")
     out = Path(out)
     make_dir(out / "figures")
-    write_text(out / "report.md", markdown(rows, baseline))
+    tuning_path = out / "tuning.json"
+    tuning = json.loads(tuning_path.read_text()) if tuning_path.is_file() else None
+    write_text(out / "report.md", markdown(rows, baseline, tuning))
     conds = sorted({r["condition"] for r in rows}, key=lambda c: (c != baseline, c))
     cmap = plt_colormap(len(conds))
     colors = {c: cmap(i % cmap.N) for i, c in enumerate(conds)}

@@ -22,13 +22,14 @@ from .errors import SurgeryError, TrainingDiverged
 from .io import make_dir, write_json, write_text
 from .pipeline import run
 from .recipe import Recipe, apply_overrides, recipe_from_dict
-from .search_config import SearchConfig
+from .search_config import ParamRange, SearchConfig
 
 # Optuna (and SQLAlchemy under it) is imported where a search starts: it costs about a
 # second, and `import surgery` should not pay it.
 
 
-def _sampler(name: str, seed: int) -> Any:
+def make_sampler(name: str, seed: int) -> Any:
+    """An Optuna sampler by name (``tpe``, ``gp``, ``random``), seeded."""
     import optuna
 
     if name == "gp":
@@ -36,6 +37,19 @@ def _sampler(name: str, seed: int) -> Any:
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
+
+
+def suggest(trial: Any, params: dict[str, ParamRange]) -> dict[str, Any]:
+    """One value per dotted path, drawn by an Optuna trial from its range."""
+    values: dict[str, Any] = {}
+    for path, pr in params.items():
+        if pr.type == "categorical":
+            values[path] = trial.suggest_categorical(path, pr.choices)
+        elif pr.type == "int":
+            values[path] = trial.suggest_int(path, int(pr.low), int(pr.high), log=pr.log)  # type: ignore[arg-type]
+        else:
+            values[path] = trial.suggest_float(path, pr.low, pr.high, log=pr.log)  # type: ignore[arg-type]
+    return values
 
 
 def _open_study(name: str, url: str, sampler: Any) -> Any:
@@ -76,19 +90,12 @@ def run_search(recipe: Recipe, out: str | Path, trials: int | None = None, stora
     name = cfg.study or recipe.name
     # Each worker draws its own sampler seed, so workers sharing a study do not repeat trials.
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    study = _open_study(name, storage, _sampler(cfg.sampler, recipe.seed + os.getpid()))
+    study = _open_study(name, storage, make_sampler(cfg.sampler, recipe.seed + os.getpid()))
     base = recipe.to_dict()
     base.pop("search", None)
 
     def objective(trial: optuna.Trial) -> float:
-        values: dict[str, Any] = {}
-        for path, pr in cfg.params.items():
-            if pr.type == "categorical":
-                values[path] = trial.suggest_categorical(path, pr.choices)  # type: ignore[arg-type]
-            elif pr.type == "int":
-                values[path] = trial.suggest_int(path, int(pr.low), int(pr.high), log=pr.log)  # type: ignore[arg-type]
-            else:
-                values[path] = trial.suggest_float(path, pr.low, pr.high, log=pr.log)  # type: ignore[arg-type]
+        values = suggest(trial, cfg.params)
         trial.set_user_attr("worker", worker)
         data = apply_overrides(copy.deepcopy(base), values)
         r = recipe_from_dict(data, recipe.base_dir, f"{recipe.source} [trial {trial.number}]")

@@ -172,3 +172,35 @@ def test_quick_recipe_end_to_end(tmp_path):
                if t2["condition"] == "none" and t2["depth"] == t["depth"])
     figures = ("error_vs_depth", "error_hist", "learning_curves", "filters")
     assert all((out / "figures" / f"{n}.png").is_file() for n in figures)
+
+
+def test_every_arm_gets_the_same_tuning_budget(tmp_path, capsys):
+    r = json.loads(json.dumps(TINY))
+    r["experiment"] = {"conditions": ["none", "dae"], "depths": [1], "seeds": [0, 1], "hidden": 16,
+                       "pretrain_epochs": 1,
+                       "tune": {"trials": 3, "params": {
+                           "finetune.optimizer.lr": {"low": 0.01, "high": 0.5, "log": True},
+                           "pretrain.layers.*.noise": {"low": 0.05, "high": 0.5}}}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    out = tmp_path / "out"
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(out)]) == 0
+    tuning = json.loads((out / "tuning.json").read_text())
+    trials = [t for t in tuning["trials"] if "trial" in t]
+    bests = {t["condition"]: t for t in tuning["trials"] if "best_trial" in t}
+    assert sorted(t["condition"] for t in trials) == ["dae"] * 3 + ["none"] * 3
+    for arm, best in bests.items():
+        mine = [t for t in trials if t["condition"] == arm]
+        assert best["valid_error"] == min(t["valid_error"] for t in mine)
+        assert best["params"] == mine[best["best_trial"]]["params"]
+    for row in _rows(out):  # every seed ran with its arm's best values
+        cell = json.loads((Path(row["path"]) / "recipe.json").read_text())
+        best = bests[row["condition"]]["params"]
+        assert cell["finetune"]["optimizer"]["lr"] == best["finetune.optimizer.lr"]
+        if row["condition"] == "dae":
+            assert all(layer["noise"] == best["pretrain.layers.*.noise"] for layer in cell["pretrain"]["layers"])
+        else:
+            assert "pretrain" not in cell
+    assert "## Tuning" in (out / "report.md").read_text()
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(out)]) == 0  # a rerun trains nothing again
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == stamps

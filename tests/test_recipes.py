@@ -138,6 +138,8 @@ CATALOGUE = {
                            "depths [0, 1] must all be >= 1"),
     "search bad range": (_set("search", {"params": {"finetune.optimizer.lr": {"low": 1, "high": 0.1}}}),
                          "low=1.0 must be below high=0.1"),
+    "tune bad path": (_set("experiment", {"conditions": ["none"], "tune": {"params": {"seed": {"low": 0, "high": 1}}}}),
+                      "tuned paths start with data, pretrain or finetune"),
     "search bad path": (_set("search", {"params": {"seed": {"type": "int", "low": 0, "high": 3}}}),
                         "search paths start with data, pretrain"),
 }
