@@ -1,0 +1,82 @@
+"""A population of K models trained together equals each model trained alone."""
+
+import pytest
+import torch
+
+from surgery.errors import ConfigError
+from surgery.finetune import FinetuneConfig, Trainer
+from surgery.population import PopulationTrainer
+from tests.test_finetune import mlp
+
+SIZES = (64, 32, 16)
+
+
+def _cfg(**kw):
+    base = {"epochs": 4, "batch_size": 50, "device": "cpu", "progress": False}
+    return FinetuneConfig.model_validate({**base, **kw})
+
+
+CASES = {
+    "momentum, nesterov, decay": [
+        _cfg(optimizer={"lr": 0.2, "momentum": 0.9}),
+        _cfg(optimizer={"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+        _cfg(optimizer={"lr": 0.3, "momentum": 0, "weight_decay": 1e-3}),
+    ],
+    "schedules": [
+        _cfg(optimizer={"lr": 0.3, "momentum": 0.5},
+             schedule={"lr": {"kind": "exponential", "start": 0.5, "end": 0.01}, "momentum": {"kind": "linear"}}),
+        _cfg(optimizer={"lr": 0.2, "momentum": 0.9}, schedule={"lr": {"kind": "cosine", "end": 0.01}}),
+    ],
+    "dropout": [
+        _cfg(optimizer={"lr": 0.2, "momentum": 0.9}, dropout={"h*": 0.3}, input_dropout=0.1),
+        _cfg(optimizer={"lr": 0.1, "momentum": 0.9}, dropout={"h*": 0.5}, input_dropout=0.2),
+    ],
+    "early stopping": [
+        _cfg(epochs=12, optimizer={"lr": 0.8, "momentum": 0.9}, early_stopping={"patience": 1}),
+        _cfg(epochs=12, optimizer={"lr": 0.05, "momentum": 0.5}, early_stopping={"patience": 2}),
+        _cfg(epochs=12, optimizer={"lr": 0.5, "momentum": 0.9}, early_stopping={"patience": 1}),
+    ],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_population_equals_each_model_alone(synth, case):
+    cfgs = CASES[case]
+    seeds = [11 + k for k in range(len(cfgs))]
+    graphs = [mlp(SIZES, seed=k, init="classic") for k in range(len(cfgs))]
+    pop = PopulationTrainer(graphs, synth, cfgs, seeds)
+    together = pop.fit()
+    for k, (g, c, s) in enumerate(zip(graphs, cfgs, seeds)):
+        alone = Trainer(g, synth, c, seed=s)
+        res = alone.fit()
+        for name, w in pop.weights(k).items():
+            torch.testing.assert_close(w, alone.model.state_dict()[name], rtol=1e-5, atol=1e-5, msg=f"{k} {name}")
+        assert [h["valid_error"] for h in pop.history[k]] == [h["valid_error"] for h in alone.history]
+        losses = [h["train_loss"] for h in alone.history]
+        assert [h["train_loss"] for h in pop.history[k]] == pytest.approx(losses, rel=1e-5, abs=1e-6)
+        assert (together[k]["epochs"], together[k]["best_epoch"]) == (res["epochs"], res["best_epoch"])
+        assert together[k]["test_error"] == res["test_error"]
+    if case == "early stopping":
+        assert len({r["epochs"] for r in together}) > 1, "the members should stop at different epochs"
+
+
+def test_population_refuses_what_it_cannot_batch(synth):
+    with pytest.raises(ConfigError, match="optimizer 'adam'"):
+        PopulationTrainer([mlp(SIZES)], synth, [_cfg(optimizer={"name": "adam", "lr": 0.01})], [0])
+    with pytest.raises(ConfigError, match="finetune.epochs differs"):
+        PopulationTrainer([mlp(SIZES), mlp(SIZES)], synth, [_cfg(), _cfg(epochs=3)], [0, 1])
+    with pytest.raises(ConfigError, match="share one architecture"):
+        PopulationTrainer([mlp(SIZES), mlp((64, 24, 16))], synth, [_cfg(), _cfg()], [0, 1])
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh", "softplus"])
+def test_population_equals_alone_for_other_activations(synth, act):
+    cfgs = [_cfg(optimizer={"lr": 0.05, "momentum": 0.9}), _cfg(optimizer={"lr": 0.02, "momentum": 0.5})]
+    graphs = [mlp(SIZES, act=act, seed=k) for k in range(2)]
+    pop = PopulationTrainer(graphs, synth, cfgs, [3, 4])
+    pop.fit()
+    for k in range(2):
+        alone = Trainer(graphs[k], synth, cfgs[k], seed=3 + k)
+        alone.fit()
+        for name, w in pop.weights(k).items():
+            torch.testing.assert_close(w, alone.model.state_dict()[name], rtol=1e-5, atol=1e-5, msg=f"{k} {name}")
