@@ -48,6 +48,7 @@ from .ops import (
     WidenOp,
 )
 from .pipeline import assemble, pretrain, run, validate
+from .population import PopulationTrainer
 from .pretrain import (
     AEConfig,
     GrowConfig,
@@ -69,7 +70,8 @@ __all__ = [
     "DeviceError", "DropoutOp", "ExperimentConfig", "FinetuneConfig", "ForeignSource", "FreezeOp", "GrowConfig",
     "HeadOp", "ImportOp", "InsertOp", "LayerSpec", "LayerStack", "ManifestError", "ModelGraph", "Node",
     "describe_model",
-    "OptimizerConfig", "OutputError", "PretrainConfig", "RBMConfig", "Recipe", "ReinitOp", "RemoveOp",
+    "OptimizerConfig", "OutputError", "PopulationTrainer", "PretrainConfig", "RBMConfig", "Recipe", "ReinitOp",
+    "RemoveOp",
     "ScheduleConfig", "SearchConfig", "ShapeError", "Split", "StackLayer", "SurgeryConfig", "SurgeryError",
     "TakeOp", "Trainer", "TrainingDiverged", "TransplantOp", "WidenOp", "__version__", "assemble", "build_graph",
     "greedy_pretrain", "init_weight", "load_dataset", "load_model", "load_recipe", "plan_cells", "pretrain",

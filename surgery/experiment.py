@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from .assembly import build_graph
-from .data import Dataset, load_dataset
-from .errors import SurgeryError
+from .data import Dataset, load_dataset, resolve_device
+from .errors import ConfigError, SurgeryError
 from .experiment_config import TuneConfig
 from .finetune import Trainer
+from .graph import ModelGraph
 from .grid import Cell, plan_cells, with_values
 from .io import make_dir, progress_bar, write_json, write_text
 from .pipeline import load_sources
+from .population import PopulationTrainer, architecture_key, model_bytes, population_size, write_member
 from .pretrain import greedy_pretrain
 from .recipe import Recipe, recipe_from_dict
 from .search import make_sampler, suggest
@@ -68,6 +70,46 @@ class CellRunner:
         meta = json.loads((sdir / "pretrain.json").read_text())
         return LayerStack.load(spath), meta["seconds"] * cell.depth / max(meta["layers"], 1)
 
+    def run_populations(self, cells: list[Cell], mode: str | int) -> None:
+        """Fine-tune the unfinished cells that share an architecture, data and budget
+        together, in populations as large as ``mode`` allows; the rest (and any cell a
+        population cannot take) are left for :meth:`run`."""
+        groups: dict[tuple[str, str], list[tuple[Cell, Recipe, ModelGraph, float]]] = {}
+        for cell in cells:
+            if (self.out / "cells" / cell.key / "result.json").is_file():
+                continue
+            r = recipe_from_dict(cell.recipe, self.recipe.base_dir, f"{self.recipe.source} [{cell.condition} "
+                                 f"d{cell.depth} s{cell.seed}]")
+            data = self.dataset(r)
+            stack, pre_s = self.stack(cell, r, data) if cell.pretrain_key is not None else (None, 0.0)
+            assert r.surgery is not None and r.finetune is not None
+            graph = build_graph(r.surgery, load_sources(r, stack), r.seed, data.input_shape)
+            dkey = json.dumps(r.data.model_dump(mode="json"), sort_keys=True)
+            groups.setdefault((dkey, architecture_key(graph, r.finetune)), []).append((cell, r, graph, pre_s))
+        for members in groups.values():
+            r0 = members[0][1]
+            size = population_size(mode, resolve_device(r0.finetune.device), model_bytes(members[0][2], 100))
+            for i in range(0, len(members), size):
+                if len(members[i : i + size]) > 1:
+                    self._population(members[i : i + size])
+
+    def _population(self, members: list[tuple[Cell, Recipe, ModelGraph, float]]) -> None:
+        data = self.dataset(members[0][1])
+        try:
+            pop = PopulationTrainer([m[2] for m in members], data, [m[1].finetune for m in members],
+                                    [m[1].seed for m in members])
+        except ConfigError:
+            return  # not batchable (an optimizer or option populations lack): these cells train alone
+        results = pop.fit()
+        for k, (cell, _, _, pre_s) in enumerate(members):
+            res = dict(results[k])
+            res["finetune_seconds"] = round(res.pop("seconds") / len(members), 3)  # its share of the population
+            res["pretrain_seconds"] = round(pre_s, 3)
+            res.update(condition=cell.condition, depth=cell.depth, seed=cell.seed, cell=cell.key)
+            cdir = self.out / "cells" / cell.key
+            write_json(cdir / "recipe.json", cell.recipe)
+            write_member(pop, k, cdir, res)
+
     def run(self, cell: Cell, cells_dir: str = "cells") -> tuple[dict[str, Any], Path]:
         """The cell's result (cached in ``OUT/<cells_dir>/<key>/result.json``) and its directory."""
         cdir = self.out / cells_dir / cell.key
@@ -101,6 +143,7 @@ def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None
     if recipe.experiment.tune is not None:
         cells = tune_arms(recipe.experiment.tune, cells, runner, out, progress)
     write_json(out / "experiment.json", {"recipe": recipe.to_dict(), "cells": len(cells)})
+    runner.run_populations(cells, recipe.experiment.population)
     rows = []
     bar = progress_bar(len(cells), "experiment", progress, "cell")
     for cell in cells:

@@ -94,6 +94,9 @@ class ExperimentConfig(BaseModel):
     )
     baseline: str = Field(default="none", description="the arm every other is tested against")
     tune: TuneConfig | None = Field(default=None, description="tune every arm with the same budget first")
+    population: Literal["auto", "off"] | Annotated[int, Field(ge=1)] = Field(
+        default="auto", description="fine-tune cells of one shape together: auto (GPU: as many as fit; CPU: "
+        "one at a time), N, or off")
 
     @field_validator("conditions")
     @classmethod

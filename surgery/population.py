@@ -17,8 +17,10 @@ experiment runner's grouping of cells; ``check_population`` names what a config 
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +31,10 @@ from .errors import ConfigError, TrainingDiverged
 from .finetune import check_fits, prepare_graph
 from .finetune_config import FinetuneConfig
 from .graph import ModelGraph
+from .io import write_json, write_text
 from .layers import ACTIVATIONS, init_weight
+from .model_file import save_model
+from .version import package_version
 
 
 def _matmul(a: Tensor, b: Tensor, loop: bool, out: Tensor | None = None) -> Tensor:
@@ -74,6 +79,36 @@ def _structure(graph: ModelGraph) -> list[tuple[str, Any]]:
     return out
 
 
+def population_size(mode: str | int, device: torch.device, bytes_per_model: int) -> int:
+    """How many models train together: ``off`` 1; a number, that many; ``auto``: 1 on a
+    CPU (batching measured no faster there, see benchmarks/population.py), and on a GPU as
+    many as fit in half its free memory (at most 100)."""
+    if mode == "off":
+        return 1
+    if isinstance(mode, int):
+        return mode
+    if device.type != "cuda":
+        return 1
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(100, free // 2 // max(bytes_per_model, 1)))
+
+
+def model_bytes(graph: ModelGraph, batch: int) -> int:
+    """A member's memory in a population: weights, gradients, momentum and best copies
+    (4 x 4 bytes per parameter) and a batch's activations kept for the backward pass."""
+    params = sum(n.n_params for n in graph.nodes())
+    widths = sum(n.spec.out_features for n in graph.nodes() if n.spec is not None)
+    return 16 * params + 12 * batch * widths
+
+
+def architecture_key(graph: ModelGraph, cfg: FinetuneConfig) -> str:
+    """What members must share to train together: layers, dropout and the budget."""
+    layers = [[n.kind, n.spec.model_dump(mode="json") if n.spec else n.p] for n in graph.nodes()]
+    shared = {"layers": layers, "dropout": cfg.dropout, "input_dropout": cfg.input_dropout, "epochs": cfg.epochs,
+              "batch_size": cfg.batch_size, "device": cfg.device}
+    return json.dumps(shared, sort_keys=True)
+
+
 def check_population(cfgs: list[FinetuneConfig]) -> None:
     """``ConfigError`` unless the configs can train together: same epochs, batch size and
     device, and only what the population supports."""
@@ -101,6 +136,15 @@ def dropout_stream(graph: ModelGraph, seed: int) -> torch.Generator:
         if node.kind == "layer" and node.spec is not None:
             init_weight(torch.empty(node.spec.weight_shape), node.spec.activation, "classic", node.spec, gen)
     return gen
+
+
+def dropout_noise(shape: torch.Size, rates: list[float], gens: list[torch.Generator]) -> Tensor:
+    """Each model's dropout noise [K, ...] from its own generator, drawn as ``F.dropout``
+    draws it on a CPU (Bernoulli(1 - p), divided by 1 - p)."""
+    out = torch.empty(shape)
+    for k, (p, g) in enumerate(zip(rates, gens)):
+        out[k].bernoulli_(1 - p, generator=g).div_(1 - p)
+    return out
 
 
 def schedule_values(cfgs: list[FinetuneConfig], step: int, steps_per_epoch: int,
@@ -160,7 +204,7 @@ class PopulationTrainer:
         for kind, spec in self.steps:
             if kind == "dropout":
                 if train:
-                    noise = self._noise(h, di)
+                    noise = dropout_noise(h.shape, self.rates[:, di].tolist(), self.masks).to(h.device)
                     h = h * noise
                     if keep:
                         keep[-1][2] = noise
@@ -191,14 +235,6 @@ class PopulationTrainer:
             if li > 0:
                 d = _matmul(d, self.W[li], self.loop)
         return losses
-
-    def _noise(self, h: Tensor, di: int) -> Tensor:
-        """Each model's dropout noise from its own generator, drawn as ``F.dropout`` draws it."""
-        out = torch.empty(h.shape)
-        for k in range(self.K):
-            p = float(self.rates[k, di])
-            out[k].bernoulli_(1 - p, generator=self.masks[k]).div_(1 - p)
-        return out.to(h.device)
 
     def _schedule(self, step: int) -> tuple[Tensor, Tensor, list[float], list[float | None]]:
         """Per-model lr (0 once stopped) and momentum at ``step``: [K] tensors and the values."""
@@ -288,10 +324,13 @@ class PopulationTrainer:
             b.copy_(bb)
         test = self.errors("test")
         seconds = round(time.perf_counter() - t0, 3)
+        versions = {"torch": torch.__version__, "surgery": package_version()}
         return [{"test_error": test[k], "valid_error": best[k]["valid"],
                  "train_error": self.history[k][best[k]["epoch"] - 1]["train_error"],
-                 "epochs": len(self.history[k]), "best_epoch": best[k]["epoch"], "seconds": seconds,
-                 "device": str(self.device), "seed": self.seeds[k], "population": K} for k in range(K)]
+                 "epochs": len(self.history[k]), "best_epoch": best[k]["epoch"],
+                 "steps": len(self.history[k]) * self.steps_per_epoch, "seconds": seconds,
+                 "device": str(self.device), "world_size": 1, "seed": self.seeds[k], "population": K,
+                 "versions": versions} for k in range(K)]
 
     def _book(self, k: int, rec: dict[str, Any], best: dict[str, Any]) -> None:
         """Model ``k``'s epoch: keep its best weights; stop it when its patience runs out."""
@@ -310,7 +349,18 @@ class PopulationTrainer:
     def weights(self, k: int) -> dict[str, Tensor]:
         """Model ``k``'s weights by node name (``<node>.weight``, ``<node>.bias``), on the CPU."""
         names = [n.name for n in self.graphs[k].nodes() if n.kind == "layer"]
-        out = {}
-        for name, w, b in zip(names, self.W, self.b):
-            out[f"{name}.weight"], out[f"{name}.bias"] = w[k].detach().cpu(), b[k].detach().cpu()
-        return out
+        pairs = [(f"{nm}.{p}", t[k].cpu()) for nm, w, b in zip(names, self.W, self.b) for p, t in (("weight", w),
+                                                                                                 ("bias", b))]
+        return dict(pairs)
+
+
+def write_member(pop: PopulationTrainer, k: int, out: Path, result: dict[str, Any]) -> None:
+    """Member ``k``'s files, as the Trainer writes them: ``result.json``,
+    ``metrics.jsonl`` and ``model.safetensors`` (its best weights)."""
+    graph, w = pop.graphs[k].copy(), pop.weights(k)
+    for node in graph.nodes():
+        if node.kind == "layer":
+            node.tensors = {"weight": w[f"{node.name}.weight"].clone(), "bias": w[f"{node.name}.bias"].clone()}
+    write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in pop.history[k]))
+    save_model(graph, out / "model.safetensors", {"result": result})
+    write_json(out / "result.json", result)  # last: its presence marks the member finished
