@@ -157,3 +157,20 @@ def test_every_recipe_runs_on_cuda(tmp_path):
         out = tmp_path / "runs" / name.removesuffix(".yaml")
         cmd = ["search", "--trials", "1"] if "search:" in text else ["run"]
         assert main([cmd[0], str(tmp_path / "recipes" / name), "--out", str(out), *cmd[1:], *small]) == 0, name
+
+
+def test_population_on_cuda_equals_alone():
+    from surgery.population import PopulationTrainer
+
+    ds = _ds()
+    cfgs = [FinetuneConfig(epochs=2, device="cuda", batch_size=50, progress=False, cuda_graph=False,
+                           optimizer={"lr": lr, "momentum": 0.9}) for lr in (0.1, 0.2)]
+    graphs = [mlp((64, 32, 16), seed=k) for k in range(2)]
+    pop = PopulationTrainer(graphs, ds, cfgs, [1, 2])
+    assert not pop.loop  # one bmm per layer for both models
+    pop.fit()
+    for k in range(2):
+        alone = Trainer(graphs[k], ds, cfgs[k], seed=1 + k)
+        alone.fit()
+        for name, w in pop.weights(k).items():
+            torch.testing.assert_close(w, alone.model.state_dict()[name].cpu(), rtol=1e-4, atol=1e-5, msg=name)

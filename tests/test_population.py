@@ -118,3 +118,17 @@ def test_a_grid_trained_in_populations_equals_the_grid_trained_cell_by_cell(tmp_
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "3").rglob("result.json")}
     assert main(["run", str(tmp_path / "3.yaml"), "--out", str(tmp_path / "3")]) == 0
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "3").rglob("result.json")} == stamps
+
+
+def test_the_batched_gemm_path_equals_alone_too(synth):
+    """The GPU's path (one bmm per layer for all K models), run on the CPU."""
+    cfgs = CASES["dropout"]
+    graphs = [mlp(SIZES, seed=k) for k in range(len(cfgs))]
+    pop = PopulationTrainer(graphs, synth, cfgs, [5, 6])
+    pop.loop = False
+    pop.fit()
+    for k in range(len(cfgs)):
+        alone = Trainer(graphs[k], synth, cfgs[k], seed=5 + k)
+        alone.fit()
+        for name, w in pop.weights(k).items():
+            torch.testing.assert_close(w, alone.model.state_dict()[name], rtol=1e-5, atol=1e-5, msg=f"{k} {name}")
