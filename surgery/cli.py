@@ -105,7 +105,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     recipe = _load(args)
     out = args.output or Path("runs") / recipe.name / "stack.safetensors"
     stack = pretrain(recipe)
-    stack.save(out)
+    if is_main_process():
+        stack.save(out)
     say(describe(stack.manifest()), f"stack written to {out}")
 
 
@@ -147,7 +148,8 @@ def cmd_assemble(args: argparse.Namespace) -> None:
     stack = pretrain(recipe, data) if recipe.pretrain is not None else None
     graph = assemble(recipe, stack, data.num_classes, data.input_shape)
     out = args.output or Path("runs") / recipe.name / "assembled.safetensors"
-    save_model(graph, out, {"recipe": recipe.to_dict()})
+    if is_main_process():
+        save_model(graph, out, {"recipe": recipe.to_dict()})
     say(*graph.report, describe_model(graph), f"model written to {out}")
 
 

@@ -22,6 +22,7 @@ from .ops import ForeignWeights, HeadOp, TakeOp
 from .pretrain import greedy_pretrain
 from .pretrain.greedy import plan_stack
 from .recipe import Recipe
+from .runtime import is_main_process
 from .stack import LayerStack, load_foreign
 
 
@@ -132,19 +133,22 @@ def run(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool | 
             stack = LayerStack.load(stack_path)
         else:
             stack = pretrain(recipe, data, progress)
-            stack.save(stack_path)
+            if is_main_process():
+                stack.save(stack_path)
     t_pre = time.perf_counter() - t0
     graph = assemble(recipe, stack, data.num_classes, data.input_shape)
     trainer = Trainer(graph, data, recipe.finetune, recipe.seed, out) if recipe.finetune is not None else None
     if trainer is not None and resume and trainer.ckpt_path().is_file():
         trainer.load_checkpoint()  # a checkpoint that does not fit fails here, before anything is written
-    save_model(graph, out / "assembled.safetensors", {"recipe": recipe.to_dict()})
+    if is_main_process():
+        save_model(graph, out / "assembled.safetensors", {"recipe": recipe.to_dict()})
     result: dict[str, Any] = {"pretrain_seconds": round(t_pre, 3), "out": str(out)}
     if trainer is not None:
         result.update(trainer.fit())
         result["finetune_seconds"] = result.pop("seconds")
         result["pretrain_seconds"] = round(t_pre, 3)
-        write_json(out / "result.json", result)
+        if is_main_process():
+            write_json(out / "result.json", result)
     return result
 
 
