@@ -74,6 +74,9 @@ class CellRunner:
         """Fine-tune the unfinished cells that share an architecture, data and budget
         together, in populations as large as ``mode`` allows; the rest (and any cell a
         population cannot take) are left for :meth:`run`."""
+        assert self.recipe.finetune is not None
+        if mode == "off" or (mode == "auto" and resolve_device(self.recipe.finetune.device).type != "cuda"):
+            return  # one cell at a time: nothing to prepare here
         groups: dict[tuple[str, str], list[tuple[Cell, Recipe, ModelGraph, float]]] = {}
         for cell in cells:
             if (self.out / "cells" / cell.key / "result.json").is_file():
