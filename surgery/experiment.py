@@ -6,6 +6,8 @@ classic initialisation for its activation. A cell's results live under a hash of
 config, so finished cells are skipped when a comparison is re-run. Greedy stacks are
 trained once per (arm, seed) at the largest depth; the depth-d stack is the snapshot
 after its d-th layer, which for layer-wise methods is exactly what a depth-d run trains.
+Cells of one shape can fine-tune together as a population (``experiment.population``),
+and ``experiment.tune`` gives every arm the same tuning budget before the seeds run.
 """
 
 from __future__ import annotations
