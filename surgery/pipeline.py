@@ -6,19 +6,21 @@ The same functions back the CLI commands (``pretrain``, ``assemble``, ``validate
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 from .assembly import ForeignSource, SurgeryConfig, build_graph
 from .data import Dataset, find_mnist_file, load_dataset, resolve_device
-from .errors import ConfigError, SurgeryError
+from .errors import ConfigError, SurgeryError, TrainingDiverged
 from .finetune import FinetuneConfig, Trainer, check_fits
 from .graph import ModelGraph
 from .grid import plan_cells
 from .io import make_dir, write_json
 from .model_file import load_model, save_model
 from .ops import ForeignWeights, HeadOp, TakeOp
+from .population import PopulationTrainer, architecture_key, write_member
 from .pretrain import greedy_pretrain
 from .pretrain.greedy import plan_stack
 from .recipe import Recipe
@@ -150,6 +152,62 @@ def run(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool | 
         if is_main_process():
             write_json(out / "result.json", result)
     return result
+
+
+def _prepare(recipe: Recipe, out: Path, data: Dataset, progress: bool | None) -> tuple[ModelGraph, float]:
+    """Pretrain (if the recipe says so) and assemble, saving both under ``out``."""
+    make_dir(out)
+    t0 = time.perf_counter()
+    stack = pretrain(recipe, data, progress) if recipe.pretrain is not None else None
+    if stack is not None:
+        stack.save(out / "stack.safetensors")
+    graph = assemble(recipe, stack, data.num_classes, data.input_shape)
+    save_model(graph, out / "assembled.safetensors", {"recipe": recipe.to_dict()})
+    return graph, time.perf_counter() - t0
+
+
+def run_batch(recipes: list[Recipe], outs: list[Path], progress: bool | None = None) -> list[dict[str, Any] | None]:
+    """Run recipes that differ only in their values (a batch of search trials): each is
+    pretrained and assembled on its own, then all are fine-tuned together as one population
+    when they share data, architecture and budget, else one after another. Each run's files
+    are what :func:`run` writes; ``None`` marks a run whose loss diverged."""
+    datasets: dict[str, Dataset] = {}
+    prepared: list[tuple[int, Recipe, Path, Dataset, ModelGraph, float]] = []
+    results: list[dict[str, Any] | None] = [None] * len(recipes)
+    for i, (r, out) in enumerate(zip(recipes, outs)):
+        if r.finetune is None:
+            raise ConfigError(f"{r.source}: a batch of runs needs a finetune: section.")
+        key = json.dumps(r.data.model_dump(mode="json"), sort_keys=True)
+        if key not in datasets:
+            datasets[key] = load_dataset(r.data, r.base_dir)
+        try:
+            graph, t_pre = _prepare(r, out, datasets[key], progress)
+        except TrainingDiverged:
+            continue
+        prepared.append((i, r, out, datasets[key], graph, t_pre))
+    shapes = {(id(p[3]), architecture_key(p[4], p[1].finetune)) for p in prepared}
+    pop, fitted = None, []
+    if len(shapes) == 1 and len(prepared) > 1:
+        try:
+            pop = PopulationTrainer([p[4] for p in prepared], prepared[0][3], [p[1].finetune for p in prepared],
+                                    [p[1].seed for p in prepared])
+            fitted = pop.fit()
+        except (ConfigError, TrainingDiverged):
+            pop = None  # not batchable, or a member diverged: each runs alone below
+    for k, (i, r, out, data, graph, t_pre) in enumerate(prepared):
+        try:
+            res = fitted[k] if pop is not None else Trainer(graph, data, r.finetune, r.seed, out).fit()
+        except TrainingDiverged:
+            continue
+        res = {**res, "finetune_seconds": res["seconds"] / (len(prepared) if pop is not None else 1),
+               "pretrain_seconds": round(t_pre, 3), "out": str(out)}
+        res.pop("seconds")
+        if pop is not None:
+            write_member(pop, k, out, res)
+        else:
+            write_json(out / "result.json", res)
+        results[i] = res
+    return results
 
 
 def finetune_model(model_path: str | Path, data: Dataset, cfg: FinetuneConfig, seed: int, out: str | Path,

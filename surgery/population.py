@@ -123,6 +123,8 @@ def check_population(cfgs: list[FinetuneConfig]) -> None:
         for field in ("layer_lr", "unfreeze_at", "freeze_at"):
             if getattr(c, field):
                 raise ConfigError(f"population member {i}: finetune.{field} is not supported in a population yet.")
+        if c.checkpoint_every:
+            raise ConfigError(f"population member {i}: finetune.checkpoint_every: populations do not checkpoint yet.")
         if c.amp or c.compile:
             raise ConfigError(f"population member {i}: amp/compile are not supported in a population yet.")
 

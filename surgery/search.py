@@ -20,7 +20,7 @@ import yaml
 
 from .errors import SurgeryError, TrainingDiverged
 from .io import make_dir, write_json, write_text
-from .pipeline import run
+from .pipeline import run, run_batch
 from .recipe import Recipe, apply_overrides, recipe_from_dict
 from .search_config import ParamRange, SearchConfig
 
@@ -73,6 +73,28 @@ def _open_study(name: str, url: str, sampler: Any) -> Any:
     raise SurgeryError(f"--storage {url}: cannot open the study ({type(last).__name__}: {str(last).splitlines()[0]}).")
 
 
+def _optimize_in_batches(study: Any, cfg: SearchConfig, base: dict[str, Any], recipe: Recipe, out: Path, n: int,
+                         worker: str, progress: bool | None) -> None:
+    """Ask ``cfg.batch`` trials at a time, run them as one batch (their fine-tuning as one
+    population where they can share it) and tell their validation errors (100 when a run
+    diverged), until ``n`` trials are done."""
+    done = 0
+    while done < n:
+        asked = [study.ask() for _ in range(min(cfg.batch, n - done))]
+        recipes, outs = [], []
+        for trial in asked:
+            values = suggest(trial, cfg.params)
+            trial.set_user_attr("worker", worker)
+            data = apply_overrides(copy.deepcopy(base), values)
+            recipes.append(recipe_from_dict(data, recipe.base_dir, f"{recipe.source} [trial {trial.number}]"))
+            outs.append(out / "trials" / f"{trial.number:04d}-{os.getpid()}")
+        for trial, res in zip(asked, run_batch(recipes, outs, progress)):
+            if res is not None:
+                trial.set_user_attr("test_error", res["test_error"])
+            study.tell(trial, 100.0 if res is None else float(res["valid_error"]))
+        done += len(asked)
+
+
 def run_search(recipe: Recipe, out: str | Path, trials: int | None = None, storage: str | None = None,
                progress: bool | None = None) -> dict[str, Any]:
     """Run (or join) the study; write best.yaml and search.json under ``out``."""
@@ -106,7 +128,11 @@ def run_search(recipe: Recipe, out: str | Path, trials: int | None = None, stora
         trial.set_user_attr("test_error", res["test_error"])
         return float(res["valid_error"])
 
-    study.optimize(objective, n_trials=trials or cfg.trials)
+    n = trials or cfg.trials
+    if cfg.batch == 1:
+        study.optimize(objective, n_trials=n)
+    else:
+        _optimize_in_batches(study, cfg, base, recipe, out, n, worker, progress)
     best = study.best_trial
     best_recipe = apply_overrides(copy.deepcopy(recipe.to_dict()), dict(best.params))
     best_recipe.pop("search", None)

@@ -44,6 +44,7 @@ class SearchConfig(BaseModel):
     trials: int = Field(default=20, ge=1)
     sampler: Literal["tpe", "gp", "random"] = "tpe"
     study: str | None = Field(default=None, description="study name (default: the recipe's name)")
+    batch: int = Field(default=1, ge=1, description="trials asked at once and fine-tuned together as a population")
 
     @model_validator(mode="after")
     def _paths(self) -> SearchConfig:

@@ -132,3 +132,35 @@ def test_the_batched_gemm_path_equals_alone_too(synth):
         alone.fit()
         for name, w in pop.weights(k).items():
             torch.testing.assert_close(w, alone.model.state_dict()[name], rtol=1e-5, atol=1e-5, msg=f"{k} {name}")
+
+
+def test_search_batch_equals_sequential_trials(tmp_path):
+    """search.batch: 4 asks four trials at once and fine-tunes them as one population; each
+    trial's validation error equals the sequential search's for the same values."""
+    import json
+
+    import yaml
+
+    from surgery.cli import main
+
+    recipe = {"name": "s", "data": {"dataset": "synthetic", "n_train": 300, "n_valid": 100, "n_test": 100},
+              "pretrain": {"layers": [{"method": "rbm", "hidden": 8, "epochs": 1}]},
+              "surgery": {"ops": [{"op": "take", "source": "pretrained"}, {"op": "head", "classes": 4}]},
+              "finetune": {"epochs": 2, "device": "cpu", "batch_size": 50},
+              "search": {"sampler": "random", "trials": 4, "params": {
+                  "pretrain.layers.0.lr": {"low": 0.01, "high": 0.2, "log": True},
+                  "finetune.optimizer.lr": {"low": 0.01, "high": 0.5, "log": True},
+                  "finetune.optimizer.momentum": {"low": 0.0, "high": 0.9}}}}
+    studies = {}
+    for batch in (1, 4):
+        r = json.loads(json.dumps(recipe))
+        r["search"]["batch"] = batch
+        (tmp_path / f"b{batch}.yaml").write_text(yaml.safe_dump(r))
+        out = tmp_path / f"b{batch}"
+        assert main(["search", str(tmp_path / f"b{batch}.yaml"), "--out", str(out)]) == 0
+        studies[batch] = json.loads((out / "search.json").read_text())["trials"]
+        results = [json.loads(p.read_text()) for p in sorted((out / "trials").glob("*/result.json"))]
+        assert len(results) == 4 and all(r.get("population") == (4 if batch == 4 else None) for r in results)
+    for seq, bat in zip(studies[1], studies[4]):
+        assert seq["params"] == bat["params"]
+        assert bat["value"] == pytest.approx(seq["value"], abs=1e-9)
