@@ -192,6 +192,11 @@ class PopulationTrainer:
         self.gb = [torch.empty_like(b) for b in self.b]
         self.bufs = [torch.zeros_like(p) for p in self.W + self.b]
         self.loop = self.device.type == "cpu"
+        opts = [c.optimizer for c in cfgs]
+        self.decay = torch.tensor([o.weight_decay for o in opts], device=self.device)
+        self.nesterov = torch.tensor([o.nesterov for o in opts], device=self.device)
+        self.any_decay, self.nest_all, self.nest_any = any(o.weight_decay for o in opts), \
+            all(o.nesterov for o in opts), any(o.nesterov for o in opts)
         self.shuffles = [torch.Generator().manual_seed(s) for s in seeds]
         self.masks = [dropout_stream(g, s) for g, s in zip(self.graphs, seeds)]
         n = len(self.data.train)
@@ -247,20 +252,16 @@ class PopulationTrainer:
     def _update(self, lr: Tensor, mom: Tensor) -> None:
         """SGD with (Nesterov) momentum and weight decay, per model, as ``torch.optim.SGD``,
         in as few passes over the stacked tensors as the members' settings allow."""
-        wd = [c.optimizer.weight_decay for c in self.cfgs]
-        nest = [c.optimizer.nesterov for c in self.cfgs]
+        wd, nest = self.decay, self.nesterov  # [K] each, made once
         for p, g, buf in zip(self.W + self.b, self.gW + self.gb, self.bufs):
             shape = (self.K,) + (1,) * (p.dim() - 1)
-            # g is rewritten by the next backward: safe to change in place
-            if any(wd):
-                g.addcmul_(torch.tensor(wd, device=p.device).view(shape), p)
+            if self.any_decay:  # g is rewritten by the next backward: safe to change in place
+                g.addcmul_(wd.view(shape), p)
             buf.mul_(mom.view(shape)).add_(g)
-            if all(nest):
+            if self.nest_all:
                 d = g.addcmul_(mom.view(shape), buf)
-            elif any(nest):
-                d = torch.where(torch.tensor(nest, device=p.device).view(shape), g + mom.view(shape) * buf, buf)
             else:
-                d = buf
+                d = torch.where(nest.view(shape), g + mom.view(shape) * buf, buf) if self.nest_any else buf
             p.addcmul_(lr.view(shape), d, value=-1.0)
 
     def _epoch(self, epoch: int, step: int) -> tuple[list[dict[str, Any]], int]:
