@@ -83,12 +83,8 @@ class CellRunner:
         for cell in cells:
             if (self.out / "cells" / cell.key / "result.json").is_file():
                 continue
-            r = recipe_from_dict(cell.recipe, self.recipe.base_dir, f"{self.recipe.source} [{cell.condition} "
-                                 f"d{cell.depth} s{cell.seed}]")
-            data = self.dataset(r)
-            stack, pre_s = self.stack(cell, r, data) if cell.pretrain_key is not None else (None, 0.0)
-            assert r.surgery is not None and r.finetune is not None
-            graph = build_graph(r.surgery, load_sources(r, stack), r.seed, data.input_shape)
+            r, _, graph, pre_s = self.prepare(cell)
+            assert r.finetune is not None
             dkey = json.dumps(r.data.model_dump(mode="json"), sort_keys=True)
             groups.setdefault((dkey, architecture_key(graph, r.finetune)), []).append((cell, r, graph, pre_s))
         for members in groups.values():
@@ -107,13 +103,20 @@ class CellRunner:
             return  # not batchable (an optimizer or option populations lack): these cells train alone
         results = pop.fit()
         for k, (cell, _, _, pre_s) in enumerate(members):
-            res = dict(results[k])
-            res["finetune_seconds"] = round(res.pop("seconds") / len(members), 3)  # its share of the population
-            res["pretrain_seconds"] = round(pre_s, 3)
-            res.update(condition=cell.condition, depth=cell.depth, seed=cell.seed, cell=cell.key)
+            res = _record(cell, results[k], pre_s, share=len(members))  # its share of the population's time
             cdir = self.out / "cells" / cell.key
             write_json(cdir / "recipe.json", cell.recipe)
             write_member(pop, k, cdir, res)
+
+    def prepare(self, cell: Cell) -> tuple[Recipe, Dataset, ModelGraph, float]:
+        """The cell's recipe, dataset and assembled network (its stack pretrained on first
+        use), and the pretraining seconds attributed to it."""
+        where = f"{self.recipe.source} [{cell.condition} d{cell.depth} s{cell.seed}]"
+        r = recipe_from_dict(cell.recipe, self.recipe.base_dir, where)
+        data = self.dataset(r)
+        stack, pre_s = self.stack(cell, r, data) if cell.pretrain_key is not None else (None, 0.0)
+        assert r.surgery is not None
+        return r, data, build_graph(r.surgery, load_sources(r, stack), r.seed, data.input_shape), pre_s
 
     def run(self, cell: Cell, cells_dir: str = "cells") -> tuple[dict[str, Any], Path]:
         """The cell's result (cached in ``OUT/<cells_dir>/<key>/result.json``) and its directory."""
@@ -121,19 +124,22 @@ class CellRunner:
         res_path = cdir / "result.json"
         if res_path.is_file():
             return json.loads(res_path.read_text()), cdir
-        where = f"{self.recipe.source} [{cell.condition} d{cell.depth} s{cell.seed}]"
-        r = recipe_from_dict(cell.recipe, self.recipe.base_dir, where)
-        data = self.dataset(r)
-        stack, pre_s = self.stack(cell, r, data) if cell.pretrain_key is not None else (None, 0.0)
-        assert r.surgery is not None and r.finetune is not None
-        graph = build_graph(r.surgery, load_sources(r, stack), r.seed, data.input_shape)
-        result = Trainer(graph, data, r.finetune, r.seed, cdir).fit()
-        result["finetune_seconds"] = result.pop("seconds")
-        result["pretrain_seconds"] = round(pre_s, 3)
-        result.update(condition=cell.condition, depth=cell.depth, seed=cell.seed, cell=cell.key)
+        r, data, graph, pre_s = self.prepare(cell)
+        assert r.finetune is not None
+        result = _record(cell, Trainer(graph, data, r.finetune, r.seed, cdir).fit(), pre_s)
         write_json(cdir / "recipe.json", cell.recipe)
         write_json(res_path, result)  # written last: its presence marks the cell finished
         return result, cdir
+
+
+def _record(cell: Cell, result: dict[str, Any], pretrain_seconds: float, share: int = 1) -> dict[str, Any]:
+    """A cell's result.json: the training result, its seconds (a population member gets its
+    ``1/share`` of the population's), the pretraining seconds, and which cell it is."""
+    res = dict(result)
+    res["finetune_seconds"] = round(res.pop("seconds") / share, 3)
+    res["pretrain_seconds"] = round(pretrain_seconds, 3)
+    res.update(condition=cell.condition, depth=cell.depth, seed=cell.seed, cell=cell.key)
+    return res
 
 
 def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None) -> list[dict[str, Any]]:
