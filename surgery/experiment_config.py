@@ -7,12 +7,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 from .layers import Activation
 from .search_config import ParamRange
 
 ArmMethod = Literal["none", "rbm", "grbm", "ae", "dae", "sparse_ae", "grow"]
+
+# Units per hidden layer: one width for every layer, or a list (layer i gets item i):
+# ``[500, 500, 2000]`` is Hinton & Salakhutdinov's DBN.
+Widths = PositiveInt | Annotated[list[PositiveInt], Field(min_length=1)]
 
 
 class ConvLayer(BaseModel):
@@ -34,7 +38,8 @@ class ArmConfig(BaseModel):
     train: Literal["all", "new"] = Field(default="all", description="grow only")
     layer: dict[str, Any] = Field(default_factory=dict, description="overrides for each pretrain.layers entry")
     finetune: dict[str, Any] = Field(default_factory=dict, description="overrides for the finetune section")
-    hidden: int | None = Field(default=None, gt=0, description="units per hidden layer (default: experiment.hidden)")
+    hidden: Widths | None = Field(default=None, description="units per hidden layer, or a list per layer "
+                                  "(default: experiment.hidden)")
     activation: Activation | None = None
     fixed_depth: int | None = Field(default=None, gt=0, description="run only this depth (shallow arms)")
     conv: ConvLayer | None = Field(default=None, description="make the first hidden layer convolutional (needs "
@@ -84,7 +89,7 @@ class ExperimentConfig(BaseModel):
     conditions: list[str] | dict[str, ArmConfig] = Field(description="built-in arm names, or name -> arm")
     depths: list[int] = Field(default=[1, 2, 3], min_length=1)
     seeds: list[int] = Field(default=[0], min_length=1)
-    hidden: int = Field(default=500, gt=0)
+    hidden: Widths = Field(default=500, description="units per hidden layer, or a list: layer i gets item i")
     activation: Activation = "sigmoid"
     shallow_hidden: int | None = Field(default=None, gt=0, description="units of the shallow arm (default: hidden)")
     pretrain_epochs: int = Field(default=5, ge=0)

@@ -39,17 +39,27 @@ class Cell(BaseModel):
         return _hash(self.recipe)
 
 
-def _pretrain_section(arm: ArmConfig, exp: ExperimentConfig, hidden: int, act: str, depth: int) -> dict | None:
-    """The greedy stack an arm pretrains (``depth`` layers), or ``None`` for ``method: none``."""
+def _widths(name: str, hidden: int | list[int], depth: int) -> list[int]:
+    """Units of hidden layers 1..``depth``: one width for all, or the first ``depth`` of a list."""
+    if isinstance(hidden, int):
+        return [hidden] * depth
+    if len(hidden) < depth:
+        raise SurgeryError(f"experiment.conditions.{name}: hidden lists {len(hidden)} widths {hidden} but the arm "
+                           f"runs depth {depth}; give one width per layer up to the largest depth.")
+    return list(hidden[:depth])
+
+
+def _pretrain_section(arm: ArmConfig, exp: ExperimentConfig, widths: list[int], act: str) -> dict | None:
+    """The greedy stack an arm pretrains (one layer per width), or ``None`` for ``method: none``."""
     if arm.method == "none":
         return None
-    layer = {"method": arm.method, "hidden": hidden, "epochs": exp.pretrain_epochs,
+    layer = {"method": arm.method, "epochs": exp.pretrain_epochs,
              **DEFAULT_LAYER.get(arm.method, {}), **exp.methods.get(arm.method, {}), **arm.layer}
     if arm.method == "grow":
         layer["train"] = arm.train
     if arm.method not in ("rbm", "grbm"):
         layer.setdefault("activation", act)
-    layers = [dict(layer) for _ in range(depth)]
+    layers = [{**layer, "hidden": w} for w in widths]
     if arm.conv is not None:
         c = arm.conv
         first = {"method": "conv_ae", "hidden": c.maps, "kernel_size": c.kernel_size, "stride": c.stride,
@@ -58,11 +68,11 @@ def _pretrain_section(arm: ArmConfig, exp: ExperimentConfig, hidden: int, act: s
     return {"batch_size": exp.pretrain_batch_size, "layers": layers}
 
 
-def _fresh_ops(arm: ArmConfig, depth: int, hidden: int, act: str, input_shape: tuple[int, ...]) -> list[dict]:
-    """``insert`` ops for ``depth`` freshly initialised hidden layers (no pretraining)."""
+def _fresh_ops(arm: ArmConfig, widths: list[int], act: str, input_shape: tuple[int, ...]) -> list[dict]:
+    """``insert`` ops for freshly initialised hidden layers of ``widths`` (no pretraining)."""
     ops: list[dict[str, Any]] = []
-    for i in range(depth):
-        op: dict[str, Any] = {"op": "insert", "name": f"h{i + 1}", "units": hidden, "activation": act}
+    for i, width in enumerate(widths):
+        op: dict[str, Any] = {"op": "insert", "name": f"h{i + 1}", "units": width, "activation": act}
         if i == 0 and arm.conv is not None:
             c = arm.conv
             side = int(math.isqrt(math.prod(input_shape)))
@@ -91,7 +101,8 @@ def plan_cells(recipe: Recipe, input_shape: tuple[int, ...], classes: int) -> li
         if arm.conv is not None and arm.data.get("flatten", base["data"].get("flatten", True)):
             raise SurgeryError(f"experiment.conditions.{name}.conv: a conv first layer needs images; add data: "
                                f"{{flatten: false}} to the arm.")
-        pre = _pretrain_section(arm, exp, hidden, act, max(depths))
+        widths = _widths(name, hidden, max(depths))
+        pre = _pretrain_section(arm, exp, widths, act)
         for seed in exp.seeds:
             for depth in depths:
                 r = json.loads(json.dumps(base))
@@ -103,7 +114,7 @@ def plan_cells(recipe: Recipe, input_shape: tuple[int, ...], classes: int) -> li
                     r["pretrain"] = pre
                     r["surgery"] = {"ops": [{"op": "take", "source": "pretrained", "layers": [0, depth]}, head]}
                 else:
-                    r["surgery"] = {"ops": [*_fresh_ops(arm, depth, hidden, act, input_shape), head]}
+                    r["surgery"] = {"ops": [*_fresh_ops(arm, widths[:depth], act, input_shape), head]}
                 pkey = _hash({"data": r["data"], "pretrain": pre, "seed": seed}) if pre else None
                 cells.append(Cell(condition=name, depth=depth, seed=seed, recipe=r, pretrain_key=pkey))
     return cells

@@ -83,6 +83,24 @@ def test_cells_share_data_order_and_budget():
     assert len({c.key for c in cells}) == len(cells)
 
 
+def test_per_layer_widths():
+    """``hidden: [a, b, c]`` gives layer i width i in pretrained and fresh arms alike (Hinton 2006's
+    500-500-2000); a list shorter than the largest depth is refused, naming the arm."""
+    from surgery.errors import SurgeryError
+    from surgery.recipe import recipe_from_dict
+
+    r = {**TINY, "experiment": {**TINY["experiment"], "conditions": ["none", "rbm", "shallow"], "depths": [1, 3],
+                                "hidden": [8, 6, 12]}}
+    cells = {(c.condition, c.depth): c for c in plan_cells(recipe_from_dict(r), (64,), 4)}
+    assert [lay["hidden"] for lay in cells["rbm", 3].recipe["pretrain"]["layers"]] == [8, 6, 12]
+    assert [op["units"] for op in cells["none", 3].recipe["surgery"]["ops"] if op["op"] == "insert"] == [8, 6, 12]
+    assert [op["units"] for op in cells["none", 1].recipe["surgery"]["ops"] if op["op"] == "insert"] == [8]
+    assert [op["units"] for op in cells["shallow", 1].recipe["surgery"]["ops"] if op["op"] == "insert"] == [8]
+    r["experiment"]["hidden"] = [8, 6]
+    with pytest.raises(SurgeryError, match="conditions.none: hidden lists 2 widths"):
+        plan_cells(recipe_from_dict(r), (64,), 4)
+
+
 def test_stats():
     s = summarize([1.0, 2.0, 3.0])
     assert s["mean"] == 2.0 and s["std"] == 1.0
