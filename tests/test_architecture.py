@@ -15,7 +15,7 @@ PKG = Path(__file__).resolve().parents[1] / "surgery"
 
 # Lowest first. A module may import modules of its own level or below, never above.
 LEVELS: list[tuple[str, set[str]]] = [
-    ("foundations", {"errors", "io", "layers", "schedules", "runtime", "version"}),
+    ("foundations", {"errors", "io", "layers", "schedules", "runtime", "version", "batched"}),
     ("data and stacks", {"data", "stack"}),
     ("pretrain, graph and ops", {"pretrain", "graph", "ops", "assembly", "modules", "model_file"}),
     ("fine-tuning", {"finetune_config", "finetune", "checkpoint", "graphed", "population"}),
@@ -126,8 +126,9 @@ def _defs(tree: ast.AST):
             yield node
 
 
-# Numerical kernels that read better as one piece (their docstrings say why).
-LONG_FUNCTION_OK: set[str] = {"train_rbm", "train_dense"}
+# Functions allowed past the limit (none today: the RBM and autoencoder kernels became
+# population classes with one method per step).
+LONG_FUNCTION_OK: set[str] = set()
 
 
 @pytest.mark.parametrize("path", sorted(PKG.rglob("*.py")), ids=lambda p: str(p.relative_to(PKG)))

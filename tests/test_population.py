@@ -164,3 +164,91 @@ def test_search_batch_equals_sequential_trials(tmp_path):
     for seq, bat in zip(studies[1], studies[4]):
         assert seq["params"] == bat["params"]
         assert bat["value"] == pytest.approx(seq["value"], abs=1e-9)
+
+
+# --- pretraining populations: K stacks trained together, each equal to its stack alone ---
+
+from surgery.pretrain import AEConfig, PretrainConfig, RBMConfig, greedy_pretrain, train_autoencoder, train_rbm  # noqa: E402
+from surgery.pretrain.autoencoder import train_autoencoder_population  # noqa: E402
+from surgery.pretrain.greedy import greedy_pretrain_population  # noqa: E402
+from surgery.pretrain.rbm import train_rbm_population  # noqa: E402
+
+# Three members with their own lr, momentum (one without), weight decay and noise level.
+MEMBER_HP = [{"lr": 0.1, "momentum": 0.5}, {"lr": 0.05, "momentum": 0.0, "weight_decay": 0.01},
+             {"lr": 0.02, "momentum": 0.9}]
+LAYER_CASES = {
+    "rbm": (RBMConfig, {"method": "rbm"}),
+    "rbm pcd-2": (RBMConfig, {"method": "rbm", "k": 2, "persistent": True}),
+    "grbm": (RBMConfig, {"method": "grbm"}),
+    "dae": (AEConfig, {"method": "dae"}),
+    "untied relu squared": (AEConfig, {"method": "ae", "tied": False, "activation": "relu", "loss": "squared"}),
+    "sparse": (AEConfig, {"method": "sparse_ae", "sparsity_weight": 0.3}),
+    "gaussian noise tanh": (AEConfig, {"method": "dae", "noise_kind": "gaussian", "activation": "tanh"}),
+}
+
+
+def _layer_inputs():
+    g = torch.Generator().manual_seed(5)
+    x = (torch.rand(330, 40, generator=g) < 0.3).float()
+    return [x, torch.rand(330, 40, generator=g), x]  # two members share their input, one has its own
+
+
+def _same_layer(alone, member):
+    assert alone.tensors.keys() == member.tensors.keys()
+    for k in alone.tensors:
+        torch.testing.assert_close(member.tensors[k], alone.tensors[k], rtol=1e-5, atol=1e-7)
+    assert member.pretrain["history"] == [{**h, "seconds": m["seconds"]} for h, m in
+                                          zip(alone.pretrain["history"], member.pretrain["history"])]
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["gemm loop", "bmm"])
+@pytest.mark.parametrize("case", list(LAYER_CASES))
+def test_pretraining_population_equals_each_layer_alone(case, stacked):
+    """RBM and autoencoder layers of K members trained together (the CPU's GEMM loop and the
+    GPU's bmm path, both run here) equal each layer trained alone: weights and histories."""
+    kind, fixed = LAYER_CASES[case]
+    noise = [{"noise": n} for n in (0.3, 0.1, 0.2)] if fixed["method"] == "dae" else [{}] * 3
+    cfgs = [kind(hidden=10, epochs=2, **fixed, **hp, **nz) for hp, nz in zip(MEMBER_HP, noise)]
+    xs = _layer_inputs()
+    alone_fn, pop_fn = (train_rbm, train_rbm_population) if kind is RBMConfig else (train_autoencoder,
+                                                                                     train_autoencoder_population)
+    alone = [alone_fn(x, c, "h1", 50, torch.Generator().manual_seed(s), False) for s, (x, c) in enumerate(zip(xs, cfgs))]
+    pop = pop_fn(xs, cfgs, ["h1"] * 3, 50, [torch.Generator().manual_seed(s) for s in range(3)], False, stacked)
+    for a, m in zip(alone, pop):
+        _same_layer(a, m)
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["gemm loop", "bmm"])
+def test_greedy_population_equals_each_stack_alone(stacked):
+    """Greedy stacks (rbm -> dae -> grow) of three seeds, one with its own learning rates,
+    pretrained together equal the stacks pretrained one by one."""
+    g = torch.Generator().manual_seed(1)
+    x, y = (torch.rand(330, 40, generator=g) < 0.3).float(), torch.randint(0, 3, (330,), generator=g)
+
+    def cfg(lr):
+        return PretrainConfig(batch_size=50, layers=[
+            {"method": "rbm", "hidden": 20, "epochs": 2, "lr": lr, "momentum": 0.5},
+            {"method": "dae", "hidden": 10, "epochs": 2, "lr": lr / 2},
+            {"method": "grow", "hidden": 8, "epochs": 1, "lr": lr}])
+
+    cfgs, seeds = [cfg(0.1), cfg(0.1), cfg(0.05)], [0, 1, 2]
+    alone = [greedy_pretrain(x, c, s, y, False) for c, s in zip(cfgs, seeds)]
+    seen = []
+    pop = greedy_pretrain_population(x, cfgs, seeds, y, False, on_layer=lambda i, sts: seen.append((i, len(sts))),
+                                     stacked=stacked)
+    assert seen == [(0, 3), (1, 3), (2, 3)]
+    for a, m in zip(alone, pop):
+        assert a.info["seed"] == m.info["seed"]
+        for la, lm in zip(a.layers, m.layers):
+            _same_layer(la, lm)
+
+
+def test_pretraining_population_refuses_members_of_different_shapes():
+    xs = _layer_inputs()
+    cfgs = [RBMConfig(hidden=10, epochs=1), RBMConfig(hidden=12, epochs=1)]
+    with pytest.raises(ConfigError, match=r"member 1\): hidden=12 but member 0 has 10"):
+        train_rbm_population(xs[:2], cfgs, ["h1", "h1"], 50, [torch.Generator(), torch.Generator()], False)
+    a = PretrainConfig(layers=[{"method": "rbm", "hidden": 5}])
+    b = PretrainConfig(layers=[{"method": "dae", "hidden": 5}])
+    with pytest.raises(ConfigError, match="member 1: its layers"):
+        greedy_pretrain_population(xs[0], [a, b], [0, 1], progress=False)

@@ -18,12 +18,15 @@ from ..schedules import OptimizerConfig, build_optimizer
 from ..stack import StackLayer
 from .ae_model import AEConfig, AEModel
 from .base import (
-    as_rows,
     check_finite,
+    check_members,
+    device_generator,
+    member_label,
     monitor_subset,
     n_batches,
     pretrain_record,
     progress_bar,
+    rows_once,
 )
 from .dense_ae import train_dense
 from .sampling import corrupt
@@ -32,31 +35,50 @@ from .sampling import corrupt
 def train_autoencoder(x: Tensor, cfg: AEConfig, name: str, batch_size: int,
                       generator: torch.Generator, progress: bool | None = None,
                       _autograd: bool = False) -> StackLayer:
-    """Fit one autoencoder layer on ``x`` ([N, D], or [N, C, H, W] for conv_ae).
+    """Fit one autoencoder layer on ``x`` ([N, D], or [N, C, H, W] for conv_ae): a population of one.
 
     Dense layers train with hand-written gradients (:mod:`.dense_ae`); conv layers (and
     dense ones with ``_autograd=True``, which the tests compare against) with autograd."""
-    if cfg.method == "conv_ae" and x.dim() != 4:
+    return train_autoencoder_population([x], [cfg], [name], batch_size, [generator], progress, _autograd=_autograd)[0]
+
+
+def train_autoencoder_population(xs: list[Tensor], cfgs: list[AEConfig], names: list[str], batch_size: int,
+                                 generators: list[torch.Generator], progress: bool | None = None,
+                                 stacked: bool | None = None, _autograd: bool = False) -> list[StackLayer]:
+    """Fit K autoencoder layers together, member k on ``xs[k]`` with ``cfgs[k]`` and its own
+    generator (init, data order, noise); each comes out as it would alone.
+
+    Members share the method, shape, activation, tying, loss and noise kind; lr, momentum,
+    weight decay, noise level and sparsity may differ. Dense members train as one batched
+    program (:func:`.dense_ae.train_dense`); conv members one after another."""
+    check_members(cfgs, ("method", "hidden", "epochs", "activation", "tied", "loss", "noise_kind"), names)
+    cfg = cfgs[0]
+    if cfg.method == "conv_ae" and xs[0].dim() != 4:
         raise ShapeError(
-            f"layer {name!r}: conv_ae needs image input [N, C, H, W] but got {tuple(x.shape)}; "
+            f"layer {names[0]!r}: conv_ae needs image input [N, C, H, W] but got {tuple(xs[0].shape)}; "
             "set data.flatten: false and put conv layers first"
         )
-    if cfg.method != "conv_ae":
-        x = as_rows(x)
-    spec = cfg.spec_for(tuple(x.shape[1:]))
-    x = x.contiguous()
-    dev = x.device
-    model = AEModel(spec, cfg, tuple(x.shape[1:]), generator).to(dev)
+    xs = rows_once(xs) if cfg.method != "conv_ae" else [x.contiguous() for x in xs]
+    spec = cfg.spec_for(tuple(xs[0].shape[1:]))
+    dev = xs[0].device
+    models = [AEModel(spec, c, tuple(xs[0].shape[1:]), g).to(dev) for c, g in zip(cfgs, generators)]
     if dev.type == "cpu":
         keep_freed_memory()
-    mon = monitor_subset(x)
-    n = x.shape[0]
-    bar = progress_bar(cfg.epochs * n_batches(n, batch_size), f"{name} {cfg.method}", progress)
-    if spec.kind == "dense" and not _autograd:
-        history = train_dense(x, cfg, model, mon, name, batch_size, generator, bar)
+    n, K = xs[0].shape[0], len(xs)
+    dense = spec.kind == "dense" and not _autograd
+    label = f"{names[0]} {cfg.method}" + (f" x{K}" if K > 1 else "")
+    bar = progress_bar(cfg.epochs * n_batches(n, batch_size) * (1 if dense else K), label, progress)
+    if dense:
+        histories = train_dense(xs, cfgs, models, names, batch_size, generators, bar, stacked)
     else:
-        history = _train_autograd(x, cfg, model, mon, name, batch_size, generator, bar)
+        histories = [_train_autograd(x, c, m, monitor_subset(x), member_label(name, k, K), batch_size, g, bar)
+                     for k, (x, c, m, name, g) in enumerate(zip(xs, cfgs, models, names, generators))]
     bar.close()
+    return [_layer(m, spec, c, name, batch_size, h) for m, c, name, h in zip(models, cfgs, names, histories)]
+
+
+def _layer(model: AEModel, spec, cfg: AEConfig, name: str, batch_size: int, history: list[dict]) -> StackLayer:
+    """The trained encoder (and decoder weights) as a stack layer with its record."""
     tensors = {"weight": model.weight.detach(), "bias": model.bias.detach(),
                "visible_bias": model.visible_bias.detach()}
     if model.decoder_weight is not None:
@@ -67,7 +89,7 @@ def train_autoencoder(x: Tensor, cfg: AEConfig, name: str, batch_size: int,
 def _train_autograd(x: Tensor, cfg: AEConfig, model: AEModel, mon: Tensor, name: str, batch_size: int,
                     generator: torch.Generator, bar) -> list[dict]:
     dev = x.device
-    g = generator if dev.type == "cpu" else None
+    g = device_generator(generator, dev)
     opt = build_optimizer(OptimizerConfig(name="sgd", lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
                           [{"params": list(model.parameters())}])
     history = []

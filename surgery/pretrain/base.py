@@ -67,6 +67,40 @@ def as_rows(x: Tensor) -> Tensor:
     return x.flatten(1) if x.dim() > 2 else x
 
 
+def check_members(cfgs: list[LayerPretrainConfig], shared: tuple[str, ...], names: list[str]) -> None:
+    """``ConfigError`` unless every member of a population agrees on the ``shared`` fields
+    (what makes them one batched program); lr, momentum, weight decay and the like may differ."""
+    from ..errors import ConfigError
+
+    for i, c in enumerate(cfgs):
+        for f in shared:
+            if getattr(c, f) != getattr(cfgs[0], f):
+                raise ConfigError(
+                    f"pretraining population, layer {names[i]!r} (member {i}): {f}={getattr(c, f)!r} but member 0 "
+                    f"has {getattr(cfgs[0], f)!r}; members train together only when they share {', '.join(shared)}."
+                )
+
+
+def member_label(name: str, k: int, size: int) -> str:
+    """A layer's name in messages: ``h1``, or ``h1 (population member 3)``."""
+    return name if size == 1 else f"{name} (population member {k})"
+
+
+def rows_once(xs: list[Tensor]) -> list[Tensor]:
+    """Each input as contiguous rows [N, D]; an input shared by several members stays shared."""
+    done: dict[int, Tensor] = {}
+    return [done.setdefault(id(x), as_rows(x).contiguous()) for x in xs]
+
+
+def device_generator(g: torch.Generator, device: torch.device) -> torch.Generator:
+    """The generator a loop on ``device`` draws its samples and noise from: ``g`` itself on the
+    CPU; elsewhere a generator on that device seeded by one draw of ``g``, so each member
+    of a population keeps its own stream there too."""
+    if device.type == "cpu":
+        return g
+    return torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
+
+
 def new_generator(seed: int) -> torch.Generator:
     """A CPU generator seeded with ``seed``."""
     return torch.Generator().manual_seed(seed)

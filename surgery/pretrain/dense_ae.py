@@ -23,29 +23,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..batched import RowGather, loops_on, matmul, member_tensor
 from .ae_model import AEConfig, AEModel
-from .base import check_finite
+from .base import check_finite, device_generator, member_label, monitor_subset
 from .sampling import MaskNoise, corrupt
 
 
 class _Buffers:
-    """Per-batch-size operands: ``A = [[dpre, 0], [h, 1]]``, ``R = [[x~, 1], [dlogits, 0]]``,
-    and ``grads``: the (left, right) GEMM operands of each parameter matrix's gradient."""
+    """Per-batch-size operands of K members: ``A = [[dpre, 0], [h, 1]]``, ``R = [[x~, 1],
+    [dlogits, 0]]``, and ``grads``: the (left, right) GEMM operands of each parameter
+    matrix's gradient."""
 
-    def __init__(self, b: int, v: int, h: int, dev: torch.device, tied: bool):
-        self.x0 = torch.empty(b, v, device=dev)  # the clean batch: the target
-        self.A = torch.zeros(2 * b, h + 1, device=dev)
-        self.A[b:, h] = 1.0
-        self.R = torch.zeros(2 * b, v + 1, device=dev)
-        self.R[:b, v] = 1.0
-        self.dpre, self.h, self.h_1 = self.A[:b, :h], self.A[b:, :h], self.A[b:]
-        self.xn, self.xn_1 = self.R[:b, :v], self.R[:b]
-        self.dlog, self.dlog_1 = self.R[b:, :v], self.R[b:]
-        self.tmp = torch.empty(b, h, device=dev)
-        self.mask = MaskNoise(b, v, dev)
+    def __init__(self, K: int, b: int, v: int, h: int, dev: torch.device, tied: bool):
+        self.x0 = member_tensor(K, (b, v), dev)  # the clean batch: the target
+        self.A = member_tensor(K, (2 * b, h + 1), dev)
+        self.A[:, b:, h] = 1.0
+        self.R = member_tensor(K, (2 * b, v + 1), dev)
+        self.R[:, :b, v] = 1.0
+        self.dpre, self.h, self.h_1 = self.A[:, :b, :h], self.A[:, b:, :h], self.A[:, b:]
+        self.xn, self.xn_1 = self.R[:, :b, :v], self.R[:, :b]
+        self.dlog, self.dlog_1 = self.R[:, b:, :v], self.R[:, b:]
+        self.tmp = member_tensor(K, (b, h), dev)
+        self.masks = [MaskNoise(b, v, dev) for _ in range(K)]
         # tied: one GEMM for [[W, c], [b, 0]]; untied: [W, c] and [Wd; b] separately
-        self.grads = ([(self.A.t(), self.R)] if tied
-                      else [(self.dpre.t(), self.xn_1), (self.h_1.t(), self.dlog)])
+        self.grads = ([(self.A.mT, self.R)] if tied else [(self.dpre.mT, self.xn_1), (self.h_1.mT, self.dlog)])
 
 
 def _times_derivative(dh: Tensor, h: Tensor, act: str, tmp: Tensor) -> None:
@@ -73,99 +74,150 @@ def _activate(h: Tensor, act: str) -> None:
         h.copy_(F.softplus(h))
 
 
-def train_dense(x: Tensor, cfg: AEConfig, model: AEModel, mon: Tensor, name: str, batch_size: int,
-                generator: torch.Generator, bar) -> list[dict]:
-    """Train ``model`` (a dense ``AEModel``, initialised) on ``x`` [N, D]; its parameters hold the
-    result. Returns the per-epoch history.
-
-    One function on purpose (a numerical kernel): the batch loop is four GEMMs over views
-    of buffers made once here, written in place; split into helpers, each batch would
-    rebuild or re-look-up those views."""
-    n, nv = x.shape
-    nh = cfg.hidden
-    dev = x.device
-    g = generator if dev.type == "cpu" else None
-    act = model.spec.activation
-    tied = model.decoder_weight is None
-    with torch.no_grad():
-        if tied:
-            P = torch.zeros(nh + 1, nv + 1, device=dev)
-            P[:nh, :nv], P[:nh, nv], P[nh, :nv] = model.weight, model.bias, model.visible_bias
-            enc, dec = P[:nh], P[:, :nv]  # [W, c] and [W; b]
-            mats = [P]
-        else:
-            enc = torch.cat([model.weight, model.bias[:, None]], 1)  # [W, c]
-            dec = torch.cat([model.decoder_weight, model.visible_bias[None]], 0)  # [Wd; b]
-            mats = [enc, dec]
-    enc_t = enc.t()
-    dec_t = dec[:nh].t()  # Wd^T
-    vel = [torch.zeros_like(m) for m in mats] if cfg.momentum else None
-    lr, wd, mom = cfg.lr, cfg.weight_decay, cfg.momentum
-    rho, sw = cfg.sparsity_target, cfg.sparsity_weight
-    bufs: dict[int, _Buffers] = {}
-    history = []
-
-    def sync_model() -> None:
-        with torch.no_grad():
-            model.weight.copy_(enc[:, :nv])
-            model.bias.copy_(enc[:, nv])
-            model.visible_bias.copy_(dec[nh])
-            if not tied:
-                model.decoder_weight.copy_(dec[:nh])
-
-    for epoch in range(1, cfg.epochs + 1):
+def train_dense(xs: list[Tensor], cfgs: list[AEConfig], models: list[AEModel], names: list[str], batch_size: int,
+                generators: list[torch.Generator], bar, stacked: bool | None = None) -> list[list[dict]]:
+    """Train K dense ``AEModel``s (initialised) together, member k on ``xs[k]`` [N, D] with its
+    own config and generator; their parameters hold the result, as each would alone.
+    Returns the per-epoch histories. ``stacked`` (default: on CUDA) runs each GEMM of all
+    members as one ``bmm``; otherwise member by member (K = 1: the single-model loop)."""
+    pop = _DensePopulation(xs, cfgs, models, names, generators, stacked)
+    histories: list[list[dict]] = [[] for _ in xs]
+    mons = [monitor_subset(x) for x in xs]
+    n, K = xs[0].shape[0], len(xs)
+    for epoch in range(1, cfgs[0].epochs + 1):
         t0 = time.perf_counter()
-        total = torch.zeros((), device=dev)
-        perm = torch.randperm(n, generator=generator).to(dev)
+        total = torch.zeros(K, device=pop.dev)
+        perms = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(pop.dev)
         for i in range(0, n, batch_size):
-            idx = perm[i : i + batch_size]
-            bs = idx.shape[0]
-            buf = bufs.get(bs) or bufs.setdefault(bs, _Buffers(bs, nv, nh, dev, tied))
-            x0 = torch.index_select(x, 0, idx, out=buf.x0)
-            if cfg.noise == 0:
-                buf.xn.copy_(x0)
-            elif cfg.noise_kind == "mask":
-                buf.mask(x0, cfg.noise, buf.xn, g)
-            else:
-                buf.xn.copy_(corrupt(x0, cfg.noise_kind, cfg.noise, g))
-            # forward: h = act([x~, 1] @ [W, c]^T), logits = [h, 1] @ [Wd; b]
-            _activate(torch.mm(buf.xn_1, enc_t, out=buf.h), act)
-            logits = torch.mm(buf.h_1, dec, out=buf.dlog)
-            # loss, then its gradient w.r.t. the logits in place (mean over the batch)
-            if cfg.loss == "cross_entropy":
-                total += F.binary_cross_entropy_with_logits(logits, x0, reduction="sum")
-                logits.sigmoid_().sub_(x0).mul_(1.0 / bs)
-            else:
-                logits.sub_(x0)
-                total += torch.linalg.vector_norm(logits).square()
-                logits.mul_(2.0 / bs)
-            # hidden gradient: dlogits @ Wd^T (+ the sparsity penalty's), times act'
-            torch.mm(buf.dlog, dec_t, out=buf.dpre)
-            if sw > 0:
-                rho_hat = buf.h.mean(0)
-                inside = (rho_hat > 1e-6) & (rho_hat < 1 - 1e-6)  # clamp passes no gradient
-                r = rho_hat.clamp(1e-6, 1 - 1e-6)
-                kl = rho * torch.log(rho / r) + (1 - rho) * torch.log((1 - rho) / (1 - r))
-                total += sw * kl.sum() * bs
-                buf.dpre.add_((sw / bs) * ((1 - rho) / (1 - r) - rho / r) * inside)
-            _times_derivative(buf.dpre, buf.h, act, buf.tmp)
-            # every parameter's gradient: one GEMM (tied) or one per matrix (untied)
-            for j, (a, b) in enumerate(buf.grads):
-                m = mats[j]
-                if vel is None:
-                    if wd:
-                        m.mul_(1 - lr * wd)
-                    m.addmm_(a, b, alpha=-lr)
-                else:
-                    vel[j].addmm_(a, b, beta=mom)
-                    if wd:
-                        vel[j].add_(m, alpha=wd)
-                    m.add_(vel[j], alpha=-lr)
+            pop.step(perms[:, i : i + batch_size], total)
             bar.update(1)
-        sync_model()
-        m_ = {"epoch": epoch, "loss": float(total) / n, "recon_error": model.recon_error(mon),
-              "seconds": round(time.perf_counter() - t0, 4)}
-        check_finite(m_["loss"], "loss", name, epoch)
-        history.append(m_)
-        bar.set_postfix(loss=f"{m_['loss']:.4g}")
-    return history
+        pop.sync_models()
+        seconds = round(time.perf_counter() - t0, 4)
+        for k, model in enumerate(models):
+            m = {"epoch": epoch, "loss": float(total[k]) / n, "recon_error": model.recon_error(mons[k]),
+                 "seconds": seconds}
+            check_finite(m["loss"], "loss", member_label(names[k], k, K), epoch)
+            histories[k].append(m)
+        bar.set_postfix(loss=f"{histories[0][-1]['loss']:.4g}")
+    return histories
+
+
+class _DensePopulation:
+    """K dense autoencoders' parameter matrices (stacked), velocities, buffers and draws."""
+
+    def __init__(self, xs: list[Tensor], cfgs: list[AEConfig], models: list[AEModel], names: list[str],
+                 gens: list[torch.Generator], stacked: bool | None):
+        self.cfgs, self.models, self.cfg, self.K = cfgs, models, cfgs[0], len(xs)
+        self.nv, self.nh, self.dev = xs[0].shape[1], cfgs[0].hidden, xs[0].device
+        self.act, self.tied = models[0].spec.activation, models[0].decoder_weight is None
+        self.loop = loops_on(self.dev) if stacked is None else not stacked
+        self.gather = RowGather(xs, self.loop)
+        self.draw = [device_generator(g, self.dev) for g in gens]
+        nh, nv = self.nh, self.nv
+        with torch.no_grad():
+            if self.tied:
+                P = member_tensor(self.K, (nh + 1, nv + 1), self.dev)
+                for k, m in enumerate(models):
+                    P[k, :nh, :nv], P[k, :nh, nv], P[k, nh, :nv] = m.weight, m.bias, m.visible_bias
+                self.enc, self.dec = P[:, :nh], P[:, :, :nv]  # [W, c] and [W; b]
+                self.mats = [P]
+            else:
+                self.enc = member_tensor(self.K, (nh, nv + 1), self.dev)  # [W, c]
+                self.dec = member_tensor(self.K, (nh + 1, nv), self.dev)  # [Wd; b]
+                for k, m in enumerate(models):
+                    self.enc[k, :, :nv], self.enc[k, :, nv] = m.weight, m.bias
+                    self.dec[k, :nh], self.dec[k, nh] = m.decoder_weight, m.visible_bias
+                self.mats = [self.enc, self.dec]
+        self.enc_t = self.enc.transpose(1, 2)
+        self.dec_t = self.dec[:, :nh].transpose(1, 2)  # Wd^T
+        self.vel = ([member_tensor(self.K, tuple(m.shape[1:]), self.dev) for m in self.mats]
+                    if any(c.momentum for c in cfgs) else None)
+        self.uniform = len({(c.lr, c.momentum, c.weight_decay) for c in cfgs}) == 1
+        self.bufs: dict[int, _Buffers] = {}
+
+    def step(self, idx: Tensor, total: Tensor) -> None:
+        """One SGD step of every member on its rows ``idx[k]``; adds each member's summed loss to ``total[k]``."""
+        bs, loop = idx.shape[1], self.loop
+        buf = self.bufs.get(bs) or self.bufs.setdefault(bs, _Buffers(self.K, bs, self.nv, self.nh, self.dev, self.tied))
+        x0 = self.gather(idx, buf.x0)
+        self.corrupt(buf, x0)
+        # forward: h = act([x~, 1] @ [W, c]^T), logits = [h, 1] @ [Wd; b]
+        _activate(matmul(buf.xn_1, self.enc_t, loop, out=buf.h), self.act)
+        logits = matmul(buf.h_1, self.dec, loop, out=buf.dlog)
+        # loss, then its gradient w.r.t. the logits in place (mean over the batch)
+        for k in range(self.K):
+            if self.cfg.loss == "cross_entropy":
+                total[k] += F.binary_cross_entropy_with_logits(logits[k], x0[k], reduction="sum")
+            else:
+                total[k] += torch.linalg.vector_norm(logits[k].sub_(x0[k])).square()
+        if self.cfg.loss == "cross_entropy":
+            logits.sigmoid_().sub_(x0).mul_(1.0 / bs)
+        else:
+            logits.mul_(2.0 / bs)
+        # hidden gradient: dlogits @ Wd^T (+ the sparsity penalty's), times act'
+        matmul(buf.dlog, self.dec_t, loop, out=buf.dpre)
+        for k, cfg in enumerate(self.cfgs):
+            if cfg.sparsity_weight > 0:
+                total[k] += _sparsity(buf.h[k], buf.dpre[k], cfg.sparsity_target, cfg.sparsity_weight)
+        _times_derivative(buf.dpre, buf.h, self.act, buf.tmp)
+        self.update(buf)
+
+    def corrupt(self, buf: _Buffers, x0: Tensor) -> None:
+        """Each member's corrupted input ``x~`` from its own generator, at its own level."""
+        for k, cfg in enumerate(self.cfgs):
+            if cfg.noise == 0:
+                buf.xn[k].copy_(x0[k])
+            elif cfg.noise_kind == "mask":
+                buf.masks[k](x0[k], cfg.noise, buf.xn[k], self.draw[k])
+            else:
+                buf.xn[k].copy_(corrupt(x0[k], cfg.noise_kind, cfg.noise, self.draw[k]))
+
+    def update(self, buf: _Buffers) -> None:
+        """Every parameter's gradient in one GEMM (tied) or one per matrix (untied), into SGD:
+        all members at once when the GEMMs are batched and they share hyperparameters,
+        otherwise member by member."""
+        for j, (a, b) in enumerate(buf.grads):
+            m, vel = self.mats[j], None if self.vel is None else self.vel[j]
+            if self.uniform and not self.loop:
+                _sgd(m, vel, a, b, self.cfg)
+                continue
+            for k, cfg in enumerate(self.cfgs):
+                _sgd(m[k], None if vel is None or not cfg.momentum else vel[k], a[k], b[k], cfg)
+
+    def sync_models(self) -> None:
+        """Copy each member's matrices back into its ``AEModel``."""
+        nh, nv = self.nh, self.nv
+        with torch.no_grad():
+            for k, model in enumerate(self.models):
+                model.weight.copy_(self.enc[k, :, :nv])
+                model.bias.copy_(self.enc[k, :, nv])
+                model.visible_bias.copy_(self.dec[k, nh])
+                if not self.tied:
+                    model.decoder_weight.copy_(self.dec[k, :nh])
+
+
+def _sparsity(h: Tensor, dpre: Tensor, rho: float, sw: float) -> Tensor:
+    """Add the KL sparsity penalty's gradient to ``dpre``; return the penalty times the batch size."""
+    bs = h.shape[0]
+    rho_hat = h.mean(0)
+    inside = (rho_hat > 1e-6) & (rho_hat < 1 - 1e-6)  # clamp passes no gradient
+    r = rho_hat.clamp(1e-6, 1 - 1e-6)
+    kl = rho * torch.log(rho / r) + (1 - rho) * torch.log((1 - rho) / (1 - r))
+    dpre.add_((sw / bs) * ((1 - rho) / (1 - r) - rho / r) * inside)
+    return sw * kl.sum() * bs
+
+
+def _sgd(m: Tensor, vel: Tensor | None, a: Tensor, b: Tensor, cfg: AEConfig) -> None:
+    """``m -= lr a @ b`` with momentum and weight decay, as ``torch.optim.SGD``; 2-D for one
+    member, 3-D (``baddbmm``) for members that share their hyperparameters."""
+    gemm = torch.Tensor.addmm_ if m.dim() == 2 else torch.Tensor.baddbmm_
+    lr, wd = cfg.lr, cfg.weight_decay
+    if vel is None:
+        if wd:
+            m.mul_(1 - lr * wd)
+        gemm(m, a, b, alpha=-lr)
+    else:
+        gemm(vel, a, b, beta=cfg.momentum)
+        if wd:
+            vel.add_(m, alpha=wd)
+        m.add_(vel, alpha=-lr)

@@ -21,7 +21,7 @@ from ..data import epoch_batches
 from ..layers import init_weight
 from ..stack import LayerStack, StackLayer
 from .ae_model import AEConfig
-from .autoencoder import train_autoencoder
+from .autoencoder import train_autoencoder_population
 from .base import (
     LayerPretrainConfig,
     as_rows,
@@ -31,7 +31,7 @@ from .base import (
     pretrain_record,
     progress_bar,
 )
-from .rbm import RBMConfig, train_rbm
+from .rbm import RBMConfig, train_rbm_population
 
 
 class GrowConfig(LayerPretrainConfig):
@@ -52,11 +52,11 @@ LayerConfig = Annotated[RBMConfig | AEConfig | GrowConfig, Field(discriminator="
 
 METHODS = ("rbm", "grbm", "ae", "dae", "sparse_ae", "conv_ae", "grow")
 
-# The unsupervised layer trainers by method; ``grow`` needs labels and the stack so far,
-# so greedy_pretrain runs it itself.
-TRAINERS: dict[str, Callable[..., StackLayer]] = {
-    "rbm": train_rbm, "grbm": train_rbm,
-    "ae": train_autoencoder, "dae": train_autoencoder, "sparse_ae": train_autoencoder, "conv_ae": train_autoencoder,
+# The unsupervised layer trainers by method, for K members at once; ``grow`` needs labels
+# and the stack so far, so greedy_pretrain_population runs it itself.
+POPULATION_TRAINERS: dict[str, Callable[..., list[StackLayer]]] = {
+    "rbm": train_rbm_population, "grbm": train_rbm_population,
+    **{m: train_autoencoder_population for m in ("ae", "dae", "sparse_ae", "conv_ae")},
 }
 
 
@@ -116,38 +116,76 @@ def greedy_pretrain(
     data_fingerprint: str | None = None,
     on_layer: Callable[[int, LayerStack], None] | None = None,
 ) -> LayerStack:
-    """Train ``cfg.layers`` one after another on ``x`` and return the stack.
+    """Train ``cfg.layers`` one after another on ``x`` and return the stack (a population of one).
 
     ``x``: [N, D] or [N, C, H, W] on the training device; ``y``: int64 [N] labels, needed
-    only by ``grow`` layers.
-    """
-    progress = cfg.progress if progress is None else progress
-    g = new_generator(seed)
-    if x.device.type == "cuda":
-        torch.cuda.manual_seed(seed)
-    stack = LayerStack(info={"seed": seed, "data_fingerprint": data_fingerprint, "n_train": int(x.shape[0])})
-    inp = x
-    for i, lc in enumerate(cfg.layers):
-        name = cfg.layer_name(i)
-        bs = lc.batch_size or cfg.batch_size
+    only by ``grow`` layers. ``on_layer(i, stack)`` runs after layer ``i``."""
+
+    def each(i: int, stacks: list[LayerStack]) -> None:
+        if on_layer is not None:
+            on_layer(i, stacks[0])
+
+    return greedy_pretrain_population(x, [cfg], [seed], y, progress, data_fingerprint, each)[0]
+
+
+def greedy_pretrain_population(
+    x: Tensor,
+    cfgs: list[PretrainConfig],
+    seeds: list[int],
+    y: Tensor | None = None,
+    progress: bool | None = None,
+    data_fingerprint: str | None = None,
+    on_layer: Callable[[int, list[LayerStack]], None] | None = None,
+    stacked: bool | None = None,
+) -> list[LayerStack]:
+    """Greedy stacks of K members on the same data, trained together layer by layer: member
+    k with ``cfgs[k]`` (its own lr, momentum, decay, noise...) and its own ``seeds[k]``
+    (init, data order, samples); each stack equals the one :func:`greedy_pretrain` makes
+    alone. RBM and dense autoencoder layers train as one batched program; ``grow`` and
+    conv layers one member after another. ``on_layer(i, stacks)`` runs after layer ``i``."""
+    _check_same_plan(cfgs)
+    progress = cfgs[0].progress if progress is None else progress
+    gens = [new_generator(s) for s in seeds]
+    stacks = [LayerStack(info={"seed": s, "data_fingerprint": data_fingerprint, "n_train": int(x.shape[0])})
+              for s in seeds]
+    inps = [x] * len(cfgs)
+    for i in range(len(cfgs[0].layers)):
+        lcs = [c.layers[i] for c in cfgs]
+        names = [c.layer_name(i) for c in cfgs]
+        bs = lcs[0].batch_size or cfgs[0].batch_size
         t0 = time.perf_counter()
-        if lc.method == "grow":
+        if lcs[0].method == "grow":
             if y is None:
                 raise ValueError(f"pretrain.layers[{i}]: grow is supervised and needs labels")
-            layer = _grow_stage(x, y, inp, stack, lc, name, bs, g, progress)
+            layers = [_grow_stage(x, y, inp, st, lc, name, bs, g, progress)
+                      for inp, st, lc, name, g in zip(inps, stacks, lcs, names, gens)]
         else:
-            layer = TRAINERS[lc.method](inp, lc, name, bs, g, progress)
-        layer.pretrain["seconds"] = round(time.perf_counter() - t0, 3)
-        layer.pretrain["data_fingerprint"] = data_fingerprint
-        stack.append(layer)
+            layers = POPULATION_TRAINERS[lcs[0].method](inps, lcs, names, bs, gens, progress, stacked)
+        seconds = round((time.perf_counter() - t0) / len(cfgs), 3)  # each member's share
+        for k, layer in enumerate(layers):
+            layer.pretrain["seconds"] = seconds
+            layer.pretrain["data_fingerprint"] = data_fingerprint
+            stacks[k].append(layer)
+            if i + 1 < len(cfgs[0].layers):
+                grown = lcs[k].method == "grow" and lcs[k].train == "all"
+                inps[k] = stacks[k].transform(x) if grown else layer.transform(inps[k])  # grow: all layers changed
         if on_layer is not None:
-            on_layer(i, stack)
-        if i + 1 < len(cfg.layers):
-            if lc.method == "grow" and lc.train == "all":
-                inp = stack.transform(x)  # earlier layers changed too
-            else:
-                inp = layer.transform(inp)
-    return stack
+            on_layer(i, stacks)
+    return stacks
+
+
+def _check_same_plan(cfgs: list[PretrainConfig]) -> None:
+    """``ConfigError`` unless the members' stacks have the same layers in the same order,
+    each trained with the same method and batch size."""
+    from ..errors import ConfigError
+
+    def plan(c: PretrainConfig) -> list[tuple[str, int]]:
+        return [(lc.method, lc.batch_size or c.batch_size) for lc in c.layers]
+
+    for k, c in enumerate(cfgs):
+        if plan(c) != plan(cfgs[0]):
+            raise ConfigError(f"pretraining population member {k}: its layers (method, batch size) {plan(c)} differ "
+                              f"from member 0's {plan(cfgs[0])}; members train together layer by layer.")
 
 
 def _grow_stage(x: Tensor, y: Tensor, inp: Tensor, stack: LayerStack, cfg: GrowConfig, name: str,

@@ -16,16 +16,20 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor
 
+from ..batched import RowGather, loops_on, matmul, member_tensor
 from ..layers import LayerSpec
 from ..stack import StackLayer
 from .base import (
     LayerPretrainConfig,
-    as_rows,
     check_finite,
+    check_members,
+    device_generator,
+    member_label,
     monitor_subset,
     n_batches,
     pretrain_record,
     progress_bar,
+    rows_once,
 )
 from .sampling import BernoulliSampler
 
@@ -48,33 +52,34 @@ class RBMConfig(LayerPretrainConfig):
 
 
 class _Buffers:
-    """Per-batch-size scratch tensors and their views, so the loop allocates nothing.
+    """Per-batch-size scratch tensors of K members and their views, so the loop allocates nothing.
 
-    ``hh = [[ph0, 1], [-phk, -1]]`` and ``vv = [[v0, 1], [vk, 1]]``: one GEMM ``hh^T vv``
-    yields the weight gradient and, in its last column and row, both bias gradients. The
-    ones columns also carry the biases through the forward GEMMs (``[v, 1] @ [W, c]^T =
-    vW^T + c``, ``[h, 1] @ [W; b] = hW + b``), so no GEMM starts by copying a bias.
+    ``hh = [[ph0, 1], [-phk, -1]]`` and ``vv = [[v0, 1], [vk, 1]]`` (one pair per member):
+    one GEMM ``hh^T vv`` yields the weight gradient and, in its last column and row, both
+    bias gradients. The ones columns also carry the biases through the forward GEMMs
+    (``[v, 1] @ [W, c]^T = vW^T + c``, ``[h, 1] @ [W; b] = hW + b``), so no GEMM starts by
+    copying a bias.
     """
 
-    def __init__(self, b: int, v: int, h: int, dev: torch.device):
-        self.hh = torch.empty(2 * b, h + 1, device=dev)
-        self.hh[:b, h] = 1.0
-        self.hh[b:, h] = -1.0
-        self.vv = torch.empty(2 * b, v + 1, device=dev)
-        self.vv[:, v] = 1.0
-        self.hh_t = self.hh.t()
-        self.ph0, self.phk = self.hh[:b, :h], self.hh[b:, :h]
-        self.v0, self.vk = self.vv[:b, :v], self.vv[b:, :v]
-        self.v0_1, self.vk_1 = self.vv[:b], self.vv[b:]
-        self.h_1 = hidden_sample(b, h, dev)  # a hidden sample and its bias unit
-        self.h = self.h_1[:, :h]
-        self.sample = BernoulliSampler(b, h, dev)
+    def __init__(self, K: int, b: int, v: int, h: int, dev: torch.device):
+        self.hh = member_tensor(K, (2 * b, h + 1), dev)
+        self.hh[:, :b, h] = 1.0
+        self.hh[:, b:, h] = -1.0
+        self.vv = member_tensor(K, (2 * b, v + 1), dev)
+        self.vv[:, :, v] = 1.0
+        self.hh_t = self.hh.transpose(1, 2)
+        self.ph0, self.phk = self.hh[:, :b, :h], self.hh[:, b:, :h]
+        self.v0, self.vk = self.vv[:, :b, :v], self.vv[:, b:, :v]
+        self.v0_1, self.vk_1 = self.vv[:, :b], self.vv[:, b:]
+        self.h_1 = hidden_sample(K, b, h, dev)  # a hidden sample and its bias unit
+        self.h = self.h_1[:, :, :h]
+        self.samplers = [BernoulliSampler(b, h, dev) for _ in range(K)]
 
 
-def hidden_sample(b: int, h: int, dev: torch.device) -> Tensor:
-    """A [b, h + 1] buffer whose last column is the bias unit (1)."""
-    out = torch.empty(b, h + 1, device=dev)
-    out[:, h] = 1.0
+def hidden_sample(K: int, b: int, h: int, dev: torch.device) -> Tensor:
+    """A [K, b, h + 1] buffer whose last column is the bias unit (1)."""
+    out = member_tensor(K, (b, h + 1), dev)
+    out[:, :, h] = 1.0
     return out
 
 
@@ -88,85 +93,139 @@ def free_energy(v: Tensor, W: Tensor, b: Tensor, c: Tensor, gaussian: bool) -> T
 @torch.no_grad()
 def train_rbm(x: Tensor, cfg: RBMConfig, name: str, batch_size: int, generator: torch.Generator,
               progress: bool | None = None) -> StackLayer:
-    """Fit one RBM layer on ``x`` [N, D]; return it with per-epoch metrics.
+    """Fit one RBM layer on ``x`` [N, D]; return it with per-epoch metrics (a population of one)."""
+    return train_rbm_population([x], [cfg], [name], batch_size, [generator], progress)[0]
 
-    One function on purpose (a numerical kernel): the CD-k batch loop works on views of
-    buffers made once here, and every step of it is a GEMM or an in-place pass; split
-    into helpers, each batch would rebuild or re-look-up those views."""
-    x = as_rows(x).contiguous()
-    n, nv = x.shape
-    nh = cfg.hidden
-    dev = x.device
-    gaussian = cfg.method == "grbm"
-    g = generator if dev.type == "cpu" else None
-    if g is None:
-        torch.cuda.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
-    # P = [[W, c], [b, 0]]: weights and both biases in one matrix, updated by one GEMM.
-    # Its corner stays exactly 0: the gradient there is (+1) * B + (-1) * B.
-    P = torch.zeros(nh + 1, nv + 1, device=dev)
-    W, c, b = P[:nh, :nv], P[:nh, nv], P[nh, :nv]
-    W.copy_(torch.randn(nh, nv, generator=generator) * cfg.init_std)
-    if gaussian:
-        b.copy_(x.mean(0))
-    else:  # Hinton's guide: visible bias log(p / (1 - p)) of the data's pixel means
-        p = x.mean(0).clamp(1e-3, 1 - 1e-3)
-        b.copy_(torch.log(p / (1 - p)))
-    Wc_t, Wb = P[:nh].t(), P[:, :nv]  # [W, c]^T and [W; b], the forward GEMMs' operands
-    vel = torch.zeros_like(P) if cfg.momentum else None
-    bufs: dict[int, _Buffers] = {}
-    chain: Tensor | None = None
-    mon = monitor_subset(x)
-    history = []
-    bar = progress_bar(cfg.epochs * n_batches(n, batch_size), f"{name} {cfg.method}", progress)
-    for epoch in range(1, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=generator).to(dev)
-        for i in range(0, n, batch_size):
-            idx = perm[i : i + batch_size]
-            bs = idx.shape[0]
-            buf = bufs.get(bs) or bufs.setdefault(bs, _Buffers(bs, nv, nh, dev))
-            # gather the batch straight into its slot of the fused GEMM's operand
-            torch.index_select(x, 0, idx, out=buf.v0)
-            torch.mm(buf.v0_1, Wc_t, out=buf.ph0).sigmoid_()
-            if cfg.persistent:
-                if chain is None:
-                    chain = hidden_sample(bs, nh, dev)
-                    buf.sample(buf.ph0, chain[:, :nh], g)
-                h_1 = chain[:bs]
-            else:
-                h_1 = buf.h_1
-                buf.sample(buf.ph0, buf.h, g)
-            for step in range(cfg.k):
-                torch.mm(h_1, Wb, out=buf.vk)
-                if not gaussian:
-                    buf.vk.sigmoid_()
-                torch.mm(buf.vk_1, Wc_t, out=buf.phk).sigmoid_()
-                if step < cfg.k - 1 or cfg.persistent:
-                    buf.sample(buf.phk, h_1[:, :nh], g)
-            buf.phk.neg_()
-            if vel is None:  # no momentum: the GEMM adds the step straight into P
-                if cfg.weight_decay:
-                    W.mul_(1 - cfg.lr * cfg.weight_decay)
-                P.addmm_(buf.hh_t, buf.vv, alpha=cfg.lr / bs)
-            else:
-                vel.addmm_(buf.hh_t, buf.vv, beta=cfg.momentum, alpha=cfg.lr / bs)
-                if cfg.weight_decay:
-                    vel[:nh, :nv].add_(W, alpha=-cfg.lr * cfg.weight_decay)
-                P.add_(vel)
-            bar.update(1)
-        m = _metrics(mon, W, b, c, gaussian, generator)
-        m.update(epoch=epoch, seconds=round(time.perf_counter() - t0, 4))
-        check_finite(m["recon_error"], "reconstruction error", name, epoch)
-        history.append(m)
-        bar.set_postfix(recon=f"{m['recon_error']:.4g}")
-    bar.close()
-    spec = LayerSpec(in_features=nv, out_features=nh, activation="sigmoid")  # RBM hiddens are sigmoid
-    return StackLayer(
-        name,
-        spec,
-        {"weight": W.clone(), "bias": c.clone(), "visible_bias": b.clone()},
-        pretrain_record(cfg.method, cfg, batch_size, history),
-    )
+
+@torch.no_grad()
+def train_rbm_population(xs: list[Tensor], cfgs: list[RBMConfig], names: list[str], batch_size: int,
+                         generators: list[torch.Generator], progress: bool | None = None,
+                         stacked: bool | None = None) -> list[StackLayer]:
+    """Fit K RBM layers together, member k on ``xs[k]`` [N, D] with ``cfgs[k]`` and its own
+    generator (init, data order, samples); each comes out as it would alone.
+
+    Members share the shape, method, CD steps and epochs; lr, momentum, weight decay and
+    init scale may differ. ``stacked`` (default: on CUDA) runs each GEMM of all members as
+    one ``bmm``; otherwise member by member, which for K = 1 is the single-model loop."""
+    check_members(cfgs, ("method", "hidden", "epochs", "k", "persistent"), names)
+    return _RBMPopulation(rows_once(xs), cfgs, names, generators, stacked).fit(
+        batch_size, progress)
+
+
+class _RBMPopulation:
+    """The state of K RBMs trained together: ``P[k] = [[W, c], [b, 0]]``, weights and both
+    biases in one matrix updated by one GEMM (its corner stays exactly 0: the gradient there
+    is (+1) * B + (-1) * B), velocities, generators and per-member hyperparameters."""
+
+    def __init__(self, xs: list[Tensor], cfgs: list[RBMConfig], names: list[str], gens: list[torch.Generator],
+                 stacked: bool | None):
+        self.xs, self.cfgs, self.names, self.gens = xs, cfgs, names, gens
+        self.K, (self.n, nv) = len(xs), xs[0].shape
+        self.cfg, nh, dev = cfgs[0], cfgs[0].hidden, xs[0].device
+        self.nv, self.nh, self.dev = nv, nh, dev
+        self.gaussian = self.cfg.method == "grbm"
+        self.loop = loops_on(dev) if stacked is None else not stacked
+        self.gather = RowGather(xs, self.loop)
+        self.P = member_tensor(self.K, (nh + 1, nv + 1), dev)
+        self.W, self.c, self.b = self.P[:, :nh, :nv], self.P[:, :nh, nv], self.P[:, nh, :nv]
+        self.draw = []
+        for k, (x, cfg, g) in enumerate(zip(xs, cfgs, gens)):
+            self.draw.append(device_generator(g, dev))
+            self.W[k].copy_(torch.randn(nh, nv, generator=g) * cfg.init_std)
+            if self.gaussian:
+                self.b[k].copy_(x.mean(0))
+            else:  # Hinton's guide: visible bias log(p / (1 - p)) of the data's pixel means
+                p = x.mean(0).clamp(1e-3, 1 - 1e-3)
+                self.b[k].copy_(torch.log(p / (1 - p)))
+        self.Wc_t, self.Wb = self.P[:, :nh].transpose(1, 2), self.P[:, :, :nv]  # the forward GEMMs' operands
+        self.vel = member_tensor(self.K, (nh + 1, nv + 1), dev) if any(c.momentum for c in cfgs) else None
+        self.bufs: dict[int, _Buffers] = {}
+        self.chain: Tensor | None = None
+        hyper = {(c.lr, c.momentum, c.weight_decay) for c in cfgs}
+        self.uniform = len(hyper) == 1
+
+    def fit(self, batch_size: int, progress: bool | None) -> list[StackLayer]:
+        """Train every member for the shared number of epochs; return their layers."""
+        histories: list[list[dict]] = [[] for _ in range(self.K)]
+        mons = [monitor_subset(x) for x in self.xs]
+        label = f"{self.names[0]} {self.cfg.method}" + (f" x{self.K}" if self.K > 1 else "")
+        bar = progress_bar(self.cfg.epochs * n_batches(self.n, batch_size), label, progress)
+        for epoch in range(1, self.cfg.epochs + 1):
+            t0 = time.perf_counter()
+            perms = torch.stack([torch.randperm(self.n, generator=g) for g in self.gens]).to(self.dev)
+            for i in range(0, self.n, batch_size):
+                self.step(perms[:, i : i + batch_size])
+                bar.update(1)
+            seconds = round(time.perf_counter() - t0, 4)
+            for k in range(self.K):
+                m = _metrics(mons[k], self.W[k], self.b[k], self.c[k], self.gaussian, self.gens[k])
+                m.update(epoch=epoch, seconds=seconds)
+                check_finite(m["recon_error"], "reconstruction error", member_label(self.names[k], k, self.K), epoch)
+                histories[k].append(m)
+            bar.set_postfix(recon=f"{histories[0][-1]['recon_error']:.4g}")
+        bar.close()
+        spec = LayerSpec(in_features=self.nv, out_features=self.nh, activation="sigmoid")  # RBM hiddens are sigmoid
+        return [StackLayer(self.names[k], spec,
+                           {"weight": self.W[k].clone(), "bias": self.c[k].clone(), "visible_bias": self.b[k].clone()},
+                           pretrain_record(cfg.method, cfg, batch_size, histories[k]))
+                for k, cfg in enumerate(self.cfgs)]
+
+    def step(self, idx: Tensor) -> None:
+        """One CD-k (or PCD-k) update of every member on its rows ``idx[k]``."""
+        bs, nh, loop = idx.shape[1], self.nh, self.loop
+        buf = self.bufs.get(bs) or self.bufs.setdefault(bs, _Buffers(self.K, bs, self.nv, nh, self.dev))
+        self.gather(idx, buf.v0)  # the batch straight into its slot of the fused GEMM's operand
+        matmul(buf.v0_1, self.Wc_t, loop, out=buf.ph0).sigmoid_()
+        if self.cfg.persistent:
+            if self.chain is None:
+                self.chain = hidden_sample(self.K, bs, nh, self.dev)
+                self.sample(buf, buf.ph0, self.chain[:, :, :nh])
+            h_1 = self.chain[:, :bs]
+        else:
+            h_1 = buf.h_1
+            self.sample(buf, buf.ph0, buf.h)
+        for step in range(self.cfg.k):
+            matmul(h_1, self.Wb, loop, out=buf.vk)
+            if not self.gaussian:
+                buf.vk.sigmoid_()
+            matmul(buf.vk_1, self.Wc_t, loop, out=buf.phk).sigmoid_()
+            if step < self.cfg.k - 1 or self.cfg.persistent:
+                self.sample(buf, buf.phk, h_1[:, :, :nh])
+        buf.phk.neg_()
+        self.update(buf, bs)
+
+    def sample(self, buf: _Buffers, p: Tensor, out: Tensor) -> None:
+        """``out[k] ~ Bernoulli(p[k])`` from member k's own generator."""
+        for k in range(self.K):
+            buf.samplers[k](p[k], out[k], self.draw[k])
+
+    def update(self, buf: _Buffers, bs: int) -> None:
+        """SGD with momentum and weight decay for every member, exactly as alone: all at once
+        with one ``baddbmm`` when the GEMMs are batched and the members share lr, momentum
+        and decay; otherwise member by member. Without momentum the GEMM adds the step
+        straight into ``P``, with it into the velocity."""
+        if self.uniform and not self.loop:
+            _sgd(self.P, self.vel, self.W, buf.hh_t, buf.vv, self.cfg, bs, self.nh, self.nv)
+            return
+        for k, cfg in enumerate(self.cfgs):
+            vel = None if self.vel is None or not cfg.momentum else self.vel[k]
+            _sgd(self.P[k], vel, self.W[k], buf.hh_t[k], buf.vv[k], cfg, bs, self.nh, self.nv)
+
+
+def _sgd(P: Tensor, vel: Tensor | None, W: Tensor, a: Tensor, b: Tensor, cfg: RBMConfig, bs: int, nh: int,
+         nv: int) -> None:
+    """``P += lr/B a @ b`` with momentum and weight decay on ``W``; 2-D for one member, 3-D
+    (``baddbmm``) for members that share their hyperparameters."""
+    gemm = torch.Tensor.addmm_ if P.dim() == 2 else torch.Tensor.baddbmm_
+    if vel is None:
+        if cfg.weight_decay:
+            W.mul_(1 - cfg.lr * cfg.weight_decay)
+        gemm(P, a, b, alpha=cfg.lr / bs)
+    else:
+        gemm(vel, a, b, beta=cfg.momentum, alpha=cfg.lr / bs)
+        if cfg.weight_decay:
+            vel[..., :nh, :nv].add_(W, alpha=-cfg.lr * cfg.weight_decay)
+        P.add_(vel)
 
 
 def _metrics(v: Tensor, W: Tensor, b: Tensor, c: Tensor, gaussian: bool, g: torch.Generator) -> dict:
