@@ -29,6 +29,7 @@ from .io import make_dir, progress_bar, write_json, write_text
 from .pipeline import load_sources
 from .population import PopulationTrainer, architecture_key, model_bytes, population_size, write_member
 from .pretrain import greedy_pretrain
+from .pretrain.greedy import greedy_pretrain_population
 from .recipe import Recipe, recipe_from_dict
 from .search import make_sampler, suggest
 from .stack import LayerStack
@@ -71,6 +72,54 @@ class CellRunner:
             write_json(sdir / "pretrain.json", {"seconds": round(time.perf_counter() - t0, 3), "layers": len(st)})
         meta = json.loads((sdir / "pretrain.json").read_text())
         return LayerStack.load(spath), meta["seconds"] * cell.depth / max(meta["layers"], 1)
+
+    def pretrain_populations(self, cells: list[Cell], mode: str | int) -> None:
+        """Pretrain the unfinished greedy stacks that share data and a layer plan (the seeds of
+        an arm; arms of one method) together, in populations as large as ``mode`` allows
+        (as for fine-tuning: ``auto`` on a GPU only); each stack is saved as alone."""
+        assert self.recipe.finetune is not None
+        if mode == "off" or (mode == "auto" and resolve_device(self.recipe.data.device).type != "cuda"):
+            return
+        groups: dict[str, dict[str, tuple[Recipe, Dataset]]] = {}
+        widest: dict[str, int] = {}
+        for cell in cells:
+            key = cell.pretrain_key
+            if key is None or (self.out / "stacks" / key / "pretrain.json").is_file():
+                continue
+            r = recipe_from_dict(cell.recipe, self.recipe.base_dir, f"{self.recipe.source} [{cell.condition}]")
+            assert r.pretrain is not None
+            bs = r.pretrain.batch_size
+            plan = [(lc.method, lc.hidden, lc.epochs, lc.batch_size or bs) for lc in r.pretrain.layers]
+            gkey = json.dumps([r.data.model_dump(mode="json"), plan], sort_keys=True)
+            groups.setdefault(gkey, {})[key] = (r, self.dataset(r))
+            widest[gkey] = max(lc.hidden for lc in r.pretrain.layers)
+        for gkey, group in groups.items():
+            members = list(group.items())
+            x = members[0][1][1].train.x
+            # a member's own copy of its layer input, and its parameters, velocity and buffers
+            size = population_size(mode, x.device, 4 * x.shape[0] * widest[gkey] + 16 * x[0].numel() * widest[gkey])
+            for i in range(0, len(members), size):
+                if len(members[i : i + size]) > 1:
+                    self._pretrain_together(members[i : i + size])
+
+    def _pretrain_together(self, members: list[tuple[str, tuple[Recipe, Dataset]]]) -> None:
+        data = members[0][1][1]
+        dirs = [self.out / "stacks" / key for key, _ in members]
+
+        def snapshot(i: int, stacks: list[LayerStack]) -> None:
+            for sdir, st in zip(dirs, stacks):
+                st.save(sdir / f"depth{i + 1}.safetensors")
+
+        t0 = time.perf_counter()
+        try:
+            stacks = greedy_pretrain_population(
+                data.train.x, [r.pretrain for _, (r, _) in members], [r.seed for _, (r, _) in members],
+                y=data.train.y, progress=self.progress, data_fingerprint=data.fingerprint(), on_layer=snapshot)
+        except ConfigError:
+            return  # members that cannot train together pretrain one by one when their cells run
+        seconds = round((time.perf_counter() - t0) / len(members), 3)  # each stack's share
+        for sdir, st in zip(dirs, stacks):
+            write_json(sdir / "pretrain.json", {"seconds": seconds, "layers": len(st), "population": len(members)})
 
     def run_populations(self, cells: list[Cell], mode: str | int) -> None:
         """Fine-tune the unfinished cells that share an architecture, data and budget
@@ -154,6 +203,7 @@ def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None
     if recipe.experiment.tune is not None:
         cells = tune_arms(recipe.experiment.tune, cells, runner, out, progress)
     write_json(out / "experiment.json", {"recipe": recipe.to_dict(), "cells": len(cells)})
+    runner.pretrain_populations(cells, recipe.experiment.population)
     runner.run_populations(cells, recipe.experiment.population)
     rows = []
     bar = progress_bar(len(cells), "experiment", progress, "cell")

@@ -83,8 +83,9 @@ def test_population_equals_alone_for_other_activations(synth, act):
 
 
 def test_a_grid_trained_in_populations_equals_the_grid_trained_cell_by_cell(tmp_path):
-    """experiment.population: 3 groups the cells of each (arm, depth) shape; every cell's
-    result and weights equal those of population: off, and a rerun trains nothing again."""
+    """experiment.population: 3 pretrains the seeds' stacks together and groups the cells of
+    each (arm, depth) shape; every stack, cell result and weight equals those of population:
+    off, and a rerun trains nothing again."""
     import json
 
     import yaml
@@ -107,6 +108,15 @@ def test_a_grid_trained_in_populations_equals_the_grid_trained_cell_by_cell(tmp_
         runs[mode] = {c.name: json.loads((c / "result.json").read_text()) for c in (out / "cells").iterdir()}
     assert runs["off"].keys() == runs[3].keys() and len(runs["off"]) == 12
     assert all(res.get("population") == 3 for res in runs[3].values())
+    # the three seeds' dae stacks were pretrained together, and equal the stacks pretrained alone
+    stacks = sorted((tmp_path / "3" / "stacks").iterdir())
+    assert len(stacks) == 3
+    for sdir in stacks:
+        assert json.loads((sdir / "pretrain.json").read_text())["population"] == 3
+        for depth in (1, 2):
+            a = load_file(str(tmp_path / "off" / "stacks" / sdir.name / f"depth{depth}.safetensors"))
+            b = load_file(str(sdir / f"depth{depth}.safetensors"))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for key, alone in runs["off"].items():
         together = runs[3][key]
         for field in ("test_error", "valid_error", "epochs", "best_epoch"):
