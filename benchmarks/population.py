@@ -5,6 +5,10 @@ Each model has its own init, seed (data order) and learning rate; one epoch each
 training examples per second) and the population's speed-up over separate runs.
 
     python benchmarks/population.py [--ks 1 5 25] [--n 5000] [--width 500] [--device cpu] [--rounds 2]
+
+With ``--pretrain rbm`` (or ``dae``) it measures one greedy layer instead: K RBMs (or denoising
+autoencoders) 784->width, one epoch each, each with its own seed and lr, trained as one
+population against the same K layers trained one after another.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from surgery.data import DataConfig, load_dataset  # noqa: E402
 from surgery.finetune import FinetuneConfig, Trainer  # noqa: E402
 from surgery.ops import HeadOp, InsertOp  # noqa: E402
 from surgery.population import PopulationTrainer  # noqa: E402
+from surgery.pretrain import AEConfig, RBMConfig, train_autoencoder, train_rbm  # noqa: E402
+from surgery.pretrain.autoencoder import train_autoencoder_population  # noqa: E402
+from surgery.pretrain.rbm import train_rbm_population  # noqa: E402
 
 
 def members(k: int, width: int, depth: int, device: str):
@@ -64,6 +71,37 @@ def bench(ks: list[int], n: int, width: int, depth: int, device: str, rounds: in
     return rows
 
 
+def bench_pretrain(method: str, ks: list[int], n: int, width: int, device: str, rounds: int) -> list[dict]:
+    x = load_dataset(DataConfig(limit=n, device=device)).train.x
+    alone, together_fn = (train_rbm, train_rbm_population) if method == "rbm" else (train_autoencoder,
+                                                                                   train_autoencoder_population)
+    rows = []
+    for k in ks:
+        cfgs = [RBMConfig(hidden=width, epochs=1, lr=0.05 + 0.01 * i, momentum=0.5) if method == "rbm"
+                else AEConfig(method="dae", hidden=width, epochs=1, lr=0.01 + 0.001 * i) for i in range(k)]
+
+        def sync() -> None:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+
+        def together(cfgs=cfgs) -> None:
+            gens = [torch.Generator().manual_seed(i) for i in range(len(cfgs))]
+            together_fn([x] * len(cfgs), cfgs, ["h1"] * len(cfgs), 100, gens, False)
+            sync()
+
+        def separately(cfgs=cfgs) -> None:
+            for i, c in enumerate(cfgs):
+                alone(x, c, "h1", 100, torch.Generator().manual_seed(i), False)
+            sync()
+
+        med = interleaved({"population": together, "separate": separately}, rounds)
+        for name, t in med.items():
+            other = "separate" if name == "population" else "population"
+            rows.append(row(f"{method} K={k} {name} ({device})", k * n / t, None, None,
+                            {other: med.ratio(name, other)}) | {"ms_per_model_epoch": round(1000 * t / k, 1)})
+    return rows
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 5, 25])
@@ -72,5 +110,9 @@ if __name__ == "__main__":
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--pretrain", choices=["rbm", "dae"], help="measure one pretraining layer instead of fine-tuning")
     a = ap.parse_args()
-    print_rows(bench(a.ks, a.n, a.width, a.depth, a.device, a.rounds))
+    if a.pretrain:
+        print_rows(bench_pretrain(a.pretrain, a.ks, a.n, a.width, a.device, a.rounds))
+    else:
+        print_rows(bench(a.ks, a.n, a.width, a.depth, a.device, a.rounds))
