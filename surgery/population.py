@@ -11,8 +11,9 @@ weights). A model trained here equals the same model trained alone by
 
 Scope today: dense chains (dropout allowed), SGD with momentum/Nesterov, any lr/momentum
 schedule, early stopping, per-model init and dropout. Not yet: other optimizers,
-``layer_lr``, freeze schedules, conv layers, AMP, checkpoints, CUDA-graph capture, and the
-experiment runner's grouping of cells; ``check_population`` names what a config lacks.
+``layer_lr``, freeze schedules, conv layers, AMP, checkpoints and CUDA-graph capture;
+``check_population`` names what a config lacks. Greedy pretraining has its own populations
+(:func:`surgery.pretrain.greedy.greedy_pretrain_population`).
 """
 
 from __future__ import annotations
