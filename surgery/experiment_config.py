@@ -81,6 +81,29 @@ class TuneConfig(BaseModel):
     seed: int = Field(default=0, ge=0, description="the sampler's seed")
 
 
+def _paper_keys(v: dict[str, float]) -> dict[str, float]:
+    for k in v:
+        parts = k.split()
+        if len(parts) not in (1, 2) or (len(parts) == 2 and not (parts[1][:1] == "d" and parts[1][1:].isdigit())):
+            raise ValueError(f"errors[{k!r}]: keys are an arm ('rbm': its largest depth) or an arm and a depth "
+                             "('rbm d2')")
+    return v
+
+
+class PaperReference(BaseModel):
+    """``experiment.paper``: the published numbers this experiment reproduces. The report
+    sets them beside the measured ones, with the gap, and says what the paper did
+    differently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(description="the paper and table, e.g. 'Bengio et al. 2007, Table 2'")
+    errors: Annotated[dict[str, float], AfterValidator(_paper_keys)] = Field(
+        min_length=1, description="test error % by arm ('rbm': at its largest depth) or arm and depth ('rbm d2')")
+    target: float | None = Field(default=None, gt=0, description="points within the paper that count as a match")
+    differences: str = Field(default="", description="what the paper did that this recipe does not")
+
+
 class ExperimentConfig(BaseModel):
     """The ``experiment:`` recipe section."""
 
@@ -99,6 +122,7 @@ class ExperimentConfig(BaseModel):
     )
     baseline: str = Field(default="none", description="the arm every other is tested against")
     tune: TuneConfig | None = Field(default=None, description="tune every arm with the same budget first")
+    paper: PaperReference | None = Field(default=None, description="published numbers to report beside ours")
     population: Literal["auto", "off"] | Annotated[int, Field(ge=1)] = Field(
         default="auto", description="fine-tune cells of one shape together: auto (GPU: as many as fit; CPU: "
         "one at a time), N, or off")

@@ -77,8 +77,34 @@ def tuning_markdown(tuning: dict[str, Any]) -> list[str]:
     return lines
 
 
-def markdown(rows: list[dict[str, Any]], baseline: str = "none", tuning: dict[str, Any] | None = None) -> str:
-    """The report's markdown: the table, the best arm, the tuning (if any), the figures."""
+def paper_markdown(paper: dict[str, Any], tab: list[dict[str, Any]]) -> list[str]:
+    """The report's comparison with the published numbers: per arm the paper's test error,
+    ours (mean and 95% interval), the gap, and whether it is within ``target`` points."""
+    target = paper.get("target")
+    lines = ["", "## Against the paper", "", f"{paper['source']}. Test error %; gap = ours - paper"
+             + (f"; a match is within {target} points." if target else "."), "",
+             "| condition | depth | paper | ours (n) | 95% CI | gap |" + (" match |" if target else ""),
+             "|---|---:|---:|---:|---|---:|" + ("---|" if target else "")]
+    for key, ref in paper["errors"].items():
+        arm, _, d = key.partition(" ")
+        cells = [t for t in tab if t["condition"] == arm and (not d or t["depth"] == int(d[1:]))]
+        if not cells:
+            lines.append(f"| {arm} | {d[1:] or '–'} | {ref:.2f} | not run | | |" + (" |" if target else ""))
+            continue
+        t = max(cells, key=lambda c: c["depth"])
+        gap = t["mean"] - ref
+        row = (f"| {arm} | {t['depth']} | {ref:.2f} | {t['mean']:.2f} ({t['n']}) | [{_fmt(t['ci_low'])}, "
+               f"{_fmt(t['ci_high'])}] | {gap:+.2f} |")
+        lines.append(row + (f" {'yes' if abs(gap) <= target else 'no'} |" if target else ""))
+    if paper.get("differences"):
+        lines += ["", "What the paper did that this run did not: " + paper["differences"].strip()]
+    return lines
+
+
+def markdown(rows: list[dict[str, Any]], baseline: str = "none", tuning: dict[str, Any] | None = None,
+             paper: dict[str, Any] | None = None) -> str:
+    """The report's markdown: the table, the best arm, the paper's numbers and the tuning
+    (if any), the figures."""
     tab = table(rows, baseline)
     seeds = sorted({int(r["seed"]) for r in rows})
     lines = [
@@ -102,6 +128,7 @@ def markdown(rows: list[dict[str, Any]], baseline: str = "none", tuning: dict[st
         lines += ["", significance_line(rows, baseline)]
         lines += ["", f"Lowest mean test error: **{best['condition']}** at depth {best['depth']} "
                       f"({best['mean']:.2f}%)."]
+    lines += paper_markdown(paper, tab) if paper else []
     lines += tuning_markdown(tuning) if tuning else []
     lines += ["", "## Figures", "",
               "![test error vs depth](figures/error_vs_depth.png)", "",
@@ -129,7 +156,8 @@ def significance_line(rows: list[dict[str, Any]], baseline: str = "none", alpha:
 
 
 def write_report(out: Path, rows: list[dict[str, Any]], baseline: str = "none") -> None:
-    """Write ``out/report.md`` and ``out/figures/*.png`` for an experiment's result rows."""
+    """Write ``out/report.md`` and ``out/figures/*.png`` for an experiment's result rows (with the
+    published numbers when ``out/experiment.json`` names ``experiment.paper``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,7 +165,9 @@ def write_report(out: Path, rows: list[dict[str, Any]], baseline: str = "none") 
     make_dir(out / "figures")
     tuning_path = out / "tuning.json"
     tuning = json.loads(tuning_path.read_text()) if tuning_path.is_file() else None
-    write_text(out / "report.md", markdown(rows, baseline, tuning))
+    exp_path = out / "experiment.json"
+    exp = json.loads(exp_path.read_text()).get("recipe", {}).get("experiment", {}) if exp_path.is_file() else {}
+    write_text(out / "report.md", markdown(rows, baseline, tuning, exp.get("paper")))
     conds = sorted({r["condition"] for r in rows}, key=lambda c: (c != baseline, c))
     cmap = plt_colormap(len(conds))
     colors = {c: cmap(i % cmap.N) for i, c in enumerate(conds)}

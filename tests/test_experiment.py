@@ -222,3 +222,26 @@ def test_every_arm_gets_the_same_tuning_budget(tmp_path, capsys):
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
     assert main(["run", str(tmp_path / "r.yaml"), "--out", str(out)]) == 0  # a rerun trains nothing again
     assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == stamps
+
+
+def test_report_sets_the_papers_numbers_beside_ours():
+    """experiment.paper: per arm the published error, ours with its interval, the gap and
+    whether it is within the target; an arm that did not run says so; bad keys are refused."""
+    from pydantic import ValidationError
+
+    from surgery.experiment_config import PaperReference
+    from surgery.report import markdown
+
+    rows = [{"condition": c, "depth": d, "seed": s, "test_error": e}
+            for c, d, errs in (("rbm", 2, (1.3, 1.5)), ("rbm", 1, (1.9, 2.1)), ("none", 2, (2.0, 2.2)))
+            for s, e in enumerate(errs)]
+    paper = PaperReference(source="Some et al. 2007, Table 2", errors={"rbm": 1.2, "none d2": 1.6, "dae": 1.4},
+                           target=0.3, differences="they used 60k examples.").model_dump()
+    md = markdown(rows, "none", None, paper)
+    assert "Some et al. 2007, Table 2" in md and "a match is within 0.3 points" in md
+    assert "| rbm | 2 | 1.20 | 1.40 (2) |" in md and "| +0.20 | yes |" in md  # the arm's largest depth
+    assert "| none | 2 | 1.60 | 2.10 (2) |" in md and "| +0.50 | no |" in md
+    assert "| dae | – | 1.40 | not run |" in md
+    assert "did not: they used 60k examples." in md
+    with pytest.raises(ValidationError, match="keys are an arm"):
+        PaperReference(source="x", errors={"rbm depth 2": 1.0})

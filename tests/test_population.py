@@ -222,7 +222,8 @@ def test_pretraining_population_equals_each_layer_alone(case, stacked):
     xs = _layer_inputs()
     alone_fn, pop_fn = (train_rbm, train_rbm_population) if kind is RBMConfig else (train_autoencoder,
                                                                                      train_autoencoder_population)
-    alone = [alone_fn(x, c, "h1", 50, torch.Generator().manual_seed(s), False) for s, (x, c) in enumerate(zip(xs, cfgs))]
+    alone = [alone_fn(x, c, "h1", 50, torch.Generator().manual_seed(s), False)
+             for s, (x, c) in enumerate(zip(xs, cfgs))]
     pop = pop_fn(xs, cfgs, ["h1"] * 3, 50, [torch.Generator().manual_seed(s) for s in range(3)], False, stacked)
     for a, m in zip(alone, pop):
         _same_layer(a, m)
