@@ -4,20 +4,22 @@ An experiment grid is many small networks of the same shape (arms x depths x see
 their weights are stacked, ``W[l]`` [K, out, in] and ``b[l]`` [K, out], so each layer of
 all K networks is one ``baddbmm``; every model keeps its own seed (data order, dropout
 masks), its own starting weights (a pretrained stack or a fresh init), its own learning
-rate, momentum, Nesterov flag, weight decay and schedule, and its own early stopping (a
-stopped model's learning rate becomes 0, so it stands still, and it keeps its best
-weights). A model trained here equals the same model trained alone by
+rate, per-layer learning rates, momentum, Nesterov flag, weight decay and schedule, and
+its own early stopping (a stopped model's learning rate becomes 0, so it stands still, and
+it keeps its best weights). A model trained here equals the same model trained alone by
 :class:`surgery.finetune.Trainer` (``tests/test_population.py``).
 
-Scope today: dense chains (dropout allowed), SGD with momentum/Nesterov, any lr/momentum
-schedule, early stopping, per-model init and dropout. Not yet: other optimizers,
-``layer_lr``, freeze schedules, conv layers, AMP, checkpoints and CUDA-graph capture;
+Scope today: dense chains (dropout allowed), SGD with momentum/Nesterov or Adam (a
+momentum schedule sets its beta1), ``layer_lr``, any lr/momentum schedule, early stopping,
+per-model init and dropout. Not yet: RMSprop/Adagrad/Adadelta, freeze schedules, conv
+layers, AMP, checkpoints and CUDA-graph capture;
 ``check_population`` names what a config lacks. Greedy pretraining has its own populations
 (:func:`surgery.pretrain.greedy.greedy_pretrain_population`).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import time
@@ -92,10 +94,10 @@ def model_bytes(graph: ModelGraph, batch: int) -> int:
 
 
 def architecture_key(graph: ModelGraph, cfg: FinetuneConfig) -> str:
-    """What members must share to train together: layers, dropout and the budget."""
+    """What members must share to train together: layers, dropout, the budget and the optimizer."""
     layers = [[n.kind, n.spec.model_dump(mode="json") if n.spec else n.p] for n in graph.nodes()]
     shared = {"layers": layers, "dropout": cfg.dropout, "input_dropout": cfg.input_dropout, "epochs": cfg.epochs,
-              "batch_size": cfg.batch_size, "device": cfg.device}
+              "batch_size": cfg.batch_size, "device": cfg.device, "optimizer": cfg.optimizer.name}
     return json.dumps(shared, sort_keys=True)
 
 
@@ -108,15 +110,37 @@ def check_population(cfgs: list[FinetuneConfig]) -> None:
             if getattr(c, field) != getattr(first, field):
                 raise ConfigError(f"population member {i}: finetune.{field} differs ({getattr(c, field)!r} vs "
                                   f"{getattr(first, field)!r}); members share the budget and the device.")
-        if c.optimizer.name != "sgd":
-            raise ConfigError(f"population member {i}: optimizer {c.optimizer.name!r}; populations train with sgd.")
-        for field in ("layer_lr", "unfreeze_at", "freeze_at"):
+        if c.optimizer.name not in ("sgd", "adam"):
+            raise ConfigError(f"population member {i}: optimizer {c.optimizer.name!r}; populations train with sgd "
+                              "or adam.")
+        if c.optimizer.name != first.optimizer.name:
+            raise ConfigError(f"population member {i}: optimizer {c.optimizer.name!r} but member 0 uses "
+                              f"{first.optimizer.name!r}; members share the optimizer.")
+        for field in ("unfreeze_at", "freeze_at"):
             if getattr(c, field):
                 raise ConfigError(f"population member {i}: finetune.{field} is not supported in a population yet.")
         if c.checkpoint_every:
             raise ConfigError(f"population member {i}: finetune.checkpoint_every: populations do not checkpoint yet.")
         if c.amp or c.compile:
             raise ConfigError(f"population member {i}: amp/compile are not supported in a population yet.")
+
+
+def layer_multipliers(graph: ModelGraph, cfg: FinetuneConfig) -> list[float]:
+    """The lr multiplier of each layer node in order (``finetune.layer_lr``: the last
+    matching pattern wins, as in the Trainer's parameter groups); ``ConfigError`` for a
+    pattern that matches no layer."""
+    names = [n.name for n in graph.nodes() if n.kind == "layer"]
+    for pat in cfg.layer_lr:
+        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+            raise ConfigError(f"finetune.layer_lr: {pat!r} matches no layer; layers are {names}.")
+    out = []
+    for name in names:
+        mult = 1.0
+        for pat, m in cfg.layer_lr.items():
+            if fnmatch.fnmatchcase(name, pat):
+                mult = m
+        out.append(mult)
+    return out
 
 
 def dropout_stream(graph: ModelGraph, seed: int) -> torch.Generator:
@@ -141,13 +165,13 @@ def dropout_noise(shape: torch.Size, rates: list[float], gens: list[torch.Genera
 
 def schedule_values(cfgs: list[FinetuneConfig], step: int, steps_per_epoch: int,
                     total_steps: int) -> tuple[list[float], list[float]]:
-    """Each member's learning rate and momentum at global ``step`` (its own schedule)."""
+    """Each member's learning rate and momentum (Adam: beta1) at global ``step`` (its own schedule)."""
     lrs, moms = [], []
     for c in cfgs:
-        s = c.schedule
-        lrs.append(c.optimizer.lr if s.lr is None else s.lr.value(c.optimizer.lr, step, steps_per_epoch, total_steps))
-        moms.append(c.optimizer.momentum if s.momentum is None else s.momentum.value(step, steps_per_epoch,
-                                                                                     total_steps))
+        s, o = c.schedule, c.optimizer
+        lrs.append(o.lr if s.lr is None else s.lr.value(o.lr, step, steps_per_epoch, total_steps))
+        fixed = o.betas[0] if o.name == "adam" else o.momentum  # Adam's momentum is beta1
+        moms.append(fixed if s.momentum is None else s.momentum.value(step, steps_per_epoch, total_steps))
     return lrs, moms
 
 
@@ -181,6 +205,11 @@ class PopulationTrainer:
         self.gW = [torch.empty_like(w) for w in self.W]
         self.gb = [torch.empty_like(b) for b in self.b]
         self.bufs = [torch.zeros_like(p) for p in self.W + self.b]
+        self.adam = cfgs[0].optimizer.name == "adam"
+        self.sq = [torch.zeros_like(p) for p in self.W + self.b] if self.adam else []  # Adam's second moments
+        # each member's lr multiplier per layer (finetune.layer_lr), as [K] columns
+        mults = [layer_multipliers(g, c) for g, c in zip(self.graphs, cfgs)]
+        self.mult = [torch.tensor([m[li] for m in mults], device=self.device) for li in range(len(self.W))] * 2
         self.loop = self.device.type == "cpu"
         opts = [c.optimizer for c in cfgs]
         self.decay = torch.tensor([o.weight_decay for o in opts], device=self.device)
@@ -239,11 +268,15 @@ class PopulationTrainer:
         lr = torch.tensor(lrs, device=self.device) * self.running
         return lr, torch.tensor(moms, device=self.device), lrs, moms
 
-    def _update(self, lr: Tensor, mom: Tensor) -> None:
+    def _update(self, lr: Tensor, mom: Tensor, step: int) -> None:
         """SGD with (Nesterov) momentum and weight decay, per model, as ``torch.optim.SGD``,
-        in as few passes over the stacked tensors as the members' settings allow."""
+        in as few passes over the stacked tensors as the members' settings allow (or Adam);
+        each layer's lr times the member's ``layer_lr`` multiplier for it."""
+        if self.adam:
+            self._adam(lr, mom, step)
+            return
         wd, nest = self.decay, self.nesterov  # [K] each, made once
-        for p, g, buf in zip(self.W + self.b, self.gW + self.gb, self.bufs):
+        for p, g, buf, mult in zip(self.W + self.b, self.gW + self.gb, self.bufs, self.mult):
             shape = (self.K,) + (1,) * (p.dim() - 1)
             if self.any_decay:  # g is rewritten by the next backward: safe to change in place
                 g.addcmul_(wd.view(shape), p)
@@ -252,7 +285,24 @@ class PopulationTrainer:
                 d = g.addcmul_(mom.view(shape), buf)
             else:
                 d = torch.where(nest.view(shape), g + mom.view(shape) * buf, buf) if self.nest_any else buf
-            p.addcmul_(lr.view(shape), d, value=-1.0)
+            p.addcmul_((lr * mult).view(shape), d, value=-1.0)
+
+    def _adam(self, lr: Tensor, beta1: Tensor, step: int) -> None:
+        """Adam with L2 weight decay, per model, as ``torch.optim.Adam`` (a momentum schedule
+        sets beta1): ``p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``."""
+        t = step + 1
+        b2 = torch.tensor([c.optimizer.betas[1] for c in self.cfgs], device=self.device)
+        eps = torch.tensor([c.optimizer.eps or 1e-8 for c in self.cfgs], device=self.device)
+        size = lr / (1 - beta1**t)
+        root = torch.sqrt(1 - b2**t)
+        for p, g, m, v, mult in zip(self.W + self.b, self.gW + self.gb, self.bufs, self.sq, self.mult):
+            shape = (self.K,) + (1,) * (p.dim() - 1)
+            if self.any_decay:
+                g.addcmul_(self.decay.view(shape), p)
+            m.lerp_(g, (1 - beta1).view(shape))
+            v.mul_(b2.view(shape)).addcmul_(g, g * (1 - b2).view(shape))
+            denom = (v.sqrt() / root.view(shape)).add_(eps.view(shape))
+            p.sub_(m.div(denom).mul_((size * mult).view(shape)))
 
     def _epoch(self, epoch: int, step: int) -> tuple[list[dict[str, Any]], int]:
         """One epoch for every model; returns the per-model records and the new global step."""
@@ -270,7 +320,7 @@ class PopulationTrainer:
             keep: list = []
             out = self.forward(xb, train=True, keep=keep)  # [K, b, C]
             losses = self._backward(out, yb, keep)
-            self._update(lr, mom)
+            self._update(lr, mom, step)
             step += 1
             loss_sum += losses * xb.shape[1]
             wrong += (out.argmax(2) != yb).sum(1)

@@ -31,6 +31,18 @@ CASES = {
         _cfg(optimizer={"lr": 0.2, "momentum": 0.9}, dropout={"h*": 0.3}, input_dropout=0.1),
         _cfg(optimizer={"lr": 0.1, "momentum": 0.9}, dropout={"h*": 0.5}, input_dropout=0.2),
     ],
+    "adam, decay, beta1 schedule": [
+        _cfg(optimizer={"name": "adam", "lr": 0.01}),
+        _cfg(optimizer={"name": "adam", "lr": 0.003, "weight_decay": 1e-3, "betas": [0.8, 0.99], "eps": 1e-6}),
+        _cfg(optimizer={"name": "adam", "lr": 0.005}, schedule={"lr": {"kind": "exponential", "end": 0.001},
+                                                                 "momentum": {"kind": "linear", "start": 0.5,
+                                                                              "end": 0.9}}),
+    ],
+    "layer_lr": [
+        _cfg(optimizer={"lr": 0.2, "momentum": 0.9}, layer_lr={"h1": 0.1, "h*": 2.0}),
+        _cfg(optimizer={"lr": 0.1, "momentum": 0.5}, layer_lr={"h2": 0.5}),
+        _cfg(optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9}),
+    ],
     "early stopping": [
         _cfg(epochs=12, optimizer={"lr": 0.8, "momentum": 0.9}, early_stopping={"patience": 1}),
         _cfg(epochs=12, optimizer={"lr": 0.05, "momentum": 0.5}, early_stopping={"patience": 2}),
@@ -61,8 +73,12 @@ def test_population_equals_each_model_alone(synth, case):
 
 
 def test_population_refuses_what_it_cannot_batch(synth):
-    with pytest.raises(ConfigError, match="optimizer 'adam'"):
-        PopulationTrainer([mlp(SIZES)], synth, [_cfg(optimizer={"name": "adam", "lr": 0.01})], [0])
+    with pytest.raises(ConfigError, match="optimizer 'rmsprop'"):
+        PopulationTrainer([mlp(SIZES)], synth, [_cfg(optimizer={"name": "rmsprop", "lr": 0.01})], [0])
+    with pytest.raises(ConfigError, match="members share the optimizer"):
+        PopulationTrainer([mlp(SIZES), mlp(SIZES)], synth, [_cfg(), _cfg(optimizer={"name": "adam"})], [0, 1])
+    with pytest.raises(ConfigError, match="layer_lr: 'x9' matches no layer"):
+        PopulationTrainer([mlp(SIZES)], synth, [_cfg(layer_lr={"x9": 2.0})], [0])
     with pytest.raises(ConfigError, match="finetune.epochs differs"):
         PopulationTrainer([mlp(SIZES), mlp(SIZES)], synth, [_cfg(), _cfg(epochs=3)], [0, 1])
     with pytest.raises(ConfigError, match="share one architecture"):
