@@ -175,6 +175,63 @@ def schedule_values(cfgs: list[FinetuneConfig], step: int, steps_per_epoch: int,
     return lrs, moms
 
 
+class StackedOptimizer:
+    """SGD (momentum, Nesterov, weight decay) or Adam over a population's stacked tensors,
+    each member with its own hyperparameters and per-layer lr multipliers; member k's
+    arithmetic is ``torch.optim``'s for that member alone."""
+
+    def __init__(self, params: list[Tensor], grads: list[Tensor], cfgs: list[FinetuneConfig],
+                 mults: list[list[float]]):
+        dev = params[0].device
+        self.params, self.grads, self.cfgs = params, grads, cfgs
+        self.bufs = [torch.zeros_like(p) for p in params]  # momentum / Adam's first moments
+        self.adam = cfgs[0].optimizer.name == "adam"
+        self.sq = [torch.zeros_like(p) for p in params] if self.adam else []  # Adam's second moments
+        layers = len(mults[0])  # params are every layer's weights, then every layer's biases
+        self.mult = [torch.tensor([m[i % layers] for m in mults], device=dev) for i in range(len(params))]
+        opts = [c.optimizer for c in cfgs]
+        self.decay = torch.tensor([o.weight_decay for o in opts], device=dev)
+        self.nesterov = torch.tensor([o.nesterov for o in opts], device=dev)
+        self.any_decay, self.nest_all, self.nest_any = any(o.weight_decay for o in opts), \
+            all(o.nesterov for o in opts), any(o.nesterov for o in opts)
+        self.b2 = torch.tensor([o.betas[1] for o in opts], device=dev)
+        self.eps = torch.tensor([o.eps or 1e-8 for o in opts], device=dev)
+
+    def step(self, lr: Tensor, mom: Tensor, step: int) -> None:
+        """SGD with (Nesterov) momentum and weight decay, per model, as ``torch.optim.SGD``,
+        in as few passes over the stacked tensors as the members' settings allow (or Adam);
+        each layer's lr times the member's ``layer_lr`` multiplier for it."""
+        if self.adam:
+            self._adam(lr, mom, step)
+            return
+        wd, nest = self.decay, self.nesterov  # [K] each, made once
+        for p, g, buf, mult in zip(self.params, self.grads, self.bufs, self.mult):
+            shape = (len(lr),) + (1,) * (p.dim() - 1)
+            if self.any_decay:  # g is rewritten by the next backward: safe to change in place
+                g.addcmul_(wd.view(shape), p)
+            buf.mul_(mom.view(shape)).add_(g)
+            if self.nest_all:
+                d = g.addcmul_(mom.view(shape), buf)
+            else:
+                d = torch.where(nest.view(shape), g + mom.view(shape) * buf, buf) if self.nest_any else buf
+            p.addcmul_((lr * mult).view(shape), d, value=-1.0)
+
+    def _adam(self, lr: Tensor, beta1: Tensor, step: int) -> None:
+        """Adam with L2 weight decay, per model, as ``torch.optim.Adam`` (a momentum schedule
+        sets beta1): ``p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``."""
+        t, b2, eps = step + 1, self.b2, self.eps
+        size = lr / (1 - beta1**t)
+        root = torch.sqrt(1 - b2**t)
+        for p, g, m, v, mult in zip(self.params, self.grads, self.bufs, self.sq, self.mult):
+            shape = (len(lr),) + (1,) * (p.dim() - 1)
+            if self.any_decay:
+                g.addcmul_(self.decay.view(shape), p)
+            m.lerp_(g, (1 - beta1).view(shape))
+            v.mul_(b2.view(shape)).addcmul_(g, g * (1 - b2).view(shape))
+            denom = (v.sqrt() / root.view(shape)).add_(eps.view(shape))
+            p.sub_(m.div(denom).mul_((size * mult).view(shape)))
+
+
 class PopulationTrainer:
     """Fine-tune ``graphs[k]`` with ``cfgs[k]`` and ``seeds[k]`` on ``data``, together.
 
@@ -204,18 +261,9 @@ class PopulationTrainer:
                   for i in range(len(layers[0]))]
         self.gW = [torch.empty_like(w) for w in self.W]
         self.gb = [torch.empty_like(b) for b in self.b]
-        self.bufs = [torch.zeros_like(p) for p in self.W + self.b]
-        self.adam = cfgs[0].optimizer.name == "adam"
-        self.sq = [torch.zeros_like(p) for p in self.W + self.b] if self.adam else []  # Adam's second moments
-        # each member's lr multiplier per layer (finetune.layer_lr), as [K] columns
-        mults = [layer_multipliers(g, c) for g, c in zip(self.graphs, cfgs)]
-        self.mult = [torch.tensor([m[li] for m in mults], device=self.device) for li in range(len(self.W))] * 2
         self.loop = self.device.type == "cpu"
-        opts = [c.optimizer for c in cfgs]
-        self.decay = torch.tensor([o.weight_decay for o in opts], device=self.device)
-        self.nesterov = torch.tensor([o.nesterov for o in opts], device=self.device)
-        self.any_decay, self.nest_all, self.nest_any = any(o.weight_decay for o in opts), \
-            all(o.nesterov for o in opts), any(o.nesterov for o in opts)
+        self.opt = StackedOptimizer(self.W + self.b, self.gW + self.gb, cfgs,
+                                    [layer_multipliers(g, c) for g, c in zip(self.graphs, cfgs)])
         self.shuffles = [torch.Generator().manual_seed(s) for s in seeds]
         self.masks = [dropout_stream(g, s) for g, s in zip(self.graphs, seeds)]
         n = len(self.data.train)
@@ -268,42 +316,6 @@ class PopulationTrainer:
         lr = torch.tensor(lrs, device=self.device) * self.running
         return lr, torch.tensor(moms, device=self.device), lrs, moms
 
-    def _update(self, lr: Tensor, mom: Tensor, step: int) -> None:
-        """SGD with (Nesterov) momentum and weight decay, per model, as ``torch.optim.SGD``,
-        in as few passes over the stacked tensors as the members' settings allow (or Adam);
-        each layer's lr times the member's ``layer_lr`` multiplier for it."""
-        if self.adam:
-            self._adam(lr, mom, step)
-            return
-        wd, nest = self.decay, self.nesterov  # [K] each, made once
-        for p, g, buf, mult in zip(self.W + self.b, self.gW + self.gb, self.bufs, self.mult):
-            shape = (self.K,) + (1,) * (p.dim() - 1)
-            if self.any_decay:  # g is rewritten by the next backward: safe to change in place
-                g.addcmul_(wd.view(shape), p)
-            buf.mul_(mom.view(shape)).add_(g)
-            if self.nest_all:
-                d = g.addcmul_(mom.view(shape), buf)
-            else:
-                d = torch.where(nest.view(shape), g + mom.view(shape) * buf, buf) if self.nest_any else buf
-            p.addcmul_((lr * mult).view(shape), d, value=-1.0)
-
-    def _adam(self, lr: Tensor, beta1: Tensor, step: int) -> None:
-        """Adam with L2 weight decay, per model, as ``torch.optim.Adam`` (a momentum schedule
-        sets beta1): ``p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``."""
-        t = step + 1
-        b2 = torch.tensor([c.optimizer.betas[1] for c in self.cfgs], device=self.device)
-        eps = torch.tensor([c.optimizer.eps or 1e-8 for c in self.cfgs], device=self.device)
-        size = lr / (1 - beta1**t)
-        root = torch.sqrt(1 - b2**t)
-        for p, g, m, v, mult in zip(self.W + self.b, self.gW + self.gb, self.bufs, self.sq, self.mult):
-            shape = (self.K,) + (1,) * (p.dim() - 1)
-            if self.any_decay:
-                g.addcmul_(self.decay.view(shape), p)
-            m.lerp_(g, (1 - beta1).view(shape))
-            v.mul_(b2.view(shape)).addcmul_(g, g * (1 - b2).view(shape))
-            denom = (v.sqrt() / root.view(shape)).add_(eps.view(shape))
-            p.sub_(m.div(denom).mul_((size * mult).view(shape)))
-
     def _epoch(self, epoch: int, step: int) -> tuple[list[dict[str, Any]], int]:
         """One epoch for every model; returns the per-model records and the new global step."""
         cfg = self.cfgs[0]
@@ -320,7 +332,7 @@ class PopulationTrainer:
             keep: list = []
             out = self.forward(xb, train=True, keep=keep)  # [K, b, C]
             losses = self._backward(out, yb, keep)
-            self._update(lr, mom, step)
+            self.opt.step(lr, mom, step)
             step += 1
             loss_sum += losses * xb.shape[1]
             wrong += (out.argmax(2) != yb).sum(1)
