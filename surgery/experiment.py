@@ -121,13 +121,14 @@ class CellRunner:
         for sdir, st in zip(dirs, stacks):
             write_json(sdir / "pretrain.json", {"seconds": seconds, "layers": len(st), "population": len(members)})
 
-    def run_populations(self, cells: list[Cell], mode: str | int) -> None:
+    def run_populations(self, cells: list[Cell], mode: str | int, bar: Any = None) -> set[str]:
         """Fine-tune the unfinished cells that share an architecture, data and budget
         together, in populations as large as ``mode`` allows; the rest (and any cell a
-        population cannot take) are left for :meth:`run`."""
+        population cannot take) are left for :meth:`run`. Returns the keys of the cells
+        finished here (``bar`` counts them as their population ends)."""
         assert self.recipe.finetune is not None
         if mode == "off" or (mode == "auto" and resolve_device(self.recipe.finetune.device).type != "cuda"):
-            return  # one cell at a time: nothing to prepare here
+            return set()  # one cell at a time: nothing to prepare here
         groups: dict[tuple[str, str], list[tuple[Cell, Recipe, ModelGraph, float]]] = {}
         for cell in cells:
             if (self.out / "cells" / cell.key / "result.json").is_file():
@@ -136,26 +137,31 @@ class CellRunner:
             assert r.finetune is not None
             dkey = json.dumps(r.data.model_dump(mode="json"), sort_keys=True)
             groups.setdefault((dkey, architecture_key(graph, r.finetune)), []).append((cell, r, graph, pre_s))
+        done: set[str] = set()
         for members in groups.values():
             r0 = members[0][1]
             size = population_size(mode, resolve_device(r0.finetune.device), model_bytes(members[0][2], 100))
             for i in range(0, len(members), size):
-                if len(members[i : i + size]) > 1:
-                    self._population(members[i : i + size])
+                if len(members[i : i + size]) > 1 and self._population(members[i : i + size]):
+                    done.update(m[0].key for m in members[i : i + size])
+                    if bar is not None:
+                        bar.update(len(members[i : i + size]))
+        return done
 
-    def _population(self, members: list[tuple[Cell, Recipe, ModelGraph, float]]) -> None:
+    def _population(self, members: list[tuple[Cell, Recipe, ModelGraph, float]]) -> bool:
         data = self.dataset(members[0][1])
         try:
             pop = PopulationTrainer([m[2] for m in members], data, [m[1].finetune for m in members],
                                     [m[1].seed for m in members])
         except ConfigError:
-            return  # not batchable (an optimizer or option populations lack): these cells train alone
+            return False  # not batchable (an optimizer or option populations lack): these cells train alone
         results = pop.fit()
         for k, (cell, _, _, pre_s) in enumerate(members):
             res = _record(cell, results[k], pre_s, share=len(members))  # its share of the population's time
             cdir = self.out / "cells" / cell.key
             write_json(cdir / "recipe.json", cell.recipe)
             write_member(pop, k, cdir, res)
+        return True
 
     def prepare(self, cell: Cell) -> tuple[Recipe, Dataset, ModelGraph, float]:
         """The cell's recipe, dataset and assembled network (its stack pretrained on first
@@ -203,16 +209,17 @@ def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None
     if recipe.experiment.tune is not None:
         cells = tune_arms(recipe.experiment.tune, cells, runner, out, progress)
     write_json(out / "experiment.json", {"recipe": recipe.to_dict(), "cells": len(cells)})
-    runner.pretrain_populations(cells, recipe.experiment.population)
-    runner.run_populations(cells, recipe.experiment.population)
-    rows = []
     bar = progress_bar(len(cells), "experiment", progress, "cell")
+    runner.pretrain_populations(cells, recipe.experiment.population)
+    together = runner.run_populations(cells, recipe.experiment.population, bar)
+    rows = []
     for cell in cells:
         result, cdir = runner.run(cell)
         row = {k: result.get(k) for k in RESULT_FIELDS}
         row.update(condition=cell.condition, depth=cell.depth, seed=cell.seed, cell=cell.key, path=str(cdir))
         rows.append(row)
-        bar.update(1)
+        if cell.key not in together:  # a population's cells were counted when it finished
+            bar.update(1)
         bar.set_postfix(last=f"{cell.condition} d{cell.depth} {result['test_error']:.2f}%")
     bar.close()
     write_results_csv(out / "results.csv", rows)

@@ -35,7 +35,7 @@ from .errors import ConfigError, TrainingDiverged
 from .finetune import check_fits, prepare_graph
 from .finetune_config import FinetuneConfig
 from .graph import ModelGraph
-from .io import write_json, write_text
+from .io import progress_bar, write_json, write_text
 from .layers import ACTIVATIONS, init_weight
 from .model_file import save_model
 from .version import package_version
@@ -364,6 +364,7 @@ class PopulationTrainer:
         best = [{"valid": math.inf, "epoch": 0, "bad": 0} for _ in range(K)]
         self.best_W = [w.detach().clone() for w in self.W]
         self.best_b = [b.detach().clone() for b in self.b]
+        bar = progress_bar(self.cfgs[0].epochs, f"population of {K}", self.cfgs[0].progress, "epoch")
         for epoch in range(self.cfgs[0].epochs):
             recs, step = self._epoch(epoch, step)
             for k, rec in enumerate(recs):
@@ -371,8 +372,11 @@ class PopulationTrainer:
                     continue
                 self.history[k].append(rec)
                 self._book(k, rec, best[k])
+            bar.update(1)
+            bar.set_postfix(running=int(self.running.sum()), best_valid=f"{min(b['valid'] for b in best):.2f}%")
             if not bool(self.running.any()):
                 break
+        bar.close()
         for w, bw in zip(self.W, self.best_W):
             w.copy_(bw)
         for b, bb in zip(self.b, self.best_b):
