@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device check, in one go, for a bare machine with an NVIDIA GPU and a CUDA build of
 # torch but no network: the test suite (CUDA tests included), the GPU benchmarks and one
-# seed of recipes/bengio2007.yaml, each under a time limit. Everything goes under $OUT.
+# seed of recipes/bengio2007_fixed.yaml, each under a time limit. Everything goes under $OUT.
 #
 #     bash ../shared/gpu/wheels.sh                 # here, once: fills .whl/ (git-ignored)
 #     OUT=/tmp/gpu bash benchmarks/gpu.sh [quick|populations]  # there, with .whl carried along
@@ -52,7 +52,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the output
 if [ "$quick" = populations ]; then
     step population 150 $py benchmarks/population.py --device cuda --ks 1 25 --n 20000 --rounds 1
     step pretrain-population 90 $py benchmarks/population.py --device cuda --pretrain rbm --ks 1 25 --n 10000 --rounds 1
-    step bengio2007-grid 300 $py -m surgery.cli run recipes/bengio2007.yaml --out "$out/bengio2007-grid" \
+    step bengio2007-grid 300 $py -m surgery.cli run recipes/bengio2007_fixed.yaml --out "$out/bengio2007-grid" \
         --set data.device=cuda --set finetune.device=cuda
     cat "$out/summary.txt"
     exit 0
@@ -63,7 +63,7 @@ step tests 240 $py -m pytest -q -p no:cacheprovider
 step finetune 120 $py benchmarks/finetune.py --device cuda --rounds 3 "${n[@]}"
 step rbm 60 $py benchmarks/rbm.py --device cuda --rounds 3 "${n[@]}"
 if [ "$quick" != quick ]; then
-    step bengio2007 150 $py -m surgery.cli run recipes/bengio2007.yaml --out "$out/bengio2007" \
+    step bengio2007 150 $py -m surgery.cli run recipes/bengio2007_fixed.yaml --out "$out/bengio2007" \
         --set 'experiment.seeds=[0]' --set data.device=cuda --set finetune.device=cuda
 fi
 cat "$out/summary.txt"

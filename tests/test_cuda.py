@@ -150,6 +150,8 @@ def test_every_recipe_runs_on_cuda(tmp_path):
         if "experiment:" in text:
             small += ["--set", "experiment.seeds=[0]", "--set", "experiment.pretrain_epochs=1",
                       "--set", "experiment.hidden=16"]
+            if "tune:" in text:
+                small += ["--set", "experiment.tune.trials=1"]
         elif "pretrain:" in text:
             small += [a for i in range(text.count("method:")) for a in ("--set", f"pretrain.layers.{i}.epochs=1")]
         if "finetune:" in text:
