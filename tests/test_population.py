@@ -279,3 +279,29 @@ def test_pretraining_population_refuses_members_of_different_shapes():
     b = PretrainConfig(layers=[{"method": "dae", "hidden": 5}])
     with pytest.raises(ConfigError, match="member 1: its layers"):
         greedy_pretrain_population(xs[0], [a, b], [0, 1], progress=False)
+
+
+def test_population_cells_are_counted_as_their_population_finishes(tmp_path):
+    """run_populations returns the cells it finished and advances the grid's cell bar by
+    each population's size; a second call trains nothing."""
+    from surgery.experiment import CellRunner
+    from surgery.grid import plan_cells
+    from surgery.recipe import recipe_from_dict
+
+    r = recipe_from_dict({"data": {"dataset": "synthetic", "n_train": 200, "n_valid": 100, "n_test": 100},
+                          "experiment": {"conditions": ["none"], "depths": [1, 2], "seeds": [0, 1, 2],
+                                         "hidden": 8, "population": 3},
+                          "finetune": {"epochs": 1, "batch_size": 50, "device": "cpu", "progress": False}})
+    runner = CellRunner(r, tmp_path)
+    cells = plan_cells(r, runner.data.input_shape, runner.data.num_classes)
+
+    class Bar:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    bar = Bar()
+    done = runner.run_populations(cells, 3, bar)
+    assert done == {c.key for c in cells} and bar.n == 6
+    assert runner.run_populations(cells, 3, bar) == set() and bar.n == 6
