@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, field_validator
 
 from .layers import Activation
 from .search_config import ParamRange
@@ -90,6 +90,15 @@ def _paper_keys(v: dict[str, float]) -> dict[str, float]:
     return v
 
 
+def _yaml_off(v: Any) -> Any:
+    """YAML reads a bare ``off`` as false (and ``on`` as true): take them as written."""
+    if v is False:
+        return "off"
+    if v is True:
+        raise ValueError("population: true is not a mode; write auto, off or a number")
+    return v
+
+
 class PaperReference(BaseModel):
     """``experiment.paper``: the published numbers this experiment reproduces. The report
     sets them beside the measured ones, with the gap, and says what the paper did
@@ -123,7 +132,8 @@ class ExperimentConfig(BaseModel):
     baseline: str = Field(default="none", description="the arm every other is tested against")
     tune: TuneConfig | None = Field(default=None, description="tune every arm with the same budget first")
     paper: PaperReference | None = Field(default=None, description="published numbers to report beside ours")
-    population: Literal["auto", "off"] | Annotated[int, Field(ge=1)] = Field(
+    population: Annotated[Literal["auto", "off"] | Annotated[int, Field(ge=1, strict=True)],
+                          BeforeValidator(_yaml_off)] = Field(
         default="auto", description="fine-tune cells of one shape together: auto (GPU: as many as fit; CPU: "
         "one at a time), N, or off")
 

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from surgery.cli import main
+from surgery.errors import SurgeryError
 from surgery.grid import plan_cells
 from surgery.recipe import load_recipe
 from surgery.report import summarize, table, welch
@@ -245,3 +246,14 @@ def test_report_sets_the_papers_numbers_beside_ours():
     assert "did not: they used 60k examples." in md
     with pytest.raises(ValidationError, match="keys are an arm"):
         PaperReference(source="x", errors={"rbm depth 2": 1.0})
+
+
+def test_population_off_written_bare_in_yaml(tmp_path):
+    """YAML reads a bare ``off`` as false; the recipe takes it as the mode it looks like."""
+    rp = tmp_path / "r.yaml"
+    rp.write_text("data: {dataset: synthetic}\nexperiment: {conditions: [none], population: off}\n"
+                  "finetune: {epochs: 1}\n")
+    assert load_recipe(rp).experiment.population == "off"
+    rp.write_text(rp.read_text().replace("population: off", "population: on"))
+    with pytest.raises(SurgeryError, match="population: true is not a mode"):
+        load_recipe(rp)
