@@ -134,8 +134,8 @@ class ExperimentConfig(BaseModel):
     paper: PaperReference | None = Field(default=None, description="published numbers to report beside ours")
     population: Annotated[Literal["auto", "off"] | Annotated[int, Field(ge=1, strict=True)],
                           BeforeValidator(_yaml_off)] = Field(
-        default="auto", description="fine-tune cells of one shape together: auto (GPU: as many as fit; CPU: "
-        "one at a time), N, or off")
+        default="auto", description="train cells of one shape together: auto (GPU: as many as fit, stacks "
+        "too; CPU: fine-tuning in groups of 5), N, or off")
 
     @field_validator("conditions")
     @classmethod

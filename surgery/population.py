@@ -71,16 +71,20 @@ def _structure(graph: ModelGraph) -> list[tuple[str, Any]]:
     return out
 
 
+CPU_AUTO = 5  # population: auto on a CPU
+
+
 def population_size(mode: str | int, device: torch.device, bytes_per_model: int) -> int:
-    """How many models train together: ``off`` 1; a number, that many; ``auto``: 1 on a
-    CPU (batching measured no faster there, see benchmarks/population.py), and on a GPU as
-    many as fit in half its free memory (at most 100)."""
+    """How many models train together: ``off`` 1; a number, that many; ``auto``: on a GPU
+    as many as fit in half its free memory (at most 100); on a CPU ``CPU_AUTO``, where a grid
+    measured faster in groups of 5 (recipes/quick.yaml: 1.11x) and the fine-tuning
+    benchmark slower at 25 (0.95x, benchmarks/population.py)."""
     if mode == "off":
         return 1
     if isinstance(mode, int):
         return mode
     if device.type != "cuda":
-        return 1
+        return CPU_AUTO
     free, _ = torch.cuda.mem_get_info(device)
     return max(1, min(100, free // 2 // max(bytes_per_model, 1)))
 
