@@ -127,7 +127,7 @@ class CellRunner:
         population cannot take) are left for :meth:`run`. Returns the keys of the cells
         finished here (``bar`` counts them as their population ends)."""
         assert self.recipe.finetune is not None
-        if mode == "off":
+        if mode == "off" or (mode == "auto" and resolve_device(self.recipe.finetune.device).type != "cuda"):
             return set()  # one cell at a time: nothing to prepare here
         groups: dict[tuple[str, str], list[tuple[Cell, Recipe, ModelGraph, float]]] = {}
         for cell in cells:

@@ -135,7 +135,7 @@ class ExperimentConfig(BaseModel):
     population: Annotated[Literal["auto", "off"] | Annotated[int, Field(ge=1, strict=True)],
                           BeforeValidator(_yaml_off)] = Field(
         default="auto", description="train cells of one shape together: auto (GPU: as many as fit, stacks "
-        "too; CPU: fine-tuning in groups of 5), N, or off")
+        "too; CPU: one at a time), N, or off")
 
     @field_validator("conditions")
     @classmethod

@@ -71,20 +71,18 @@ def _structure(graph: ModelGraph) -> list[tuple[str, Any]]:
     return out
 
 
-CPU_AUTO = 5  # population: auto on a CPU
-
-
 def population_size(mode: str | int, device: torch.device, bytes_per_model: int) -> int:
     """How many models train together: ``off`` 1; a number, that many; ``auto``: on a GPU
-    as many as fit in half its free memory (at most 100); on a CPU ``CPU_AUTO``, where a grid
-    measured faster in groups of 5 (recipes/quick.yaml: 1.11x) and the fine-tuning
-    benchmark slower at 25 (0.95x, benchmarks/population.py)."""
+    as many as fit in half its free memory (at most 100); on a CPU 1, where batching
+    measured both ways: recipes/quick.yaml in groups of 5 1.11x faster, three batch-2 nets
+    1.16x, but five 784-500-500-10 nets mixing SGD and Nesterov 0.85-0.96x and 25 nets
+    0.95x (benchmarks/population.py)."""
     if mode == "off":
         return 1
     if isinstance(mode, int):
         return mode
     if device.type != "cuda":
-        return CPU_AUTO
+        return 1
     free, _ = torch.cuda.mem_get_info(device)
     return max(1, min(100, free // 2 // max(bytes_per_model, 1)))
 
