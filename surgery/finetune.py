@@ -92,24 +92,32 @@ def check_fits(graph: ModelGraph, data: Dataset) -> None:
         )
 
 
+def lr_multiplier(name: str, cfg: FinetuneConfig) -> float:
+    """Layer ``name``'s lr multiplier from ``finetune.layer_lr`` (the last matching pattern wins)."""
+    mult = 1.0
+    for pat, m in cfg.layer_lr.items():
+        if fnmatch.fnmatchcase(name, pat):
+            mult = m
+    return mult
+
+
+def check_patterns(names: list[str], cfg: FinetuneConfig) -> None:
+    """``ConfigError`` when a ``layer_lr``/``unfreeze_at``/``freeze_at``/``dropout`` pattern
+    matches none of the layers ``names``."""
+    for field in ("layer_lr", "unfreeze_at", "freeze_at", "dropout"):
+        for pat in getattr(cfg, field):
+            if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+                raise ConfigError(f"finetune.{field}: {pat!r} matches no layer; layers are {names}.")
+
+
 def param_groups(graph: ModelGraph, model: nn.Module, cfg: FinetuneConfig) -> list[dict[str, Any]]:
     """One optimizer group per layer node: ``{"params", "lr_mult", "node"}``. Raises
     ``ConfigError`` when a ``layer_lr``/``unfreeze_at``/``freeze_at``/``dropout`` pattern
     matches no layer."""
     mods = dict(model.named_children())
-    groups = []
-    for node in graph.nodes():
-        if node.kind == "layer":
-            mult = 1.0
-            for pat, m in cfg.layer_lr.items():
-                if fnmatch.fnmatchcase(node.name, pat):
-                    mult = m
-            groups.append({"params": list(mods[node.name].parameters()), "lr_mult": mult, "node": node.name})
-    names = [g["node"] for g in groups]
-    for field in ("layer_lr", "unfreeze_at", "freeze_at", "dropout"):
-        for pat in getattr(cfg, field):
-            if not any(fnmatch.fnmatchcase(n, pat) for n in names):
-                raise ConfigError(f"finetune.{field}: {pat!r} matches no layer; layers are {names}.")
+    groups = [{"params": list(mods[node.name].parameters()), "lr_mult": lr_multiplier(node.name, cfg),
+               "node": node.name} for node in graph.nodes() if node.kind == "layer"]
+    check_patterns([g["node"] for g in groups], cfg)
     return groups
 
 

@@ -19,7 +19,6 @@ layers, AMP, checkpoints and CUDA-graph capture;
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
 import time
@@ -32,7 +31,7 @@ from torch import Tensor
 from .batched import matmul
 from .data import Dataset, resolve_device
 from .errors import ConfigError, TrainingDiverged
-from .finetune import check_fits, prepare_graph
+from .finetune import check_fits, check_patterns, lr_multiplier, prepare_graph
 from .finetune_config import FinetuneConfig
 from .graph import ModelGraph
 from .io import progress_bar, write_json, write_text
@@ -128,21 +127,11 @@ def check_population(cfgs: list[FinetuneConfig]) -> None:
 
 
 def layer_multipliers(graph: ModelGraph, cfg: FinetuneConfig) -> list[float]:
-    """The lr multiplier of each layer node in order (``finetune.layer_lr``: the last
-    matching pattern wins, as in the Trainer's parameter groups); ``ConfigError`` for a
-    pattern that matches no layer."""
+    """The lr multiplier of each layer node in order, as the Trainer's parameter groups get
+    them; ``ConfigError`` for a pattern that matches no layer."""
     names = [n.name for n in graph.nodes() if n.kind == "layer"]
-    for pat in cfg.layer_lr:
-        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
-            raise ConfigError(f"finetune.layer_lr: {pat!r} matches no layer; layers are {names}.")
-    out = []
-    for name in names:
-        mult = 1.0
-        for pat, m in cfg.layer_lr.items():
-            if fnmatch.fnmatchcase(name, pat):
-                mult = m
-        out.append(mult)
-    return out
+    check_patterns(names, cfg)
+    return [lr_multiplier(name, cfg) for name in names]
 
 
 def dropout_stream(graph: ModelGraph, seed: int) -> torch.Generator:
