@@ -1,20 +1,21 @@
 """A population: K networks of one architecture fine-tuned together as one batched program.
 
 An experiment grid is many small networks of the same shape (arms x depths x seeds). Here
-their weights are stacked, ``W[l]`` [K, out, in] and ``b[l]`` [K, out], so each layer of
-all K networks is one ``baddbmm``; every model keeps its own seed (data order, dropout
-masks), its own starting weights (a pretrained stack or a fresh init), its own learning
-rate, per-layer learning rates, momentum, Nesterov flag, weight decay and schedule, and
-its own early stopping (a stopped model's learning rate becomes 0, so it stands still, and
-it keeps its best weights). A model trained here equals the same model trained alone by
-:class:`surgery.finetune.Trainer` (``tests/test_population.py``).
+their weights are stacked (:class:`surgery.stacked.StackedChain`), ``W[l]`` [K, out, in]
+and ``b[l]`` [K, out], so each layer of all K networks is one ``bmm``; every model keeps
+its own seed (data order, dropout masks), its own starting weights (a pretrained stack or
+a fresh init), its own learning rate, per-layer learning rates, momentum, Nesterov flag,
+weight decay and schedule, and its own early stopping (a stopped model's learning rate
+becomes 0, so it stands still, and it keeps its best weights). A model trained here equals
+the same model trained alone by :class:`surgery.finetune.Trainer` (``tests/test_population.py``).
 
 Scope today: dense chains (dropout allowed), SGD with momentum/Nesterov or Adam (a
 momentum schedule sets its beta1), ``layer_lr``, any lr/momentum schedule, early stopping,
 per-model init and dropout. Not yet: RMSprop/Adagrad/Adadelta, freeze schedules, conv
 layers, AMP, checkpoints and CUDA-graph capture;
 ``check_population`` names what a config lacks. Greedy pretraining has its own populations
-(:func:`surgery.pretrain.greedy.greedy_pretrain_population`).
+(:func:`surgery.pretrain.greedy.greedy_pretrain_population`); its supervised ``grow`` stages
+train through the same stacked chain.
 """
 
 from __future__ import annotations
@@ -28,29 +29,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .batched import matmul
+from .batched import loops_on
 from .data import Dataset, resolve_device
 from .errors import ConfigError, TrainingDiverged
 from .finetune import check_fits, check_patterns, lr_multiplier, prepare_graph
 from .finetune_config import FinetuneConfig
 from .graph import ModelGraph
 from .io import progress_bar, write_json, write_text
-from .layers import ACTIVATIONS, init_weight
+from .layers import init_weight
 from .model_file import save_model
+from .stacked import StackedChain, StackedOptimizer
 from .version import package_version
-
-
-def _times_derivative(d: Tensor, out: Tensor, act: str) -> Tensor:
-    """``d * act'(z)``, written in terms of the layer's output ``out = act(z)``."""
-    if act == "sigmoid":
-        return d * out * (1 - out)
-    if act == "tanh":
-        return d * (1 - out * out)
-    if act == "relu":
-        return d * (out > 0)
-    if act == "softplus":
-        return d * -torch.expm1(-out)  # sigmoid(z) = 1 - exp(-softplus(z))
-    return d  # linear
 
 
 def _structure(graph: ModelGraph) -> list[tuple[str, Any]]:
@@ -154,6 +143,20 @@ def dropout_noise(shape: torch.Size, rates: list[float], gens: list[torch.Genera
     return out
 
 
+def dropout_positions(steps: list[tuple[str, Any]]) -> dict[int, list[int]]:
+    """Where each dropout of a chain acts: ``{dense layer index: [dropout columns]}``, a
+    dropout acting on the input of the dense layer after it."""
+    out: dict[int, list[int]] = {}
+    dense = col = 0
+    for kind, _ in steps:
+        if kind == "dense":
+            dense += 1
+        else:
+            out.setdefault(dense, []).append(col)
+            col += 1
+    return out
+
+
 def schedule_values(cfgs: list[FinetuneConfig], step: int, steps_per_epoch: int,
                     total_steps: int) -> tuple[list[float], list[float]]:
     """Each member's learning rate and momentum (Adam: beta1) at global ``step`` (its own schedule)."""
@@ -166,69 +169,14 @@ def schedule_values(cfgs: list[FinetuneConfig], step: int, steps_per_epoch: int,
     return lrs, moms
 
 
-class StackedOptimizer:
-    """SGD (momentum, Nesterov, weight decay) or Adam over a population's stacked tensors,
-    each member with its own hyperparameters and per-layer lr multipliers; member k's
-    arithmetic is ``torch.optim``'s for that member alone."""
-
-    def __init__(self, params: list[Tensor], grads: list[Tensor], cfgs: list[FinetuneConfig],
-                 mults: list[list[float]]):
-        dev = params[0].device
-        self.params, self.grads, self.cfgs = params, grads, cfgs
-        self.bufs = [torch.zeros_like(p) for p in params]  # momentum / Adam's first moments
-        self.adam = cfgs[0].optimizer.name == "adam"
-        self.sq = [torch.zeros_like(p) for p in params] if self.adam else []  # Adam's second moments
-        layers = len(mults[0])  # params are every layer's weights, then every layer's biases
-        self.mult = [torch.tensor([m[i % layers] for m in mults], device=dev) for i in range(len(params))]
-        opts = [c.optimizer for c in cfgs]
-        self.decay = torch.tensor([o.weight_decay for o in opts], device=dev)
-        self.nesterov = torch.tensor([o.nesterov for o in opts], device=dev)
-        self.any_decay, self.nest_all, self.nest_any = any(o.weight_decay for o in opts), \
-            all(o.nesterov for o in opts), any(o.nesterov for o in opts)
-        self.b2 = torch.tensor([o.betas[1] for o in opts], device=dev)
-        self.eps = torch.tensor([o.eps or 1e-8 for o in opts], device=dev)
-
-    def step(self, lr: Tensor, mom: Tensor, step: int) -> None:
-        """SGD with (Nesterov) momentum and weight decay, per model, as ``torch.optim.SGD``,
-        in as few passes over the stacked tensors as the members' settings allow (or Adam);
-        each layer's lr times the member's ``layer_lr`` multiplier for it."""
-        if self.adam:
-            self._adam(lr, mom, step)
-            return
-        wd, nest = self.decay, self.nesterov  # [K] each, made once
-        for p, g, buf, mult in zip(self.params, self.grads, self.bufs, self.mult):
-            shape = (len(lr),) + (1,) * (p.dim() - 1)
-            if self.any_decay:  # g is rewritten by the next backward: safe to change in place
-                g.addcmul_(wd.view(shape), p)
-            buf.mul_(mom.view(shape)).add_(g)
-            if self.nest_all:
-                d = g.addcmul_(mom.view(shape), buf)
-            else:
-                d = torch.where(nest.view(shape), g + mom.view(shape) * buf, buf) if self.nest_any else buf
-            p.addcmul_((lr * mult).view(shape), d, value=-1.0)
-
-    def _adam(self, lr: Tensor, beta1: Tensor, step: int) -> None:
-        """Adam with L2 weight decay, per model, as ``torch.optim.Adam`` (a momentum schedule
-        sets beta1): ``p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``."""
-        t, b2, eps = step + 1, self.b2, self.eps
-        size = lr / (1 - beta1**t)
-        root = torch.sqrt(1 - b2**t)
-        for p, g, m, v, mult in zip(self.params, self.grads, self.bufs, self.sq, self.mult):
-            shape = (len(lr),) + (1,) * (p.dim() - 1)
-            if self.any_decay:
-                g.addcmul_(self.decay.view(shape), p)
-            m.lerp_(g, (1 - beta1).view(shape))
-            v.mul_(b2.view(shape)).addcmul_(g, g * (1 - b2).view(shape))
-            denom = (v.sqrt() / root.view(shape)).add_(eps.view(shape))
-            p.sub_(m.div(denom).mul_((size * mult).view(shape)))
-
-
 class PopulationTrainer:
     """Fine-tune ``graphs[k]`` with ``cfgs[k]`` and ``seeds[k]`` on ``data``, together.
 
-    ``fit()`` returns one result dict per model, as :meth:`Trainer.fit` would."""
+    ``fit()`` returns one result dict per model, as :meth:`Trainer.fit` would. ``stacked``:
+    one ``bmm`` per layer for all members (default: on a GPU) or a loop of GEMMs."""
 
-    def __init__(self, graphs: list[ModelGraph], data: Dataset, cfgs: list[FinetuneConfig], seeds: list[int]):
+    def __init__(self, graphs: list[ModelGraph], data: Dataset, cfgs: list[FinetuneConfig], seeds: list[int],
+                 stacked: bool | None = None):
         if not (len(graphs) == len(cfgs) == len(seeds) >= 1):
             raise ConfigError(f"a population needs as many configs and seeds as graphs; got {len(graphs)}, "
                               f"{len(cfgs)}, {len(seeds)}.")
@@ -244,62 +192,33 @@ class PopulationTrainer:
                [v for k, v in s if k == "dense"] != [v for k, v in steps[0] if k == "dense"] for s in steps):
             raise ConfigError("population members must share one architecture (layer sizes and activations).")
         self.rates = torch.tensor([[v for k, v in s if k == "dropout"] for s in steps], dtype=torch.float32)
+        self.drop_at = dropout_positions(self.steps)
         self.data = data.to(self.device)
         layers = [[n for n in g.nodes() if n.kind == "layer"] for g in self.graphs]
-        self.W = [torch.stack([ls[i].tensors["weight"] for ls in layers]).to(self.device)
-                  for i in range(len(layers[0]))]
-        self.b = [torch.stack([ls[i].tensors["bias"] for ls in layers]).to(self.device)
-                  for i in range(len(layers[0]))]
-        self.gW = [torch.empty_like(w) for w in self.W]
-        self.gb = [torch.empty_like(b) for b in self.b]
-        self.loop = self.device.type == "cpu"
-        self.opt = StackedOptimizer(self.W + self.b, self.gW + self.gb, cfgs,
-                                    [layer_multipliers(g, c) for g, c in zip(self.graphs, cfgs)])
+        W = [torch.stack([ls[i].tensors["weight"] for ls in layers]).to(self.device) for i in range(len(layers[0]))]
+        b = [torch.stack([ls[i].tensors["bias"] for ls in layers]).to(self.device) for i in range(len(layers[0]))]
+        self.chain = StackedChain(W, b, [spec[2] for kind, spec in self.steps if kind == "dense"],
+                                  loops_on(self.device) if stacked is None else not stacked)
+        self.W, self.b = self.chain.W, self.chain.b
+        self.opt = StackedOptimizer(
+            self.chain.params, self.chain.grads, cfgs[0].optimizer.name,
+            [layer_multipliers(g, c) for g, c in zip(self.graphs, cfgs)], [c.optimizer.weight_decay for c in cfgs],
+            [c.optimizer.nesterov for c in cfgs], [c.optimizer.betas[1] for c in cfgs],
+            [c.optimizer.eps or 1e-8 for c in cfgs])
         self.shuffles = [torch.Generator().manual_seed(s) for s in seeds]
         self.masks = [dropout_stream(g, s) for g, s in zip(self.graphs, seeds)]
         n = len(self.data.train)
         self.steps_per_epoch = math.ceil(n / cfgs[0].batch_size)
         self.total_steps = self.steps_per_epoch * cfgs[0].epochs
 
-    def forward(self, x: Tensor, train: bool, keep: list | None = None) -> Tensor:
-        """Logits [K, B, classes] of every model for inputs ``x`` [K, B, in] (an expanded
-        view when all models see the same rows). ``keep`` collects, per dense layer, its
-        input, its output and the dropout noise applied after it, for :meth:`_backward`."""
-        h, li, di = x, 0, 0
-        for kind, spec in self.steps:
-            if kind == "dropout":
-                if train:
-                    noise = dropout_noise(h.shape, self.rates[:, di].tolist(), self.masks).to(h.device)
-                    h = h * noise
-                    if keep:
-                        keep[-1][2] = noise
-                di += 1
-                continue
-            z = matmul(h, self.W[li].transpose(1, 2), self.loop).add_(self.b[li].unsqueeze(1))
-            o = ACTIVATIONS[spec[2]](z)
-            if keep is not None:
-                keep.append([h, o, None])
-            h, li = o, li + 1
-        return h
-
-    def _backward(self, logits: Tensor, y: Tensor, keep: list) -> Tensor:
-        """Softmax cross-entropy (mean over each model's batch) and, written into
-        ``self.gW``/``self.gb``, every weight's gradient; returns the losses [K]."""
-        lse = torch.logsumexp(logits, 2, keepdim=True)
-        losses = (lse.squeeze(2) - logits.gather(2, y.unsqueeze(2)).squeeze(2)).mean(1)
-        d = torch.exp(logits - lse)  # softmax
-        d.scatter_add_(2, y.unsqueeze(2), torch.full_like(y, -1, dtype=d.dtype).unsqueeze(2)).div_(y.shape[1])
-        acts = [spec[2] for kind, spec in self.steps if kind == "dense"]
-        for li in reversed(range(len(keep))):
-            inp, out, noise = keep[li]
-            if noise is not None:
-                d = d * noise
-            d = _times_derivative(d, out, acts[li])
-            matmul(d.transpose(1, 2), inp, self.loop, out=self.gW[li])
-            torch.sum(d, 1, out=self.gb[li])
-            if li > 0:
-                d = matmul(d, self.W[li], self.loop)
-        return losses
+    def _noise(self, position: int, shape: torch.Size) -> Tensor | None:
+        """The dropout noise [K, ...] on the input of dense layer ``position`` (each member's
+        own masks, from its own stream), or None where the chain has no dropout."""
+        noise = None
+        for col in self.drop_at.get(position, []):
+            n = dropout_noise(shape, self.rates[:, col].tolist(), self.masks).to(self.device)
+            noise = n if noise is None else noise * n
+        return noise
 
     def _schedule(self, step: int) -> tuple[Tensor, Tensor, list[float], list[float | None]]:
         """Per-model lr (0 once stopped) and momentum at ``step``: [K] tensors and the values."""
@@ -321,8 +240,8 @@ class PopulationTrainer:
             xb, yb = x[idx].flatten(2), y[idx]
             lr, mom, lrs, moms = self._schedule(step)
             keep: list = []
-            out = self.forward(xb, train=True, keep=keep)  # [K, b, C]
-            losses = self._backward(out, yb, keep)
+            out = self.chain.forward(xb, keep, self._noise)  # [K, b, C]
+            losses = self.chain.backward(out, yb, keep)
             self.opt.step(lr, mom, step)
             step += 1
             loss_sum += losses * xb.shape[1]
@@ -341,7 +260,7 @@ class PopulationTrainer:
         wrong = torch.zeros(self.K, device=self.device)
         for i in range(0, len(s), chunk):
             xb = s.x[i : i + chunk].flatten(1)
-            out = self.forward(xb.unsqueeze(0).expand(self.K, -1, -1), train=False)
+            out = self.chain.forward(xb.unsqueeze(0).expand(self.K, -1, -1))
             wrong += (out.argmax(2) != s.y[i : i + chunk]).sum(1)
         return [100.0 * float(w) / max(len(s), 1) for w in wrong]
 

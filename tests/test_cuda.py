@@ -169,7 +169,7 @@ def test_population_on_cuda_equals_alone():
                            optimizer={"lr": lr, "momentum": 0.9}) for lr in (0.1, 0.2)]
     graphs = [mlp((64, 32, 16), seed=k) for k in range(2)]
     pop = PopulationTrainer(graphs, ds, cfgs, [1, 2])
-    assert not pop.loop  # one bmm per layer for both models
+    assert not pop.chain.loop  # one bmm per layer for both models
     pop.fit()
     for k in range(2):
         alone = Trainer(graphs[k], ds, cfgs[k], seed=1 + k)

@@ -150,8 +150,8 @@ def test_the_batched_gemm_path_equals_alone_too(synth):
     """The GPU's path (one bmm per layer for all K models), run on the CPU."""
     cfgs = CASES["dropout"]
     graphs = [mlp(SIZES, seed=k) for k in range(len(cfgs))]
-    pop = PopulationTrainer(graphs, synth, cfgs, [5, 6])
-    pop.loop = False
+    pop = PopulationTrainer(graphs, synth, cfgs, [5, 6], stacked=True)
+    assert not pop.chain.loop
     pop.fit()
     for k in range(len(cfgs)):
         alone = Trainer(graphs[k], synth, cfgs[k], seed=5 + k)

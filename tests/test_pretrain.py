@@ -235,3 +235,72 @@ def test_mask_noise_keeps_one_minus_level():
     assert float(kept.mean()) == pytest.approx(0.75, abs=2e-3)
     assert float(m(x, 0.0, out, g).min()) == 1.0
     assert float(m(x * 3, 0.25, out, g).max()) == 3.0  # kept values pass unchanged
+
+
+def _grow_reference(x, y, stack, cfg, batch_size, g):
+    """The grow stage written with autograd and torch.optim.SGD, drawing from ``g`` in the
+    same order (new layer's init, head's init, then one permutation per epoch)."""
+    from surgery.data import epoch_batches
+    from surgery.layers import init_weight
+
+    below = [layer.module() for layer in stack.layers] if cfg.train == "all" else []
+    feats = x if cfg.train == "all" else stack.transform(x)
+    spec = cfg.spec_for((stack.transform(x[:1]).shape[1],))
+    new, head = spec.build(), torch.nn.Linear(cfg.hidden, int(y.max()) + 1)
+    with torch.no_grad():
+        init_weight(new.weight, cfg.activation, "classic", spec, generator=g)
+        init_weight(head.weight, "linear", "classic", generator=g)
+        head.bias.zero_()
+    net = torch.nn.Sequential(*below, new, head)
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    losses = []
+    for _ in range(cfg.epochs):
+        total = 0.0
+        for xb, yb in epoch_batches(feats, y, batch_size, g):
+            loss = torch.nn.functional.cross_entropy(net(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * xb.shape[0]
+        losses.append(total / x.shape[0])
+    return net, losses
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["gemm loop", "bmm"])
+@pytest.mark.parametrize("train", ["all", "new"])
+def test_grow_stage_equals_autograd_for_each_member(train, stacked):
+    """Two members grown together through the stacked chain (their own lr, momentum and
+    weight decay) each equal autograd + torch.optim.SGD on that member alone: the new
+    layer, the layers below (train: all) and the loss history."""
+    from surgery.layers import LayerSpec
+    from surgery.pretrain.grow import GrowConfig, train_grow_population
+    from surgery.stack import LayerStack, StackLayer
+
+    x, y = torch.rand(130, 30, generator=G(3)), torch.randint(0, 4, (130,), generator=G(4))
+
+    def stack(seed):
+        w = torch.randn(16, 30, generator=G(seed)) * 0.3
+        return LayerStack([StackLayer("h1", LayerSpec(in_features=30, out_features=16, activation="tanh"),
+                                      {"weight": w, "bias": torch.zeros(16)}, {"method": "rbm"})])
+
+    cfgs = [GrowConfig(hidden=12, epochs=2, lr=0.1, momentum=0.9, train=train),
+            GrowConfig(hidden=12, epochs=2, lr=0.05, momentum=0.5, weight_decay=0.01, train=train)]
+    refs = [_grow_reference(x, y, stack(k), c, 50, G(10 + k)) for k, c in enumerate(cfgs)]
+    stacks = [stack(0), stack(1)]
+    new = train_grow_population(x, y, [s.transform(x) for s in stacks], stacks, cfgs, ["h2", "h2"], 50,
+                                [G(10), G(11)], False, stacked)
+    for k, (net, losses) in enumerate(refs):
+        torch.testing.assert_close(new[k].tensors["weight"], net[-2].weight.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(new[k].tensors["bias"], net[-2].bias.detach(), rtol=1e-5, atol=1e-6)
+        assert _hist(new[k], "loss") == pytest.approx(losses, rel=1e-5)
+        below = stacks[k][0].tensors["weight"]
+        if train == "all":
+            torch.testing.assert_close(below, net[0].weight.detach(), rtol=1e-5, atol=1e-6)
+            assert stacks[k][0].pretrain["updated_by"] == ["grow:h2"]
+        else:
+            assert torch.equal(below, stack(k)[0].tensors["weight"])
+
+
+def test_grow_on_conv_layers_trains_only_the_new_layer():
+    with pytest.raises(ValueError, match="grow with train: all"):
+        PretrainConfig(layers=[{"method": "conv_ae", "hidden": 4}, {"method": "grow", "hidden": 8}])

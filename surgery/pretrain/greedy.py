@@ -10,43 +10,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Annotated, Literal
+from typing import Annotated
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
-from ..data import epoch_batches
-from ..layers import init_weight
 from ..stack import LayerStack, StackLayer
 from .ae_model import AEConfig
 from .autoencoder import train_autoencoder_population
-from .base import (
-    LayerPretrainConfig,
-    as_rows,
-    check_finite,
-    n_batches,
-    new_generator,
-    pretrain_record,
-    progress_bar,
-)
+from .base import new_generator
+from .grow import GrowConfig, train_grow_population
 from .rbm import RBMConfig, train_rbm_population
-
-
-class GrowConfig(LayerPretrainConfig):
-    """``{method: grow, hidden, epochs, lr, momentum, train: all|new, identity_init}``."""
-
-    method: Literal["grow"] = "grow"
-    momentum: float = Field(default=0.9, ge=0, lt=1)
-    train: Literal["all", "new"] = Field(default="all", description="train every layer so far, or only the new one")
-    identity_init: bool = Field(
-        default=False,
-        description="start the new layer as the identity (function-preserving for relu/linear; "
-        "needs hidden equal to the layer below)",
-    )
-
-
 
 LayerConfig = Annotated[RBMConfig | AEConfig | GrowConfig, Field(discriminator="method")]
 
@@ -78,6 +53,9 @@ class PretrainConfig(BaseModel):
         for i, lc in enumerate(self.layers):
             if lc.method == "conv_ae" and any(p.method != "conv_ae" for p in self.layers[:i]):
                 raise ValueError(f"layers[{i}]: a conv_ae layer cannot follow a dense layer")
+            if lc.method == "grow" and lc.train == "all" and any(p.method == "conv_ae" for p in self.layers[:i]):
+                raise ValueError(f"layers[{i}]: grow with train: all trains the layers below it, and conv_ae "
+                                 "layers cannot be; use train: new")
             if lc.method == "grow" and lc.identity_init and i == 0:
                 raise ValueError("layers[0]: identity_init needs a layer below it")
             if lc.method == "grow" and lc.identity_init and self.layers[i - 1].hidden != lc.hidden:
@@ -141,8 +119,8 @@ def greedy_pretrain_population(
     """Greedy stacks of K members on the same data, trained together layer by layer: member
     k with ``cfgs[k]`` (its own lr, momentum, decay, noise...) and its own ``seeds[k]``
     (init, data order, samples); each stack equals the one :func:`greedy_pretrain` makes
-    alone. RBM and dense autoencoder layers train as one batched program; ``grow`` and
-    conv layers one member after another. ``on_layer(i, stacks)`` runs after layer ``i``."""
+    alone. RBM, dense autoencoder and ``grow`` layers train as one batched program; conv
+    layers one member after another. ``on_layer(i, stacks)`` runs after layer ``i``."""
     _check_same_plan(cfgs)
     progress = cfgs[0].progress if progress is None else progress
     gens = [new_generator(s) for s in seeds]
@@ -157,8 +135,7 @@ def greedy_pretrain_population(
         if lcs[0].method == "grow":
             if y is None:
                 raise ValueError(f"pretrain.layers[{i}]: grow is supervised and needs labels")
-            layers = [_grow_stage(x, y, inp, st, lc, name, bs, g, progress)
-                      for inp, st, lc, name, g in zip(inps, stacks, lcs, names, gens)]
+            layers = train_grow_population(x, y, inps, stacks, lcs, names, bs, gens, progress, stacked)
         else:
             layers = POPULATION_TRAINERS[lcs[0].method](inps, lcs, names, bs, gens, progress, stacked)
         seconds = round((time.perf_counter() - t0) / len(cfgs), 3)  # each member's share
@@ -186,55 +163,3 @@ def _check_same_plan(cfgs: list[PretrainConfig]) -> None:
         if plan(c) != plan(cfgs[0]):
             raise ConfigError(f"pretraining population member {k}: its layers (method, batch size) {plan(c)} differ "
                               f"from member 0's {plan(cfgs[0])}; members train together layer by layer.")
-
-
-def _grow_stage(x: Tensor, y: Tensor, inp: Tensor, stack: LayerStack, cfg: GrowConfig, name: str,
-                batch_size: int, g: torch.Generator, progress: bool | None) -> StackLayer:
-    """Put a new layer on the stack under a fresh head and train with labels."""
-    dev = x.device
-    below = [layer.module().to(dev) for layer in stack.layers] if cfg.train == "all" else []
-    feats = x if cfg.train == "all" else inp  # frozen layers: their output once, not every step
-    in_features = as_rows(inp[:1]).shape[1]
-    spec = cfg.spec_for((in_features,))
-    new = spec.build().to(dev)
-    with torch.no_grad():
-        if cfg.identity_init:
-            new.weight.copy_(torch.eye(cfg.hidden, in_features))
-        else:
-            init_weight(new.weight, cfg.activation, "classic", spec, generator=g)
-    classes = int(y.max()) + 1
-    head = torch.nn.Linear(cfg.hidden, classes).to(dev)
-    with torch.no_grad():
-        init_weight(head.weight, "linear", "classic", generator=g)
-        head.bias.zero_()
-    net = torch.nn.Sequential(*below, new, head)
-    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    history = []
-    n = x.shape[0]
-    bar = progress_bar(cfg.epochs * n_batches(n, batch_size), f"{name} grow", progress)
-    for epoch in range(1, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        total = torch.zeros((), device=dev)
-        wrong = torch.zeros((), device=dev, dtype=torch.long)
-        for xb, yb in epoch_batches(feats, y, batch_size, g):
-            out = net(xb)
-            loss = F.cross_entropy(out, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.detach() * xb.shape[0]
-            wrong += (out.argmax(1) != yb).sum()
-            bar.update(1)
-        m = {"epoch": epoch, "loss": float(total) / n, "train_error": 100.0 * float(wrong) / n,
-             "seconds": round(time.perf_counter() - t0, 4)}
-        check_finite(m["loss"], "loss", name, epoch)
-        history.append(m)
-        bar.set_postfix(loss=f"{m['loss']:.4g}")
-    bar.close()
-    with torch.no_grad():
-        for layer, mod in zip(stack.layers, below):
-            layer.tensors["weight"] = mod.weight.detach().clone()
-            layer.tensors["bias"] = mod.bias.detach().clone()
-            layer.pretrain.setdefault("updated_by", []).append(f"grow:{name}")
-    tensors = {"weight": new.weight.detach().clone(), "bias": new.bias.detach().clone()}
-    return StackLayer(name, spec, tensors, pretrain_record("grow", cfg, batch_size, history))
