@@ -24,9 +24,12 @@ from common import interleaved, print_rows, row  # noqa: E402
 
 from surgery.assembly import build_graph  # noqa: E402
 from surgery.data import DataConfig, load_dataset  # noqa: E402
-from surgery.finetune import FinetuneConfig, Trainer  # noqa: E402
+from surgery.finetune import (  # noqa: E402
+    FinetuneConfig,
+    PopulationTrainer,  # noqa: E402
+    Trainer,
+)
 from surgery.ops import HeadOp, InsertOp  # noqa: E402
-from surgery.population import PopulationTrainer  # noqa: E402
 from surgery.pretrain import AEConfig, RBMConfig, train_autoencoder, train_rbm  # noqa: E402
 from surgery.pretrain.autoencoder import train_autoencoder_population  # noqa: E402
 from surgery.pretrain.rbm import train_rbm_population  # noqa: E402

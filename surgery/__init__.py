@@ -28,7 +28,7 @@ from .errors import (
 )
 from .experiment import read_results, run_experiment
 from .experiment_config import ArmConfig, ExperimentConfig
-from .finetune import FinetuneConfig, Trainer
+from .finetune import FinetuneConfig, PopulationTrainer, Trainer
 from .graph import ModelGraph, Node
 from .grid import plan_cells
 from .layers import LayerSpec, init_weight
@@ -48,7 +48,6 @@ from .ops import (
     WidenOp,
 )
 from .pipeline import assemble, pretrain, run, validate
-from .population import PopulationTrainer
 from .pretrain import (
     AEConfig,
     GrowConfig,

@@ -22,12 +22,12 @@ from .assembly import build_graph
 from .data import Dataset, load_dataset, resolve_device
 from .errors import ConfigError, SurgeryError
 from .experiment_config import TuneConfig
-from .finetune import Trainer
+from .finetune import PopulationTrainer, Trainer
 from .graph import ModelGraph
 from .grid import Cell, plan_cells, with_values
 from .io import make_dir, progress_bar, write_json, write_text
 from .pipeline import load_sources
-from .population import PopulationTrainer, architecture_key, model_bytes, population_size, write_member
+from .population import architecture_key, model_bytes, population_size
 from .pretrain import greedy_pretrain
 from .pretrain.greedy import greedy_pretrain_population
 from .recipe import Recipe, recipe_from_dict
@@ -151,16 +151,18 @@ class CellRunner:
         data = self.dataset(members[0][1])
         try:
             pop = PopulationTrainer([m[2] for m in members], data, [m[1].finetune for m in members],
-                                    [m[1].seed for m in members])
+                                    [m[1].seed for m in members], out_dirs=[self.cell_dir(m[0]) for m in members],
+                                    record=lambda k, res: _record(members[k][0], res, members[k][3], len(members)))
         except ConfigError:
             return False  # not batchable (an optimizer or option populations lack): these cells train alone
-        results = pop.fit()
-        for k, (cell, _, _, pre_s) in enumerate(members):
-            res = _record(cell, results[k], pre_s, share=len(members))  # its share of the population's time
-            cdir = self.out / "cells" / cell.key
-            write_json(cdir / "recipe.json", cell.recipe)
-            write_member(pop, k, cdir, res)
+        pop.fit()
         return True
+
+    def cell_dir(self, cell: Cell, cells_dir: str = "cells") -> Path:
+        """The cell's directory, holding its ``recipe.json`` (written here) before it trains."""
+        cdir = self.out / cells_dir / cell.key
+        write_json(cdir / "recipe.json", cell.recipe)
+        return cdir
 
     def prepare(self, cell: Cell) -> tuple[Recipe, Dataset, ModelGraph, float]:
         """The cell's recipe, dataset and assembled network (its stack pretrained on first
@@ -180,10 +182,9 @@ class CellRunner:
             return json.loads(res_path.read_text()), cdir
         r, data, graph, pre_s = self.prepare(cell)
         assert r.finetune is not None
-        result = _record(cell, Trainer(graph, data, r.finetune, r.seed, cdir).fit(), pre_s)
-        write_json(cdir / "recipe.json", cell.recipe)
-        write_json(res_path, result)  # written last: its presence marks the cell finished
-        return result, cdir
+        trainer = Trainer(graph, data, r.finetune, r.seed, self.cell_dir(cell, cells_dir),
+                          record=lambda k, res: _record(cell, res, pre_s))
+        return trainer.fit(), cdir  # its result.json, written last, marks the cell finished
 
 
 def _record(cell: Cell, result: dict[str, Any], pretrain_seconds: float, share: int = 1) -> dict[str, Any]:

@@ -1,418 +1,245 @@
-"""Fine-tuning: train an assembled ModelGraph end to end on a Dataset.
+"""Fine-tuning: the training loop, for one network or a population of K trained together.
 
-The dataset lives on the training device; an epoch is one permutation of the training
-set (drawn from a seeded generator) sliced into batches. Per-node parameter groups carry
-learning-rate multipliers; schedules are functions of the global step; checkpoints
-(:mod:`surgery.checkpoint`) hold model, optimizer, RNG and early-stopping state, so a
-resumed run equals an uninterrupted one on the CPU. Launched by ``torchrun``, it trains
-with DDP and only rank 0 writes.
-
-The units: :class:`FinetuneConfig` (the recipe section), :func:`prepare_graph` and
-:func:`check_fits` (before training), :func:`param_groups` and :func:`apply_freezing`
-(plain functions), :func:`train_one_epoch` and :func:`error_rate` (one pass each), and
-:class:`Trainer`, which strings them together.
+One loop (:class:`TrainingLoop`) walks the epochs for K >= 1 members: it trains an epoch
+through an engine, validates, keeps each member's best weights, stops each member on its
+own early-stopping rule, and writes each member's ``metrics.jsonl``, ``result.json`` and
+``model.safetensors``. The engine is the kernel under it: :class:`ModuleEngine` for one
+network of any shape (the :class:`Trainer`, a population of one, with checkpoints, DDP
+under ``torchrun`` and CUDA graphs) or :class:`surgery.population.StackedEngine` for K
+dense chains as one batched program (the :class:`PopulationTrainer`). A resumed run
+equals an uninterrupted one on the CPU; under ``torchrun`` only rank 0 writes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fnmatch
 import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import (
-    Checkpoint,
-    load_model_state,
-    read_checkpoint,
-    restore_rng,
-    rng_states,
-    save_checkpoint,
-)
-from .data import Dataset, Split, resolve_device
-from .errors import ConfigError, ShapeError, SurgeryError, TrainingDiverged
+from .checkpoint import Checkpoint, read_checkpoint, save_checkpoint
+from .data import Dataset
+from .errors import ConfigError, TrainingDiverged
 from .finetune_config import FinetuneConfig
-from .graph import ModelGraph, Node, input_fits
-from .graphed import GRAPH_OPTIMIZERS, GraphedStep
+from .graph import ModelGraph
 from .io import atomic_path, progress_bar, write_json
-from .layers import init_weight
 from .model_file import save_model
-from .modules import read_back, to_module
-from .ops import DropoutOp
-from .runtime import distributed, keep_freed_memory
-from .schedules import apply_schedule, build_optimizer
+from .module_engine import ModuleEngine, check_fits, param_groups, prepare_graph
+from .population import StackedEngine
 from .version import package_version
 
-
-def prepare_graph(graph: ModelGraph, cfg: FinetuneConfig, seed: int) -> ModelGraph:
-    """The graph as fine-tuning will train it (a copy): fresh layers re-initialised with
-    ``cfg.init``, dropout placed after the matching layers and on the input."""
-    g = graph.copy()
-    gen = torch.Generator().manual_seed(seed + 7919)
-    if cfg.init is not None:
-        for node in g.nodes():
-            fresh = node.provenance.get("source") == "fresh" and node.provenance.get("init") != "zeros"
-            if node.kind == "layer" and fresh:
-                init_weight(node.tensors["weight"], node.spec.activation, cfg.init, node.spec, gen)  # type: ignore[union-attr]
-                node.provenance = {**node.provenance, "init": cfg.init}
-    for pat, p in cfg.dropout.items():
-        if p > 0:
-            hidden = [n for n in g.match(pat) if g.node(n).kind == "layer" and n != g.last()]
-            if hidden:
-                DropoutOp(p=p, after=hidden).apply(g)
-    if cfg.input_dropout > 0:
-        first = g.first()
-        assert first is not None
-        g.insert_before(first, [Node("drop_input", "dropout", p=cfg.input_dropout)])
-    return g
+__all__ = ["FinetuneConfig", "ModuleEngine", "PopulationTrainer", "Trainer", "TrainingLoop", "check_fits",
+           "param_groups", "prepare_graph"]
 
 
-def check_fits(graph: ModelGraph, data: Dataset) -> None:
-    """Raise ``ShapeError`` unless ``data`` feeds ``graph`` and its labels fit its output."""
-    shapes = graph.validate()
-    if graph.input_shape is not None and not input_fits(graph.input_shape, data.input_shape):
-        raise ShapeError(
-            f"the network takes input {graph.input_shape} but the data {data.name!r} gives "
-            f"{data.input_shape} per example; check data.flatten or the first layer's size."
-        )
-    last = graph.last()
-    out = shapes[last] if last is not None else ()
-    if len(out) != 1 or out[0] < data.num_classes:
-        raise ShapeError(
-            f"the network ends in {last!r} with output {out}, but the data {data.name!r} has "
-            f"{data.num_classes} classes; end it with a head of {data.num_classes} units (op: head)."
-        )
+class Engine(Protocol):
+    """What the loop needs of a kernel that trains K members (see :class:`ModuleEngine`)."""
+
+    K: int
+    rank: int
+    world: int
+    device: torch.device
+
+    def train_epoch(self, epoch: int, step: int) -> tuple[list[dict[str, Any]], int]:
+        """Train epoch ``epoch`` (from 0) from global ``step``: each member's record, the new step."""
+
+    def errors(self, split: str, chunk: int | None = None) -> list[float]:
+        """Each member's classification error in percent on ``split``."""
+
+    def keep_best(self, k: int) -> None:
+        """Remember member ``k``'s weights as they are now as its best."""
+
+    def stop(self, k: int) -> None:
+        """Member ``k`` trains no more (its weights stand still)."""
+
+    def restore_best(self) -> None:
+        """Every member's best weights back in place."""
+
+    def member_graph(self, k: int) -> ModelGraph:
+        """Member ``k``'s graph holding its weights as they are now."""
+
+    def weights(self, k: int) -> dict[str, Tensor]:
+        """Member ``k``'s weights by parameter name, on the CPU."""
 
 
-def lr_multiplier(name: str, cfg: FinetuneConfig) -> float:
-    """Layer ``name``'s lr multiplier from ``finetune.layer_lr`` (the last matching pattern wins)."""
-    mult = 1.0
-    for pat, m in cfg.layer_lr.items():
-        if fnmatch.fnmatchcase(name, pat):
-            mult = m
-    return mult
+# record(k, result): member k's result as it is returned and written (e.g. with what an
+# experiment knows of the cell added), so result.json is written once, whole.
+Record = Callable[[int, dict[str, Any]], dict[str, Any]]
 
 
-def check_patterns(names: list[str], cfg: FinetuneConfig) -> None:
-    """``ConfigError`` when a ``layer_lr``/``unfreeze_at``/``freeze_at``/``dropout`` pattern
-    matches none of the layers ``names``."""
-    for field in ("layer_lr", "unfreeze_at", "freeze_at", "dropout"):
-        for pat in getattr(cfg, field):
-            if not any(fnmatch.fnmatchcase(n, pat) for n in names):
-                raise ConfigError(f"finetune.{field}: {pat!r} matches no layer; layers are {names}.")
+class TrainingLoop:
+    """Epochs, early stopping, best weights, results and files for the K members of
+    ``engine``, member k with ``cfgs[k]``, ``seeds[k]`` and output directory ``outs[k]``;
+    ``record`` (optional) completes each member's result before it is written."""
 
+    def __init__(self, engine: Engine, cfgs: list[FinetuneConfig], seeds: list[int],
+                 outs: list[str | Path | None], record: Record | None = None):
+        self.engine, self.cfgs, self.seeds, self.cfg, self.record = engine, cfgs, seeds, cfgs[0], record
+        self.outs = [Path(o) if o else None for o in outs]
+        self.epoch, self.step = 0, 0
+        self.histories: list[list[dict[str, Any]]] = [[] for _ in cfgs]
+        self.marks = [{"best_valid": math.inf, "best_epoch": 0, "bad_epochs": 0, "steps": 0} for _ in cfgs]
+        self.running = [True] * len(cfgs)
 
-def param_groups(graph: ModelGraph, model: nn.Module, cfg: FinetuneConfig) -> list[dict[str, Any]]:
-    """One optimizer group per layer node: ``{"params", "lr_mult", "node"}``. Raises
-    ``ConfigError`` when a ``layer_lr``/``unfreeze_at``/``freeze_at``/``dropout`` pattern
-    matches no layer."""
-    mods = dict(model.named_children())
-    groups = [{"params": list(mods[node.name].parameters()), "lr_mult": lr_multiplier(node.name, cfg),
-               "node": node.name} for node in graph.nodes() if node.kind == "layer"]
-    check_patterns([g["node"] for g in groups], cfg)
-    return groups
+    @property
+    def device(self) -> torch.device:
+        """Where the members train."""
+        return self.engine.device
 
+    def run_epoch(self) -> list[dict[str, Any] | None]:
+        """Train one epoch and validate: each member's record (not yet booked; None for a
+        member that has stopped)."""
+        t0 = time.perf_counter()
+        try:
+            recs, step = self.engine.train_epoch(self.epoch, self.step)
+        except TrainingDiverged as e:
+            raise TrainingDiverged(f"{e}. {self._diverged_advice()}") from None
+        for k, m in enumerate(self.marks):
+            m["steps"] += (step - self.step) if self.running[k] else 0
+        self.step = step
+        valid = self.engine.errors("valid")
+        seconds = round(time.perf_counter() - t0, 4)
+        return [{"epoch": self.epoch + 1, **rec, "valid_error": v, "seconds": seconds} if run else None
+                for rec, v, run in zip(recs, valid, self.running)]
 
-def apply_freezing(groups: list[dict[str, Any]], graph: ModelGraph, cfg: FinetuneConfig, epoch: int) -> None:
-    """Set ``requires_grad`` for ``epoch``: frozen nodes stay frozen unless ``unfreeze_at``
-    says otherwise; ``freeze_at`` stops a node from that epoch on."""
-    for gr in groups:
-        node = graph.node(gr["node"])
-        trainable = not node.frozen
-        for pat, at in cfg.unfreeze_at.items():
-            if fnmatch.fnmatchcase(node.name, pat):
-                trainable = epoch >= at
-        for pat, at in cfg.freeze_at.items():
-            if fnmatch.fnmatchcase(node.name, pat) and epoch >= at:
-                trainable = False
-        for p in gr["params"]:
-            p.requires_grad_(trainable)
+    def _diverged_advice(self) -> str:
+        return "Lower finetune.optimizer.lr, add a schedule, or check the input data for NaNs."
 
-
-def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when ``amp``; otherwise nothing."""
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@torch.no_grad()
-def error_rate(model: nn.Module, split: Split, device: torch.device, amp: bool = False,
-               chunk: int | None = None) -> float:
-    """Classification error in percent of ``model`` on ``split`` (x [N, ...], y [N]).
-
-    Evaluated in chunks of ``chunk`` rows (default: 1000 on a CPU, where chunks whose
-    activations stay in cache ran 1.2x faster than 10000-row ones, 10000 on a GPU)."""
-    chunk = chunk or (1000 if device.type == "cpu" else 10000)
-    was_training = model.training
-    model.eval()
-    wrong = torch.zeros((), dtype=torch.long, device=device)
-    for i in range(0, len(split), chunk):
-        with autocast(device, amp):
-            out = model(split.x[i : i + chunk])
-        wrong += (out.argmax(1) != split.y[i : i + chunk]).sum()
-    model.train(was_training)
-    return 100.0 * float(wrong) / max(len(split), 1)
-
-
-@dataclass
-class EpochPlan:
-    """How one process walks an epoch: ``batch`` rows per step, its ``rank`` of ``world``."""
-
-    batch: int
-    steps: int
-    total_steps: int
-    rank: int = 0
-    world: int = 1
-
-
-def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, xs: Tensor, ys: Tensor, cfg: FinetuneConfig,
-                    plan: EpochPlan, epoch: int, step: int, device: torch.device) -> dict[str, Any]:
-    """One pass over the shuffled training set ``xs`` [N, ...], ``ys`` [N] as epoch
-    ``epoch`` (from 0), starting at global step ``step``. Returns the epoch's record
-    (loss, error, lr, momentum) and the new ``step``; raises ``TrainingDiverged``
-    (checked every step on a CPU, every 50 on a GPU: a check is a host sync)."""
-    check_every = 1 if device.type == "cpu" else 50
-    loss_sum = torch.zeros((), device=device)
-    wrong = torch.zeros((), dtype=torch.long, device=device)
-    seen = 0
-    lr = mom = None
-    scheduled = cfg.schedule.lr is not None or cfg.schedule.momentum is not None
-    for s in range(plan.steps):
-        lo = s * plan.batch * plan.world + plan.rank * plan.batch
-        xb, yb = xs[lo : lo + plan.batch], ys[lo : lo + plan.batch]
-        if xb.shape[0] == 0:
-            continue
-        if scheduled or s == 0:  # constant lr/momentum: set once per epoch
-            lr, mom = apply_schedule(opt, cfg.schedule, cfg.optimizer.lr, step, plan.steps, plan.total_steps)
-        with autocast(device, cfg.amp):
-            out = net(xb)
-            loss = F.cross_entropy(out if out.dtype == torch.float32 else out.float(), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        loss_sum += loss.detach() * xb.shape[0]
-        wrong += (out.detach().argmax(1) != yb).sum()
-        seen += xb.shape[0]
-        if ((s + 1) % check_every == 0 or s + 1 == plan.steps) and not bool(torch.isfinite(loss_sum)):
-            raise TrainingDiverged(
-                f"the training loss became NaN or infinite in epoch {epoch + 1}, step {s + 1} (global step {step})")
-    return {"train_loss": float(loss_sum) / max(seen, 1), "train_error": 100.0 * float(wrong) / max(seen, 1),
-            "lr": lr, "momentum": mom, "step": step}
-
-
-def train_graphed_epoch(step_fn: GraphedStep, opt: torch.optim.Optimizer, xs: Tensor, ys: Tensor,
-                        cfg: FinetuneConfig, plan: EpochPlan, epoch: int, step: int) -> dict[str, Any]:
-    """:func:`train_one_epoch` through a captured step: the same record, with the loss and
-    error summed on the device and NaN checked once, at the end of the epoch."""
-    step_fn.start_epoch(xs, ys, plan.batch)
-    lr = mom = None
-    scheduled = cfg.schedule.lr is not None or cfg.schedule.momentum is not None
-    full = xs.shape[0] // plan.batch
-    for s in range(plan.steps):
-        if scheduled or s == 0:
-            lr, mom = apply_schedule(opt, cfg.schedule, cfg.optimizer.lr, step, plan.steps, plan.total_steps)
-            step_fn.set_hyperparameters(lr, mom)
-        if s < full:
-            step_fn.step()
+    def book(self, k: int, rec: dict[str, Any]) -> bool:
+        """Record member ``k``'s epoch (history, best weights); returns whether its early
+        stopping says to stop."""
+        es, m = self.cfgs[k].early_stopping, self.marks[k]
+        self.histories[k].append(rec)
+        valid = rec["valid_error"]
+        if valid < m["best_valid"] - (es.min_delta if es else 0) or m["best_epoch"] == 0:
+            m.update(best_valid=min(valid, m["best_valid"]), best_epoch=rec["epoch"], bad_epochs=0)
+            self.engine.keep_best(k)
         else:
-            step_fn.last_batch(s * plan.batch)
-        step += 1
-    loss_sum, n = float(step_fn.loss_sum), xs.shape[0]  # the epoch's one host sync
-    if not math.isfinite(loss_sum):
-        raise TrainingDiverged(f"the training loss became NaN or infinite in epoch {epoch + 1} (a CUDA-graph "
-                               f"epoch checks once, at its end; global step {step})")
-    return {"train_loss": loss_sum / n, "train_error": 100.0 * float(step_fn.wrong) / n, "lr": lr,
-            "momentum": mom, "step": step}
+            m["bad_epochs"] += 1
+        return es is not None and m["bad_epochs"] >= es.patience
 
+    def after_epoch(self, recs: list[dict[str, Any] | None], stopping: bool) -> None:
+        """Hook after an epoch is booked (the Trainer checkpoints and calls back here)."""
 
-def graph_blockers(cfg: FinetuneConfig, device: torch.device, world: int) -> list[str]:
-    """Why the training step cannot be captured as a CUDA graph (empty: it can)."""
-    reasons = []
-    if device.type != "cuda":
-        reasons.append(f"the device is {device}, not a CUDA GPU")
-    if cfg.optimizer.name not in GRAPH_OPTIMIZERS:
-        reasons.append(f"the optimizer {cfg.optimizer.name!r} is not one of {list(GRAPH_OPTIMIZERS)}")
-    if world > 1:
-        reasons.append("DDP (torchrun) runs several processes")
-    if cfg.compile:
-        reasons.append("compile: true")
-    if cfg.unfreeze_at or cfg.freeze_at:
-        reasons.append("unfreeze_at/freeze_at change what trains between epochs")
-    return reasons
+    def fit_members(self, resume: bool = False) -> list[dict[str, Any]]:
+        """Train until the budget is spent or every member has stopped; each member keeps
+        its best epoch's weights. Returns one result dict per member (test/valid/train
+        error, epochs, best epoch, steps, seconds, device, versions)."""
+        K, rank0 = self.engine.K, self.engine.rank == 0
+        label = "finetune" if K == 1 else f"population of {K}"
+        bar = progress_bar(self.cfg.epochs, label, self.cfg.progress if rank0 else False, "epoch", self.epoch)
+        t_run = time.perf_counter()
+        try:
+            while self.epoch < self.cfg.epochs and any(self.running):
+                recs = self.run_epoch()
+                self.epoch += 1
+                stops = [k for k, rec in enumerate(recs) if rec is not None and self.book(k, rec)]
+                for k in stops:
+                    self.running[k] = False
+                    self.engine.stop(k)
+                self._log()
+                self.after_epoch(recs, bool(stops))
+                bar.update(1)
+                best = min(m["best_valid"] for m in self.marks)
+                loss = [r["train_loss"] for r in recs if r is not None]
+                bar.set_postfix(loss=f"{min(loss):.4f}" if loss else "-", valid=f"{best:.2f}%",
+                                **({"running": sum(self.running)} if K > 1 else {}))
+        finally:
+            bar.close()
+        return self._finish(time.perf_counter() - t_run)
+
+    def _finish(self, seconds: float) -> list[dict[str, Any]]:
+        self.engine.restore_best()
+        # Only the test split needs a new pass: the best epoch's validation error is known,
+        # and its training error is the running one measured while training.
+        test = self.engine.errors("test")
+        results = []
+        for k, (hist, m) in enumerate(zip(self.histories, self.marks)):
+            best = hist[m["best_epoch"] - 1] if hist else {}
+            result = {
+                "test_error": test[k], "valid_error": best.get("valid_error", m["best_valid"]),
+                "train_error": best.get("train_error"), "epochs": len(hist), "best_epoch": m["best_epoch"],
+                "steps": m["steps"], "seconds": round(seconds, 3), "device": str(self.engine.device),
+                "world_size": self.engine.world, "seed": self.seeds[k], **self._extra(),
+                "versions": {"torch": torch.__version__, "surgery": package_version()},
+            }
+            result = self.record(k, result) if self.record is not None else result
+            out = self.outs[k]
+            if out is not None and self.engine.rank == 0:
+                save_model(self.engine.member_graph(k), out / "model.safetensors", {"result": result})
+                write_json(out / "result.json", result)  # last: its presence marks the member finished
+            results.append(result)
+        return results
+
+    def _extra(self) -> dict[str, Any]:
+        return {}
+
+    def _log(self) -> None:
+        if self.engine.rank != 0:
+            return
+        for out, hist in zip(self.outs, self.histories):
+            if out is not None:  # rewritten whole, atomically: consistent with the checkpoint
+                with atomic_path(out / "metrics.jsonl") as tmp:
+                    tmp.write_text("".join(json.dumps(h) + "\n" for h in hist))
 
 
 EpochCallback = Callable[["Trainer", dict[str, Any]], None]
 
 
-class Trainer:
+class Trainer(TrainingLoop):
     """Train ``graph`` on ``data`` as ``cfg`` says; ``fit()`` returns the result dict.
 
-    ``on_epoch_end(trainer, record)`` runs after every epoch's bookkeeping (the record is
-    in ``history`` and any checkpoint is written), e.g. to log, or to stop a run."""
+    The loop with a :class:`ModuleEngine`: a population of one. ``on_epoch_end(trainer,
+    record)`` runs after every epoch's bookkeeping (the record is in ``history`` and any
+    checkpoint is written), e.g. to log, or to stop a run. ``record(0, result)`` completes
+    the result before it is returned and written."""
 
     def __init__(self, graph: ModelGraph, data: Dataset, cfg: FinetuneConfig, seed: int = 0,
-                 out_dir: str | Path | None = None, on_epoch_end: EpochCallback | None = None):
-        self.cfg, self.seed, self.on_epoch_end = cfg, seed, on_epoch_end
-        self.out = Path(out_dir) if out_dir else None
-        self.rank, self.world, self.device = distributed(resolve_device(cfg.device))
-        if self.device.type == "cpu":
-            keep_freed_memory()
-        check_fits(graph, data)
-        self.graph = prepare_graph(graph, cfg, seed)
-        self.data = data.to(self.device)
-        torch.manual_seed(seed)
-        self.model = to_module(self.graph).to(self.device)
-        self.groups = param_groups(self.graph, self.model, cfg)
-        self.opt = build_optimizer(cfg.optimizer, self.groups)
-        self.net: nn.Module = self.model
-        if self.world > 1:
-            self.net = nn.parallel.DistributedDataParallel(self.model)
-        if cfg.compile:
-            self.net = torch.compile(self.net)  # type: ignore[assignment]
-        self.graphed = self._graphed_step()
-        self.shuffle = torch.Generator().manual_seed(seed)
-        steps = math.ceil(len(self.data.train) / (cfg.batch_size * self.world))
-        self.plan = EpochPlan(cfg.batch_size, steps, steps * cfg.epochs, self.rank, self.world)
-        self.state: dict[str, Any] = {"epoch": 0, "step": 0, "best_valid": math.inf, "best_epoch": 0, "bad_epochs": 0}
-        self.history: list[dict[str, Any]] = []
-        self.best: dict[str, Tensor] | None = None
-        self._xs: Tensor | None = None  # the shuffled training set, reused every epoch
-        self._ys: Tensor | None = None
+                 out_dir: str | Path | None = None, on_epoch_end: EpochCallback | None = None,
+                 record: Record | None = None):
+        self.engine: ModuleEngine = ModuleEngine(graph, data, cfg, seed)
+        super().__init__(self.engine, [cfg], [seed], [out_dir], record)
+        self.seed, self.out, self.on_epoch_end = seed, self.outs[0], on_epoch_end
 
-    def _graphed_step(self) -> GraphedStep | None:
-        cfg = self.cfg
-        if cfg.cuda_graph is False:
-            return None
-        blockers = graph_blockers(cfg, self.device, self.world)
-        if blockers and cfg.cuda_graph is True:
-            raise ConfigError(f"finetune.cuda_graph: true, but {'; '.join(blockers)}. Use cuda_graph: auto "
-                              "(captures where it can) or false.")
-        if blockers:
-            return None
-        o = cfg.optimizer
-        return GraphedStep(self.net, self.opt, o.name, o.momentum, o.weight_decay, o.nesterov, o.betas, o.eps,
-                           cfg.amp, capture=True)
+    @property
+    def model(self) -> nn.Module:
+        """The network being trained."""
+        return self.engine.model
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One record per epoch so far."""
+        return self.histories[0]
 
     def error(self, split: str, chunk: int | None = None) -> float:
         """Classification error in percent on ``split`` (train, valid or test)."""
-        return error_rate(self.model, getattr(self.data, split), self.device, self.cfg.amp, chunk)
-
-    def _shuffled(self) -> tuple[Tensor, Tensor]:
-        """This epoch's shuffled copy of the training set, written into the same buffers
-        every epoch (a fresh copy each epoch costs page faults on all of it)."""
-        x, y = self.data.train.x, self.data.train.y
-        perm = torch.randperm(x.shape[0], generator=self.shuffle).to(self.device)
-        if self._xs is None or self._ys is None or self._xs.shape != x.shape:
-            self._xs, self._ys = torch.empty_like(x), torch.empty_like(y)
-        torch.index_select(x, 0, perm, out=self._xs)
-        torch.index_select(y, 0, perm, out=self._ys)
-        return self._xs, self._ys
-
-    def run_epoch(self) -> dict[str, Any]:
-        """Train one epoch and validate; returns the epoch's record (not yet booked)."""
-        epoch = self.state["epoch"]
-        apply_freezing(self.groups, self.graph, self.cfg, epoch)
-        t0 = time.perf_counter()
-        xs, ys = self._shuffled()
-        step = self.state["step"]
-        try:
-            if self.graphed is not None:
-                rec = train_graphed_epoch(self.graphed, self.opt, xs, ys, self.cfg, self.plan, epoch, step)
-            else:
-                rec = train_one_epoch(self.net, self.opt, xs, ys, self.cfg, self.plan, epoch, step, self.device)
-        except TrainingDiverged as e:
-            where = self.out / "checkpoints" if self.out else "no checkpoint directory"
-            raise TrainingDiverged(
-                f"{e}. The last good checkpoint is kept ({where}). "
-                "Lower finetune.optimizer.lr, add a schedule, or check the input data for NaNs."
-            ) from None
-        self.state["step"] = rec.pop("step")
-        valid = self.error("valid")
-        return {"epoch": epoch + 1, **rec, "valid_error": valid, "seconds": round(time.perf_counter() - t0, 4)}
-
-    def book(self, rec: dict[str, Any]) -> bool:
-        """Record an epoch: history, best weights, metrics file, checkpoint. Returns
-        whether early stopping says to stop."""
-        cfg, st = self.cfg, self.state
-        self.history.append(rec)
-        st["epoch"] = rec["epoch"]
-        valid = rec["valid_error"]
-        if valid < st["best_valid"] - (cfg.early_stopping.min_delta if cfg.early_stopping else 0) or self.best is None:
-            st.update(best_valid=min(valid, st["best_valid"]), best_epoch=rec["epoch"], bad_epochs=0)
-            self.best = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        else:
-            st["bad_epochs"] += 1
-        self._log()
-        stop = cfg.early_stopping is not None and st["bad_epochs"] >= cfg.early_stopping.patience
-        if cfg.checkpoint_every and (st["epoch"] % cfg.checkpoint_every == 0 or stop):
-            self.save_checkpoint()
-        return stop
+        return self.engine.errors(split, chunk)[0]
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train until ``cfg.epochs`` (or early stopping), keep the best epoch's weights,
-        write results when there is an output directory; returns the result dict
-        (test/valid/train error, epochs, best epoch, seconds, device, versions)."""
+        write results when there is an output directory; returns the result dict.
+        ``resume``: continue from the checkpoint in the output directory."""
         if resume:
             self.load_checkpoint()
-        bar = progress_bar(self.cfg.epochs, "finetune", self.cfg.progress if self.rank == 0 else False, "epoch",
-                           self.state["epoch"])
-        t_run = time.perf_counter()
-        self.model.train()
-        try:
-            while self.state["epoch"] < self.cfg.epochs:
-                rec = self.run_epoch()
-                stop = self.book(rec)
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['train_loss']:.4f}", valid=f"{rec['valid_error']:.2f}%")
-                if self.on_epoch_end is not None:
-                    self.on_epoch_end(self, rec)
-                if stop:
-                    break
-        finally:
-            bar.close()
-        return self._finish(time.perf_counter() - t_run)
+        self.engine.model.train()
+        return self.fit_members()[0]
 
-    def _finish(self, seconds: float) -> dict[str, Any]:
-        if self.best is not None:
-            self.model.load_state_dict(self.best)
-        read_back(self.graph, self.model)
-        # Only the test split needs a new pass: the best epoch's validation error is known,
-        # and its training error is the running one measured while training.
-        best_rec = self.history[self.state["best_epoch"] - 1] if self.history else {}
-        result = {
-            "test_error": self.error("test"),
-            "valid_error": best_rec.get("valid_error", self.state["best_valid"]),
-            "train_error": best_rec.get("train_error"),
-            "epochs": self.state["epoch"],
-            "best_epoch": self.state["best_epoch"],
-            "steps": self.state["step"],
-            "seconds": round(seconds, 3),
-            "device": str(self.device),
-            "world_size": self.world,
-            "seed": self.seed,
-            "versions": {"torch": torch.__version__, "surgery": package_version()},
-        }
-        if self.out is not None and self.rank == 0:
-            write_json(self.out / "result.json", result)
-            save_model(self.graph, self.out / "model.safetensors", {"result": result})
-        return result
+    def _diverged_advice(self) -> str:
+        where = self.out / "checkpoints" if self.out else "no checkpoint directory"
+        return f"The last good checkpoint is kept ({where}). {super()._diverged_advice()}"
 
-    def _log(self) -> None:
-        if self.out is None or self.rank != 0:
-            return
-        # Rewrite the whole file atomically: JSONL stays consistent with the checkpoint.
-        with atomic_path(self.out / "metrics.jsonl") as tmp:
-            tmp.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+    def after_epoch(self, recs: list[dict[str, Any] | None], stopping: bool) -> None:
+        """Checkpoint when due (and at an early stop), then call ``on_epoch_end``."""
+        every = self.cfg.checkpoint_every
+        if every and (self.epoch % every == 0 or stopping):
+            self.save_checkpoint()
+        if self.on_epoch_end is not None and recs[0] is not None:
+            self.on_epoch_end(self, recs[0])
 
     def ckpt_path(self) -> Path:
         """Where this run's checkpoint lives (``OUT/checkpoints/last.safetensors``)."""
@@ -422,11 +249,13 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         """Write the checkpoint (rank 0 only); returns its path."""
-        if self.rank != 0:
+        if self.engine.rank != 0:
             return None
-        meta = {"state": self.state, "history": self.history, "config": self.cfg.model_dump(mode="json")}
-        ck = Checkpoint(self.model.state_dict(), self.best, self.opt.state_dict(),
-                        rng_states(self.shuffle, self.device), meta)
+        m = self.marks[0]
+        state = {"epoch": self.epoch, "step": self.step, "best_valid": m["best_valid"],
+                 "best_epoch": m["best_epoch"], "bad_epochs": m["bad_epochs"]}
+        meta = {"state": state, "history": self.history, "config": self.cfg.model_dump(mode="json")}
+        ck: Checkpoint = self.engine.checkpoint(meta)
         return save_checkpoint(self.ckpt_path(), ck)
 
     def load_checkpoint(self) -> None:
@@ -434,17 +263,40 @@ class Trainer:
         ``CheckpointError`` when it is missing, corrupt, or made for another network."""
         path = self.ckpt_path()
         ck = read_checkpoint(path)
-        load_model_state(path, self.model, ck.model)
-        self.best = {k: v.to(self.device) for k, v in ck.best.items()} if ck.best else None
-        for st in ck.optimizer["state"].values():
-            for k, v in st.items():
-                if isinstance(v, Tensor):
-                    st[k] = v.to(self.device)
-        try:
-            self.opt.load_state_dict(ck.optimizer)
-        except (ValueError, KeyError) as e:
-            raise SurgeryError(f"{path}: the optimizer state does not fit this recipe's optimizer ({e}); "
-                               "resume with the recipe that made the checkpoint.") from e
-        restore_rng(ck.rng, self.shuffle, self.device)
-        self.state = ck.meta["state"]
-        self.history = ck.meta["history"]
+        self.engine.restore(path, ck)
+        st = ck.meta["state"]
+        self.epoch, self.step = st["epoch"], st["step"]
+        self.marks[0].update(best_valid=st["best_valid"], best_epoch=st["best_epoch"], bad_epochs=st["bad_epochs"],
+                             steps=st["step"])
+        self.histories[0] = ck.meta["history"]
+        es = self.cfg.early_stopping
+        self.running[0] = not (es is not None and st["bad_epochs"] >= es.patience)
+
+
+class PopulationTrainer(TrainingLoop):
+    """Fine-tune ``graphs[k]`` with ``cfgs[k]`` and ``seeds[k]`` on ``data``, together, as
+    one batched program (:class:`surgery.population.StackedEngine`); ``fit()`` returns one
+    result dict per model, as :meth:`Trainer.fit` would for each alone, and writes member
+    k's files under ``out_dirs[k]`` when given. ``stacked``: one ``bmm`` per layer (default:
+    on a GPU) or a loop of GEMMs."""
+
+    def __init__(self, graphs: list[ModelGraph], data: Dataset, cfgs: list[FinetuneConfig], seeds: list[int],
+                 stacked: bool | None = None, out_dirs: list[str | Path | None] | None = None,
+                 record: Record | None = None):
+        if not (len(graphs) == len(cfgs) == len(seeds) >= 1) or (out_dirs is not None and len(out_dirs) != len(graphs)):
+            raise ConfigError(f"a population needs as many configs, seeds and output directories as graphs; got "
+                              f"{len(graphs)}, {len(cfgs)}, {len(seeds)}, {len(out_dirs or graphs)}.")
+        self.engine: StackedEngine = StackedEngine(graphs, data, cfgs, seeds, stacked)
+        super().__init__(self.engine, cfgs, seeds, list(out_dirs) if out_dirs else [None] * len(graphs), record)
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Train every model for the shared budget (each stops on its own early-stopping
+        rule); returns one result dict per model, its best epoch's weights kept."""
+        return self.fit_members()
+
+    def weights(self, k: int) -> dict[str, Tensor]:
+        """Model ``k``'s weights by node name (``<node>.weight``, ``<node>.bias``), on the CPU."""
+        return self.engine.weights(k)
+
+    def _extra(self) -> dict[str, Any]:
+        return {"population": self.engine.K}

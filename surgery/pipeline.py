@@ -14,13 +14,13 @@ from typing import Any
 from .assembly import ForeignSource, SurgeryConfig, build_graph
 from .data import Dataset, find_mnist_file, load_dataset, resolve_device
 from .errors import ConfigError, SurgeryError, TrainingDiverged
-from .finetune import FinetuneConfig, Trainer, check_fits
+from .finetune import FinetuneConfig, PopulationTrainer, Record, Trainer, check_fits
 from .graph import ModelGraph
 from .grid import plan_cells
 from .io import make_dir, write_json
 from .model_file import load_model, save_model
 from .ops import ForeignWeights, HeadOp, TakeOp
-from .population import PopulationTrainer, architecture_key, write_member
+from .population import architecture_key
 from .pretrain import greedy_pretrain
 from .pretrain.greedy import plan_stack
 from .recipe import Recipe
@@ -186,27 +186,33 @@ def run_batch(recipes: list[Recipe], outs: list[Path], progress: bool | None = N
             continue
         prepared.append((i, r, out, datasets[key], graph, t_pre))
     shapes = {(id(p[3]), architecture_key(p[4], p[1].finetune)) for p in prepared}
-    pop, fitted = None, []
+
+    def record(members: list[tuple[int, Recipe, Path, Dataset, ModelGraph, float]]) -> Record:
+        def complete(k: int, res: dict[str, Any]) -> dict[str, Any]:  # member k's share of the time
+            _, _, out, _, _, t_pre = members[k]
+            res = {**res, "finetune_seconds": res["seconds"] / len(members), "pretrain_seconds": round(t_pre, 3),
+                   "out": str(out)}
+            res.pop("seconds")
+            return res
+        return complete
+
     if len(shapes) == 1 and len(prepared) > 1:
         try:
-            pop = PopulationTrainer([p[4] for p in prepared], prepared[0][3], [p[1].finetune for p in prepared],
-                                    [p[1].seed for p in prepared])
-            fitted = pop.fit()
+            fitted = PopulationTrainer([p[4] for p in prepared], prepared[0][3], [p[1].finetune for p in prepared],
+                                       [p[1].seed for p in prepared], out_dirs=[p[2] for p in prepared],
+                                       record=record(prepared)).fit()
+            for k, p in enumerate(prepared):
+                results[p[0]] = fitted[k]
+            return results
         except (ConfigError, TrainingDiverged):
-            pop = None  # not batchable, or a member diverged: each runs alone below
-    for k, (i, r, out, data, graph, t_pre) in enumerate(prepared):
+            pass  # not batchable, or a member diverged: each runs alone below
+    for one in prepared:
+        i, r, out, data, graph, _ = one
+        assert r.finetune is not None
         try:
-            res = fitted[k] if pop is not None else Trainer(graph, data, r.finetune, r.seed, out).fit()
+            results[i] = Trainer(graph, data, r.finetune, r.seed, out, record=record([one])).fit()
         except TrainingDiverged:
             continue
-        res = {**res, "finetune_seconds": res["seconds"] / (len(prepared) if pop is not None else 1),
-               "pretrain_seconds": round(t_pre, 3), "out": str(out)}
-        res.pop("seconds")
-        if pop is not None:
-            write_member(pop, k, out, res)
-        else:
-            write_json(out / "result.json", res)
-        results[i] = res
     return results
 
 

@@ -7,7 +7,9 @@ its own seed (data order, dropout masks), its own starting weights (a pretrained
 a fresh init), its own learning rate, per-layer learning rates, momentum, Nesterov flag,
 weight decay and schedule, and its own early stopping (a stopped model's learning rate
 becomes 0, so it stands still, and it keeps its best weights). A model trained here equals
-the same model trained alone by :class:`surgery.finetune.Trainer` (``tests/test_population.py``).
+the same model trained alone (``tests/test_population.py``). The training loop around it,
+epochs, early stopping, results and files, is the single run's
+(:class:`surgery.finetune.PopulationTrainer`).
 
 Scope today: dense chains (dropout allowed), SGD with momentum/Nesterov or Adam (a
 momentum schedule sets its beta1), ``layer_lr``, any lr/momentum schedule, early stopping,
@@ -22,8 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,14 +32,11 @@ from torch import Tensor
 from .batched import loops_on
 from .data import Dataset, resolve_device
 from .errors import ConfigError, TrainingDiverged
-from .finetune import check_fits, check_patterns, lr_multiplier, prepare_graph
 from .finetune_config import FinetuneConfig
 from .graph import ModelGraph
-from .io import progress_bar, write_json, write_text
 from .layers import init_weight
-from .model_file import save_model
+from .module_engine import check_fits, check_patterns, lr_multiplier, prepare_graph
 from .stacked import StackedChain, StackedOptimizer
-from .version import package_version
 
 
 def _structure(graph: ModelGraph) -> list[tuple[str, Any]]:
@@ -169,11 +166,13 @@ def schedule_values(cfgs: list[FinetuneConfig], step: int, steps_per_epoch: int,
     return lrs, moms
 
 
-class PopulationTrainer:
-    """Fine-tune ``graphs[k]`` with ``cfgs[k]`` and ``seeds[k]`` on ``data``, together.
+class StackedEngine:
+    """``graphs[k]`` trained with ``cfgs[k]`` and ``seeds[k]`` on ``data``, together: the
+    kernel under a population (:class:`surgery.finetune.PopulationTrainer`), with the same
+    calls as :class:`surgery.module_engine.ModuleEngine`. ``stacked``: one ``bmm`` per layer
+    for all members (default: on a GPU) or a loop of GEMMs."""
 
-    ``fit()`` returns one result dict per model, as :meth:`Trainer.fit` would. ``stacked``:
-    one ``bmm`` per layer for all members (default: on a GPU) or a loop of GEMMs."""
+    rank, world = 0, 1
 
     def __init__(self, graphs: list[ModelGraph], data: Dataset, cfgs: list[FinetuneConfig], seeds: list[int],
                  stacked: bool | None = None):
@@ -210,6 +209,9 @@ class PopulationTrainer:
         n = len(self.data.train)
         self.steps_per_epoch = math.ceil(n / cfgs[0].batch_size)
         self.total_steps = self.steps_per_epoch * cfgs[0].epochs
+        self.running = torch.ones(self.K, device=self.device)
+        self.best_W = [w.detach().clone() for w in self.W]
+        self.best_b = [v.detach().clone() for v in self.b]
 
     def _noise(self, position: int, shape: torch.Size) -> Tensor | None:
         """The dropout noise [K, ...] on the input of dense layer ``position`` (each member's
@@ -226,8 +228,9 @@ class PopulationTrainer:
         lr = torch.tensor(lrs, device=self.device) * self.running
         return lr, torch.tensor(moms, device=self.device), lrs, moms
 
-    def _epoch(self, epoch: int, step: int) -> tuple[list[dict[str, Any]], int]:
-        """One epoch for every model; returns the per-model records and the new global step."""
+    def train_epoch(self, epoch: int, step: int) -> tuple[list[dict[str, Any]], int]:
+        """One epoch for every model from global step ``step``: the per-model records
+        (training loss and error, lr, momentum) and the new step."""
         cfg = self.cfgs[0]
         x, y = self.data.train.x, self.data.train.y
         n, B, K = x.shape[0], cfg.batch_size, self.K
@@ -247,16 +250,15 @@ class PopulationTrainer:
             loss_sum += losses * xb.shape[1]
             wrong += (out.argmax(2) != yb).sum(1)
         if not bool(torch.isfinite(loss_sum[self.running.bool()]).all()):
-            raise TrainingDiverged(f"a population member's training loss became NaN or infinite in epoch {epoch + 1}.")
-        valid = self.errors("valid")
-        recs = [{"epoch": epoch + 1, "train_loss": float(loss_sum[k]) / n, "train_error": 100.0 * float(wrong[k]) / n,
-                 "valid_error": valid[k], "lr": lrs[k], "momentum": moms[k]} for k in range(K)]
+            raise TrainingDiverged(f"a population member's training loss became NaN or infinite in epoch {epoch + 1}")
+        recs = [{"train_loss": float(loss_sum[k]) / n, "train_error": 100.0 * float(wrong[k]) / n,
+                 "lr": lrs[k], "momentum": moms[k]} for k in range(K)]
         return recs, step
 
     @torch.no_grad()
-    def errors(self, split: str, chunk: int = 1000) -> list[float]:
+    def errors(self, split: str, chunk: int | None = None) -> list[float]:
         """Each model's classification error in percent on ``split``."""
-        s = getattr(self.data, split)
+        s, chunk = getattr(self.data, split), chunk or 1000
         wrong = torch.zeros(self.K, device=self.device)
         for i in range(0, len(s), chunk):
             xb = s.x[i : i + chunk].flatten(1)
@@ -264,72 +266,34 @@ class PopulationTrainer:
             wrong += (out.argmax(2) != s.y[i : i + chunk]).sum(1)
         return [100.0 * float(w) / max(len(s), 1) for w in wrong]
 
-    def fit(self) -> list[dict[str, Any]]:
-        """Train every model for the shared budget (each stops on its own early-stopping
-        rule); returns one result dict per model, its best epoch's weights kept."""
-        t0 = time.perf_counter()
-        K, step = self.K, 0
-        self.running = torch.ones(K, device=self.device)
-        self.history: list[list[dict[str, Any]]] = [[] for _ in range(K)]
-        best = [{"valid": math.inf, "epoch": 0, "bad": 0} for _ in range(K)]
-        self.best_W = [w.detach().clone() for w in self.W]
-        self.best_b = [b.detach().clone() for b in self.b]
-        bar = progress_bar(self.cfgs[0].epochs, f"population of {K}", self.cfgs[0].progress, "epoch")
-        for epoch in range(self.cfgs[0].epochs):
-            recs, step = self._epoch(epoch, step)
-            for k, rec in enumerate(recs):
-                if not self.running[k]:
-                    continue
-                self.history[k].append(rec)
-                self._book(k, rec, best[k])
-            bar.update(1)
-            bar.set_postfix(running=int(self.running.sum()), best_valid=f"{min(b['valid'] for b in best):.2f}%")
-            if not bool(self.running.any()):
-                break
-        bar.close()
+    def keep_best(self, k: int) -> None:
+        """Remember model ``k``'s weights as they are now as its best."""
+        for w, bw in zip(self.W, self.best_W):
+            bw[k].copy_(w[k])
+        for b, bb in zip(self.b, self.best_b):
+            bb[k].copy_(b[k])
+
+    def stop(self, k: int) -> None:
+        """Model ``k`` stops: its lr is 0 from now on, so it stands still."""
+        self.running[k] = 0.0
+
+    def restore_best(self) -> None:
+        """Every model's best weights back in place."""
         for w, bw in zip(self.W, self.best_W):
             w.copy_(bw)
         for b, bb in zip(self.b, self.best_b):
             b.copy_(bb)
-        test = self.errors("test")
-        seconds = round(time.perf_counter() - t0, 3)
-        versions = {"torch": torch.__version__, "surgery": package_version()}
-        return [{"test_error": test[k], "valid_error": best[k]["valid"],
-                 "train_error": self.history[k][best[k]["epoch"] - 1]["train_error"],
-                 "epochs": len(self.history[k]), "best_epoch": best[k]["epoch"],
-                 "steps": len(self.history[k]) * self.steps_per_epoch, "seconds": seconds,
-                 "device": str(self.device), "world_size": 1, "seed": self.seeds[k], "population": K,
-                 "versions": versions} for k in range(K)]
-
-    def _book(self, k: int, rec: dict[str, Any], best: dict[str, Any]) -> None:
-        """Model ``k``'s epoch: keep its best weights; stop it when its patience runs out."""
-        es = self.cfgs[k].early_stopping
-        if rec["valid_error"] < best["valid"] - (es.min_delta if es else 0) or best["epoch"] == 0:
-            best.update(valid=min(rec["valid_error"], best["valid"]), epoch=rec["epoch"], bad=0)
-            for w, bw in zip(self.W, self.best_W):
-                bw[k].copy_(w[k])
-            for b, bb in zip(self.b, self.best_b):
-                bb[k].copy_(b[k])
-        else:
-            best["bad"] += 1
-        if es is not None and best["bad"] >= es.patience:
-            self.running[k] = 0.0  # its lr is 0 from now on: it stands still
 
     def weights(self, k: int) -> dict[str, Tensor]:
         """Model ``k``'s weights by node name (``<node>.weight``, ``<node>.bias``), on the CPU."""
         names = [n.name for n in self.graphs[k].nodes() if n.kind == "layer"]
-        pairs = [(f"{nm}.{p}", t[k].cpu()) for nm, w, b in zip(names, self.W, self.b) for p, t in (("weight", w),
-                                                                                                 ("bias", b))]
-        return dict(pairs)
+        return {f"{nm}.{p}": t[k].cpu() for nm, w, b in zip(names, self.W, self.b)
+                for p, t in (("weight", w), ("bias", b))}
 
-
-def write_member(pop: PopulationTrainer, k: int, out: Path, result: dict[str, Any]) -> None:
-    """Member ``k``'s files, as the Trainer writes them: ``result.json``,
-    ``metrics.jsonl`` and ``model.safetensors`` (its best weights)."""
-    graph, w = pop.graphs[k].copy(), pop.weights(k)
-    for node in graph.nodes():
-        if node.kind == "layer":
-            node.tensors = {"weight": w[f"{node.name}.weight"].clone(), "bias": w[f"{node.name}.bias"].clone()}
-    write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in pop.history[k]))
-    save_model(graph, out / "model.safetensors", {"result": result})
-    write_json(out / "result.json", result)  # last: its presence marks the member finished
+    def member_graph(self, k: int) -> ModelGraph:
+        """Model ``k``'s graph holding its weights as they are now."""
+        graph, w = self.graphs[k].copy(), self.weights(k)
+        for node in graph.nodes():
+            if node.kind == "layer":
+                node.tensors = {"weight": w[f"{node.name}.weight"].clone(), "bias": w[f"{node.name}.bias"].clone()}
+        return graph

@@ -18,7 +18,7 @@ LEVELS: list[tuple[str, set[str]]] = [
     ("foundations", {"errors", "io", "layers", "schedules", "runtime", "version", "batched", "stacked"}),
     ("data and stacks", {"data", "stack"}),
     ("pretrain, graph and ops", {"pretrain", "graph", "ops", "assembly", "modules", "model_file"}),
-    ("fine-tuning", {"finetune_config", "finetune", "checkpoint", "graphed", "population"}),
+    ("fine-tuning", {"finetune_config", "finetune", "checkpoint", "graphed", "module_engine", "population"}),
     ("recipe composition", {"experiment_config", "search_config", "recipe", "grid"}),
     ("orchestration", {"pipeline", "experiment", "search"}),
     ("report and cli", {"report", "cli", "__main__"}),

@@ -32,7 +32,7 @@ def test_finetune_on_cuda_learns(amp, graph):
     t = Trainer(mlp(), _ds(), FinetuneConfig(epochs=3, device="cuda", amp=amp, progress=False, cuda_graph=graph,
                                              optimizer={"name": "sgd", "lr": 0.2, "momentum": 0.9}))
     r = t.fit()
-    assert (t.graphed is not None) == graph
+    assert (t.engine.graphed is not None) == graph
     assert r["device"].startswith("cuda") and r["test_error"] < 40
     assert t.history[-1]["train_loss"] < t.history[0]["train_loss"]
 
@@ -123,7 +123,7 @@ def test_cuda_nan_is_caught_at_the_epoch_end():
 
 def test_compile_on_cuda_learns():
     t = Trainer(mlp(), _ds(), FinetuneConfig(epochs=2, device="cuda", compile=True, progress=False))
-    assert t.graphed is None and t.fit()["test_error"] < 50
+    assert t.engine.graphed is None and t.fit()["test_error"] < 50
 
 
 @pytest.mark.parametrize("device", ["cuda", "auto"])
@@ -162,14 +162,14 @@ def test_every_recipe_runs_on_cuda(tmp_path):
 
 
 def test_population_on_cuda_equals_alone():
-    from surgery.population import PopulationTrainer
+    from surgery.finetune import PopulationTrainer
 
     ds = _ds()
     cfgs = [FinetuneConfig(epochs=2, device="cuda", batch_size=50, progress=False, cuda_graph=False,
                            optimizer={"lr": lr, "momentum": 0.9}) for lr in (0.1, 0.2)]
     graphs = [mlp((64, 32, 16), seed=k) for k in range(2)]
     pop = PopulationTrainer(graphs, ds, cfgs, [1, 2])
-    assert not pop.chain.loop  # one bmm per layer for both models
+    assert not pop.engine.chain.loop  # one bmm per layer for both models
     pop.fit()
     for k in range(2):
         alone = Trainer(graphs[k], ds, cfgs[k], seed=1 + k)

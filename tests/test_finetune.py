@@ -58,7 +58,7 @@ def test_every_optimizer_learns(synth, opt):
     h = t.history
     assert h[-1]["train_loss"] < 0.7 * h[0]["train_loss"], (opt, h)
     assert r["test_error"] < 40
-    assert type(t.opt).__name__.lower().startswith(opt["name"][:4])
+    assert type(t.engine.opt).__name__.lower().startswith(opt["name"][:4])
 
 
 @pytest.mark.parametrize("opt", [
@@ -122,13 +122,13 @@ def test_exponential_lr_and_linear_momentum_follow_the_schedule(synth):
                                 "momentum": {"kind": "linear", "start": 0.5, "end": 0.99}})
     t = Trainer(mlp(), synth, c)
     t.fit()
-    total = t.plan.total_steps
+    total = t.engine.plan.total_steps
     last = [h["lr"] for h in t.history]
     # the lr logged for epoch e is the one used at its last step
-    expect = [0.5 * (0.001 / 0.5) ** (((e + 1) * t.plan.steps - 1) / (total - 1)) for e in range(4)]
+    expect = [0.5 * (0.001 / 0.5) ** (((e + 1) * t.engine.plan.steps - 1) / (total - 1)) for e in range(4)]
     assert all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(last, expect))
     assert math.isclose(t.history[-1]["lr"], 0.001) and math.isclose(t.history[-1]["momentum"], 0.99)
-    assert all(g["lr"] == pytest.approx(0.001) for g in t.opt.param_groups)
+    assert all(g["lr"] == pytest.approx(0.001) for g in t.engine.opt.param_groups)
 
 
 def test_schedule_shapes():
@@ -172,7 +172,7 @@ def test_layer_lr_multipliers_give_per_group_lr(synth):
     t = Trainer(mlp((64, 32, 16)), synth, cfg(epochs=1, layer_lr={"h1": 2.0, "out": 0.5},
                                               schedule={"lr": {"kind": "exponential", "start": 0.2, "end": 0.02}}))
     t.fit()
-    lrs = {g["node"]: g["lr"] for g in t.opt.param_groups}
+    lrs = {g["node"]: g["lr"] for g in t.engine.opt.param_groups}
     assert lrs == pytest.approx({"h1": 2 * 0.02, "h2": 0.02, "out": 0.01})
     with pytest.raises(SurgeryError, match="layer_lr: 'zz' matches no layer"):
         Trainer(mlp(), synth, cfg(layer_lr={"zz": 2.0}))
@@ -199,7 +199,7 @@ def test_classic_init_makes_deep_sigmoid_nets_trainable(mnist_small):
 
 def test_dropout_is_placed_and_inactive_at_eval(synth):
     t = Trainer(mlp((64, 32, 16)), synth, cfg(epochs=1, dropout={"h*": 0.5}, input_dropout=0.2))
-    assert t.graph.order() == ["drop_input", "h1", "drop_h1", "h2", "drop_h2", "out"]
+    assert t.engine.graph.order() == ["drop_input", "h1", "drop_h1", "h2", "drop_h2", "out"]
     t.fit()
     t.model.eval()
     x = synth.test.x[:10]
@@ -393,7 +393,7 @@ def test_captured_step_arithmetic_equals_torch_optim(case):
 
 
 def test_cuda_graph_option_on_the_cpu(synth):
-    assert Trainer(mlp(), synth, cfg()).graphed is None  # auto: eager on the CPU
+    assert Trainer(mlp(), synth, cfg()).engine.graphed is None  # auto: eager on the CPU
     with pytest.raises(SurgeryError, match="finetune.cuda_graph: true, but the device is cpu, not a CUDA GPU"):
         Trainer(mlp(), synth, cfg(cuda_graph=True))
     with pytest.raises(SurgeryError, match="'rmsprop' is not one of"):

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from surgery.errors import ConfigError
-from surgery.finetune import FinetuneConfig, Trainer
-from surgery.population import PopulationTrainer
+from surgery.finetune import FinetuneConfig, PopulationTrainer, Trainer
 from tests.test_finetune import mlp
 
 SIZES = (64, 32, 16)
@@ -63,9 +62,9 @@ def test_population_equals_each_model_alone(synth, case):
         res = alone.fit()
         for name, w in pop.weights(k).items():
             torch.testing.assert_close(w, alone.model.state_dict()[name], rtol=1e-5, atol=1e-5, msg=f"{k} {name}")
-        assert [h["valid_error"] for h in pop.history[k]] == [h["valid_error"] for h in alone.history]
+        assert [h["valid_error"] for h in pop.histories[k]] == [h["valid_error"] for h in alone.history]
         losses = [h["train_loss"] for h in alone.history]
-        assert [h["train_loss"] for h in pop.history[k]] == pytest.approx(losses, rel=1e-5, abs=1e-6)
+        assert [h["train_loss"] for h in pop.histories[k]] == pytest.approx(losses, rel=1e-5, abs=1e-6)
         assert (together[k]["epochs"], together[k]["best_epoch"]) == (res["epochs"], res["best_epoch"])
         assert together[k]["test_error"] == res["test_error"]
     if case == "early stopping":
@@ -151,7 +150,7 @@ def test_the_batched_gemm_path_equals_alone_too(synth):
     cfgs = CASES["dropout"]
     graphs = [mlp(SIZES, seed=k) for k in range(len(cfgs))]
     pop = PopulationTrainer(graphs, synth, cfgs, [5, 6], stacked=True)
-    assert not pop.chain.loop
+    assert not pop.engine.chain.loop
     pop.fit()
     for k in range(len(cfgs)):
         alone = Trainer(graphs[k], synth, cfgs[k], seed=5 + k)
