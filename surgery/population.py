@@ -13,8 +13,9 @@ epochs, early stopping, results and files, is the single run's
 
 Scope today: dense chains (dropout allowed), SGD with momentum/Nesterov or Adam (a
 momentum schedule sets its beta1), ``layer_lr``, any lr/momentum schedule, early stopping,
-per-model init and dropout. Not yet: RMSprop/Adagrad/Adadelta, freeze schedules, conv
-layers, AMP, checkpoints and CUDA-graph capture;
+per-model init and dropout; on a GPU the SGD step is captured as a CUDA graph
+(:class:`surgery.graphed.StackedStep`; not with Adam or dropout). Not yet:
+RMSprop/Adagrad/Adadelta, freeze schedules, conv layers, AMP and checkpoints;
 ``check_population`` names what a config lacks. Greedy pretraining has its own populations
 (:func:`surgery.pretrain.greedy.greedy_pretrain_population`); its supervised ``grow`` stages
 train through the same stacked chain.
@@ -34,6 +35,7 @@ from .data import Dataset, resolve_device
 from .errors import ConfigError, TrainingDiverged
 from .finetune_config import FinetuneConfig
 from .graph import ModelGraph
+from .graphed import StackedStep
 from .layers import init_weight
 from .module_engine import check_fits, check_patterns, lr_multiplier, prepare_graph
 from .stacked import StackedChain, StackedOptimizer
@@ -140,6 +142,20 @@ def dropout_noise(shape: torch.Size, rates: list[float], gens: list[torch.Genera
     return out
 
 
+def capture_blockers(cfgs: list[FinetuneConfig], device: torch.device, dropout: bool) -> list[str]:
+    """Why a population's step cannot be captured as a CUDA graph (empty: it can)."""
+    reasons = []
+    if device.type != "cuda":
+        reasons.append(f"the device is {device}, not a CUDA GPU")
+    if any(c.cuda_graph is False for c in cfgs):
+        reasons.append("cuda_graph: false")
+    if cfgs[0].optimizer.name != "sgd":
+        reasons.append(f"the optimizer is {cfgs[0].optimizer.name!r} (captured: sgd)")
+    if dropout:
+        reasons.append("dropout masks are drawn per member on the CPU")
+    return reasons
+
+
 def dropout_positions(steps: list[tuple[str, Any]]) -> dict[int, list[int]]:
     """Where each dropout of a chain acts: ``{dense layer index: [dropout columns]}``, a
     dropout acting on the input of the dense layer after it."""
@@ -210,6 +226,12 @@ class StackedEngine:
         self.steps_per_epoch = math.ceil(n / cfgs[0].batch_size)
         self.total_steps = self.steps_per_epoch * cfgs[0].epochs
         self.running = torch.ones(self.K, device=self.device)
+        blockers = capture_blockers(cfgs, self.device, bool(self.drop_at))
+        if blockers and cfgs[0].cuda_graph is True:
+            raise ConfigError(f"finetune.cuda_graph: true, but a population cannot capture its step: "
+                              f"{'; '.join(blockers)}. Use cuda_graph: auto or false.")
+        self.stepper = StackedStep(self.chain, self.opt, self.data.train.x, self.data.train.y, cfgs[0].batch_size,
+                                   self._noise if self.drop_at else None, capture=not blockers)
         self.best_W = [w.detach().clone() for w in self.W]
         self.best_b = [v.detach().clone() for v in self.b]
 
@@ -231,25 +253,22 @@ class StackedEngine:
     def train_epoch(self, epoch: int, step: int) -> tuple[list[dict[str, Any]], int]:
         """One epoch for every model from global step ``step``: the per-model records
         (training loss and error, lr, momentum) and the new step."""
-        cfg = self.cfgs[0]
-        x, y = self.data.train.x, self.data.train.y
-        n, B, K = x.shape[0], cfg.batch_size, self.K
-        perms = torch.stack([torch.randperm(n, generator=g) for g in self.shuffles]).to(self.device)
-        loss_sum = torch.zeros(K, device=self.device)
-        wrong = torch.zeros(K, device=self.device)
-        lrs = moms = None
+        n, B, K = len(self.data.train), self.cfgs[0].batch_size, self.K
+        self.stepper.start_epoch(torch.stack([torch.randperm(n, generator=g) for g in self.shuffles]))
+        scheduled = any(c.schedule.lr is not None or c.schedule.momentum is not None for c in self.cfgs)
+        lrs: list[float] = []
+        moms: list[float | None] = []
         for s in range(self.steps_per_epoch):
-            idx = perms[:, s * B : (s + 1) * B]  # [K, b]
-            xb, yb = x[idx].flatten(2), y[idx]
-            lr, mom, lrs, moms = self._schedule(step)
-            keep: list = []
-            out = self.chain.forward(xb, keep, self._noise)  # [K, b, C]
-            losses = self.chain.backward(out, yb, keep)
-            self.opt.step(lr, mom, step)
+            if scheduled or s == 0:  # constant lr/momentum: set once per epoch
+                lr, mom, lrs, moms = self._schedule(step)
+                self.stepper.set_hyperparameters(lr, mom)
+            if (s + 1) * B <= n:
+                self.stepper.step(step)
+            else:
+                self.stepper.last_batch(s * B, step)
             step += 1
-            loss_sum += losses * xb.shape[1]
-            wrong += (out.argmax(2) != yb).sum(1)
-        if not bool(torch.isfinite(loss_sum[self.running.bool()]).all()):
+        loss_sum, wrong = self.stepper.loss_sum.cpu(), self.stepper.wrong.cpu()  # the epoch's one host sync
+        if not bool(torch.isfinite(loss_sum[self.running.cpu().bool()]).all()):
             raise TrainingDiverged(f"a population member's training loss became NaN or infinite in epoch {epoch + 1}")
         recs = [{"train_loss": float(loss_sum[k]) / n, "train_error": 100.0 * float(wrong[k]) / n,
                  "lr": lrs[k], "momentum": moms[k]} for k in range(K)]
@@ -257,8 +276,9 @@ class StackedEngine:
 
     @torch.no_grad()
     def errors(self, split: str, chunk: int | None = None) -> list[float]:
-        """Each model's classification error in percent on ``split``."""
-        s, chunk = getattr(self.data, split), chunk or 1000
+        """Each model's classification error in percent on ``split``, in chunks of ``chunk``
+        rows (default: 1000 on a CPU, 10000 on a GPU, as for a single model)."""
+        s, chunk = getattr(self.data, split), chunk or (10000 if self.device.type == "cuda" else 1000)
         wrong = torch.zeros(self.K, device=self.device)
         for i in range(0, len(s), chunk):
             xb = s.x[i : i + chunk].flatten(1)

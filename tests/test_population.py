@@ -42,6 +42,15 @@ CASES = {
         _cfg(optimizer={"lr": 0.1, "momentum": 0.5}, layer_lr={"h2": 0.5}),
         _cfg(optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9}),
     ],
+    "a partial last batch (2000 rows in batches of 300)": [
+        _cfg(batch_size=300, optimizer={"lr": 0.2, "momentum": 0.9}),
+        _cfg(batch_size=300, optimizer={"lr": 0.1, "momentum": 0.9, "nesterov": True},
+             schedule={"lr": {"kind": "exponential", "end": 0.01}}),
+    ],
+    "adam, a partial last batch": [
+        _cfg(batch_size=300, optimizer={"name": "adam", "lr": 0.01}),
+        _cfg(batch_size=300, optimizer={"name": "adam", "lr": 0.003}),
+    ],
     "early stopping": [
         _cfg(epochs=12, optimizer={"lr": 0.8, "momentum": 0.9}, early_stopping={"patience": 1}),
         _cfg(epochs=12, optimizer={"lr": 0.05, "momentum": 0.5}, early_stopping={"patience": 2}),
