@@ -11,11 +11,11 @@ the same model trained alone (``tests/test_population.py``). The training loop a
 epochs, early stopping, results and files, is the single run's
 (:class:`surgery.finetune.PopulationTrainer`).
 
-Scope today: dense chains (dropout allowed), SGD with momentum/Nesterov or Adam (a
-momentum schedule sets its beta1), ``layer_lr``, any lr/momentum schedule, early stopping,
-per-model init and dropout; on a GPU the SGD step is captured as a CUDA graph
-(:class:`surgery.graphed.StackedStep`; not with Adam or dropout). Not yet:
-RMSprop/Adagrad/Adadelta, freeze schedules, conv layers, AMP and checkpoints;
+Scope today: dense chains (dropout allowed), SGD with momentum/Nesterov, Adam (a
+momentum schedule sets its beta1), RMSprop, Adagrad and Adadelta, ``layer_lr``, any
+lr/momentum schedule, early stopping, per-model init and dropout; on a GPU the SGD step is captured as a CUDA graph
+(:class:`surgery.graphed.StackedStep`; not with the other optimizers or dropout). Not
+yet: freeze schedules, conv layers, AMP and checkpoints;
 ``check_population`` names what a config lacks. Greedy pretraining has its own populations
 (:func:`surgery.pretrain.greedy.greedy_pretrain_population`); its supervised ``grow`` stages
 train through the same stacked chain.
@@ -99,9 +99,6 @@ def check_population(cfgs: list[FinetuneConfig]) -> None:
             if getattr(c, field) != getattr(first, field):
                 raise ConfigError(f"population member {i}: finetune.{field} differs ({getattr(c, field)!r} vs "
                                   f"{getattr(first, field)!r}); members share the budget and the device.")
-        if c.optimizer.name not in ("sgd", "adam"):
-            raise ConfigError(f"population member {i}: optimizer {c.optimizer.name!r}; populations train with sgd "
-                              "or adam.")
         if c.optimizer.name != first.optimizer.name:
             raise ConfigError(f"population member {i}: optimizer {c.optimizer.name!r} but member 0 uses "
                               f"{first.optimizer.name!r}; members share the optimizer.")
@@ -171,12 +168,15 @@ def dropout_positions(steps: list[tuple[str, Any]]) -> dict[int, list[int]]:
 
 
 def schedule_values(cfgs: list[FinetuneConfig], step: int, steps_per_epoch: int,
-                    total_steps: int) -> tuple[list[float], list[float]]:
+                    total_steps: int) -> tuple[list[float], list[float | None]]:
     """Each member's learning rate and momentum (Adam: beta1) at global ``step`` (its own schedule)."""
     lrs, moms = [], []
     for c in cfgs:
         s, o = c.schedule, c.optimizer
         lrs.append(o.lr if s.lr is None else s.lr.value(o.lr, step, steps_per_epoch, total_steps))
+        if o.name in ("adagrad", "adadelta"):  # no momentum: a momentum schedule does nothing
+            moms.append(None)
+            continue
         fixed = o.betas[0] if o.name == "adam" else o.momentum  # Adam's momentum is beta1
         moms.append(fixed if s.momentum is None else s.momentum.value(step, steps_per_epoch, total_steps))
     return lrs, moms
@@ -215,11 +215,12 @@ class StackedEngine:
         self.chain = StackedChain(W, b, [spec[2] for kind, spec in self.steps if kind == "dense"],
                                   loops_on(self.device) if stacked is None else not stacked)
         self.W, self.b = self.chain.W, self.chain.b
+        opts = [c.optimizer for c in cfgs]
         self.opt = StackedOptimizer(
-            self.chain.params, self.chain.grads, cfgs[0].optimizer.name,
-            [layer_multipliers(g, c) for g, c in zip(self.graphs, cfgs)], [c.optimizer.weight_decay for c in cfgs],
-            [c.optimizer.nesterov for c in cfgs], [c.optimizer.betas[1] for c in cfgs],
-            [c.optimizer.eps or 1e-8 for c in cfgs])
+            self.chain.params, self.chain.grads, opts[0].name,
+            [layer_multipliers(g, c) for g, c in zip(self.graphs, cfgs)], [o.weight_decay for o in opts],
+            [o.nesterov for o in opts], [o.betas[1] for o in opts], [o.eps for o in opts], [o.alpha for o in opts],
+            [o.rho for o in opts])
         self.shuffles = [torch.Generator().manual_seed(s) for s in seeds]
         self.masks = [dropout_stream(g, s) for g, s in zip(self.graphs, seeds)]
         n = len(self.data.train)
@@ -248,7 +249,7 @@ class StackedEngine:
         """Per-model lr (0 once stopped) and momentum at ``step``: [K] tensors and the values."""
         lrs, moms = schedule_values(self.cfgs, step, self.steps_per_epoch, self.total_steps)
         lr = torch.tensor(lrs, device=self.device) * self.running
-        return lr, torch.tensor(moms, device=self.device), lrs, moms
+        return lr, torch.tensor([m or 0.0 for m in moms], device=self.device), lrs, moms
 
     def train_epoch(self, epoch: int, step: int) -> tuple[list[dict[str, Any]], int]:
         """One epoch for every model from global step ``step``: the per-model records

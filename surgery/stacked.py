@@ -95,34 +95,46 @@ class StackedChain:
         return losses
 
 
+# torch.optim's default eps for each optimizer
+DEFAULT_EPS = {"sgd": 0.0, "adam": 1e-8, "rmsprop": 1e-8, "adagrad": 1e-10, "adadelta": 1e-6}
+
+
 class StackedOptimizer:
-    """SGD (momentum, Nesterov, weight decay) or Adam (``kind``) over stacked tensors, each
-    member with its own weight decay, Nesterov flag, Adam beta2/eps and per-layer lr
-    multipliers ``mults[k][layer]``; member k's arithmetic is ``torch.optim``'s for that
-    member alone. ``params`` are every layer's weights, then every layer's biases."""
+    """SGD (momentum, Nesterov, weight decay), Adam, RMSprop, Adagrad or Adadelta (``kind``)
+    over stacked tensors, each member with its own weight decay, Nesterov flag, ``beta2``
+    (Adam), ``alpha`` (RMSprop), ``rho`` (Adadelta), ``eps`` and per-layer lr multipliers
+    ``mults[k][layer]``; member k's arithmetic is ``torch.optim``'s for that member alone.
+    ``params`` are every layer's weights, then every layer's biases."""
 
     def __init__(self, params: list[Tensor], grads: list[Tensor], kind: str, mults: Sequence[Sequence[float]],
                  weight_decay: Sequence[float], nesterov: Sequence[bool] | None = None,
-                 beta2: Sequence[float] | None = None, eps: Sequence[float] | None = None):
+                 beta2: Sequence[float] | None = None, eps: Sequence[float | None] | None = None,
+                 alpha: Sequence[float] | None = None, rho: Sequence[float] | None = None):
         K, dev = len(mults), params[0].device
-        self.params, self.grads, self.adam = params, grads, kind == "adam"
-        self.bufs = [torch.zeros_like(p) for p in params]  # momentum / Adam's first moments
-        self.sq = [torch.zeros_like(p) for p in params] if self.adam else []  # Adam's second moments
+        self.params, self.grads, self.kind = params, grads, kind
+        self.bufs = [torch.zeros_like(p) for p in params]  # momentum, Adam's m, Adadelta's accumulated updates
+        self.sq = [torch.zeros_like(p) for p in params] if kind != "sgd" else []  # squared-gradient averages
         layers = len(mults[0])
         self.mult = [torch.tensor([m[i % layers] for m in mults], device=dev) for i in range(len(params))]
         nesterov = list(nesterov) if nesterov is not None else [False] * K
         self.decay = torch.tensor(list(weight_decay), device=dev)
         self.nesterov = torch.tensor(nesterov, device=dev)
         self.any_decay, self.nest_all, self.nest_any = any(weight_decay), all(nesterov), any(nesterov)
-        self.b2 = torch.tensor(list(beta2) if beta2 is not None else [0.999] * K, device=dev)
-        self.eps = torch.tensor(list(eps) if eps is not None else [1e-8] * K, device=dev)
+
+        def per_member(values: Sequence[float | None] | None, default: float) -> Tensor:
+            return torch.tensor([default if v is None else v for v in (values or [None] * K)], device=dev)
+
+        self.b2 = per_member(beta2, 0.999)
+        self.eps = per_member(eps, DEFAULT_EPS[kind])
+        self.alpha = per_member(alpha, 0.99)
+        self.rho = per_member(rho, 0.9)
 
     def step(self, lr: Tensor, mom: Tensor, step: int) -> None:
-        """SGD with (Nesterov) momentum and weight decay, per model, as ``torch.optim.SGD``,
-        in as few passes over the stacked tensors as the members' settings allow (or Adam);
-        each layer's lr times the member's multiplier for it. ``lr``, ``mom``: [K]."""
-        if self.adam:
-            self._adam(lr, mom, step)
+        """One update of every member: ``lr`` [K], ``mom`` [K] (SGD and RMSprop momentum,
+        Adam's beta1; unused by Adagrad and Adadelta), ``step`` the global step (from 0);
+        each layer's lr times the member's multiplier for it."""
+        if self.kind != "sgd":
+            getattr(self, f"_{self.kind}")(lr, mom, step)
             return
         wd, nest = self.decay, self.nesterov
         for p, g, buf, mult in zip(self.params, self.grads, self.bufs, self.mult):
@@ -136,17 +148,51 @@ class StackedOptimizer:
                 d = torch.where(nest.view(shape), g + mom.view(shape) * buf, buf) if self.nest_any else buf
             p.addcmul_((lr * mult).view(shape), d, value=-1.0)
 
+    def _each(self):
+        """Per tensor: the tensor, its gradient (weight decay added), both states, its
+        multiplier, and a reshaper of [K] per-member values to broadcast over it."""
+        for p, g, buf, sq, mult in zip(self.params, self.grads, self.bufs, self.sq, self.mult):
+            shape = (p.shape[0],) + (1,) * (p.dim() - 1)
+
+            def view(t: Tensor, shape: tuple[int, ...] = shape) -> Tensor:
+                return t.view(shape)
+
+            if self.any_decay:
+                g.addcmul_(view(self.decay), p)
+            yield p, g, buf, sq, mult, view
+
     def _adam(self, lr: Tensor, beta1: Tensor, step: int) -> None:
-        """Adam with L2 weight decay, per model, as ``torch.optim.Adam`` (a momentum schedule
-        sets beta1): ``p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``."""
-        t, b2, eps = step + 1, self.b2, self.eps
+        """As ``torch.optim.Adam`` with L2 weight decay (a momentum schedule sets beta1):
+        ``p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``."""
+        t, b2 = step + 1, self.b2
         size = lr / (1 - beta1**t)
         root = torch.sqrt(1 - b2**t)
-        for p, g, m, v, mult in zip(self.params, self.grads, self.bufs, self.sq, self.mult):
-            shape = (len(lr),) + (1,) * (p.dim() - 1)
-            if self.any_decay:
-                g.addcmul_(self.decay.view(shape), p)
-            m.lerp_(g, (1 - beta1).view(shape))
-            v.mul_(b2.view(shape)).addcmul_(g, g * (1 - b2).view(shape))
-            denom = (v.sqrt() / root.view(shape)).add_(eps.view(shape))
-            p.sub_(m.div(denom).mul_((size * mult).view(shape)))
+        for p, g, m, v, mult, view in self._each():
+            m.lerp_(g, view(1 - beta1))
+            v.mul_(view(b2)).addcmul_(g, g * view(1 - b2))
+            denom = (v.sqrt() / view(root)).add_(view(self.eps))
+            p.sub_(m.div(denom).mul_(view(size * mult)))
+
+    def _rmsprop(self, lr: Tensor, mom: Tensor, step: int) -> None:
+        """As ``torch.optim.RMSprop`` (not centered): ``v = alpha v + (1 - alpha) g^2``,
+        ``buf = mom buf + g / (sqrt(v) + eps)``, ``p -= lr buf`` (momentum 0: ``buf`` is the step)."""
+        for p, g, buf, v, mult, view in self._each():
+            v.mul_(view(self.alpha)).addcmul_(g, g * view(1 - self.alpha))
+            buf.mul_(view(mom)).addcdiv_(g, v.sqrt().add_(view(self.eps)))
+            p.addcmul_(view(lr * mult), buf, value=-1.0)
+
+    def _adagrad(self, lr: Tensor, mom: Tensor, step: int) -> None:
+        """As ``torch.optim.Adagrad`` (no lr decay): ``v += g^2``, ``p -= lr g / (sqrt(v) + eps)``."""
+        for p, g, _, v, mult, view in self._each():
+            v.addcmul_(g, g)
+            p.addcmul_(view(lr * mult), g / v.sqrt().add_(view(self.eps)), value=-1.0)
+
+    def _adadelta(self, lr: Tensor, mom: Tensor, step: int) -> None:
+        """As ``torch.optim.Adadelta``: ``v = rho v + (1 - rho) g^2``, ``d = sqrt(u + eps) /
+        sqrt(v + eps) g``, ``u = rho u + (1 - rho) d^2``, ``p -= lr d``."""
+        for p, g, u, v, mult, view in self._each():
+            rho, eps = view(self.rho), view(self.eps)
+            v.mul_(rho).addcmul_(g, g * (1 - rho))
+            d = (u + eps).sqrt_().div_((v + eps).sqrt_()).mul_(g)
+            u.mul_(rho).addcmul_(d, d * (1 - rho))
+            p.addcmul_(view(lr * mult), d, value=-1.0)

@@ -37,6 +37,21 @@ CASES = {
                                                                  "momentum": {"kind": "linear", "start": 0.5,
                                                                               "end": 0.9}}),
     ],
+    "rmsprop (momentum 0 and 0.5), decay": [
+        _cfg(optimizer={"name": "rmsprop", "lr": 0.003}),
+        _cfg(optimizer={"name": "rmsprop", "lr": 0.001, "momentum": 0.5, "alpha": 0.9, "weight_decay": 1e-3}),
+        _cfg(optimizer={"name": "rmsprop", "lr": 0.002, "eps": 1e-6},
+             schedule={"momentum": {"kind": "linear", "start": 0.1, "end": 0.6}}),
+    ],
+    "adagrad, decay, layer_lr": [
+        _cfg(optimizer={"name": "adagrad", "lr": 0.05}),
+        _cfg(optimizer={"name": "adagrad", "lr": 0.02, "weight_decay": 1e-3}, layer_lr={"h1": 0.5}),
+    ],
+    "adadelta, schedule": [
+        _cfg(optimizer={"name": "adadelta", "lr": 1.0}),
+        _cfg(optimizer={"name": "adadelta", "lr": 0.5, "rho": 0.95, "eps": 1e-5},
+             schedule={"lr": {"kind": "exponential", "end": 0.1}}),
+    ],
     "layer_lr": [
         _cfg(optimizer={"lr": 0.2, "momentum": 0.9}, layer_lr={"h1": 0.1, "h*": 2.0}),
         _cfg(optimizer={"lr": 0.1, "momentum": 0.5}, layer_lr={"h2": 0.5}),
@@ -81,8 +96,8 @@ def test_population_equals_each_model_alone(synth, case):
 
 
 def test_population_refuses_what_it_cannot_batch(synth):
-    with pytest.raises(ConfigError, match="optimizer 'rmsprop'"):
-        PopulationTrainer([mlp(SIZES)], synth, [_cfg(optimizer={"name": "rmsprop", "lr": 0.01})], [0])
+    with pytest.raises(ConfigError, match="unfreeze_at is not supported"):
+        PopulationTrainer([mlp(SIZES)], synth, [_cfg(unfreeze_at={"h1": 2})], [0])
     with pytest.raises(ConfigError, match="members share the optimizer"):
         PopulationTrainer([mlp(SIZES), mlp(SIZES)], synth, [_cfg(), _cfg(optimizer={"name": "adam"})], [0, 1])
     with pytest.raises(ConfigError, match="layer_lr: 'x9' matches no layer"):
