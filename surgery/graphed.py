@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .capture import Replay
 from .errors import ConfigError
 from .stacked import Noise, StackedChain, StackedOptimizer
 
@@ -59,12 +60,11 @@ class GraphedStep:
         self.mom = torch.zeros((), device=dev)  # SGD momentum, or Adam's beta1
         self.loss_sum = torch.zeros((), device=dev)
         self.wrong = torch.zeros((), dtype=torch.long, device=dev)
-        self.graph: torch.cuda.CUDAGraph | None = None
         self.xs: Tensor | None = None  # the epoch's shuffled training set, [N, ...] and [N]
         self.ys: Tensor | None = None
         self.rows = torch.zeros(0, dtype=torch.long, device=dev)  # 0..B-1
         self.pos = torch.zeros((), dtype=torch.long, device=dev)  # first row of the next batch
-        self.calls = 0
+        self.replay = Replay(self._eager, capture, warmup)
 
     # ------------------------------------------------------------- the arithmetic
     def _trainable(self) -> list[tuple[float, list[Tensor]]]:
@@ -124,7 +124,7 @@ class GraphedStep:
         ``batch`` rows are read from it in order. Zeroes the epoch's sums."""
         if self.xs is None or xs.data_ptr() != self.xs.data_ptr() or ys.data_ptr() != self.ys.data_ptr() \
                 or batch != self.rows.numel():
-            self.graph = None  # the graph reads fixed addresses: capture again for new buffers
+            self.replay.reset()  # the graph reads fixed addresses: capture again for new buffers
             self.xs, self.ys = xs, ys
             self.rows = torch.arange(batch, device=xs.device)
         self.pos.zero_()
@@ -133,15 +133,7 @@ class GraphedStep:
 
     def step(self) -> None:
         """Train on the next full batch of the epoch."""
-        self.calls += 1
-        if not self.capture:
-            return self._eager()
-        if self.graph is None and self.calls <= self.warmup:
-            return self._side_stream()
-        if self.graph is None:
-            self._capture()
-        assert self.graph is not None
-        self.graph.replay()
+        self.replay()
 
     def last_batch(self, start: int) -> None:
         """Train on the rows from ``start`` to the end (a partial batch), eagerly."""
@@ -158,24 +150,8 @@ class GraphedStep:
 
     def _eager(self) -> None:
         for p in self.net.parameters():
-            p.grad = None
+            p.grad = None  # captured, the graph allocates the gradients it writes
         self._next_batch()
-
-    def _side_stream(self) -> None:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            self._eager()
-        torch.cuda.current_stream().wait_stream(s)
-
-    def _capture(self) -> None:
-        for _, params in self._trainable():
-            for p in params:
-                self._state(p)  # every state tensor exists before capture
-                p.grad = None  # the graph allocates the gradients it writes
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._next_batch()
 
 
 class StackedStep:
@@ -194,7 +170,7 @@ class StackedStep:
                  noise: Noise | None, capture: bool, warmup: int = 3):
         K, dev = chain.W[0].shape[0], x.device
         self.chain, self.opt, self.x, self.y, self.noise = chain, opt, x, y, noise
-        self.capture, self.warmup, self.calls = capture, warmup, 0
+        self.replay = Replay(self._next_batch, capture, warmup)
         self.lr = torch.zeros(K, device=dev)
         self.mom = torch.zeros(K, device=dev)
         self.loss_sum = torch.zeros(K, device=dev)
@@ -203,7 +179,6 @@ class StackedStep:
         self.rows = torch.arange(batch, device=dev)
         self.pos = torch.zeros((), dtype=torch.long, device=dev)
         self.t = 0  # the global step, for Adam's bias correction (never captured)
-        self.graph: torch.cuda.CUDAGraph | None = None
 
     def start_epoch(self, perms: Tensor) -> None:
         """This epoch's permutations [K, N] (each member's data order); zeroes the sums."""
@@ -233,22 +208,8 @@ class StackedStep:
 
     def step(self, t: int) -> None:
         """Train every member on its next full batch; ``t``: the global step."""
-        self.t, self.calls = t, self.calls + 1
-        if not self.capture:
-            return self._next_batch()
-        if self.graph is None and self.calls <= self.warmup:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                self._next_batch()
-            torch.cuda.current_stream().wait_stream(s)
-            return None
-        if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self._next_batch()
-        self.graph.replay()
-        return None
+        self.t = t
+        self.replay()
 
     def last_batch(self, start: int, t: int) -> None:
         """Train on each member's rows from ``start`` to the end (a partial batch), eagerly."""

@@ -86,7 +86,8 @@ def _twin(cfg_kw: dict, epochs: int = 2):
 ], ids=["momentum", "nesterov", "adam", "schedule", "dropout"])
 def test_cuda_graph_equals_eager(kw):
     graphed, eager = _twin(kw)
-    assert graphed.graphed is not None and graphed.graphed.graph is not None and eager.graphed is None
+    g = graphed.engine.graphed
+    assert g is not None and g.replay.graph is not None and eager.engine.graphed is None
     for (k, a), (_, b) in zip(eager.model.state_dict().items(), graphed.model.state_dict().items()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=k)
     assert [h["train_loss"] for h in graphed.history] == pytest.approx([h["train_loss"] for h in eager.history],
@@ -195,10 +196,10 @@ def test_population_step_captured_as_a_cuda_graph_equals_eager():
     graphs = [mlp((64, 32, 16), seed=k) for k in range(3)]
     eager = PopulationTrainer(graphs, ds, cfgs(False), [1, 2, 3])
     graphed = PopulationTrainer(graphs, ds, cfgs("auto"), [1, 2, 3])
-    assert eager.engine.stepper.graph is None and graphed.engine.stepper.capture
+    assert not eager.engine.stepper.replay.capture and graphed.engine.stepper.replay.capture
     eager.fit()
     graphed.fit()
-    assert graphed.engine.stepper.graph is not None
+    assert graphed.engine.stepper.replay.graph is not None
     for k in range(3):
         for name, w in graphed.weights(k).items():
             torch.testing.assert_close(w, eager.weights(k)[name], rtol=1e-5, atol=1e-5, msg=f"{k} {name}")
