@@ -1,6 +1,7 @@
 """Bernoulli RBM 784->500, CD-1, batch 100, one epoch on the 50k MNIST training set:
 surgery's trainer vs a hand-written plain torch CD-1 loop vs scikit-learn's BernoulliRBM
-(float32 input), interleaved in one process; prints samples/s and ratios.
+(float32 input), interleaved in one process; prints samples/s and ratios. On CUDA our step
+is replayed from a CUDA graph, and `surgery_eager` is the same trainer without it.
 
     python benchmarks/rbm.py [--rounds 3] [--n 50000] [--hidden 500] [--device cpu|cuda]
 """
@@ -16,7 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved, matmul_peak, mnist_train, print_rows, row  # noqa: E402
 
-from surgery.pretrain import RBMConfig, train_rbm  # noqa: E402
+from surgery.pretrain import RBMConfig  # noqa: E402
+from surgery.pretrain.rbm import train_rbm_population  # noqa: E402
 
 
 def plain_torch_cd1(x: torch.Tensor, hidden: int, lr: float = 0.05, batch: int = 100, seed: int = 0) -> torch.Tensor:
@@ -40,9 +42,9 @@ def plain_torch_cd1(x: torch.Tensor, hidden: int, lr: float = 0.05, batch: int =
     return W
 
 
-def ours(x: torch.Tensor, hidden: int, persistent: bool = False) -> None:
-    train_rbm(x, RBMConfig(hidden=hidden, epochs=1, lr=0.05, persistent=persistent), "h1", 100,
-              torch.Generator().manual_seed(0), progress=False)
+def ours(x: torch.Tensor, hidden: int, persistent: bool = False, capture: bool = True) -> None:
+    train_rbm_population([x], [RBMConfig(hidden=hidden, epochs=1, lr=0.05, persistent=persistent)], ["h1"], 100,
+                         [torch.Generator().manual_seed(0)], progress=False, capture=capture)
 
 
 def sklearn_rbm(xn, hidden: int) -> None:
@@ -63,6 +65,8 @@ def bench(n: int | None, hidden: int, rounds: int, peak: float | None, device: s
         "surgery_pcd": lambda: (ours(x, hidden, persistent=True), sync()),
         "plain_torch": lambda: (plain_torch_cd1(x, hidden), sync()),
     }
+    if x.device.type == "cuda":  # the same step without the CUDA graph
+        contenders["surgery_eager"] = lambda: (ours(x, hidden, capture=False), sync())
     if x.device.type == "cpu":  # the peers below are CPU libraries here
         xn = x.numpy()
         try:
@@ -86,7 +90,8 @@ def bench(n: int | None, hidden: int, rounds: int, peak: float | None, device: s
     rows = []
     for k, t in med.items():
         both_ours = k.startswith("surgery")
-        ratios = {p: med.ratio(k, p) for p in med if p != k and not (both_ours and p.startswith("surgery"))}
+        ratios = {p: med.ratio(k, p) for p in med
+                  if p != k and not (both_ours and p.startswith("surgery") and "surgery_eager" not in (k, p))}
         rows.append(row(f"rbm cd1 784->{hidden} {k} ({device})", N / t, flops, peak, ratios))
     return rows
 

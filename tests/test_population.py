@@ -328,3 +328,21 @@ def test_population_cells_are_counted_as_their_population_finishes(tmp_path):
     done = runner.run_populations(cells, 3, bar)
     assert done == {c.key for c in cells} and bar.n == 6
     assert runner.run_populations(cells, 3, bar) == set() and bar.n == 6
+
+
+@pytest.mark.parametrize("kw,batch", [({}, 50), ({"persistent": True, "k": 2}, 4), ({"k": 3}, 7)],
+                         ids=["cd-1", "pcd-2, 82 batches (two banks)", "cd-3, a partial last batch"])
+def test_rbm_words_drawn_ahead_are_the_words_drawn_as_it_goes(kw, batch):
+    """The CUDA-graph path draws its samples' random words ahead into a bank; on a CPU the
+    bank holds exactly the words the eager loop draws step by step, so both train the same
+    RBMs bit for bit (three members, their own lr)."""
+    xs = _layer_inputs()
+    cfgs = [RBMConfig(hidden=10, epochs=2, lr=0.05 * (k + 1), **kw) for k in range(3)]
+
+    def run(ahead):
+        return train_rbm_population(xs, cfgs, ["h1"] * 3, batch, [torch.Generator().manual_seed(s) for s in range(3)],
+                                    False, ahead=ahead)
+
+    for drawn, ahead in zip(run(False), run(True)):
+        for k, t in drawn.tensors.items():
+            assert torch.equal(t, ahead.tensors[k]), k

@@ -174,7 +174,7 @@ def test_cd1_steps_equal_the_textbook_update(monkeypatch, momentum, weight_decay
     GEMM with the biases carried in ones columns."""
     from surgery.pretrain import rbm
 
-    monkeypatch.setattr(rbm.BernoulliSampler, "__call__", lambda self, p, out, g: torch.gt(p, 0.5, out=out))
+    monkeypatch.setattr(rbm.BernoulliSampler, "__call__", lambda self, p, out, g, words=None: torch.gt(p, 0.5, out=out))
     x = (torch.rand(40, 30, generator=G(7)) < 0.4).float()
     cfg = RBMConfig(hidden=12, epochs=1, lr=0.3, momentum=momentum, weight_decay=weight_decay, init_std=0.3)
     layer = train_rbm(x, cfg, "h1", 20, G(0), False)

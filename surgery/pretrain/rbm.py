@@ -17,6 +17,7 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from ..batched import RowGather, loops_on, matmul, member_tensor
+from ..capture import Replay
 from ..layers import LayerSpec
 from ..stack import StackLayer
 from .base import (
@@ -31,7 +32,7 @@ from .base import (
     progress_bar,
     rows_once,
 )
-from .sampling import BernoulliSampler
+from .sampling import BernoulliSampler, WordBank
 
 
 class RBMConfig(LayerPretrainConfig):
@@ -76,6 +77,14 @@ class _Buffers:
         self.samplers = [BernoulliSampler(b, h, dev) for _ in range(K)]
 
 
+CHUNK = 64  # full batches whose random words are drawn ahead, one generator call per member
+
+
+def _draws(b: int, h: int) -> int:
+    """64-bit random draws a sample of [b, h] units takes (16 bits a unit)."""
+    return (b * h + 3) // 4
+
+
 def hidden_sample(K: int, b: int, h: int, dev: torch.device) -> Tensor:
     """A [K, b, h + 1] buffer whose last column is the bias unit (1)."""
     out = member_tensor(K, (b, h + 1), dev)
@@ -100,16 +109,19 @@ def train_rbm(x: Tensor, cfg: RBMConfig, name: str, batch_size: int, generator: 
 @torch.no_grad()
 def train_rbm_population(xs: list[Tensor], cfgs: list[RBMConfig], names: list[str], batch_size: int,
                          generators: list[torch.Generator], progress: bool | None = None,
-                         stacked: bool | None = None) -> list[StackLayer]:
+                         stacked: bool | None = None, capture: bool = True,
+                         ahead: bool | None = None) -> list[StackLayer]:
     """Fit K RBM layers together, member k on ``xs[k]`` [N, D] with ``cfgs[k]`` and its own
     generator (init, data order, samples); each comes out as it would alone.
 
     Members share the shape, method, CD steps and epochs; lr, momentum, weight decay and
     init scale may differ. ``stacked`` (default: on CUDA) runs each GEMM of all members as
-    one ``bmm``; otherwise member by member, which for K = 1 is the single-model loop."""
+    one ``bmm``; otherwise member by member, which for K = 1 is the single-model loop.
+    ``capture``: on a GPU, replay each full batch's step from a CUDA graph, its random
+    words drawn ahead (``ahead``, default: when captured) into a bank."""
     check_members(cfgs, ("method", "hidden", "epochs", "k", "persistent"), names)
-    return _RBMPopulation(rows_once(xs), cfgs, names, generators, stacked).fit(
-        batch_size, progress)
+    return _RBMPopulation(rows_once(xs), cfgs, names, generators, stacked, capture, ahead).fit(batch_size,
+                                                                                              progress)
 
 
 class _RBMPopulation:
@@ -118,7 +130,7 @@ class _RBMPopulation:
     is (+1) * B + (-1) * B), velocities, generators and per-member hyperparameters."""
 
     def __init__(self, xs: list[Tensor], cfgs: list[RBMConfig], names: list[str], gens: list[torch.Generator],
-                 stacked: bool | None):
+                 stacked: bool | None, capture: bool = True, ahead: bool | None = None):
         self.xs, self.cfgs, self.names, self.gens = xs, cfgs, names, gens
         self.K, (self.n, nv) = len(xs), xs[0].shape
         self.cfg, nh, dev = cfgs[0], cfgs[0].hidden, xs[0].device
@@ -143,6 +155,22 @@ class _RBMPopulation:
         self.chain: Tensor | None = None
         hyper = {(c.lr, c.momentum, c.weight_decay) for c in cfgs}
         self.uniform = len(hyper) == 1
+        # Each full batch is read from the epoch's permutations at a device counter, and its
+        # samples from words drawn ahead, so on a GPU the step is captured once and replayed.
+        self.perms = torch.zeros(self.K, self.n, dtype=torch.long, device=dev)
+        self.pos = torch.zeros((), dtype=torch.long, device=dev)
+        self.rows = torch.zeros(0, dtype=torch.long, device=dev)
+        self.replay = Replay(self._next_batch, capture=capture and dev.type == "cuda")
+        # A captured step reads its samples' random words from a bank drawn ahead; eager, it
+        # draws them as it goes (the same words on a CPU: tests/test_pretrain.py), which
+        # measured ~6% faster there than going through the bank.
+        self.ahead = self.replay.capture if ahead is None else ahead
+        self.bank: WordBank | None = None
+        self.banked = True
+
+    def _next_batch(self) -> None:
+        self.step(self.perms.index_select(1, self.rows + self.pos))
+        self.pos += self.rows.numel()
 
     def fit(self, batch_size: int, progress: bool | None) -> list[StackLayer]:
         """Train every member for the shared number of epochs; return their layers."""
@@ -150,11 +178,26 @@ class _RBMPopulation:
         mons = [monitor_subset(x) for x in self.xs]
         label = f"{self.names[0]} {self.cfg.method}" + (f" x{self.K}" if self.K > 1 else "")
         bar = progress_bar(self.cfg.epochs * n_batches(self.n, batch_size), label, progress)
+        full, rest = divmod(self.n, batch_size)
+        self.rows = torch.arange(batch_size, device=self.dev)
+        if self.ahead:
+            self.bank = WordBank(self.K, (CHUNK * self.cfg.k + 1) * _draws(batch_size, self.nh), self.dev)
         for epoch in range(1, self.cfg.epochs + 1):
             t0 = time.perf_counter()
-            perms = torch.stack([torch.randperm(self.n, generator=g) for g in self.gens]).to(self.dev)
-            for i in range(0, self.n, batch_size):
-                self.step(perms[:, i : i + batch_size])
+            self.perms.copy_(torch.stack([torch.randperm(self.n, generator=g) for g in self.gens]))
+            self.pos.zero_()
+            for c0 in range(0, full, CHUNK):
+                steps = min(CHUNK, full - c0)
+                if self.bank is not None:
+                    first = 1 if self.cfg.persistent and self.chain is None else 0  # the chains' first sample
+                    self.bank.refill((steps * self.cfg.k + first) * _draws(batch_size, self.nh), self.draw)
+                for _ in range(steps):
+                    self.replay()
+                bar.update(steps)
+            if rest:  # the partial last batch: eagerly, its samples drawn directly
+                self.banked = False
+                self.step(self.perms[:, full * batch_size :])
+                self.banked = True
                 bar.update(1)
             seconds = round(time.perf_counter() - t0, 4)
             for k in range(self.K):
@@ -195,9 +238,11 @@ class _RBMPopulation:
         self.update(buf, bs)
 
     def sample(self, buf: _Buffers, p: Tensor, out: Tensor) -> None:
-        """``out[k] ~ Bernoulli(p[k])`` from member k's own generator."""
+        """``out[k] ~ Bernoulli(p[k])`` from member k's own stream: words drawn ahead into
+        the bank, or (the partial last batch) drawn now from its generator."""
+        words = self.bank.take(p.shape[1], p.shape[2]) if self.banked and self.bank is not None else None
         for k in range(self.K):
-            buf.samplers[k](p[k], out[k], self.draw[k])
+            buf.samplers[k](p[k], out[k], self.draw[k], None if words is None else words[k])
 
     def update(self, buf: _Buffers, bs: int) -> None:
         """SGD with momentum and weight decay for every member, exactly as alone: all at once

@@ -27,16 +27,45 @@ class RandomWords:
 
 
 class BernoulliSampler(RandomWords):
-    """``out = Bernoulli(p)`` for ``p`` of shape [<=b, d]."""
+    """``out = Bernoulli(p)`` for ``p`` of shape [<=b, d], from words drawn here from ``g``
+    or given (``words``: int16 of p's shape, e.g. from a :class:`WordBank`)."""
 
     def __init__(self, b: int, d: int, dev: torch.device):
         super().__init__(b, d, dev)
         self.q = torch.empty(b, d, device=dev)
 
-    def __call__(self, p: Tensor, out: Tensor, g: torch.Generator | None) -> Tensor:
+    def __call__(self, p: Tensor, out: Tensor, g: torch.Generator | None, words: Tensor | None = None) -> Tensor:
         n = p.shape[0]
         q = torch.mul(p, 65536.0, out=self.q[:n]).sub_(32768.0)
-        return torch.lt(self.draw(n, g), q, out=out)
+        return torch.lt(self.draw(n, g) if words is None else words, q, out=out)
+
+
+class WordBank:
+    """Random words for K members drawn ahead: each member's next draws filled by one call
+    of its generator (:meth:`refill`), then handed out in order (:meth:`take`) from a
+    position held in a device counter, so a step captured as a CUDA graph reads fresh
+    words at every replay. A take of ``n`` x ``d`` words consumes ``ceil(n d / 4)``
+    64-bit draws, as :meth:`RandomWords.draw` does; on a CPU, whose generator fills a
+    tensor in order, a member's words are exactly those its draws one by one would give."""
+
+    def __init__(self, K: int, draws: int, dev: torch.device):
+        self.bits = torch.empty(K, draws, dtype=torch.int64, device=dev)
+        self.span = torch.arange(draws, device=dev)
+        self.pos = torch.zeros((), dtype=torch.long, device=dev)
+
+    def refill(self, draws: int, gens: list[torch.Generator]) -> None:
+        """Draw the next ``draws`` 64-bit words of each member from its generator; start
+        handing out from the first."""
+        for k, g in enumerate(gens):
+            self.bits[k, :draws].random_(-(2**63), None, generator=g)
+        self.pos.zero_()
+
+    def take(self, n: int, d: int) -> Tensor:
+        """The next [K, n, d] int16 words (each member its own)."""
+        m = (n * d + 3) // 4
+        words = self.bits.index_select(1, self.span[:m] + self.pos)
+        self.pos += m
+        return words.view(torch.int16)[:, : n * d].view(-1, n, d)
 
 
 class MaskNoise(RandomWords):
