@@ -346,3 +346,20 @@ def test_rbm_words_drawn_ahead_are_the_words_drawn_as_it_goes(kw, batch):
     for drawn, ahead in zip(run(False), run(True)):
         for k, t in drawn.tensors.items():
             assert torch.equal(t, ahead.tensors[k]), k
+
+
+@pytest.mark.parametrize("batch", [50, 7], ids=["20 batches", "147 batches (three banks), a partial last"])
+def test_dae_mask_words_drawn_ahead_are_the_words_drawn_as_it_goes(batch):
+    """Denoising autoencoders' masks from words drawn ahead (the CUDA-graph path) equal the
+    masks drawn step by step, bit for bit; a member without noise draws none (its data
+    order stays its own)."""
+    xs = _layer_inputs()
+    cfgs = [AEConfig(method="dae", hidden=10, epochs=2, lr=0.1, noise=n) for n in (0.3, 0.0, 0.2)]
+
+    def run(ahead):
+        return train_autoencoder_population(xs, cfgs, ["h1"] * 3, batch, [torch.Generator().manual_seed(s)
+                                                                          for s in range(3)], False, ahead=ahead)
+
+    for drawn, ahead in zip(run(False), run(True)):
+        for k, t in drawn.tensors.items():
+            assert torch.equal(t, ahead.tensors[k]), k

@@ -44,13 +44,15 @@ def train_autoencoder(x: Tensor, cfg: AEConfig, name: str, batch_size: int,
 
 def train_autoencoder_population(xs: list[Tensor], cfgs: list[AEConfig], names: list[str], batch_size: int,
                                  generators: list[torch.Generator], progress: bool | None = None,
-                                 stacked: bool | None = None, _autograd: bool = False) -> list[StackLayer]:
+                                 stacked: bool | None = None, capture: bool = True, ahead: bool | None = None,
+                                 _autograd: bool = False) -> list[StackLayer]:
     """Fit K autoencoder layers together, member k on ``xs[k]`` with ``cfgs[k]`` and its own
     generator (init, data order, noise); each comes out as it would alone.
 
     Members share the method, shape, activation, tying, loss and noise kind; lr, momentum,
     weight decay, noise level and sparsity may differ. Dense members train as one batched
-    program (:func:`.dense_ae.train_dense`); conv members one after another."""
+    program (:func:`.dense_ae.train_dense`, its step replayed from a CUDA graph on a GPU
+    when ``capture``); conv members one after another."""
     check_members(cfgs, ("method", "hidden", "epochs", "activation", "tied", "loss", "noise_kind"), names)
     cfg = cfgs[0]
     if cfg.method == "conv_ae" and xs[0].dim() != 4:
@@ -69,7 +71,7 @@ def train_autoencoder_population(xs: list[Tensor], cfgs: list[AEConfig], names: 
     label = f"{names[0]} {cfg.method}" + (f" x{K}" if K > 1 else "")
     bar = progress_bar(cfg.epochs * n_batches(n, batch_size) * (1 if dense else K), label, progress)
     if dense:
-        histories = train_dense(xs, cfgs, models, names, batch_size, generators, bar, stacked)
+        histories = train_dense(xs, cfgs, models, names, batch_size, generators, bar, stacked, capture, ahead)
     else:
         histories = [_train_autograd(x, c, m, monitor_subset(x), member_label(name, k, K), batch_size, g, bar)
                      for k, (x, c, m, name, g) in enumerate(zip(xs, cfgs, models, names, generators))]

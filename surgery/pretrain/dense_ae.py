@@ -24,9 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..batched import RowGather, loops_on, matmul, member_tensor
+from ..capture import Replay
 from .ae_model import AEConfig, AEModel
 from .base import check_finite, device_generator, member_label, monitor_subset
-from .sampling import MaskNoise, corrupt
+from .sampling import MaskNoise, WordBank, corrupt
+
+CHUNK = 64  # full batches whose random words are drawn ahead, one generator call per member
 
 
 class _Buffers:
@@ -75,26 +78,38 @@ def _activate(h: Tensor, act: str) -> None:
 
 
 def train_dense(xs: list[Tensor], cfgs: list[AEConfig], models: list[AEModel], names: list[str], batch_size: int,
-                generators: list[torch.Generator], bar, stacked: bool | None = None) -> list[list[dict]]:
+                generators: list[torch.Generator], bar, stacked: bool | None = None, capture: bool = True,
+                ahead: bool | None = None) -> list[list[dict]]:
     """Train K dense ``AEModel``s (initialised) together, member k on ``xs[k]`` [N, D] with its
     own config and generator; their parameters hold the result, as each would alone.
     Returns the per-epoch histories. ``stacked`` (default: on CUDA) runs each GEMM of all
-    members as one ``bmm``; otherwise member by member (K = 1: the single-model loop)."""
-    pop = _DensePopulation(xs, cfgs, models, names, generators, stacked)
+    members as one ``bmm``; otherwise member by member (K = 1: the single-model loop).
+    ``capture``: on a GPU, replay each full batch's step from a CUDA graph (masking noise:
+    its random words drawn ahead, ``ahead``; Gaussian or salt-and-pepper noise: eager)."""
+    pop = _DensePopulation(xs, cfgs, models, names, generators, stacked, batch_size, capture, ahead)
     histories: list[list[dict]] = [[] for _ in xs]
     mons = [monitor_subset(x) for x in xs]
     n, K = xs[0].shape[0], len(xs)
+    full, rest = divmod(n, batch_size)
     for epoch in range(1, cfgs[0].epochs + 1):
         t0 = time.perf_counter()
-        total = torch.zeros(K, device=pop.dev)
-        perms = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(pop.dev)
-        for i in range(0, n, batch_size):
-            pop.step(perms[:, i : i + batch_size], total)
+        pop.total.zero_()
+        pop.perms.copy_(torch.stack([torch.randperm(n, generator=g) for g in generators]))
+        pop.pos.zero_()
+        for c0 in range(0, full, CHUNK):
+            steps = min(CHUNK, full - c0)
+            if pop.bank is not None:
+                pop.bank.refill(steps * ((batch_size * pop.nv + 3) // 4), pop.draw, pop.masked)
+            for _ in range(steps):
+                pop.replay()
+            bar.update(steps)
+        if rest:  # the partial last batch: eagerly, its noise drawn directly
+            pop.step(pop.perms[:, full * batch_size :], banked=False)
             bar.update(1)
         pop.sync_models()
         seconds = round(time.perf_counter() - t0, 4)
         for k, model in enumerate(models):
-            m = {"epoch": epoch, "loss": float(total[k]) / n, "recon_error": model.recon_error(mons[k]),
+            m = {"epoch": epoch, "loss": float(pop.total[k]) / n, "recon_error": model.recon_error(mons[k]),
                  "seconds": seconds}
             check_finite(m["loss"], "loss", member_label(names[k], k, K), epoch)
             histories[k].append(m)
@@ -106,7 +121,8 @@ class _DensePopulation:
     """K dense autoencoders' parameter matrices (stacked), velocities, buffers and draws."""
 
     def __init__(self, xs: list[Tensor], cfgs: list[AEConfig], models: list[AEModel], names: list[str],
-                 gens: list[torch.Generator], stacked: bool | None):
+                 gens: list[torch.Generator], stacked: bool | None, batch_size: int, capture: bool,
+                 ahead: bool | None):
         self.cfgs, self.models, self.cfg, self.K = cfgs, models, cfgs[0], len(xs)
         self.nv, self.nh, self.dev = xs[0].shape[1], cfgs[0].hidden, xs[0].device
         self.act, self.tied = models[0].spec.activation, models[0].decoder_weight is None
@@ -134,13 +150,32 @@ class _DensePopulation:
                     if any(c.momentum for c in cfgs) else None)
         self.uniform = len({(c.lr, c.momentum, c.weight_decay) for c in cfgs}) == 1
         self.bufs: dict[int, _Buffers] = {}
+        self.total = torch.zeros(self.K, device=self.dev)  # each member's summed loss this epoch
+        # Each full batch is read from the epoch's permutations at a device counter and its
+        # mask noise from words drawn ahead, so on a GPU the step is captured once and replayed.
+        self.perms = torch.zeros(self.K, xs[0].shape[0], dtype=torch.long, device=self.dev)
+        self.pos = torch.zeros((), dtype=torch.long, device=self.dev)
+        self.rows = torch.arange(batch_size, device=self.dev)
+        self.masked = [k for k, c in enumerate(cfgs) if c.noise > 0]
+        drawn_now = self.cfg.noise_kind != "mask" and bool(self.masked)  # Gaussian, salt and pepper
+        self.replay = Replay(self.next_step, capture and self.dev.type == "cuda" and not drawn_now)
+        self.ahead = self.replay.capture if ahead is None else ahead and not drawn_now
+        self.bank = WordBank(self.K, CHUNK * ((batch_size * nv + 3) // 4), self.dev) \
+            if self.ahead and self.masked else None
 
-    def step(self, idx: Tensor, total: Tensor) -> None:
-        """One SGD step of every member on its rows ``idx[k]``; adds each member's summed loss to ``total[k]``."""
-        bs, loop = idx.shape[1], self.loop
+    def next_step(self) -> None:
+        """One step on each member's next full batch (advances the device counter)."""
+        idx = self.perms.index_select(1, self.rows + self.pos)
+        self.pos += self.rows.numel()
+        self.step(idx)
+
+    def step(self, idx: Tensor, banked: bool = True) -> None:
+        """One SGD step of every member on its rows ``idx[k]``; adds each member's summed loss
+        to ``total[k]``. ``banked``: mask noise from the words drawn ahead (when there are)."""
+        bs, loop, total = idx.shape[1], self.loop, self.total
         buf = self.bufs.get(bs) or self.bufs.setdefault(bs, _Buffers(self.K, bs, self.nv, self.nh, self.dev, self.tied))
         x0 = self.gather(idx, buf.x0)
-        self.corrupt(buf, x0)
+        self.corrupt(buf, x0, self.bank.take(bs, self.nv) if banked and self.bank is not None else None)
         # forward: h = act([x~, 1] @ [W, c]^T), logits = [h, 1] @ [Wd; b]
         _activate(matmul(buf.xn_1, self.enc_t, loop, out=buf.h), self.act)
         logits = matmul(buf.h_1, self.dec, loop, out=buf.dlog)
@@ -162,13 +197,14 @@ class _DensePopulation:
         _times_derivative(buf.dpre, buf.h, self.act, buf.tmp)
         self.update(buf)
 
-    def corrupt(self, buf: _Buffers, x0: Tensor) -> None:
-        """Each member's corrupted input ``x~`` from its own generator, at its own level."""
+    def corrupt(self, buf: _Buffers, x0: Tensor, words: Tensor | None) -> None:
+        """Each member's corrupted input ``x~`` from its own stream (``words`` [K, b, v] drawn
+        ahead, or drawn now from its generator), at its own level."""
         for k, cfg in enumerate(self.cfgs):
             if cfg.noise == 0:
                 buf.xn[k].copy_(x0[k])
             elif cfg.noise_kind == "mask":
-                buf.masks[k](x0[k], cfg.noise, buf.xn[k], self.draw[k])
+                buf.masks[k](x0[k], cfg.noise, buf.xn[k], self.draw[k], None if words is None else words[k])
             else:
                 buf.xn[k].copy_(corrupt(x0[k], cfg.noise_kind, cfg.noise, self.draw[k]))
 

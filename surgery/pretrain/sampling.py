@@ -53,11 +53,12 @@ class WordBank:
         self.span = torch.arange(draws, device=dev)
         self.pos = torch.zeros((), dtype=torch.long, device=dev)
 
-    def refill(self, draws: int, gens: list[torch.Generator]) -> None:
-        """Draw the next ``draws`` 64-bit words of each member from its generator; start
-        handing out from the first."""
-        for k, g in enumerate(gens):
-            self.bits[k, :draws].random_(-(2**63), None, generator=g)
+    def refill(self, draws: int, gens: list[torch.Generator], members: list[int] | None = None) -> None:
+        """Draw the next ``draws`` 64-bit words of each member (of ``members``: those that
+        use them; the others' generators are left alone) from its generator; start handing
+        out from the first."""
+        for k in range(len(gens)) if members is None else members:
+            self.bits[k, :draws].random_(-(2**63), None, generator=gens[k])
         self.pos.zero_()
 
     def take(self, n: int, d: int) -> Tensor:
@@ -69,15 +70,17 @@ class WordBank:
 
 
 class MaskNoise(RandomWords):
-    """Masking corruption: ``out = x * keep`` with ``keep ~ Bernoulli(1 - level)``."""
+    """Masking corruption: ``out = x * keep`` with ``keep ~ Bernoulli(1 - level)``, from
+    words drawn here from ``g`` or given (``words``, e.g. from a :class:`WordBank`)."""
 
     def __init__(self, b: int, d: int, dev: torch.device):
         super().__init__(b, d, dev)
         self.keep = torch.empty(b, d, dtype=torch.bool, device=dev)
 
-    def __call__(self, x: Tensor, level: float, out: Tensor, g: torch.Generator | None) -> Tensor:
+    def __call__(self, x: Tensor, level: float, out: Tensor, g: torch.Generator | None,
+                 words: Tensor | None = None) -> Tensor:
         n = x.shape[0]
-        keep = torch.ge(self.draw(n, g), 65536.0 * level - 32768.0, out=self.keep[:n])
+        keep = torch.ge(self.draw(n, g) if words is None else words, 65536.0 * level - 32768.0, out=self.keep[:n])
         return torch.mul(x, keep, out=out)
 
 
