@@ -363,3 +363,25 @@ def test_dae_mask_words_drawn_ahead_are_the_words_drawn_as_it_goes(batch):
     for drawn, ahead in zip(run(False), run(True)):
         for k, t in drawn.tensors.items():
             assert torch.equal(t, ahead.tensors[k]), k
+
+
+@pytest.mark.parametrize("kw,scale", [
+    ({"method": "conv_ae"}, 1.0),
+    ({"method": "conv_ae", "tied": False, "loss": "squared", "activation": "tanh", "stride": 2, "padding": 1}, 0.01),
+    ({"method": "conv_ae", "noise": 0.3, "sparsity_weight": 0.2}, 1.0),
+], ids=["tied", "untied squared tanh stride 2", "masked sparse"])
+def test_conv_ae_population_equals_each_layer_alone_with_autograd(kw, scale):
+    """Three conv autoencoders trained as one grouped convolution (their own data order,
+    noise, lr, momentum and weight decay) each equal autograd + torch.optim.SGD alone:
+    weights and loss histories, over a partial last batch."""
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.rand(70, 2, 9, 9, generator=g) for _ in range(3)]
+    cfgs = [AEConfig(hidden=4, kernel_size=3, epochs=2, **kw, **{**hp, "lr": hp["lr"] * scale}) for hp in MEMBER_HP]
+    pop = train_autoencoder_population(xs, cfgs, ["c1"] * 3, 32, [torch.Generator().manual_seed(s) for s in range(3)],
+                                       False)
+    for k, (x, c) in enumerate(zip(xs, cfgs)):
+        alone = train_autoencoder(x, c, "c1", 32, torch.Generator().manual_seed(k), False, _autograd=True)
+        for name, t in alone.tensors.items():
+            torch.testing.assert_close(pop[k].tensors[name], t, rtol=1e-5, atol=1e-5, msg=f"{k} {name}")
+        assert [h["loss"] for h in pop[k].pretrain["history"]] == pytest.approx(
+            [h["loss"] for h in alone.pretrain["history"]], rel=1e-5)

@@ -1,7 +1,9 @@
 """Training autoencoder layers: plain, denoising, sparse and convolutional.
 
-Dense layers train with the hand-written gradients of :mod:`.dense_ae`; conv layers with
-autograd (see :mod:`.ae_model` for the model and its config).
+Dense layers train with the hand-written gradients of :mod:`.dense_ae`; conv layers as
+grouped convolutions with autograd (:mod:`.conv_ae`); see :mod:`.ae_model` for the model
+and its config. The plain autograd loop here (``_autograd=True``) is the reference the
+tests compare both against.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .base import (
     progress_bar,
     rows_once,
 )
+from .conv_ae import train_conv
 from .dense_ae import train_dense
 from .sampling import corrupt
 
@@ -37,8 +40,9 @@ def train_autoencoder(x: Tensor, cfg: AEConfig, name: str, batch_size: int,
                       _autograd: bool = False) -> StackLayer:
     """Fit one autoencoder layer on ``x`` ([N, D], or [N, C, H, W] for conv_ae): a population of one.
 
-    Dense layers train with hand-written gradients (:mod:`.dense_ae`); conv layers (and
-    dense ones with ``_autograd=True``, which the tests compare against) with autograd."""
+    Dense layers train with hand-written gradients (:mod:`.dense_ae`), conv layers as
+    grouped convolutions (:mod:`.conv_ae`); ``_autograd=True``: one member at a time with
+    autograd and ``torch.optim.SGD``, the reference the tests compare against."""
     return train_autoencoder_population([x], [cfg], [name], batch_size, [generator], progress, _autograd=_autograd)[0]
 
 
@@ -52,7 +56,7 @@ def train_autoencoder_population(xs: list[Tensor], cfgs: list[AEConfig], names: 
     Members share the method, shape, activation, tying, loss and noise kind; lr, momentum,
     weight decay, noise level and sparsity may differ. Dense members train as one batched
     program (:func:`.dense_ae.train_dense`, its step replayed from a CUDA graph on a GPU
-    when ``capture``); conv members one after another."""
+    when ``capture``), conv members as one grouped convolution (:func:`.conv_ae.train_conv`)."""
     check_members(cfgs, ("method", "hidden", "epochs", "activation", "tied", "loss", "noise_kind"), names)
     cfg = cfgs[0]
     if cfg.method == "conv_ae" and xs[0].dim() != 4:
@@ -67,11 +71,12 @@ def train_autoencoder_population(xs: list[Tensor], cfgs: list[AEConfig], names: 
     if dev.type == "cpu":
         keep_freed_memory()
     n, K = xs[0].shape[0], len(xs)
-    dense = spec.kind == "dense" and not _autograd
     label = f"{names[0]} {cfg.method}" + (f" x{K}" if K > 1 else "")
-    bar = progress_bar(cfg.epochs * n_batches(n, batch_size) * (1 if dense else K), label, progress)
-    if dense:
+    bar = progress_bar(cfg.epochs * n_batches(n, batch_size) * (K if _autograd else 1), label, progress)
+    if spec.kind == "dense" and not _autograd:
         histories = train_dense(xs, cfgs, models, names, batch_size, generators, bar, stacked, capture, ahead)
+    elif not _autograd:
+        histories = train_conv(xs, cfgs, models, names, batch_size, generators, bar)
     else:
         histories = [_train_autograd(x, c, m, monitor_subset(x), member_label(name, k, K), batch_size, g, bar)
                      for k, (x, c, m, name, g) in enumerate(zip(xs, cfgs, models, names, generators))]

@@ -119,8 +119,9 @@ def greedy_pretrain_population(
     """Greedy stacks of K members on the same data, trained together layer by layer: member
     k with ``cfgs[k]`` (its own lr, momentum, decay, noise...) and its own ``seeds[k]``
     (init, data order, samples); each stack equals the one :func:`greedy_pretrain` makes
-    alone. RBM, dense autoencoder and ``grow`` layers train as one batched program; conv
-    layers one member after another. ``on_layer(i, stacks)`` runs after layer ``i``."""
+    alone. Every method's layers train as one batched program (RBM, dense autoencoder and
+    ``grow``: stacked matrices; conv autoencoder: a grouped convolution).
+    ``on_layer(i, stacks)`` runs after layer ``i``."""
     _check_same_plan(cfgs)
     progress = cfgs[0].progress if progress is None else progress
     gens = [new_generator(s) for s in seeds]
