@@ -10,7 +10,10 @@ On an H200, for a 784-1000x3-10 net at batch 100, the GPU idled 84% of an eager 
   (the Trainer reuses one buffer every epoch), at a position held in a device counter
   that the graph advances: a replay needs no copy from Python;
 - the update is written here over the optimizer's own state tensors (SGD's
-  ``momentum_buffer``; Adam's ``exp_avg``, ``exp_avg_sq``, ``step``), with the learning
+  ``momentum_buffer``; Adam's ``exp_avg``, ``exp_avg_sq``, ``step``) in ``_foreach``
+  kernels (a handful for all tensors, not ~6 per tensor: a replay is as long as its
+  kernels, and on the H200 the graphed epoch, 0.19 s, still trailed a minimal captured
+  loop's 0.13 s), with the learning
   rate and momentum held in device tensors that the schedule refills before each replay
   (``fill_``: a kernel, not a host sync), so schedules need no re-capture and checkpoints
   keep working through ``optimizer.state_dict()``;
@@ -84,23 +87,42 @@ class GraphedStep:
 
     @torch.no_grad()
     def _update(self) -> None:
-        for mult, params in self._trainable():
-            for p in params:
-                g = p.grad if self.wd == 0 else p.grad + self.wd * p
-                st = self._state(p)
-                if self.name == "sgd":
-                    buf = st["momentum_buffer"]
-                    buf.mul_(self.mom).add_(g)
-                    d = g + self.mom * buf if self.nesterov else buf
-                    p.sub_(d * (self.lr * mult))
-                else:
-                    st["step"] += 1
-                    st["exp_avg"].lerp_(g, 1 - self.mom)
-                    st["exp_avg_sq"].mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
-                    bias1 = 1 - torch.pow(self.mom, st["step"])
-                    bias2 = 1 - self.b2 ** st["step"]
-                    denom = (st["exp_avg_sq"].sqrt() / bias2.sqrt()).add_(self.eps)
-                    p.sub_(st["exp_avg"] / denom * (self.lr * mult / bias1))
+        """The SGD/Adam update of every trainable tensor in a handful of ``_foreach`` kernels
+        (captured, ~10 launches instead of ~6 per tensor)."""
+        pairs = [(p, mult) for mult, params in self._trainable() for p in params]
+        if not pairs:
+            return
+        params, mults = [p for p, _ in pairs], [m for _, m in pairs]
+        grads = [p.grad for p in params]
+        if self.wd:
+            grads = torch._foreach_add(grads, params, alpha=self.wd)
+        states = [self._state(p) for p in params]
+        if self.name == "sgd":
+            bufs = [st["momentum_buffer"] for st in states]
+            torch._foreach_mul_(bufs, self.mom)
+            torch._foreach_add_(bufs, grads)
+            if self.nesterov:
+                steps = torch._foreach_mul(bufs, self.mom)
+                torch._foreach_add_(steps, grads)
+                torch._foreach_mul_(steps, self.lr)
+            else:
+                steps = torch._foreach_mul(bufs, self.lr)
+        else:
+            torch._foreach_add_([st["step"] for st in states], 1)  # 0-d tensors, as torch.optim.Adam keeps
+            t = states[0]["step"]
+            m, v = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+            torch._foreach_mul_(m, self.mom)
+            torch._foreach_add_(m, torch._foreach_mul(grads, 1 - self.mom))
+            torch._foreach_mul_(v, self.b2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - self.b2)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, torch.sqrt(1 - self.b2**t))
+            torch._foreach_add_(denom, self.eps)
+            steps = torch._foreach_div(m, denom)
+            torch._foreach_mul_(steps, self.lr / (1 - torch.pow(self.mom, t)))
+        if any(m != 1.0 for m in mults):
+            torch._foreach_mul_(steps, mults)
+        torch._foreach_sub_(params, steps)
 
     def _step(self, x: Tensor, y: Tensor) -> None:
         # autocast must not cache casts across a graph capture (see torch.cuda.graph docs)
