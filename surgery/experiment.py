@@ -151,14 +151,14 @@ class CellRunner:
         data = self.dataset(members[0][1])
         try:
             pop = PopulationTrainer([m[2] for m in members], data, [m[1].finetune for m in members],
-                                    [m[1].seed for m in members], out_dirs=[self.cell_dir(m[0]) for m in members],
+                                    [m[1].seed for m in members], out_dirs=[self.open_cell(m[0]) for m in members],
                                     record=lambda k, res: _record(members[k][0], res, members[k][3], len(members)))
         except ConfigError:
             return False  # not batchable (an optimizer or option populations lack): these cells train alone
         pop.fit()
         return True
 
-    def cell_dir(self, cell: Cell, cells_dir: str = "cells") -> Path:
+    def open_cell(self, cell: Cell, cells_dir: str = "cells") -> Path:
         """The cell's directory, holding its ``recipe.json`` (written here) before it trains."""
         cdir = self.out / cells_dir / cell.key
         write_json(cdir / "recipe.json", cell.recipe)
@@ -182,7 +182,7 @@ class CellRunner:
             return json.loads(res_path.read_text()), cdir
         r, data, graph, pre_s = self.prepare(cell)
         assert r.finetune is not None
-        trainer = Trainer(graph, data, r.finetune, r.seed, self.cell_dir(cell, cells_dir),
+        trainer = Trainer(graph, data, r.finetune, r.seed, self.open_cell(cell, cells_dir),
                           record=lambda k, res: _record(cell, res, pre_s))
         return trainer.fit(), cdir  # its result.json, written last, marks the cell finished
 

@@ -73,6 +73,7 @@ class ConvPopulation:
             t.grad = None
         losses = self.losses(x_in, target)
         losses.sum().backward()
+        # autograd allocates new gradients each backward: point the optimizer at this step's
         self.opt.grads = [self.params[n].grad.view(self.K, *getattr(self.models[0], n).shape) for n in self.order]
         with torch.no_grad():
             self.opt.step(self.lr, self.mom, step)
