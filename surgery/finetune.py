@@ -126,7 +126,7 @@ class TrainingLoop:
     def after_epoch(self, recs: list[dict[str, Any] | None], stopping: bool) -> None:
         """Hook after an epoch is booked (the Trainer checkpoints and calls back here)."""
 
-    def fit_members(self, resume: bool = False) -> list[dict[str, Any]]:
+    def fit_members(self) -> list[dict[str, Any]]:
         """Train until the budget is spent or every member has stopped; each member keeps
         its best epoch's weights. Returns one result dict per member (test/valid/train
         error, epochs, best epoch, steps, seconds, device, versions)."""
