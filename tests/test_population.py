@@ -385,3 +385,19 @@ def test_conv_ae_population_equals_each_layer_alone_with_autograd(kw, scale):
             torch.testing.assert_close(pop[k].tensors[name], t, rtol=1e-5, atol=1e-5, msg=f"{k} {name}")
         assert [h["loss"] for h in pop[k].pretrain["history"]] == pytest.approx(
             [h["loss"] for h in alone.pretrain["history"]], rel=1e-5)
+
+
+def test_a_population_of_one_is_the_single_run(synth):
+    """K = 1 through the population's engine and the single run through the Trainer go
+    through one loop and end with the same weights, history and result."""
+    cfg = _cfg(optimizer={"lr": 0.2, "momentum": 0.9}, early_stopping={"patience": 2})
+    g = mlp(SIZES, seed=3, init="classic")
+    pop = PopulationTrainer([g], synth, [cfg], [7])
+    (res,) = pop.fit()
+    alone = Trainer(g, synth, cfg, seed=7)
+    single = alone.fit()
+    for name, w in pop.weights(0).items():
+        torch.testing.assert_close(w, alone.model.state_dict()[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert [h["valid_error"] for h in pop.histories[0]] == [h["valid_error"] for h in alone.history]
+    assert {k: res[k] for k in ("test_error", "valid_error", "epochs", "best_epoch", "steps")} == \
+        {k: single[k] for k in ("test_error", "valid_error", "epochs", "best_epoch", "steps")}
