@@ -38,6 +38,7 @@ from .graph import ModelGraph
 from .graphed import StackedStep
 from .layers import init_weight
 from .module_engine import check_fits, check_patterns, lr_multiplier, prepare_graph
+from .schedules import schedule_at
 from .stacked import StackedChain, StackedOptimizer
 
 
@@ -170,15 +171,16 @@ def dropout_positions(steps: list[tuple[str, Any]]) -> dict[int, list[int]]:
 def schedule_values(cfgs: list[FinetuneConfig], step: int, steps_per_epoch: int,
                     total_steps: int) -> tuple[list[float], list[float | None]]:
     """Each member's learning rate and momentum (Adam: beta1) at global ``step`` (its own schedule)."""
-    lrs, moms = [], []
+    lrs: list[float] = []
+    moms: list[float | None] = []
     for c in cfgs:
-        s, o = c.schedule, c.optimizer
-        lrs.append(o.lr if s.lr is None else s.lr.value(o.lr, step, steps_per_epoch, total_steps))
+        o = c.optimizer
+        lr, mom = schedule_at(c.schedule, o.lr, step, steps_per_epoch, total_steps)
+        lrs.append(lr)
         if o.name in ("adagrad", "adadelta"):  # no momentum: a momentum schedule does nothing
             moms.append(None)
-            continue
-        fixed = o.betas[0] if o.name == "adam" else o.momentum  # Adam's momentum is beta1
-        moms.append(fixed if s.momentum is None else s.momentum.value(step, steps_per_epoch, total_steps))
+        else:
+            moms.append(mom if mom is not None else o.betas[0] if o.name == "adam" else o.momentum)  # Adam: beta1
     return lrs, moms
 
 

@@ -135,11 +135,18 @@ class ScheduleConfig(_Cfg):
     momentum: MomentumSchedule | None = None
 
 
+def schedule_at(cfg: ScheduleConfig, base_lr: float, step: int, steps_per_epoch: int,
+                total_steps: int) -> tuple[float, float | None]:
+    """The scheduled lr and momentum at global ``step`` (momentum None: not scheduled)."""
+    lr = base_lr if cfg.lr is None else cfg.lr.value(base_lr, step, steps_per_epoch, total_steps)
+    mom = None if cfg.momentum is None else cfg.momentum.value(step, steps_per_epoch, total_steps)
+    return lr, mom
+
+
 def apply_schedule(opt: torch.optim.Optimizer, cfg: ScheduleConfig, base_lr: float, step: int,
                    steps_per_epoch: int, total_steps: int) -> tuple[float, float | None]:
     """Set every group's lr (x its multiplier) and momentum for ``step``; return both."""
-    lr = base_lr if cfg.lr is None else cfg.lr.value(base_lr, step, steps_per_epoch, total_steps)
-    mom = None if cfg.momentum is None else cfg.momentum.value(step, steps_per_epoch, total_steps)
+    lr, mom = schedule_at(cfg, base_lr, step, steps_per_epoch, total_steps)
     for gr in opt.param_groups:
         gr["lr"] = lr * gr.get("lr_mult", 1.0)
         if mom is not None:

@@ -24,12 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..batched import RowGather, loops_on, matmul, member_tensor
-from ..capture import Replay
 from .ae_model import AEConfig, AEModel
 from .base import check_finite, device_generator, member_label, monitor_subset
-from .sampling import MaskNoise, WordBank, corrupt
-
-CHUNK = 64  # full batches whose random words are drawn ahead, one generator call per member
+from .sampling import CHUNK, BatchWalk, MaskNoise, WordBank, corrupt, draws
 
 
 class _Buffers:
@@ -90,22 +87,10 @@ def train_dense(xs: list[Tensor], cfgs: list[AEConfig], models: list[AEModel], n
     histories: list[list[dict]] = [[] for _ in xs]
     mons = [monitor_subset(x) for x in xs]
     n, K = xs[0].shape[0], len(xs)
-    full, rest = divmod(n, batch_size)
     for epoch in range(1, cfgs[0].epochs + 1):
         t0 = time.perf_counter()
         pop.total.zero_()
-        pop.perms.copy_(torch.stack([torch.randperm(n, generator=g) for g in generators]))
-        pop.pos.zero_()
-        for c0 in range(0, full, CHUNK):
-            steps = min(CHUNK, full - c0)
-            if pop.bank is not None:
-                pop.bank.refill(steps * ((batch_size * pop.nv + 3) // 4), pop.draw, pop.masked)
-            for _ in range(steps):
-                pop.replay()
-            bar.update(steps)
-        if rest:  # the partial last batch: eagerly, its noise drawn directly
-            pop.step(pop.perms[:, full * batch_size :], banked=False)
-            bar.update(1)
+        pop.walk.epoch(generators, bar, pop.refill if pop.bank is not None else None, pop.drawn_now)
         pop.sync_models()
         seconds = round(time.perf_counter() - t0, 4)
         for k, model in enumerate(models):
@@ -151,23 +136,24 @@ class _DensePopulation:
         self.uniform = len({(c.lr, c.momentum, c.weight_decay) for c in cfgs}) == 1
         self.bufs: dict[int, _Buffers] = {}
         self.total = torch.zeros(self.K, device=self.dev)  # each member's summed loss this epoch
-        # Each full batch is read from the epoch's permutations at a device counter and its
-        # mask noise from words drawn ahead, so on a GPU the step is captured once and replayed.
-        self.perms = torch.zeros(self.K, xs[0].shape[0], dtype=torch.long, device=self.dev)
-        self.pos = torch.zeros((), dtype=torch.long, device=self.dev)
-        self.rows = torch.arange(batch_size, device=self.dev)
+        # On a GPU each full batch's step is captured once and replayed (BatchWalk), its mask
+        # noise read from words drawn ahead; Gaussian and salt-and-pepper noise stay eager.
         self.masked = [k for k, c in enumerate(cfgs) if c.noise > 0]
-        drawn_now = self.cfg.noise_kind != "mask" and bool(self.masked)  # Gaussian, salt and pepper
-        self.replay = Replay(self.next_step, capture and self.dev.type == "cuda" and not drawn_now)
-        self.ahead = self.replay.capture if ahead is None else ahead and not drawn_now
-        self.bank = WordBank(self.K, CHUNK * ((batch_size * nv + 3) // 4), self.dev) \
-            if self.ahead and self.masked else None
+        drawn_now = self.cfg.noise_kind != "mask" and bool(self.masked)
+        capture = capture and self.dev.type == "cuda" and not drawn_now
+        self.walk = BatchWalk(self.K, xs[0].shape[0], batch_size, self.dev, self.step, capture)
+        self.ahead = capture if ahead is None else ahead and not drawn_now
+        self.bank = WordBank(self.K, CHUNK * draws(batch_size, nv), self.dev) if self.ahead and self.masked else None
+        self.batch = batch_size
 
-    def next_step(self) -> None:
-        """One step on each member's next full batch (advances the device counter)."""
-        idx = self.perms.index_select(1, self.rows + self.pos)
-        self.pos += self.rows.numel()
-        self.step(idx)
+    def refill(self, steps: int) -> None:
+        """Draw the mask words of the next ``steps`` full batches (members with noise only)."""
+        assert self.bank is not None
+        self.bank.refill(steps * draws(self.batch, self.nv), self.draw, self.masked)
+
+    def drawn_now(self, idx: Tensor) -> None:
+        """A step whose noise is drawn from the generators as it goes (the partial last batch)."""
+        self.step(idx, banked=False)
 
     def step(self, idx: Tensor, banked: bool = True) -> None:
         """One SGD step of every member on its rows ``idx[k]``; adds each member's summed loss

@@ -114,6 +114,7 @@ def _fit(chain: StackedChain, opt: StackedOptimizer, lr: Tensor, mom: Tensor, ga
     K, n, dev = len(gens), y.shape[0], y.device
     histories: list[list[dict]] = [[] for _ in range(K)]
     width = gather.xs[0].shape[1]
+    bufs: dict[int, Tensor] = {}  # each batch size's gathered rows, reused every step
     label = f"{names[0]} grow" + (f" x{K}" if K > 1 else "")
     bar = progress_bar(epochs * n_batches(n, batch_size), label, progress)
     step = 0
@@ -124,7 +125,10 @@ def _fit(chain: StackedChain, opt: StackedOptimizer, lr: Tensor, mom: Tensor, ga
         perms = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(dev)
         for i in range(0, n, batch_size):
             idx = perms[:, i : i + batch_size]
-            xb = gather(idx, torch.empty(K, idx.shape[1], width, device=dev))
+            b = idx.shape[1]
+            if b not in bufs:
+                bufs[b] = torch.empty(K, b, width, device=dev)
+            xb = gather(idx, bufs[b])
             yb = y[idx]
             keep: list = []
             out = chain.forward(xb, keep)

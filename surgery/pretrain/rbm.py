@@ -17,7 +17,6 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from ..batched import RowGather, loops_on, matmul, member_tensor
-from ..capture import Replay
 from ..layers import LayerSpec
 from ..stack import StackLayer
 from .base import (
@@ -32,7 +31,7 @@ from .base import (
     progress_bar,
     rows_once,
 )
-from .sampling import BernoulliSampler, WordBank
+from .sampling import CHUNK, BatchWalk, BernoulliSampler, WordBank, draws
 
 
 class RBMConfig(LayerPretrainConfig):
@@ -75,14 +74,6 @@ class _Buffers:
         self.h_1 = hidden_sample(K, b, h, dev)  # a hidden sample and its bias unit
         self.h = self.h_1[:, :, :h]
         self.samplers = [BernoulliSampler(b, h, dev) for _ in range(K)]
-
-
-CHUNK = 64  # full batches whose random words are drawn ahead, one generator call per member
-
-
-def _draws(b: int, h: int) -> int:
-    """64-bit random draws a sample of [b, h] units takes (16 bits a unit)."""
-    return (b * h + 3) // 4
 
 
 def hidden_sample(K: int, b: int, h: int, dev: torch.device) -> Tensor:
@@ -155,22 +146,14 @@ class _RBMPopulation:
         self.chain: Tensor | None = None
         hyper = {(c.lr, c.momentum, c.weight_decay) for c in cfgs}
         self.uniform = len(hyper) == 1
-        # Each full batch is read from the epoch's permutations at a device counter, and its
-        # samples from words drawn ahead, so on a GPU the step is captured once and replayed.
-        self.perms = torch.zeros(self.K, self.n, dtype=torch.long, device=dev)
-        self.pos = torch.zeros((), dtype=torch.long, device=dev)
-        self.rows = torch.zeros(0, dtype=torch.long, device=dev)
-        self.replay = Replay(self._next_batch, capture=capture and dev.type == "cuda")
-        # A captured step reads its samples' random words from a bank drawn ahead; eager, it
-        # draws them as it goes (the same words on a CPU: tests/test_pretrain.py), which
-        # measured ~6% faster there than going through the bank.
-        self.ahead = self.replay.capture if ahead is None else ahead
+        # On a GPU each full batch's step is captured once and replayed (BatchWalk), reading
+        # its samples' random words from a bank drawn ahead; eager, it draws them as it goes
+        # (the same words on a CPU: tests/test_population.py), which measured ~6% faster
+        # there than going through the bank.
+        self.capture = capture and dev.type == "cuda"
+        self.ahead = self.capture if ahead is None else ahead
         self.bank: WordBank | None = None
         self.banked = True
-
-    def _next_batch(self) -> None:
-        self.step(self.perms.index_select(1, self.rows + self.pos))
-        self.pos += self.rows.numel()
 
     def fit(self, batch_size: int, progress: bool | None) -> list[StackLayer]:
         """Train every member for the shared number of epochs; return their layers."""
@@ -178,27 +161,18 @@ class _RBMPopulation:
         mons = [monitor_subset(x) for x in self.xs]
         label = f"{self.names[0]} {self.cfg.method}" + (f" x{self.K}" if self.K > 1 else "")
         bar = progress_bar(self.cfg.epochs * n_batches(self.n, batch_size), label, progress)
-        full, rest = divmod(self.n, batch_size)
-        self.rows = torch.arange(batch_size, device=self.dev)
+        walk = BatchWalk(self.K, self.n, batch_size, self.dev, self.step, self.capture)
         if self.ahead:
-            self.bank = WordBank(self.K, (CHUNK * self.cfg.k + 1) * _draws(batch_size, self.nh), self.dev)
+            self.bank = WordBank(self.K, (CHUNK * self.cfg.k + 1) * draws(batch_size, self.nh), self.dev)
+
+        def refill(steps: int) -> None:  # k samples a batch, and the chains' very first one
+            assert self.bank is not None
+            first = 1 if self.cfg.persistent and self.chain is None else 0
+            self.bank.refill((steps * self.cfg.k + first) * draws(batch_size, self.nh), self.draw)
+
         for epoch in range(1, self.cfg.epochs + 1):
             t0 = time.perf_counter()
-            self.perms.copy_(torch.stack([torch.randperm(self.n, generator=g) for g in self.gens]))
-            self.pos.zero_()
-            for c0 in range(0, full, CHUNK):
-                steps = min(CHUNK, full - c0)
-                if self.bank is not None:
-                    first = 1 if self.cfg.persistent and self.chain is None else 0  # the chains' first sample
-                    self.bank.refill((steps * self.cfg.k + first) * _draws(batch_size, self.nh), self.draw)
-                for _ in range(steps):
-                    self.replay()
-                bar.update(steps)
-            if rest:  # the partial last batch: eagerly, its samples drawn directly
-                self.banked = False
-                self.step(self.perms[:, full * batch_size :])
-                self.banked = True
-                bar.update(1)
+            walk.epoch(self.gens, bar, refill if self.bank is not None else None, self._drawn_now)
             seconds = round(time.perf_counter() - t0, 4)
             for k in range(self.K):
                 m = _metrics(mons[k], self.W[k], self.b[k], self.c[k], self.gaussian, self.gens[k])
@@ -236,6 +210,12 @@ class _RBMPopulation:
                 self.sample(buf, buf.phk, h_1[:, :, :nh])
         buf.phk.neg_()
         self.update(buf, bs)
+
+    def _drawn_now(self, idx: Tensor) -> None:
+        """A step whose samples are drawn from the generators as it goes (the partial last batch)."""
+        self.banked = False
+        self.step(idx)
+        self.banked = True
 
     def sample(self, buf: _Buffers, p: Tensor, out: Tensor) -> None:
         """``out[k] ~ Bernoulli(p[k])`` from member k's own stream: words drawn ahead into

@@ -9,15 +9,26 @@ exactly 0 for p = 0 and 1 for p = 1.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
+
+from ..capture import Replay
+
+CHUNK = 64  # full batches whose random words are drawn ahead, one generator call per member
+
+
+def draws(n: int, d: int) -> int:
+    """64-bit random draws an [n, d] block of 16-bit words takes."""
+    return (n * d + 3) // 4
 
 
 class RandomWords:
     """A reusable [b, d] tensor of uniform random int16 words (filled by ``draw``)."""
 
     def __init__(self, b: int, d: int, dev: torch.device):
-        self.bits = torch.empty((b * d + 3) // 4, dtype=torch.int64, device=dev)
+        self.bits = torch.empty(draws(b, d), dtype=torch.int64, device=dev)
         self.words = self.bits.view(torch.int16)[: b * d].view(b, d)
 
     def draw(self, n: int, g: torch.Generator | None) -> Tensor:
@@ -63,10 +74,50 @@ class WordBank:
 
     def take(self, n: int, d: int) -> Tensor:
         """The next [K, n, d] int16 words (each member its own)."""
-        m = (n * d + 3) // 4
+        m = draws(n, d)
         words = self.bits.index_select(1, self.span[:m] + self.pos)
         self.pos += m
         return words.view(torch.int16)[:, : n * d].view(-1, n, d)
+
+
+class BatchWalk:
+    """K members' epochs over ``n`` rows in batches of ``batch``, each member in its own
+    order. Each full batch's rows are read from the epoch's permutations at a device counter
+    and passed to ``step`` through a :class:`surgery.capture.Replay` (``capture``: on a GPU,
+    recorded once and replayed); the partial last batch runs eagerly."""
+
+    def __init__(self, K: int, n: int, batch: int, dev: torch.device, step: Callable[[Tensor], None],
+                 capture: bool):
+        self.step = step
+        self.perms = torch.zeros(K, n, dtype=torch.long, device=dev)
+        self.pos = torch.zeros((), dtype=torch.long, device=dev)
+        self.rows = torch.arange(batch, device=dev)
+        self.replay = Replay(self._next_batch, capture)
+
+    def _next_batch(self) -> None:
+        idx = self.perms.index_select(1, self.rows + self.pos)
+        self.pos += self.rows.numel()
+        self.step(idx)
+
+    def epoch(self, gens: list[torch.Generator], bar, refill: Callable[[int], None] | None = None,
+              last: Callable[[Tensor], None] | None = None) -> None:
+        """One epoch: each member's permutation drawn from its generator, then ``refill(s)``
+        before every chunk of ``s <= CHUNK`` full batches (to draw their random words ahead),
+        the full batches, and the partial last batch through ``last`` (default ``step``)."""
+        n, batch = self.perms.shape[1], self.rows.numel()
+        self.perms.copy_(torch.stack([torch.randperm(n, generator=g) for g in gens]))
+        self.pos.zero_()
+        full, rest = divmod(n, batch)
+        for c0 in range(0, full, CHUNK):
+            steps = min(CHUNK, full - c0)
+            if refill is not None:
+                refill(steps)
+            for _ in range(steps):
+                self.replay()
+            bar.update(steps)
+        if rest:
+            (last or self.step)(self.perms[:, full * batch :])
+            bar.update(1)
 
 
 class MaskNoise(RandomWords):
