@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -252,10 +253,26 @@ def tune_arms(cfg: TuneConfig, cells: list[Cell], runner: CellRunner, out: Path,
         best = study.best_trial
         record.append({"condition": arm, "depth": depth, "best_trial": best.number, "params": best.params,
                        cfg.metric: best.value})
-        tuned += [with_values(c, best.params) for c in group]
+        cells_best = [with_values(c, best.params) for c in group]
+        adopt_trial(out, cells_best[0])
+        tuned += cells_best
     bar.close()
     write_json(out / "tuning.json", {"metric": cfg.metric, "trials_per_arm": cfg.trials, "trials": record})
     return tuned
+
+
+def adopt_trial(out: Path, cell: Cell) -> None:
+    """The first seed's cell with an arm's best values is its best trial (same recipe, same
+    key): take the trial's finished directory as the cell's instead of training it again.
+    Copied to a temp name, then renamed, so a kill leaves either no cell or a whole one."""
+    src, dst = out / "tuning" / cell.key, out / "cells" / cell.key
+    if (dst / "result.json").is_file() or not (src / "result.json").is_file():
+        return
+    tmp = dst.with_name(f".{cell.key}.adopt")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dst, ignore_errors=True)  # what a killed run of this cell left
+    tmp.rename(dst)
 
 
 def write_results_csv(path: Path, rows: list[dict[str, Any]]) -> None:

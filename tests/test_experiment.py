@@ -219,6 +219,9 @@ def test_every_arm_gets_the_same_tuning_budget(tmp_path, capsys):
             assert all(layer["noise"] == best["pretrain.layers.*.noise"] for layer in cell["pretrain"]["layers"])
         else:
             assert "pretrain" not in cell
+        if row["seed"] == "0":  # the best trial itself, not trained a second time
+            trial = out / "tuning" / Path(row["path"]).name / "result.json"
+            assert trial.read_text() == (Path(row["path"]) / "result.json").read_text()
     assert "## Tuning" in (out / "report.md").read_text()
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
     assert main(["run", str(tmp_path / "r.yaml"), "--out", str(out)]) == 0  # a rerun trains nothing again
