@@ -8,12 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from .data import load_dataset
-from .errors import SurgeryError
+from .errors import SurgeryError, SurgeryWarning
 from .experiment import read_results, run_experiment, write_results_csv
 from .model_file import describe_model, load_model, save_model
 from .pipeline import assemble, finetune_model, pretrain, run, validate
@@ -227,11 +228,26 @@ COMMANDS = {
 }
 
 
+def _one_line(command: str, show):
+    """``warnings.showwarning`` that prints a :class:`SurgeryWarning` as ``surgery CMD:
+    warning: ...`` and leaves every other warning to ``show``."""
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, SurgeryWarning):
+            print(f"surgery {command}: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``surgery`` with ``argv``; returns the exit status (2 for any user error)."""
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line(args.command, warnings.showwarning)
+            COMMANDS[args.command](args)
     except SurgeryError as e:
         print(f"surgery {args.command}: error: {e}", file=sys.stderr)
         return 2

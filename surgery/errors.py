@@ -52,3 +52,8 @@ class NameNotFound(SurgeryError, KeyError):
 
 class TrainingDiverged(SurgeryError, ArithmeticError):
     """A loss became NaN or infinite."""
+
+
+class SurgeryWarning(UserWarning):
+    """Training finished but something in it deserves a look (e.g. a pretrained layer whose
+    units mostly went inactive); the CLI prints it as one line."""

@@ -31,6 +31,25 @@ def test_rbm_reconstruction_error_falls(x3k):
     assert layer.tensors["weight"].shape == (200, 784)
     assert set(layer.tensors) == {"weight", "bias", "visible_bias"}
     assert "pseudo_likelihood" in layer.pretrain["history"][0]
+    assert _hist(layer, "inactive_units")[-1] < 0.1
+
+
+def test_a_collapsed_rbm_layer_is_measured_and_warned_about(x3k, capsys):
+    """A learning rate far too high for the layer leaves every hidden unit stuck (the same
+    output for every example): its history says so and training warns, naming the layer;
+    the CLI prints that warning as one line."""
+    from surgery.cli import _one_line
+    from surgery.errors import SurgeryWarning
+
+    with pytest.warns(SurgeryWarning, match="layer 'h1': 100% of its hidden units ended inactive.*lower lr than 1"):
+        layer = train_rbm(x3k, RBMConfig(hidden=200, epochs=2, lr=1.0, momentum=0.5), "h1", 50, G(), False)
+    assert _hist(layer, "inactive_units") == [1.0, 1.0]
+    shown = []
+    show = _one_line("pretrain", lambda *a: shown.append(a))
+    show(SurgeryWarning("layer 'h1': ..."), SurgeryWarning, "x.py", 1)
+    show(RuntimeWarning("other"), RuntimeWarning, "x.py", 1)
+    assert capsys.readouterr().err == "surgery pretrain: warning: layer 'h1': ...\n"
+    assert len(shown) == 1 and shown[0][1] is RuntimeWarning
 
 
 @pytest.mark.parametrize("k,persistent", [(3, False), (1, True), (2, True)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -60,6 +61,35 @@ def check_finite(value: float, what: str, layer: str, epoch: int) -> None:
             f"pretraining layer {layer!r}: {what} became {value} in epoch {epoch}; lower its lr "
             "(or standardize the data for grbm) and run again."
         )
+
+
+INACTIVE_STD = 0.02  # a unit whose output varies less than this over the monitor rows carries nothing ...
+SATURATED = 0.05  # ... when it also sits within this of 0 or 1 (stuck off or on, not merely untrained)
+INACTIVE_WARN = 0.5  # warn when more than this fraction of a layer's units ends inactive
+
+
+def inactive_fraction(h: Tensor) -> float:
+    """The fraction of sigmoid hidden units (columns of ``h``, one row per example) stuck off
+    or on: nearly the same output for every example (std < ``INACTIVE_STD``), within
+    ``SATURATED`` of 0 or 1. They pass nothing to the layer above, and their gradient is
+    too small to bring them back. (Units still near their initial 0.5 do not count.)"""
+    if h.shape[0] < 2:
+        return 0.0
+    mean = h.mean(0)
+    stuck = (h.std(0) < INACTIVE_STD) & (torch.minimum(mean, 1 - mean) < SATURATED)
+    return float(stuck.float().mean())
+
+
+def warn_inactive(history: list[dict[str, Any]], layer: str, lr: float) -> None:
+    """A ``UserWarning`` when most of a layer's units ended inactive (a collapsed layer:
+    typically a learning rate too high for its width)."""
+    frac = history[-1].get("inactive_units", 0.0) if history else 0.0
+    if frac > INACTIVE_WARN:
+        from ..errors import SurgeryWarning
+
+        warnings.warn(f"pretraining layer {layer!r}: {frac:.0%} of its hidden units ended inactive (the same "
+                      f"output for every example), so the layer passes little upward; a lower lr than {lr:g} "
+                      "usually keeps them alive (see inactive_units in its history).", SurgeryWarning, stacklevel=2)
 
 
 def as_rows(x: Tensor) -> Tensor:

@@ -24,12 +24,14 @@ from .base import (
     check_finite,
     check_members,
     device_generator,
+    inactive_fraction,
     member_label,
     monitor_subset,
     n_batches,
     pretrain_record,
     progress_bar,
     rows_once,
+    warn_inactive,
 )
 from .sampling import CHUNK, BatchWalk, BernoulliSampler, WordBank, draws
 
@@ -181,6 +183,8 @@ class _RBMPopulation:
                 histories[k].append(m)
             bar.set_postfix(recon=f"{histories[0][-1]['recon_error']:.4g}")
         bar.close()
+        for k in range(self.K):
+            warn_inactive(histories[k], member_label(self.names[k], k, self.K), self.cfgs[k].lr)
         spec = LayerSpec(in_features=self.nv, out_features=self.nh, activation="sigmoid")  # RBM hiddens are sigmoid
         return [StackLayer(self.names[k], spec,
                            {"weight": self.W[k].clone(), "bias": self.c[k].clone(), "visible_bias": self.b[k].clone()},
@@ -260,7 +264,7 @@ def _metrics(v: Tensor, W: Tensor, b: Tensor, c: Tensor, gaussian: bool, g: torc
     pv = torch.addmm(b, ph, W)
     if not gaussian:
         pv = pv.sigmoid()
-    out = {"recon_error": float(((v - pv) ** 2).sum(1).mean())}
+    out = {"recon_error": float(((v - pv) ** 2).sum(1).mean()), "inactive_units": inactive_fraction(ph)}
     if gaussian:
         out["free_energy"] = float(free_energy(v, W, b, c, True).mean())
         return out
