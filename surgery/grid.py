@@ -14,10 +14,11 @@ import json
 import math
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from .errors import SurgeryError
 from .experiment_config import DEFAULT_LAYER, ArmConfig, ExperimentConfig
+from .finetune_config import FinetuneConfig
 from .recipe import Recipe, apply_overrides
 
 
@@ -108,7 +109,7 @@ def plan_cells(recipe: Recipe, input_shape: tuple[int, ...], classes: int) -> li
                 r = json.loads(json.dumps(base))
                 r["seed"] = seed
                 r["name"] = f"{name}-d{depth}-s{seed}"
-                r["finetune"] = {**r.get("finetune", {}), **arm.finetune}
+                r["finetune"] = _spelled_out({**r.get("finetune", {}), **arm.finetune})
                 r["data"] = {**r["data"], **arm.data}
                 if pre is not None:
                     r["pretrain"] = pre
@@ -118,6 +119,17 @@ def plan_cells(recipe: Recipe, input_shape: tuple[int, ...], classes: int) -> li
                 pkey = _hash({"data": r["data"], "pretrain": pre, "seed": seed}) if pre else None
                 cells.append(Cell(condition=name, depth=depth, seed=seed, recipe=r, pretrain_key=pkey))
     return cells
+
+
+def _spelled_out(finetune: dict[str, Any]) -> dict[str, Any]:
+    """The finetune section with every default written out, so an arm that overrides
+    ``optimizer: {name: sgd, lr: 0.1}`` gets the same cell (and key) as the same values
+    written in full. Left as it is when invalid: the cell's recipe then fails with the arm
+    named when it is read."""
+    try:
+        return FinetuneConfig.model_validate(finetune).model_dump(mode="json", exclude_none=True)
+    except ValidationError:
+        return finetune
 
 
 def _set_path(r: dict[str, Any], path: str, value: Any) -> None:

@@ -82,6 +82,13 @@ def test_cells_share_data_order_and_budget():
     none = [c for c in cells if c.condition == "none"][0]
     assert all(op.get("init", "classic") == "classic" for op in none.recipe["surgery"]["ops"] if op["op"] == "insert")
     assert len({c.key for c in cells}) == len(cells)
+    # an arm overriding the budget with values the section already holds is the same cell
+    spelled = {**TINY, "experiment": {**TINY["experiment"], "conditions": {
+        "none": {"method": "none"},
+        "same": {"method": "none", "finetune": {"optimizer": {"name": "sgd", "lr": r.finetune.optimizer.lr}}}}}}
+    same = {c.condition: c for c in plan_cells(recipe_from_dict(spelled), (64,), 4) if c.seed == cells[0].seed
+            and c.depth == cells[0].depth}
+    assert same["same"].recipe["finetune"] == same["none"].recipe["finetune"]
 
 
 def test_per_layer_widths():
