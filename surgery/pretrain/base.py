@@ -10,6 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from ..errors import ConfigError, SurgeryWarning, TrainingDiverged
 from ..io import progress_bar as _bar
 from ..layers import Activation, LayerSpec
 
@@ -54,8 +55,6 @@ def monitor_subset(x: Tensor, n: int = 1000) -> Tensor:
 
 def check_finite(value: float, what: str, layer: str, epoch: int) -> None:
     """Raise ``TrainingDiverged`` naming the layer and epoch when ``value`` is NaN or infinite."""
-    from ..errors import TrainingDiverged
-
     if not math.isfinite(value):
         raise TrainingDiverged(
             f"pretraining layer {layer!r}: {what} became {value} in epoch {epoch}; lower its lr "
@@ -81,12 +80,10 @@ def inactive_fraction(h: Tensor) -> float:
 
 
 def warn_inactive(history: list[dict[str, Any]], layer: str, lr: float) -> None:
-    """A ``UserWarning`` when most of a layer's units ended inactive (a collapsed layer:
+    """A :class:`SurgeryWarning` when most of a layer's units ended inactive (a collapsed layer:
     typically a learning rate too high for its width)."""
     frac = history[-1].get("inactive_units", 0.0) if history else 0.0
     if frac > INACTIVE_WARN:
-        from ..errors import SurgeryWarning
-
         warnings.warn(f"pretraining layer {layer!r}: {frac:.0%} of its hidden units ended inactive (the same "
                       f"output for every example), so the layer passes little upward; a lower lr than {lr:g} "
                       "usually keeps them alive (see inactive_units in its history).", SurgeryWarning, stacklevel=2)
@@ -100,8 +97,6 @@ def as_rows(x: Tensor) -> Tensor:
 def check_members(cfgs: list[LayerPretrainConfig], shared: tuple[str, ...], names: list[str]) -> None:
     """``ConfigError`` unless every member of a population agrees on the ``shared`` fields
     (what makes them one batched program); lr, momentum, weight decay and the like may differ."""
-    from ..errors import ConfigError
-
     for i, c in enumerate(cfgs):
         for f in shared:
             if getattr(c, f) != getattr(cfgs[0], f):
