@@ -207,7 +207,9 @@ def test_population_step_captured_as_a_cuda_graph_equals_eager():
             [h["train_loss"] for h in eager.histories[k]], rel=1e-5)
 
 
-@pytest.mark.parametrize("kw", [{}, {"persistent": True, "k": 2}], ids=["cd-1", "pcd-2"])
+@pytest.mark.parametrize("kw", [{}, {"persistent": True, "k": 2}, {"momentum": 0.5, "final_momentum": 0.9,
+                                                                   "momentum_switch": 1}],
+                         ids=["cd-1", "pcd-2", "momentum ramp"])
 def test_rbm_step_captured_as_a_cuda_graph_equals_eager(kw):
     """Two RBMs trained together, each full batch's CD step replayed from a CUDA graph,
     equal the same step run eagerly over the same words drawn ahead."""

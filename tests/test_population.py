@@ -228,6 +228,7 @@ MEMBER_HP = [{"lr": 0.1, "momentum": 0.5}, {"lr": 0.05, "momentum": 0.0, "weight
 LAYER_CASES = {
     "rbm": (RBMConfig, {"method": "rbm"}),
     "rbm pcd-2": (RBMConfig, {"method": "rbm", "k": 2, "persistent": True}),
+    "rbm momentum ramp": (RBMConfig, {"method": "rbm", "final_momentum": 0.8, "momentum_switch": 1}),
     "grbm": (RBMConfig, {"method": "grbm"}),
     "dae": (AEConfig, {"method": "dae"}),
     "untied relu squared": (AEConfig, {"method": "ae", "tied": False, "activation": "relu", "loss": "squared"}),
@@ -264,6 +265,18 @@ def test_pretraining_population_equals_each_layer_alone(case, stacked):
     alone = [alone_fn(x, c, "h1", 50, torch.Generator().manual_seed(s), False)
              for s, (x, c) in enumerate(zip(xs, cfgs))]
     pop = pop_fn(xs, cfgs, ["h1"] * 3, 50, [torch.Generator().manual_seed(s) for s in range(3)], False, stacked)
+    for a, m in zip(alone, pop):
+        _same_layer(a, m)
+
+
+def test_rbm_members_sharing_a_momentum_ramp_update_as_one_bmm_equal_each_alone():
+    """Members with the same hyperparameters (one batched update, its momentum a [K, 1, 1]
+    tensor set at each epoch) equal each member alone across the momentum switch."""
+    cfg = RBMConfig(hidden=10, epochs=3, lr=0.05, momentum=0.5, final_momentum=0.9, momentum_switch=1)
+    xs = _layer_inputs()
+    alone = [train_rbm(x, cfg, "h1", 50, torch.Generator().manual_seed(s), False) for s, x in enumerate(xs)]
+    pop = train_rbm_population(xs, [cfg] * 3, ["h1"] * 3, 50, [torch.Generator().manual_seed(s) for s in range(3)],
+                               False, True)
     for a, m in zip(alone, pop):
         _same_layer(a, m)
 

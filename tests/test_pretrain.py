@@ -52,6 +52,28 @@ def test_a_collapsed_rbm_layer_is_measured_and_warned_about(x3k, capsys):
     assert len(shown) == 1 and shown[0][1] is RuntimeWarning
 
 
+def test_rbm_momentum_ramp_switches_after_its_epochs(x3k):
+    """``final_momentum`` (Hinton's 0.5 -> 0.9): before the switch the run is the constant-
+    momentum run, after it the velocity decays by the final momentum; a switch at epoch 0
+    is the final momentum throughout."""
+    x = x3k[:600]
+    cfg = RBMConfig(hidden=30, epochs=3, lr=0.05, momentum=0.5, final_momentum=0.9, momentum_switch=2)
+    assert [cfg.momentum_at(e) for e in (1, 2, 3)] == [0.5, 0.5, 0.9]
+
+    def weights(**kw):
+        return train_rbm(x, RBMConfig(hidden=30, lr=0.05, **kw), "h1", 50, G(), False).tensors["weight"]
+
+    ramp = weights(epochs=3, momentum=0.5, final_momentum=0.9, momentum_switch=2)
+    torch.testing.assert_close(weights(epochs=2, momentum=0.5, final_momentum=0.9, momentum_switch=2),
+                               weights(epochs=2, momentum=0.5), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(weights(epochs=3, momentum=0.5, final_momentum=0.9, momentum_switch=0),
+                               weights(epochs=3, momentum=0.9), rtol=1e-5, atol=1e-7)
+    for other in (weights(epochs=3, momentum=0.5), weights(epochs=3, momentum=0.9)):
+        assert (ramp - other).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="final_momentum"):
+        RBMConfig(hidden=3, final_momentum=1.0)
+
+
 @pytest.mark.parametrize("k,persistent", [(3, False), (1, True), (2, True)])
 def test_cdk_and_pcd_learn(x3k, k, persistent):
     layer = train_rbm(x3k, RBMConfig(hidden=100, epochs=3, lr=0.05, k=k, persistent=persistent), "h1", 50, G(), False)

@@ -37,12 +37,22 @@ from .sampling import CHUNK, BatchWalk, BernoulliSampler, WordBank, draws
 
 
 class RBMConfig(LayerPretrainConfig):
-    """``{method: rbm|grbm, hidden, epochs, lr, k, persistent, momentum, weight_decay}``."""
+    """``{method: rbm|grbm, hidden, epochs, lr, k, persistent, momentum, final_momentum, weight_decay}``."""
 
     method: Literal["rbm", "grbm"] = "rbm"
     k: int = Field(default=1, ge=1, le=1000, description="Gibbs steps per update (CD-k / PCD-k)")
     persistent: bool = Field(default=False, description="PCD: keep the negative chains across updates")
     init_std: float = Field(default=0.01, gt=0)
+    final_momentum: float | None = Field(
+        default=None, ge=0, lt=1, description="momentum after the first `momentum_switch` epochs (Hinton's practical "
+        "guide: 0.5, then 0.9 after 5); none: `momentum` throughout")
+    momentum_switch: int = Field(default=5, ge=0, description="epochs trained at `momentum` before `final_momentum`")
+
+    def momentum_at(self, epoch: int) -> float:
+        """The momentum of 1-based ``epoch``: ``momentum``, then ``final_momentum`` after the switch."""
+        if self.final_momentum is not None and epoch > self.momentum_switch:
+            return self.final_momentum
+        return self.momentum
 
     @field_validator("activation")
     @classmethod
@@ -143,10 +153,14 @@ class _RBMPopulation:
                 p = x.mean(0).clamp(1e-3, 1 - 1e-3)
                 self.b[k].copy_(torch.log(p / (1 - p)))
         self.Wc_t, self.Wb = self.P[:, :nh].transpose(1, 2), self.P[:, :, :nv]  # the forward GEMMs' operands
-        self.vel = member_tensor(self.K, (nh + 1, nv + 1), dev) if any(c.momentum for c in cfgs) else None
+        self.vel = member_tensor(self.K, (nh + 1, nv + 1), dev) if any(_has_momentum(c) for c in cfgs) else None
         self.bufs: dict[int, _Buffers] = {}
         self.chain: Tensor | None = None
-        hyper = {(c.lr, c.momentum, c.weight_decay) for c in cfgs}
+        hyper = {(c.lr, c.momentum, c.final_momentum, c.momentum_switch, c.weight_decay) for c in cfgs}
+        # A momentum that changes between epochs lives in a device tensor the (captured) step
+        # reads, set in place at each epoch's start; a constant one is the GEMM's beta.
+        ramps = any(c.final_momentum is not None for c in cfgs)
+        self.mom = torch.tensor([c.momentum for c in cfgs], device=dev).view(-1, 1, 1) if ramps else None
         self.uniform = len(hyper) == 1
         # On a GPU each full batch's step is captured once and replayed (BatchWalk), reading
         # its samples' random words from a bank drawn ahead; eager, it draws them as it goes
@@ -174,6 +188,8 @@ class _RBMPopulation:
 
         for epoch in range(1, self.cfg.epochs + 1):
             t0 = time.perf_counter()
+            if self.mom is not None:
+                self.mom.copy_(torch.tensor([c.momentum_at(epoch) for c in self.cfgs]).view(-1, 1, 1))
             walk.epoch(self.gens, bar, refill if self.bank is not None else None, self._drawn_now)
             seconds = round(time.perf_counter() - t0, 4)
             for k in range(self.K):
@@ -234,15 +250,20 @@ class _RBMPopulation:
         and decay; otherwise member by member. Without momentum the GEMM adds the step
         straight into ``P``, with it into the velocity."""
         if self.uniform and not self.loop:
-            _sgd(self.P, self.vel, self.W, buf.hh_t, buf.vv, self.cfg, bs, self.nh, self.nv)
+            _sgd(self.P, self.vel, self.W, buf.hh_t, buf.vv, self.cfg, bs, self.nh, self.nv, self.mom)
             return
         for k, cfg in enumerate(self.cfgs):
-            vel = None if self.vel is None or not cfg.momentum else self.vel[k]
-            _sgd(self.P[k], vel, self.W[k], buf.hh_t[k], buf.vv[k], cfg, bs, self.nh, self.nv)
+            vel = None if self.vel is None or not _has_momentum(cfg) else self.vel[k]
+            mom = None if self.mom is None or cfg.final_momentum is None else self.mom[k]
+            _sgd(self.P[k], vel, self.W[k], buf.hh_t[k], buf.vv[k], cfg, bs, self.nh, self.nv, mom)
+
+
+def _has_momentum(cfg: RBMConfig) -> bool:
+    return bool(cfg.momentum) or cfg.final_momentum is not None
 
 
 def _sgd(P: Tensor, vel: Tensor | None, W: Tensor, a: Tensor, b: Tensor, cfg: RBMConfig, bs: int, nh: int,
-         nv: int) -> None:
+         nv: int, mom: Tensor | None = None) -> None:
     """``P += lr/B a @ b`` with momentum and weight decay on ``W``; 2-D for one member, 3-D
     (``baddbmm``) for members that share their hyperparameters."""
     gemm = torch.Tensor.addmm_ if P.dim() == 2 else torch.Tensor.baddbmm_
@@ -251,7 +272,10 @@ def _sgd(P: Tensor, vel: Tensor | None, W: Tensor, a: Tensor, b: Tensor, cfg: RB
             W.mul_(1 - cfg.lr * cfg.weight_decay)
         gemm(P, a, b, alpha=cfg.lr / bs)
     else:
-        gemm(vel, a, b, beta=cfg.momentum, alpha=cfg.lr / bs)
+        if mom is None:
+            gemm(vel, a, b, beta=cfg.momentum, alpha=cfg.lr / bs)
+        else:  # this epoch's momentum, from a tensor (a captured step reads it at replay)
+            gemm(vel.mul_(mom), a, b, alpha=cfg.lr / bs)
         if cfg.weight_decay:
             vel[..., :nh, :nv].add_(W, alpha=-cfg.lr * cfg.weight_decay)
         P.add_(vel)
