@@ -29,12 +29,11 @@ from .finetune_config import FinetuneConfig
 from .graph import ModelGraph
 from .io import atomic_path, progress_bar, write_json
 from .model_file import save_model
-from .module_engine import ModuleEngine, check_fits, param_groups, prepare_graph
+from .module_engine import ModuleEngine
 from .population import StackedEngine
 from .version import package_version
 
-__all__ = ["FinetuneConfig", "ModuleEngine", "PopulationTrainer", "Trainer", "TrainingLoop", "check_fits",
-           "param_groups", "prepare_graph"]
+__all__ = ["FinetuneConfig", "ModuleEngine", "PopulationTrainer", "Trainer", "TrainingLoop"]
 
 
 class Engine(Protocol):

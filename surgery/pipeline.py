@@ -14,11 +14,12 @@ from typing import Any
 from .assembly import ForeignSource, SurgeryConfig, build_graph
 from .data import Dataset, find_mnist_file, load_dataset, resolve_device
 from .errors import ConfigError, SurgeryError, TrainingDiverged
-from .finetune import FinetuneConfig, PopulationTrainer, Record, Trainer, check_fits
+from .finetune import FinetuneConfig, PopulationTrainer, Record, Trainer
 from .graph import ModelGraph
 from .grid import plan_cells
 from .io import make_dir, write_json
 from .model_file import load_model, save_model
+from .module_engine import check_fits
 from .ops import ForeignWeights, HeadOp, TakeOp
 from .population import architecture_key
 from .pretrain import greedy_pretrain
