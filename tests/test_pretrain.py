@@ -99,11 +99,29 @@ def test_dae_loss_falls(x3k):
 
 @pytest.mark.parametrize("kind", ["gaussian", "salt_pepper"])
 def test_untied_noisy_ae_learns(x3k, kind):
-    cfg = AEConfig(method="dae", hidden=64, epochs=2, tied=False, noise=0.2, noise_kind=kind, loss="squared", lr=0.01)
+    cfg = AEConfig(method="dae", hidden=64, epochs=2, tied=False, noise=0.2, noise_kind=kind, loss="squared", lr=0.01,
+                   activation="tanh")
     layer = train_autoencoder(x3k[:2000], cfg, "h1", 50, G(), False)
     assert "decoder_weight" in layer.tensors
     r = _hist(layer, "recon_error")
-    assert r[-1] < r[0]
+    assert r[-1] < 0.8 * r[0], r
+    assert "inactive_units" not in layer.pretrain["history"][0]  # measured for sigmoid units only
+
+
+def test_a_collapsed_sigmoid_autoencoder_is_measured_and_warned_about(x3k):
+    """Squared loss on [0, 1] pixels with sigmoid hidden units: the large first
+    reconstruction errors drive every hidden unit off (the decoder's bias then learns the
+    mean image, so the error still falls); the history says so and training warns. The
+    usual DAE (tied weights, cross-entropy) keeps its units."""
+    from surgery.errors import SurgeryWarning
+
+    cfg = AEConfig(method="dae", hidden=64, epochs=2, tied=False, noise=0.2, loss="squared", lr=0.01)
+    with pytest.warns(SurgeryWarning, match="layer 'h1': 100% of its hidden units ended inactive"):
+        dead = train_autoencoder(x3k[:2000], cfg, "h1", 50, G(), False)
+    assert _hist(dead, "inactive_units")[-1] == 1.0
+    usual = AEConfig(method="dae", hidden=64, epochs=2, noise=0.2, lr=0.01)
+    alive = train_autoencoder(x3k[:2000], usual, "h1", 50, G(), False)
+    assert _hist(alive, "inactive_units")[-1] < 0.1
 
 
 def test_sparse_ae_lowers_mean_activation(x3k):

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..errors import ShapeError
 from ..layers import ACTIVATIONS, LayerSpec, init_weight
-from .base import LayerPretrainConfig
+from .base import LayerPretrainConfig, inactive_fraction
 
 
 class AEConfig(LayerPretrainConfig):
@@ -124,8 +124,14 @@ class AEModel(torch.nn.Module):
         return rec
 
     @torch.no_grad()
-    def recon_error(self, x: Tensor) -> float:
-        """Mean squared reconstruction error per example of ``x``."""
-        logits = self.decode_logits(self.encode(x))
+    def monitor(self, x: Tensor) -> dict[str, float]:
+        """Per-epoch metrics on the monitor rows ``x``: the mean squared reconstruction error
+        per example and, for a dense sigmoid layer, the fraction of its hidden units stuck
+        off or on (``inactive_units``, as for an RBM)."""
+        h = self.encode(x)
+        logits = self.decode_logits(h)
         r = torch.sigmoid(logits) if self.cfg.loss == "cross_entropy" else logits
-        return float(((x - r) ** 2).flatten(1).sum(1).mean())
+        out = {"recon_error": float(((x - r) ** 2).flatten(1).sum(1).mean())}
+        if self.spec.kind == "dense" and self.spec.activation == "sigmoid":
+            out["inactive_units"] = inactive_fraction(h)
+        return out

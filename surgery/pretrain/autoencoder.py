@@ -29,6 +29,7 @@ from .base import (
     pretrain_record,
     progress_bar,
     rows_once,
+    warn_inactive,
 )
 from .conv_ae import train_conv
 from .dense_ae import train_dense
@@ -81,6 +82,8 @@ def train_autoencoder_population(xs: list[Tensor], cfgs: list[AEConfig], names: 
         histories = [_train_autograd(x, c, m, monitor_subset(x), member_label(name, k, K), batch_size, g, bar)
                      for k, (x, c, m, name, g) in enumerate(zip(xs, cfgs, models, names, generators))]
     bar.close()
+    for k, (c, h) in enumerate(zip(cfgs, histories)):
+        warn_inactive(h, member_label(names[k], k, K), c.lr)
     return [_layer(m, spec, c, name, batch_size, h) for m, c, name, h in zip(models, cfgs, names, histories)]
 
 
@@ -110,7 +113,7 @@ def _train_autograd(x: Tensor, cfg: AEConfig, model: AEModel, mon: Tensor, name:
             opt.step()
             total += loss.detach() * xb.shape[0]
             bar.update(1)
-        m = {"epoch": epoch, "loss": float(total) / x.shape[0], "recon_error": model.recon_error(mon),
+        m = {"epoch": epoch, "loss": float(total) / x.shape[0], **model.monitor(mon),
              "seconds": round(time.perf_counter() - t0, 4)}
         check_finite(m["loss"], "loss", name, epoch)
         history.append(m)

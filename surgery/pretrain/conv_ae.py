@@ -109,7 +109,7 @@ def train_conv(xs: list[Tensor], cfgs: list[AEConfig], models: list[AEModel], na
             bar.update(1)
         pop.sync_models()
         for k, model in enumerate(models):
-            m = {"epoch": epoch, "loss": float(total[k]) / n, "recon_error": model.recon_error(mons[k]),
+            m = {"epoch": epoch, "loss": float(total[k]) / n, **model.monitor(mons[k]),
                  "seconds": round(time.perf_counter() - t0, 4)}
             check_finite(m["loss"], "loss", member_label(names[k], k, K), epoch)
             histories[k].append(m)

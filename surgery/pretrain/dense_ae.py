@@ -94,7 +94,7 @@ def train_dense(xs: list[Tensor], cfgs: list[AEConfig], models: list[AEModel], n
         pop.sync_models()
         seconds = round(time.perf_counter() - t0, 4)
         for k, model in enumerate(models):
-            m = {"epoch": epoch, "loss": float(pop.total[k]) / n, "recon_error": model.recon_error(mons[k]),
+            m = {"epoch": epoch, "loss": float(pop.total[k]) / n, **model.monitor(mons[k]),
                  "seconds": seconds}
             check_finite(m["loss"], "loss", member_label(names[k], k, K), epoch)
             histories[k].append(m)
