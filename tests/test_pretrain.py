@@ -109,19 +109,23 @@ def test_untied_noisy_ae_learns(x3k, kind):
 
 
 def test_a_collapsed_sigmoid_autoencoder_is_measured_and_warned_about(x3k):
-    """Squared loss on [0, 1] pixels with sigmoid hidden units: the large first
-    reconstruction errors drive every hidden unit off (the decoder's bias then learns the
-    mean image, so the error still falls); the history says so and training warns. The
-    usual DAE (tied weights, cross-entropy) keeps its units."""
+    """Tied weights under squared loss on [0, 1] pixels: the linear reconstruction through
+    the sigmoid-scaled (x4) weights starts ~750 off per image, and those errors drive every
+    hidden unit off (the visible bias then learns the mean image, so the error still falls);
+    the history says so and training warns. An untied decoder is initialised for its linear
+    output and keeps its units, as does the usual DAE (tied, cross-entropy)."""
     from surgery.errors import SurgeryWarning
 
-    cfg = AEConfig(method="dae", hidden=64, epochs=2, tied=False, noise=0.2, loss="squared", lr=0.01)
+    x = x3k[:2000]
+    tied = AEConfig(method="dae", hidden=64, epochs=2, noise=0.2, loss="squared", lr=0.01)
     with pytest.warns(SurgeryWarning, match="layer 'h1': 100% of its hidden units ended inactive"):
-        dead = train_autoencoder(x3k[:2000], cfg, "h1", 50, G(), False)
+        dead = train_autoencoder(x, tied, "h1", 50, G(), False)
     assert _hist(dead, "inactive_units")[-1] == 1.0
-    usual = AEConfig(method="dae", hidden=64, epochs=2, noise=0.2, lr=0.01)
-    alive = train_autoencoder(x3k[:2000], usual, "h1", 50, G(), False)
-    assert _hist(alive, "inactive_units")[-1] < 0.1
+    untied = train_autoencoder(x, AEConfig(**{**tied.model_dump(), "tied": False}), "h1", 50, G(), False)
+    assert _hist(untied, "inactive_units")[-1] < 0.1
+    assert _hist(untied, "recon_error")[-1] < 0.7 * _hist(dead, "recon_error")[-1]
+    usual = train_autoencoder(x, AEConfig(method="dae", hidden=64, epochs=2, noise=0.2, lr=0.01), "h1", 50, G(), False)
+    assert _hist(usual, "inactive_units")[-1] < 0.1
 
 
 def test_sparse_ae_lowers_mean_activation(x3k):

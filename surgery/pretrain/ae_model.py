@@ -82,8 +82,12 @@ class AEModel(torch.nn.Module):
         self.visible_bias = torch.nn.Parameter(torch.zeros(nvis))
         self.decoder_weight = None
         if not cfg.tied:
+            # Initialised for its own output: sigmoid units under cross-entropy, linear ones under
+            # squared loss. (With the sigmoid encoder's x4 scale there, the first errors of ~750
+            # per MNIST image drove every hidden unit off.)
+            out = "sigmoid" if cfg.loss == "cross_entropy" else "linear"
             self.decoder_weight = torch.nn.Parameter(torch.empty(spec.weight_shape))
-            init_weight(self.decoder_weight, spec.activation, "classic", spec, generator=g)
+            init_weight(self.decoder_weight, out, "classic", spec, generator=g)
         self.in_shape = in_shape
 
     def encode(self, x: Tensor) -> Tensor:
