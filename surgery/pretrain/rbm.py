@@ -161,6 +161,10 @@ class _RBMPopulation:
         # reads, set in place at each epoch's start; a constant one is the GEMM's beta.
         ramps = any(c.final_momentum is not None for c in cfgs)
         self.mom = torch.tensor([c.momentum for c in cfgs], device=dev).view(-1, 1, 1) if ramps else None
+        # Each member's velocity and momentum views for the member-by-member update, made once.
+        self.member_state = [(None if self.vel is None or not _has_momentum(c) else self.vel[k],
+                              None if self.mom is None or c.final_momentum is None else self.mom[k])
+                             for k, c in enumerate(cfgs)]
         self.uniform = len(hyper) == 1
         # On a GPU each full batch's step is captured once and replayed (BatchWalk), reading
         # its samples' random words from a bank drawn ahead; eager, it draws them as it goes
@@ -252,9 +256,7 @@ class _RBMPopulation:
         if self.uniform and not self.loop:
             _sgd(self.P, self.vel, self.W, buf.hh_t, buf.vv, self.cfg, bs, self.nh, self.nv, self.mom)
             return
-        for k, cfg in enumerate(self.cfgs):
-            vel = None if self.vel is None or not _has_momentum(cfg) else self.vel[k]
-            mom = None if self.mom is None or cfg.final_momentum is None else self.mom[k]
+        for k, (cfg, (vel, mom)) in enumerate(zip(self.cfgs, self.member_state)):
             _sgd(self.P[k], vel, self.W[k], buf.hh_t[k], buf.vv[k], cfg, bs, self.nh, self.nv, mom)
 
 
