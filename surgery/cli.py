@@ -170,8 +170,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def _print_result(res: dict, out: Path) -> None:
-    say(f"test error {res['test_error']:.2f}% (valid {res['valid_error']:.2f}%, best epoch "
-        f"{res['best_epoch']} of {res['epochs']}, {res['device']})",
+    v = res["valid_error"]
+    chosen = f"valid {v:.2f}%, best epoch {res['best_epoch']}" if v is not None else "no validation split, last epoch"
+    say(f"test error {res['test_error']:.2f}% ({chosen} of {res['epochs']}, {res['device']})",
         f"results in {out}: result.json, metrics.jsonl, model.safetensors")
 
 

@@ -45,7 +45,11 @@ class DataConfig(BaseModel):
     path: Path | None = Field(default=None, description="mnist.pkl.gz, or a directory of IDX files")
     limit: int | None = Field(default=None, gt=0, description="keep the first N training examples")
     flatten: bool = Field(default=True, description="[N, D] rows (true) or [N, C, H, W] images")
-    valid_size: int = Field(default=10000, ge=0, description="IDX: validation examples carved from the end of train")
+    valid_size: int = Field(
+        default=10000, ge=0,
+        description="validation examples carved from the end of the 60k training images (0: train on all, "
+        "no validation, fine-tuning keeps its last epoch)",
+    )
     normalize: Literal["none", "standardize"] = Field(
         default="none", description="standardize: zero mean, unit variance per feature (train stats)"
     )
@@ -168,7 +172,7 @@ def load_dataset(cfg: DataConfig, base_dir: Path | None = None) -> Dataset:
             s.x = (s.x - mean) / std
     if cfg.flatten:
         for s in (ds.train, ds.valid, ds.test):
-            s.x = s.x.reshape(s.x.shape[0], -1).contiguous()
+            s.x = s.x.flatten(1).contiguous()
     return ds.to(resolve_device(cfg.device))
 
 
@@ -206,7 +210,9 @@ def find_mnist_file() -> Path | None:
 
 
 def load_mnist(path: Path | None = None, valid_size: int = 10000) -> Dataset:
-    """MNIST as 50k/10k/10k float32 images [N, 1, 28, 28] in [0, 1]."""
+    """MNIST as float32 images [N, 1, 28, 28] in [0, 1]: the last ``valid_size`` of the 60k
+    training images are the validation split (the default, 10000, is the file's own 50k/10k
+    split), and the 10k test images."""
     if path is not None:
         if not path.exists():
             raise DataError(f"data.path: {path} does not exist. {MNIST_HELP}")
@@ -223,10 +229,11 @@ def load_mnist(path: Path | None = None, valid_size: int = 10000) -> Dataset:
     cache = _cache_dir() / f"mnist-{key}.safetensors"
     if cache.is_file():
         try:
-            t = load_file(str(cache))
-            return _mnist_from_tensors(t)
+            ds = _mnist_from_tensors(load_file(str(cache)))
         except Exception:  # a corrupt cache is rebuilt, never trusted
             cache.unlink(missing_ok=True)
+        else:
+            return _resplit(ds, valid_size)
     arrays = read_mnist_pickle(src)
     t = {}
     for split, (x, y) in zip(("train", "valid", "test"), arrays):
@@ -235,11 +242,23 @@ def load_mnist(path: Path | None = None, valid_size: int = 10000) -> Dataset:
     cache.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(cache) as tmp:
         save_file(t, str(tmp), metadata={"source": str(src)})
-    return _mnist_from_tensors(t)
+    return _resplit(_mnist_from_tensors(t), valid_size)
 
 
 def _mnist_from_tensors(t: dict[str, Tensor]) -> Dataset:
     return Dataset("mnist", *(Split(t[f"{s}.x"], t[f"{s}.y"]) for s in ("train", "valid", "test")))
+
+
+def _resplit(ds: Dataset, valid_size: int) -> Dataset:
+    """``ds`` with its training and validation images joined and the last ``valid_size``
+    of them made the validation split (unchanged when that is already so)."""
+    if valid_size == len(ds.valid):
+        return ds
+    x, y = torch.cat([ds.train.x, ds.valid.x]), torch.cat([ds.train.y, ds.valid.y])
+    if valid_size >= len(x):
+        raise ConfigError(f"data.valid_size: {valid_size} leaves no training examples out of {len(x)}.")
+    cut = len(x) - valid_size
+    return Dataset(ds.name, Split(x[:cut], y[:cut]), Split(x[cut:], y[cut:]), ds.test)
 
 
 class RestrictedUnpickler(pickle.Unpickler):

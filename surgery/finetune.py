@@ -43,6 +43,7 @@ class Engine(Protocol):
     rank: int
     world: int
     device: torch.device
+    data: Dataset
 
     def train_epoch(self, epoch: int, step: int) -> tuple[list[dict[str, Any]], int]:
         """Train epoch ``epoch`` (from 0) from global ``step``: each member's record, the new step."""
@@ -74,7 +75,11 @@ Record = Callable[[int, dict[str, Any]], dict[str, Any]]
 class TrainingLoop:
     """Epochs, early stopping, best weights, results and files for the K members of
     ``engine``, member k with ``cfgs[k]``, ``seeds[k]`` and output directory ``outs[k]``;
-    ``record`` (optional) completes each member's result before it is written."""
+    ``record`` (optional) completes each member's result before it is written.
+
+    With an empty validation split (``data.valid_size: 0``: train on every training
+    example) there is nothing to choose an epoch by: each member keeps its last epoch's
+    weights, its ``valid_error`` is ``None``, and early stopping is refused."""
 
     def __init__(self, engine: Engine, cfgs: list[FinetuneConfig], seeds: list[int],
                  outs: list[str | Path | None], record: Record | None = None):
@@ -84,6 +89,11 @@ class TrainingLoop:
         self.histories: list[list[dict[str, Any]]] = [[] for _ in cfgs]
         self.marks = [{"best_valid": math.inf, "best_epoch": 0, "bad_epochs": 0, "steps": 0} for _ in cfgs]
         self.running = [True] * len(cfgs)
+        self.validates = len(engine.data.valid) > 0
+        if not self.validates and any(c.early_stopping is not None for c in cfgs):
+            raise ConfigError("finetune.early_stopping: stopping early needs a validation split, but this data has "
+                              "none (data.valid_size: 0). Remove early_stopping (training then keeps its last "
+                              "epoch's weights) or keep validation examples.")
 
     @property
     def device(self) -> torch.device:
@@ -101,7 +111,7 @@ class TrainingLoop:
         for k, m in enumerate(self.marks):
             m["steps"] += (step - self.step) if self.running[k] else 0
         self.step = step
-        valid = self.engine.errors("valid")
+        valid = self.engine.errors("valid") if self.validates else [None] * self.engine.K
         seconds = round(time.perf_counter() - t0, 4)
         return [{"epoch": self.epoch + 1, **rec, "valid_error": v, "seconds": seconds} if run else None
                 for rec, v, run in zip(recs, valid, self.running)]
@@ -115,6 +125,10 @@ class TrainingLoop:
         es, m = self.cfgs[k].early_stopping, self.marks[k]
         self.histories[k].append(rec)
         valid = rec["valid_error"]
+        if valid is None:  # no validation split: the last epoch is the one kept
+            m.update(best_epoch=rec["epoch"])
+            self.engine.keep_best(k)
+            return False
         if valid < m["best_valid"] - (es.min_delta if es else 0) or m["best_epoch"] == 0:
             m.update(best_valid=min(valid, m["best_valid"]), best_epoch=rec["epoch"], bad_epochs=0)
             self.engine.keep_best(k)
@@ -146,7 +160,8 @@ class TrainingLoop:
                 bar.update(1)
                 best = min(m["best_valid"] for m in self.marks)
                 loss = [r["train_loss"] for r in recs if r is not None]
-                bar.set_postfix(loss=f"{min(loss):.4f}" if loss else "-", valid=f"{best:.2f}%",
+                bar.set_postfix(loss=f"{min(loss):.4f}" if loss else "-",
+                                valid=f"{best:.2f}%" if self.validates else "-",
                                 **({"running": sum(self.running)} if K > 1 else {}))
         finally:
             bar.close()
@@ -160,8 +175,9 @@ class TrainingLoop:
         results = []
         for k, (hist, m) in enumerate(zip(self.histories, self.marks)):
             best = hist[m["best_epoch"] - 1] if hist else {}
+            valid = best.get("valid_error", m["best_valid"] if self.validates else None)
             result = {
-                "test_error": test[k], "valid_error": best.get("valid_error", m["best_valid"]),
+                "test_error": test[k], "valid_error": valid,
                 "train_error": best.get("train_error"), "epochs": len(hist), "best_epoch": m["best_epoch"],
                 "steps": m["steps"], "seconds": round(seconds, 3), "device": str(self.engine.device),
                 "world_size": self.engine.world, "seed": self.seeds[k], **self._extra(),

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from .assembly import SurgeryConfig
 from .data import DataConfig
@@ -38,6 +38,22 @@ class Recipe(BaseModel):
     search: SearchConfig | None = None
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @model_validator(mode="after")
+    def _needs_validation(self) -> Recipe:
+        """Whatever chooses by validation error needs validation examples."""
+        if self.data.dataset == "synthetic" or self.data.valid_size > 0:
+            return self
+        users = [name for name, on in (
+            ("finetune.early_stopping", self.finetune is not None and self.finetune.early_stopping is not None),
+            ("experiment.tune", self.experiment is not None and self.experiment.tune is not None),
+            ("search", self.search is not None)) if on]
+        if users:
+            verb = "choose" if len(users) > 1 else "chooses"
+            raise ValueError(f"{', '.join(users)} {verb} by validation error, but data.valid_size is 0 (no "
+                             "validation examples). Keep a validation split (e.g. data.valid_size: 10000) or remove "
+                             f"{' and '.join(users)}.")
+        return self
     _source: str = PrivateAttr(default="<recipe>")
 
     @property

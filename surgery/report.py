@@ -257,7 +257,9 @@ def _curves_figure(rows: list[dict[str, Any]], conds: list[str], colors: dict[st
         for r in crow:
             p = Path(r["path"]) / "metrics.jsonl"
             if int(r["depth"]) == dmax and p.is_file():
-                curves.append([json.loads(line)["valid_error"] for line in p.read_text().splitlines() if line])
+                curve = [json.loads(line)["valid_error"] for line in p.read_text().splitlines() if line]
+                if curve and None not in curve:  # None: trained without a validation split
+                    curves.append(curve)
         if curves:
             n = min(len(cv) for cv in curves)
             mean = np.mean([cv[:n] for cv in curves], axis=0)
@@ -266,7 +268,10 @@ def _curves_figure(rows: list[dict[str, Any]], conds: list[str], colors: dict[st
     ax.set_ylabel("validation error (%)")
     ax.set_title("Learning curves (mean over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no validation split (data.valid_size: 0)", ha="center", transform=ax.transAxes)
     return fig
 
 

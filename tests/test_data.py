@@ -153,3 +153,31 @@ def test_cli_pretrain_on_idx_files(tmp_path, gz, capsys):
     assert st.names == ["h1", "h2"] and st[0].spec.in_features == 784
     assert st.info["n_train"] == 150 and st.recipe["data"]["dataset"] == "idx"
     assert "stack written to" in capsys.readouterr().out
+
+
+def test_idx_valid_size_zero_trains_on_every_example(tmp_path, capsys):
+    from surgery.cli import main
+
+    make_idx_dir(tmp_path / "idx")
+    ds = load_dataset(DataConfig(dataset="idx", path=tmp_path / "idx", valid_size=0))
+    assert ds.train.x.shape == (60, 784) and ds.valid.x.shape == (0, 784) and len(ds.test) == 20
+    (tmp_path / "r.yaml").write_text(
+        f"data: {{dataset: idx, path: {tmp_path / 'idx'}, valid_size: 0}}\n"
+        "surgery: {ops: [{op: insert, name: h1, units: 16}, {op: head, classes: 10}]}\n"
+        "finetune: {epochs: 2, batch_size: 20, progress: false}\n")
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run")]) == 0, capsys.readouterr().err
+    assert "(no validation split, last epoch of 2, cpu)" in capsys.readouterr().out
+
+
+def test_mnist_valid_size_moves_the_split_inside_the_60k_training_images():
+    base = load_dataset(DataConfig())  # the file's own 50k / 10k split
+    every = torch.cat([base.train.x, base.valid.x])
+    full = load_dataset(DataConfig(valid_size=0))
+    assert len(full.valid) == 0 and torch.equal(full.train.x, every)
+    assert torch.equal(full.train.y, torch.cat([base.train.y, base.valid.y]))
+    part = load_dataset(DataConfig(valid_size=5000))
+    assert torch.equal(part.train.x, every[:55000]) and torch.equal(part.valid.x, base.valid.x[5000:])
+    assert torch.equal(part.test.x, base.test.x)
+    assert len({base.fingerprint(), full.fingerprint(), part.fingerprint()}) == 3
+    with pytest.raises(SurgeryError, match="data.valid_size: 60000 leaves no training examples"):
+        load_dataset(DataConfig(valid_size=60000))

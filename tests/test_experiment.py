@@ -267,3 +267,26 @@ def test_population_off_written_bare_in_yaml(tmp_path):
     rp.write_text(rp.read_text().replace("population: off", "population: on"))
     with pytest.raises(SurgeryError, match="population: true is not a mode"):
         load_recipe(rp)
+
+
+def test_an_experiment_on_every_training_example_keeps_last_epochs(tmp_path, capsys):
+    from surgery.recipe import recipe_from_dict
+    from tests.test_data import make_idx_dir
+
+    make_idx_dir(tmp_path / "idx", n_train=300, n_test=100)
+    data = {"dataset": "idx", "path": str(tmp_path / "idx"), "valid_size": 0}
+    recipe = {**TINY, "data": data, "experiment": {**TINY["experiment"], "conditions": ["none", "rbm"],
+                                                   "depths": [1], "seeds": [0]}}
+    rp = tmp_path / "all.yaml"
+    rp.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(rp), "--out", str(tmp_path / "out")]) == 0
+    rows = _rows(tmp_path / "out")
+    assert len(rows) == 2 and all(r["valid_error"] == "" and r["best_epoch"] == r["epochs"] == "2" for r in rows)
+    assert (tmp_path / "out" / "figures" / "learning_curves.png").is_file()
+    # whatever chooses by validation error is refused at validation, naming the field
+    tuned = {**recipe["experiment"], "tune": {"params": {"finetune.optimizer.lr": {"type": "float", "low": 0.01,
+                                                                                     "high": 0.3}}, "trials": 2}}
+    for bad, field in (({"finetune": {**TINY["finetune"], "early_stopping": {"patience": 2}}}, "finetune.early_stopping"),
+                       ({"experiment": tuned}, "experiment.tune")):
+        with pytest.raises(SurgeryError, match=f"{field} chooses by validation error, but data.valid_size is 0"):
+            recipe_from_dict({**recipe, **bad})

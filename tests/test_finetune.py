@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from surgery.errors import SurgeryError, TrainingDiverged
+from surgery.data import Dataset, Split
+from surgery.errors import ConfigError, SurgeryError, TrainingDiverged
 from surgery.finetune import FinetuneConfig, Trainer
 from surgery.graph import ModelGraph
 from surgery.layers import init_weight
@@ -398,3 +399,24 @@ def test_cuda_graph_option_on_the_cpu(synth):
         Trainer(mlp(), synth, cfg(cuda_graph=True))
     with pytest.raises(SurgeryError, match="'rmsprop' is not one of"):
         Trainer(mlp(), synth, cfg(cuda_graph=True, optimizer={"name": "rmsprop", "lr": 0.01}))
+
+
+def _without_valid(ds):
+    return Dataset(ds.name, ds.train, Split(ds.valid.x[:0], ds.valid.y[:0]), ds.test)
+
+
+def test_without_a_validation_split_the_last_epoch_is_kept(synth, tmp_path):
+    c = cfg(epochs=3, optimizer={"name": "sgd", "lr": 2.0, "momentum": 0.9})
+    last = {}
+    ref = Trainer(mlp(), synth, c, seed=3, on_epoch_end=lambda t, rec: last.update(
+        {k: v.clone() for k, v in t.model.state_dict().items()}))
+    ref.fit()
+    t = Trainer(mlp(), _without_valid(synth), c, seed=3, out_dir=tmp_path / "run")
+    r = t.fit()
+    assert r["valid_error"] is None and r["best_epoch"] == r["epochs"] == 3
+    assert all(h["valid_error"] is None for h in t.history)
+    for k, v in t.model.state_dict().items():  # the validation split never changes training
+        assert torch.equal(v, last[k]), k
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["valid_error"] is None
+    with pytest.raises(ConfigError, match="finetune.early_stopping.*data.valid_size: 0"):
+        Trainer(mlp(), _without_valid(synth), cfg(early_stopping={"patience": 2}))

@@ -5,7 +5,7 @@ import torch
 
 from surgery.errors import ConfigError
 from surgery.finetune import FinetuneConfig, PopulationTrainer, Trainer
-from tests.test_finetune import mlp
+from tests.test_finetune import _without_valid, mlp
 
 SIZES = (64, 32, 16)
 
@@ -179,6 +179,21 @@ def test_the_batched_gemm_path_equals_alone_too(synth):
     for k in range(len(cfgs)):
         alone = Trainer(graphs[k], synth, cfgs[k], seed=5 + k)
         alone.fit()
+        for name, w in pop.weights(k).items():
+            torch.testing.assert_close(w, alone.model.state_dict()[name], rtol=1e-5, atol=1e-5, msg=f"{k} {name}")
+
+
+def test_a_population_without_a_validation_split_keeps_each_members_last_epoch(synth):
+    synth = _without_valid(synth)
+    cfgs = CASES["momentum, nesterov, decay"][:2]
+    graphs = [mlp(SIZES, seed=k) for k in range(len(cfgs))]
+    pop = PopulationTrainer(graphs, synth, cfgs, [7, 8])
+    together = pop.fit()
+    for k in range(len(cfgs)):
+        alone = Trainer(graphs[k], synth, cfgs[k], seed=7 + k)
+        res = alone.fit()
+        assert together[k]["valid_error"] is res["valid_error"] is None
+        assert together[k]["best_epoch"] == res["best_epoch"] == 4
         for name, w in pop.weights(k).items():
             torch.testing.assert_close(w, alone.model.state_dict()[name], rtol=1e-5, atol=1e-5, msg=f"{k} {name}")
 
