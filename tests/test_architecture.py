@@ -17,7 +17,7 @@ PKG = Path(__file__).resolve().parents[1] / "surgery"
 LEVELS: list[tuple[str, set[str]]] = [
     ("foundations", {"errors", "io", "layers", "schedules", "runtime", "version", "batched", "stacked",
                      "capture"}),
-    ("data and stacks", {"data", "stack"}),
+    ("data and stacks", {"datafiles", "data", "stack"}),
     ("pretrain, graph and ops", {"pretrain", "graph", "ops", "assembly", "modules", "model_file"}),
     ("fine-tuning", {"finetune_config", "finetune", "checkpoint", "graphed", "module_engine", "population"}),
     ("recipe composition", {"experiment_config", "search_config", "recipe", "grid"}),

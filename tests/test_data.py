@@ -7,14 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from surgery.data import (
-    DataConfig,
-    RestrictedUnpickler,
-    epoch_batches,
-    load_dataset,
-    read_mnist_pickle,
-    resolve_device,
-)
+from surgery.data import DataConfig, epoch_batches, load_dataset, resolve_device
+from surgery.datafiles import RestrictedUnpickler, read_mnist_pickle
 from surgery.errors import SurgeryError
 
 
