@@ -217,7 +217,9 @@ def test_early_stopping_restores_the_best_weights(synth):
     assert r["best_epoch"] == 1 + [h["valid_error"] for h in t.history].index(best)
 
 
-def test_kill_and_resume_equals_uninterrupted(synth, tmp_path):
+@pytest.mark.parametrize("validates", [True, False], ids=["valid split", "no valid split"])
+def test_kill_and_resume_equals_uninterrupted(synth, tmp_path, validates):
+    synth = synth if validates else _without_valid(synth)
     c = cfg(epochs=4, checkpoint_every=1, dropout={"h1": 0.3},
             schedule={"lr": {"kind": "exponential", "start": 0.3, "end": 0.01}, "momentum": {"kind": "linear"}})
     ref = Trainer(mlp((64, 32, 16)), synth, c, seed=1, out_dir=tmp_path / "ref")
