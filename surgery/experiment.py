@@ -26,7 +26,7 @@ from .experiment_config import TuneConfig
 from .finetune import PopulationTrainer, Trainer
 from .graph import ModelGraph
 from .grid import Cell, plan_cells, with_values
-from .io import make_dir, progress_bar, write_json, write_text
+from .io import make_dir, progress_bar, progress_line, write_json, write_text
 from .pipeline import load_sources
 from .population import architecture_key, model_bytes, population_size
 from .pretrain import greedy_pretrain
@@ -198,6 +198,16 @@ def _record(cell: Cell, result: dict[str, Any], pretrain_seconds: float, share: 
     return res
 
 
+def _summary(result: dict[str, Any], test: bool = True) -> str:
+    """A finished run in a few words: its errors (``test``: with the test error; a tuning
+    trial shows only what it is chosen by), epochs and minutes."""
+    valid = result.get("valid_error")
+    errors = [f"test {result['test_error']:.2f}%"] if test else []
+    errors += [f"valid {valid:.2f}%"] if valid is not None else []
+    minutes = (result.get("finetune_seconds") or 0) / 60
+    return ", ".join([*errors, f"{result['epochs']} epochs", f"{minutes:.1f} min"])
+
+
 def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None) -> list[dict[str, Any]]:
     """Run every cell not yet finished under ``out`` (after tuning each arm when the
     experiment has ``tune:``); write ``results.csv`` and return its rows.
@@ -211,6 +221,7 @@ def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None
         cells = tune_arms(recipe.experiment.tune, cells, runner, out, progress)
     write_json(out / "experiment.json", {"recipe": recipe.to_dict(), "cells": len(cells)})
     bar = progress_bar(len(cells), "experiment", progress, "cell")
+    done_before = {c.key for c in cells if (out / "cells" / c.key / "result.json").is_file()}
     runner.pretrain_populations(cells, recipe.experiment.population)
     together = runner.run_populations(cells, recipe.experiment.population, bar)
     rows = []
@@ -222,6 +233,9 @@ def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None
         if cell.key not in together:  # a population's cells were counted when it finished
             bar.update(1)
         bar.set_postfix(last=f"{cell.condition} d{cell.depth} {result['test_error']:.2f}%")
+        if cell.key not in done_before:
+            progress_line(progress, f"experiment: cell {len(rows)}/{len(cells)} {cell.condition} depth {cell.depth} "
+                                    f"seed {cell.seed}: {_summary(result)}")
     bar.close()
     write_results_csv(out / "results.csv", rows)
     return rows
@@ -250,6 +264,9 @@ def tune_arms(cfg: TuneConfig, cells: list[Cell], runner: CellRunner, out: Path,
             record.append({"condition": arm, "depth": depth, "trial": trial.number, "params": values,
                            cfg.metric: result[cfg.metric]})
             bar.update(1)
+            shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+            progress_line(progress, f"tuning: {arm} depth {depth} trial {trial.number + 1}/{cfg.trials} {shown}: "
+                                    f"{_summary(result, test=False)}")
         best = study.best_trial
         record.append({"condition": arm, "depth": depth, "best_trial": best.number, "params": best.params,
                        cfg.metric: best.value})

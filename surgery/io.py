@@ -64,3 +64,13 @@ def progress_bar(total: int, desc: str, progress: bool | None, unit: str = "it",
 
     show = sys.stderr.isatty() if progress is None else progress
     return tqdm(total=total, desc=desc, unit=unit, initial=initial, leave=False, disable=not show, dynamic_ncols=True)
+
+
+def progress_line(progress: bool | None, text: str) -> None:
+    """``text`` as one line on stderr when a bar with this ``progress`` setting is hidden
+    only because stderr is not a terminal (a log file, ``nohup``): a long run still says
+    how far it got there, one line per unit of work, without a bar's carriage returns."""
+    import sys
+
+    if progress is None and not sys.stderr.isatty():
+        print(text, file=sys.stderr, flush=True)

@@ -210,6 +210,8 @@ def test_every_arm_gets_the_same_tuning_budget(tmp_path, capsys):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
     out = tmp_path / "out"
     assert main(["run", str(tmp_path / "r.yaml"), "--out", str(out)]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tuning: ")]
+    assert len(lines) == 6 and all(", valid " not in x and ": valid " in x and "test" not in x for x in lines), lines
     tuning = json.loads((out / "tuning.json").read_text())
     trials = [t for t in tuning["trials"] if "trial" in t]
     bests = {t["condition"]: t for t in tuning["trials"] if "best_trial" in t}
@@ -280,6 +282,10 @@ def test_an_experiment_on_every_training_example_keeps_last_epochs(tmp_path, cap
     rp = tmp_path / "all.yaml"
     rp.write_text(yaml.safe_dump(recipe))
     assert main(["run", str(rp), "--out", str(tmp_path / "out")]) == 0
+    # stderr is no terminal here, so no bar: one line per finished cell instead
+    err = capsys.readouterr().err
+    assert "experiment: cell 1/2 none depth 1 seed 0: test " in err and "experiment: cell 2/2 rbm" in err
+    assert ", valid" not in err and "2 epochs" in err
     rows = _rows(tmp_path / "out")
     assert len(rows) == 2 and all(r["valid_error"] == "" and r["best_epoch"] == r["epochs"] == "2" for r in rows)
     assert (tmp_path / "out" / "figures" / "learning_curves.png").is_file()
