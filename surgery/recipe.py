@@ -89,7 +89,10 @@ def format_validation_error(e: ValidationError, source: str) -> str:
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
         got = err.get("input")
-        shown = json.dumps(got, default=str) if not isinstance(got, dict) else "{...}"
+        if isinstance(got, (dict, BaseModel)):  # a whole section: the message names what is wrong in it
+            lines.append(f"  - {loc}: {msg}")
+            continue
+        shown = json.dumps(got, default=str)
         if len(shown) > 80:
             shown = shown[:77] + "..."
         lines.append(f"  - {loc}: {msg} (got {shown})")
