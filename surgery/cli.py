@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from .data import load_dataset
 from .errors import SurgeryError, SurgeryWarning
 from .experiment import read_results, run_experiment, write_results_csv
+from .io import make_dir
 from .model_file import describe_model, load_model, save_model
 from .pipeline import assemble, finetune_model, pretrain, run, validate
 from .recipe import Recipe, format_validation_error, json_schema, load_recipe
@@ -105,6 +106,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     """``surgery pretrain``: train the stack and save it."""
     recipe = _load(args)
     out = args.output or Path("runs") / recipe.name / "stack.safetensors"
+    make_dir(out.parent)  # an unwritable output fails now, not after the training
     stack = pretrain(recipe)
     if is_main_process():
         stack.save(out)
