@@ -147,10 +147,11 @@ def cmd_schema(args: argparse.Namespace) -> None:
 def cmd_assemble(args: argparse.Namespace) -> None:
     """``surgery assemble``: pretrain if asked, build the network, save it."""
     recipe = _load(args)
+    out = args.output or Path("runs") / recipe.name / "assembled.safetensors"
+    make_dir(out.parent)  # an unwritable output fails now, not after any pretraining
     data = load_dataset(recipe.data, recipe.base_dir)
     stack = pretrain(recipe, data) if recipe.pretrain is not None else None
     graph = assemble(recipe, stack, data.num_classes, data.input_shape)
-    out = args.output or Path("runs") / recipe.name / "assembled.safetensors"
     if is_main_process():
         save_model(graph, out, {"recipe": recipe.to_dict()})
     say(*graph.report, describe_model(graph), f"model written to {out}")

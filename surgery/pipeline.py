@@ -220,5 +220,6 @@ def run_batch(recipes: list[Recipe], outs: list[Path], progress: bool | None = N
 def finetune_model(model_path: str | Path, data: Dataset, cfg: FinetuneConfig, seed: int, out: str | Path,
                    resume: bool = False) -> dict[str, Any]:
     """Fine-tune an assembled model file on ``data``; results go under ``out``."""
+    make_dir(out)  # an unwritable output fails now, not after the first epoch
     graph = load_model(model_path)
     return Trainer(graph, data, cfg, seed, out).fit(resume=resume)

@@ -170,6 +170,16 @@ def unwritable_stack_output(tmp: Path):
     return ["pretrain", str(r), "-o", str(blocker / "s.safetensors")], "cannot create the directory", [blocker]
 
 
+def unwritable_model_output(tmp: Path):
+    blocker = tmp / "file"
+    blocker.write_text("x")
+    r = _write(tmp / "r.yaml", {"data": {"dataset": "synthetic", "n_train": 200},
+                                "pretrain": {"layers": [{"method": "rbm", "hidden": 4, "epochs": 1}]},
+                                "surgery": {"ops": [{"op": "take", "source": "pretrained"},
+                                                    {"op": "head", "classes": 4}]}})
+    return ["assemble", str(r), "-o", str(blocker / "m.safetensors")], "cannot create the directory", [blocker]
+
+
 def corrupt_source_stack(tmp: Path):
     p = tmp / "a.safetensors"
     p.write_bytes(b"\x00" * 64)
@@ -220,6 +230,7 @@ def experiment_with_unwritable_out(tmp: Path):
 CASES: dict[str, Case] = {
     "pretrain: conv_ae on flat data": conv_on_flat,
     "pretrain: unwritable -o": unwritable_stack_output,
+    "assemble: unwritable -o": unwritable_model_output,
     "inspect: truncated stack": truncated_stack,
     "inspect: random bytes": garbage_stack,
     "inspect: missing file": missing_stack,
