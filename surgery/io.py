@@ -23,6 +23,9 @@ def make_dir(path: str | Path) -> Path:
     except OSError as e:
         raise OutputError(f"cannot create the directory {path} ({e.strerror}); choose another --out/--output "
                           "or fix its permissions.") from e
+    if not os.access(path, os.W_OK | os.X_OK):  # exists, but nothing could be written into it
+        raise OutputError(f"cannot write into the directory {path} (permission denied); choose another "
+                          "--out/--output or fix its permissions.")
     return path
 
 
