@@ -310,3 +310,13 @@ def test_only_rank_zero_prints_under_torchrun(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     assert main(["validate", str(r)]) == 0
     assert "ok" in capsys.readouterr().out
+
+
+def test_a_directory_that_cannot_be_written_into_is_refused_up_front(tmp_path, monkeypatch):
+    import surgery.io
+    from surgery.errors import OutputError
+
+    assert surgery.io.make_dir(tmp_path / "ok") == tmp_path / "ok"
+    monkeypatch.setattr(surgery.io.os, "access", lambda path, mode: False)  # as a read-only directory would say
+    with pytest.raises(OutputError, match=r"cannot write into the directory .*ro \(permission denied\)"):
+        surgery.io.make_dir(tmp_path / "ro")
