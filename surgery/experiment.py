@@ -21,7 +21,7 @@ from typing import Any
 
 from .assembly import build_graph
 from .data import Dataset, load_dataset, resolve_device
-from .errors import ConfigError, SurgeryError
+from .errors import ConfigError, SurgeryError, TrainingDiverged
 from .experiment_config import TuneConfig
 from .finetune import PopulationTrainer, Trainer
 from .graph import ModelGraph
@@ -156,7 +156,10 @@ class CellRunner:
                                     record=lambda k, res: _record(members[k][0], res, members[k][3], len(members)))
         except ConfigError:
             return False  # not batchable (an optimizer or option populations lack): these cells train alone
-        pop.fit()
+        try:
+            pop.fit()
+        except TrainingDiverged:
+            return False  # a member diverged: the cells train alone, as without populations; that one says so
         return True
 
     def open_cell(self, cell: Cell, cells_dir: str = "cells") -> Path:
@@ -185,7 +188,10 @@ class CellRunner:
         assert r.finetune is not None
         trainer = Trainer(graph, data, r.finetune, r.seed, self.open_cell(cell, cells_dir),
                           record=lambda k, res: _record(cell, res, pre_s))
-        return trainer.fit(), cdir  # its result.json, written last, marks the cell finished
+        try:
+            return trainer.fit(), cdir  # its result.json, written last, marks the cell finished
+        except TrainingDiverged as e:
+            raise TrainingDiverged(f"cell {cell.condition} depth {cell.depth} seed {cell.seed} ({cdir}): {e}") from None
 
 
 def _record(cell: Cell, result: dict[str, Any], pretrain_seconds: float, share: int = 1) -> dict[str, Any]:

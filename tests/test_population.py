@@ -169,6 +169,33 @@ def test_a_grid_trained_in_populations_equals_the_grid_trained_cell_by_cell(tmp_
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "3").rglob("result.json")} == stamps
 
 
+def test_a_diverging_population_falls_back_to_cells_alone_and_names_the_cell(tmp_path, monkeypatch, capsys):
+    """A population whose loss diverges is not the end of the grid: its cells train alone,
+    as with population: off, and a cell that diverges alone is named in the error."""
+    import yaml
+
+    import surgery.experiment
+    from surgery.cli import main
+    from surgery.errors import TrainingDiverged
+
+    def diverge(self, *args, **kwargs):
+        raise TrainingDiverged("the training loss became NaN or infinite in epoch 1")
+
+    recipe = {"data": {"dataset": "synthetic", "n_train": 200, "n_valid": 100, "n_test": 100},
+              "experiment": {"conditions": ["none"], "depths": [1], "seeds": [0, 1], "hidden": 8, "population": 2},
+              "finetune": {"epochs": 1, "batch_size": 50, "device": "cpu", "progress": False}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    monkeypatch.setattr(surgery.experiment.PopulationTrainer, "fit", diverge)
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "a")]) == 0
+    results = list((tmp_path / "a" / "cells").glob("*/result.json"))
+    assert len(results) == 2 and all("population" not in p.read_text() for p in results)
+    monkeypatch.setattr(surgery.experiment.Trainer, "fit", diverge)
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "error: cell none depth 1 seed 0 (" in err and "became NaN or infinite in epoch 1" in err, err
+
+
 def test_the_batched_gemm_path_equals_alone_too(synth):
     """The GPU's path (one bmm per layer for all K models), run on the CPU."""
     cfgs = CASES["dropout"]
