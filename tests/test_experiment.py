@@ -293,6 +293,8 @@ def test_an_experiment_on_every_training_example_keeps_last_epochs(tmp_path, cap
     tuned = {**recipe["experiment"], "tune": {"params": {"finetune.optimizer.lr": {"type": "float", "low": 0.01,
                                                                                      "high": 0.3}}, "trials": 2}}
     stopping = {"finetune": {**TINY["finetune"], "early_stopping": {"patience": 2}}}
-    for bad, field in ((stopping, "finetune.early_stopping"), ({"experiment": tuned}, "experiment.tune")):
+    search = {"search": {"trials": 2, "params": {"finetune.optimizer.lr": {"type": "float", "low": 0.01, "high": 0.3}}}}
+    for bad, field in ((stopping, "finetune.early_stopping"), ({"experiment": tuned}, "experiment.tune"),
+                       (search, "search")):
         with pytest.raises(SurgeryError, match=f"{field} chooses by validation error, but data.valid_size is 0"):
             recipe_from_dict({**recipe, **bad})
