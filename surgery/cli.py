@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from .data import load_dataset
 from .errors import SurgeryError, SurgeryWarning
 from .experiment import read_results, run_experiment, write_results_csv
-from .io import make_dir
+from .io import make_dir, write_json
 from .model_file import describe_model, load_model, save_model
 from .pipeline import assemble, finetune_model, pretrain, run, validate
 from .recipe import Recipe, format_validation_error, json_schema, load_recipe
@@ -204,13 +204,15 @@ def cmd_compare(args: argparse.Namespace) -> None:
     """``surgery compare``: merge experiment directories and rebuild the report."""
     rows = read_results(args.dirs)
     out = args.out or args.dirs[0]
+    meta = Path(args.dirs[0]) / "experiment.json"
+    described = json.loads(meta.read_text()) if meta.is_file() else {}
     baseline = args.baseline
     if baseline is None:
-        meta = Path(args.dirs[0]) / "experiment.json"
-        recipe = json.loads(meta.read_text()).get("recipe", {}) if meta.is_file() else {}
-        baseline = (recipe.get("experiment") or {}).get("baseline", "none")
+        baseline = (described.get("recipe", {}).get("experiment") or {}).get("baseline", "none")
     if out != args.dirs[0] or len(args.dirs) > 1:
         write_results_csv(Path(out) / "results.csv", rows)
+        if described and not (Path(out) / "experiment.json").is_file():  # the first run's recipe (and paper)
+            write_json(Path(out) / "experiment.json", described)
     write_report(Path(out), rows, baseline=baseline)
     say(f"report for {len(rows)} runs in {out}/report.md", significance_line(rows, baseline))
 

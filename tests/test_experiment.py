@@ -277,8 +277,9 @@ def test_an_experiment_on_every_training_example_keeps_last_epochs(tmp_path, cap
 
     make_idx_dir(tmp_path / "idx", n_train=300, n_test=100)
     data = {"dataset": "idx", "path": str(tmp_path / "idx"), "valid_size": 0}
+    paper = {"source": "Some et al.", "errors": {"rbm": 1.2, "none": 1.6}, "target": 0.2}
     recipe = {**TINY, "data": data, "experiment": {**TINY["experiment"], "conditions": ["none", "rbm"],
-                                                   "depths": [1], "seeds": [0]}}
+                                                   "depths": [1], "seeds": [0], "paper": paper}}
     rp = tmp_path / "all.yaml"
     rp.write_text(yaml.safe_dump(recipe))
     assert main(["run", str(rp), "--out", str(tmp_path / "out")]) == 0
@@ -289,6 +290,9 @@ def test_an_experiment_on_every_training_example_keeps_last_epochs(tmp_path, cap
     rows = _rows(tmp_path / "out")
     assert len(rows) == 2 and all(r["valid_error"] == "" and r["best_epoch"] == r["epochs"] == "2" for r in rows)
     assert (tmp_path / "out" / "figures" / "learning_curves.png").is_file()
+    # merged elsewhere (e.g. with another seed's directory), the report keeps the paper's numbers
+    assert main(["compare", str(tmp_path / "out"), "--out", str(tmp_path / "merged")]) == 0
+    assert "## Against the paper" in (tmp_path / "merged" / "report.md").read_text()
     # whatever chooses by validation error is refused at validation, naming the field
     tuned = {**recipe["experiment"], "tune": {"params": {"finetune.optimizer.lr": {"type": "float", "low": 0.01,
                                                                                      "high": 0.3}}, "trials": 2}}
