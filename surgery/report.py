@@ -246,32 +246,32 @@ def _hist_figure(rows: list[dict[str, Any]], conds: list[str]) -> Any:
 
 
 def _curves_figure(rows: list[dict[str, Any]], conds: list[str], colors: dict[str, Any]) -> Any:
-    """Validation error per epoch at each arm's largest depth, mean over seeds."""
+    """Validation error per epoch at each arm's largest depth, mean over seeds; the training
+    error instead when the runs had no validation split (``data.valid_size: 0``)."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    histories: dict[str, list[list[dict[str, Any]]]] = {}
     for c in conds:
         crow = [r for r in rows if r["condition"] == c]
         dmax = max(int(r["depth"]) for r in crow)
-        curves = []
-        for r in crow:
-            p = Path(r["path"]) / "metrics.jsonl"
-            if int(r["depth"]) == dmax and p.is_file():
-                curve = [json.loads(line)["valid_error"] for line in p.read_text().splitlines() if line]
-                if curve and None not in curve:  # None: trained without a validation split
-                    curves.append(curve)
+        paths = [Path(r["path"]) / "metrics.jsonl" for r in crow if int(r["depth"]) == dmax]
+        histories[f"{c} (depth {dmax})"] = [[json.loads(line) for line in p.read_text().splitlines() if line]
+                                            for p in paths if p.is_file()]
+    validated = all(h["valid_error"] is not None for hs in histories.values() for hist in hs for h in hist)
+    key = "valid_error" if validated else "train_error"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (label, hs), c in zip(histories.items(), conds):
+        curves = [[h[key] for h in hist] for hist in hs if hist]
         if curves:
             n = min(len(cv) for cv in curves)
             mean = np.mean([cv[:n] for cv in curves], axis=0)
-            ax.plot(range(1, n + 1), mean, marker=".", label=f"{c} (depth {dmax})", color=colors[c])
+            ax.plot(range(1, n + 1), mean, marker=".", label=label, color=colors[c])
     ax.set_xlabel("epoch")
-    ax.set_ylabel("validation error (%)")
+    ax.set_ylabel("validation error (%)" if validated else "training error (%): no validation split")
     ax.set_title("Learning curves (mean over seeds)")
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend()
-    else:
-        ax.text(0.5, 0.5, "no validation split (data.valid_size: 0)", ha="center", transform=ax.transAxes)
     return fig
 
 
