@@ -38,6 +38,7 @@ class Recipe(BaseModel):
     search: SearchConfig | None = None
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _source: str = PrivateAttr(default="<recipe>")
 
     @model_validator(mode="after")
     def _needs_validation(self) -> Recipe:
@@ -54,7 +55,6 @@ class Recipe(BaseModel):
                              "validation examples). Keep a validation split (e.g. data.valid_size: 10000) or remove "
                              f"{' and '.join(users)}.")
         return self
-    _source: str = PrivateAttr(default="<recipe>")
 
     @property
     def base_dir(self) -> Path:
