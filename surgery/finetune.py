@@ -125,9 +125,8 @@ class TrainingLoop:
         es, m = self.cfgs[k].early_stopping, self.marks[k]
         self.histories[k].append(rec)
         valid = rec["valid_error"]
-        if valid is None:  # no validation split: the last epoch is the one kept
+        if valid is None:  # no validation split: the last epoch is the one kept (see _finish)
             m.update(best_epoch=rec["epoch"])
-            self.engine.keep_best(k)
             return False
         if valid < m["best_valid"] - (es.min_delta if es else 0) or m["best_epoch"] == 0:
             m.update(best_valid=min(valid, m["best_valid"]), best_epoch=rec["epoch"], bad_epochs=0)
@@ -168,6 +167,9 @@ class TrainingLoop:
         return self._finish(time.perf_counter() - t_run)
 
     def _finish(self, seconds: float) -> list[dict[str, Any]]:
+        if not self.validates:  # the weights as they are now are the ones kept, copied once
+            for k in range(self.engine.K):
+                self.engine.keep_best(k)
         self.engine.restore_best()
         # Only the test split needs a new pass: the best epoch's validation error is known,
         # and its training error is the running one measured while training.

@@ -148,12 +148,12 @@ def greedy_pretrain_population(
             if i + 1 < len(cfgs[0].layers):
                 grown = lcs[k].method == "grow" and lcs[k].train == "all"
                 inps[k] = stacks[k].transform(x) if grown else layer.transform(inps[k])  # grow: all layers changed
-        final = layers[0].pretrain.get("final", {})
+        final = layers[0].pretrain.get("final", {}) if len(cfgs) == 1 else {}  # one member: its metrics
+        who = f", {len(cfgs)} members" if len(cfgs) > 1 else ""
         shown = (f", recon_error {final['recon_error']:.4g}" if "recon_error" in final else "") + (
             f", {final['inactive_units']:.1%} of units inactive" if "inactive_units" in final else "")
         progress_line(progress, f"pretrain: layer {i + 1}/{len(cfgs[0].layers)} ({lcs[0].method}, {lcs[0].hidden} "
-                                f"units{f', {len(cfgs)} members' if len(cfgs) > 1 else ''}) in {seconds / 60:.1f} min"
-                                f"{shown if len(cfgs) == 1 else ''}")
+                                f"units{who}) in {seconds / 60:.1f} min{shown}")
         if on_layer is not None:
             on_layer(i, stacks)
     return stacks
