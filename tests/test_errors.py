@@ -276,10 +276,10 @@ def test_catalogue_covers_the_commands():
 
 
 def test_one_case_through_a_real_process(tmp_path):
-    """The console script's process: exit 2, no traceback on stderr."""
+    """`python -m surgery` in its own process: exit 2, no traceback on stderr."""
     argv, fragment, _ = checkpoint_of_another_network(tmp_path)
     path = os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)  # keep the parent's
-    p = subprocess.run([sys.executable, "-m", "surgery.cli", *argv], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "surgery", *argv], capture_output=True, text=True,
                        cwd=tmp_path, env={**os.environ, "PYTHONPATH": path})
     assert p.returncode == 2 and "Traceback" not in p.stderr and fragment in p.stderr, p.stderr
 
