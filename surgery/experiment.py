@@ -121,7 +121,8 @@ class CellRunner:
         for sdir, st in zip(dirs, stacks):
             write_json(sdir / "pretrain.json", {"seconds": seconds, "layers": len(st), "population": len(members)})
 
-    def run_populations(self, cells: list[Cell], mode: str | int, bar: Any = None) -> set[str]:
+    def run_populations(self, cells: list[Cell], mode: str | int, bar: Any = None,
+                        cells_dir: str = "cells") -> set[str]:
         """Fine-tune the unfinished cells that share an architecture, data and budget
         together, in populations as large as ``mode`` allows; the rest (and any cell a
         population cannot take) are left for :meth:`run`. Returns the keys of the cells
@@ -131,7 +132,7 @@ class CellRunner:
             return set()  # one cell at a time: nothing to prepare here
         groups: dict[tuple[str, str], list[tuple[Cell, Recipe, ModelGraph, float]]] = {}
         for cell in cells:
-            if (self.out / "cells" / cell.key / "result.json").is_file():
+            if (self.out / cells_dir / cell.key / "result.json").is_file():
                 continue
             r, _, graph, pre_s = self.prepare(cell)
             assert r.finetune is not None
@@ -142,17 +143,18 @@ class CellRunner:
             r0 = members[0][1]
             size = population_size(mode, resolve_device(r0.finetune.device), model_bytes(members[0][2], 100))
             for i in range(0, len(members), size):
-                if len(members[i : i + size]) > 1 and self._population(members[i : i + size]):
+                if len(members[i : i + size]) > 1 and self._population(members[i : i + size], cells_dir):
                     done.update(m[0].key for m in members[i : i + size])
                     if bar is not None:
                         bar.update(len(members[i : i + size]))
         return done
 
-    def _population(self, members: list[tuple[Cell, Recipe, ModelGraph, float]]) -> bool:
+    def _population(self, members: list[tuple[Cell, Recipe, ModelGraph, float]], cells_dir: str) -> bool:
         data = self.dataset(members[0][1])
         try:
             pop = PopulationTrainer([m[2] for m in members], data, [m[1].finetune for m in members],
-                                    [m[1].seed for m in members], out_dirs=[self.open_cell(m[0]) for m in members],
+                                    [m[1].seed for m in members],
+                                    out_dirs=[self.open_cell(m[0], cells_dir) for m in members],
                                     record=lambda k, res: _record(members[k][0], res, members[k][3], len(members)))
         except ConfigError:
             return False  # not batchable (an optimizer or option populations lack): these cells train alone
@@ -192,6 +194,21 @@ class CellRunner:
             return trainer.fit(), cdir  # its result.json, written last, marks the cell finished
         except TrainingDiverged as e:
             raise TrainingDiverged(f"cell {cell.condition} depth {cell.depth} seed {cell.seed} ({cdir}): {e}") from None
+
+    def run_batch(self, cells: list[Cell], mode: str | int, cells_dir: str) -> list[dict[str, Any] | None]:
+        """Each cell's result, ``None`` for one whose training diverged: the unfinished
+        cells' stacks pretrain and their fine-tuning runs in populations as ``mode`` allows
+        (a tuning batch's trials), the rest alone; equal cells train once."""
+        unique = list({c.key: c for c in cells}.values())
+        self.pretrain_populations(unique, mode)
+        self.run_populations(unique, mode, cells_dir=cells_dir)
+        results: list[dict[str, Any] | None] = []
+        for cell in cells:
+            try:
+                results.append(self.run(cell, cells_dir)[0])
+            except TrainingDiverged:
+                results.append(None)
+        return results
 
 
 def _record(cell: Cell, result: dict[str, Any], pretrain_seconds: float, share: int = 1) -> dict[str, Any]:
@@ -250,38 +267,59 @@ def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None
 def tune_arms(cfg: TuneConfig, cells: list[Cell], runner: CellRunner, out: Path,
               progress: bool | None = None) -> list[Cell]:
     """The same search budget for every (arm, depth): ``cfg.trials`` Optuna trials on the
-    first seed's cell, scored by validation error (never test); then every seed's cell
-    with the best trial's values. Writes every trial to ``OUT/tuning.json``."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    first seed's cell, scored by validation error (never test), ``cfg.batch`` at a time;
+    then every seed's cell with the best trial's values. Writes every trial to
+    ``OUT/tuning.json``; a trial whose training diverged is recorded and told as failed."""
     groups: dict[tuple[str, int], list[Cell]] = {}
     for c in cells:
         groups.setdefault((c.condition, c.depth), []).append(c)
     record, tuned = [], []
     bar = progress_bar(len(groups) * cfg.trials, "tuning", progress, "trial")
     for (arm, depth), group in groups.items():
-        study = optuna.create_study(direction="minimize", sampler=make_sampler(cfg.sampler, cfg.seed))
-        for _ in range(cfg.trials):
-            trial = study.ask()
-            values = suggest(trial, cfg.params)
-            result, _ = runner.run(with_values(group[0], values), "tuning")
-            study.tell(trial, result[cfg.metric])
-            record.append({"condition": arm, "depth": depth, "trial": trial.number, "params": values,
-                           cfg.metric: result[cfg.metric]})
-            bar.update(1)
-            shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
-            progress_line(progress, f"tuning: {arm} depth {depth} trial {trial.number + 1}/{cfg.trials} {shown}: "
-                                    f"{_summary(result, test=False)}")
-        best = study.best_trial
-        record.append({"condition": arm, "depth": depth, "best_trial": best.number, "params": best.params,
-                       cfg.metric: best.value})
-        cells_best = [with_values(c, best.params) for c in group]
+        trials, best = _tune_arm(cfg, group[0], runner, bar, progress)
+        record += [{"condition": arm, "depth": depth, **t} for t in [*trials, best]]
+        cells_best = [with_values(c, best["params"]) for c in group]
         adopt_trial(out, cells_best[0])
         tuned += cells_best
     bar.close()
-    write_json(out / "tuning.json", {"metric": cfg.metric, "trials_per_arm": cfg.trials, "trials": record})
+    write_json(out / "tuning.json", {"metric": cfg.metric, "trials_per_arm": cfg.trials, "batch": cfg.batch,
+                                     "trials": record})
     return tuned
+
+
+def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any,
+              progress: bool | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One (arm, depth)'s study on ``cell``: its trials' records and the best one's."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize", sampler=make_sampler(cfg.sampler, cfg.seed))
+    where = f"{cell.condition} depth {cell.depth}"
+    assert runner.recipe.experiment is not None
+    mode = runner.recipe.experiment.population
+    record: list[dict[str, Any]] = []
+    while len(record) < cfg.trials:
+        asked = [study.ask() for _ in range(min(cfg.batch, cfg.trials - len(record)))]
+        values = [suggest(t, cfg.params) for t in asked]
+        results = runner.run_batch([with_values(cell, v) for v in values], mode, "tuning")
+        for trial, vals, result in zip(asked, values, results):
+            score = None if result is None else result[cfg.metric]
+            if score is None:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            else:
+                study.tell(trial, score)
+            record.append({"trial": trial.number, "params": vals, cfg.metric: score,
+                           **({"diverged": True} if result is None else {})})
+            bar.update(1)
+            shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in vals.items())
+            outcome = "diverged (told as failed)" if result is None else _summary(result, test=False)
+            progress_line(progress, f"tuning: {where} trial {trial.number + 1}/{cfg.trials} {shown}: {outcome}")
+    if not any(t[cfg.metric] is not None for t in record):
+        raise TrainingDiverged(f"experiment.tune: every trial of {where} diverged; narrow the ranges in "
+                               f"experiment.tune.params (a lower learning rate) and rerun.")
+    best = study.best_trial
+    record.append({"best_trial": best.number, "params": best.params, cfg.metric: best.value})
+    return record[:-1], record[-1]
 
 
 def adopt_trial(out: Path, cell: Cell) -> None:

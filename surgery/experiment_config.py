@@ -69,7 +69,8 @@ def _tunable_paths(v: dict[str, ParamRange]) -> dict[str, ParamRange]:
 class TuneConfig(BaseModel):
     """``experiment.tune``: the same search budget for every arm. Per (arm, depth),
     ``trials`` Optuna trials on the first seed score each set of values by ``metric`` (the
-    validation error); every seed then runs with the best values."""
+    validation error), ``batch`` of them at a time (trained together as a population where
+    the experiment's ``population`` allows); every seed then runs with the best values."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -79,6 +80,10 @@ class TuneConfig(BaseModel):
     metric: Literal["valid_error"] = "valid_error"
     sampler: Literal["tpe", "gp", "random"] = "tpe"
     seed: int = Field(default=0, ge=0, description="the sampler's seed")
+    batch: int = Field(default=1, ge=1, description=(
+        "trials asked of the sampler at once; their pretraining and fine-tuning run as populations "
+        "where experiment.population allows (TPE draws its first 10 trials at random, so up to 10 "
+        "at once it asks exactly what it would ask one by one)"))
 
 
 def _paper_keys(v: dict[str, float]) -> dict[str, float]:

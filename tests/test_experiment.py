@@ -237,6 +237,72 @@ def test_every_arm_gets_the_same_tuning_budget(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == stamps
 
 
+def _tuning_recipe(**tune):
+    r = json.loads(json.dumps(TINY))
+    r["experiment"] = {"conditions": ["none", "dae"], "depths": [1], "seeds": [0, 1], "hidden": 16,
+                       "pretrain_epochs": 1,
+                       "tune": {"trials": 4, **tune, "params": {
+                           "finetune.optimizer.lr": {"low": 0.01, "high": 0.5, "log": True},
+                           "pretrain.layers.*.noise": {"low": 0.05, "high": 0.5}}}}
+    return r
+
+
+def test_a_tuning_batch_trains_its_trials_together_and_equals_one_by_one(tmp_path):
+    """tune.batch: 4 with population: 4 asks an arm's four trials at once (TPE's first ten are
+    random draws, so the same values), pretrains the dae trials' stacks and fine-tunes the
+    trials as populations, and finds every trial's validation error, every best choice and
+    every seed's result of the one-by-one run without populations."""
+    runs = {}
+    for name, batch, mode in (("alone", 1, "off"), ("together", 4, 4)):
+        r = _tuning_recipe(batch=batch)
+        r["experiment"]["population"] = mode
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(r))
+        assert main(["run", str(tmp_path / f"{name}.yaml"), "--out", str(tmp_path / name)]) == 0
+        runs[name] = json.loads((tmp_path / name / "tuning.json").read_text())["trials"]
+    alone, together = runs["alone"], runs["together"]
+    assert len(alone) == len(together) == 10  # 4 trials and the best, for each arm
+    for a, b in zip(alone, together):
+        assert a["params"] == b["params"] and a.get("best_trial") == b.get("best_trial")
+        assert a["valid_error"] == pytest.approx(b["valid_error"], abs=1e-9)
+    trials = list((tmp_path / "together" / "tuning").glob("*/result.json"))
+    assert len(trials) == 8 and all(json.loads(p.read_text()).get("population") == 4 for p in trials)
+    stacks = list((tmp_path / "together" / "stacks").glob("*/pretrain.json"))
+    assert sum(json.loads(p.read_text()).get("population") == 4 for p in stacks) == 4  # the dae trials' stacks
+    for ra, rb in zip(*(sorted(_rows(tmp_path / n), key=lambda x: x["cell"]) for n in ("alone", "together"))):
+        assert (ra["cell"], ra["test_error"], ra["valid_error"]) == (rb["cell"], rb["test_error"], rb["valid_error"])
+
+
+def test_a_diverging_trial_is_told_as_failed_and_the_arm_goes_on(tmp_path, monkeypatch, capsys):
+    """A trial whose loss diverges is recorded as such and never chosen; when every trial of
+    an arm diverges the run stops with one paragraph naming the arm."""
+    from surgery.errors import TrainingDiverged
+    from surgery.finetune import Trainer
+
+    fit = Trainer.fit
+
+    def diverge_fast(self, *a, **k):
+        if self.cfg.optimizer.lr > limit:
+            raise TrainingDiverged("the training loss became NaN or infinite in epoch 1")
+        return fit(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "fit", diverge_fast)
+    r = _tuning_recipe()
+    r["experiment"]["conditions"] = ["none"]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    limit = 0.1
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "a")]) == 0
+    trials = json.loads((tmp_path / "a" / "tuning.json").read_text())["trials"]
+    failed = [t for t in trials if t.get("diverged")]
+    assert failed and all(t["params"]["finetune.optimizer.lr"] > limit and t["valid_error"] is None for t in failed)
+    best = trials[-1]
+    assert best["params"]["finetune.optimizer.lr"] <= limit and best["valid_error"] is not None
+    assert "diverged (told as failed)" in capsys.readouterr().err
+    limit = 0.0
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "every trial of none depth 1 diverged" in err and "Traceback" not in err, err
+
+
 def test_report_sets_the_papers_numbers_beside_ours():
     """experiment.paper: per arm the published error, ours with its interval, the gap and
     whether it is within the target; an arm that did not run says so; bad keys are refused."""
