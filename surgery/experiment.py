@@ -295,6 +295,8 @@ def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any,
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize", sampler=make_sampler(cfg.sampler, cfg.seed))
     where = f"{cell.condition} depth {cell.depth}"
+    # a pretraining value means nothing to an arm that does not pretrain (with_values skips it)
+    ignored = sorted(k for k in cfg.params if k.startswith("pretrain")) if cell.pretrain_key is None else []
     assert runner.recipe.experiment is not None
     mode = runner.recipe.experiment.population
     record: list[dict[str, Any]] = []
@@ -311,14 +313,16 @@ def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any,
             record.append({"trial": trial.number, "params": vals, cfg.metric: score,
                            **({"diverged": True} if result is None else {})})
             bar.update(1)
-            shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in vals.items())
+            shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in vals.items()
+                              if k not in ignored)
             outcome = "diverged (told as failed)" if result is None else _summary(result, test=False)
             progress_line(progress, f"tuning: {where} trial {trial.number + 1}/{cfg.trials} {shown}: {outcome}")
     if not any(t[cfg.metric] is not None for t in record):
         raise TrainingDiverged(f"experiment.tune: every trial of {where} diverged; narrow the ranges in "
                                f"experiment.tune.params (a lower learning rate) and rerun.")
     best = study.best_trial
-    record.append({"best_trial": best.number, "params": best.params, cfg.metric: best.value})
+    record.append({"best_trial": best.number, "params": best.params, cfg.metric: best.value,
+                   **({"ignored": ignored} if ignored else {})})
     return record[:-1], record[-1]
 
 

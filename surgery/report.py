@@ -72,7 +72,8 @@ def tuning_markdown(tuning: dict[str, Any]) -> list[str]:
              f"| condition | depth | best trial | {metric} | values |", "|---|---:|---:|---:|---|"]
     for t in tuning["trials"]:
         if "best_trial" in t:
-            vals = ", ".join(f"`{k}`={v:.4g}" if isinstance(v, float) else f"`{k}`={v}" for k, v in t["params"].items())
+            vals = ", ".join(f"`{k}`={v:.4g}" if isinstance(v, float) else f"`{k}`={v}" for k, v in t["params"].items()
+                             if k not in t.get("ignored", ()))  # values the arm does not use
             lines.append(f"| {t['condition']} | {t['depth']} | {t['best_trial']} | {t[metric]:.2f} | {vals} |")
     return lines
 

@@ -212,6 +212,8 @@ def test_every_arm_gets_the_same_tuning_budget(tmp_path, capsys):
     assert main(["run", str(tmp_path / "r.yaml"), "--out", str(out)]) == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tuning: ")]
     assert len(lines) == 6 and all(", valid " not in x and ": valid " in x and "test" not in x for x in lines), lines
+    # the noise means nothing to the arm without pretraining: not shown as if it had been used
+    assert all(("noise=" in x) == x.startswith("tuning: dae") for x in lines), lines
     tuning = json.loads((out / "tuning.json").read_text())
     trials = [t for t in tuning["trials"] if "trial" in t]
     bests = {t["condition"]: t for t in tuning["trials"] if "best_trial" in t}
@@ -231,7 +233,10 @@ def test_every_arm_gets_the_same_tuning_budget(tmp_path, capsys):
         if row["seed"] == "0":  # the best trial itself, not trained a second time
             trial = out / "tuning" / Path(row["path"]).name / "result.json"
             assert trial.read_text() == (Path(row["path"]) / "result.json").read_text()
-    assert "## Tuning" in (out / "report.md").read_text()
+    assert bests["none"]["ignored"] == ["pretrain.layers.*.noise"] and "ignored" not in bests["dae"]
+    report = (out / "report.md").read_text().splitlines()
+    tuning_rows = [x for x in report if x.startswith(("| none | 1 |", "| dae | 1 |")) and "`finetune.optimizer.lr" in x]
+    assert len(tuning_rows) == 2 and all(("noise" in x) == x.startswith("| dae") for x in tuning_rows), tuning_rows
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
     assert main(["run", str(tmp_path / "r.yaml"), "--out", str(out)]) == 0  # a rerun trains nothing again
     assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == stamps
