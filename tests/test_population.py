@@ -348,6 +348,21 @@ def test_greedy_population_equals_each_stack_alone(stacked):
             _same_layer(la, lm)
 
 
+def test_a_pretraining_populations_log_line_gives_its_wall_time_and_every_members_metrics(capsys):
+    """In a log (stderr not a terminal) a population's layer line says how many members, the
+    layer's wall time (not one member's share) and the range of the members' metrics."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.rand(200, 30, generator=g) < 0.3).float()
+    cfgs = [PretrainConfig(batch_size=20, layers=[{"method": "rbm", "hidden": 12, "epochs": 3, "lr": lr}])
+            for lr in (0.01, 0.5)]
+    stacks = greedy_pretrain_population(x, cfgs, [0, 1], progress=None)
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("pretrain: ")]
+    errs = sorted(f"{st.layers[0].pretrain['final']['recon_error']:.4g}" for st in stacks)
+    assert errs[0] != errs[1]  # the members differ, so the line shows a range
+    assert line == [f"pretrain: layer 1/1 (rbm, 12 units, 2 members) in 0.0 min, recon_error {errs[0]}-{errs[1]}, "
+                    + line[0].split(", ")[-1]] and line[0].endswith("of units inactive"), line
+
+
 def test_pretraining_population_refuses_members_of_different_shapes():
     xs = _layer_inputs()
     cfgs = [RBMConfig(hidden=10, epochs=1), RBMConfig(hidden=12, epochs=1)]

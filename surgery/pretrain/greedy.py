@@ -107,6 +107,19 @@ def greedy_pretrain(
     return greedy_pretrain_population(x, [cfg], [seed], y, progress, data_fingerprint, each)[0]
 
 
+def _final_metrics(layers: list) -> str:
+    """The layers' last reconstruction error and inactive units for a log line: one
+    member's values, or the members' range (``1.9-2.1``)."""
+    finals = [layer.pretrain.get("final", {}) for layer in layers]
+    shown = ""
+    for key, label, fmt in (("recon_error", "recon_error ", "{:.4g}"), ("inactive_units", "", "{:.1%}")):
+        vals = [f[key] for f in finals if key in f]
+        if len(vals) == len(finals):
+            lo, hi = fmt.format(min(vals)), fmt.format(max(vals))
+            shown += f", {label}{lo if lo == hi else f'{lo}-{hi}'}" + (" of units inactive" if not label else "")
+    return shown
+
+
 def greedy_pretrain_population(
     x: Tensor,
     cfgs: list[PretrainConfig],
@@ -140,7 +153,8 @@ def greedy_pretrain_population(
             layers = train_grow_population(x, y, inps, stacks, lcs, names, bs, gens, progress, stacked)
         else:
             layers = POPULATION_TRAINERS[lcs[0].method](inps, lcs, names, bs, gens, progress, stacked)
-        seconds = round((time.perf_counter() - t0) / len(cfgs), 3)  # each member's share
+        wall = time.perf_counter() - t0
+        seconds = round(wall / len(cfgs), 3)  # each member's share
         for k, layer in enumerate(layers):
             layer.pretrain["seconds"] = seconds
             layer.pretrain["data_fingerprint"] = data_fingerprint
@@ -148,12 +162,9 @@ def greedy_pretrain_population(
             if i + 1 < len(cfgs[0].layers):
                 grown = lcs[k].method == "grow" and lcs[k].train == "all"
                 inps[k] = stacks[k].transform(x) if grown else layer.transform(inps[k])  # grow: all layers changed
-        final = layers[0].pretrain.get("final", {}) if len(cfgs) == 1 else {}  # one member: its metrics
         who = f", {len(cfgs)} members" if len(cfgs) > 1 else ""
-        shown = (f", recon_error {final['recon_error']:.4g}" if "recon_error" in final else "") + (
-            f", {final['inactive_units']:.1%} of units inactive" if "inactive_units" in final else "")
         progress_line(progress, f"pretrain: layer {i + 1}/{len(cfgs[0].layers)} ({lcs[0].method}, {lcs[0].hidden} "
-                                f"units{who}) in {seconds / 60:.1f} min{shown}")
+                                f"units{who}) in {wall / 60:.1f} min{_final_metrics(layers)}")
         if on_layer is not None:
             on_layer(i, stacks)
     return stacks
