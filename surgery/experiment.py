@@ -16,6 +16,7 @@ import csv
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -195,20 +196,19 @@ class CellRunner:
         except TrainingDiverged as e:
             raise TrainingDiverged(f"cell {cell.condition} depth {cell.depth} seed {cell.seed} ({cdir}): {e}") from None
 
-    def run_batch(self, cells: list[Cell], mode: str | int, cells_dir: str) -> list[dict[str, Any] | None]:
-        """Each cell's result, ``None`` for one whose training diverged: the unfinished
-        cells' stacks pretrain and their fine-tuning runs in populations as ``mode`` allows
-        (a tuning batch's trials), the rest alone; equal cells train once."""
+    def run_batch(self, cells: list[Cell], mode: str | int, cells_dir: str) -> Iterator[dict[str, Any] | None]:
+        """Yield each cell's result in order, ``None`` for one whose training diverged: the
+        unfinished cells' stacks pretrain and their fine-tuning runs in populations as
+        ``mode`` allows (a tuning batch's trials), then the rest train alone, each yielded
+        as it finishes; equal cells train once."""
         unique = list({c.key: c for c in cells}.values())
         self.pretrain_populations(unique, mode)
         self.run_populations(unique, mode, cells_dir=cells_dir)
-        results: list[dict[str, Any] | None] = []
         for cell in cells:
             try:
-                results.append(self.run(cell, cells_dir)[0])
+                yield self.run(cell, cells_dir)[0]
             except TrainingDiverged:
-                results.append(None)
-        return results
+                yield None
 
 
 def _record(cell: Cell, result: dict[str, Any], pretrain_seconds: float, share: int = 1) -> dict[str, Any]:
@@ -304,7 +304,7 @@ def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any,
         asked = [study.ask() for _ in range(min(cfg.batch, cfg.trials - len(record)))]
         values = [suggest(t, cfg.params) for t in asked]
         results = runner.run_batch([with_values(cell, v) for v in values], mode, "tuning")
-        for trial, vals, result in zip(asked, values, results):
+        for trial, vals, result in zip(asked, values, results):  # each told and logged as it finishes
             score = None if result is None else result[cfg.metric]
             if score is None:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)

@@ -277,6 +277,23 @@ def test_a_tuning_batch_trains_its_trials_together_and_equals_one_by_one(tmp_pat
         assert (ra["cell"], ra["test_error"], ra["valid_error"]) == (rb["cell"], rb["test_error"], rb["valid_error"])
 
 
+def test_a_batch_of_trials_trained_one_by_one_logs_each_as_it_finishes(tmp_path, monkeypatch):
+    """Without populations (the CPU's default) a batch's trials train one after another, and
+    each is told and logged when it ends, not when the whole batch has."""
+    import surgery.experiment
+    from surgery.finetune import Trainer
+
+    events, fit, line = [], Trainer.fit, surgery.experiment.progress_line
+    monkeypatch.setattr(Trainer, "fit", lambda self, *a, **k: (events.append("fit"), fit(self, *a, **k))[1])
+    monkeypatch.setattr(surgery.experiment, "progress_line",
+                        lambda progress, text: (events.append(text.split(":")[0]), line(progress, text)))
+    r = _tuning_recipe(batch=4)
+    r["experiment"].update(conditions=["none"], seeds=[0])
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out")]) == 0
+    assert events[:8] == ["fit", "tuning"] * 4, events
+
+
 def test_a_diverging_trial_is_told_as_failed_and_the_arm_goes_on(tmp_path, monkeypatch, capsys):
     """A trial whose loss diverges is recorded as such and never chosen; when every trial of
     an arm diverges the run stops with one paragraph naming the arm."""
