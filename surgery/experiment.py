@@ -159,10 +159,15 @@ class CellRunner:
                                     record=lambda k, res: _record(members[k][0], res, members[k][3], len(members)))
         except ConfigError:
             return False  # not batchable (an optimizer or option populations lack): these cells train alone
+        t0 = time.perf_counter()
         try:
             pop.fit()
         except TrainingDiverged:
             return False  # a member diverged: the cells train alone, as without populations; that one says so
+        arms = ", ".join(sorted({f"{m[0].condition} depth {m[0].depth}" for m in members}))
+        seeds = ", ".join(str(s) for s in sorted({m[0].seed for m in members}))
+        progress_line(self.progress, f"population: {len(members)} members ({arms}; seed {seeds}) fine-tuned together "
+                                     f"in {(time.perf_counter() - t0) / 60:.1f} min")
         return True
 
     def open_cell(self, cell: Cell, cells_dir: str = "cells") -> Path:

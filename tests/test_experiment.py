@@ -252,7 +252,7 @@ def _tuning_recipe(**tune):
     return r
 
 
-def test_a_tuning_batch_trains_its_trials_together_and_equals_one_by_one(tmp_path):
+def test_a_tuning_batch_trains_its_trials_together_and_equals_one_by_one(tmp_path, capsys):
     """tune.batch: 4 with population: 4 asks an arm's four trials at once (TPE's first ten are
     random draws, so the same values), pretrains the dae trials' stacks and fine-tunes the
     trials as populations, and finds every trial's validation error, every best choice and
@@ -265,6 +265,9 @@ def test_a_tuning_batch_trains_its_trials_together_and_equals_one_by_one(tmp_pat
         assert main(["run", str(tmp_path / f"{name}.yaml"), "--out", str(tmp_path / name)]) == 0
         runs[name] = json.loads((tmp_path / name / "tuning.json").read_text())["trials"]
     alone, together = runs["alone"], runs["together"]
+    err = capsys.readouterr().err  # a log line as each population ends
+    assert "population: 4 members (dae depth 1; seed 0) fine-tuned together in " in err, err
+    assert "population: 2 members (dae depth 1, none depth 1; seed 1) fine-tuned together in " in err, err
     assert len(alone) == len(together) == 10  # 4 trials and the best, for each arm
     for a, b in zip(alone, together):
         assert a["params"] == b["params"] and a.get("best_trial") == b.get("best_trial")
