@@ -152,7 +152,7 @@ def test_every_recipe_runs_on_cuda(tmp_path):
             small += ["--set", "experiment.seeds=[0]", "--set", "experiment.pretrain_epochs=1",
                       "--set", "experiment.hidden=16"]
             if "tune:" in text:
-                small += ["--set", "experiment.tune.trials=1"]
+                small += ["--set", "experiment.tune.trials=2"]  # a batch of 2: a population on a GPU
         elif "pretrain:" in text:
             small += [a for i in range(text.count("method:")) for a in ("--set", f"pretrain.layers.{i}.epochs=1")]
         if "finetune:" in text:
@@ -284,3 +284,29 @@ def test_grid_pretrains_stacks_as_a_population_on_cuda(tmp_path):
 
     metas = [json.loads(p.read_text()) for p in (out / "stacks").glob("*/pretrain.json")]
     assert len(metas) == 6 and all(m.get("population") == 3 for m in metas)
+
+
+def test_a_tuning_batch_trains_as_a_population_on_cuda(tmp_path):
+    """experiment.tune.batch on a GPU (population: auto): an arm's trials pretrain and
+    fine-tune together and find what the same trials find one by one."""
+    import json
+
+    import yaml
+
+    base = {"data": {"dataset": "synthetic", "n_train": 400, "n_valid": 200, "n_test": 200, "device": "cuda"},
+            "experiment": {"conditions": ["dae"], "depths": [1], "seeds": [0], "hidden": 16, "pretrain_epochs": 1,
+                           "tune": {"trials": 3, "params": {
+                               "finetune.optimizer.lr": {"low": 0.01, "high": 0.5, "log": True},
+                               "pretrain.layers.*.noise": {"low": 0.05, "high": 0.5}}}},
+            "finetune": {"epochs": 2, "device": "cuda", "batch_size": 50}}
+    runs = {}
+    for name, batch, mode in (("alone", 1, "off"), ("together", 3, "auto")):
+        r = json.loads(json.dumps(base))
+        r["experiment"]["population"], r["experiment"]["tune"]["batch"] = mode, batch
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(r))
+        assert main(["run", str(tmp_path / f"{name}.yaml"), "--out", str(tmp_path / name)]) == 0
+        runs[name] = json.loads((tmp_path / name / "tuning.json").read_text())["trials"]
+    for a, b in zip(runs["alone"], runs["together"]):
+        assert a["params"] == b["params"] and abs(a["valid_error"] - b["valid_error"]) <= 0.5  # one example
+    trials = [json.loads(p.read_text()) for p in (tmp_path / "together" / "tuning").glob("*/result.json")]
+    assert len(trials) == 3 and all(t.get("population") == 3 for t in trials)
