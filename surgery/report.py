@@ -74,7 +74,8 @@ def tuning_markdown(tuning: dict[str, Any]) -> list[str]:
         if "best_trial" in t:
             vals = ", ".join(f"`{k}`={v:.4g}" if isinstance(v, float) else f"`{k}`={v}" for k, v in t["params"].items()
                              if k not in t.get("ignored", ()))  # values the arm does not use
-            lines.append(f"| {t['condition']} | {t['depth']} | {t['best_trial']} | {t[metric]:.2f} | {vals} |")
+            best = f"{t['best_trial'] + 1}/{tuning['trials_per_arm']}"  # counted from 1, as the log counts them
+            lines.append(f"| {t['condition']} | {t['depth']} | {best} | {t[metric]:.2f} | {vals} |")
     return lines
 
 

@@ -237,6 +237,7 @@ def test_every_arm_gets_the_same_tuning_budget(tmp_path, capsys):
     report = (out / "report.md").read_text().splitlines()
     tuning_rows = [x for x in report if x.startswith(("| none | 1 |", "| dae | 1 |")) and "`finetune.optimizer.lr" in x]
     assert len(tuning_rows) == 2 and all(("noise" in x) == x.startswith("| dae") for x in tuning_rows), tuning_rows
+    assert all(f"| {bests[x.split()[1]]['best_trial'] + 1}/3 |" in x for x in tuning_rows), tuning_rows
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
     assert main(["run", str(tmp_path / "r.yaml"), "--out", str(out)]) == 0  # a rerun trains nothing again
     assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == stamps
