@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from .data import load_dataset
 from .errors import SurgeryError, SurgeryWarning
-from .experiment import read_results, run_experiment, write_results_csv
+from .experiment import merge_tuning, read_results, run_experiment, write_results_csv
 from .io import make_dir, write_json
 from .model_file import describe_model, load_model, save_model
 from .pipeline import assemble, finetune_model, pretrain, run, validate
@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(experiments always skip finished cells)")
 
     p = sub.add_parser("compare", help="rebuild and merge reports from one or more experiment directories")
-    p.add_argument("dirs", type=Path, nargs="+")
+    p.add_argument("dirs", type=Path, nargs="+", help="experiment directories (e.g. seeds or arms run apart); "
+                   "their results, and their tuning trials, are merged; later ones win for the same cell")
     p.add_argument("--out", type=Path, help="where the merged report goes (default: the first directory)")
     p.add_argument("--baseline", help="arm to test the others against (default: the experiment's own, else none)")
 
@@ -203,6 +204,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     """``surgery compare``: merge experiment directories and rebuild the report."""
     rows = read_results(args.dirs)
+    tuning = merge_tuning(args.dirs)  # arms tuned in separate runs: all their trials (checked before any write)
     out = args.out or args.dirs[0]
     meta = Path(args.dirs[0]) / "experiment.json"
     described = json.loads(meta.read_text()) if meta.is_file() else {}
@@ -213,6 +215,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
         write_results_csv(Path(out) / "results.csv", rows)
         if described and not (Path(out) / "experiment.json").is_file():  # the first run's recipe (and paper)
             write_json(Path(out) / "experiment.json", described)
+        if tuning is not None:
+            write_json(Path(out) / "tuning.json", tuning)
     write_report(Path(out), rows, baseline=baseline)
     say(f"report for {len(rows)} runs in {out}/report.md", significance_line(rows, baseline))
 

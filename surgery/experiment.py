@@ -357,6 +357,31 @@ def write_results_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     write_text(path, buf.getvalue())
 
 
+def merge_tuning(dirs: list[Path]) -> dict[str, Any] | None:
+    """The ``tuning.json`` of experiment directories run arm by arm, as one: every
+    directory's trials, later directories winning for the same (arm, depth); ``None`` when
+    none was tuned. Refused when their budgets differ (the comparison would not be fair)."""
+    found = [json.loads((d / "tuning.json").read_text()) for d in dirs if (d / "tuning.json").is_file()]
+    if not found:
+        return None
+    budgets = {(t["metric"], t["trials_per_arm"]) for t in found}
+    if len(budgets) > 1:
+        raise SurgeryError(f"compare: the directories were tuned with different budgets {sorted(budgets)} "
+                           "(metric, trials per arm); merge only runs of one recipe's experiment.tune.")
+    arms: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for t in found:
+        for (arm, depth), trials in _by_arm(t["trials"]).items():
+            arms[(arm, depth)] = trials
+    return {**found[0], "trials": [t for trials in arms.values() for t in trials]}
+
+
+def _by_arm(trials: list[dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for t in trials:
+        groups.setdefault((t["condition"], t["depth"]), []).append(t)
+    return groups
+
+
 def read_results(dirs: list[Path]) -> list[dict[str, Any]]:
     """The result rows of one or more experiment directories; later directories win for
     the same (condition, depth, seed)."""

@@ -298,6 +298,28 @@ def test_a_batch_of_trials_trained_one_by_one_logs_each_as_it_finishes(tmp_path,
     assert events[:8] == ["fit", "tuning"] * 4, events
 
 
+def test_compare_merges_arms_tuned_in_separate_runs(tmp_path, capsys):
+    """A protocol run arm by arm (as on a small machine) merges into one report whose tuning
+    section lists every arm's best trial; budgets that differ are refused, naming them."""
+    for arm in ("none", "dae"):
+        r = _tuning_recipe(trials=2)
+        r["experiment"].update(conditions=[arm], seeds=[0])
+        (tmp_path / f"{arm}.yaml").write_text(yaml.safe_dump(r))
+        assert main(["run", str(tmp_path / f"{arm}.yaml"), "--out", str(tmp_path / arm)]) == 0
+    assert main(["compare", str(tmp_path / "none"), str(tmp_path / "dae"), "--out", str(tmp_path / "merged")]) == 0
+    tuning = json.loads((tmp_path / "merged" / "tuning.json").read_text())
+    assert [(t["condition"], "best_trial" in t) for t in tuning["trials"]] == [
+        ("none", False), ("none", False), ("none", True), ("dae", False), ("dae", False), ("dae", True)]
+    report = (tmp_path / "merged" / "report.md").read_text()
+    assert "| none | 1 | " in report.split("## Tuning")[1] and "| dae | 1 | " in report.split("## Tuning")[1]
+    other = json.loads((tmp_path / "dae" / "tuning.json").read_text())
+    (tmp_path / "dae" / "tuning.json").write_text(json.dumps({**other, "trials_per_arm": 5}))
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "none"), str(tmp_path / "dae"), "--out", str(tmp_path / "m2")]) == 2
+    assert "different budgets [('valid_error', 2), ('valid_error', 5)]" in capsys.readouterr().err
+    assert not (tmp_path / "m2").exists()  # refused before anything was written
+
+
 def test_a_diverging_trial_is_told_as_failed_and_the_arm_goes_on(tmp_path, monkeypatch, capsys):
     """A trial whose loss diverges is recorded as such and never chosen; when every trial of
     an arm diverges the run stops with one paragraph naming the arm."""
