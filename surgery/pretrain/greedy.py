@@ -111,13 +111,15 @@ def _final_metrics(layers: list) -> str:
     """The layers' last reconstruction error and inactive units for a log line: one
     member's values, or the members' range (``1.9-2.1``)."""
     finals = [layer.pretrain.get("final", {}) for layer in layers]
-    shown = ""
-    for key, label, fmt in (("recon_error", "recon_error ", "{:.4g}"), ("inactive_units", "", "{:.1%}")):
-        vals = [f[key] for f in finals if key in f]
-        if len(vals) == len(finals):
-            lo, hi = fmt.format(min(vals)), fmt.format(max(vals))
-            shown += f", {label}{lo if lo == hi else f'{lo}-{hi}'}" + (" of units inactive" if not label else "")
-    return shown
+
+    def span(key: str, fmt: str) -> str | None:
+        if not all(key in f for f in finals):
+            return None
+        lo, hi = (fmt.format(v) for v in (min(f[key] for f in finals), max(f[key] for f in finals)))
+        return lo if lo == hi else f"{lo}-{hi}"
+
+    recon, inactive = span("recon_error", "{:.4g}"), span("inactive_units", "{:.1%}")
+    return (f", recon_error {recon}" if recon else "") + (f", {inactive} of units inactive" if inactive else "")
 
 
 def greedy_pretrain_population(
