@@ -310,13 +310,12 @@ def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any,
         values = [suggest(t, cfg.params) for t in asked]
         results = runner.run_batch([with_values(cell, v) for v in values], mode, "tuning")
         for trial, vals, result in zip(asked, values, results):  # each told and logged as it finishes
-            score = None if result is None else result[cfg.metric]
-            if score is None:
+            if result is None:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                record.append({"trial": trial.number, "params": vals, cfg.metric: None, "diverged": True})
             else:
-                study.tell(trial, score)
-            record.append({"trial": trial.number, "params": vals, cfg.metric: score,
-                           **({"diverged": True} if result is None else {})})
+                study.tell(trial, result[cfg.metric])
+                record.append({"trial": trial.number, "params": vals, cfg.metric: result[cfg.metric]})
             bar.update(1)
             shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in vals.items()
                               if k not in ignored)
@@ -326,9 +325,8 @@ def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any,
         raise TrainingDiverged(f"experiment.tune: every trial of {where} diverged; narrow the ranges in "
                                f"experiment.tune.params (a lower learning rate) and rerun.")
     best = study.best_trial
-    record.append({"best_trial": best.number, "params": best.params, cfg.metric: best.value,
-                   **({"ignored": ignored} if ignored else {})})
-    return record[:-1], record[-1]
+    return record, {"best_trial": best.number, "params": best.params, cfg.metric: best.value,
+                    **({"ignored": ignored} if ignored else {})}
 
 
 def adopt_trial(out: Path, cell: Cell) -> None:
@@ -370,8 +368,7 @@ def merge_tuning(dirs: list[Path]) -> dict[str, Any] | None:
                            "(metric, trials per arm); merge only runs of one recipe's experiment.tune.")
     arms: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for t in found:
-        for (arm, depth), trials in _by_arm(t["trials"]).items():
-            arms[(arm, depth)] = trials
+        arms.update(_by_arm(t["trials"]))
     return {**found[0], "trials": [t for trials in arms.values() for t in trials]}
 
 
