@@ -4,6 +4,7 @@ import struct
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from surgery.cli import main
 from surgery.errors import ManifestError
@@ -59,7 +60,19 @@ def _list_extra_tensor(m):
     return m
 
 
+def _poison(key: str, index: int, value: float):
+    """Rewrite one value of tensor ``key`` in a saved file, manifest kept."""
+    def damage(path):
+        with safe_open(str(path), framework="pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        tensors[key].view(-1)[index] = value
+        save_file(tensors, str(path), metadata=meta)
+    return damage
+
+
 CORRUPTIONS = {
+    "nan weight": (_poison("h1.weight", 7, float("nan")), "tensor 'h1.weight' holds NaN or infinite"),
+    "inf bias": (_poison("h2.bias", -1, float("-inf")), "tensor 'h2.bias' holds NaN or infinite"),
     "truncated": (lambda p: p.write_bytes(p.read_bytes()[:-500]), "truncated or corrupt"),
     "garbage": (lambda p: p.write_bytes(b"\x00garbage" * 10), "not a readable safetensors"),
     "empty": (lambda p: p.write_bytes(b""), "not a readable safetensors"),
