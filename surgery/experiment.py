@@ -33,7 +33,7 @@ from .population import architecture_key, model_bytes, population_size
 from .pretrain import greedy_pretrain
 from .pretrain.greedy import greedy_pretrain_population
 from .recipe import Recipe, recipe_from_dict
-from .search import make_sampler, suggest
+from .search import DIVERGED_SCORE, make_sampler, suggest
 from .stack import LayerStack
 
 RESULT_FIELDS = ["condition", "depth", "seed", "train_error", "valid_error", "test_error", "epochs",
@@ -274,7 +274,8 @@ def tune_arms(cfg: TuneConfig, cells: list[Cell], runner: CellRunner, out: Path,
     """The same search budget for every (arm, depth): ``cfg.trials`` Optuna trials on the
     first seed's cell, scored by validation error (never test), ``cfg.batch`` at a time;
     then every seed's cell with the best trial's values. Writes every trial to
-    ``OUT/tuning.json``; a trial whose training diverged is recorded and told as failed."""
+    ``OUT/tuning.json``; a trial whose training diverged is recorded as such and told to
+    Optuna as the worst error (``DIVERGED_SCORE``), never chosen."""
     groups: dict[tuple[str, int], list[Cell]] = {}
     for c in cells:
         groups.setdefault((c.condition, c.depth), []).append(c)
@@ -311,7 +312,7 @@ def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any,
         results = runner.run_batch([with_values(cell, v) for v in values], mode, "tuning")
         for trial, vals, result in zip(asked, values, results):  # each told and logged as it finishes
             if result is None:
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                study.tell(trial, DIVERGED_SCORE)
                 record.append({"trial": trial.number, "params": vals, cfg.metric: None, "diverged": True})
             else:
                 study.tell(trial, result[cfg.metric])
@@ -319,13 +320,14 @@ def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any,
             bar.update(1)
             shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in vals.items()
                               if k not in ignored)
-            outcome = "diverged (told as failed)" if result is None else _summary(result, test=False)
+            outcome = f"diverged (scored {DIVERGED_SCORE:g}%)" if result is None else _summary(result, test=False)
             progress_line(progress, f"tuning: {where} trial {trial.number + 1}/{cfg.trials} {shown}: {outcome}")
-    if not any(t[cfg.metric] is not None for t in record):
+    scored = [t for t in record if not t.get("diverged")]
+    if not scored:
         raise TrainingDiverged(f"experiment.tune: every trial of {where} diverged; narrow the ranges in "
                                f"experiment.tune.params (a lower learning rate) and rerun.")
-    best = study.best_trial
-    return record, {"best_trial": best.number, "params": best.params, cfg.metric: best.value,
+    best = min(scored, key=lambda t: t[cfg.metric])
+    return record, {"best_trial": best["trial"], "params": best["params"], cfg.metric: best[cfg.metric],
                     **({"ignored": ignored} if ignored else {})}
 
 

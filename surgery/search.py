@@ -19,13 +19,18 @@ from typing import Any
 import yaml
 
 from .errors import SurgeryError, TrainingDiverged
-from .io import make_dir, write_json, write_text
+from .io import make_dir, progress_line, write_json, write_text
 from .pipeline import run, run_batch
 from .recipe import Recipe, apply_overrides, recipe_from_dict
 from .search_config import ParamRange, SearchConfig
 
 # Optuna (and SQLAlchemy under it) is imported where a search starts: it costs about a
 # second, and `import surgery` should not pay it.
+
+# A trial whose loss diverged is told the worst possible error, so that TPE ranks its region
+# last and draws less from it (a failed trial would be ignored and its region sampled again);
+# it is marked ``diverged`` in search.json and never written as the best recipe.
+DIVERGED_SCORE = 100.0
 
 
 def make_sampler(name: str, seed: int) -> Any:
@@ -73,25 +78,43 @@ def _open_study(name: str, url: str, sampler: Any) -> Any:
     raise SurgeryError(f"--storage {url}: cannot open the study ({type(last).__name__}: {str(last).splitlines()[0]}).")
 
 
+def _score(trial: Any, values: dict[str, Any], res: dict[str, Any] | None, progress: bool | None) -> float:
+    """The value to tell Optuna for a finished run (``None``: it diverged); logs one line."""
+    shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+    if res is None:
+        trial.set_user_attr("diverged", True)
+        progress_line(progress, f"search: trial {trial.number + 1} {shown}: diverged (scored {DIVERGED_SCORE:g}%)")
+        return DIVERGED_SCORE
+    trial.set_user_attr("test_error", res["test_error"])
+    progress_line(progress, f"search: trial {trial.number + 1} {shown}: valid {res['valid_error']:.2f}%")
+    return float(res["valid_error"])
+
+
 def _optimize_in_batches(study: Any, cfg: SearchConfig, base: dict[str, Any], recipe: Recipe, out: Path, n: int,
                          worker: str, progress: bool | None) -> None:
     """Ask ``cfg.batch`` trials at a time, run them as one batch (their fine-tuning as one
-    population where they can share it) and tell their validation errors (100 when a run
-    diverged), until ``n`` trials are done."""
+    population where they can share it) and tell their validation errors (``DIVERGED_SCORE``
+    when a run diverged), until ``n`` trials are done."""
+    import optuna
+
     done = 0
     while done < n:
         asked = [study.ask() for _ in range(min(cfg.batch, n - done))]
-        recipes, outs = [], []
+        recipes, outs, values = [], [], []
         for trial in asked:
-            values = suggest(trial, cfg.params)
+            values.append(suggest(trial, cfg.params))
             trial.set_user_attr("worker", worker)
-            data = apply_overrides(copy.deepcopy(base), values)
+            data = apply_overrides(copy.deepcopy(base), values[-1])
             recipes.append(recipe_from_dict(data, recipe.base_dir, f"{recipe.source} [trial {trial.number}]"))
             outs.append(out / "trials" / f"{trial.number:04d}-{os.getpid()}")
-        for trial, res in zip(asked, run_batch(recipes, outs, progress)):
-            if res is not None:
-                trial.set_user_attr("test_error", res["test_error"])
-            study.tell(trial, 100.0 if res is None else float(res["valid_error"]))
+        try:
+            results = run_batch(recipes, outs, progress)
+        except BaseException:
+            for trial in asked:  # not left RUNNING in a shared study
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
+        for trial, vals, res in zip(asked, values, results):
+            study.tell(trial, _score(trial, vals, res, progress))
         done += len(asked)
 
 
@@ -124,28 +147,35 @@ def run_search(recipe: Recipe, out: str | Path, trials: int | None = None, stora
         try:
             res = run(r, out / "trials" / f"{trial.number:04d}-{os.getpid()}", progress=progress)
         except TrainingDiverged:
-            return 100.0
-        trial.set_user_attr("test_error", res["test_error"])
-        return float(res["valid_error"])
+            res = None
+        return _score(trial, values, res, progress)
 
     n = trials or cfg.trials
     if cfg.batch == 1:
         study.optimize(objective, n_trials=n)
     else:
         _optimize_in_batches(study, cfg, base, recipe, out, n, worker, progress)
-    best = study.best_trial
+    return _write_outcome(study, name, storage, recipe, out)
+
+
+def _write_outcome(study: Any, name: str, storage: str, recipe: Recipe, out: Path) -> dict[str, Any]:
+    """Write search.json (every trial of the study) and best.yaml (the best scored trial's recipe)."""
+    summary = {
+        "study": name,
+        "storage": storage,
+        "trials": [{"number": t.number, "value": t.value, "params": t.params, "worker": t.user_attrs.get("worker"),
+                    "state": t.state.name, "diverged": bool(t.user_attrs.get("diverged"))} for t in study.trials],
+    }
+    scored = [t for t in study.trials if t.state.name == "COMPLETE" and not t.user_attrs.get("diverged")]
+    if not scored:
+        write_json(out / "search.json", summary)
+        raise TrainingDiverged(f"search: every trial of study {name!r} diverged (listed in {out}/search.json); "
+                               "narrow the ranges in search.params (a lower learning rate) and rerun.")
+    best = min(scored, key=lambda t: t.value)
     best_recipe = apply_overrides(copy.deepcopy(recipe.to_dict()), dict(best.params))
     best_recipe.pop("search", None)
     write_text(out / "best.yaml", f"# best of study {name!r}: trial {best.number}, valid error {best.value:.3f}%\n"
                + yaml.safe_dump(best_recipe, sort_keys=False))
-    summary = {
-        "study": name,
-        "storage": storage,
-        "best_value": best.value,
-        "best_params": best.params,
-        "best_trial": best.number,
-        "trials": [{"number": t.number, "value": t.value, "params": t.params, "worker": t.user_attrs.get("worker"),
-                    "state": t.state.name} for t in study.trials],
-    }
+    summary.update(best_value=best.value, best_params=best.params, best_trial=best.number)
     write_json(out / "search.json", summary)
     return summary

@@ -144,6 +144,47 @@ def test_search_end_to_end(tmp_path, capsys):
     assert best.search is None
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_search_marks_diverged_trials_and_never_picks_them(tmp_path, monkeypatch, capsys, batch):
+    """A diverged trial is scored as the worst error and marked in search.json; best.yaml is a
+    trial that trained; when all diverge the command says so in one paragraph, keeping search.json."""
+    import optuna
+
+    from surgery import search
+    from surgery.errors import TrainingDiverged
+    from surgery.finetune import PopulationTrainer, Trainer
+
+    def diverging(fit):
+        def wrapped(self, *a, **k):
+            lrs = [c.optimizer.lr for c in getattr(self, "cfgs", [getattr(self, "cfg", None)])]
+            if max(lrs) > limit:
+                raise TrainingDiverged("the training loss became NaN or infinite in epoch 1")
+            return fit(self, *a, **k)
+        return wrapped
+
+    monkeypatch.setattr(Trainer, "fit", diverging(Trainer.fit))
+    monkeypatch.setattr(PopulationTrainer, "fit", diverging(PopulationTrainer.fit))
+    monkeypatch.setattr(search, "make_sampler", lambda name, seed: optuna.samplers.RandomSampler(seed=3))
+    p = _search_recipe(tmp_path)
+    r = yaml.safe_load(p.read_text())
+    r["search"].update(trials=6, batch=batch)
+    p.write_text(yaml.safe_dump(r))
+    limit = 0.1
+    assert main(["search", str(p), "--out", str(tmp_path / "a")]) == 0
+    s = json.loads((tmp_path / "a" / "search.json").read_text())
+    bad = [t for t in s["trials"] if t["diverged"]]
+    assert bad and all(t["params"]["finetune.optimizer.lr"] > limit and t["value"] == 100.0 for t in bad)
+    assert s["best_params"]["finetune.optimizer.lr"] <= limit and s["best_value"] < 100.0
+    assert load_recipe(tmp_path / "a" / "best.yaml").finetune.optimizer.lr <= limit
+    limit = 0.0
+    capsys.readouterr()
+    assert main(["search", str(p), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "every trial of study 's' diverged" in err.splitlines()[-1] and "Traceback" not in err, err
+    assert len(json.loads((tmp_path / "b" / "search.json").read_text())["trials"]) == 6
+    assert not (tmp_path / "b" / "best.yaml").exists()
+
+
 def test_two_workers_share_one_sqlite_study(tmp_path):
     p = _search_recipe(tmp_path)
     url = f"sqlite:///{tmp_path / 'shared.db'}"
@@ -320,7 +361,7 @@ def test_compare_merges_arms_tuned_in_separate_runs(tmp_path, capsys):
     assert not (tmp_path / "m2").exists()  # refused before anything was written
 
 
-def test_a_diverging_trial_is_told_as_failed_and_the_arm_goes_on(tmp_path, monkeypatch, capsys):
+def test_a_diverging_trial_is_scored_worst_and_the_arm_goes_on(tmp_path, monkeypatch, capsys):
     """A trial whose loss diverges is recorded as such and never chosen; when every trial of
     an arm diverges the run stops with one paragraph naming the arm."""
     from surgery.errors import TrainingDiverged
@@ -344,7 +385,7 @@ def test_a_diverging_trial_is_told_as_failed_and_the_arm_goes_on(tmp_path, monke
     assert failed and all(t["params"]["finetune.optimizer.lr"] > limit and t["valid_error"] is None for t in failed)
     best = trials[-1]
     assert best["params"]["finetune.optimizer.lr"] <= limit and best["valid_error"] is not None
-    assert "diverged (told as failed)" in capsys.readouterr().err
+    assert "diverged (scored 100%)" in capsys.readouterr().err
     limit = 0.0
     assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
