@@ -11,6 +11,7 @@ from surgery.cli import main
 from surgery.data import DataConfig, load_dataset
 from surgery.finetune import FinetuneConfig, Trainer
 from surgery.pretrain import PretrainConfig, greedy_pretrain
+from tests.helpers import shipped_recipe_order, shrunk_recipe_args
 from tests.test_finetune import mlp
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -143,23 +144,9 @@ def test_every_recipe_runs_on_cuda(tmp_path):
     """Each shipped recipe, shrunk (300 examples, 1 epoch, small layers), on the GPU; the
     stacks dbn and dae_stack make are the sources transplant takes."""
     shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
-    first = ["dbn.yaml", "dae_stack.yaml"]
-    names = first + sorted(p.name for p in (ROOT / "recipes").glob("*.yaml") if p.name not in first)
-    for name in names:
-        text = (ROOT / "recipes" / name).read_text()
-        small = ["--set", "data.device=cuda", "--set", "data.limit=300"]
-        if "experiment:" in text:
-            small += ["--set", "experiment.seeds=[0]", "--set", "experiment.pretrain_epochs=1",
-                      "--set", "experiment.hidden=16"]
-            if "tune:" in text:
-                small += ["--set", "experiment.tune.trials=2"]  # a batch of 2: a population on a GPU
-        elif "pretrain:" in text:
-            small += [a for i in range(text.count("method:")) for a in ("--set", f"pretrain.layers.{i}.epochs=1")]
-        if "finetune:" in text:
-            small += ["--set", "finetune.epochs=1", "--set", "finetune.device=cuda"]
+    for name in shipped_recipe_order(tmp_path / "recipes"):
         out = tmp_path / "runs" / name.removesuffix(".yaml")
-        cmd = ["search", "--trials", "1"] if "search:" in text else ["run"]
-        assert main([cmd[0], str(tmp_path / "recipes" / name), "--out", str(out), *cmd[1:], *small]) == 0, name
+        assert main(shrunk_recipe_args(tmp_path / "recipes", name, out, "cuda")) == 0, name
 
 
 def test_population_on_cuda_equals_alone():

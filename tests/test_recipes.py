@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from surgery.cli import main
 from surgery.errors import SurgeryError
 from surgery.recipe import Recipe, load_recipe, recipe_from_dict
-from tests.helpers import random_stack
+from tests.helpers import random_stack, shipped_recipe_order, shrunk_recipe_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -234,6 +234,18 @@ def test_shipped_recipes_load(name):
     assert r.name
     text = (ROOT / "recipes" / name).read_text()
     assert text.startswith("#"), "each recipe starts with a header comment saying what it does"
+
+
+@pytest.mark.slow
+def test_every_shipped_recipe_runs_shrunk_on_the_cpu(tmp_path):
+    """What tests/test_cuda.py runs on a GPU, on the CPU: each shipped recipe shrunk to 300
+    examples and one epoch runs to the end (its shrinking checked here, where CI runs)."""
+    import shutil
+
+    shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
+    for name in shipped_recipe_order(tmp_path / "recipes"):
+        out = tmp_path / "runs" / name.removesuffix(".yaml")
+        assert main(shrunk_recipe_args(tmp_path / "recipes", name, out, "cpu")) == 0, name
 
 
 SMALL = ["--set", "data.dataset=synthetic", "--set", "data.limit=300"]
