@@ -124,8 +124,17 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         try:
             out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e}).") from e
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({_syntax(e)}).") from None
     return out
+
+
+def _syntax(e: yaml.YAMLError | json.JSONDecodeError) -> str:
+    """A YAML or JSON syntax error in one line: where (1-based line and column) and what."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"line {e.lineno}, column {e.colno}: {e.msg}"
+    mark = getattr(e, "problem_mark", None)
+    what = ": ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark is not None else what
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
@@ -168,7 +177,8 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise ConfigError(f"{path}: not valid {kind} at {_syntax(e)}.") from None
     if data is None:
         raise ConfigError(f"{path}: the recipe is empty.")
     if not isinstance(data, dict):

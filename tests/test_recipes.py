@@ -165,7 +165,16 @@ def test_catalogue_is_large_enough():
 def test_yaml_syntax_error_and_non_mapping(workdir, capsys):
     (workdir / "r.yaml").write_text("data: {dataset: [\n")
     assert main(["validate", str(workdir / "r.yaml")]) == 2
-    assert "not valid YAML" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not valid YAML at line 2, column 1: while parsing a flow node" in err and err.count("\n") == 1, err
+    (workdir / "r.json").write_text('{"data": {,}}')
+    assert main(["validate", str(workdir / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert "not valid JSON at line 1, column 11" in err and err.count("\n") == 1, err
+    (workdir / "r.yaml").write_text("data: {dataset: synthetic}\n")
+    assert main(["validate", str(workdir / "r.yaml"), "--set", "seed=[a"]) == 2
+    err = capsys.readouterr().err
+    assert "--set 'seed=[a': the value is not valid YAML (line 1, column 3" in err and err.count("\n") == 1, err
     (workdir / "r.yaml").write_text("- 1\n- 2\n")
     assert main(["validate", str(workdir / "r.yaml")]) == 2
     assert "must be a mapping" in capsys.readouterr().err
