@@ -33,7 +33,7 @@ from .population import architecture_key, model_bytes, population_size
 from .pretrain import greedy_pretrain
 from .pretrain.greedy import greedy_pretrain_population
 from .recipe import Recipe, recipe_from_dict
-from .search import DIVERGED_SCORE, make_sampler, suggest
+from .search import DIVERGED_SCORE, make_sampler, shown, suggest
 from .stack import LayerStack
 
 RESULT_FIELDS = ["condition", "depth", "seed", "train_error", "valid_error", "test_error", "epochs",
@@ -318,10 +318,9 @@ def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any,
                 study.tell(trial, result[cfg.metric])
                 record.append({"trial": trial.number, "params": vals, cfg.metric: result[cfg.metric]})
             bar.update(1)
-            shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in vals.items()
-                              if k not in ignored)
             outcome = f"diverged (scored {DIVERGED_SCORE:g}%)" if result is None else _summary(result, test=False)
-            progress_line(progress, f"tuning: {where} trial {trial.number + 1}/{cfg.trials} {shown}: {outcome}")
+            progress_line(progress, f"tuning: {where} trial {trial.number + 1}/{cfg.trials} "
+                                    f"{shown(vals, ignored)}: {outcome}")
     scored = [t for t in record if not t.get("diverged")]
     if not scored:
         raise TrainingDiverged(f"experiment.tune: every trial of {where} diverged; narrow the ranges in "

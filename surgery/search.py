@@ -78,15 +78,21 @@ def _open_study(name: str, url: str, sampler: Any) -> Any:
     raise SurgeryError(f"--storage {url}: cannot open the study ({type(last).__name__}: {str(last).splitlines()[0]}).")
 
 
+def shown(values: dict[str, Any], skip: list[str] | tuple[str, ...] = ()) -> str:
+    """A trial's values for a log line: ``a.b=0.0123, c=10`` (floats to 3 significant digits)."""
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
+                     if k not in skip)
+
+
 def _score(trial: Any, values: dict[str, Any], res: dict[str, Any] | None, progress: bool | None) -> float:
     """The value to tell Optuna for a finished run (``None``: it diverged); logs one line."""
-    shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
     if res is None:
         trial.set_user_attr("diverged", True)
-        progress_line(progress, f"search: trial {trial.number + 1} {shown}: diverged (scored {DIVERGED_SCORE:g}%)")
+        progress_line(progress, f"search: trial {trial.number + 1} {shown(values)}: diverged "
+                                f"(scored {DIVERGED_SCORE:g}%)")
         return DIVERGED_SCORE
     trial.set_user_attr("test_error", res["test_error"])
-    progress_line(progress, f"search: trial {trial.number + 1} {shown}: valid {res['valid_error']:.2f}%")
+    progress_line(progress, f"search: trial {trial.number + 1} {shown(values)}: valid {res['valid_error']:.2f}%")
     return float(res["valid_error"])
 
 
