@@ -206,11 +206,20 @@ def _list(manifest: dict, key: str, path: Path) -> list:
     return v
 
 
+def _require_file(path: Path) -> None:
+    """``ManifestError`` unless ``path`` is a file; a directory gets the files it holds named."""
+    if path.is_dir():
+        held = sorted(p.name for p in path.glob("*.safetensors"))[:4]
+        hint = f" (it holds {', '.join(held)})" if held else ""
+        raise ManifestError(f"{path}: a directory, not a weights file{hint}; give the .safetensors file's path.")
+    if not path.is_file():
+        raise ManifestError(f"{path}: no such file.")
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest alone (no tensors read)."""
     path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"{path}: no such file.")
+    _require_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -300,8 +309,7 @@ def load_foreign(path: str | Path,
     ``skipped`` (in the file, not mapped) and ``missing`` (mapped, not in the file).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"{path}: no such file.")
+    _require_file(path)
     raw: dict[str, Tensor] = {}
     if path.suffix == ".safetensors":
         try:

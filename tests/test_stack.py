@@ -101,6 +101,10 @@ def test_damaged_files_give_one_paragraph_errors(tmp_path, case, capsys):
 def test_missing_file(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nope.safetensors")]) == 2
     assert "no such file" in capsys.readouterr().err
+    random_stack().save(tmp_path / "stack.safetensors")
+    assert main(["inspect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "a directory, not a weights file (it holds stack.safetensors)" in err and err.count("\n") == 1, err
 
 
 def test_inspect_prints_layers_and_metrics(tmp_path, capsys):
