@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 from .assembly import ForeignSource, SurgeryConfig, build_graph
 from .data import Dataset, find_mnist_file, load_dataset, resolve_device
-from .errors import ConfigError, SurgeryError, TrainingDiverged
+from .errors import ConfigError, SurgeryError, SurgeryWarning, TrainingDiverged
 from .finetune import FinetuneConfig, PopulationTrainer, Record, Trainer
 from .graph import ModelGraph
 from .grid import plan_cells
@@ -141,8 +142,14 @@ def run(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool | 
     t_pre = time.perf_counter() - t0
     graph = assemble(recipe, stack, data.num_classes, data.input_shape)
     trainer = Trainer(graph, data, recipe.finetune, recipe.seed, out) if recipe.finetune is not None else None
-    if trainer is not None and resume and trainer.ckpt_path().is_file():
-        trainer.load_checkpoint()  # a checkpoint that does not fit fails here, before anything is written
+    if trainer is not None and resume:
+        if trainer.ckpt_path().is_file():
+            trainer.load_checkpoint()  # a checkpoint that does not fit fails here, before anything is written
+        else:
+            every = trainer.cfg.checkpoint_every
+            why = "finetune.checkpoint_every is 0: none are written" if not every else "none was written yet"
+            warnings.warn(f"--resume: no checkpoint at {trainer.ckpt_path()} ({why}); fine-tuning starts from "
+                          "epoch 1.", SurgeryWarning, stacklevel=2)
     if is_main_process():
         save_model(graph, out / "assembled.safetensors", {"recipe": recipe.to_dict()})
     result: dict[str, Any] = {"pretrain_seconds": round(t_pre, 3), "out": str(out)}

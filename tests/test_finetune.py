@@ -307,6 +307,13 @@ def test_finetune_cli_writes_results_and_resumes(tmp_path, capsys):
     assert main(["finetune", str(tmp_path / "r.yaml"), "--out", str(out), *more]) == 0
     assert json.loads((out / "result.json").read_text())["epochs"] == 4
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+    assert "warning" not in capsys.readouterr().err
+    # --resume where no checkpoint was written: trains from epoch 1 and says why
+    bare = ["--set", "finetune.checkpoint_every=0"]
+    assert main(["finetune", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "bare"), "--resume", *bare]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --resume: no checkpoint at" in err and "checkpoint_every is 0" in err, err
+    assert len((tmp_path / "bare" / "metrics.jsonl").read_text().splitlines()) == 3
 
 
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
