@@ -43,16 +43,20 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float]:
 
 
 def table(rows: list[dict[str, Any]], baseline: str = "none") -> list[dict[str, Any]]:
-    """Per (arm, depth): the summary of test errors and Welch's t-test against ``baseline``."""
+    """Per (arm, depth): the summary of test errors and Welch's t-test against ``baseline``
+    at the same depth; an arm at a depth the baseline did not run (a shallow arm beside a
+    deep grid) against the baseline's only depth, when it ran at one (``baseline_depth``)."""
     groups: dict[tuple[str, int], list[float]] = {}
     for r in rows:
         groups.setdefault((r["condition"], int(r["depth"])), []).append(float(r["test_error"]))
+    base_depths = sorted(d for c, d in groups if c == baseline)
     out = []
     for (cond, depth), vals in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         s = summarize(vals)
-        base = groups.get((baseline, depth))
+        bd = depth if depth in base_depths else (base_depths[0] if len(base_depths) == 1 else None)
+        base = groups.get((baseline, bd)) if bd is not None else None
         t, p = welch(vals, base) if base is not None and cond != baseline else (math.nan, math.nan)
-        out.append({"condition": cond, "depth": depth, **s, "t": t, "p": p,
+        out.append({"condition": cond, "depth": depth, **s, "t": t, "p": p, "baseline_depth": bd,
                     "baseline_mean": float(np.mean(base)) if base else math.nan})
     return out
 
@@ -113,7 +117,8 @@ def markdown(rows: list[dict[str, Any]], baseline: str = "none", tuning: dict[st
         "# Comparison report",
         "",
         f"{len(rows)} runs; seeds {seeds}. Test error in percent; CI is the 95% Student-t interval "
-        f"of the mean over seeds; Welch's t-test compares each arm with `{baseline}` at the same depth "
+        f"of the mean over seeds; Welch's t-test compares each arm with `{baseline}` at the same depth, "
+        f"or, for an arm at a depth `{baseline}` did not run, at `{baseline}`'s only depth "
         "(negative t: lower error than the baseline).",
         "",
         "| condition | depth | n | mean | std | 95% CI | vs baseline | t | p |",
@@ -145,8 +150,12 @@ def significance_line(rows: list[dict[str, Any]], baseline: str = "none", alpha:
     tab = [t for t in table(rows, baseline) if t["condition"] != baseline and not math.isnan(t["p"])]
     if not tab:
         return f"significance: no arm can be tested against {baseline!r} (needs >= 2 seeds per cell)."
-    better = [f"{t['condition']} d{t['depth']}" for t in tab if t["p"] < alpha and t["mean"] < t["baseline_mean"]]
-    worse = [f"{t['condition']} d{t['depth']}" for t in tab if t["p"] < alpha and t["mean"] > t["baseline_mean"]]
+    def name(t: dict[str, Any]) -> str:
+        other = f" (vs d{t['baseline_depth']})" if t["baseline_depth"] != t["depth"] else ""
+        return f"{t['condition']} d{t['depth']}{other}"
+
+    better = [name(t) for t in tab if t["p"] < alpha and t["mean"] < t["baseline_mean"]]
+    worse = [name(t) for t in tab if t["p"] < alpha and t["mean"] > t["baseline_mean"]]
     if not better and not worse:
         return f"significance: no arm differs from {baseline!r} at p < {alpha} (Welch t-test per depth)."
     parts = []

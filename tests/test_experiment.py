@@ -1,5 +1,6 @@
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -115,6 +116,27 @@ def test_stats():
     assert s["ci_half"] == pytest.approx(4.302652729 / 3 ** 0.5, rel=1e-6)
     t, p = welch([1.0, 1.1, 0.9, 1.05], [2.0, 2.2, 1.9, 2.1])
     assert t < 0 and p < 0.001
+
+
+def test_an_arm_at_a_depth_the_baseline_did_not_run_is_tested_against_its_only_depth():
+    """A shallow arm (1 layer) beside a deep grid (3 layers) is compared with the baseline at
+    3 layers, and the significance line says so; with two baseline depths there is no such pick."""
+    from surgery.report import significance_line
+
+    def rows(spec):
+        return [{"condition": c, "depth": d, "seed": i, "test_error": e}
+                for c, d, errs in spec for i, e in enumerate(errs)]
+
+    grid = rows([("none", 3, [2.3, 2.35, 2.4, 2.32]), ("shallow", 1, [2.7, 2.65, 2.6, 2.68]),
+                 ("rbm", 3, [1.9, 1.85, 1.95, 1.88])])
+    by = {t["condition"]: t for t in table(grid, "none")}
+    assert by["shallow"]["baseline_depth"] == 3 and by["shallow"]["p"] < 0.01 and by["shallow"]["t"] > 0
+    assert by["rbm"]["baseline_depth"] == 3
+    assert significance_line(grid, "none") == ("significance (Welch p < 0.01, same depth): below 'none': rbm d3; "
+                                               "above 'none': shallow d1 (vs d3).")
+    two = grid + rows([("none", 2, [2.5, 2.4, 2.45, 2.5])])
+    shallow = next(t for t in table(two, "none") if t["condition"] == "shallow")
+    assert shallow["baseline_depth"] is None and math.isnan(shallow["p"])
 
 
 def _search_recipe(tmp_path):
