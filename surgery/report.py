@@ -147,9 +147,10 @@ def markdown(rows: list[dict[str, Any]], baseline: str = "none", tuning: dict[st
 
 def significance_line(rows: list[dict[str, Any]], baseline: str = "none", alpha: float = 0.01) -> str:
     """One sentence: which arms differ from ``baseline`` at the same depth (Welch p < alpha)."""
-    tab = [t for t in table(rows, baseline) if t["condition"] != baseline and not math.isnan(t["p"])]
+    full = table(rows, baseline)
+    tab = [t for t in full if t["condition"] != baseline and not math.isnan(t["p"])]
     if not tab:
-        return f"significance: no arm can be tested against {baseline!r} (needs >= 2 seeds per cell)."
+        return f"significance: no arm can be tested against {baseline!r}: {_untestable(full, baseline)}."
     def name(t: dict[str, Any]) -> str:
         other = f" (vs d{t['baseline_depth']})" if t["baseline_depth"] != t["depth"] else ""
         return f"{t['condition']} d{t['depth']}{other}"
@@ -164,6 +165,19 @@ def significance_line(rows: list[dict[str, Any]], baseline: str = "none", alpha:
     if worse:
         parts.append(f"above {baseline!r}: {', '.join(worse)}")
     return f"significance (Welch p < {alpha}, same depth): " + "; ".join(parts) + "."
+
+
+def _untestable(tab: list[dict[str, Any]], baseline: str) -> str:
+    """Why no arm of ``tab`` has a t-test against ``baseline``: the first reason that holds."""
+    if not any(t["condition"] == baseline for t in tab):
+        return ("it was not run (add it to experiment.conditions, or name another arm with "
+                "--baseline / experiment.baseline)")
+    if not any(t["condition"] != baseline for t in tab):
+        return "it is the only arm"
+    testable = [t for t in tab if t["condition"] != baseline and t["baseline_depth"] is not None]
+    if not testable:
+        return "no other arm ran at a depth it ran at"
+    return "a t-test needs >= 2 seeds in each cell (run more experiment.seeds)"
 
 
 def write_report(out: Path, rows: list[dict[str, Any]], baseline: str = "none") -> None:

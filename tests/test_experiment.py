@@ -139,6 +139,23 @@ def test_an_arm_at_a_depth_the_baseline_did_not_run_is_tested_against_its_only_d
     assert shallow["baseline_depth"] is None and math.isnan(shallow["p"])
 
 
+
+def test_the_significance_line_says_why_no_arm_can_be_tested():
+    from surgery.report import significance_line
+
+    def rows(spec):
+        return [{"condition": c, "depth": d, "seed": i, "test_error": e}
+                for c, d, errs in spec for i, e in enumerate(errs)]
+
+    def why(spec, baseline="none"):
+        return significance_line(rows(spec), baseline).split(": ", 1)[1]
+
+    assert "was not run" in why([("rbm", 3, [1.9, 2.0])])
+    assert "only arm" in why([("none", 3, [2.3, 2.4])])
+    assert "ran at a depth" in why([("none", 2, [2.3, 2.4]), ("none", 3, [2.3, 2.4]), ("rbm", 1, [1.9, 2.0])])
+    assert ">= 2 seeds" in why([("none", 3, [2.3]), ("rbm", 3, [1.9])])
+    assert "differs" in significance_line(rows([("none", 3, [2.3, 2.4]), ("rbm", 3, [2.3, 2.41])]), "none")
+
 def _search_recipe(tmp_path):
     r = {
         "name": "s",
