@@ -115,6 +115,11 @@ def validate(recipe: Recipe) -> tuple[ModelGraph | None, list[str]]:
         exp = recipe.experiment
         notes.append(f"experiment: {len(cells)} cells ({', '.join(exp.arms())} x depths {exp.depths} x seeds "
                      f"{exp.seeds})")
+        if exp.tune is not None:
+            groups = len({(c.condition, c.depth) for c in cells})
+            notes.append(f"tuning first: {exp.tune.trials} {exp.tune.sampler} trials for each of {groups} "
+                         f"(arm, depth) on seed {exp.seeds[0]} ({exp.tune.trials * groups} runs) over "
+                         f"{', '.join(exp.tune.params)}; then every seed with its arm's best values")
     if recipe.surgery is None and stack is None:
         return None, notes
     graph = assemble(recipe, stack, data.num_classes, data.input_shape)

@@ -288,6 +288,8 @@ def test_every_arm_gets_the_same_tuning_budget(tmp_path, capsys):
                            "finetune.optimizer.lr": {"low": 0.01, "high": 0.5, "log": True},
                            "pretrain.layers.*.noise": {"low": 0.05, "high": 0.5}}}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    assert main(["validate", str(tmp_path / "r.yaml")]) == 0
+    assert "tuning first: 3 tpe trials for each of 2 (arm, depth) on seed 0 (6 runs)" in capsys.readouterr().out
     out = tmp_path / "out"
     assert main(["run", str(tmp_path / "r.yaml"), "--out", str(out)]) == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tuning: ")]
