@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from .layers import InitName
 from .schedules import OptimizerConfig, ScheduleConfig
@@ -71,3 +71,15 @@ class FinetuneConfig(BaseModel):
         "no DDP, no compile and no freeze schedule")
     compile: bool = Field(default=False, description="torch.compile the model")
     progress: bool | None = None
+
+    @model_validator(mode="after")
+    def _cg_has_no_rates(self) -> FinetuneConfig:
+        # conjugate gradients choose each step by a line search: a rate set here would do nothing
+        if self.optimizer.name == "cg":
+            if self.schedule.lr is not None or self.schedule.momentum is not None:
+                raise ValueError("schedule: optimizer cg chooses each step by a line search and has no lr or "
+                                 "momentum to schedule; remove the schedule")
+            if self.layer_lr:
+                raise ValueError("layer_lr: optimizer cg has no learning rates to scale; remove layer_lr "
+                                 "(unfreeze_at/freeze_at still choose what trains)")
+        return self

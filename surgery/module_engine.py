@@ -173,19 +173,24 @@ def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, xs: Tensor, ys: 
     seen = 0
     lr = mom = None
     scheduled = cfg.schedule.lr is not None or cfg.schedule.momentum is not None
+    line_search = getattr(opt, "needs_closure", False)  # conjugate gradients: no lr, several evaluations a step
+    evals0 = getattr(opt, "evaluations", 0)
     for s in range(plan.steps):
         lo = s * plan.batch * plan.world + plan.rank * plan.batch
         xb, yb = xs[lo : lo + plan.batch], ys[lo : lo + plan.batch]
         if xb.shape[0] == 0:
             continue
-        if scheduled or s == 0:  # constant lr/momentum: set once per epoch
-            lr, mom = apply_schedule(opt, cfg.schedule, cfg.optimizer.lr, step, plan.steps, plan.total_steps)
-        with autocast(device, cfg.amp):
-            out = net(xb)
-            loss = F.cross_entropy(out if out.dtype == torch.float32 else out.float(), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if line_search:
+            out, loss = _line_search_step(net, opt, xb, yb, cfg.amp, device)
+        else:
+            if scheduled or s == 0:  # constant lr/momentum: set once per epoch
+                lr, mom = apply_schedule(opt, cfg.schedule, cfg.optimizer.lr, step, plan.steps, plan.total_steps)
+            with autocast(device, cfg.amp):
+                out = net(xb)
+                loss = F.cross_entropy(out if out.dtype == torch.float32 else out.float(), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
         step += 1
         loss_sum += loss.detach() * xb.shape[0]
         wrong += (out.detach().argmax(1) != yb).sum()
@@ -193,8 +198,32 @@ def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, xs: Tensor, ys: 
         if ((s + 1) % check_every == 0 or s + 1 == plan.steps) and not bool(torch.isfinite(loss_sum)):
             raise TrainingDiverged(
                 f"the training loss became NaN or infinite in epoch {epoch + 1}, step {s + 1} (global step {step})")
-    return {"train_loss": float(loss_sum) / max(seen, 1), "train_error": 100.0 * float(wrong) / max(seen, 1),
-            "lr": lr, "momentum": mom, "step": step}
+    rec = {"train_loss": float(loss_sum) / max(seen, 1), "train_error": 100.0 * float(wrong) / max(seen, 1),
+           "lr": lr, "momentum": mom, "step": step}
+    if line_search:  # what an epoch cost: loss and gradient evaluations (forward + backward), all batches
+        rec["evaluations"] = opt.evaluations - evals0  # type: ignore[attr-defined]
+    return rec
+
+
+def _line_search_step(net: nn.Module, opt: torch.optim.Optimizer, xb: Tensor, yb: Tensor, amp: bool,
+                      device: torch.device) -> tuple[Tensor, Tensor]:
+    """One step of an optimizer that evaluates the loss itself (conjugate gradients): its
+    closure gives the cross-entropy summed over the batch, as the method was used with.
+    Returns the output and the mean loss before the step, as an SGD step records them."""
+    outs: list[Tensor] = []
+
+    def closure() -> Tensor:
+        opt.zero_grad(set_to_none=True)
+        with autocast(device, amp):
+            out = net(xb)
+            loss = F.cross_entropy(out if out.dtype == torch.float32 else out.float(), yb, reduction="sum")
+        loss.backward()
+        if not outs:
+            outs.append(out.detach())
+        return loss
+
+    loss = opt.step(closure)  # type: ignore[arg-type]
+    return outs[0], loss / xb.shape[0]
 
 
 def train_graphed_epoch(step_fn: GraphedStep, opt: torch.optim.Optimizer, xs: Tensor, ys: Tensor,
@@ -249,6 +278,9 @@ class ModuleEngine:
     def __init__(self, graph: ModelGraph, data: Dataset, cfg: FinetuneConfig, seed: int):
         self.cfg = cfg
         self.rank, self.world, self.device = distributed(resolve_device(cfg.device))
+        if cfg.optimizer.name == "cg" and self.world > 1:
+            raise ConfigError("finetune.optimizer: cg's line search decides on each process's own loss, so its "
+                              "processes would drift apart under torchrun; run it in one process.")
         if self.device.type == "cpu":
             keep_freed_memory()
         check_fits(graph, data)

@@ -100,6 +100,9 @@ def check_population(cfgs: list[FinetuneConfig]) -> None:
             if getattr(c, field) != getattr(first, field):
                 raise ConfigError(f"population member {i}: finetune.{field} differs ({getattr(c, field)!r} vs "
                                   f"{getattr(first, field)!r}); members share the budget and the device.")
+        if c.optimizer.name == "cg":
+            raise ConfigError(f"population member {i}: optimizer cg (a line search a step) trains one model at a "
+                              "time.")
         if c.optimizer.name != first.optimizer.name:
             raise ConfigError(f"population member {i}: optimizer {c.optimizer.name!r} but member 0 uses "
                               f"{first.optimizer.name!r}; members share the optimizer.")

@@ -12,15 +12,19 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .cg import ConjugateGradient
+
 
 class _Cfg(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class OptimizerConfig(_Cfg):
-    """``{name: sgd|rmsprop|adagrad|adadelta|adam, lr, momentum, nesterov, weight_decay}``."""
+    """``{name: sgd|rmsprop|adagrad|adadelta|adam|cg, lr, momentum, nesterov, weight_decay}``.
 
-    name: Literal["sgd", "rmsprop", "adagrad", "adadelta", "adam"] = "sgd"
+    ``cg``: conjugate gradients (:mod:`surgery.cg`), ``line_searches`` a batch, no lr."""
+
+    name: Literal["sgd", "rmsprop", "adagrad", "adadelta", "adam", "cg"] = "sgd"
     lr: float = Field(default=0.1, gt=0, le=100)
     momentum: float = Field(default=0.0, ge=0, lt=1, description="sgd (default 0.9) and rmsprop (default 0)")
     nesterov: bool = False
@@ -29,6 +33,8 @@ class OptimizerConfig(_Cfg):
     rho: float = Field(default=0.9, gt=0, lt=1, description="adadelta decay")
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float | None = Field(default=None, gt=0, description="default: torch's per-optimizer default")
+    line_searches: int = Field(default=3, ge=1, le=1000, description=(
+        "cg: conjugate-gradient line searches a batch (Hinton & Salakhutdinov 2006: 3, on batches of 1000)"))
 
     @model_validator(mode="before")
     @classmethod
@@ -56,6 +62,8 @@ def build_optimizer(cfg: OptimizerConfig, groups: list[dict]) -> torch.optim.Opt
         gr["lr"] = cfg.lr * gr.get("lr_mult", 1.0)
     wd = cfg.weight_decay
     eps = {"eps": cfg.eps} if cfg.eps is not None else {}
+    if cfg.name == "cg":
+        return ConjugateGradient(groups, line_searches=cfg.line_searches, weight_decay=wd)
     if cfg.name == "rmsprop":
         return torch.optim.RMSprop(groups, lr=cfg.lr, alpha=cfg.alpha, **eps, momentum=cfg.momentum, weight_decay=wd)
     if cfg.name == "adadelta":

@@ -38,6 +38,15 @@ def test_finetune_on_cuda_learns(amp, graph):
     assert t.history[-1]["train_loss"] < t.history[0]["train_loss"]
 
 
+def test_conjugate_gradient_fine_tuning_on_cuda():
+    """CG is not captured (cuda_graph auto leaves it eager) and learns on the GPU."""
+    t = Trainer(mlp(), _ds(), FinetuneConfig(epochs=3, device="cuda", batch_size=200, progress=False,
+                                             optimizer={"name": "cg", "line_searches": 3}))
+    r = t.fit()
+    assert t.engine.graphed is None and r["test_error"] < 40
+    assert t.history[-1]["train_loss"] < t.history[0]["train_loss"] and t.history[0]["evaluations"] > 0
+
+
 @pytest.mark.parametrize("layer", [
     {"method": "rbm", "hidden": 64}, {"method": "rbm", "hidden": 64, "persistent": True, "k": 2},
     {"method": "ae", "hidden": 64}, {"method": "dae", "hidden": 64}, {"method": "sparse_ae", "hidden": 64},
