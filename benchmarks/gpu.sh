@@ -4,7 +4,7 @@
 # each under a time limit (about 8 minutes in all). Everything goes under $OUT.
 #
 #     bash ../shared/gpu/wheels.sh                 # here, once: fills .whl/ (git-ignored)
-#     OUT=/tmp/gpu bash benchmarks/gpu.sh [quick|seed|populations|grids|protocol]  # there, with .whl carried
+#     OUT=/tmp/gpu bash benchmarks/gpu.sh [quick|seed|populations|grids|protocol|hinton-cg]  # there, with .whl
 #
 # A device call brings back at most 8 files from $OUT, so experiment runs write under
 # $RUNS (default /tmp/gpu-runs) and only their report.md and one results.jsonl (every
@@ -19,7 +19,8 @@
 # population benchmarks (fine-tuning K=1/5/25 on 50k examples, RBM and DAE layers K=1/25).
 # `grids`: the whole bengio2007_fixed and erhan2010_fixed grids. `protocol`: the whole
 # recipes/bengio2007.yaml protocol (10 tuning trials per arm trained together, then 5 seeds)
-# under a 9-minute limit. Each mode fits one call.
+# under a 9-minute limit. `hinton-cg`: recipes/hinton2006_cg.yaml (the DBN fine-tuned by conjugate
+# gradients for 200 epochs, as the paper did). Each mode fits one call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
@@ -82,6 +83,11 @@ if [ "$quick" = grids ]; then  # the two grid targets: bengio2007 <= 60 s, erhan
     cat "$out/summary.txt"
     exit 0
 fi
+if [ "$quick" = hinton-cg ]; then  # the Hinton 2006 DBN with the paper's CG fine-tuning
+    experiment hinton2006-cg 540 recipes/hinton2006_cg.yaml
+    cat "$out/summary.txt"
+    exit 0
+fi
 if [ "$quick" = protocol ]; then  # #13's paper protocol, as far as one call allows
     experiment bengio2007-protocol 540 recipes/bengio2007.yaml
     cat "$out/summary.txt"
@@ -89,7 +95,7 @@ if [ "$quick" = protocol ]; then  # #13's paper protocol, as far as one call all
 fi
 n=()
 [ "$quick" = quick ] && n=(--n 10000)
-# The CUDA tests first and on their own (34 of them, each recipe among them: the GPU's own
+# The CUDA tests first and on their own (35 of them, each recipe among them: the GPU's own
 # answer comes back even if the rest of the suite, ~170 s on 2 CPU cores, runs out of time).
 step cuda-tests 180 $py -m pytest -q -p no:cacheprovider tests/test_cuda.py
 step tests 180 $py -m pytest -q -p no:cacheprovider --ignore tests/test_cuda.py
