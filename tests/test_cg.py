@@ -118,3 +118,13 @@ def test_a_recipe_with_a_cg_schedule_is_one_paragraph(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "r.yaml")]) == 2
     err = capsys.readouterr().err
     assert "schedule: optimizer cg" in err and "Traceback" not in err
+
+
+def test_a_nan_loss_under_cg_stops_with_the_epoch_and_step(synth):
+    from surgery.errors import TrainingDiverged
+
+    bad = synth.to("cpu")
+    bad.train.x = bad.train.x.clone()
+    bad.train.x[5, 3] = float("nan")
+    with pytest.raises(TrainingDiverged, match=r"epoch 1, step \d+"):
+        Trainer(mlp(), bad, cfg(optimizer={"name": "cg"})).fit()
