@@ -75,8 +75,8 @@ class ConjugateGradient(torch.optim.Optimizer):
                 g = g + wd * x
             return f, g
 
-        if not params:  # nothing trains this epoch: evaluate for the record only
-            return closure().detach()
+        if not params:
+            raise ValueError("ConjugateGradient.step: no parameter requires a gradient")
         x = torch.cat([p.detach().reshape(-1) for p in params])
         _write(params, minimize(loss, x, self.defaults["line_searches"], self.defaults["max_evals"]))
         return first[0]

@@ -108,18 +108,33 @@ def param_groups(graph: ModelGraph, model: nn.Module, cfg: FinetuneConfig) -> li
     return groups
 
 
+def trains(node: Node, cfg: FinetuneConfig, epoch: int) -> bool:
+    """Whether ``node`` trains in ``epoch`` (from 0): frozen nodes stay frozen unless
+    ``unfreeze_at`` says otherwise; ``freeze_at`` stops a node from that epoch on."""
+    trainable = not node.frozen
+    for pat, at in cfg.unfreeze_at.items():
+        if fnmatch.fnmatchcase(node.name, pat):
+            trainable = epoch >= at
+    for pat, at in cfg.freeze_at.items():
+        if fnmatch.fnmatchcase(node.name, pat) and epoch >= at:
+            trainable = False
+    return trainable
+
+
+def check_something_trains(groups: list[dict[str, Any]], graph: ModelGraph, cfg: FinetuneConfig) -> None:
+    """``ConfigError`` naming the first epoch in which no layer would train."""
+    for epoch in range(cfg.epochs):
+        if not any(trains(graph.node(gr["node"]), cfg, epoch) for gr in groups if gr["params"]):
+            raise ConfigError(
+                f"finetune: no layer trains in epoch {epoch + 1}: each is frozen there by the surgery's freeze "
+                f"op or by finetune.freeze_at {dict(cfg.freeze_at)} / unfreeze_at {dict(cfg.unfreeze_at)}. Leave "
+                "at least one layer (e.g. the head) trainable in every epoch.")
+
+
 def apply_freezing(groups: list[dict[str, Any]], graph: ModelGraph, cfg: FinetuneConfig, epoch: int) -> None:
-    """Set ``requires_grad`` for ``epoch``: frozen nodes stay frozen unless ``unfreeze_at``
-    says otherwise; ``freeze_at`` stops a node from that epoch on."""
+    """Set ``requires_grad`` of every group's parameters for ``epoch`` (see :func:`trains`)."""
     for gr in groups:
-        node = graph.node(gr["node"])
-        trainable = not node.frozen
-        for pat, at in cfg.unfreeze_at.items():
-            if fnmatch.fnmatchcase(node.name, pat):
-                trainable = epoch >= at
-        for pat, at in cfg.freeze_at.items():
-            if fnmatch.fnmatchcase(node.name, pat) and epoch >= at:
-                trainable = False
+        trainable = trains(graph.node(gr["node"]), cfg, epoch)
         for p in gr["params"]:
             p.requires_grad_(trainable)
 
@@ -289,6 +304,7 @@ class ModuleEngine:
         torch.manual_seed(seed)
         self.model = to_module(self.graph).to(self.device)
         self.groups = param_groups(self.graph, self.model, cfg)
+        check_something_trains(self.groups, self.graph, cfg)
         self.opt = build_optimizer(cfg.optimizer, self.groups)
         self.net: nn.Module = self.model
         if self.world > 1:

@@ -188,6 +188,12 @@ def corrupt_source_stack(tmp: Path):
     return ["run", str(_write(tmp / "r.yaml", r)), "--out", str(tmp / "out")], "surgery.sources.a", [p]
 
 
+def nothing_trains(tmp: Path):
+    r = _net_recipe()
+    r["finetune"] = {**SMALL_FT, "unfreeze_at": {"h1": 0}, "freeze_at": {"*": 1}}
+    return ["run", str(_write(tmp / "r.yaml", r)), "--out", str(tmp / "out")], "no layer trains in epoch 2", []
+
+
 def diverging_loss(tmp: Path):
     st = random_stack(sizes=(64, 16), act="relu")
     st[0].tensors["weight"].fill_(3e38)
@@ -243,6 +249,7 @@ CASES: dict[str, Case] = {
     "run: experiment, unwritable --out": experiment_with_unwritable_out,
     "run: corrupt source stack": corrupt_source_stack,
     "run: loss diverges": diverging_loss,
+    "run: every layer frozen in an epoch": nothing_trains,
     "run: unknown device": unknown_device_at_run,
     "run: missing data file": missing_data_file,
     "run: truncated MNIST pickle": truncated_mnist_pickle,
