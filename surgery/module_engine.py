@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 
 from .checkpoint import Checkpoint, load_model_state, restore_rng, rng_states
 from .data import Dataset, Split, resolve_device
-from .errors import ConfigError, ShapeError, SurgeryError, TrainingDiverged
+from .errors import ConfigError, ShapeError, SurgeryError, SurgeryWarning, TrainingDiverged
 from .finetune_config import FinetuneConfig
 from .graph import ModelGraph, Node, input_fits
 from .graphed import GRAPH_OPTIMIZERS, GraphedStep
@@ -121,8 +122,13 @@ def trains(node: Node, cfg: FinetuneConfig, epoch: int) -> bool:
     return trainable
 
 
-def check_something_trains(groups: list[dict[str, Any]], graph: ModelGraph, cfg: FinetuneConfig) -> None:
-    """``ConfigError`` naming the first epoch in which no layer would train."""
+def check_freezing(groups: list[dict[str, Any]], graph: ModelGraph, cfg: FinetuneConfig) -> None:
+    """``ConfigError`` naming the first epoch in which no layer would train; a warning for an
+    ``unfreeze_at`` epoch the run never reaches (its layers would never train)."""
+    for pat, at in cfg.unfreeze_at.items():
+        if at >= cfg.epochs:
+            warnings.warn(f"finetune.unfreeze_at: {pat!r} becomes trainable at epoch {at + 1}, after the last of "
+                          f"{cfg.epochs} epochs, so it never trains.", SurgeryWarning, stacklevel=2)
     for epoch in range(cfg.epochs):
         if not any(trains(graph.node(gr["node"]), cfg, epoch) for gr in groups if gr["params"]):
             raise ConfigError(
@@ -304,7 +310,7 @@ class ModuleEngine:
         torch.manual_seed(seed)
         self.model = to_module(self.graph).to(self.device)
         self.groups = param_groups(self.graph, self.model, cfg)
-        check_something_trains(self.groups, self.graph, cfg)
+        check_freezing(self.groups, self.graph, cfg)
         self.opt = build_optimizer(cfg.optimizer, self.groups)
         self.net: nn.Module = self.model
         if self.world > 1:
