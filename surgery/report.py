@@ -149,6 +149,9 @@ def significance_line(rows: list[dict[str, Any]], baseline: str = "none", alpha:
     """One sentence: which arms differ from ``baseline`` at the same depth (Welch p < alpha)."""
     full = table(rows, baseline)
     tab = [t for t in full if t["condition"] != baseline and not math.isnan(t["p"])]
+    arms = sorted({t["condition"] for t in full})
+    if len(arms) == 1:
+        return f"significance: one arm ({arms[0]}), nothing to test."
     if not tab:
         return f"significance: no arm can be tested against {baseline!r}: {_untestable(full, baseline)}."
     def name(t: dict[str, Any]) -> str:
@@ -172,8 +175,6 @@ def _untestable(tab: list[dict[str, Any]], baseline: str) -> str:
     if not any(t["condition"] == baseline for t in tab):
         return ("it was not run (add it to experiment.conditions, or name another arm with "
                 "--baseline / experiment.baseline)")
-    if not any(t["condition"] != baseline for t in tab):
-        return "it is the only arm"
     testable = [t for t in tab if t["condition"] != baseline and t["baseline_depth"] is not None]
     if not testable:
         return "no other arm ran at a depth it ran at"

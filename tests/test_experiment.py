@@ -150,8 +150,10 @@ def test_the_significance_line_says_why_no_arm_can_be_tested():
     def why(spec, baseline="none"):
         return significance_line(rows(spec), baseline).split(": ", 1)[1]
 
-    assert "was not run" in why([("rbm", 3, [1.9, 2.0])])
-    assert "only arm" in why([("none", 3, [2.3, 2.4])])
+    assert "was not run" in why([("rbm", 3, [1.9, 2.0]), ("dae", 3, [1.9, 2.0])])
+    for arm in ("rbm-cg", "none"):
+        line = significance_line(rows([(arm, 3, [1.9, 2.0])]), "none")
+        assert line == f"significance: one arm ({arm}), nothing to test."
     assert "ran at a depth" in why([("none", 2, [2.3, 2.4]), ("none", 3, [2.3, 2.4]), ("rbm", 1, [1.9, 2.0])])
     assert ">= 2 seeds" in why([("none", 3, [2.3]), ("rbm", 3, [1.9])])
     assert "differs" in significance_line(rows([("none", 3, [2.3, 2.4]), ("rbm", 3, [2.3, 2.41])]), "none")
