@@ -21,6 +21,7 @@ from .model_file import describe_model, load_model, save_model
 from .pipeline import assemble, finetune_model, pretrain, run, validate
 from .recipe import Recipe, format_validation_error, json_schema, load_recipe
 from .report import significance_line, table, write_report
+from .rundir import describe_run, is_experiment_dir
 from .runtime import is_main_process
 from .search import run_search
 from .stack import MODEL_FORMAT, LayerStack, describe, read_manifest
@@ -54,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _recipe_cmd(sub, "pretrain", "train the recipe's pretrain: layers greedily and save the stack")
     p.add_argument("-o", "--output", type=Path, help="stack file (default runs/<name>/stack.safetensors)")
 
-    p = sub.add_parser("inspect", help="show a stack or model file: layers, shapes, how each was trained")
-    p.add_argument("file", type=Path)
+    p = sub.add_parser("inspect", help="show a stack or model file (layers, shapes, how each was trained), or how "
+                                       "far an experiment directory has got")
+    p.add_argument("file", type=Path, help="a .safetensors stack or model, or the --out directory of `surgery run`")
     p.add_argument("--json", action="store_true", help="print the raw manifest as JSON")
 
     _recipe_cmd(sub, "validate", "check a recipe and every file it refers to; print the planned network")
@@ -115,7 +117,17 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    """``surgery inspect``: describe a stack or model file (validating it whole)."""
+    """``surgery inspect``: describe a stack or model file (validating it whole), or an
+    experiment directory's progress."""
+    if args.file.is_dir():
+        if not is_experiment_dir(args.file):
+            held = sorted(p.name for p in args.file.glob("*.safetensors"))[:4]
+            raise SurgeryError(f"{args.file}: a directory that is not an experiment's (no experiment.json, cells/, "
+                               "tuning/ or stacks/); give a .safetensors file"
+                               + (f" (it holds {', '.join(held)})" if held else "") + " or an experiment's --out "
+                               "directory.")
+        say(*describe_run(args.file))
+        return
     manifest = read_manifest(args.file)
     if args.json:
         say(json.dumps(manifest, indent=2))

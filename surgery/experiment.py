@@ -245,9 +245,9 @@ def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None
     runner = CellRunner(recipe, out, progress)
     cells = plan_cells(recipe, runner.data.input_shape, runner.data.num_classes)
     assert recipe.experiment is not None
+    write_json(out / "experiment.json", {"recipe": recipe.to_dict(), "cells": len(cells)})  # first: inspect reads it
     if recipe.experiment.tune is not None:
         cells = tune_arms(recipe.experiment.tune, cells, runner, out, progress)
-    write_json(out / "experiment.json", {"recipe": recipe.to_dict(), "cells": len(cells)})
     bar = progress_bar(len(cells), "experiment", progress, "cell")
     done_before = {c.key for c in cells if (out / "cells" / c.key / "result.json").is_file()}
     runner.pretrain_populations(cells, recipe.experiment.population)

@@ -15,14 +15,14 @@ PKG = Path(__file__).resolve().parents[1] / "surgery"
 
 # Lowest first. A module may import modules of its own level or below, never above.
 LEVELS: list[tuple[str, set[str]]] = [
-    ("foundations", {"errors", "io", "layers", "schedules", "runtime", "version", "batched", "stacked",
+    ("foundations", {"errors", "io", "layers", "cg", "schedules", "runtime", "version", "batched", "stacked",
                      "capture"}),
     ("data and stacks", {"datafiles", "data", "stack"}),
     ("pretrain, graph and ops", {"pretrain", "graph", "ops", "assembly", "modules", "model_file"}),
     ("fine-tuning", {"finetune_config", "finetune", "checkpoint", "graphed", "module_engine", "population"}),
     ("recipe composition", {"experiment_config", "search_config", "recipe", "grid"}),
     ("orchestration", {"pipeline", "experiment", "search"}),
-    ("report and cli", {"report", "cli", "__main__"}),
+    ("report and cli", {"report", "rundir", "cli", "__main__"}),
 ]
 
 

@@ -325,6 +325,22 @@ def test_every_arm_gets_the_same_tuning_budget(tmp_path, capsys):
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
     assert main(["run", str(tmp_path / "r.yaml"), "--out", str(out)]) == 0  # a rerun trains nothing again
     assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == stamps
+    _inspect_tells_how_far_the_run_got(out, bests, capsys)
+
+
+def _inspect_tells_how_far_the_run_got(out, bests, capsys):
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert "pretrained stacks: 4 whole" in said and "cells: 4 of 4 finished" in said, said  # 3 trials + seed 1
+    dae = next(x for x in said if x.startswith("tuning dae d1: 3 of 3 trials finished, validation "))
+    assert f"validation {bests['dae']['valid_error']:.2f}" in dae and "test" not in dae  # the lowest first
+    cell = next(p for p in (out / "cells").iterdir() if p.is_dir())
+    (cell / "result.json").unlink()  # as if the run had stopped while this cell trained
+    assert main(["inspect", str(out)]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert "cells: 3 of 4 finished" in said, said
+    assert any(x.startswith(f"unfinished (training now, or stopped): cells/{cell.name} (") for x in said), said
 
 
 def _tuning_recipe(**tune):

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from surgery.cli import main
 from surgery.errors import ManifestError
-from surgery.stack import LayerStack
+from surgery.stack import LayerStack, read_manifest
 from tests.helpers import random_stack
 
 
@@ -104,7 +104,10 @@ def test_missing_file(tmp_path, capsys):
     random_stack().save(tmp_path / "stack.safetensors")
     assert main(["inspect", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "a directory, not a weights file (it holds stack.safetensors)" in err and err.count("\n") == 1, err
+    assert "a directory that is not an experiment's" in err and "(it holds stack.safetensors)" in err, err
+    assert err.count("\n") == 1, err
+    with pytest.raises(ManifestError, match="a directory, not a weights file \\(it holds stack.safetensors\\)"):
+        read_manifest(tmp_path)  # what the other commands say
 
 
 def test_inspect_prints_layers_and_metrics(tmp_path, capsys):
