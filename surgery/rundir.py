@@ -53,6 +53,10 @@ def _runs(root: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return done, running
 
 
+def _layers(n: int) -> str:
+    return f"{n} layer" + ("s" if n != 1 else "")
+
+
 def _span(values: list[float]) -> str:
     lo, hi = min(values), max(values)
     return f"{lo:.2f}%" if lo == hi else f"{lo:.2f}-{hi:.2f}%"
@@ -77,7 +81,7 @@ def describe_run(out: Path) -> list[str]:
     if stacks:
         whole = sum((d / "pretrain.json").is_file() for d in stacks)
         lines.append(f"pretrained stacks: {whole} whole" + "".join(
-            f"; {d.name}: {len(list(d.glob('depth*.safetensors')))} layers so far" for d in stacks
+            f"; {d.name}: {_layers(len(list(d.glob('depth*.safetensors'))))} so far" for d in stacks
             if not (d / "pretrain.json").is_file()))
     trials, tuning_now = _runs(out / "tuning")
     planned = (exp.get("tune") or {}).get("trials")
