@@ -33,8 +33,9 @@ class OptimizerConfig(_Cfg):
     rho: float = Field(default=0.9, gt=0, lt=1, description="adadelta decay")
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float | None = Field(default=None, gt=0, description="default: torch's per-optimizer default")
-    line_searches: int = Field(default=3, ge=1, le=1000, description=(
-        "cg: conjugate-gradient line searches a batch (Hinton & Salakhutdinov 2006: 3, on batches of 1000)"))
+    # None (not 3) when unset, so a recipe without it dumps as before and experiment cells keep their keys
+    line_searches: int | None = Field(default=None, ge=1, le=1000, description=(
+        "cg: conjugate-gradient line searches a batch (default 3, as Hinton & Salakhutdinov 2006 on batches of 1000)"))
 
     @model_validator(mode="before")
     @classmethod
@@ -48,6 +49,8 @@ class OptimizerConfig(_Cfg):
     def _nesterov(self) -> OptimizerConfig:
         if self.nesterov and (self.name != "sgd" or self.momentum == 0):
             raise ValueError("nesterov: true needs name: sgd and momentum > 0")
+        if self.line_searches is not None and self.name != "cg":
+            raise ValueError(f"line_searches: only optimizer cg takes it (this is {self.name!r})")
         return self
 
 
@@ -63,7 +66,7 @@ def build_optimizer(cfg: OptimizerConfig, groups: list[dict]) -> torch.optim.Opt
     wd = cfg.weight_decay
     eps = {"eps": cfg.eps} if cfg.eps is not None else {}
     if cfg.name == "cg":
-        return ConjugateGradient(groups, line_searches=cfg.line_searches, weight_decay=wd)
+        return ConjugateGradient(groups, line_searches=cfg.line_searches or 3, weight_decay=wd)
     if cfg.name == "rmsprop":
         return torch.optim.RMSprop(groups, lr=cfg.lr, alpha=cfg.alpha, **eps, momentum=cfg.momentum, weight_decay=wd)
     if cfg.name == "adadelta":

@@ -97,6 +97,9 @@ def test_cg_refuses_rates_it_does_not_have_and_populations():
         FinetuneConfig(optimizer={"name": "cg"}, layer_lr={"h1": 0.1})
     with pytest.raises(ConfigError, match="cg"):
         check_population([FinetuneConfig(optimizer={"name": "cg"})] * 2)
+    with pytest.raises(ValueError, match="line_searches: only optimizer cg takes it"):
+        FinetuneConfig(optimizer={"name": "sgd", "line_searches": 3})
+    assert "line_searches" not in FinetuneConfig(optimizer={"name": "cg"}).model_dump(exclude_none=True)["optimizer"]
 
 
 def test_an_experiment_with_cg_trains_its_cells_alone_in_a_population_run(tmp_path, capsys):

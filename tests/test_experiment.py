@@ -12,7 +12,7 @@ import yaml
 from surgery.cli import main
 from surgery.errors import SurgeryError
 from surgery.grid import plan_cells
-from surgery.recipe import load_recipe
+from surgery.recipe import load_recipe, recipe_from_dict
 from surgery.report import summarize, table, welch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,6 +139,19 @@ def test_an_arm_at_a_depth_the_baseline_did_not_run_is_tested_against_its_only_d
     assert shallow["baseline_depth"] is None and math.isnan(shallow["p"])
 
 
+
+
+def test_cell_keys_stay_what_earlier_versions_made():
+    """A cell's directory is a hash of its recipe, so a run resumed by a newer surgery finds
+    its finished cells only if a recipe that does not use a new option dumps as before (new
+    options default to None, which recipe dumps leave out). These keys were made by the
+    version before `optimizer.line_searches` existed; when a key changes on purpose, say so
+    in the changelog: every unfinished experiment directory trains again."""
+    r = recipe_from_dict({"name": "k", "data": {"dataset": "synthetic"},
+                          "experiment": {"conditions": ["none", "rbm"], "depths": [1], "seeds": [0], "hidden": 8},
+                          "finetune": {"epochs": 1}}, Path("."), "probe")
+    keys = [(c.condition, c.key, c.pretrain_key) for c in plan_cells(r, (64,), 4)]
+    assert keys == [("none", "034a0b3cb0f9", None), ("rbm", "c5893238b20d", "84584130ec26")]
 
 def test_the_significance_line_says_why_no_arm_can_be_tested():
     from surgery.report import significance_line
