@@ -94,7 +94,10 @@ def describe_run(out: Path) -> list[str]:
         lines.append(f"tuning {arm} d{depth}: {len(vals)}{of} trials finished, validation {_span(vals)}")
     cells, cells_now = _runs(out / "cells")
     total = meta.get("cells") if isinstance(meta, dict) else None
-    lines.append(f"cells: {len(cells)}{f' of {total}' if total else ''} finished")
+    if total and len(cells) > total:  # runs of other seed lists shared the directory
+        lines.append(f"cells: {len(cells)} finished (the last run planned {total})")
+    else:
+        lines.append(f"cells: {len(cells)}{f' of {total}' if total else ''} finished")
     lines += [f"unfinished (training now, or stopped): {x}" for x in tuning_now + cells_now]
     if total and len(cells) >= total:
         lines.append(f"finished: results in {out}/results.csv, report in {out}/report.md")

@@ -354,6 +354,10 @@ def _inspect_tells_how_far_the_run_got(out, bests, capsys):
     said = capsys.readouterr().out.splitlines()
     assert "cells: 3 of 4 finished" in said, said
     assert any(x.startswith(f"unfinished (training now, or stopped): cells/{cell.name} (") for x in said), said
+    meta = json.loads((out / "experiment.json").read_text())
+    (out / "experiment.json").write_text(json.dumps({**meta, "cells": 2}))  # a later run with fewer seeds
+    assert main(["inspect", str(out)]) == 0
+    assert "cells: 3 finished (the last run planned 2)" in capsys.readouterr().out.splitlines()
 
 
 def _tuning_recipe(**tune):
