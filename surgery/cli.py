@@ -21,7 +21,7 @@ from .model_file import describe_model, load_model, save_model
 from .pipeline import assemble, finetune_model, pretrain, run, validate
 from .recipe import Recipe, format_validation_error, json_schema, load_recipe
 from .report import significance_line, table, write_report
-from .rundir import describe_run, is_experiment_dir
+from .rundir import describe_run
 from .runtime import is_main_process
 from .search import run_search
 from .stack import MODEL_FORMAT, LayerStack, describe, read_manifest
@@ -120,13 +120,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     """``surgery inspect``: describe a stack or model file (validating it whole), or an
     experiment directory's progress."""
     if args.file.is_dir():
-        if not is_experiment_dir(args.file):
-            held = sorted(p.name for p in args.file.glob("*.safetensors"))[:4]
-            raise SurgeryError(f"{args.file}: a directory that is not an experiment's (no experiment.json, cells/, "
-                               "tuning/ or stacks/); give a .safetensors file"
-                               + (f" (it holds {', '.join(held)})" if held else "") + " or an experiment's --out "
-                               "directory.")
-        say(*describe_run(args.file))
+        say(*describe_run(args.file))  # one paragraph when it is no experiment's directory
         return
     manifest = read_manifest(args.file)
     if args.json:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SurgeryError
+from .stack import weights_held
 
 
 def _read(path: Path) -> Any:
@@ -73,7 +74,8 @@ def describe_run(out: Path) -> list[str]:
     training now. ``SurgeryError`` when ``out`` is no experiment directory."""
     out = Path(out)
     if not is_experiment_dir(out):
-        raise SurgeryError(f"{out}: not an experiment directory (no experiment.json, cells/, tuning/ or stacks/).")
+        raise SurgeryError(f"{out}: a directory that is not an experiment's (no experiment.json, cells/, tuning/ or "
+                           f"stacks/); give a .safetensors file{weights_held(out)} or an experiment's --out directory.")
     meta = _read(out / "experiment.json")
     exp = (meta or {}).get("recipe", {}).get("experiment") or {}
     lines = [f"{out}: experiment {(meta or {}).get('recipe', {}).get('name', '')}".rstrip()]

@@ -206,12 +206,17 @@ def _list(manifest: dict, key: str, path: Path) -> list:
     return v
 
 
+def weights_held(directory: Path) -> str:
+    """`` (it holds a.safetensors, ...)`` naming up to four weights files in ``directory``, or ``""``."""
+    held = sorted(p.name for p in directory.glob("*.safetensors"))[:4]
+    return f" (it holds {', '.join(held)})" if held else ""
+
+
 def _require_file(path: Path) -> None:
     """``ManifestError`` unless ``path`` is a file; a directory gets the files it holds named."""
     if path.is_dir():
-        held = sorted(p.name for p in path.glob("*.safetensors"))[:4]
-        hint = f" (it holds {', '.join(held)})" if held else ""
-        raise ManifestError(f"{path}: a directory, not a weights file{hint}; give the .safetensors file's path.")
+        raise ManifestError(f"{path}: a directory, not a weights file{weights_held(path)}; give the .safetensors "
+                            "file's path.")
     if not path.is_file():
         raise ManifestError(f"{path}: no such file.")
 
