@@ -134,6 +134,9 @@ def run_search(recipe: Recipe, out: str | Path, trials: int | None = None, stora
         raise SurgeryError(f"{recipe.source}: the recipe has no search: section.")
     if recipe.finetune is None:
         raise SurgeryError("search: the objective is the validation error, so the recipe needs a finetune: section.")
+    if trials is not None and trials < 1:
+        raise SurgeryError(f"search: --trials {trials}: give at least 1 trial, or leave it out to run "
+                           f"search.trials ({cfg.trials}).")
     out = Path(out)
     make_dir(out)
     storage = storage or f"sqlite:///{(out / 'search.db').resolve()}"
@@ -156,7 +159,7 @@ def run_search(recipe: Recipe, out: str | Path, trials: int | None = None, stora
             res = None
         return _score(trial, values, res, progress)
 
-    n = trials or cfg.trials
+    n = cfg.trials if trials is None else trials
     if cfg.batch == 1:
         study.optimize(objective, n_trials=n)
     else:

@@ -198,6 +198,17 @@ def test_search_end_to_end(tmp_path, capsys):
     assert best.search is None
 
 
+def test_search_trials_flag_counts_exactly(tmp_path, capsys):
+    """--trials 0 (or less) is refused before anything is written; it used to run search.trials."""
+    p = _search_recipe(tmp_path)
+    assert main(["search", str(p), "--trials", "0", "--out", str(tmp_path / "z")]) == 2
+    err = capsys.readouterr().err
+    assert "--trials 0" in err and "search.trials (3)" in err and "Traceback" not in err, err
+    assert not (tmp_path / "z").exists()
+    assert main(["search", str(p), "--trials", "1", "--out", str(tmp_path / "one")]) == 0
+    assert len(json.loads((tmp_path / "one" / "search.json").read_text())["trials"]) == 1
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_search_marks_diverged_trials_and_never_picks_them(tmp_path, monkeypatch, capsys, batch):
     """A diverged trial is scored as the worst error and marked in search.json; best.yaml is a
