@@ -91,6 +91,17 @@ def read_checkpoint(path: Path) -> Checkpoint:
     )
 
 
+def read_checkpoint_meta(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's metadata alone (loop state, history, config; no tensors read), or
+    None when ``path`` is missing or unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})[META_KEY])
+    except Exception:  # missing, truncated or foreign: the caller says what it can without it
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def mismatch(saved: dict[str, Tensor], model: nn.Module, limit: int = 4) -> str:
     """What differs between saved tensors and a module's, for an error message: missing
     and unexpected names and shape disagreements, the first ``limit`` of each."""

@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, help="stack file (default runs/<name>/stack.safetensors)")
 
     p = sub.add_parser("inspect", help="show a stack or model file (layers, shapes, how each was trained), or how "
-                                       "far an experiment directory has got")
-    p.add_argument("file", type=Path, help="a .safetensors stack or model, or the --out directory of `surgery run`")
+                                       "far a run or experiment directory has got")
+    p.add_argument("file", type=Path, help="a .safetensors stack or model, or the --out directory of `surgery run` or "
+                   "`surgery finetune`")
     p.add_argument("--json", action="store_true", help="print the raw manifest as JSON")
 
     _recipe_cmd(sub, "validate", "check a recipe and every file it refers to; print the planned network")
@@ -118,9 +119,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> None:
     """``surgery inspect``: describe a stack or model file (validating it whole), or an
-    experiment directory's progress."""
+    run or experiment directory's progress."""
     if args.file.is_dir():
-        say(*describe_run(args.file))  # one paragraph when it is no experiment's directory
+        say(*describe_run(args.file))  # one paragraph when it is no run's directory
         return
     manifest = read_manifest(args.file)
     if args.json:

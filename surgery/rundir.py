@@ -1,6 +1,6 @@
-"""What an experiment directory holds so far, for ``surgery inspect DIR``: a paper protocol
-runs for hours and resumes where it stopped, and its owner wants to know how far it got
-without reading logs.
+"""What a run directory holds so far, for ``surgery inspect DIR``: a paper protocol runs
+for hours and resumes where it stopped, and its owner wants to know how far it got without
+reading logs.
 
 Read only from the files a run writes: ``experiment.json`` (the recipe and the number of
 cells), ``tuning/<key>/`` and ``cells/<key>/`` (``result.json`` once finished, the
@@ -8,6 +8,10 @@ per-epoch ``metrics.jsonl`` while training) and ``stacks/<key>/`` (a ``depthN`` 
 per pretrained layer, ``pretrain.json`` once whole). Tuning trials show their validation
 error only: they are chosen by it, and a test error shown beside them invites choosing by
 the test set.
+
+A single run's directory (``surgery run`` or ``surgery finetune``) holds ``metrics.jsonl``
+while it trains, ``checkpoints/last.safetensors`` when it checkpoints and ``result.json``
+once finished.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import read_checkpoint_meta
 from .errors import SurgeryError
 from .stack import weights_held
 
@@ -68,14 +73,71 @@ def is_experiment_dir(path: Path) -> bool:
     return (path / "experiment.json").is_file() or any((path / d).is_dir() for d in ("cells", "tuning", "stacks"))
 
 
+def is_single_run_dir(path: Path) -> bool:
+    """Whether ``path`` is (or was started as) one fine-tuning run's output directory."""
+    return any((path / f).exists() for f in ("result.json", "metrics.jsonl", "checkpoints"))
+
+
+def _pct(v: Any) -> str:
+    return f"{v:.2f}%" if isinstance(v, (int, float)) else "none"
+
+
+def _history(path: Path) -> list[dict[str, Any]]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def describe_single_run(out: Path) -> list[str]:
+    """Lines saying how far the single run in ``out`` got: its result once finished, else its
+    last epoch, its best validation error so far and whether a checkpoint can resume it."""
+    lines = [f"{out}: a single run (surgery run or surgery finetune)"]
+    result = _read(out / "result.json")
+    ck = read_checkpoint_meta(out / "checkpoints" / "last.safetensors")
+    planned = ((ck or {}).get("config") or {}).get("epochs")
+    of = f" of {planned}" if isinstance(planned, int) else ""
+    if isinstance(result, dict):
+        seconds = result.get("finetune_seconds", result.get("seconds", "?"))  # surgery run's name, finetune's
+        lines.append(f"finished: test {_pct(result.get('test_error'))}, validation {_pct(result.get('valid_error'))} "
+                     f"(best epoch {result.get('best_epoch')} of {result.get('epochs')} trained), "
+                     f"{seconds} s fine-tuning on {result.get('device', '?')}")
+    else:
+        hist = [h for h in _history(out / "metrics.jsonl") if isinstance(h, dict)]
+        valid = [(h["valid_error"], h.get("epoch")) for h in hist if isinstance(h.get("valid_error"), (int, float))]
+        if hist:
+            best = ""
+            if valid:
+                error, epoch = min(valid)
+                best = f" (best {error:.2f}% at epoch {epoch})"
+            lines.append(f"unfinished: epoch {hist[-1].get('epoch')}{of} trained, validation "
+                         f"{_pct(hist[-1].get('valid_error'))}{best}")
+        else:
+            lines.append("unfinished: no epoch finished yet")
+        if ck is not None:
+            lines.append(f"checkpoint after epoch {(ck.get('state') or {}).get('epoch')}: `--resume` (surgery run or "
+                         f"surgery finetune, the same recipe and --out {out}) continues from it")
+        else:
+            lines.append("no readable checkpoint (finetune.checkpoint_every: 0, or none written yet): running it "
+                         "again starts its fine-tuning over")
+    held = sorted(p.name for p in out.glob("*.safetensors"))
+    if held:
+        lines.append(f"weights: {', '.join(held)} (`surgery inspect FILE` shows each)")
+    return lines
+
+
 def describe_run(out: Path) -> list[str]:
     """Lines saying what the experiment directory ``out`` holds: pretrained stacks, tuning
     trials (per arm and depth, with their validation errors), finished cells and what is
-    training now. ``SurgeryError`` when ``out`` is no experiment directory."""
+    training now; for a single run's directory, how far it got. ``SurgeryError`` when ``out``
+    is neither."""
     out = Path(out)
     if not is_experiment_dir(out):
-        raise SurgeryError(f"{out}: a directory that is not an experiment's (no experiment.json, cells/, tuning/ or "
-                           f"stacks/); give a .safetensors file{weights_held(out)} or an experiment's --out directory.")
+        if is_single_run_dir(out):
+            return describe_single_run(out)
+        raise SurgeryError(f"{out}: a directory that is not a run's (no result.json, metrics.jsonl or checkpoints/, "
+                           f"nor an experiment's experiment.json, cells/, tuning/ or stacks/); give a .safetensors "
+                           f"file{weights_held(out)} or a run's --out directory.")
     meta = _read(out / "experiment.json")
     exp = (meta or {}).get("recipe", {}).get("experiment") or {}
     lines = [f"{out}: experiment {(meta or {}).get('recipe', {}).get('name', '')}".rstrip()]

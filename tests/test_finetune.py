@@ -317,6 +317,37 @@ def test_finetune_cli_writes_results_and_resumes(tmp_path, capsys):
     assert len((tmp_path / "bare" / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+def test_inspect_says_how_far_a_single_run_got(synth, tmp_path, capsys):
+    """`surgery inspect OUT` on a run cut after epoch 2 of 4: its last and best epochs and that
+    --resume continues it; once finished: its errors; without a checkpoint: it starts over."""
+    from surgery.cli import main
+
+    c = cfg(epochs=4, checkpoint_every=1)
+
+    def cut_after_two(trainer, rec):
+        if rec["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(mlp((64, 32, 16)), synth, c, seed=1, out_dir=tmp_path / "cut", on_epoch_end=cut_after_two).fit()
+    hist = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    best = min(h["valid_error"] for h in hist)
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "cut")]) == 0
+    out = capsys.readouterr().out
+    assert "a single run" in out and "unfinished: epoch 2 of 4 trained" in out, out
+    assert f"(best {best:.2f}% at epoch" in out and "checkpoint after epoch 2: `--resume`" in out, out
+    r = Trainer(mlp((64, 32, 16)), synth, c, seed=1, out_dir=tmp_path / "cut").fit(resume=True)
+    assert main(["inspect", str(tmp_path / "cut")]) == 0
+    out = capsys.readouterr().out
+    assert f"finished: test {r['test_error']:.2f}%, validation {r['valid_error']:.2f}%" in out, out
+    assert f"of {r['epochs']} trained" in out and "weights: model.safetensors" in out, out
+    (tmp_path / "cut" / "result.json").unlink()
+    (tmp_path / "cut" / "checkpoints" / "last.safetensors").write_bytes(b"torn")
+    assert main(["inspect", str(tmp_path / "cut")]) == 0
+    assert "no readable checkpoint" in capsys.readouterr().out
+
+
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     """A real kill: SIGKILL the CLI after its first checkpoint, resume, compare weights."""
     import signal

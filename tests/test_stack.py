@@ -104,7 +104,7 @@ def test_missing_file(tmp_path, capsys):
     random_stack().save(tmp_path / "stack.safetensors")
     assert main(["inspect", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "a directory that is not an experiment's" in err and "(it holds stack.safetensors)" in err, err
+    assert "a directory that is not a run's" in err and "(it holds stack.safetensors)" in err, err
     assert err.count("\n") == 1, err
     with pytest.raises(ManifestError, match="a directory, not a weights file \\(it holds stack.safetensors\\)"):
         read_manifest(tmp_path)  # what the other commands say
