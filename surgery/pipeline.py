@@ -113,7 +113,7 @@ def validate(recipe: Recipe) -> tuple[ModelGraph | None, list[str]]:
     if recipe.experiment is not None:
         cells = plan_cells(recipe, data.input_shape, data.num_classes)
         exp = recipe.experiment
-        notes.append(f"experiment: {len(cells)} cells ({', '.join(exp.arms())} x depths {exp.depths} x seeds "
+        notes.append(f"experiment: {len(cells)} cell{'s' if len(cells) != 1 else ''} ({', '.join(exp.arms())} x depths {exp.depths} x seeds "
                      f"{exp.seeds})")
         if exp.tune is not None:
             groups = len({(c.condition, c.depth) for c in cells})
