@@ -273,8 +273,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"surgery {args.command}: interrupted; files written so far are kept (rerun to "
-              "continue).", file=sys.stderr)
+        again = {"run": " (an experiment skips its finished cells; a single run needs --resume and a "
+                        "checkpoint, finetune.checkpoint_every)",
+                 "finetune": " with --resume (it continues from the last checkpoint, finetune.checkpoint_every)",
+                 "search": " (the study in its storage, OUT/search.db unless --storage, keeps the finished trials; "
+                           "--trials N adds N more)"}.get(args.command, "")
+        print(f"surgery {args.command}: interrupted; files written so far are kept. Run the same command again to "
+              f"continue{again}.", file=sys.stderr)
         return 130
     return 0
 

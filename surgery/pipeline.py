@@ -113,8 +113,9 @@ def validate(recipe: Recipe) -> tuple[ModelGraph | None, list[str]]:
     if recipe.experiment is not None:
         cells = plan_cells(recipe, data.input_shape, data.num_classes)
         exp = recipe.experiment
-        notes.append(f"experiment: {len(cells)} cell{'s' if len(cells) != 1 else ''} ({', '.join(exp.arms())} x depths {exp.depths} x seeds "
-                     f"{exp.seeds})")
+        plural = "s" if len(cells) != 1 else ""
+        notes.append(f"experiment: {len(cells)} cell{plural} ({', '.join(exp.arms())} x depths {exp.depths} x "
+                     f"seeds {exp.seeds})")
         if exp.tune is not None:
             groups = len({(c.condition, c.depth) for c in cells})
             notes.append(f"tuning first: {exp.tune.trials} {exp.tune.sampler} trials for each of {groups} "

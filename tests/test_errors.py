@@ -327,3 +327,19 @@ def test_a_directory_that_cannot_be_written_into_is_refused_up_front(tmp_path, m
     monkeypatch.setattr(surgery.io.os, "access", lambda path, mode: False)  # as a read-only directory would say
     with pytest.raises(OutputError, match=r"cannot write into the directory .*ro \(permission denied\)"):
         surgery.io.make_dir(tmp_path / "ro")
+
+
+@pytest.mark.parametrize("command,hint", [("run", "a single run needs --resume"), ("finetune", "with --resume"),
+                                          ("search", "--trials N adds N more")])
+def test_ctrl_c_says_how_to_continue(tmp_path, capsys, monkeypatch, command, hint):
+    """Ctrl-C is one line with exit status 130 saying how that command continues, no traceback."""
+    from surgery import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, command, interrupted)
+    assert cli.main([command, str(tmp_path / "r.yaml")]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f"surgery {command}: interrupted; files written so far are kept") and hint in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
