@@ -132,7 +132,13 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         say(f"{MODEL_FORMAT} v{manifest.get('version')} (surgery {manifest.get('package_version')})", describe_model(g))
         if "result" in manifest:
             r = manifest["result"]
-            say(f"fine-tuned: test error {r.get('test_error'):.2f}% after {r.get('epochs')} epochs")
+            epochs = r.get("epochs")
+            say(f"fine-tuned: test error {r.get('test_error'):.2f}% after {epochs} epoch{'s' if epochs != 1 else ''}")
+        if isinstance(manifest.get("recipe"), dict):
+            made = manifest["recipe"]
+            say(f"made by recipe {made.get('name')!r} (seed {made.get('seed')})"
+                + (f" from {manifest['started_from']}" if manifest.get("started_from") else "")
+                + "; `--json` shows it whole")
     else:
         LayerStack.load(args.file)  # full validation, not just the header
         say(describe(manifest))
@@ -174,7 +180,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     out = _out(args, recipe)
     if args.model:
         data = load_dataset(recipe.data, recipe.base_dir)
-        res = finetune_model(args.model, data, recipe.finetune, recipe.seed, out, args.resume)
+        res = finetune_model(args.model, data, recipe.finetune, recipe.seed, out, args.resume,
+                             provenance={"recipe": recipe.to_dict(), "started_from": str(args.model)})
     else:
         res = run(recipe, out, resume=args.resume)
     _print_result(res, out)

@@ -156,7 +156,8 @@ class CellRunner:
             pop = PopulationTrainer([m[2] for m in members], data, [m[1].finetune for m in members],
                                     [m[1].seed for m in members],
                                     out_dirs=[self.open_cell(m[0], cells_dir) for m in members],
-                                    record=lambda k, res: _record(members[k][0], res, members[k][3], len(members)))
+                                    record=lambda k, res: _record(members[k][0], res, members[k][3], len(members)),
+                                    provenance=[{"recipe": m[0].recipe} for m in members])
         except ConfigError:
             return False  # not batchable (an optimizer or option populations lack): these cells train alone
         t0 = time.perf_counter()
@@ -195,7 +196,7 @@ class CellRunner:
         r, data, graph, pre_s = self.prepare(cell)
         assert r.finetune is not None
         trainer = Trainer(graph, data, r.finetune, r.seed, self.open_cell(cell, cells_dir),
-                          record=lambda k, res: _record(cell, res, pre_s))
+                          record=lambda k, res: _record(cell, res, pre_s), provenance={"recipe": cell.recipe})
         try:
             return trainer.fit(), cdir  # its result.json, written last, marks the cell finished
         except TrainingDiverged as e:

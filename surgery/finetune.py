@@ -75,15 +75,19 @@ Record = Callable[[int, dict[str, Any]], dict[str, Any]]
 class TrainingLoop:
     """Epochs, early stopping, best weights, results and files for the K members of
     ``engine``, member k with ``cfgs[k]``, ``seeds[k]`` and output directory ``outs[k]``;
-    ``record`` (optional) completes each member's result before it is written.
+    ``record`` (optional) completes each member's result before it is written, and
+    ``provenance[k]`` (optional) is what member k's ``model.safetensors`` records of how it
+    was made beside its result (e.g. ``{"recipe": ...}``).
 
     With an empty validation split (``data.valid_size: 0``: train on every training
     example) there is nothing to choose an epoch by: each member keeps its last epoch's
     weights, its ``valid_error`` is ``None``, and early stopping is refused."""
 
     def __init__(self, engine: Engine, cfgs: list[FinetuneConfig], seeds: list[int],
-                 outs: list[str | Path | None], record: Record | None = None):
+                 outs: list[str | Path | None], record: Record | None = None,
+                 provenance: list[dict[str, Any] | None] | None = None):
         self.engine, self.cfgs, self.seeds, self.cfg, self.record = engine, cfgs, seeds, cfgs[0], record
+        self.provenance = provenance or [None] * len(cfgs)
         self.outs = [Path(o) if o else None for o in outs]
         self.epoch, self.step = 0, 0
         self.histories: list[list[dict[str, Any]]] = [[] for _ in cfgs]
@@ -188,7 +192,8 @@ class TrainingLoop:
             result = self.record(k, result) if self.record is not None else result
             out = self.outs[k]
             if out is not None and self.engine.rank == 0:
-                save_model(self.engine.member_graph(k), out / "model.safetensors", {"result": result})
+                made = {"result": result, **(self.provenance[k] or {})}
+                save_model(self.engine.member_graph(k), out / "model.safetensors", made)
                 write_json(out / "result.json", result)  # last: its presence marks the member finished
             results.append(result)
         return results
@@ -214,13 +219,14 @@ class Trainer(TrainingLoop):
     The loop with a :class:`ModuleEngine`: a population of one. ``on_epoch_end(trainer,
     record)`` runs after every epoch's bookkeeping (the record is in ``history`` and any
     checkpoint is written), e.g. to log, or to stop a run. ``record(0, result)`` completes
-    the result before it is returned and written."""
+    the result before it is returned and written; ``provenance`` goes into the model file
+    beside it (e.g. ``{"recipe": recipe.to_dict()}``)."""
 
     def __init__(self, graph: ModelGraph, data: Dataset, cfg: FinetuneConfig, seed: int = 0,
                  out_dir: str | Path | None = None, on_epoch_end: EpochCallback | None = None,
-                 record: Record | None = None):
+                 record: Record | None = None, provenance: dict[str, Any] | None = None):
         self.engine: ModuleEngine = ModuleEngine(graph, data, cfg, seed)
-        super().__init__(self.engine, [cfg], [seed], [out_dir], record)
+        super().__init__(self.engine, [cfg], [seed], [out_dir], record, [provenance])
         self.seed, self.out, self.on_epoch_end = seed, self.outs[0], on_epoch_end
 
     @property
@@ -295,16 +301,18 @@ class PopulationTrainer(TrainingLoop):
     one batched program (:class:`surgery.population.StackedEngine`); ``fit()`` returns one
     result dict per model, as :meth:`Trainer.fit` would for each alone, and writes member
     k's files under ``out_dirs[k]`` when given. ``stacked``: one ``bmm`` per layer (default:
-    on a GPU) or a loop of GEMMs."""
+    on a GPU) or a loop of GEMMs. ``record`` and ``provenance`` as for :class:`TrainingLoop`."""
 
     def __init__(self, graphs: list[ModelGraph], data: Dataset, cfgs: list[FinetuneConfig], seeds: list[int],
                  stacked: bool | None = None, out_dirs: list[str | Path | None] | None = None,
-                 record: Record | None = None):
-        if not (len(graphs) == len(cfgs) == len(seeds) >= 1) or (out_dirs is not None and len(out_dirs) != len(graphs)):
-            raise ConfigError(f"a population needs as many configs, seeds and output directories as graphs; got "
-                              f"{len(graphs)}, {len(cfgs)}, {len(seeds)}, {len(out_dirs or graphs)}.")
+                 record: Record | None = None, provenance: list[dict[str, Any] | None] | None = None):
+        sizes = [len(graphs), len(cfgs), len(seeds), len(out_dirs or graphs), len(provenance or graphs)]
+        if len(set(sizes)) != 1 or not graphs:
+            raise ConfigError(f"a population needs as many configs, seeds, output directories and provenances as "
+                              f"graphs (at least one); got {', '.join(map(str, sizes))}.")
         self.engine: StackedEngine = StackedEngine(graphs, data, cfgs, seeds, stacked)
-        super().__init__(self.engine, cfgs, seeds, list(out_dirs) if out_dirs else [None] * len(graphs), record)
+        super().__init__(self.engine, cfgs, seeds, list(out_dirs) if out_dirs else [None] * len(graphs), record,
+                         provenance)
 
     def fit(self) -> list[dict[str, Any]]:
         """Train every model for the shared budget (each stops on its own early-stopping

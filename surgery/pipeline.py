@@ -18,7 +18,7 @@ from .errors import ConfigError, SurgeryError, SurgeryWarning, TrainingDiverged
 from .finetune import FinetuneConfig, PopulationTrainer, Record, Trainer
 from .graph import ModelGraph
 from .grid import plan_cells
-from .io import make_dir, write_json
+from .io import make_dir
 from .model_file import load_model, save_model
 from .module_engine import check_fits
 from .ops import ForeignWeights, HeadOp, TakeOp
@@ -147,7 +147,10 @@ def run(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool | 
                 stack.save(stack_path)
     t_pre = time.perf_counter() - t0
     graph = assemble(recipe, stack, data.num_classes, data.input_shape)
-    trainer = Trainer(graph, data, recipe.finetune, recipe.seed, out) if recipe.finetune is not None else None
+    trainer = None
+    if recipe.finetune is not None:
+        trainer = Trainer(graph, data, recipe.finetune, recipe.seed, out, record=_timed(out, t_pre),
+                          provenance={"recipe": recipe.to_dict()})
     if trainer is not None and resume:
         if trainer.ckpt_path().is_file():
             trainer.load_checkpoint()  # a checkpoint that does not fit fails here, before anything is written
@@ -158,14 +161,20 @@ def run(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool | 
                           "epoch 1.", SurgeryWarning, stacklevel=2)
     if is_main_process():
         save_model(graph, out / "assembled.safetensors", {"recipe": recipe.to_dict()})
-    result: dict[str, Any] = {"pretrain_seconds": round(t_pre, 3), "out": str(out)}
-    if trainer is not None:
-        result.update(trainer.fit())
-        result["finetune_seconds"] = result.pop("seconds")
-        result["pretrain_seconds"] = round(t_pre, 3)
-        if is_main_process():
-            write_json(out / "result.json", result)
-    return result
+    if trainer is None:
+        return {"pretrain_seconds": round(t_pre, 3), "out": str(out)}
+    return trainer.fit()
+
+
+def _timed(out: Path, t_pre: float, share: int = 1) -> Record:
+    """``record`` for a run's result: where it went and its pretraining and (its ``share``
+    of the) fine-tuning seconds."""
+    def complete(k: int, res: dict[str, Any]) -> dict[str, Any]:
+        res = {"pretrain_seconds": round(t_pre, 3), "out": str(out), **res,
+               "finetune_seconds": round(res["seconds"] / share, 3)}
+        res.pop("seconds")
+        return res
+    return complete
 
 
 def _prepare(recipe: Recipe, out: Path, data: Dataset, progress: bool | None) -> tuple[ModelGraph, float]:
@@ -200,39 +209,32 @@ def run_batch(recipes: list[Recipe], outs: list[Path], progress: bool | None = N
             continue
         prepared.append((i, r, out, datasets[key], graph, t_pre))
     shapes = {(id(p[3]), architecture_key(p[4], p[1].finetune)) for p in prepared}
-
-    def record(members: list[tuple[int, Recipe, Path, Dataset, ModelGraph, float]]) -> Record:
-        def complete(k: int, res: dict[str, Any]) -> dict[str, Any]:  # member k's share of the time
-            _, _, out, _, _, t_pre = members[k]
-            res = {**res, "finetune_seconds": res["seconds"] / len(members), "pretrain_seconds": round(t_pre, 3),
-                   "out": str(out)}
-            res.pop("seconds")
-            return res
-        return complete
-
     if len(shapes) == 1 and len(prepared) > 1:
+        timed = [_timed(p[2], p[5], len(prepared)) for p in prepared]  # each member's share of the time
         try:
             fitted = PopulationTrainer([p[4] for p in prepared], prepared[0][3], [p[1].finetune for p in prepared],
                                        [p[1].seed for p in prepared], out_dirs=[p[2] for p in prepared],
-                                       record=record(prepared)).fit()
+                                       record=lambda k, res: timed[k](k, res),
+                                       provenance=[{"recipe": p[1].to_dict()} for p in prepared]).fit()
             for k, p in enumerate(prepared):
                 results[p[0]] = fitted[k]
             return results
         except (ConfigError, TrainingDiverged):
             pass  # not batchable, or a member diverged: each runs alone below
-    for one in prepared:
-        i, r, out, data, graph, _ = one
+    for i, r, out, data, graph, t_pre in prepared:
         assert r.finetune is not None
         try:
-            results[i] = Trainer(graph, data, r.finetune, r.seed, out, record=record([one])).fit()
+            results[i] = Trainer(graph, data, r.finetune, r.seed, out, record=_timed(out, t_pre),
+                                 provenance={"recipe": r.to_dict()}).fit()
         except TrainingDiverged:
             continue
     return results
 
 
 def finetune_model(model_path: str | Path, data: Dataset, cfg: FinetuneConfig, seed: int, out: str | Path,
-                   resume: bool = False) -> dict[str, Any]:
-    """Fine-tune an assembled model file on ``data``; results go under ``out``."""
+                   resume: bool = False, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fine-tune an assembled model file on ``data``; results go under ``out``, and
+    ``provenance`` (e.g. the recipe) into the fine-tuned model file."""
     make_dir(out)  # an unwritable output fails now, not after the first epoch
     graph = load_model(model_path)
-    return Trainer(graph, data, cfg, seed, out).fit(resume=resume)
+    return Trainer(graph, data, cfg, seed, out, provenance=provenance).fit(resume=resume)

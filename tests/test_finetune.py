@@ -16,6 +16,7 @@ from surgery.graph import ModelGraph
 from surgery.layers import init_weight
 from surgery.ops import FreezeOp, HeadOp, InsertOp
 from surgery.schedules import LRSchedule, MomentumSchedule
+from surgery.stack import read_manifest
 from tests.helpers import random_stack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -303,6 +304,13 @@ def test_finetune_cli_writes_results_and_resumes(tmp_path, capsys):
     res = json.loads((out / "result.json").read_text())
     assert res["epochs"] == 3 and 0 <= res["test_error"] <= 100
     assert (out / "checkpoints" / "last.safetensors").is_file() and (out / "metrics.jsonl").is_file()
+    made = read_manifest(out / "model.safetensors")  # the fine-tuned model says what made it
+    assert made["recipe"]["finetune"]["epochs"] == 3 and made["result"]["test_error"] == res["test_error"]
+    assert main(["inspect", str(out / "model.safetensors")]) == 0
+    assert "made by recipe 'run' (seed 0)" in capsys.readouterr().out
+    assert main(["finetune", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "again"), "--model",
+                 str(out / "model.safetensors")]) == 0
+    assert read_manifest(tmp_path / "again" / "model.safetensors")["started_from"] == str(out / "model.safetensors")
     # more epochs, resumed from the checkpoint
     more = ["--resume", "--set", "finetune.epochs=4"]
     assert main(["finetune", str(tmp_path / "r.yaml"), "--out", str(out), *more]) == 0

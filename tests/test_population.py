@@ -133,6 +133,7 @@ def test_a_grid_trained_in_populations_equals_the_grid_trained_cell_by_cell(tmp_
     from safetensors.torch import load_file
 
     from surgery.cli import main
+    from surgery.stack import read_manifest
 
     recipe = {"data": {"dataset": "synthetic", "n_train": 400, "n_valid": 200, "n_test": 200},
               "experiment": {"conditions": ["none", "dae"], "depths": [1, 2], "seeds": [0, 1, 2], "hidden": 16,
@@ -166,6 +167,9 @@ def test_a_grid_trained_in_populations_equals_the_grid_trained_cell_by_cell(tmp_
         b = load_file(str(tmp_path / "3" / "cells" / key / "model.safetensors"))
         for name in a:
             torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5)
+        for mode in ("off", 3):  # each model file carries the recipe of its own cell
+            cell = tmp_path / str(mode) / "cells" / key
+            assert read_manifest(cell / "model.safetensors")["recipe"] == json.loads((cell / "recipe.json").read_text())
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "3").rglob("result.json")}
     assert main(["run", str(tmp_path / "3.yaml"), "--out", str(tmp_path / "3")]) == 0
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "3").rglob("result.json")} == stamps
