@@ -134,14 +134,14 @@ def cmd_inspect(args: argparse.Namespace) -> None:
             r = manifest["result"]
             epochs = r.get("epochs")
             say(f"fine-tuned: test error {r.get('test_error'):.2f}% after {epochs} epoch{'s' if epochs != 1 else ''}")
-        if isinstance(manifest.get("recipe"), dict):
-            made = manifest["recipe"]
-            say(f"made by recipe {made.get('name')!r} (seed {made.get('seed')})"
-                + (f" from {manifest['started_from']}" if manifest.get("started_from") else "")
-                + "; `--json` shows it whole")
     else:
         LayerStack.load(args.file)  # full validation, not just the header
         say(describe(manifest))
+    if isinstance(manifest.get("recipe"), dict):
+        made = manifest["recipe"]
+        say(f"made by recipe {made.get('name')!r} (seed {made.get('seed')})"
+            + (f" from {manifest['started_from']}" if manifest.get("started_from") else "")
+            + "; `--json` shows it whole")
 
 
 def cmd_validate(args: argparse.Namespace) -> None:

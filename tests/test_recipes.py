@@ -277,6 +277,9 @@ def test_shipped_surgery_recipes_run(tmp_path, capsys):
     assert main(["run", str(rec / "dbn.yaml"), "--out", str(runs / "dbn"), *SMALL, *ft, *_small_layers(3)]) == 0
     stack = runs / "dae_stack" / "stack.safetensors"
     assert main(["pretrain", str(rec / "dae_stack.yaml"), "-o", str(stack), *SMALL, *_small_layers(3)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(stack)]) == 0
+    assert "made by recipe 'dae_stack' (seed 1)" in capsys.readouterr().out
     assert main(["validate", str(rec / "transplant.yaml"), *SMALL]) == 0
     out = capsys.readouterr().out
     assert "source=a" in out and "source=b" in out
