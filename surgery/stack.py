@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -325,7 +326,9 @@ def load_foreign(path: str | Path,
             raise ManifestError(f"{path}: not a readable safetensors file ({_short(e)}).") from e
     else:
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # its note on a pickle's protocol is noise beside our error
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for bad files
             raise ManifestError(
                 f"{path}: cannot read it as a torch state dict with weights_only=True ({_short(e)}); "

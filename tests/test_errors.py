@@ -9,6 +9,7 @@ import pickle
 import struct
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import yaml
 
 import surgery as S
 from surgery.cli import main
+from surgery.errors import SurgeryWarning
 from tests.helpers import random_stack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -267,9 +269,12 @@ def test_bad_input_gives_one_paragraph_and_exit_2(name, tmp_path, capsys, monkey
     argv, fragment, keep = CASES[name](tmp_path)
     capsys.readouterr()
     before = {p: p.read_bytes() for p in keep}
-    code = main(argv)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(argv)
     err = capsys.readouterr().err
     assert code == 2, err
+    assert not [w for w in caught if not issubclass(w.category, SurgeryWarning)], [str(w.message) for w in caught]
     assert "Traceback" not in err and err.startswith(f"surgery {argv[0]}: error: "), err
     assert fragment in err, err
     for p, data in before.items():
