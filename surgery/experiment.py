@@ -70,7 +70,8 @@ class CellRunner:
                 st.save(sdir / f"depth{i + 1}.safetensors")
 
             st = greedy_pretrain(data.train.x, r.pretrain, r.seed, y=data.train.y, progress=self.progress,
-                                 data_fingerprint=data.fingerprint(), on_layer=snapshot)
+                                 data_fingerprint=data.fingerprint(), on_layer=snapshot,
+                                 valid=(data.valid.x, data.valid.y))
             write_json(sdir / "pretrain.json", {"seconds": round(time.perf_counter() - t0, 3), "layers": len(st)})
         meta = json.loads((sdir / "pretrain.json").read_text())
         return LayerStack.load(spath), meta["seconds"] * cell.depth / max(meta["layers"], 1)
@@ -115,7 +116,8 @@ class CellRunner:
         try:
             stacks = greedy_pretrain_population(
                 data.train.x, [r.pretrain for _, (r, _) in members], [r.seed for _, (r, _) in members],
-                y=data.train.y, progress=self.progress, data_fingerprint=data.fingerprint(), on_layer=snapshot)
+                y=data.train.y, progress=self.progress, data_fingerprint=data.fingerprint(), on_layer=snapshot,
+                valid=(data.valid.x, data.valid.y))
         except ConfigError:
             return  # members that cannot train together pretrain one by one when their cells run
         seconds = round((time.perf_counter() - t0) / len(members), 3)  # each stack's share

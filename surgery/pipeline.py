@@ -37,7 +37,7 @@ def pretrain(recipe: Recipe, data: Dataset | None = None, progress: bool | None 
         raise SurgeryError(f"{recipe.source}: the recipe has no pretrain: section.")
     data = data or load_dataset(recipe.data, recipe.base_dir)
     stack = greedy_pretrain(data.train.x, recipe.pretrain, recipe.seed, y=data.train.y,
-                            progress=progress, data_fingerprint=data.fingerprint())
+                            progress=progress, data_fingerprint=data.fingerprint(), valid=(data.valid.x, data.valid.y))
     stack.recipe = recipe.to_dict()
     stack.info["dataset"] = data.name
     return stack

@@ -181,6 +181,15 @@ def test_grow_supervised_stages(mnist_small):
     ]), y=y, progress=False)
     assert not torch.equal(both[0].tensors["weight"], h1_after_stage1)
     assert both[0].pretrain["updated_by"] == ["grow:h2"]
+    # with a validation split each stage records its net's error there, and trains the same
+    valid = (mnist_small.valid.x[:1000], mnist_small.valid.y[:1000])
+    watched = greedy_pretrain(x, PretrainConfig(layers=[
+        {"method": "grow", "hidden": 64, "epochs": 2, "lr": 0.1},
+        {"method": "grow", "hidden": 64, "epochs": 2, "lr": 0.1, "train": "new"},
+    ]), y=y, progress=False, valid=valid)
+    for a, b in zip(frozen, watched):
+        assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+        assert 0 < b.pretrain["final"]["valid_error"] < 50 and "valid_error" not in a.pretrain["final"]
 
 
 def test_grow_needs_labels(x3k):
@@ -334,7 +343,8 @@ def _grow_reference(x, y, stack, cfg, batch_size, g):
 def test_grow_stage_equals_autograd_for_each_member(train, stacked):
     """Two members grown together through the stacked chain (their own lr, momentum and
     weight decay) each equal autograd + torch.optim.SGD on that member alone: the new
-    layer, the layers below (train: all) and the loss history."""
+    layer, the layers below (train: all) and the loss history; and the validation error each
+    records is that of the stage's network (layers below, new layer, head) on held-out rows."""
     from surgery.layers import LayerSpec
     from surgery.pretrain.grow import GrowConfig, train_grow_population
     from surgery.stack import LayerStack, StackLayer
@@ -350,9 +360,13 @@ def test_grow_stage_equals_autograd_for_each_member(train, stacked):
             GrowConfig(hidden=12, epochs=2, lr=0.05, momentum=0.5, weight_decay=0.01, train=train)]
     refs = [_grow_reference(x, y, stack(k), c, 50, G(10 + k)) for k, c in enumerate(cfgs)]
     stacks = [stack(0), stack(1)]
+    vx, vy = torch.rand(4100, 30, generator=G(5)), torch.randint(0, 4, (4100,), generator=G(6))  # > one chunk
     new = train_grow_population(x, y, [s.transform(x) for s in stacks], stacks, cfgs, ["h2", "h2"], 50,
-                                [G(10), G(11)], False, stacked)
+                                [G(10), G(11)], False, stacked, valid=(vx, vy))
     for k, (net, losses) in enumerate(refs):
+        with torch.no_grad():
+            wrong = net(vx if train == "all" else stack(k).transform(vx)).argmax(1) != vy
+        assert _hist(new[k], "valid_error")[-1] == pytest.approx(100.0 * float(wrong.float().mean()), abs=0.03)
         torch.testing.assert_close(new[k].tensors["weight"], net[-2].weight.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(new[k].tensors["bias"], net[-2].bias.detach(), rtol=1e-5, atol=1e-6)
         assert _hist(new[k], "loss") == pytest.approx(losses, rel=1e-5)

@@ -94,17 +94,20 @@ def greedy_pretrain(
     progress: bool | None = None,
     data_fingerprint: str | None = None,
     on_layer: Callable[[int, LayerStack], None] | None = None,
+    valid: tuple[Tensor, Tensor] | None = None,
 ) -> LayerStack:
     """Train ``cfg.layers`` one after another on ``x`` and return the stack (a population of one).
 
     ``x``: [N, D] or [N, C, H, W] on the training device; ``y``: int64 [N] labels, needed
-    only by ``grow`` layers. ``on_layer(i, stack)`` runs after layer ``i``."""
+    only by ``grow`` layers. ``on_layer(i, stack)`` runs after layer ``i``. ``valid``
+    (inputs, labels): ``grow`` layers record the validation error of each stage's network
+    per epoch (it trains nothing)."""
 
     def each(i: int, stacks: list[LayerStack]) -> None:
         if on_layer is not None:
             on_layer(i, stacks[0])
 
-    return greedy_pretrain_population(x, [cfg], [seed], y, progress, data_fingerprint, each)[0]
+    return greedy_pretrain_population(x, [cfg], [seed], y, progress, data_fingerprint, each, valid=valid)[0]
 
 
 def _final_metrics(layers: list) -> str:
@@ -119,7 +122,9 @@ def _final_metrics(layers: list) -> str:
         return lo if lo == hi else f"{lo}-{hi}"
 
     recon, inactive = span("recon_error", "{:.4g}"), span("inactive_units", "{:.1%}")
-    return (f", recon_error {recon}" if recon else "") + (f", {inactive} of units inactive" if inactive else "")
+    valid = span("valid_error", "{:.2f}%")
+    return (f", recon_error {recon}" if recon else "") + (f", {inactive} of units inactive" if inactive else "") \
+        + (f", validation error {valid} (the net so far)" if valid else "")
 
 
 def greedy_pretrain_population(
@@ -131,13 +136,14 @@ def greedy_pretrain_population(
     data_fingerprint: str | None = None,
     on_layer: Callable[[int, list[LayerStack]], None] | None = None,
     stacked: bool | None = None,
+    valid: tuple[Tensor, Tensor] | None = None,
 ) -> list[LayerStack]:
     """Greedy stacks of K members on the same data, trained together layer by layer: member
     k with ``cfgs[k]`` (its own lr, momentum, decay, noise...) and its own ``seeds[k]``
     (init, data order, samples); each stack equals the one :func:`greedy_pretrain` makes
     alone. Every method's layers train as one batched program (RBM, dense autoencoder and
     ``grow``: stacked matrices; conv autoencoder: a grouped convolution).
-    ``on_layer(i, stacks)`` runs after layer ``i``."""
+    ``on_layer(i, stacks)`` runs after layer ``i``; ``valid`` as for :func:`greedy_pretrain`."""
     _check_same_plan(cfgs)
     progress = cfgs[0].progress if progress is None else progress
     gens = [new_generator(s) for s in seeds]
@@ -152,7 +158,7 @@ def greedy_pretrain_population(
         if lcs[0].method == "grow":
             if y is None:
                 raise ValueError(f"pretrain.layers[{i}]: grow is supervised and needs labels")
-            layers = train_grow_population(x, y, inps, stacks, lcs, names, bs, gens, progress, stacked)
+            layers = train_grow_population(x, y, inps, stacks, lcs, names, bs, gens, progress, stacked, valid)
         else:
             layers = POPULATION_TRAINERS[lcs[0].method](inps, lcs, names, bs, gens, progress, stacked)
         wall = time.perf_counter() - t0

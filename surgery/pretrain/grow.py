@@ -11,6 +11,7 @@ single stack through the same code.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -24,6 +25,7 @@ from ..stack import LayerStack, StackLayer
 from ..stacked import StackedChain, StackedOptimizer
 from .base import (
     LayerPretrainConfig,
+    as_rows,
     check_finite,
     check_members,
     member_label,
@@ -32,6 +34,8 @@ from .base import (
     progress_bar,
     rows_once,
 )
+
+VALID_CHUNK = 2000  # validation rows per forward pass
 
 
 class GrowConfig(LayerPretrainConfig):
@@ -78,10 +82,14 @@ def _stacked(per_member: list[list[Tensor]], device: torch.device) -> list[Tenso
 
 def train_grow_population(x: Tensor, y: Tensor, inps: list[Tensor], stacks: list[LayerStack], cfgs: list[GrowConfig],
                           names: list[str], batch_size: int, gens: list[torch.Generator], progress: bool | None,
-                          stacked: bool | None = None) -> list[StackLayer]:
+                          stacked: bool | None = None, valid: tuple[Tensor, Tensor] | None = None) -> list[StackLayer]:
     """One ``grow`` stage for K members: member k puts a new layer on ``stacks[k]`` (whose
     output for ``x`` is ``inps[k]``) and trains with labels ``y``; ``train: all`` also
-    updates the tensors of the layers below in ``stacks[k]``. Returns the new layers."""
+    updates the tensors of the layers below in ``stacks[k]``. Returns the new layers.
+
+    ``valid`` (inputs and labels, on ``x``'s device): each epoch also records the stage's
+    network's ``valid_error`` there (the depth-so-far net under its temporary head; what
+    adding this layer did), which changes nothing trained."""
     check_members(cfgs, ("hidden", "activation", "epochs", "train", "identity_init"), names)
     K, dev, cfg = len(cfgs), x.device, cfgs[0]
     feats = rows_once([x] * K if cfg.train == "all" else inps)
@@ -94,8 +102,9 @@ def train_grow_population(x: Tensor, y: Tensor, inps: list[Tensor], stacks: list
     opt = StackedOptimizer(chain.params, chain.grads, "sgd", [[1.0] * layers] * K, [c.weight_decay for c in cfgs])
     lr = torch.tensor([c.lr for c in cfgs], device=dev)
     mom = torch.tensor([c.momentum for c in cfgs], device=dev)
+    score = _valid_scorer(chain, valid, stacks, cfg.train) if valid is not None and len(valid[1]) else None
     histories = _fit(chain, opt, lr, mom, RowGather(feats, chain.loop), y, gens, cfgs[0].epochs, batch_size,
-                     names, progress)
+                     names, progress, score)
     if cfg.train == "all":
         for k, st in enumerate(stacks):
             for i, layer in enumerate(st.layers):
@@ -106,11 +115,34 @@ def train_grow_population(x: Tensor, y: Tensor, inps: list[Tensor], stacks: list
                        pretrain_record("grow", c, batch_size, histories[k])) for k, c in enumerate(cfgs)]
 
 
+def _valid_scorer(chain: StackedChain, valid: tuple[Tensor, Tensor], stacks: list[LayerStack],
+                  train: str) -> Callable[[], Tensor]:
+    """A function giving each member's error in percent [K] on ``valid`` as its chain is now.
+    The chain's input is the data itself (``train: all``) or, with the layers below frozen
+    (``train: new``), each member's features of it, computed once here."""
+    vx, vy = valid
+    shared = train == "all"
+    feats = [as_rows(vx)] if shared else [as_rows(st.transform(vx)) if st.layers else as_rows(vx) for st in stacks]
+    K = len(stacks)
+
+    @torch.no_grad()
+    def score() -> Tensor:
+        wrong = torch.zeros(K, device=vy.device)
+        for i in range(0, vy.shape[0], VALID_CHUNK):
+            rows = [f[i : i + VALID_CHUNK] for f in feats]
+            xb = rows[0].unsqueeze(0).expand(K, -1, -1) if shared else torch.stack(rows)
+            wrong += (chain.forward(xb).argmax(2) != vy[i : i + VALID_CHUNK]).sum(1)
+        return 100.0 * wrong / vy.shape[0]
+
+    return score
+
+
 def _fit(chain: StackedChain, opt: StackedOptimizer, lr: Tensor, mom: Tensor, gather: RowGather, y: Tensor,
          gens: list[torch.Generator], epochs: int, batch_size: int, names: list[str],
-         progress: bool | None) -> list[list[dict]]:
+         progress: bool | None, score: Callable[[], Tensor] | None = None) -> list[list[dict]]:
     """SGD on the softmax cross-entropy for ``epochs``, each member over its own shuffle of
-    its rows; returns each member's history (loss and running training error per epoch)."""
+    its rows; returns each member's history (loss and running training error per epoch, and
+    the validation error ``score`` gives after the epoch)."""
     K, n, dev = len(gens), y.shape[0], y.device
     histories: list[list[dict]] = [[] for _ in range(K)]
     width = gather.xs[0].shape[1]
@@ -139,9 +171,10 @@ def _fit(chain: StackedChain, opt: StackedOptimizer, lr: Tensor, mom: Tensor, ga
             wrong += (out.argmax(2) != yb).sum(1)
             bar.update(1)
         seconds = round(time.perf_counter() - t0, 4)
+        valid = score().tolist() if score is not None else None
         for k in range(K):
             m = {"epoch": epoch, "loss": float(total[k]) / n, "train_error": 100.0 * float(wrong[k]) / n,
-                 "seconds": seconds}
+                 **({"valid_error": valid[k]} if valid is not None else {}), "seconds": seconds}
             check_finite(m["loss"], "loss", member_label(names[k], k, K), epoch)
             histories[k].append(m)
         bar.set_postfix(loss=f"{histories[0][-1]['loss']:.4g}")
