@@ -366,7 +366,8 @@ def test_grow_stage_equals_autograd_for_each_member(train, stacked):
     for k, (net, losses) in enumerate(refs):
         with torch.no_grad():
             wrong = net(vx if train == "all" else stack(k).transform(vx)).argmax(1) != vy
-        assert _hist(new[k], "valid_error")[-1] == pytest.approx(100.0 * float(wrong.float().mean()), abs=0.03)
+        assert new[k].pretrain["final"]["valid_error"] == pytest.approx(100.0 * float(wrong.float().mean()), abs=0.03)
+        assert ["valid_error" in h for h in new[k].pretrain["history"]] == [False, True]  # after the last epoch
         torch.testing.assert_close(new[k].tensors["weight"], net[-2].weight.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(new[k].tensors["bias"], net[-2].bias.detach(), rtol=1e-5, atol=1e-6)
         assert _hist(new[k], "loss") == pytest.approx(losses, rel=1e-5)

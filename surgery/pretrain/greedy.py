@@ -101,7 +101,7 @@ def greedy_pretrain(
     ``x``: [N, D] or [N, C, H, W] on the training device; ``y``: int64 [N] labels, needed
     only by ``grow`` layers. ``on_layer(i, stack)`` runs after layer ``i``. ``valid``
     (inputs, labels): ``grow`` layers record the validation error of each stage's network
-    per epoch (it trains nothing)."""
+    after its last epoch (it trains nothing)."""
 
     def each(i: int, stacks: list[LayerStack]) -> None:
         if on_layer is not None:

@@ -87,7 +87,7 @@ def train_grow_population(x: Tensor, y: Tensor, inps: list[Tensor], stacks: list
     output for ``x`` is ``inps[k]``) and trains with labels ``y``; ``train: all`` also
     updates the tensors of the layers below in ``stacks[k]``. Returns the new layers.
 
-    ``valid`` (inputs and labels, on ``x``'s device): each epoch also records the stage's
+    ``valid`` (inputs and labels, on ``x``'s device): the stage's last epoch also records its
     network's ``valid_error`` there (the depth-so-far net under its temporary head; what
     adding this layer did), which changes nothing trained."""
     check_members(cfgs, ("hidden", "activation", "epochs", "train", "identity_init"), names)
@@ -142,7 +142,7 @@ def _fit(chain: StackedChain, opt: StackedOptimizer, lr: Tensor, mom: Tensor, ga
          progress: bool | None, score: Callable[[], Tensor] | None = None) -> list[list[dict]]:
     """SGD on the softmax cross-entropy for ``epochs``, each member over its own shuffle of
     its rows; returns each member's history (loss and running training error per epoch, and
-    the validation error ``score`` gives after the epoch)."""
+    after the last epoch the validation error ``score`` gives)."""
     K, n, dev = len(gens), y.shape[0], y.device
     histories: list[list[dict]] = [[] for _ in range(K)]
     width = gather.xs[0].shape[1]
@@ -171,7 +171,7 @@ def _fit(chain: StackedChain, opt: StackedOptimizer, lr: Tensor, mom: Tensor, ga
             wrong += (out.argmax(2) != yb).sum(1)
             bar.update(1)
         seconds = round(time.perf_counter() - t0, 4)
-        valid = score().tolist() if score is not None else None
+        valid = score().tolist() if score is not None and epoch == epochs else None  # once a stage: cheap
         for k in range(K):
             m = {"epoch": epoch, "loss": float(total[k]) / n, "train_error": 100.0 * float(wrong[k]) / n,
                  **({"valid_error": valid[k]} if valid is not None else {}), "seconds": seconds}
