@@ -149,7 +149,7 @@ def run(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool | 
     graph = assemble(recipe, stack, data.num_classes, data.input_shape)
     trainer = None
     if recipe.finetune is not None:
-        trainer = Trainer(graph, data, recipe.finetune, recipe.seed, out, record=_timed(out, t_pre),
+        trainer = Trainer(graph, data, recipe.finetune, recipe.seed, out, record=_timed([out], [t_pre]),
                           provenance={"recipe": recipe.to_dict()})
     if trainer is not None and resume:
         if trainer.ckpt_path().is_file():
@@ -166,12 +166,12 @@ def run(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool | 
     return trainer.fit()
 
 
-def _timed(out: Path, t_pre: float, share: int = 1) -> Record:
-    """``record`` for a run's result: where it went and its pretraining and (its ``share``
-    of the) fine-tuning seconds."""
+def _timed(outs: list[Path], t_pres: list[float]) -> Record:
+    """``record`` for the results of runs fine-tuned together: run k's output directory, its
+    pretraining seconds ``t_pres[k]`` and its share of the fine-tuning seconds."""
     def complete(k: int, res: dict[str, Any]) -> dict[str, Any]:
-        res = {"pretrain_seconds": round(t_pre, 3), "out": str(out), **res,
-               "finetune_seconds": round(res["seconds"] / share, 3)}
+        res = {"pretrain_seconds": round(t_pres[k], 3), "out": str(outs[k]), **res,
+               "finetune_seconds": round(res["seconds"] / len(outs), 3)}
         res.pop("seconds")
         return res
     return complete
@@ -210,11 +210,10 @@ def run_batch(recipes: list[Recipe], outs: list[Path], progress: bool | None = N
         prepared.append((i, r, out, datasets[key], graph, t_pre))
     shapes = {(id(p[3]), architecture_key(p[4], p[1].finetune)) for p in prepared}
     if len(shapes) == 1 and len(prepared) > 1:
-        timed = [_timed(p[2], p[5], len(prepared)) for p in prepared]  # each member's share of the time
         try:
             fitted = PopulationTrainer([p[4] for p in prepared], prepared[0][3], [p[1].finetune for p in prepared],
                                        [p[1].seed for p in prepared], out_dirs=[p[2] for p in prepared],
-                                       record=lambda k, res: timed[k](k, res),
+                                       record=_timed([p[2] for p in prepared], [p[5] for p in prepared]),
                                        provenance=[{"recipe": p[1].to_dict()} for p in prepared]).fit()
             for k, p in enumerate(prepared):
                 results[p[0]] = fitted[k]
@@ -224,7 +223,7 @@ def run_batch(recipes: list[Recipe], outs: list[Path], progress: bool | None = N
     for i, r, out, data, graph, t_pre in prepared:
         assert r.finetune is not None
         try:
-            results[i] = Trainer(graph, data, r.finetune, r.seed, out, record=_timed(out, t_pre),
+            results[i] = Trainer(graph, data, r.finetune, r.seed, out, record=_timed([out], [t_pre]),
                                  provenance={"recipe": r.to_dict()}).fit()
         except TrainingDiverged:
             continue
