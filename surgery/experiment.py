@@ -383,6 +383,17 @@ def _by_arm(trials: list[dict[str, Any]]) -> dict[tuple[str, int], list[dict[str
     return groups
 
 
+def _no_results(d: Path) -> str:
+    """Why ``d`` has no results.csv, and what to do."""
+    if (d / "result.json").is_file() or (d / "metrics.jsonl").is_file():
+        return (f"{d}: a single run's directory, not an experiment's; compare merges the --out directories of "
+                "recipes with an experiment: section (`surgery inspect DIR` shows a single run).")
+    if (d / "experiment.json").is_file() or (d / "cells").is_dir():
+        return (f"{d}: an experiment that has not finished (no results.csv yet); `surgery inspect {d}` says how far "
+                f"it got, and `surgery run RECIPE --out {d}` finishes it (finished cells are kept).")
+    return f"{d}: no results.csv; run `surgery run RECIPE --out {d}` first."
+
+
 def read_results(dirs: list[Path]) -> list[dict[str, Any]]:
     """The result rows of one or more experiment directories; later directories win for
     the same (condition, depth, seed)."""
@@ -390,7 +401,7 @@ def read_results(dirs: list[Path]) -> list[dict[str, Any]]:
     for d in dirs:
         p = d / "results.csv"
         if not p.is_file():
-            raise SurgeryError(f"{d}: no results.csv; run `surgery run RECIPE --out {d}` first.")
+            raise SurgeryError(_no_results(d))
         with p.open() as f:
             for r in csv.DictReader(f):
                 for k in ("depth", "seed", "epochs", "best_epoch"):

@@ -235,7 +235,21 @@ def experiment_with_unwritable_out(tmp: Path):
     return argv, "cannot create the directory", [blocker]
 
 
+def compare_a_single_run(tmp: Path):
+    r = _write(tmp / "r.yaml", _net_recipe())
+    assert main(["run", str(r), "--out", str(tmp / "one")]) == 0
+    return ["compare", str(tmp / "one")], "a single run's directory, not an experiment's", [tmp / "one" / "result.json"]
+
+
+def compare_an_unfinished_experiment(tmp: Path):
+    (tmp / "half" / "cells" / "abc").mkdir(parents=True)
+    (tmp / "half" / "experiment.json").write_text('{"cells": 4}')
+    return ["compare", str(tmp / "half")], "an experiment that has not finished", [tmp / "half" / "experiment.json"]
+
+
 CASES: dict[str, Case] = {
+    "compare: a single run's directory": compare_a_single_run,
+    "compare: an unfinished experiment": compare_an_unfinished_experiment,
     "pretrain: conv_ae on flat data": conv_on_flat,
     "pretrain: unwritable -o": unwritable_stack_output,
     "assemble: unwritable -o": unwritable_model_output,
