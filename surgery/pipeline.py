@@ -30,11 +30,19 @@ from .runtime import is_main_process
 from .stack import LayerStack, load_foreign
 
 
+def _grid_hint(recipe: Recipe) -> str:
+    """For an experiment recipe given to a single-network command: where its grid runs."""
+    if recipe.experiment is None:
+        return ""
+    return (" This recipe is an experiment grid (its networks are built per cell from experiment:); "
+            f"`surgery run {recipe.source}` runs it.")
+
+
 def pretrain(recipe: Recipe, data: Dataset | None = None, progress: bool | None = None) -> LayerStack:
     """Greedy layer-wise pretraining of ``recipe.pretrain`` on the recipe's data; the stack
     records the recipe and the dataset."""
     if recipe.pretrain is None:
-        raise SurgeryError(f"{recipe.source}: the recipe has no pretrain: section.")
+        raise SurgeryError(f"{recipe.source}: the recipe has no pretrain: section.{_grid_hint(recipe)}")
     data = data or load_dataset(recipe.data, recipe.base_dir)
     stack = greedy_pretrain(data.train.x, recipe.pretrain, recipe.seed, y=data.train.y,
                             progress=progress, data_fingerprint=data.fingerprint(), valid=(data.valid.x, data.valid.y))
@@ -82,7 +90,8 @@ def assemble(recipe: Recipe, stack: LayerStack | None, classes: int,
     cfg = recipe.surgery
     if cfg is None:
         if stack is None:
-            raise SurgeryError(f"{recipe.source}: nothing to assemble: add a pretrain: or surgery: section.")
+            raise SurgeryError(f"{recipe.source}: nothing to assemble: add a pretrain: or surgery: section."
+                               f"{_grid_hint(recipe)}")
         cfg = default_surgery(stack, classes)
     return build_graph(cfg, sources, recipe.seed, input_shape)
 

@@ -247,7 +247,15 @@ def compare_an_unfinished_experiment(tmp: Path):
     return ["compare", str(tmp / "half")], "an experiment that has not finished", [tmp / "half" / "experiment.json"]
 
 
+def experiment_recipe_to_finetune(tmp: Path):
+    r = _net_recipe()
+    del r["surgery"]
+    r["experiment"] = {"conditions": ["none"], "depths": [1], "hidden": 8}
+    return ["finetune", str(_write(tmp / "r.yaml", r)), "--out", str(tmp / "out")], "is an experiment grid", []
+
+
 CASES: dict[str, Case] = {
+    "finetune: an experiment recipe": experiment_recipe_to_finetune,
     "compare: a single run's directory": compare_a_single_run,
     "compare: an unfinished experiment": compare_an_unfinished_experiment,
     "pretrain: conv_ae on flat data": conv_on_flat,
