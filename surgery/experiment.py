@@ -16,13 +16,14 @@ import csv
 import json
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .assembly import build_graph
 from .data import Dataset, load_dataset, resolve_device
-from .errors import ConfigError, SurgeryError, TrainingDiverged
+from .errors import CheckpointError, ConfigError, SurgeryError, SurgeryWarning, TrainingDiverged
 from .experiment_config import TuneConfig
 from .finetune import PopulationTrainer, Trainer
 from .graph import ModelGraph
@@ -195,14 +196,33 @@ class CellRunner:
         res_path = cdir / "result.json"
         if res_path.is_file():
             return json.loads(res_path.read_text()), cdir
-        r, data, graph, pre_s = self.prepare(cell)
-        assert r.finetune is not None
-        trainer = Trainer(graph, data, r.finetune, r.seed, self.open_cell(cell, cells_dir),
-                          record=lambda k, res: _record(cell, res, pre_s), provenance={"recipe": cell.recipe})
+        trainer = self._resumed(cell, cells_dir)
         try:
             return trainer.fit(), cdir  # its result.json, written last, marks the cell finished
         except TrainingDiverged as e:
             raise TrainingDiverged(f"cell {cell.condition} depth {cell.depth} seed {cell.seed} ({cdir}): {e}") from None
+
+    def _trainer(self, cell: Cell, cells_dir: str) -> Trainer:
+        r, data, graph, pre_s = self.prepare(cell)
+        assert r.finetune is not None
+        return Trainer(graph, data, r.finetune, r.seed, self.open_cell(cell, cells_dir),
+                       record=lambda k, res: _record(cell, res, pre_s), provenance={"recipe": cell.recipe})
+
+    def _resumed(self, cell: Cell, cells_dir: str) -> Trainer:
+        """The cell's trainer, continued from the checkpoint a killed run left in its
+        directory (with ``finetune.checkpoint_every``); with an unusable one the cell trains
+        from epoch 1, with a warning."""
+        trainer = self._trainer(cell, cells_dir)
+        if not (trainer.cfg.checkpoint_every and trainer.ckpt_path().is_file()):
+            return trainer
+        try:
+            trainer.load_checkpoint()
+            return trainer
+        except CheckpointError as e:
+            why = str(e).split("; ")[0]  # what is wrong, without the advice meant for --resume
+            warnings.warn(f"cell {cell.condition} depth {cell.depth} seed {cell.seed}: its checkpoint cannot be "
+                          f"used ({why}); the cell trains from epoch 1.", SurgeryWarning, stacklevel=2)
+            return self._trainer(cell, cells_dir)  # its graph may be half restored: built again
 
     def run_batch(self, cells: list[Cell], mode: str | int, cells_dir: str) -> Iterator[dict[str, Any] | None]:
         """Yield each cell's result in order, ``None`` for one whose training diverged: the

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from surgery.cli import main
@@ -544,3 +545,54 @@ def test_an_experiment_on_every_training_example_keeps_last_epochs(tmp_path, cap
                        (search, "search")):
         with pytest.raises(SurgeryError, match=f"{field} chooses by validation error, but data.valid_size is 0"):
             recipe_from_dict({**recipe, **bad})
+
+
+def test_a_killed_cell_resumes_from_its_checkpoint_and_equals_the_uninterrupted_one(tmp_path, monkeypatch, capsys):
+    """With finetune.checkpoint_every, a grid killed in a cell's epoch 3 of 4 continues that
+    cell from its checkpoint on the rerun (epochs 1-2 are not trained again) and every result
+    and weight equals the grid run without a break; a torn checkpoint makes the cell start
+    over, with a warning."""
+    from safetensors.torch import load_file
+
+    from surgery.finetune import Trainer
+
+    r = {**TINY, "experiment": {**TINY["experiment"], "conditions": ["none", "rbm"], "depths": [2], "seeds": [0]},
+         "finetune": {**TINY["finetune"], "epochs": 4, "checkpoint_every": 1}}
+    rp = tmp_path / "r.yaml"
+    rp.write_text(yaml.safe_dump(r))
+    assert main(["run", str(rp), "--out", str(tmp_path / "whole")]) == 0
+    epochs_run, cells_seen, killed_once = [], [], []
+    original = Trainer.after_epoch
+
+    def killed_in_epoch_three(self, recs, stopping):  # of the second cell
+        original(self, recs, stopping)
+        epochs_run.append(self.epoch)
+        cells_seen.append(self.out) if self.out not in cells_seen else None
+        if self.epoch == 2 and len(cells_seen) == 2 and not killed_once:
+            killed_once.append(self.out)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "after_epoch", killed_in_epoch_three)
+    assert main(["run", str(rp), "--out", str(tmp_path / "cut")]) == 130
+    killed = cells_seen[1]
+    assert not (killed / "result.json").exists() and (killed / "checkpoints" / "last.safetensors").is_file()
+    epochs_run.clear()
+    assert main(["run", str(rp), "--out", str(tmp_path / "cut")]) == 0
+    assert epochs_run == [3, 4], epochs_run  # only the killed cell ran, from epoch 3
+    whole, cut = _rows(tmp_path / "whole"), _rows(tmp_path / "cut")
+    key = ("condition", "depth", "seed", "test_error", "valid_error", "best_epoch")
+    assert sorted(tuple(x[k] for k in key) for x in whole) == sorted(tuple(x[k] for k in key) for x in cut)
+    for cell in (tmp_path / "whole" / "cells").iterdir():
+        a, b = load_file(str(cell / "model.safetensors")), load_file(str(tmp_path / "cut" / "cells" / cell.name /
+                                                                            "model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), cell.name
+    # a torn checkpoint: the cell trains again from epoch 1, saying why
+    (killed / "result.json").unlink()
+    (killed / "checkpoints" / "last.safetensors").write_bytes(b"torn")
+    capsys.readouterr()
+    epochs_run.clear()
+    assert main(["run", str(rp), "--out", str(tmp_path / "cut")]) == 0
+    assert epochs_run == [1, 2, 3, 4] and "its checkpoint cannot be used" in capsys.readouterr().err
+    b = load_file(str(killed / "model.safetensors"))
+    a = load_file(str(tmp_path / "whole" / "cells" / killed.name / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
