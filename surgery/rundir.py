@@ -54,8 +54,11 @@ def _runs(root: Path) -> tuple[list[dict[str, Any]], list[str]]:
         name = recipe.get("name", d.name) if isinstance(recipe, dict) else d.name
         if last is not None:
             valid = last.get("valid_error")
+            ck = read_checkpoint_meta(d / "checkpoints" / "last.safetensors")
             running.append(f"{root.name}/{d.name} ({name}): epoch {last.get('epoch')}"
-                           + (f", validation {valid:.2f}%" if isinstance(valid, (int, float)) else ""))
+                           + (f", validation {valid:.2f}%" if isinstance(valid, (int, float)) else "")
+                           + (f"; the rerun continues from its checkpoint after epoch {ck['state'].get('epoch')}"
+                              if isinstance((ck or {}).get("state"), dict) else ""))
     return done, running
 
 

@@ -576,6 +576,9 @@ def test_a_killed_cell_resumes_from_its_checkpoint_and_equals_the_uninterrupted_
     assert main(["run", str(rp), "--out", str(tmp_path / "cut")]) == 130
     killed = cells_seen[1]
     assert not (killed / "result.json").exists() and (killed / "checkpoints" / "last.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "cut")]) == 0
+    assert "the rerun continues from its checkpoint after epoch 2" in capsys.readouterr().out
     epochs_run.clear()
     assert main(["run", str(rp), "--out", str(tmp_path / "cut")]) == 0
     assert epochs_run == [3, 4], epochs_run  # only the killed cell ran, from epoch 3
