@@ -38,6 +38,11 @@ def _grid_hint(recipe: Recipe) -> str:
             f"`surgery run {recipe.source}` runs it.")
 
 
+def _nothing_to_assemble(recipe: Recipe) -> None:
+    raise SurgeryError(f"{recipe.source}: nothing to assemble: add a pretrain: or surgery: section."
+                       f"{_grid_hint(recipe)}")
+
+
 def pretrain(recipe: Recipe, data: Dataset | None = None, progress: bool | None = None) -> LayerStack:
     """Greedy layer-wise pretraining of ``recipe.pretrain`` on the recipe's data; the stack
     records the recipe and the dataset."""
@@ -90,8 +95,7 @@ def assemble(recipe: Recipe, stack: LayerStack | None, classes: int,
     cfg = recipe.surgery
     if cfg is None:
         if stack is None:
-            raise SurgeryError(f"{recipe.source}: nothing to assemble: add a pretrain: or surgery: section."
-                               f"{_grid_hint(recipe)}")
+            _nothing_to_assemble(recipe)
         cfg = default_surgery(stack, classes)
     return build_graph(cfg, sources, recipe.seed, input_shape)
 
@@ -141,6 +145,8 @@ def validate(recipe: Recipe) -> tuple[ModelGraph | None, list[str]]:
 def run(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool | None = None,
         data: Dataset | None = None) -> dict[str, Any]:
     """pretrain (if any) -> assemble -> fine-tune (if any); files go under ``out``."""
+    if recipe.pretrain is None and recipe.surgery is None:
+        _nothing_to_assemble(recipe)  # before anything is made or loaded
     out = Path(out)
     make_dir(out)
     t0 = time.perf_counter()

@@ -370,3 +370,12 @@ def test_ctrl_c_says_how_to_continue(tmp_path, capsys, monkeypatch, command, hin
     err = capsys.readouterr().err
     assert err.startswith(f"surgery {command}: interrupted; files written so far are kept") and hint in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_recipe_with_nothing_to_build_makes_no_output_directory(tmp_path, capsys):
+    """finetune/run of a recipe with neither pretrain: nor surgery: fails before --out is made."""
+    r = _net_recipe()
+    del r["surgery"]
+    r["experiment"] = {"conditions": ["none"], "depths": [1], "hidden": 8}
+    assert main(["finetune", str(_write(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "out")]) == 2
+    assert "`surgery run" in capsys.readouterr().err and not (tmp_path / "out").exists()
