@@ -29,7 +29,7 @@ from .finetune import PopulationTrainer, Trainer
 from .graph import ModelGraph
 from .grid import Cell, plan_cells, with_values
 from .io import make_dir, progress_bar, progress_line, write_json, write_text
-from .pipeline import load_sources
+from .pipeline import is_single_run_dir, load_sources
 from .population import architecture_key, model_bytes, population_size
 from .pretrain import greedy_pretrain
 from .pretrain.greedy import greedy_pretrain_population
@@ -403,12 +403,17 @@ def _by_arm(trials: list[dict[str, Any]]) -> dict[tuple[str, int], list[dict[str
     return groups
 
 
+def is_experiment_dir(path: Path) -> bool:
+    """Whether ``path`` is (or was started as) an experiment's output directory."""
+    return (path / "experiment.json").is_file() or any((path / d).is_dir() for d in ("cells", "tuning", "stacks"))
+
+
 def _no_results(d: Path) -> str:
     """Why ``d`` has no results.csv, and what to do."""
-    if (d / "result.json").is_file() or (d / "metrics.jsonl").is_file():
+    if is_single_run_dir(d) and not is_experiment_dir(d):
         return (f"{d}: a single run's directory, not an experiment's; compare merges the --out directories of "
                 "recipes with an experiment: section (`surgery inspect DIR` shows a single run).")
-    if (d / "experiment.json").is_file() or (d / "cells").is_dir():
+    if is_experiment_dir(d):
         return (f"{d}: an experiment that has not finished (no results.csv yet); `surgery inspect {d}` says how far "
                 f"it got, and `surgery run RECIPE --out {d}` finishes it (finished cells are kept).")
     return f"{d}: no results.csv; run `surgery run RECIPE --out {d}` first."

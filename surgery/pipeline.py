@@ -30,6 +30,12 @@ from .runtime import is_main_process
 from .stack import LayerStack, load_foreign
 
 
+def is_single_run_dir(path: Path) -> bool:
+    """Whether ``path`` is (or was started as) the output directory of one run (:func:`run`,
+    :func:`finetune_model`)."""
+    return any((path / f).exists() for f in ("result.json", "metrics.jsonl", "checkpoints"))
+
+
 def _grid_hint(recipe: Recipe) -> str:
     """For an experiment recipe given to a single-network command: where its grid runs."""
     if recipe.experiment is None:

@@ -23,6 +23,8 @@ from typing import Any
 
 from .checkpoint import read_checkpoint_meta
 from .errors import SurgeryError
+from .experiment import is_experiment_dir
+from .pipeline import is_single_run_dir
 from .stack import weights_held
 
 
@@ -33,12 +35,17 @@ def _read(path: Path) -> Any:
         return None  # being written, or damaged: left out of the counts
 
 
-def _last_epoch(path: Path) -> dict[str, Any] | None:
+def _history(path: Path) -> list[dict[str, Any]]:
+    """The epochs of a ``metrics.jsonl``; none when it is missing or being written."""
     try:
-        lines = path.read_text().splitlines()
-        return json.loads(lines[-1]) if lines else None
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except (OSError, ValueError):
-        return None
+        return []
+
+
+def _last_epoch(path: Path) -> dict[str, Any] | None:
+    hist = _history(path)
+    return hist[-1] if hist else None
 
 
 def _runs(root: Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -71,25 +78,8 @@ def _span(values: list[float]) -> str:
     return f"{lo:.2f}%" if lo == hi else f"{lo:.2f}-{hi:.2f}%"
 
 
-def is_experiment_dir(path: Path) -> bool:
-    """Whether ``path`` is (or was started as) an experiment's output directory."""
-    return (path / "experiment.json").is_file() or any((path / d).is_dir() for d in ("cells", "tuning", "stacks"))
-
-
-def is_single_run_dir(path: Path) -> bool:
-    """Whether ``path`` is (or was started as) one fine-tuning run's output directory."""
-    return any((path / f).exists() for f in ("result.json", "metrics.jsonl", "checkpoints"))
-
-
 def _pct(v: Any) -> str:
     return f"{v:.2f}%" if isinstance(v, (int, float)) else "none"
-
-
-def _history(path: Path) -> list[dict[str, Any]]:
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
-        return []
 
 
 def describe_single_run(out: Path) -> list[str]:
