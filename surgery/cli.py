@@ -30,7 +30,8 @@ from .version import __version__
 EPILOG = """recipes are YAML or JSON files with the sections data, pretrain, surgery,
 finetune, experiment and search; `surgery schema` prints their JSON Schema.
 Every command that reads a recipe takes --set dotted.path=value overrides, e.g.
---set pretrain.layers.0.epochs=2 --set data.limit=1000."""
+--set pretrain.layers.0.epochs=2 --set data.limit=1000; a list of an experiment's
+own arm names runs only those: --set 'experiment.conditions=[rbm, none]'."""
 
 
 def _recipe_cmd(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
@@ -38,7 +39,7 @@ def _recipe_cmd(sub: argparse._SubParsersAction, name: str, help: str) -> argpar
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", type=Path, help="recipe file (.yaml/.yml or .json)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
-                   help="override a recipe field by its dotted path (repeatable); values are YAML scalars")
+                   help="override a recipe field by its dotted path (repeatable); values are YAML")
     return p
 
 

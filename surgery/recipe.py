@@ -138,7 +138,11 @@ def _syntax(e: yaml.YAMLError | json.JSONDecodeError) -> str:
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
-    """Set ``a.b.0.c = value`` paths in a nested dict/list in place (lists by index)."""
+    """Set ``a.b.0.c = value`` paths in a nested dict/list in place (lists by index).
+
+    A list of names set onto a mapping that holds every one of them keeps those entries, in
+    the list's order: ``experiment.conditions=[rbm-cg]`` runs one of the recipe's own arms.
+    """
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     for key, value in overrides.items():
@@ -158,7 +162,7 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str])
                     cur = cur[idx]
             elif isinstance(cur, dict):
                 if last:
-                    cur[part] = copy.deepcopy(value)
+                    cur[part] = copy.deepcopy(_selected(cur.get(part), value))
                 else:
                     if cur.get(part) is None:
                         cur[part] = {}
@@ -166,6 +170,14 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str])
             else:
                 raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is a value, not a section.")
     return data
+
+
+def _selected(old: Any, value: Any) -> Any:
+    """``value``, or the entries of mapping ``old`` it names when it is a list of ``old``'s keys."""
+    if (isinstance(old, dict) and isinstance(value, list) and value
+            and all(isinstance(v, str) and v in old for v in value)):
+        return {v: old[v] for v in value}
+    return value
 
 
 def read_recipe_file(path: str | Path) -> dict[str, Any]:

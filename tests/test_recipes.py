@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from surgery.cli import main
 from surgery.errors import SurgeryError
+from surgery.grid import plan_cells
 from surgery.recipe import Recipe, load_recipe, recipe_from_dict
 from tests.helpers import random_stack, shipped_recipe_order, shrunk_recipe_args
 
@@ -200,6 +201,21 @@ def test_overrides(workdir):
         load_recipe(workdir / "r.yaml", ["surgery.ops.9.classes=5"])
     with pytest.raises(SurgeryError, match="dotted.path=value"):
         load_recipe(workdir / "r.yaml", ["finetune.epochs"])
+
+
+def test_a_list_of_names_selects_the_recipes_own_arms():
+    """``--set experiment.conditions=[rbm-cg]`` runs that arm of the recipe's mapping, with the
+    same cells (and keys, so finished cells are found) as the whole recipe plans for it."""
+    path = ROOT / "recipes" / "hinton2006_all.yaml"
+    whole = load_recipe(path)
+    one = load_recipe(path, ["experiment.conditions=[rbm-cg]"])
+    assert list(one.experiment.arms()) == ["rbm-cg"]
+    assert one.experiment.arms()["rbm-cg"] == whole.experiment.arms()["rbm-cg"]
+    assert list(load_recipe(path, ["experiment.conditions=[none, rbm]"]).experiment.arms()) == ["none", "rbm"]
+    keys = {c.key for c in plan_cells(whole, (784,), 10) if c.condition == "rbm-cg"}
+    assert keys and keys == {c.key for c in plan_cells(one, (784,), 10)}
+    with pytest.raises(SurgeryError, match="unknown arm"):   # a name the mapping lacks: built-in names only
+        load_recipe(path, ["experiment.conditions=[rbm-cg, dae]"])
 
 
 def test_schema_command(capsys):
