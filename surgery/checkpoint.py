@@ -144,3 +144,20 @@ def restore_rng(rng: dict[str, Tensor], shuffle: torch.Generator, device: torch.
     shuffle.set_state(rng["shuffle"])
     if "cuda" in rng and device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def save_generator_state(path: Path, state: Tensor) -> Path:
+    """Write a generator's state (``torch.Generator.get_state()``) atomically."""
+    with atomic_path(path) as tmp:
+        save_file({"state": state.cpu().contiguous()}, str(tmp))
+    return path
+
+
+def read_generator_state(path: Path) -> Tensor:
+    """What :func:`save_generator_state` wrote; ``CheckpointError`` names the file when it is
+    missing or unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor("state")
+    except Exception as e:  # missing, truncated or foreign
+        raise CheckpointError(f"{path}: unreadable generator state ({type(e).__name__}: {e}).") from e

@@ -21,7 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from .assembly import build_graph
+from .checkpoint import read_generator_state, save_generator_state
 from .data import Dataset, load_dataset, resolve_device
 from .errors import CheckpointError, ConfigError, SurgeryError, SurgeryWarning, TrainingDiverged
 from .experiment_config import TuneConfig
@@ -66,14 +70,13 @@ class CellRunner:
         if not (spath.is_file() and (sdir / "pretrain.json").is_file()):  # pretrain.json marks it finished
             assert r.pretrain is not None
             t0 = time.perf_counter()
-
-            def snapshot(i: int, st: LayerStack) -> None:
-                st.save(sdir / f"depth{i + 1}.safetensors")
-
+            start = resume_point([sdir], len(r.pretrain.layers), self.progress)
             st = greedy_pretrain(data.train.x, r.pretrain, r.seed, y=data.train.y, progress=self.progress,
-                                 data_fingerprint=data.fingerprint(), on_layer=snapshot,
-                                 valid=(data.valid.x, data.valid.y))
-            write_json(sdir / "pretrain.json", {"seconds": round(time.perf_counter() - t0, 3), "layers": len(st)})
+                                 data_fingerprint=data.fingerprint(),
+                                 on_layer=lambda i, st, rng: save_snapshot(sdir, i, st, rng),
+                                 valid=(data.valid.x, data.valid.y), start=start[0] if start else None)
+            seconds = time.perf_counter() - t0 + (_seconds_before(start[0][0]) if start else 0.0)
+            write_json(sdir / "pretrain.json", {"seconds": round(seconds, 3), "layers": len(st)})
         meta = json.loads((sdir / "pretrain.json").read_text())
         return LayerStack.load(spath), meta["seconds"] * cell.depth / max(meta["layers"], 1)
 
@@ -108,20 +111,23 @@ class CellRunner:
     def _pretrain_together(self, members: list[tuple[str, tuple[Recipe, Dataset]]]) -> None:
         data = members[0][1][1]
         dirs = [self.out / "stacks" / key for key, _ in members]
+        cfgs = [r.pretrain for _, (r, _) in members]
 
-        def snapshot(i: int, stacks: list[LayerStack]) -> None:
-            for sdir, st in zip(dirs, stacks):
-                st.save(sdir / f"depth{i + 1}.safetensors")
+        def snapshot(i: int, stacks: list[LayerStack], rngs: list[Tensor]) -> None:
+            for sdir, st, rng in zip(dirs, stacks, rngs):
+                save_snapshot(sdir, i, st, rng)
 
         t0 = time.perf_counter()
         try:
+            start = resume_point(dirs, len(cfgs[0].layers), self.progress)
             stacks = greedy_pretrain_population(
-                data.train.x, [r.pretrain for _, (r, _) in members], [r.seed for _, (r, _) in members],
-                y=data.train.y, progress=self.progress, data_fingerprint=data.fingerprint(), on_layer=snapshot,
-                valid=(data.valid.x, data.valid.y))
+                data.train.x, cfgs, [r.seed for _, (r, _) in members], y=data.train.y, progress=self.progress,
+                data_fingerprint=data.fingerprint(), on_layer=snapshot, valid=(data.valid.x, data.valid.y),
+                start=start)
         except ConfigError:
             return  # members that cannot train together pretrain one by one when their cells run
-        seconds = round((time.perf_counter() - t0) / len(members), 3)  # each stack's share
+        before = _seconds_before(start[0][0]) if start else 0.0
+        seconds = round((time.perf_counter() - t0) / len(members) + before, 3)  # each stack's share
         for sdir, st in zip(dirs, stacks):
             write_json(sdir / "pretrain.json", {"seconds": seconds, "layers": len(st), "population": len(members)})
 
@@ -237,6 +243,45 @@ class CellRunner:
                 yield self.run(cell, cells_dir)[0]
             except TrainingDiverged:
                 yield None
+
+
+def save_snapshot(sdir: Path, i: int, stack: LayerStack, rng: Tensor) -> None:
+    """Keep a greedy stack's first ``i + 1`` layers (the depth-(i+1) cells start from them)
+    and the generator state after them, so a stopped pretraining can continue there."""
+    stack.save(sdir / f"depth{i + 1}.safetensors")
+    save_generator_state(sdir / f"rng{i + 1}.safetensors", rng)
+
+
+def resume_point(dirs: list[Path], layers: int, progress: bool | None = None) -> list[tuple[LayerStack, Tensor]] | None:
+    """Where an earlier run stopped pretraining these stacks (a population's, or one): each
+    one's deepest snapshot that all of them reached, with its generator state; None to
+    start at the first layer (nothing saved, or a snapshot that cannot be read: warned)."""
+    for depth in range(layers, 0, -1):
+        files = [(d / f"depth{depth}.safetensors", d / f"rng{depth}.safetensors") for d in dirs]
+        if not all(s.is_file() and g.is_file() for s, g in files):
+            continue
+        try:
+            start = [(LayerStack.load(s), read_generator_state(g)) for s, g in files]
+        except SurgeryError as e:
+            warnings.warn(f"pretraining starts again at layer 1: a snapshot to continue from is unusable "
+                          f"({str(e).splitlines()[0]})", SurgeryWarning, stacklevel=2)
+            return None
+        if any(g.shape != _FRESH_STATE.shape or g.dtype != _FRESH_STATE.dtype or len(s) != depth for s, g in start):
+            warnings.warn(f"pretraining starts again at layer 1: the snapshot {files[0][0]} and its generator "
+                          f"state do not match this version's", SurgeryWarning, stacklevel=2)
+            return None
+        progress_line(progress, f"pretrain: continuing {len(dirs)} stack(s) after layer {depth} of {layers}, "
+                                "where an earlier run stopped")
+        return start
+    return None
+
+
+_FRESH_STATE = torch.Generator().get_state()
+
+
+def _seconds_before(stack: LayerStack) -> float:
+    """The pretraining seconds its layers recorded (a continued stack's earlier part)."""
+    return float(sum(layer.pretrain.get("seconds", 0.0) for layer in stack.layers))
 
 
 def _record(cell: Cell, result: dict[str, Any], pretrain_seconds: float, share: int = 1) -> dict[str, Any]:

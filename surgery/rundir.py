@@ -5,7 +5,8 @@ reading logs.
 Read only from the files a run writes: ``experiment.json`` (the recipe and the number of
 cells), ``tuning/<key>/`` and ``cells/<key>/`` (``result.json`` once finished, the
 per-epoch ``metrics.jsonl`` while training) and ``stacks/<key>/`` (a ``depthN`` snapshot
-per pretrained layer, ``pretrain.json`` once whole). Tuning trials show their validation
+per pretrained layer and ``rngN``, the generator state after it; ``pretrain.json`` once
+whole). Tuning trials show their validation
 error only: they are chosen by it, and a test error shown beside them invites choosing by
 the test set.
 
@@ -67,6 +68,14 @@ def _runs(root: Path) -> tuple[list[dict[str, Any]], list[str]]:
                            + (f"; the rerun continues from its checkpoint after epoch {ck['state'].get('epoch')}"
                               if isinstance((ck or {}).get("state"), dict) else ""))
     return done, running
+
+
+def _stack_so_far(d: Path) -> str:
+    """``; KEY: N layers so far`` for a stack whose pretraining has not ended, and whether a
+    rerun continues after them (a generator state was kept) or starts it again."""
+    done = len(list(d.glob("depth*.safetensors")))
+    goes_on = done and (d / f"rng{done}.safetensors").is_file()
+    return f"; {d.name}: {_layers(done)} so far" + (" (the rerun continues after them)" if goes_on else "")
 
 
 def _layers(n: int) -> str:
@@ -138,8 +147,7 @@ def describe_run(out: Path) -> list[str]:
     if stacks:
         whole = sum((d / "pretrain.json").is_file() for d in stacks)
         lines.append(f"pretrained stacks: {whole} whole" + "".join(
-            f"; {d.name}: {_layers(len(list(d.glob('depth*.safetensors'))))} so far" for d in stacks
-            if not (d / "pretrain.json").is_file()))
+            _stack_so_far(d) for d in stacks if not (d / "pretrain.json").is_file()))
     trials, tuning_now = _runs(out / "tuning")
     planned = (exp.get("tune") or {}).get("trials")
     by_arm: dict[tuple[str, int], list[float]] = defaultdict(list)

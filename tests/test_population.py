@@ -269,6 +269,7 @@ from surgery.pretrain import AEConfig, PretrainConfig, RBMConfig, greedy_pretrai
 from surgery.pretrain.autoencoder import train_autoencoder_population  # noqa: E402
 from surgery.pretrain.greedy import greedy_pretrain_population  # noqa: E402
 from surgery.pretrain.rbm import train_rbm_population  # noqa: E402
+from surgery.stack import LayerStack  # noqa: E402
 
 # Three members with their own lr, momentum (one without), weight decay and noise level.
 MEMBER_HP = [{"lr": 0.1, "momentum": 0.5}, {"lr": 0.05, "momentum": 0.0, "weight_decay": 0.01},
@@ -330,9 +331,10 @@ def test_rbm_members_sharing_a_momentum_ramp_update_as_one_bmm_equal_each_alone(
 
 
 @pytest.mark.parametrize("stacked", [False, True], ids=["gemm loop", "bmm"])
-def test_greedy_population_equals_each_stack_alone(stacked):
+def test_greedy_population_equals_each_stack_alone(stacked, tmp_path):
     """Greedy stacks (rbm -> dae -> grow) of three seeds, one with its own learning rates,
-    pretrained together equal the stacks pretrained one by one."""
+    pretrained together equal the stacks pretrained one by one; so do the stacks continued
+    from the files and generator states saved after layer 1."""
     g = torch.Generator().manual_seed(1)
     x, y = (torch.rand(330, 40, generator=g) < 0.3).float(), torch.randint(0, 3, (330,), generator=g)
 
@@ -344,14 +346,22 @@ def test_greedy_population_equals_each_stack_alone(stacked):
 
     cfgs, seeds = [cfg(0.1), cfg(0.1), cfg(0.05)], [0, 1, 2]
     alone = [greedy_pretrain(x, c, s, y, False) for c, s in zip(cfgs, seeds)]
-    seen = []
-    pop = greedy_pretrain_population(x, cfgs, seeds, y, False, on_layer=lambda i, sts: seen.append((i, len(sts))),
-                                     stacked=stacked)
+    seen, after_1 = [], []
+
+    def on_layer(i, sts, rngs):
+        seen.append((i, len(sts)))
+        if i == 0:
+            after_1.extend((st.save(tmp_path / f"{k}.safetensors"), rng) for k, (st, rng) in enumerate(zip(sts, rngs)))
+
+    pop = greedy_pretrain_population(x, cfgs, seeds, y, False, on_layer=on_layer, stacked=stacked)
     assert seen == [(0, 3), (1, 3), (2, 3)]
-    for a, m in zip(alone, pop):
-        assert a.info["seed"] == m.info["seed"]
-        for la, lm in zip(a.layers, m.layers):
+    start = [(LayerStack.load(p), rng) for p, rng in after_1]
+    continued = greedy_pretrain_population(x, cfgs, seeds, y, False, stacked=stacked, start=start)
+    for a, m, c in zip(alone, pop, continued):
+        assert a.info["seed"] == m.info["seed"] == c.info["seed"]
+        for la, lm, lc in zip(a.layers, m.layers, c.layers, strict=True):
             _same_layer(la, lm)
+            _same_layer(la, lc)
 
 
 def test_a_pretraining_populations_log_line_gives_its_wall_time_and_every_members_metrics(capsys):

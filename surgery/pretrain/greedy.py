@@ -93,21 +93,25 @@ def greedy_pretrain(
     y: Tensor | None = None,
     progress: bool | None = None,
     data_fingerprint: str | None = None,
-    on_layer: Callable[[int, LayerStack], None] | None = None,
+    on_layer: Callable[[int, LayerStack, Tensor], None] | None = None,
     valid: tuple[Tensor, Tensor] | None = None,
+    start: tuple[LayerStack, Tensor] | None = None,
 ) -> LayerStack:
     """Train ``cfg.layers`` one after another on ``x`` and return the stack (a population of one).
 
     ``x``: [N, D] or [N, C, H, W] on the training device; ``y``: int64 [N] labels, needed
-    only by ``grow`` layers. ``on_layer(i, stack)`` runs after layer ``i``. ``valid``
-    (inputs, labels): ``grow`` layers record the validation error of each stage's network
-    after its last epoch (it trains nothing)."""
+    only by ``grow`` layers. ``on_layer(i, stack, rng)`` runs after layer ``i`` with the
+    generator's state then; ``start`` (a stack's first layers and that state) continues
+    from there, making the stack an uninterrupted run makes. ``valid`` (inputs, labels):
+    ``grow`` layers record the validation error of each stage's network after its last
+    epoch (it trains nothing)."""
 
-    def each(i: int, stacks: list[LayerStack]) -> None:
+    def each(i: int, stacks: list[LayerStack], rngs: list[Tensor]) -> None:
         if on_layer is not None:
-            on_layer(i, stacks[0])
+            on_layer(i, stacks[0], rngs[0])
 
-    return greedy_pretrain_population(x, [cfg], [seed], y, progress, data_fingerprint, each, valid=valid)[0]
+    return greedy_pretrain_population(x, [cfg], [seed], y, progress, data_fingerprint, each, valid=valid,
+                                      start=None if start is None else [start])[0]
 
 
 def _final_metrics(layers: list) -> str:
@@ -134,23 +138,34 @@ def greedy_pretrain_population(
     y: Tensor | None = None,
     progress: bool | None = None,
     data_fingerprint: str | None = None,
-    on_layer: Callable[[int, list[LayerStack]], None] | None = None,
+    on_layer: Callable[[int, list[LayerStack], list[Tensor]], None] | None = None,
     stacked: bool | None = None,
     valid: tuple[Tensor, Tensor] | None = None,
+    start: list[tuple[LayerStack, Tensor]] | None = None,
 ) -> list[LayerStack]:
     """Greedy stacks of K members on the same data, trained together layer by layer: member
     k with ``cfgs[k]`` (its own lr, momentum, decay, noise...) and its own ``seeds[k]``
     (init, data order, samples); each stack equals the one :func:`greedy_pretrain` makes
     alone. Every method's layers train as one batched program (RBM, dense autoencoder and
     ``grow``: stacked matrices; conv autoencoder: a grouped convolution).
-    ``on_layer(i, stacks)`` runs after layer ``i``; ``valid`` as for :func:`greedy_pretrain`."""
+    ``on_layer``, ``start`` and ``valid`` as for :func:`greedy_pretrain`, a member each
+    (every ``start`` stack as deep as the others)."""
     _check_same_plan(cfgs)
     progress = cfgs[0].progress if progress is None else progress
     gens = [new_generator(s) for s in seeds]
     stacks = [LayerStack(info={"seed": s, "data_fingerprint": data_fingerprint, "n_train": int(x.shape[0])})
               for s in seeds]
     inps = [x] * len(cfgs)
-    for i in range(len(cfgs[0].layers)):
+    first = 0
+    if start is not None:
+        first = len(start[0][0])
+        if len(start) != len(cfgs) or any(len(st) != first for st, _ in start) or first > len(cfgs[0].layers):
+            raise ValueError(f"start: {len(start)} stacks of depths {[len(st) for st, _ in start]} for "
+                             f"{len(cfgs)} members of {len(cfgs[0].layers)} layers")
+        for k, (st, rng) in enumerate(start):
+            stacks[k], inps[k] = st, st.transform(x)
+            gens[k].set_state(rng)
+    for i in range(first, len(cfgs[0].layers)):
         lcs = [c.layers[i] for c in cfgs]
         names = [c.layer_name(i) for c in cfgs]
         bs = lcs[0].batch_size or cfgs[0].batch_size
@@ -174,7 +189,7 @@ def greedy_pretrain_population(
         progress_line(progress, f"pretrain: layer {i + 1}/{len(cfgs[0].layers)} ({lcs[0].method}, {lcs[0].hidden} "
                                 f"units{who}) in {wall / 60:.1f} min{_final_metrics(layers)}")
         if on_layer is not None:
-            on_layer(i, stacks)
+            on_layer(i, stacks, [g.get_state() for g in gens])
     return stacks
 
 
