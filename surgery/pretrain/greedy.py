@@ -153,19 +153,13 @@ def greedy_pretrain_population(
     _check_same_plan(cfgs)
     progress = cfgs[0].progress if progress is None else progress
     gens = [new_generator(s) for s in seeds]
-    stacks = [LayerStack(info={"seed": s, "data_fingerprint": data_fingerprint, "n_train": int(x.shape[0])})
-              for s in seeds]
-    inps = [x] * len(cfgs)
-    first = 0
-    if start is not None:
-        first = len(start[0][0])
-        if len(start) != len(cfgs) or any(len(st) != first for st, _ in start) or first > len(cfgs[0].layers):
-            raise ValueError(f"start: {len(start)} stacks of depths {[len(st) for st, _ in start]} for "
-                             f"{len(cfgs)} members of {len(cfgs[0].layers)} layers")
-        for k, (st, rng) in enumerate(start):
-            stacks[k], inps[k] = st, st.transform(x)
-            gens[k].set_state(rng)
-    for i in range(first, len(cfgs[0].layers)):
+    if start is None:
+        stacks = [LayerStack(info={"seed": s, "data_fingerprint": data_fingerprint, "n_train": int(x.shape[0])})
+                  for s in seeds]
+        inps = [x] * len(cfgs)
+    else:
+        stacks, inps = _continued(start, gens, x, len(cfgs[0].layers))
+    for i in range(len(stacks[0]), len(cfgs[0].layers)):
         lcs = [c.layers[i] for c in cfgs]
         names = [c.layer_name(i) for c in cfgs]
         bs = lcs[0].batch_size or cfgs[0].batch_size
@@ -191,6 +185,18 @@ def greedy_pretrain_population(
         if on_layer is not None:
             on_layer(i, stacks, [g.get_state() for g in gens])
     return stacks
+
+
+def _continued(start: list[tuple[LayerStack, Tensor]], gens: list[torch.Generator], x: Tensor,
+               layers: int) -> tuple[list[LayerStack], list[Tensor]]:
+    """The members' stacks so far and their next layer's inputs, each generator put back
+    in the state it had after them."""
+    depths = [len(st) for st, _ in start]
+    if len(start) != len(gens) or len(set(depths)) != 1 or depths[0] > layers:
+        raise ValueError(f"start: stacks of depths {depths} for {len(gens)} members of {layers} layers")
+    for g, (_, rng) in zip(gens, start):
+        g.set_state(rng)
+    return [st for st, _ in start], [st.transform(x) if depths[0] < layers else x for st, _ in start]
 
 
 def _check_same_plan(cfgs: list[PretrainConfig]) -> None:
