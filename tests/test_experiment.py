@@ -602,25 +602,30 @@ def test_a_killed_cell_resumes_from_its_checkpoint_and_equals_the_uninterrupted_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("population", ["off", 2])
 def test_a_pretraining_killed_after_a_layer_continues_there_and_equals_the_uninterrupted_one(tmp_path, monkeypatch,
-                                                                                              capsys):
-    """A grid killed after layer 2 of a 3-layer greedy stack trains only layer 3 on the rerun
-    (from the depth-2 snapshot and the generator state kept with it), and its stacks and
-    results equal the grid run without a break; an unreadable snapshot makes the stack start
-    again at layer 1, with a warning."""
+                                                                                              capsys, population):
+    """A grid killed after layer 2 of its 3-layer greedy stacks (alone, or two seeds' as a
+    population) trains only layer 3 on the rerun (from the depth-2 snapshots and the
+    generator states kept with them), and its stacks and results equal the grid run without
+    a break; an unreadable snapshot makes the stacks start again at layer 1, with a warning."""
     from safetensors.torch import load_file
 
     import surgery.experiment as experiment
 
-    r = {**TINY, "experiment": {**TINY["experiment"], "conditions": ["dae"], "depths": [3], "seeds": [0]}}
+    seeds = [0] if population == "off" else [0, 1]
+    r = {**TINY, "experiment": {**TINY["experiment"], "conditions": ["dae"], "depths": [3], "seeds": seeds,
+                                "population": population}}
     rp = tmp_path / "r.yaml"
     rp.write_text(yaml.safe_dump(r))
     assert main(["run", str(rp), "--out", str(tmp_path / "whole")]) == 0
     original = experiment.save_snapshot
+    saved = []
 
-    def killed_after_layer_two(sdir, i, stack, rng):
+    def killed_after_layer_two(sdir, i, stack, rng):  # once every member's is saved
         original(sdir, i, stack, rng)
-        if i == 1:
+        saved.append(i)
+        if saved.count(1) == len(seeds):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(experiment, "save_snapshot", killed_after_layer_two)
@@ -631,25 +636,31 @@ def test_a_pretraining_killed_after_a_layer_continues_there_and_equals_the_unint
     assert "2 layers so far (the rerun continues after them)" in capsys.readouterr().out
     assert main(["run", str(rp), "--out", str(tmp_path / "cut")]) == 0
     err = capsys.readouterr().err
-    assert "continuing 1 stack(s) after layer 2 of 3" in err and "layer 3/3" in err and "layer 1/3" not in err
-    (key,) = [d.name for d in (tmp_path / "whole" / "stacks").iterdir()]
+    assert f"continuing {len(seeds)} stack(s) after layer 2 of 3" in err
+    assert "layer 3/3" in err and "layer 1/3" not in err
+    keys = [d.name for d in (tmp_path / "whole" / "stacks").iterdir()]
+    assert len(keys) == len(seeds)
 
     def same(a, b):
         a, b = load_file(str(a)), load_file(str(b))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-    for depth in (1, 2, 3):
-        same(tmp_path / "whole" / "stacks" / key / f"depth{depth}.safetensors",
-             tmp_path / "cut" / "stacks" / key / f"depth{depth}.safetensors")
+    for key in keys:
+        for depth in (1, 2, 3):
+            same(tmp_path / "whole" / "stacks" / key / f"depth{depth}.safetensors",
+                 tmp_path / "cut" / "stacks" / key / f"depth{depth}.safetensors")
     whole, cut = _rows(tmp_path / "whole"), _rows(tmp_path / "cut")
     assert [(x["test_error"], x["valid_error"]) for x in whole] == [(x["test_error"], x["valid_error"]) for x in cut]
-    # an unreadable snapshot: the stack is pretrained again from layer 1, saying why
-    sdir = tmp_path / "cut" / "stacks" / key
-    (sdir / "pretrain.json").unlink()
-    (sdir / "depth3.safetensors").unlink()
-    (sdir / "depth2.safetensors").write_bytes(b"torn")
+    # an unreadable snapshot: the stacks are pretrained again from layer 1, saying why
+    for key in keys:
+        sdir = tmp_path / "cut" / "stacks" / key
+        (sdir / "pretrain.json").unlink()
+        (sdir / "depth3.safetensors").unlink()
+    (tmp_path / "cut" / "stacks" / keys[0] / "depth2.safetensors").write_bytes(b"torn")
     shutil.rmtree(tmp_path / "cut" / "cells")
     assert main(["run", str(rp), "--out", str(tmp_path / "cut")]) == 0
     err = capsys.readouterr().err
     assert "pretraining starts again at layer 1" in err and "layer 1/3" in err
-    same(tmp_path / "whole" / "stacks" / key / "depth3.safetensors", sdir / "depth3.safetensors")
+    for key in keys:
+        same(tmp_path / "whole" / "stacks" / key / "depth3.safetensors",
+             tmp_path / "cut" / "stacks" / key / "depth3.safetensors")
