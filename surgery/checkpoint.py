@@ -23,6 +23,9 @@ from .errors import CheckpointError
 from .io import atomic_path
 
 META_KEY = "surgery.checkpoint"
+# A population member's own checkpoint, beside a lone run's ``last.safetensors``: its slice of
+# the stacked weights, best weights and optimizer state (``model.<kind>.<i>``), its generators.
+MEMBER_CHECKPOINT = "member.safetensors"
 
 
 @dataclass

@@ -21,11 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor
-
 from .assembly import build_graph
-from .checkpoint import read_generator_state, save_generator_state
+from .checkpoint import MEMBER_CHECKPOINT, read_checkpoint_meta
 from .data import Dataset, load_dataset, resolve_device
 from .errors import CheckpointError, ConfigError, SurgeryError, SurgeryWarning, TrainingDiverged
 from .experiment_config import TuneConfig
@@ -35,25 +32,25 @@ from .grid import Cell, plan_cells, with_values
 from .io import make_dir, progress_bar, progress_line, write_json, write_text
 from .pipeline import is_single_run_dir, load_sources
 from .population import architecture_key, model_bytes, population_size
-from .pretrain import greedy_pretrain
-from .pretrain.greedy import greedy_pretrain_population
 from .recipe import Recipe, recipe_from_dict
 from .search import DIVERGED_SCORE, make_sampler, shown, suggest
-from .stack import LayerStack
+from .stacks_dir import StackStore
 
 RESULT_FIELDS = ["condition", "depth", "seed", "train_error", "valid_error", "test_error", "epochs",
                  "best_epoch", "pretrain_seconds", "finetune_seconds", "cell", "path"]
 
 
 class CellRunner:
-    """Runs cells of one experiment directory: pretrains each greedy stack once (and keeps
-    its depth snapshots), fine-tunes, and caches each result under the cell's key."""
+    """Runs cells of one experiment directory: each cell's greedy stack from ``stacks``
+    (pretrained once), fine-tuning alone or in populations, each result cached under the
+    cell's key."""
 
     def __init__(self, recipe: Recipe, out: Path, progress: bool | None = None):
         self.recipe, self.out, self.progress = recipe, out, progress
         data = load_dataset(recipe.data, recipe.base_dir)
         self.data = data
         self.datasets = {json.dumps(recipe.data.model_dump(mode="json"), sort_keys=True): data}
+        self.stacks = StackStore(out / "stacks", recipe, self.dataset, progress)
 
     def dataset(self, r: Recipe) -> Dataset:
         """The cell's dataset, loaded once per distinct data section (an arm may have its own)."""
@@ -61,75 +58,6 @@ class CellRunner:
         if key not in self.datasets:
             self.datasets[key] = load_dataset(r.data, self.recipe.base_dir)
         return self.datasets[key]
-
-    def stack(self, cell: Cell, r: Recipe, data: Dataset) -> tuple[LayerStack, float]:
-        """The depth-``cell.depth`` snapshot of the cell's greedy stack (trained on first
-        use) and the pretraining seconds attributed to that depth."""
-        sdir = self.out / "stacks" / str(cell.pretrain_key)
-        spath = sdir / f"depth{cell.depth}.safetensors"
-        if not (spath.is_file() and (sdir / "pretrain.json").is_file()):  # pretrain.json marks it finished
-            assert r.pretrain is not None
-            t0 = time.perf_counter()
-            start = resume_point([sdir], len(r.pretrain.layers), self.progress)
-            st = greedy_pretrain(data.train.x, r.pretrain, r.seed, y=data.train.y, progress=self.progress,
-                                 data_fingerprint=data.fingerprint(),
-                                 on_layer=lambda i, st, rng: save_snapshot(sdir, i, st, rng),
-                                 valid=(data.valid.x, data.valid.y), start=start[0] if start else None)
-            seconds = time.perf_counter() - t0 + (_seconds_before(start[0][0]) if start else 0.0)
-            write_json(sdir / "pretrain.json", {"seconds": round(seconds, 3), "layers": len(st)})
-        meta = json.loads((sdir / "pretrain.json").read_text())
-        return LayerStack.load(spath), meta["seconds"] * cell.depth / max(meta["layers"], 1)
-
-    def pretrain_populations(self, cells: list[Cell], mode: str | int) -> None:
-        """Pretrain the unfinished greedy stacks that share data and a layer plan (the seeds of
-        an arm; arms of one method) together, in populations as large as ``mode`` allows
-        (as for fine-tuning: ``auto`` on a GPU only); each stack is saved as alone."""
-        if mode == "off" or (mode == "auto" and resolve_device(self.recipe.data.device).type != "cuda"):
-            return
-        groups: dict[str, dict[str, tuple[Recipe, Dataset]]] = {}
-        widest: dict[str, int] = {}
-        for cell in cells:
-            key = cell.pretrain_key
-            if key is None or (self.out / "stacks" / key / "pretrain.json").is_file():
-                continue
-            r = recipe_from_dict(cell.recipe, self.recipe.base_dir, f"{self.recipe.source} [{cell.condition}]")
-            assert r.pretrain is not None
-            bs = r.pretrain.batch_size
-            plan = [(lc.method, lc.hidden, lc.epochs, lc.batch_size or bs) for lc in r.pretrain.layers]
-            gkey = json.dumps([r.data.model_dump(mode="json"), plan], sort_keys=True)
-            groups.setdefault(gkey, {})[key] = (r, self.dataset(r))
-            widest[gkey] = max(lc.hidden for lc in r.pretrain.layers)
-        for gkey, group in groups.items():
-            members = list(group.items())
-            x = members[0][1][1].train.x
-            # a member's own copy of its layer input, and its parameters, velocity and buffers
-            size = population_size(mode, x.device, 4 * x.shape[0] * widest[gkey] + 16 * x[0].numel() * widest[gkey])
-            for i in range(0, len(members), size):
-                if len(members[i : i + size]) > 1:
-                    self._pretrain_together(members[i : i + size])
-
-    def _pretrain_together(self, members: list[tuple[str, tuple[Recipe, Dataset]]]) -> None:
-        data = members[0][1][1]
-        dirs = [self.out / "stacks" / key for key, _ in members]
-        cfgs = [r.pretrain for _, (r, _) in members]
-
-        def snapshot(i: int, stacks: list[LayerStack], rngs: list[Tensor]) -> None:
-            for sdir, st, rng in zip(dirs, stacks, rngs):
-                save_snapshot(sdir, i, st, rng)
-
-        t0 = time.perf_counter()
-        try:
-            start = resume_point(dirs, len(cfgs[0].layers), self.progress)
-            stacks = greedy_pretrain_population(
-                data.train.x, cfgs, [r.seed for _, (r, _) in members], y=data.train.y, progress=self.progress,
-                data_fingerprint=data.fingerprint(), on_layer=snapshot, valid=(data.valid.x, data.valid.y),
-                start=start)
-        except ConfigError:
-            return  # members that cannot train together pretrain one by one when their cells run
-        before = _seconds_before(start[0][0]) if start else 0.0
-        seconds = round((time.perf_counter() - t0) / len(members) + before, 3)  # each stack's share
-        for sdir, st in zip(dirs, stacks):
-            write_json(sdir / "pretrain.json", {"seconds": seconds, "layers": len(st), "population": len(members)})
 
     def run_populations(self, cells: list[Cell], mode: str | int, bar: Any = None,
                         cells_dir: str = "cells") -> set[str]:
@@ -140,33 +68,50 @@ class CellRunner:
         assert self.recipe.finetune is not None
         if mode == "off" or (mode == "auto" and resolve_device(self.recipe.finetune.device).type != "cuda"):
             return set()  # one cell at a time: nothing to prepare here
-        groups: dict[tuple[str, str], list[tuple[Cell, Recipe, ModelGraph, float]]] = {}
+        groups: dict[tuple[str, str, int], list[tuple[Cell, Recipe, ModelGraph, float]]] = {}
         for cell in cells:
             if (self.out / cells_dir / cell.key / "result.json").is_file():
                 continue
             r, _, graph, pre_s = self.prepare(cell)
             assert r.finetune is not None
             dkey = json.dumps(r.data.model_dump(mode="json"), sort_keys=True)
-            groups.setdefault((dkey, architecture_key(graph, r.finetune)), []).append((cell, r, graph, pre_s))
+            # members stopped after the same epoch continue together (0: none kept)
+            after = _member_epoch(self.out / cells_dir / cell.key, cell) if r.finetune.checkpoint_every else 0
+            groups.setdefault((dkey, architecture_key(graph, r.finetune), after), []).append((cell, r, graph, pre_s))
         done: set[str] = set()
-        for members in groups.values():
+        for (_, _, after), members in groups.items():
             r0 = members[0][1]
             size = population_size(mode, resolve_device(r0.finetune.device), model_bytes(members[0][2], 100))
             for i in range(0, len(members), size):
-                if len(members[i : i + size]) > 1 and self._population(members[i : i + size], cells_dir):
+                # a member's checkpoint continues in a population, of one if need be
+                if (len(members[i : i + size]) > 1 or after) and self._population(members[i : i + size], cells_dir,
+                                                                                   after > 0):
                     done.update(m[0].key for m in members[i : i + size])
                     if bar is not None:
                         bar.update(len(members[i : i + size]))
         return done
 
-    def _population(self, members: list[tuple[Cell, Recipe, ModelGraph, float]], cells_dir: str) -> bool:
+    def _population(self, members: list[tuple[Cell, Recipe, ModelGraph, float]], cells_dir: str,
+                    resume: bool = False) -> bool:
         data = self.dataset(members[0][1])
+
+        def trainer() -> PopulationTrainer:
+            return PopulationTrainer([m[2].copy() for m in members], data, [m[1].finetune for m in members],
+                                     [m[1].seed for m in members],
+                                     out_dirs=[self.open_cell(m[0], cells_dir) for m in members],
+                                     record=lambda k, res: _record(members[k][0], res, members[k][3], len(members)),
+                                     provenance=[{"recipe": m[0].recipe} for m in members])
+
         try:
-            pop = PopulationTrainer([m[2] for m in members], data, [m[1].finetune for m in members],
-                                    [m[1].seed for m in members],
-                                    out_dirs=[self.open_cell(m[0], cells_dir) for m in members],
-                                    record=lambda k, res: _record(members[k][0], res, members[k][3], len(members)),
-                                    provenance=[{"recipe": m[0].recipe} for m in members])
+            pop = trainer()
+            if resume:
+                try:
+                    pop.resume()
+                except CheckpointError as e:
+                    warnings.warn(f"population of {len(members)}: a member's checkpoint cannot be used "
+                                  f"({str(e).split('; ')[0]}); the members train from epoch 1.", SurgeryWarning,
+                                  stacklevel=2)
+                    pop = trainer()  # its state may be half restored: built again
         except ConfigError:
             return False  # not batchable (an optimizer or option populations lack): these cells train alone
         t0 = time.perf_counter()
@@ -176,7 +121,8 @@ class CellRunner:
             return False  # a member diverged: the cells train alone, as without populations; that one says so
         arms = ", ".join(sorted({f"{m[0].condition} depth {m[0].depth}" for m in members}))
         seeds = ", ".join(str(s) for s in sorted({m[0].seed for m in members}))
-        progress_line(self.progress, f"population: {len(members)} members ({arms}; seed {seeds}) fine-tuned together "
+        who = f"{len(members)} members" if len(members) > 1 else "1 member, continued"
+        progress_line(self.progress, f"population: {who} ({arms}; seed {seeds}) fine-tuned together "
                                      f"in {(time.perf_counter() - t0) / 60:.1f} min")
         return True
 
@@ -192,7 +138,7 @@ class CellRunner:
         where = f"{self.recipe.source} [{cell.condition} d{cell.depth} s{cell.seed}]"
         r = recipe_from_dict(cell.recipe, self.recipe.base_dir, where)
         data = self.dataset(r)
-        stack, pre_s = self.stack(cell, r, data) if cell.pretrain_key is not None else (None, 0.0)
+        stack, pre_s = self.stacks.stack(cell, r, data) if cell.pretrain_key is not None else (None, 0.0)
         assert r.surgery is not None
         return r, data, build_graph(r.surgery, load_sources(r, stack), r.seed, data.input_shape), pre_s
 
@@ -236,7 +182,7 @@ class CellRunner:
         ``mode`` allows (a tuning batch's trials), then the rest train alone, each yielded
         as it finishes; equal cells train once."""
         unique = list({c.key: c for c in cells}.values())
-        self.pretrain_populations(unique, mode)
+        self.stacks.pretrain_populations(unique, mode)
         self.run_populations(unique, mode, cells_dir=cells_dir)
         for cell in cells:
             try:
@@ -245,43 +191,18 @@ class CellRunner:
                 yield None
 
 
-def save_snapshot(sdir: Path, i: int, stack: LayerStack, rng: Tensor) -> None:
-    """Keep a greedy stack's first ``i + 1`` layers (the depth-(i+1) cells start from them)
-    and the generator state after them, so a stopped pretraining can continue there."""
-    stack.save(sdir / f"depth{i + 1}.safetensors")
-    save_generator_state(sdir / f"rng{i + 1}.safetensors", rng)
-
-
-def resume_point(dirs: list[Path], layers: int, progress: bool | None = None) -> list[tuple[LayerStack, Tensor]] | None:
-    """Where an earlier run stopped pretraining these stacks (a population's, or one): each
-    one's deepest snapshot that all of them reached, with its generator state; None to
-    start at the first layer (nothing saved, or a snapshot that cannot be read: warned)."""
-    for depth in range(layers, 0, -1):
-        files = [(d / f"depth{depth}.safetensors", d / f"rng{depth}.safetensors") for d in dirs]
-        if not all(s.is_file() and g.is_file() for s, g in files):
-            continue
-        try:
-            start = [(LayerStack.load(s), read_generator_state(g)) for s, g in files]
-        except SurgeryError as e:
-            warnings.warn(f"pretraining starts again at layer 1: a snapshot to continue from is unusable "
-                          f"({str(e).splitlines()[0]})", SurgeryWarning, stacklevel=2)
-            return None
-        if any(g.shape != _FRESH_STATE.shape or g.dtype != _FRESH_STATE.dtype or len(s) != depth for s, g in start):
-            warnings.warn(f"pretraining starts again at layer 1: the snapshot {files[0][0]} and its generator "
-                          f"state do not match this version's", SurgeryWarning, stacklevel=2)
-            return None
-        progress_line(progress, f"pretrain: continuing {len(dirs)} stack(s) after layer {depth} of {layers}, "
-                                "where an earlier run stopped")
-        return start
-    return None
-
-
-_FRESH_STATE = torch.Generator().get_state()
-
-
-def _seconds_before(stack: LayerStack) -> float:
-    """The pretraining seconds its layers recorded (a continued stack's earlier part)."""
-    return float(sum(layer.pretrain.get("seconds", 0.0) for layer in stack.layers))
+def _member_epoch(cdir: Path, cell: Cell) -> int:
+    """The epoch a population member's checkpoint in cell directory ``cdir`` was written
+    after; 0 when there is none, or (with a warning) when it cannot be read."""
+    path = cdir / "checkpoints" / MEMBER_CHECKPOINT
+    if not path.is_file():
+        return 0
+    epoch = ((read_checkpoint_meta(path) or {}).get("state") or {}).get("epoch")
+    if isinstance(epoch, int) and epoch > 0:
+        return epoch
+    warnings.warn(f"cell {cell.condition} depth {cell.depth} seed {cell.seed}: its checkpoint cannot be used ({path} "
+                  "is unreadable); the cell trains from epoch 1.", SurgeryWarning, stacklevel=2)
+    return 0
 
 
 def _record(cell: Cell, result: dict[str, Any], pretrain_seconds: float, share: int = 1) -> dict[str, Any]:
@@ -318,7 +239,7 @@ def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None
         cells = tune_arms(recipe.experiment.tune, cells, runner, out, progress)
     bar = progress_bar(len(cells), "experiment", progress, "cell")
     done_before = {c.key for c in cells if (out / "cells" / c.key / "result.json").is_file()}
-    runner.pretrain_populations(cells, recipe.experiment.population)
+    runner.stacks.pretrain_populations(cells, recipe.experiment.population)
     together = runner.run_populations(cells, recipe.experiment.population, bar)
     rows = []
     for cell in cells:

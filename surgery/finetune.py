@@ -22,9 +22,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import Checkpoint, read_checkpoint, save_checkpoint
+from .checkpoint import MEMBER_CHECKPOINT, Checkpoint, read_checkpoint, save_checkpoint
 from .data import Dataset
-from .errors import ConfigError, TrainingDiverged
+from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .finetune_config import FinetuneConfig
 from .graph import ModelGraph
 from .io import atomic_path, progress_bar, write_json
@@ -318,6 +318,55 @@ class PopulationTrainer(TrainingLoop):
         """Train every model for the shared budget (each stops on its own early-stopping
         rule); returns one result dict per model, its best epoch's weights kept."""
         return self.fit_members()
+
+    def member_ckpt_path(self, k: int) -> Path:
+        """Where member ``k``'s checkpoint lives (``OUT/checkpoints/member.safetensors``)."""
+        out = self.outs[k]
+        if out is None:
+            raise ConfigError("checkpoints need an output directory for every population member.")
+        return out / "checkpoints" / MEMBER_CHECKPOINT
+
+    def after_epoch(self, recs: list[dict[str, Any] | None], stopping: bool) -> None:
+        """Checkpoint each member whose ``finetune.checkpoint_every`` is due (and one that
+        has just stopped early): its own slice of the population, so a rerun continues it."""
+        for k, cfg in enumerate(self.cfgs):
+            every = cfg.checkpoint_every
+            if every and self.outs[k] is not None and (self.epoch % every == 0 or
+                                                       (stopping and recs[k] is not None and not self.running[k])):
+                self._save_member(k)
+
+    def _save_member(self, k: int) -> Path:
+        m = self.marks[k]
+        state = {"epoch": self.epoch, "step": self.step, "running": self.running[k],
+                 **{key: m[key] for key in ("best_valid", "best_epoch", "bad_epochs", "steps")}}
+        tensors = self.engine.member_state(k)
+        rng = {name[4:]: tensors.pop(name) for name in [n for n in tensors if n.startswith("rng.")]}
+        meta = {"state": state, "history": self.histories[k], "config": self.cfgs[k].model_dump(mode="json")}
+        return save_checkpoint(self.member_ckpt_path(k), Checkpoint(tensors, None, {"state": {}, "param_groups": []},
+                                                                    rng, meta))
+
+    def resume(self) -> int:
+        """Continue every member from its checkpoint (all written after the same epoch, by
+        this population or another); returns that epoch. ``CheckpointError`` naming the
+        file when one is missing, unreadable or made for another network."""
+        cks = [read_checkpoint(self.member_ckpt_path(k)) for k in range(self.engine.K)]
+        where = [self.member_ckpt_path(k) for k in range(self.engine.K)]
+        try:
+            at = {(ck.meta["state"]["epoch"], ck.meta["state"]["step"]) for ck in cks}
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{where[0].parent}: a member checkpoint without its loop state ({e})") from None
+        if len(at) != 1:
+            raise CheckpointError(f"{where[0]}: the members' checkpoints were written after different epochs "
+                                  f"({sorted(a[0] for a in at)})")
+        for k, ck in enumerate(cks):
+            self.engine.load_member_state(k, {**ck.model, **{f"rng.{n}": t for n, t in ck.rng.items()}}, str(where[k]))
+            st = ck.meta["state"]
+            self.marks[k].update({key: st[key] for key in ("best_valid", "best_epoch", "bad_epochs", "steps")})
+            self.histories[k], self.running[k] = ck.meta["history"], bool(st["running"])
+            if not self.running[k]:
+                self.engine.stop(k)
+        (self.epoch, self.step), = at
+        return self.epoch
 
     def weights(self, k: int) -> dict[str, Tensor]:
         """Model ``k``'s weights by node name (``<node>.weight``, ``<node>.bias``), on the CPU."""

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .batched import loops_on
 from .data import Dataset, resolve_device
-from .errors import ConfigError, TrainingDiverged
+from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .finetune_config import FinetuneConfig
 from .graph import ModelGraph
 from .graphed import StackedStep
@@ -109,8 +109,6 @@ def check_population(cfgs: list[FinetuneConfig]) -> None:
         for field in ("unfreeze_at", "freeze_at"):
             if getattr(c, field):
                 raise ConfigError(f"population member {i}: finetune.{field} is not supported in a population yet.")
-        if c.checkpoint_every:
-            raise ConfigError(f"population member {i}: finetune.checkpoint_every: populations do not checkpoint yet.")
         if c.amp or c.compile:
             raise ConfigError(f"population member {i}: amp/compile are not supported in a population yet.")
 
@@ -309,6 +307,33 @@ class StackedEngine:
             w.copy_(bw)
         for b, bb in zip(self.b, self.best_b):
             b.copy_(bb)
+
+    def _stacked_state(self) -> dict[str, list[Tensor]]:
+        """Every [K, ...] tensor a continued run needs, by kind: weights and biases (the
+        optimizer's params), the optimizer's state, the best weights."""
+        return {"param": self.opt.params, "buf": self.opt.bufs, "sq": self.opt.sq, "best_W": self.best_W,
+                "best_b": self.best_b}
+
+    def member_state(self, k: int) -> dict[str, Tensor]:
+        """Member ``k``'s part of the state (its slice of every stacked tensor, its shuffle
+        and dropout generators), on the CPU: what continues it, in this population or another."""
+        out = {f"{kind}.{i}": t[k].detach().cpu().clone()
+               for kind, ts in self._stacked_state().items() for i, t in enumerate(ts)}
+        return {**out, "rng.shuffle": self.shuffles[k].get_state(), "rng.masks": self.masks[k].get_state()}
+
+    def load_member_state(self, k: int, state: dict[str, Tensor], where: str) -> None:
+        """Put :meth:`member_state`'s tensors back as member ``k``'s; ``CheckpointError``
+        (naming ``where``) when they are not this architecture's and optimizer's."""
+        want = {f"{kind}.{i}": t[k] for kind, ts in self._stacked_state().items() for i, t in enumerate(ts)}
+        got = {n: t for n, t in state.items() if not n.startswith("rng.")}
+        bad = sorted(n for n in want.keys() | got.keys() if n not in got or n not in want
+                     or got[n].shape != want[n].shape)
+        if bad or {"rng.shuffle", "rng.masks"} - state.keys():
+            raise CheckpointError(f"{where}: made for another network or optimizer (tensors {bad[:4]} differ)")
+        for n, t in want.items():
+            t.copy_(got[n])
+        self.shuffles[k].set_state(state["rng.shuffle"])
+        self.masks[k].set_state(state["rng.masks"])
 
     def weights(self, k: int) -> dict[str, Tensor]:
         """Model ``k``'s weights by node name (``<node>.weight``, ``<node>.bias``), on the CPU."""

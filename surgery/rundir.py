@@ -22,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import read_checkpoint_meta
+from .checkpoint import MEMBER_CHECKPOINT, read_checkpoint_meta
 from .errors import SurgeryError
 from .experiment import is_experiment_dir
 from .pipeline import is_single_run_dir
@@ -62,7 +62,8 @@ def _runs(root: Path) -> tuple[list[dict[str, Any]], list[str]]:
         name = recipe.get("name", d.name) if isinstance(recipe, dict) else d.name
         if last is not None:
             valid = last.get("valid_error")
-            ck = read_checkpoint_meta(d / "checkpoints" / "last.safetensors")
+            ck = read_checkpoint_meta(d / "checkpoints" / "last.safetensors") or \
+                read_checkpoint_meta(d / "checkpoints" / MEMBER_CHECKPOINT)  # a population member's
             running.append(f"{root.name}/{d.name} ({name}): epoch {last.get('epoch')}"
                            + (f", validation {valid:.2f}%" if isinstance(valid, (int, float)) else "")
                            + (f"; the rerun continues from its checkpoint after epoch {ck['state'].get('epoch')}"

@@ -175,6 +175,33 @@ def test_population_on_cuda_equals_alone():
             torch.testing.assert_close(w, alone.model.state_dict()[name].cpu(), rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_a_captured_population_continues_from_its_members_checkpoints(tmp_path):
+    """A population whose step is a CUDA graph, stopped after epoch 2 of 4 and continued
+    from its members' checkpoints, ends where the unbroken run does."""
+    from surgery.finetune import PopulationTrainer
+
+    ds = _ds()
+    cfgs = [FinetuneConfig(epochs=4, device="cuda", batch_size=50, progress=False, cuda_graph="auto",
+                           checkpoint_every=1, optimizer={"lr": lr, "momentum": 0.9}) for lr in (0.1, 0.2)]
+    graphs = [mlp((64, 32, 16), seed=k) for k in range(2)]
+
+    def population(name, epochs=4):
+        return PopulationTrainer(graphs, ds, [c.model_copy(update={"epochs": epochs}) for c in cfgs], [1, 2],
+                                 out_dirs=[tmp_path / name / str(k) for k in range(2)])
+
+    whole = population("whole")
+    whole.fit()
+    population("cut", epochs=2).fit()  # the same first two epochs, its checkpoints after epoch 2
+    for k in range(2):
+        (tmp_path / "cut" / str(k) / "result.json").unlink()
+    continued = population("cut")
+    assert continued.resume() == 2 and continued.engine.stepper.replay.capture
+    continued.fit()
+    for k in range(2):
+        for name, w in whole.weights(k).items():
+            torch.testing.assert_close(continued.weights(k)[name], w, rtol=1e-6, atol=1e-7, msg=f"{k} {name}")
+
+
 def test_population_step_captured_as_a_cuda_graph_equals_eager():
     """A population's SGD step replayed from a CUDA graph (momentum, Nesterov, weight decay,
     an lr schedule, a partial last batch) equals the same population run eagerly."""

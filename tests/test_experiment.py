@@ -611,7 +611,7 @@ def test_a_pretraining_killed_after_a_layer_continues_there_and_equals_the_unint
     a break; an unreadable snapshot makes the stacks start again at layer 1, with a warning."""
     from safetensors.torch import load_file
 
-    import surgery.experiment as experiment
+    import surgery.stacks_dir as stacks_dir
 
     seeds = [0] if population == "off" else [0, 1]
     r = {**TINY, "experiment": {**TINY["experiment"], "conditions": ["dae"], "depths": [3], "seeds": seeds,
@@ -619,7 +619,7 @@ def test_a_pretraining_killed_after_a_layer_continues_there_and_equals_the_unint
     rp = tmp_path / "r.yaml"
     rp.write_text(yaml.safe_dump(r))
     assert main(["run", str(rp), "--out", str(tmp_path / "whole")]) == 0
-    original = experiment.save_snapshot
+    original = stacks_dir.save_snapshot
     saved = []
 
     def killed_after_layer_two(sdir, i, stack, rng):  # once every member's is saved
@@ -628,9 +628,9 @@ def test_a_pretraining_killed_after_a_layer_continues_there_and_equals_the_unint
         if saved.count(1) == len(seeds):
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(experiment, "save_snapshot", killed_after_layer_two)
+    monkeypatch.setattr(stacks_dir, "save_snapshot", killed_after_layer_two)
     assert main(["run", str(rp), "--out", str(tmp_path / "cut")]) == 130
-    monkeypatch.setattr(experiment, "save_snapshot", original)
+    monkeypatch.setattr(stacks_dir, "save_snapshot", original)
     capsys.readouterr()
     assert main(["inspect", str(tmp_path / "cut")]) == 0
     assert "2 layers so far (the rerun continues after them)" in capsys.readouterr().out
@@ -664,3 +664,62 @@ def test_a_pretraining_killed_after_a_layer_continues_there_and_equals_the_unint
     for key in keys:
         same(tmp_path / "whole" / "stacks" / key / "depth3.safetensors",
              tmp_path / "cut" / "stacks" / key / "depth3.safetensors")
+
+
+def test_a_killed_population_continues_from_its_members_checkpoints(tmp_path, monkeypatch, capsys):
+    """With populations and finetune.checkpoint_every, a grid killed after epoch 2 of 4 of a
+    population continues it from its members' checkpoints on the rerun (epochs 1-2 are not
+    trained again), and every result and weight equals the grid run without a break."""
+    from safetensors.torch import load_file
+
+    from surgery.finetune import PopulationTrainer
+
+    r = {**TINY, "experiment": {**TINY["experiment"], "conditions": ["none", "rbm"], "depths": [2], "seeds": [0, 1],
+                                "population": 2},
+         "finetune": {**TINY["finetune"], "epochs": 4, "checkpoint_every": 1}}
+    rp = tmp_path / "r.yaml"
+    rp.write_text(yaml.safe_dump(r))
+    assert main(["run", str(rp), "--out", str(tmp_path / "whole")]) == 0
+    original, epochs_run = PopulationTrainer.after_epoch, []
+
+    def killed_after_epoch_two(self, recs, stopping):  # of the second population
+        original(self, recs, stopping)
+        epochs_run.append(self.epoch)
+        if epochs_run.count(2) == 2 and self.epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(PopulationTrainer, "after_epoch", killed_after_epoch_two)
+    assert main(["run", str(rp), "--out", str(tmp_path / "cut")]) == 130
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "cut")]) == 0
+    assert capsys.readouterr().out.count("the rerun continues from its checkpoint after epoch 2") == 2
+    epochs_run.clear()
+    assert main(["run", str(rp), "--out", str(tmp_path / "cut")]) == 0
+    assert epochs_run == [3, 4], epochs_run  # only the killed population ran, from epoch 3
+    whole, cut = _rows(tmp_path / "whole"), _rows(tmp_path / "cut")
+    key = ("condition", "depth", "seed", "test_error", "valid_error", "best_epoch")
+    assert sorted(tuple(x[k] for k in key) for x in whole) == sorted(tuple(x[k] for k in key) for x in cut)
+    for cell in (tmp_path / "whole" / "cells").iterdir():
+        a, b = load_file(str(cell / "model.safetensors")), load_file(str(tmp_path / "cut" / "cells" / cell.name /
+                                                                            "model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), cell.name
+    # a torn member checkpoint: that population trains again from epoch 1, saying why
+    rbm = [c for c in (tmp_path / "cut" / "cells").iterdir()
+           if json.loads((c / "recipe.json").read_text())["name"].startswith("rbm")]
+    assert len(rbm) == 2
+    for c in rbm:
+        (c / "result.json").unlink()
+    (rbm[0] / "checkpoints" / "member.safetensors").write_bytes(b"torn")
+    capsys.readouterr()
+    from surgery.finetune import TrainingLoop
+
+    monkeypatch.setattr(PopulationTrainer, "after_epoch", original)
+    trains = TrainingLoop.run_epoch
+    monkeypatch.setattr(TrainingLoop, "run_epoch", lambda self: epochs_run.append(self.epoch + 1) or trains(self))
+    epochs_run.clear()
+    assert main(["run", str(rp), "--out", str(tmp_path / "cut")]) == 0
+    assert epochs_run == [1, 2, 3, 4], epochs_run  # that cell anew (alone); the other's was after its last epoch
+    torn = json.loads((rbm[0] / "recipe.json").read_text())["seed"]
+    assert f"seed {torn}: its checkpoint cannot be used" in capsys.readouterr().err
+    assert sorted(tuple(x[k] for k in key) for x in whole) == sorted(tuple(x[k] for k in key)
+                                                                     for x in _rows(tmp_path / "cut"))

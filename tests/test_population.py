@@ -1,11 +1,12 @@
 """A population of K models trained together equals each model trained alone."""
 
 import re
+import shutil
 
 import pytest
 import torch
 
-from surgery.errors import ConfigError
+from surgery.errors import CheckpointError, ConfigError
 from surgery.finetune import FinetuneConfig, PopulationTrainer, Trainer
 from tests.test_finetune import _without_valid, mlp
 
@@ -95,6 +96,53 @@ def test_population_equals_each_model_alone(synth, case):
         assert together[k]["test_error"] == res["test_error"]
     if case == "early stopping":
         assert len({r["epochs"] for r in together}) > 1, "the members should stop at different epochs"
+
+
+@pytest.mark.parametrize("case", ["dropout", "adam, decay, beta1 schedule", "early stopping"])
+def test_a_population_killed_mid_run_continues_from_its_members_checkpoints(synth, case, tmp_path, monkeypatch):
+    """With checkpoint_every, each member keeps its own slice of the population (weights,
+    best weights, optimizer state, generators, history, early stopping); a population
+    stopped after epoch 2 and continued, or one member continued alone (a population of
+    one), ends with exactly the weights and histories of the unbroken run."""
+    cfgs = [c.model_copy(update={"checkpoint_every": 1}) for c in CASES[case]]
+    seeds = [11 + k for k in range(len(cfgs))]
+    graphs = [mlp(SIZES, seed=k, init="classic") for k in range(len(cfgs))]
+
+    def population(name, members=None):
+        ks = members or range(len(cfgs))
+        return PopulationTrainer([graphs[k] for k in ks], synth, [cfgs[k] for k in ks], [seeds[k] for k in ks],
+                                 out_dirs=[tmp_path / name / str(k) for k in ks])
+
+    whole = population("whole")
+    whole.fit()
+    original = PopulationTrainer.after_epoch
+
+    def stopped_after_two(self, recs, stopping):
+        original(self, recs, stopping)
+        if self.epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(PopulationTrainer, "after_epoch", stopped_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        population("cut").fit()
+    monkeypatch.setattr(PopulationTrainer, "after_epoch", original)
+    shutil.copytree(tmp_path / "cut", tmp_path / "cut1")
+    continued = population("cut")
+    assert continued.resume() == 2
+    continued.fit()
+    last = len(cfgs) - 1
+    alone = population("cut1", [last])
+    assert alone.resume() == 2
+    alone.fit()
+    for k in range(len(cfgs)):
+        for name, w in whole.weights(k).items():
+            assert torch.equal(continued.weights(k)[name], w), (k, name)
+        times = [{**h, "seconds": 0} for h in whole.histories[k]]
+        assert [{**h, "seconds": 0} for h in continued.histories[k]] == times
+    assert all(torch.equal(alone.weights(0)[n], w) for n, w in whole.weights(last).items())
+    (tmp_path / "cut" / "0" / "checkpoints" / "member.safetensors").write_bytes(b"torn")
+    with pytest.raises(CheckpointError, match="member.safetensors"):
+        population("cut").resume()
 
 
 def test_population_refuses_what_it_cannot_batch(synth):

@@ -1,0 +1,146 @@
+"""An experiment directory's greedy stacks, ``OUT/stacks/<key>/``: each pretrained once per
+(arm, seed, data) at its largest depth and kept as a ``depthN`` snapshot after every layer
+(the depth-N cells start from it) with ``rngN``, the generator state then; ``pretrain.json``
+marks it whole. A run stopped mid-stack continues after the deepest layer it kept, and the
+stack equals the one an unbroken run makes. Where populations are on, the stacks that share
+a layer plan (the seeds of an arm; arms of one method) pretrain together.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .checkpoint import read_generator_state, save_generator_state
+from .data import Dataset, resolve_device
+from .errors import ConfigError, SurgeryError, SurgeryWarning
+from .grid import Cell
+from .io import progress_line, write_json
+from .population import population_size
+from .pretrain import greedy_pretrain
+from .pretrain.greedy import greedy_pretrain_population
+from .recipe import Recipe, recipe_from_dict
+from .stack import LayerStack
+
+
+class StackStore:
+    """The greedy stacks under ``root`` of an experiment run from ``recipe``; ``dataset(r)``
+    gives a cell recipe's data (loaded once)."""
+
+    def __init__(self, root: Path, recipe: Recipe, dataset: Callable[[Recipe], Dataset],
+                 progress: bool | None = None):
+        self.root, self.recipe, self.dataset, self.progress = root, recipe, dataset, progress
+
+    def stack(self, cell: Cell, r: Recipe, data: Dataset) -> tuple[LayerStack, float]:
+        """The depth-``cell.depth`` snapshot of the cell's greedy stack (trained on first
+        use) and the pretraining seconds attributed to that depth."""
+        sdir = self.root / str(cell.pretrain_key)
+        spath = sdir / f"depth{cell.depth}.safetensors"
+        if not (spath.is_file() and (sdir / "pretrain.json").is_file()):  # pretrain.json marks it finished
+            assert r.pretrain is not None
+            t0 = time.perf_counter()
+            start = resume_point([sdir], len(r.pretrain.layers), self.progress)
+            st = greedy_pretrain(data.train.x, r.pretrain, r.seed, y=data.train.y, progress=self.progress,
+                                 data_fingerprint=data.fingerprint(),
+                                 on_layer=lambda i, st, rng: save_snapshot(sdir, i, st, rng),
+                                 valid=(data.valid.x, data.valid.y), start=start[0] if start else None)
+            seconds = time.perf_counter() - t0 + (_seconds_before(start[0][0]) if start else 0.0)
+            write_json(sdir / "pretrain.json", {"seconds": round(seconds, 3), "layers": len(st)})
+        meta = json.loads((sdir / "pretrain.json").read_text())
+        return LayerStack.load(spath), meta["seconds"] * cell.depth / max(meta["layers"], 1)
+
+    def pretrain_populations(self, cells: list[Cell], mode: str | int) -> None:
+        """Pretrain the unfinished greedy stacks that share data and a layer plan (the seeds of
+        an arm; arms of one method) together, in populations as large as ``mode`` allows
+        (as for fine-tuning: ``auto`` on a GPU only); each stack is saved as alone."""
+        if mode == "off" or (mode == "auto" and resolve_device(self.recipe.data.device).type != "cuda"):
+            return
+        groups: dict[str, dict[str, tuple[Recipe, Dataset]]] = {}
+        widest: dict[str, int] = {}
+        for cell in cells:
+            key = cell.pretrain_key
+            if key is None or (self.root / key / "pretrain.json").is_file():
+                continue
+            r = recipe_from_dict(cell.recipe, self.recipe.base_dir, f"{self.recipe.source} [{cell.condition}]")
+            assert r.pretrain is not None
+            bs = r.pretrain.batch_size
+            plan = [(lc.method, lc.hidden, lc.epochs, lc.batch_size or bs) for lc in r.pretrain.layers]
+            gkey = json.dumps([r.data.model_dump(mode="json"), plan], sort_keys=True)
+            groups.setdefault(gkey, {})[key] = (r, self.dataset(r))
+            widest[gkey] = max(lc.hidden for lc in r.pretrain.layers)
+        for gkey, group in groups.items():
+            members = list(group.items())
+            x = members[0][1][1].train.x
+            # a member's own copy of its layer input, and its parameters, velocity and buffers
+            size = population_size(mode, x.device, 4 * x.shape[0] * widest[gkey] + 16 * x[0].numel() * widest[gkey])
+            for i in range(0, len(members), size):
+                if len(members[i : i + size]) > 1:
+                    self._pretrain_together(members[i : i + size])
+
+    def _pretrain_together(self, members: list[tuple[str, tuple[Recipe, Dataset]]]) -> None:
+        data = members[0][1][1]
+        dirs = [self.root / key for key, _ in members]
+        cfgs = [r.pretrain for _, (r, _) in members]
+
+        def snapshot(i: int, stacks: list[LayerStack], rngs: list[Tensor]) -> None:
+            for sdir, st, rng in zip(dirs, stacks, rngs):
+                save_snapshot(sdir, i, st, rng)
+
+        t0 = time.perf_counter()
+        try:
+            start = resume_point(dirs, len(cfgs[0].layers), self.progress)
+            stacks = greedy_pretrain_population(
+                data.train.x, cfgs, [r.seed for _, (r, _) in members], y=data.train.y, progress=self.progress,
+                data_fingerprint=data.fingerprint(), on_layer=snapshot, valid=(data.valid.x, data.valid.y),
+                start=start)
+        except ConfigError:
+            return  # members that cannot train together pretrain one by one when their cells run
+        before = _seconds_before(start[0][0]) if start else 0.0
+        seconds = round((time.perf_counter() - t0) / len(members) + before, 3)  # each stack's share
+        for sdir, st in zip(dirs, stacks):
+            write_json(sdir / "pretrain.json", {"seconds": seconds, "layers": len(st), "population": len(members)})
+
+
+def save_snapshot(sdir: Path, i: int, stack: LayerStack, rng: Tensor) -> None:
+    """Keep a greedy stack's first ``i + 1`` layers (the depth-(i+1) cells start from them)
+    and the generator state after them, so a stopped pretraining can continue there."""
+    stack.save(sdir / f"depth{i + 1}.safetensors")
+    save_generator_state(sdir / f"rng{i + 1}.safetensors", rng)
+
+
+def resume_point(dirs: list[Path], layers: int, progress: bool | None = None) -> list[tuple[LayerStack, Tensor]] | None:
+    """Where an earlier run stopped pretraining these stacks (a population's, or one): each
+    one's deepest snapshot that all of them reached, with its generator state; None to
+    start at the first layer (nothing saved, or a snapshot that cannot be read: warned)."""
+    for depth in range(layers, 0, -1):
+        files = [(d / f"depth{depth}.safetensors", d / f"rng{depth}.safetensors") for d in dirs]
+        if not all(s.is_file() and g.is_file() for s, g in files):
+            continue
+        try:
+            start = [(LayerStack.load(s), read_generator_state(g)) for s, g in files]
+        except SurgeryError as e:
+            warnings.warn(f"pretraining starts again at layer 1: a snapshot to continue from is unusable "
+                          f"({str(e).splitlines()[0]})", SurgeryWarning, stacklevel=2)
+            return None
+        if any(g.shape != _FRESH_STATE.shape or g.dtype != _FRESH_STATE.dtype or len(s) != depth for s, g in start):
+            warnings.warn(f"pretraining starts again at layer 1: the snapshot {files[0][0]} and its generator "
+                          f"state do not match this version's", SurgeryWarning, stacklevel=2)
+            return None
+        progress_line(progress, f"pretrain: continuing {len(dirs)} stack(s) after layer {depth} of {layers}, "
+                                "where an earlier run stopped")
+        return start
+    return None
+
+
+_FRESH_STATE = torch.Generator().get_state()
+
+
+def _seconds_before(stack: LayerStack) -> float:
+    """The pretraining seconds its layers recorded (a continued stack's earlier part)."""
+    return float(sum(layer.pretrain.get("seconds", 0.0) for layer in stack.layers))
