@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _recipe_cmd(sub, "run", "run everything the recipe holds: pretrain -> surgery -> finetune, or the experiment "
                                 "grid")
     p.add_argument("--out", type=Path, help="output directory (default runs/<name>)")
-    p.add_argument("--resume", action="store_true", help="single runs: continue from the last checkpoint "
-                   "(experiments always skip finished cells)")
+    p.add_argument("--resume", action="store_true", help="single runs: continue pretraining after its last "
+                   "finished layer, fine-tuning from the last checkpoint (experiments always continue)")
 
     p = sub.add_parser("compare", help="rebuild and merge reports from one or more experiment directories")
     p.add_argument("dirs", type=Path, nargs="+", help="experiment directories (e.g. seeds or arms run apart); "

@@ -28,12 +28,13 @@ from .pretrain.greedy import plan_stack
 from .recipe import Recipe
 from .runtime import is_main_process
 from .stack import LayerStack, load_foreign
+from .stacks_dir import resume_point, save_snapshot
 
 
 def is_single_run_dir(path: Path) -> bool:
     """Whether ``path`` is (or was started as) the output directory of one run (:func:`run`,
     :func:`finetune_model`)."""
-    return any((path / f).exists() for f in ("result.json", "metrics.jsonl", "checkpoints"))
+    return any((path / f).exists() for f in ("result.json", "metrics.jsonl", "checkpoints", "pretrain"))
 
 
 def _grid_hint(recipe: Recipe) -> str:
@@ -49,14 +50,19 @@ def _nothing_to_assemble(recipe: Recipe) -> None:
                        f"{_grid_hint(recipe)}")
 
 
-def pretrain(recipe: Recipe, data: Dataset | None = None, progress: bool | None = None) -> LayerStack:
+def pretrain(recipe: Recipe, data: Dataset | None = None, progress: bool | None = None,
+             snapshots: Path | None = None, resume: bool = False) -> LayerStack:
     """Greedy layer-wise pretraining of ``recipe.pretrain`` on the recipe's data; the stack
-    records the recipe and the dataset."""
+    records the recipe and the dataset. ``snapshots``: a directory to keep each layer's
+    snapshot in, which ``resume`` continues after (as an experiment's stacks do)."""
     if recipe.pretrain is None:
         raise SurgeryError(f"{recipe.source}: the recipe has no pretrain: section.{_grid_hint(recipe)}")
     data = data or load_dataset(recipe.data, recipe.base_dir)
-    stack = greedy_pretrain(data.train.x, recipe.pretrain, recipe.seed, y=data.train.y,
-                            progress=progress, data_fingerprint=data.fingerprint(), valid=(data.valid.x, data.valid.y))
+    start = resume_point([snapshots], len(recipe.pretrain.layers), progress) if snapshots and resume else None
+    keep = (lambda i, st, rng: save_snapshot(snapshots, i, st, rng)) if snapshots else None
+    stack = greedy_pretrain(data.train.x, recipe.pretrain, recipe.seed, y=data.train.y, progress=progress,
+                            data_fingerprint=data.fingerprint(), on_layer=keep, valid=(data.valid.x, data.valid.y),
+                            start=start[0] if start else None)
     stack.recipe = recipe.to_dict()
     stack.info["dataset"] = data.name
     return stack
@@ -163,7 +169,7 @@ def run(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool | 
         if resume and stack_path.is_file():
             stack = LayerStack.load(stack_path)
         else:
-            stack = pretrain(recipe, data, progress)
+            stack = pretrain(recipe, data, progress, out / "pretrain" if is_main_process() else None, resume)
             if is_main_process():
                 stack.save(stack_path)
     t_pre = time.perf_counter() - t0

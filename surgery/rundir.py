@@ -71,11 +71,16 @@ def _runs(root: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return done, running
 
 
-def _stack_so_far(d: Path) -> str:
-    """``; KEY: N layers so far`` for a stack whose pretraining has not ended, and whether a
-    rerun continues after them (a generator state was kept) or starts it again."""
+def _layers_kept(d: Path) -> tuple[int, bool]:
+    """How many layers of an unfinished greedy stack ``d`` holds snapshots of, and whether a
+    rerun continues after them (their generator state was kept) or starts again."""
     done = len(list(d.glob("depth*.safetensors")))
-    goes_on = done and (d / f"rng{done}.safetensors").is_file()
+    return done, bool(done) and (d / f"rng{done}.safetensors").is_file()
+
+
+def _stack_so_far(d: Path) -> str:
+    """``; KEY: N layers so far`` for a stack whose pretraining has not ended."""
+    done, goes_on = _layers_kept(d)
     return f"; {d.name}: {_layers(done)} so far" + (" (the rerun continues after them)" if goes_on else "")
 
 
@@ -115,6 +120,10 @@ def describe_single_run(out: Path) -> list[str]:
                 best = f" (best {error:.2f}% at epoch {epoch})"
             lines.append(f"unfinished: epoch {hist[-1].get('epoch')}{of} trained, validation "
                          f"{_pct(hist[-1].get('valid_error'))}{best}")
+        elif not (out / "stack.safetensors").is_file() and any((out / "pretrain").glob("depth*.safetensors")):
+            done, goes_on = _layers_kept(out / "pretrain")
+            lines.append(f"unfinished: pretraining, {_layers(done)} so far" +
+                         (" (`--resume` continues after them)" if goes_on else ""))
         else:
             lines.append("unfinished: no epoch finished yet")
         if ck is not None:
@@ -138,9 +147,9 @@ def describe_run(out: Path) -> list[str]:
     if not is_experiment_dir(out):
         if is_single_run_dir(out):
             return describe_single_run(out)
-        raise SurgeryError(f"{out}: a directory that is not a run's (no result.json, metrics.jsonl or checkpoints/, "
-                           f"nor an experiment's experiment.json, cells/, tuning/ or stacks/); give a .safetensors "
-                           f"file{weights_held(out)} or a run's --out directory.")
+        raise SurgeryError(f"{out}: a directory that is not a run's (no result.json, metrics.jsonl, checkpoints/ "
+                           f"or pretrain/, nor an experiment's experiment.json, cells/, tuning/ or stacks/); give a "
+                           f".safetensors file{weights_held(out)} or a run's --out directory.")
     meta = _read(out / "experiment.json")
     exp = (meta or {}).get("recipe", {}).get("experiment") or {}
     lines = [f"{out}: experiment {(meta or {}).get('recipe', {}).get('name', '')}".rstrip()]

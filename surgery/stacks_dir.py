@@ -132,8 +132,9 @@ def resume_point(dirs: list[Path], layers: int, progress: bool | None = None) ->
             warnings.warn(f"pretraining starts again at layer 1: the snapshot {files[0][0]} and its generator "
                           f"state do not match this version's", SurgeryWarning, stacklevel=2)
             return None
-        progress_line(progress, f"pretrain: continuing {len(dirs)} stack(s) after layer {depth} of {layers}, "
-                                "where an earlier run stopped")
+        which = "the stack" if len(dirs) == 1 else f"{len(dirs)} stacks"
+        progress_line(progress, f"pretrain: continuing {which} after layer {depth} of {layers}, where an earlier "
+                                "run stopped")
         return start
     return None
 

@@ -382,3 +382,43 @@ def test_grow_stage_equals_autograd_for_each_member(train, stacked):
 def test_grow_on_conv_layers_trains_only_the_new_layer():
     with pytest.raises(ValueError, match="grow with train: all"):
         PretrainConfig(layers=[{"method": "conv_ae", "hidden": 4}, {"method": "grow", "hidden": 8}])
+
+
+def test_a_single_run_stopped_mid_pretraining_resumes_after_its_last_layer(tmp_path, monkeypatch, capsys):
+    """`surgery run` keeps each pretrained layer's snapshot under OUT/pretrain/; killed after
+    layer 2 of 3, `surgery inspect` says so and `--resume` trains only layer 3, making the
+    stack (and the fine-tuned net) of the run without a break."""
+    import json
+
+    from safetensors.torch import load_file
+
+    import surgery.pipeline as pipeline
+    from surgery.cli import main
+
+    (tmp_path / "r.yaml").write_text(
+        "data: {dataset: synthetic, n_train: 300, n_valid: 100, n_test: 100}\n"
+        "pretrain: {batch_size: 50, layers: [{method: rbm, hidden: 16, epochs: 2}, {method: dae, hidden: 12, "
+        "epochs: 2}, {method: ae, hidden: 8, epochs: 2}]}\n"
+        "finetune: {epochs: 2, device: cpu, progress: false}\n")
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "whole")]) == 0
+    original = pipeline.save_snapshot
+
+    def killed_after_layer_two(sdir, i, stack, rng):
+        original(sdir, i, stack, rng)
+        if i == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "save_snapshot", killed_after_layer_two)
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "cut")]) == 130
+    monkeypatch.setattr(pipeline, "save_snapshot", original)
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "cut")]) == 0
+    assert "unfinished: pretraining, 2 layers so far (`--resume` continues after them)" in capsys.readouterr().out
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "continuing the stack after layer 2 of 3" in err and "layer 3/3" in err and "layer 1/3" not in err
+    for name in ("stack.safetensors", "model.safetensors"):
+        a, b = load_file(str(tmp_path / "whole" / name)), load_file(str(tmp_path / "cut" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    whole, cut = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("whole", "cut"))
+    assert whole["test_error"] == cut["test_error"]
