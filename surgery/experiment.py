@@ -96,7 +96,7 @@ class CellRunner:
         data = self.dataset(members[0][1])
 
         def trainer() -> PopulationTrainer:
-            return PopulationTrainer([m[2].copy() for m in members], data, [m[1].finetune for m in members],
+            return PopulationTrainer([m[2] for m in members], data, [m[1].finetune for m in members],
                                      [m[1].seed for m in members],
                                      out_dirs=[self.open_cell(m[0], cells_dir) for m in members],
                                      record=lambda k, res: _record(members[k][0], res, members[k][3], len(members)),
