@@ -139,8 +139,13 @@ def markdown(rows: list[dict[str, Any]], baseline: str = "none", tuning: dict[st
     lines += tuning_markdown(tuning) if tuning else []
     lines += ["", "## Figures", "",
               "![test error vs depth](figures/error_vs_depth.png)", "",
-              "![spread over seeds](figures/error_hist.png)", "",
-              "![learning curves](figures/learning_curves.png)", "",
+              "![spread over seeds](figures/error_hist.png)", ""]
+    gone = [r for r in rows if not (r.get("path") and (Path(r["path"]) / "metrics.jsonl").is_file())]
+    if gone:  # runs merged from a results.csv whose run directories are not here
+        arms = ", ".join(sorted({r["condition"] for r in gone}))
+        lines += [f"The learning curves and filters leave out the runs whose directories (results.csv's `path`) "
+                  f"are not here: {len(gone)} of {len(rows)} ({arms}).", ""]
+    lines += ["![learning curves](figures/learning_curves.png)", "",
               "![first-layer filters](figures/filters.png)", ""]
     return "\n".join(lines)
 

@@ -454,6 +454,11 @@ def test_compare_merges_arms_tuned_in_separate_runs(tmp_path, capsys):
         ("none", False), ("none", False), ("none", True), ("dae", False), ("dae", False), ("dae", True)]
     report = (tmp_path / "merged" / "report.md").read_text()
     assert "| none | 1 | " in report.split("## Tuning")[1] and "| dae | 1 | " in report.split("## Tuning")[1]
+    assert "leave out" not in report
+    # merged again once one run's directories are gone (results.csv kept): the report says whose curves are missing
+    shutil.rmtree(tmp_path / "dae" / "cells")
+    assert main(["compare", str(tmp_path / "none"), str(tmp_path / "dae"), "--out", str(tmp_path / "m1")]) == 0
+    assert "are not here: 1 of 2 (dae)" in (tmp_path / "m1" / "report.md").read_text()
     other = json.loads((tmp_path / "dae" / "tuning.json").read_text())
     (tmp_path / "dae" / "tuning.json").write_text(json.dumps({**other, "trials_per_arm": 5}))
     capsys.readouterr()
