@@ -148,6 +148,11 @@ class CellRunner:
         res_path = cdir / "result.json"
         if res_path.is_file():
             return json.loads(res_path.read_text()), cdir
+        if (cdir / "checkpoints" / MEMBER_CHECKPOINT).is_file() and _member_epoch(cdir, cell):
+            # stopped in a population (now off, or its group changed): it continues as a population of one
+            r, _, graph, pre_s = self.prepare(cell)
+            if self._population([(cell, r, graph, pre_s)], cells_dir, resume=True):
+                return json.loads(res_path.read_text()), cdir
         trainer = self._resumed(cell, cells_dir)
         try:
             return trainer.fit(), cdir  # its result.json, written last, marks the cell finished

@@ -702,10 +702,16 @@ def test_a_killed_population_continues_from_its_members_checkpoints(tmp_path, mo
     capsys.readouterr()
     assert main(["inspect", str(tmp_path / "cut")]) == 0
     assert capsys.readouterr().out.count("the rerun continues from its checkpoint after epoch 2") == 2
+    shutil.copytree(tmp_path / "cut", tmp_path / "cut_off")
     epochs_run.clear()
     assert main(["run", str(rp), "--out", str(tmp_path / "cut")]) == 0
     assert epochs_run == [3, 4], epochs_run  # only the killed population ran, from epoch 3
     _same_grid(tmp_path / "whole", tmp_path / "cut")
+    # rerun with populations off: each of its members continues alone, as a population of one
+    epochs_run.clear()
+    assert main(["run", str(rp), "--out", str(tmp_path / "cut_off"), "--set", "experiment.population=off"]) == 0
+    assert epochs_run == [3, 4, 3, 4], epochs_run
+    _same_grid(tmp_path / "whole", tmp_path / "cut_off")
     # a torn member checkpoint: that population trains again from epoch 1, saying why
     rbm = [c for c in (tmp_path / "cut" / "cells").iterdir()
            if json.loads((c / "recipe.json").read_text())["name"].startswith("rbm")]
