@@ -12,6 +12,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
 from .assembly import ForeignSource, SurgeryConfig, build_graph
 from .data import Dataset, find_mnist_file, load_dataset, resolve_device
 from .errors import ConfigError, SurgeryError, SurgeryWarning, TrainingDiverged
@@ -28,7 +30,7 @@ from .pretrain.greedy import plan_stack
 from .recipe import Recipe
 from .runtime import is_main_process
 from .stack import LayerStack, load_foreign
-from .stacks_dir import resume_point, save_snapshot
+from .stacks_dir import continue_from, save_snapshot
 
 
 def is_single_run_dir(path: Path) -> bool:
@@ -58,11 +60,17 @@ def pretrain(recipe: Recipe, data: Dataset | None = None, progress: bool | None 
     if recipe.pretrain is None:
         raise SurgeryError(f"{recipe.source}: the recipe has no pretrain: section.{_grid_hint(recipe)}")
     data = data or load_dataset(recipe.data, recipe.base_dir)
-    start = resume_point([snapshots], len(recipe.pretrain.layers), progress) if snapshots and resume else None
-    keep = (lambda i, st, rng: save_snapshot(snapshots, i, st, rng)) if snapshots else None
+    start, keep = None, None
+    if snapshots is not None:
+        plan = {"pretrain": recipe.pretrain.model_dump(mode="json"), "seed": recipe.seed, "data": data.fingerprint()}
+        start = continue_from(snapshots, plan, len(recipe.pretrain.layers), resume, progress)
+
+        def keep(i: int, st: LayerStack, rng: Tensor) -> None:
+            save_snapshot(snapshots, i, st, rng)
+
     stack = greedy_pretrain(data.train.x, recipe.pretrain, recipe.seed, y=data.train.y, progress=progress,
                             data_fingerprint=data.fingerprint(), on_layer=keep, valid=(data.valid.x, data.valid.y),
-                            start=start[0] if start else None)
+                            start=start)
     stack.recipe = recipe.to_dict()
     stack.info["dataset"] = data.name
     return stack

@@ -13,6 +13,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -105,6 +106,26 @@ class StackStore:
         seconds = round((time.perf_counter() - t0) / len(members) + before, 3)  # each stack's share
         for sdir, st in zip(dirs, stacks):
             write_json(sdir / "pretrain.json", {"seconds": seconds, "layers": len(st), "population": len(members)})
+
+
+def continue_from(snapshots: Path, plan: dict[str, Any], layers: int, resume: bool,
+                  progress: bool | None = None) -> tuple[LayerStack, Tensor] | None:
+    """For a single run's stack kept in ``snapshots``: where ``resume`` continues (None: at
+    layer 1). Its snapshots count only when ``plan`` (what makes the stack: the pretrain
+    section, seed and data) is the one they were made by; otherwise, or when not resuming,
+    they are cleared, with a warning where resuming was asked."""
+    made_by = snapshots / "plan.json"
+    same = made_by.is_file() and json.loads(made_by.read_text()) == plan
+    kept = sorted(snapshots.glob("depth*.safetensors")) + sorted(snapshots.glob("rng*.safetensors"))
+    if resume and kept and not same:
+        warnings.warn(f"--resume: the layers kept in {snapshots} were pretrained by another pretrain section, seed "
+                      "or data; pretraining starts again at layer 1.", SurgeryWarning, stacklevel=2)
+    start = resume_point([snapshots], layers, progress) if resume and same else None
+    if start is None:
+        for f in kept:
+            f.unlink()
+    write_json(made_by, plan)
+    return start[0] if start else None
 
 
 def save_snapshot(sdir: Path, i: int, stack: LayerStack, rng: Tensor) -> None:

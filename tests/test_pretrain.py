@@ -422,3 +422,15 @@ def test_a_single_run_stopped_mid_pretraining_resumes_after_its_last_layer(tmp_p
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     whole, cut = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("whole", "cut"))
     assert whole["test_error"] == cut["test_error"]
+    # layers kept by another pretrain section are not continued from: --resume warns and starts at layer 1
+    monkeypatch.setattr(pipeline, "save_snapshot", killed_after_layer_two)
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "other")]) == 130
+    monkeypatch.setattr(pipeline, "save_snapshot", original)
+    capsys.readouterr()
+    changed = ["--set", "pretrain.layers.0.epochs=1"]
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "other"), "--resume", *changed]) == 0
+    err = capsys.readouterr().err
+    assert "were pretrained by another pretrain section, seed or data" in err and "layer 1/3" in err, err
+    assert sorted(p.name for p in (tmp_path / "other" / "pretrain").iterdir()) == [
+        "depth1.safetensors", "depth2.safetensors", "depth3.safetensors", "plan.json",
+        "rng1.safetensors", "rng2.safetensors", "rng3.safetensors"]
