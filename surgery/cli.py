@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -54,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = _recipe_cmd(sub, "pretrain", "train the recipe's pretrain: layers greedily and save the stack")
-    p.add_argument("-o", "--output", type=Path, help="stack file (default runs/<name>/stack.safetensors)")
+    p.add_argument("-o", "--output", type=Path, help="stack file (default runs/<name>/stack.safetensors); each "
+                   "layer is also kept beside it in STACK.layers/ until the stack is written")
+    p.add_argument("--resume", action="store_true", help="continue after the last layer kept in STACK.layers/ "
+                   "(made by the same pretrain section, seed and data)")
 
     p = sub.add_parser("inspect", help="show a stack or model file (layers, shapes, how each was trained), or how "
                                        "far a run or experiment directory has got")
@@ -112,9 +116,11 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     recipe = _load(args)
     out = args.output or Path("runs") / recipe.name / "stack.safetensors"
     make_dir(out.parent)  # an unwritable output fails now, not after the training
-    stack = pretrain(recipe)
+    layers = out.with_suffix(".layers")
+    stack = pretrain(recipe, snapshots=layers if is_main_process() else None, resume=args.resume)
     if is_main_process():
         stack.save(out)
+        shutil.rmtree(layers, ignore_errors=True)  # the whole stack is written: its layers are no longer needed
     say(describe(stack.manifest()), f"stack written to {out}")
 
 

@@ -7,6 +7,7 @@ The same functions back the CLI commands (``pretrain``, ``assemble``, ``validate
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -180,6 +181,7 @@ def run(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool | 
             stack = pretrain(recipe, data, progress, out / "pretrain" if is_main_process() else None, resume)
             if is_main_process():
                 stack.save(stack_path)
+                shutil.rmtree(out / "pretrain", ignore_errors=True)  # its layers are in the stack now
     t_pre = time.perf_counter() - t0
     graph = assemble(recipe, stack, data.num_classes, data.input_shape)
     trainer = None

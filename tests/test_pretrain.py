@@ -431,6 +431,16 @@ def test_a_single_run_stopped_mid_pretraining_resumes_after_its_last_layer(tmp_p
     assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "other"), "--resume", *changed]) == 0
     err = capsys.readouterr().err
     assert "were pretrained by another pretrain section, seed or data" in err and "layer 1/3" in err, err
-    assert sorted(p.name for p in (tmp_path / "other" / "pretrain").iterdir()) == [
-        "depth1.safetensors", "depth2.safetensors", "depth3.safetensors", "plan.json",
-        "rng1.safetensors", "rng2.safetensors", "rng3.safetensors"]
+    assert not (tmp_path / "other" / "pretrain").exists()  # the stack is written whole: its layers go
+    # `surgery pretrain` keeps them beside its output (STACK.layers/) and continues the same way
+    monkeypatch.setattr(pipeline, "save_snapshot", killed_after_layer_two)
+    stack = tmp_path / "p" / "stack.safetensors"
+    assert main(["pretrain", str(tmp_path / "r.yaml"), "-o", str(stack)]) == 130
+    monkeypatch.setattr(pipeline, "save_snapshot", original)
+    assert not stack.exists() and (tmp_path / "p" / "stack.layers" / "depth2.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["pretrain", str(tmp_path / "r.yaml"), "-o", str(stack), "--resume"]) == 0
+    assert "continuing the stack after layer 2 of 3" in capsys.readouterr().err
+    a, b = load_file(str(tmp_path / "whole" / "stack.safetensors")), load_file(str(stack))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "p" / "stack.layers").exists()
