@@ -176,9 +176,7 @@ class CellRunner:
             trainer.load_checkpoint()
             return trainer
         except CheckpointError as e:
-            why = str(e).split("; ")[0]  # what is wrong, without the advice meant for --resume
-            warnings.warn(f"cell {cell.condition} depth {cell.depth} seed {cell.seed}: its checkpoint cannot be "
-                          f"used ({why}); the cell trains from epoch 1.", SurgeryWarning, stacklevel=2)
+            _starts_over(cell, str(e).split("; ")[0])  # what is wrong, without the advice meant for --resume
             return self._trainer(cell, cells_dir)  # its graph may be half restored: built again
 
     def run_batch(self, cells: list[Cell], mode: str | int, cells_dir: str) -> Iterator[dict[str, Any] | None]:
@@ -205,9 +203,14 @@ def _member_epoch(cdir: Path, cell: Cell) -> int:
     epoch = ((read_checkpoint_meta(path) or {}).get("state") or {}).get("epoch")
     if isinstance(epoch, int) and epoch > 0:
         return epoch
-    warnings.warn(f"cell {cell.condition} depth {cell.depth} seed {cell.seed}: its checkpoint cannot be used ({path} "
-                  "is unreadable); the cell trains from epoch 1.", SurgeryWarning, stacklevel=2)
+    _starts_over(cell, f"{path} is unreadable")
     return 0
+
+
+def _starts_over(cell: Cell, why: str) -> None:
+    """Warn that ``cell``'s checkpoint cannot be used (``why``) and it trains from epoch 1."""
+    warnings.warn(f"cell {cell.condition} depth {cell.depth} seed {cell.seed}: its checkpoint cannot be used "
+                  f"({why}); the cell trains from epoch 1.", SurgeryWarning, stacklevel=3)
 
 
 def _record(cell: Cell, result: dict[str, Any], pretrain_seconds: float, share: int = 1) -> dict[str, Any]:

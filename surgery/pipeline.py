@@ -10,10 +10,9 @@ import json
 import shutil
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
-
-from torch import Tensor
 
 from .assembly import ForeignSource, SurgeryConfig, build_graph
 from .data import Dataset, find_mnist_file, load_dataset, resolve_device
@@ -61,14 +60,11 @@ def pretrain(recipe: Recipe, data: Dataset | None = None, progress: bool | None 
     if recipe.pretrain is None:
         raise SurgeryError(f"{recipe.source}: the recipe has no pretrain: section.{_grid_hint(recipe)}")
     data = data or load_dataset(recipe.data, recipe.base_dir)
-    start, keep = None, None
+    start = None
     if snapshots is not None:
         plan = {"pretrain": recipe.pretrain.model_dump(mode="json"), "seed": recipe.seed, "data": data.fingerprint()}
         start = continue_from(snapshots, plan, len(recipe.pretrain.layers), resume, progress)
-
-        def keep(i: int, st: LayerStack, rng: Tensor) -> None:
-            save_snapshot(snapshots, i, st, rng)
-
+    keep = partial(save_snapshot, snapshots) if snapshots is not None else None
     stack = greedy_pretrain(data.train.x, recipe.pretrain, recipe.seed, y=data.train.y, progress=progress,
                             data_fingerprint=data.fingerprint(), on_layer=keep, valid=(data.valid.x, data.valid.y),
                             start=start)

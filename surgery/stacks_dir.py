@@ -12,6 +12,7 @@ import json
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ class StackStore:
             start = resume_point([sdir], len(r.pretrain.layers), self.progress)
             st = greedy_pretrain(data.train.x, r.pretrain, r.seed, y=data.train.y, progress=self.progress,
                                  data_fingerprint=data.fingerprint(),
-                                 on_layer=lambda i, st, rng: save_snapshot(sdir, i, st, rng),
+                                 on_layer=partial(save_snapshot, sdir),
                                  valid=(data.valid.x, data.valid.y), start=start[0] if start else None)
             seconds = time.perf_counter() - t0 + (_seconds_before(start[0][0]) if start else 0.0)
             write_json(sdir / "pretrain.json", {"seconds": round(seconds, 3), "layers": len(st)})
