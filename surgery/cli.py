@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from .data import load_dataset
 from .errors import SurgeryError, SurgeryWarning
 from .experiment import merge_tuning, read_results, run_experiment, write_results_csv
+from .grid import parse_shard
 from .io import make_dir, write_json
 from .model_file import describe_model, load_model, save_model
 from .pipeline import assemble, finetune_model, pretrain, run, validate
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output directory (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="single runs: continue pretraining after its last "
                    "finished layer, fine-tuning from the last checkpoint (experiments always continue)")
+    p.add_argument("--shard", metavar="I/N", help="experiments: train only share I of N of the trials and cells, so N "
+                   "processes (one thread each, or machines sharing --out) run one grid together; then run once "
+                   "without --shard: it trains what is left and writes results.csv and the report")
 
     p = sub.add_parser("compare", help="rebuild and merge reports from one or more experiment directories")
     p.add_argument("dirs", type=Path, nargs="+", help="experiment directories (e.g. seeds or arms run apart); "
@@ -205,7 +209,11 @@ def cmd_run(args: argparse.Namespace) -> None:
     """``surgery run``: the whole recipe, or its experiment grid and report."""
     recipe = _load(args)
     out = _out(args, recipe)
+    shard = parse_shard(args.shard) if args.shard else None
     if recipe.experiment is None:
+        if shard is not None:
+            raise SurgeryError(f"--shard: {args.recipe} has no experiment: section; shards split an experiment's "
+                               "cells (a single run is one process: drop --shard).")
         res = run(recipe, out, resume=args.resume)
         if "test_error" in res:
             _print_result(res, out)
@@ -213,7 +221,12 @@ def cmd_run(args: argparse.Namespace) -> None:
             say(f"assembled model in {out}/assembled.safetensors (no finetune: section)")
         return
     baseline = recipe.experiment.baseline
-    rows = run_experiment(recipe, out)
+    rows = run_experiment(recipe, out, shard=shard)
+    if shard is not None:
+        say(f"shard {args.shard}: {len(rows)} cells finished in {out}/cells/; when every shard has finished, "
+            f"`surgery run {args.recipe} --out {out}` (same --set options, no --shard) trains what is left and "
+            "writes results.csv and the report")
+        return
     write_report(out, rows, baseline=baseline)
     say(f"{len(rows)} cells; results in {out}/results.csv, report in {out}/report.md, figures in {out}/figures/")
     for t in table(rows, baseline):

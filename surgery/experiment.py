@@ -28,7 +28,7 @@ from .errors import CheckpointError, ConfigError, SurgeryError, SurgeryWarning, 
 from .experiment_config import TuneConfig
 from .finetune import PopulationTrainer, Trainer
 from .graph import ModelGraph
-from .grid import Cell, plan_cells, with_values
+from .grid import Cell, plan_cells, shard_of, with_values
 from .io import make_dir, progress_bar, progress_line, write_json, write_text
 from .pipeline import is_single_run_dir, load_sources
 from .population import architecture_key, model_bytes, population_size
@@ -179,6 +179,11 @@ class CellRunner:
             _starts_over(cell, str(e).split("; ")[0])  # what is wrong, without the advice meant for --resume
             return self._trainer(cell, cells_dir)  # its graph may be half restored: built again
 
+    def finished(self, cell: Cell, cells_dir: str) -> dict[str, Any] | None:
+        """The cell's result if it has finished (here or in another process), else ``None``."""
+        path = self.out / cells_dir / cell.key / "result.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
     def run_batch(self, cells: list[Cell], mode: str | int, cells_dir: str) -> Iterator[dict[str, Any] | None]:
         """Yield each cell's result in order, ``None`` for one whose training diverged: the
         unfinished cells' stacks pretrain and their fine-tuning runs in populations as
@@ -233,9 +238,16 @@ def _summary(result: dict[str, Any], test: bool = True) -> str:
     return ", ".join([*errors, f"{result['epochs']} epochs", f"{minutes:.1f} min"])
 
 
-def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None) -> list[dict[str, Any]]:
+def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None,
+                   shard: tuple[int, int] | None = None) -> list[dict[str, Any]]:
     """Run every cell not yet finished under ``out`` (after tuning each arm when the
     experiment has ``tune:``); write ``results.csv`` and return its rows.
+
+    ``shard=(i, n)``: this process is shard ``i`` (0-based) of ``n`` sharing ``out``: it
+    trains only its share of each trial batch and of the cells (:func:`grid.shard_of`),
+    reads the other shards' finished ones, and writes no ``results.csv`` (a run without a
+    shard does, training whatever is left); it returns the rows of its own cells, none when
+    an arm's tuning waits for another shard's trials.
 
     The report (tables, figures) is :func:`surgery.report.write_report`'s job."""
     out = make_dir(Path(out))
@@ -244,7 +256,15 @@ def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None
     assert recipe.experiment is not None
     write_json(out / "experiment.json", {"recipe": recipe.to_dict(), "cells": len(cells)})  # first: inspect reads it
     if recipe.experiment.tune is not None:
-        cells = tune_arms(recipe.experiment.tune, cells, runner, out, progress)
+        tuned = tune_arms(recipe.experiment.tune, cells, runner, out, progress, shard)
+        if tuned is None:
+            return []  # this shard is done until the other shards' trials are
+        if shard is None or shard[0] == 0:  # one process adopts them
+            for cell in tuned:  # a first seed's cell is its arm's best trial
+                adopt_trial(out, cell)
+        cells = tuned if shard is None else shard_of([c for c in tuned if not runner.finished(c, "tuning")], *shard)
+    elif shard is not None:
+        cells = shard_of(cells, *shard)
     bar = progress_bar(len(cells), "experiment", progress, "cell")
     done_before = {c.key for c in cells if (out / "cells" / c.key / "result.json").is_file()}
     runner.stacks.pretrain_populations(cells, recipe.experiment.population)
@@ -262,37 +282,49 @@ def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None
             progress_line(progress, f"experiment: cell {len(rows)}/{len(cells)} {cell.condition} depth {cell.depth} "
                                     f"seed {cell.seed}: {_summary(result)}")
     bar.close()
-    write_results_csv(out / "results.csv", rows)
+    if shard is None:
+        write_results_csv(out / "results.csv", rows)
     return rows
 
 
 def tune_arms(cfg: TuneConfig, cells: list[Cell], runner: CellRunner, out: Path,
-              progress: bool | None = None) -> list[Cell]:
+              progress: bool | None = None, shard: tuple[int, int] | None = None) -> list[Cell] | None:
     """The same search budget for every (arm, depth): ``cfg.trials`` Optuna trials on the
     first seed's cell, scored by validation error (never test), ``cfg.batch`` at a time;
-    then every seed's cell with the best trial's values. Writes every trial to
-    ``OUT/tuning.json``; a trial whose training diverged is recorded as such and told to
-    Optuna as the worst error (``DIVERGED_SCORE``), never chosen."""
+    then every seed's cell with the best trial's values (the caller adopts the best trial's
+    directory as its first seed's cell). Writes every trial to ``OUT/tuning.json``; a trial
+    whose training diverged is recorded as such and told to Optuna as the worst error
+    (``DIVERGED_SCORE``), never chosen. A ``shard`` trains its share of each batch and reads
+    the rest; ``None`` when some arm waits for another shard's trials."""
     groups: dict[tuple[str, int], list[Cell]] = {}
     for c in cells:
         groups.setdefault((c.condition, c.depth), []).append(c)
-    record, tuned = [], []
+    record, tuned, waiting = [], [], []
     bar = progress_bar(len(groups) * cfg.trials, "tuning", progress, "trial")
     for (arm, depth), group in groups.items():
-        trials, best = _tune_arm(cfg, group[0], runner, bar, progress)
+        outcome = _tune_arm(cfg, group[0], runner, bar, progress, shard)
+        if outcome is None:
+            waiting.append(f"{arm} depth {depth}")
+            continue
+        trials, best = outcome
         record += [{"condition": arm, "depth": depth, **t} for t in [*trials, best]]
-        cells_best = [with_values(c, best["params"]) for c in group]
-        adopt_trial(out, cells_best[0])
-        tuned += cells_best
+        tuned += [with_values(c, best["params"]) for c in group]
     bar.close()
+    if waiting:
+        assert shard is not None
+        progress_line(progress, f"tuning: shard {shard[0] + 1}/{shard[1]} has trained its trials; "
+                                f"{', '.join(waiting)} wait(s) for the other shards' trials (run this shard again "
+                                "when they have finished, or without --shard to train what is left here)")
+        return None
     write_json(out / "tuning.json", {"metric": cfg.metric, "trials_per_arm": cfg.trials, "batch": cfg.batch,
                                      "trials": record})
     return tuned
 
 
-def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any,
-              progress: bool | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """One (arm, depth)'s study on ``cell``: its trials' records and the best one's."""
+def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any, progress: bool | None,
+              shard: tuple[int, int] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+    """One (arm, depth)'s study on ``cell``: its trials' records and the best one's;
+    ``None`` when a ``shard`` finds another shard's trial unfinished (its own all train first)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -303,21 +335,37 @@ def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any,
     assert runner.recipe.experiment is not None
     mode = runner.recipe.experiment.population
     record: list[dict[str, Any]] = []
+
+    def tell(trial: Any, vals: dict[str, Any], result: dict[str, Any] | None, whose: str = "") -> None:
+        if result is None:
+            study.tell(trial, DIVERGED_SCORE)
+            record.append({"trial": trial.number, "params": vals, cfg.metric: None, "diverged": True})
+        else:
+            study.tell(trial, result[cfg.metric])
+            record.append({"trial": trial.number, "params": vals, cfg.metric: result[cfg.metric]})
+        bar.update(1)
+        outcome = f"diverged (scored {DIVERGED_SCORE:g}%)" if result is None else _summary(result, test=False)
+        progress_line(progress, f"tuning: {where} trial {trial.number + 1}/{cfg.trials} "
+                                f"{shown(vals, ignored)}: {outcome}{whose}")
+
     while len(record) < cfg.trials:
         asked = [study.ask() for _ in range(min(cfg.batch, cfg.trials - len(record)))]
         values = [suggest(t, cfg.params) for t in asked]
-        results = runner.run_batch([with_values(cell, v) for v in values], mode, "tuning")
-        for trial, vals, result in zip(asked, values, results):  # each told and logged as it finishes
+        batch = [with_values(cell, v) for v in values]
+        mine = {c.key for c in (batch if shard is None else shard_of(batch, *shard))}
+        trained = runner.run_batch([c for c in batch if c.key in mine], mode, "tuning")
+        later = []  # other shards' trials, read once this shard's have trained
+        for trial, vals, c in zip(asked, values, batch):  # each told and logged as it finishes
+            if c.key not in mine:
+                later.append((trial, vals, c))
+                continue
+            tell(trial, vals, next(trained))
+        for trial, vals, c in later:
+            result = runner.finished(c, "tuning")
             if result is None:
-                study.tell(trial, DIVERGED_SCORE)
-                record.append({"trial": trial.number, "params": vals, cfg.metric: None, "diverged": True})
-            else:
-                study.tell(trial, result[cfg.metric])
-                record.append({"trial": trial.number, "params": vals, cfg.metric: result[cfg.metric]})
-            bar.update(1)
-            outcome = f"diverged (scored {DIVERGED_SCORE:g}%)" if result is None else _summary(result, test=False)
-            progress_line(progress, f"tuning: {where} trial {trial.number + 1}/{cfg.trials} "
-                                    f"{shown(vals, ignored)}: {outcome}")
+                return None  # not finished there yet (a diverged one is trained again by a run without shards)
+            tell(trial, vals, result, " (another shard's)")
+    record.sort(key=lambda t: t["trial"])
     scored = [t for t in record if not t.get("diverged")]
     if not scored:
         raise TrainingDiverged(f"experiment.tune: every trial of {where} diverged; narrow the ranges in "

@@ -158,3 +158,24 @@ def with_values(cell: Cell, values: dict[str, Any]) -> Cell:
     pkey = _hash({"data": r["data"], "pretrain": r["pretrain"], "seed": cell.seed}) if "pretrain" in r else None
     return Cell(condition=cell.condition, depth=cell.depth, seed=cell.seed, recipe=r, pretrain_key=pkey)
 
+
+
+def shard_of(cells: list[Cell], index: int, count: int) -> list[Cell]:
+    """The cells shard ``index`` of ``count`` (0-based) trains: cells that share a greedy
+    stack stay together (one process pretrains it), and those groups are dealt out in plan
+    order, so every process that plans the same cells takes the same share."""
+    groups: dict[str, int] = {}
+    for c in cells:
+        groups.setdefault(c.pretrain_key or c.key, len(groups))
+    return [c for c in cells if groups[c.pretrain_key or c.key] % count == index]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` (1 <= I <= N) as the 0-based ``(index, count)``; a clear error otherwise."""
+    parts = text.split("/")
+    if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
+        i, n = int(parts[0]), int(parts[1])
+        if 1 <= i <= n:
+            return i - 1, n
+    raise SurgeryError(f"--shard {text!r}: give I/N with 1 <= I <= N, e.g. --shard 1/2 and --shard 2/2 for two "
+                       "processes sharing one --out directory.")

@@ -423,6 +423,58 @@ def test_a_tuning_batch_trains_its_trials_together_and_equals_one_by_one(tmp_pat
         assert (ra["cell"], ra["test_error"], ra["valid_error"]) == (rb["cell"], rb["test_error"], rb["valid_error"])
 
 
+def test_shards_share_one_tuned_grid_and_equal_one_process(tmp_path, capsys):
+    """`--shard 1/2` and `--shard 2/2` over one --out: each trains only its half of an arm's
+    trial batch, waits (returns) until the other's trials are there, then trains its half of
+    the seed cells; the run without --shard trains nothing more and writes the results,
+    trials and best choices of a run in one process, cell for cell."""
+    r = _tuning_recipe(batch=4)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    recipe, out = str(tmp_path / "r.yaml"), tmp_path / "sharded"
+    assert main(["run", recipe, "--out", str(tmp_path / "one")]) == 0
+
+    def finished():
+        return {p.parent.name: p.stat().st_mtime_ns for p in out.rglob("result.json")}
+
+    steps = []
+    for args in (["--shard", "1/2"], ["--shard", "2/2"], ["--shard", "1/2"], []):
+        before = finished()
+        capsys.readouterr()
+        assert main(["run", recipe, "--out", str(out), *args]) == 0
+        after = finished()
+        assert all(after[k] == t for k, t in before.items())  # nothing trained twice
+        steps.append((set(after) - set(before), capsys.readouterr(), (out / "tuning.json").exists()))
+    (first, said, tuned), (second, _, _), (third, _, _), (last, said_last, _) = steps
+    assert len(first) == 4 and not tuned  # 2 trials of each arm, then it waited
+    assert "wait(s) for the other shards' trials" in said.err and "shard 1/2: 0 cells finished" in said.out
+    # the trials, then one seed-1 cell each (the seed-0 cells are the best trials, adopted by the first shard)
+    assert len(second) == 4 + 1 and len(third) == 1 and last == set()
+    assert "shard 1" not in said_last.out and (out / "results.csv").is_file()
+    one = json.loads((tmp_path / "one" / "tuning.json").read_text())
+    assert json.loads((out / "tuning.json").read_text()) == one
+    rows = [sorted(_rows(d), key=lambda x: x["cell"]) for d in (tmp_path / "one", out)]
+    assert [(a["cell"], a["test_error"]) for a in rows[0]] == [(b["cell"], b["test_error"]) for b in rows[1]]
+
+
+def test_a_shard_keeps_the_cells_of_one_stack_together(tmp_path, capsys):
+    from surgery.grid import shard_of
+
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(TINY))
+    cells = plan_cells(load_recipe(p), (16,), 4)
+    shares = [shard_of(cells, i, 3) for i in range(3)]
+    assert sorted(c.key for s in shares for c in s) == sorted(c.key for c in cells)  # each cell in one share
+    for s in shares:
+        others = {c.pretrain_key for t in shares if t is not s for c in t}
+        assert all(c.pretrain_key is None or c.pretrain_key not in others for c in s)
+    assert max(map(len, shares)) - min(map(len, shares)) <= 2  # depths 1 and 2 of an arm's seed: one stack
+    for bad in ("3/2", "0/2", "a/b", "1"):
+        assert main(["run", str(p), "--out", str(tmp_path / "o"), "--shard", bad]) == 2
+        assert "--shard" in capsys.readouterr().err
+    assert main(["run", str(ROOT / "recipes" / "dbn.yaml"), "--out", str(tmp_path / "s"), "--shard", "1/2"]) == 2
+    assert "has no experiment: section" in capsys.readouterr().err
+
+
 def test_a_batch_of_trials_trained_one_by_one_logs_each_as_it_finishes(tmp_path, monkeypatch):
     """Without populations (the CPU's default) a batch's trials train one after another, and
     each is told and logged when it ends, not when the whole batch has."""
