@@ -48,3 +48,10 @@ def test_collect_results_gathers_what_a_stopped_run_finished(tmp_path):
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert [(r["kind"], r["key"]) for r in rows] == [("cell", "c1"), ("trial", "t1"), ("stack", "s1")]
     assert rows[0]["test_error"] == 1.5 and rows[2]["seconds"] == 3.0
+
+
+def test_shards_py_runs_a_grid_both_ways_and_finds_the_same_errors():
+    out = subprocess.run([sys.executable, "benchmarks/shards.py", "--n", "300", "--seeds", "2", "--epochs", "1",
+                          "--width", "16", "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "shards x one process: " in out.stdout and "same test errors in every cell: True" in out.stdout
