@@ -159,7 +159,6 @@ def with_values(cell: Cell, values: dict[str, Any]) -> Cell:
     return Cell(condition=cell.condition, depth=cell.depth, seed=cell.seed, recipe=r, pretrain_key=pkey)
 
 
-
 def shard_of(cells: list[Cell], index: int, count: int) -> list[Cell]:
     """The cells shard ``index`` of ``count`` (0-based) trains: cells that share a greedy
     stack stay together (one process pretrains it), and those groups are dealt out in plan
