@@ -174,6 +174,9 @@ def describe_run(out: Path) -> list[str]:
     else:
         lines.append(f"cells: {len(cells)}{f' of {total}' if total else ''} finished")
     lines += [f"unfinished (training now, or stopped): {x}" for x in tuning_now + cells_now]
-    if total and len(cells) >= total:
+    if total and len(cells) >= total and (out / "results.csv").is_file():
         lines.append(f"finished: results in {out}/results.csv, report in {out}/report.md")
+    elif total and len(cells) >= total:  # shards trained them; the run that writes the results has not run
+        lines.append(f"every cell finished, no results.csv yet: `surgery run RECIPE --out {out}` (no --shard) "
+                     "writes it and the report, training nothing again")
     return lines

@@ -444,6 +444,9 @@ def test_shards_share_one_tuned_grid_and_equal_one_process(tmp_path, capsys):
         after = finished()
         assert all(after[k] == t for k, t in before.items())  # nothing trained twice
         steps.append((set(after) - set(before), capsys.readouterr(), (out / "tuning.json").exists()))
+        if args == ["--shard", "1/2"] and steps[1:]:  # every cell trained by a shard, nothing collected yet
+            assert main(["inspect", str(out)]) == 0
+            assert "every cell finished, no results.csv yet: `surgery run RECIPE " in capsys.readouterr().out
     (first, said, tuned), (second, _, _), (third, _, _), (last, said_last, _) = steps
     assert len(first) == 4 and not tuned  # 2 trials of each arm, then it waited
     assert "wait(s) for the other shards' trials" in said.err and "shard 1/2: 0 cells finished" in said.out
