@@ -84,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="single runs: continue pretraining after its last "
                    "finished layer, fine-tuning from the last checkpoint (experiments always continue)")
     p.add_argument("--shard", metavar="I/N", help="experiments: train only share I of N of the trials and cells, so N "
-                   "processes (one thread each, or machines sharing --out) run one grid together; then run once "
-                   "without --shard: it trains what is left and writes results.csv and the report")
+                   "processes (or machines sharing --out) run one grid together; a shard waits for the others' "
+                   "trials of a batch; when all have ended, run once without --shard: it trains what is left and "
+                   "writes results.csv and the report")
 
     p = sub.add_parser("compare", help="rebuild and merge reports from one or more experiment directories")
     p.add_argument("dirs", type=Path, nargs="+", help="experiment directories (e.g. seeds or arms run apart); "

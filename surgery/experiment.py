@@ -36,6 +36,8 @@ from .recipe import Recipe, recipe_from_dict
 from .search import DIVERGED_SCORE, make_sampler, shown, suggest
 from .stacks_dir import StackStore
 
+DIVERGED_FILE = "diverged.json"  # in a tuning trial's directory: its training diverged (told as the worst score)
+WAIT_SECONDS = 30.0  # the longest pause between two looks for another shard's trials
 RESULT_FIELDS = ["condition", "depth", "seed", "train_error", "valid_error", "test_error", "epochs",
                  "best_epoch", "pretrain_seconds", "finetune_seconds", "cell", "path"]
 
@@ -179,23 +181,32 @@ class CellRunner:
             _starts_over(cell, str(e).split("; ")[0])  # what is wrong, without the advice meant for --resume
             return self._trainer(cell, cells_dir)  # its graph may be half restored: built again
 
-    def finished(self, cell: Cell, cells_dir: str) -> dict[str, Any] | None:
-        """The cell's result if it has finished (here or in another process), else ``None``."""
-        path = self.out / cells_dir / cell.key / "result.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+    def finished(self, cell: Cell, cells_dir: str) -> tuple[bool, dict[str, Any] | None]:
+        """Whether the cell has ended (here or in another process) and its result: ``None``
+        for one whose training diverged (its ``diverged.json``)."""
+        cdir = self.out / cells_dir / cell.key
+        if (cdir / "result.json").is_file():
+            return True, json.loads((cdir / "result.json").read_text())
+        return (cdir / DIVERGED_FILE).is_file(), None
 
     def run_batch(self, cells: list[Cell], mode: str | int, cells_dir: str) -> Iterator[dict[str, Any] | None]:
         """Yield each cell's result in order, ``None`` for one whose training diverged: the
         unfinished cells' stacks pretrain and their fine-tuning runs in populations as
         ``mode`` allows (a tuning batch's trials), then the rest train alone, each yielded
         as it finishes; equal cells train once."""
-        unique = list({c.key: c for c in cells}.values())
+        unique = [c for c in {c.key: c for c in cells}.values() if not self.finished(c, cells_dir)[0]]
         self.stacks.pretrain_populations(unique, mode)
         self.run_populations(unique, mode, cells_dir=cells_dir)
         for cell in cells:
+            ended, result = self.finished(cell, cells_dir)
+            if ended:  # a rerun (or another shard) finds it finished, or diverged: not trained again
+                yield result
+                continue
             try:
                 yield self.run(cell, cells_dir)[0]
-            except TrainingDiverged:
+            except TrainingDiverged as e:
+                write_json(self.out / cells_dir / cell.key / DIVERGED_FILE,
+                           {"condition": cell.condition, "depth": cell.depth, "seed": cell.seed, "error": str(e)})
                 yield None
 
 
@@ -245,9 +256,9 @@ def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None
 
     ``shard=(i, n)``: this process is shard ``i`` (0-based) of ``n`` sharing ``out``: it
     trains only its share of each trial batch and of the cells (:func:`grid.shard_of`),
-    reads the other shards' finished ones, and writes no ``results.csv`` (a run without a
-    shard does, training whatever is left); it returns the rows of its own cells, none when
-    an arm's tuning waits for another shard's trials.
+    waits for the other shards' trials of a batch before the next (or the best is chosen),
+    and writes no ``results.csv`` (a run without a shard does, training whatever is left);
+    it returns the rows of its own cells.
 
     The report (tables, figures) is :func:`surgery.report.write_report`'s job."""
     out = make_dir(Path(out))
@@ -257,12 +268,10 @@ def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None
     write_json(out / "experiment.json", {"recipe": recipe.to_dict(), "cells": len(cells)})  # first: inspect reads it
     if recipe.experiment.tune is not None:
         tuned = tune_arms(recipe.experiment.tune, cells, runner, out, progress, shard)
-        if tuned is None:
-            return []  # this shard is done until the other shards' trials are
         if shard is None or shard[0] == 0:  # one process adopts them
             for cell in tuned:  # a first seed's cell is its arm's best trial
                 adopt_trial(out, cell)
-        cells = tuned if shard is None else shard_of([c for c in tuned if not runner.finished(c, "tuning")], *shard)
+        cells = tuned if shard is None else shard_of([c for c in tuned if not runner.finished(c, "tuning")[0]], *shard)
     elif shard is not None:
         cells = shard_of(cells, *shard)
     bar = progress_bar(len(cells), "experiment", progress, "cell")
@@ -288,43 +297,33 @@ def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None
 
 
 def tune_arms(cfg: TuneConfig, cells: list[Cell], runner: CellRunner, out: Path,
-              progress: bool | None = None, shard: tuple[int, int] | None = None) -> list[Cell] | None:
+              progress: bool | None = None, shard: tuple[int, int] | None = None) -> list[Cell]:
     """The same search budget for every (arm, depth): ``cfg.trials`` Optuna trials on the
     first seed's cell, scored by validation error (never test), ``cfg.batch`` at a time;
     then every seed's cell with the best trial's values (the caller adopts the best trial's
     directory as its first seed's cell). Writes every trial to ``OUT/tuning.json``; a trial
     whose training diverged is recorded as such and told to Optuna as the worst error
-    (``DIVERGED_SCORE``), never chosen. A ``shard`` trains its share of each batch and reads
-    the rest; ``None`` when some arm waits for another shard's trials."""
+    (``DIVERGED_SCORE``), never chosen. A ``shard`` trains its share of each batch and waits
+    for the other shards' trials."""
     groups: dict[tuple[str, int], list[Cell]] = {}
     for c in cells:
         groups.setdefault((c.condition, c.depth), []).append(c)
-    record, tuned, waiting = [], [], []
+    record, tuned = [], []
     bar = progress_bar(len(groups) * cfg.trials, "tuning", progress, "trial")
     for (arm, depth), group in groups.items():
-        outcome = _tune_arm(cfg, group[0], runner, bar, progress, shard)
-        if outcome is None:
-            waiting.append(f"{arm} depth {depth}")
-            continue
-        trials, best = outcome
+        trials, best = _tune_arm(cfg, group[0], runner, bar, progress, shard)
         record += [{"condition": arm, "depth": depth, **t} for t in [*trials, best]]
         tuned += [with_values(c, best["params"]) for c in group]
     bar.close()
-    if waiting:
-        assert shard is not None
-        progress_line(progress, f"tuning: shard {shard[0] + 1}/{shard[1]} has trained its trials; "
-                                f"{', '.join(waiting)} wait(s) for the other shards' trials (run this shard again "
-                                "when they have finished, or without --shard to train what is left here)")
-        return None
     write_json(out / "tuning.json", {"metric": cfg.metric, "trials_per_arm": cfg.trials, "batch": cfg.batch,
                                      "trials": record})
     return tuned
 
 
 def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any, progress: bool | None,
-              shard: tuple[int, int] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
-    """One (arm, depth)'s study on ``cell``: its trials' records and the best one's;
-    ``None`` when a ``shard`` finds another shard's trial unfinished (its own all train first)."""
+              shard: tuple[int, int] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One (arm, depth)'s study on ``cell``: its trials' records and the best one's (a
+    ``shard`` trains its share of each batch, then waits for the rest)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -360,11 +359,10 @@ def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any, progres
                 later.append((trial, vals, c))
                 continue
             tell(trial, vals, next(trained))
+        if later:
+            _wait_for([c for _, _, c in later], runner, f"tuning: {where}", progress)
         for trial, vals, c in later:
-            result = runner.finished(c, "tuning")
-            if result is None:
-                return None  # not finished there yet (a diverged one is trained again by a run without shards)
-            tell(trial, vals, result, " (another shard's)")
+            tell(trial, vals, runner.finished(c, "tuning")[1], " (another shard's)")
     record.sort(key=lambda t: t["trial"])
     scored = [t for t in record if not t.get("diverged")]
     if not scored:
@@ -373,6 +371,20 @@ def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any, progres
     best = min(scored, key=lambda t: t[cfg.metric])
     return record, {"best_trial": best["trial"], "params": best["params"], cfg.metric: best[cfg.metric],
                     **({"ignored": ignored} if ignored else {})}
+
+
+def _wait_for(trials: list[Cell], runner: CellRunner, what: str, progress: bool | None) -> None:
+    """Return once every one of ``trials`` (other shards' tuning trials) has ended, looking
+    after 1, 2, 4 ... seconds, at most ``WAIT_SECONDS`` apart; says once what it waits for."""
+    pause, said = 1.0, False
+    while not all(runner.finished(c, "tuning")[0] for c in trials):
+        if not said:
+            left = sum(not runner.finished(c, "tuning")[0] for c in trials)
+            progress_line(progress, f"{what}: waiting for {left} trial(s) of the other shards (start them with "
+                                    f"the same recipe, --set options and --out; Ctrl-C stops, a rerun continues)")
+            said = True
+        time.sleep(pause)
+        pause = min(2 * pause, WAIT_SECONDS)
 
 
 def adopt_trial(out: Path, cell: Cell) -> None:

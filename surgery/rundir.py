@@ -54,6 +54,8 @@ def _runs(root: Path) -> tuple[list[dict[str, Any]], list[str]]:
     done, running = [], []
     for d in sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []:
         result = _read(d / "result.json")
+        if not isinstance(result, dict):
+            result = _read(d / "diverged.json")  # a tuning trial that diverged: ended, never trained again
         if isinstance(result, dict):
             done.append(result)
             continue
@@ -160,13 +162,17 @@ def describe_run(out: Path) -> list[str]:
             _stack_so_far(d) for d in stacks if not (d / "pretrain.json").is_file()))
     trials, tuning_now = _runs(out / "tuning")
     planned = (exp.get("tune") or {}).get("trials")
-    by_arm: dict[tuple[str, int], list[float]] = defaultdict(list)
+    by_arm: dict[tuple[str, int], list[float | None]] = defaultdict(list)
     for r in trials:
-        if isinstance(r.get("valid_error"), (int, float)):
-            by_arm[(str(r.get("condition")), int(r.get("depth", 0)))].append(float(r["valid_error"]))
-    for (arm, depth), vals in sorted(by_arm.items()):
+        valid = r.get("valid_error")
+        by_arm[(str(r.get("condition")), int(r.get("depth", 0)))].append(
+            float(valid) if isinstance(valid, (int, float)) else None)
+    for (arm, depth), ends in sorted(by_arm.items()):
         of = f" of {planned}" if planned else ""
-        lines.append(f"tuning {arm} d{depth}: {len(vals)}{of} trials finished, validation {_span(vals)}")
+        vals = [v for v in ends if v is not None]
+        diverged = f", {len(ends) - len(vals)} diverged" if len(vals) < len(ends) else ""
+        valid = f", validation {_span(vals)}" if vals else ""
+        lines.append(f"tuning {arm} d{depth}: {len(ends)}{of} trials finished{valid}{diverged}")
     cells, cells_now = _runs(out / "cells")
     total = meta.get("cells") if isinstance(meta, dict) else None
     if total and len(cells) > total:  # runs of other seed lists shared the directory

@@ -424,35 +424,32 @@ def test_a_tuning_batch_trains_its_trials_together_and_equals_one_by_one(tmp_pat
 
 
 def test_shards_share_one_tuned_grid_and_equal_one_process(tmp_path, capsys):
-    """`--shard 1/2` and `--shard 2/2` over one --out: each trains only its half of an arm's
-    trial batch, waits (returns) until the other's trials are there, then trains its half of
-    the seed cells; the run without --shard trains nothing more and writes the results,
-    trials and best choices of a run in one process, cell for cell."""
+    """`--shard 1/2` (here) and `--shard 2/2` (another process) over one --out, at once:
+    each trains its half of an arm's trial batch, waits for the other's, then trains its
+    half of the seed cells; no trial is trained by both, and the run without --shard trains
+    nothing more and writes the results, trials and best choices of a run in one process."""
     r = _tuning_recipe(batch=4)
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
     recipe, out = str(tmp_path / "r.yaml"), tmp_path / "sharded"
     assert main(["run", recipe, "--out", str(tmp_path / "one")]) == 0
-
-    def finished():
-        return {p.parent.name: p.stat().st_mtime_ns for p in out.rglob("result.json")}
-
-    steps = []
-    for args in (["--shard", "1/2"], ["--shard", "2/2"], ["--shard", "1/2"], []):
-        before = finished()
-        capsys.readouterr()
-        assert main(["run", recipe, "--out", str(out), *args]) == 0
-        after = finished()
-        assert all(after[k] == t for k, t in before.items())  # nothing trained twice
-        steps.append((set(after) - set(before), capsys.readouterr(), (out / "tuning.json").exists()))
-        if args == ["--shard", "1/2"] and steps[1:]:  # every cell trained by a shard, nothing collected yet
-            assert main(["inspect", str(out)]) == 0
-            assert "every cell finished, no results.csv yet: `surgery run RECIPE " in capsys.readouterr().out
-    (first, said, tuned), (second, _, _), (third, _, _), (last, said_last, _) = steps
-    assert len(first) == 4 and not tuned  # 2 trials of each arm, then it waited
-    assert "wait(s) for the other shards' trials" in said.err and "shard 1/2: 0 cells finished" in said.out
-    # the trials, then one seed-1 cell each (the seed-0 cells are the best trials, adopted by the first shard)
-    assert len(second) == 4 + 1 and len(third) == 1 and last == set()
-    assert "shard 1" not in said_last.out and (out / "results.csv").is_file()
+    capsys.readouterr()
+    other = subprocess.Popen([sys.executable, "-m", "surgery", "run", recipe, "--out", str(out), "--shard", "2/2"],
+                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    assert main(["run", recipe, "--out", str(out), "--shard", "1/2"]) == 0
+    said_other = other.communicate(timeout=600)
+    assert other.returncode == 0, said_other[1][-2000:]
+    said = capsys.readouterr()
+    trials = [x for err in (said.err, said_other[1]) for x in err.splitlines() if x.startswith("tuning: ")]
+    trained = [x for x in trials if "trial " in x and not x.endswith("(another shard's)")]
+    read = [x for x in trials if x.endswith("(another shard's)")]
+    assert len(trained) == len(read) == 8 and len({x.split(":")[1] for x in trained}) == 8, trials
+    assert "shard 1/2: " in said.out and "shard 2/2: " in said_other[0]
+    assert main(["inspect", str(out)]) == 0  # every cell trained by a shard, nothing collected yet
+    assert "every cell finished, no results.csv yet: `surgery run RECIPE " in capsys.readouterr().out
+    finished = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
+    assert main(["run", recipe, "--out", str(out)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == finished  # nothing trained again
     one = json.loads((tmp_path / "one" / "tuning.json").read_text())
     assert json.loads((out / "tuning.json").read_text()) == one
     rows = [sorted(_rows(d), key=lambda x: x["cell"]) for d in (tmp_path / "one", out)]
@@ -547,6 +544,16 @@ def test_a_diverging_trial_is_scored_worst_and_the_arm_goes_on(tmp_path, monkeyp
     best = trials[-1]
     assert best["params"]["finetune.optimizer.lr"] <= limit and best["valid_error"] is not None
     assert "diverged (scored 100%)" in capsys.readouterr().err
+    assert len(list((tmp_path / "a" / "tuning").glob("*/diverged.json"))) == len(failed)
+    calls = []
+    monkeypatch.setattr(Trainer, "fit", lambda self, *a, **k: calls.append(self) or diverge_fast(self, *a, **k))
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "a")]) == 0
+    assert calls == [] and json.loads((tmp_path / "a" / "tuning.json").read_text())["trials"] == trials  # kept
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "a")]) == 0
+    said = capsys.readouterr().out
+    assert "tuning none d1: 4 of 4 trials finished, validation " in said and f", {len(failed)} diverged" in said
+    assert "unfinished" not in said, said
     limit = 0.0
     assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
