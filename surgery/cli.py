@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from .data import load_dataset
 from .errors import SurgeryError, SurgeryWarning
-from .experiment import merge_tuning, read_results, run_experiment, write_results_csv
+from .experiment import read_results, run_experiment, write_results_csv
 from .grid import parse_shard
 from .io import make_dir, write_json
 from .model_file import describe_model, load_model, save_model
@@ -27,6 +27,7 @@ from .rundir import describe_run
 from .runtime import is_main_process
 from .search import run_search
 from .stack import MODEL_FORMAT, LayerStack, describe, read_manifest
+from .tuning import merge_tuning
 from .version import __version__
 
 EPILOG = """recipes are YAML or JSON files with the sections data, pretrain, surgery,

@@ -21,7 +21,7 @@ LEVELS: list[tuple[str, set[str]]] = [
     ("pretrain, graph and ops", {"pretrain", "graph", "ops", "assembly", "modules", "model_file"}),
     ("fine-tuning", {"finetune_config", "finetune", "checkpoint", "graphed", "module_engine", "population"}),
     ("recipe composition", {"experiment_config", "search_config", "recipe", "grid"}),
-    ("orchestration", {"pipeline", "stacks_dir", "experiment", "search"}),
+    ("orchestration", {"pipeline", "stacks_dir", "cells", "tuning", "experiment", "search"}),
     ("report and cli", {"report", "rundir", "cli", "__main__"}),
 ]
 

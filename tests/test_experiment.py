@@ -478,12 +478,12 @@ def test_a_shard_keeps_the_cells_of_one_stack_together(tmp_path, capsys):
 def test_a_batch_of_trials_trained_one_by_one_logs_each_as_it_finishes(tmp_path, monkeypatch):
     """Without populations (the CPU's default) a batch's trials train one after another, and
     each is told and logged when it ends, not when the whole batch has."""
-    import surgery.experiment
+    import surgery.tuning
     from surgery.finetune import Trainer
 
-    events, fit, line = [], Trainer.fit, surgery.experiment.progress_line
+    events, fit, line = [], Trainer.fit, surgery.tuning.progress_line
     monkeypatch.setattr(Trainer, "fit", lambda self, *a, **k: (events.append("fit"), fit(self, *a, **k))[1])
-    monkeypatch.setattr(surgery.experiment, "progress_line",
+    monkeypatch.setattr(surgery.tuning, "progress_line",
                         lambda progress, text: (events.append(text.split(":")[0]), line(progress, text)))
     r = _tuning_recipe(batch=4)
     r["experiment"].update(conditions=["none"], seeds=[0])

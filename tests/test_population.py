@@ -228,7 +228,7 @@ def test_a_diverging_population_falls_back_to_cells_alone_and_names_the_cell(tmp
     as with population: off, and a cell that diverges alone is named in the error."""
     import yaml
 
-    import surgery.experiment
+    import surgery.cells
     from surgery.cli import main
     from surgery.errors import TrainingDiverged
 
@@ -239,11 +239,11 @@ def test_a_diverging_population_falls_back_to_cells_alone_and_names_the_cell(tmp
               "experiment": {"conditions": ["none"], "depths": [1], "seeds": [0, 1], "hidden": 8, "population": 2},
               "finetune": {"epochs": 1, "batch_size": 50, "device": "cpu", "progress": False}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    monkeypatch.setattr(surgery.experiment.PopulationTrainer, "fit", diverge)
+    monkeypatch.setattr(surgery.cells.PopulationTrainer, "fit", diverge)
     assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "a")]) == 0
     results = list((tmp_path / "a" / "cells").glob("*/result.json"))
     assert len(results) == 2 and all("population" not in p.read_text() for p in results)
-    monkeypatch.setattr(surgery.experiment.Trainer, "fit", diverge)
+    monkeypatch.setattr(surgery.cells.Trainer, "fit", diverge)
     capsys.readouterr()
     assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
@@ -442,7 +442,7 @@ def test_pretraining_population_refuses_members_of_different_shapes():
 def test_population_cells_are_counted_as_their_population_finishes(tmp_path):
     """run_populations returns the cells it finished and advances the grid's cell bar by
     each population's size; a second call trains nothing."""
-    from surgery.experiment import CellRunner
+    from surgery.cells import CellRunner
     from surgery.grid import plan_cells
     from surgery.recipe import recipe_from_dict
 

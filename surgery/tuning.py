@@ -1,0 +1,152 @@
+"""The same tuning budget for every arm (``experiment.tune``): an (arm, depth)'s Optuna
+trials on its first seed's cell, ``batch`` at a time (a batch's trials train together as
+populations where ``experiment.population`` allows, or are shared out among shards), scored
+by validation error only; the best trial's values then go to every seed's cell, and the
+best trial's directory becomes its first seed's cell. ``tuning.json`` records every trial.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from .cells import CellRunner, summary
+from .errors import SurgeryError, TrainingDiverged
+from .experiment_config import TuneConfig
+from .grid import Cell, shard_of, with_values
+from .io import progress_bar, progress_line, write_json
+from .search import DIVERGED_SCORE, make_sampler, shown, suggest
+
+WAIT_SECONDS = 30.0  # the longest pause between two looks for another shard's trials
+
+
+def tune_arms(cfg: TuneConfig, cells: list[Cell], runner: CellRunner, out: Path,
+              progress: bool | None = None, shard: tuple[int, int] | None = None) -> list[Cell]:
+    """The same search budget for every (arm, depth): ``cfg.trials`` Optuna trials on the
+    first seed's cell, scored by validation error (never test), ``cfg.batch`` at a time;
+    then every seed's cell with the best trial's values (the caller adopts the best trial's
+    directory as its first seed's cell). Writes every trial to ``OUT/tuning.json``; a trial
+    whose training diverged is recorded as such and told to Optuna as the worst error
+    (``DIVERGED_SCORE``), never chosen. A ``shard`` trains its share of each batch and waits
+    for the other shards' trials."""
+    groups: dict[tuple[str, int], list[Cell]] = {}
+    for c in cells:
+        groups.setdefault((c.condition, c.depth), []).append(c)
+    record, tuned = [], []
+    bar = progress_bar(len(groups) * cfg.trials, "tuning", progress, "trial")
+    for (arm, depth), group in groups.items():
+        trials, best = _tune_arm(cfg, group[0], runner, bar, progress, shard)
+        record += [{"condition": arm, "depth": depth, **t} for t in [*trials, best]]
+        tuned += [with_values(c, best["params"]) for c in group]
+    bar.close()
+    write_json(out / "tuning.json", {"metric": cfg.metric, "trials_per_arm": cfg.trials, "batch": cfg.batch,
+                                     "trials": record})
+    return tuned
+
+
+def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any, progress: bool | None,
+              shard: tuple[int, int] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One (arm, depth)'s study on ``cell``: its trials' records and the best one's (a
+    ``shard`` trains its share of each batch, then waits for the rest)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize", sampler=make_sampler(cfg.sampler, cfg.seed))
+    where = f"{cell.condition} depth {cell.depth}"
+    # a pretraining value means nothing to an arm that does not pretrain (with_values skips it)
+    ignored = sorted(k for k in cfg.params if k.startswith("pretrain")) if cell.pretrain_key is None else []
+    assert runner.recipe.experiment is not None
+    mode = runner.recipe.experiment.population
+    record: list[dict[str, Any]] = []
+
+    def tell(trial: Any, vals: dict[str, Any], result: dict[str, Any] | None, whose: str = "") -> None:
+        if result is None:
+            study.tell(trial, DIVERGED_SCORE)
+            record.append({"trial": trial.number, "params": vals, cfg.metric: None, "diverged": True})
+        else:
+            study.tell(trial, result[cfg.metric])
+            record.append({"trial": trial.number, "params": vals, cfg.metric: result[cfg.metric]})
+        bar.update(1)
+        outcome = f"diverged (scored {DIVERGED_SCORE:g}%)" if result is None else summary(result, test=False)
+        progress_line(progress, f"tuning: {where} trial {trial.number + 1}/{cfg.trials} "
+                                f"{shown(vals, ignored)}: {outcome}{whose}")
+
+    while len(record) < cfg.trials:
+        asked = [study.ask() for _ in range(min(cfg.batch, cfg.trials - len(record)))]
+        values = [suggest(t, cfg.params) for t in asked]
+        batch = [with_values(cell, v) for v in values]
+        mine = {c.key for c in (batch if shard is None else shard_of(batch, *shard))}
+        trained = runner.run_batch([c for c in batch if c.key in mine], mode, "tuning")
+        later = []  # other shards' trials, read once this shard's have trained
+        for trial, vals, c in zip(asked, values, batch):  # each told and logged as it finishes
+            if c.key not in mine:
+                later.append((trial, vals, c))
+                continue
+            tell(trial, vals, next(trained))
+        if later:
+            _wait_for([c for _, _, c in later], runner, f"tuning: {where}", progress)
+        for trial, vals, c in later:
+            tell(trial, vals, runner.finished(c, "tuning")[1], " (another shard's)")
+    record.sort(key=lambda t: t["trial"])
+    scored = [t for t in record if not t.get("diverged")]
+    if not scored:
+        raise TrainingDiverged(f"experiment.tune: every trial of {where} diverged; narrow the ranges in "
+                               f"experiment.tune.params (a lower learning rate) and rerun.")
+    best = min(scored, key=lambda t: t[cfg.metric])
+    return record, {"best_trial": best["trial"], "params": best["params"], cfg.metric: best[cfg.metric],
+                    **({"ignored": ignored} if ignored else {})}
+
+
+def _wait_for(trials: list[Cell], runner: CellRunner, what: str, progress: bool | None) -> None:
+    """Return once every one of ``trials`` (other shards' tuning trials) has ended, looking
+    after 1, 2, 4 ... seconds, at most ``WAIT_SECONDS`` apart; says once what it waits for."""
+    pause, said = 1.0, False
+    while not all(runner.finished(c, "tuning")[0] for c in trials):
+        if not said:
+            left = sum(not runner.finished(c, "tuning")[0] for c in trials)
+            progress_line(progress, f"{what}: waiting for {left} trial(s) of the other shards (start them with "
+                                    f"the same recipe, --set options and --out; Ctrl-C stops, a rerun continues)")
+            said = True
+        time.sleep(pause)
+        pause = min(2 * pause, WAIT_SECONDS)
+
+
+def adopt_trial(out: Path, cell: Cell) -> None:
+    """The first seed's cell with an arm's best values is its best trial (same recipe, same
+    key): take the trial's finished directory as the cell's instead of training it again.
+    Copied to a temp name, then renamed, so a kill leaves either no cell or a whole one."""
+    src, dst = out / "tuning" / cell.key, out / "cells" / cell.key
+    if (dst / "result.json").is_file() or not (src / "result.json").is_file():
+        return
+    tmp = dst.with_name(f".{cell.key}.adopt")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dst, ignore_errors=True)  # what a killed run of this cell left
+    tmp.rename(dst)
+
+
+def merge_tuning(dirs: list[Path]) -> dict[str, Any] | None:
+    """The ``tuning.json`` of experiment directories run arm by arm, as one: every
+    directory's trials, later directories winning for the same (arm, depth); ``None`` when
+    none was tuned. Refused when their budgets differ (the comparison would not be fair)."""
+    found = [json.loads((d / "tuning.json").read_text()) for d in dirs if (d / "tuning.json").is_file()]
+    if not found:
+        return None
+    budgets = {(t["metric"], t["trials_per_arm"]) for t in found}
+    if len(budgets) > 1:
+        raise SurgeryError(f"compare: the directories were tuned with different budgets {sorted(budgets)} "
+                           "(metric, trials per arm); merge only runs of one recipe's experiment.tune.")
+    arms: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for t in found:
+        arms.update(_by_arm(t["trials"]))
+    return {**found[0], "trials": [t for trials in arms.values() for t in trials]}
+
+
+def _by_arm(trials: list[dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for t in trials:
+        groups.setdefault((t["condition"], t["depth"]), []).append(t)
+    return groups
