@@ -134,14 +134,14 @@ class CellRunner:
     def run(self, cell: Cell, cells_dir: str = "cells") -> tuple[dict[str, Any], Path]:
         """The cell's result (cached in ``OUT/<cells_dir>/<key>/result.json``) and its directory."""
         cdir = self.out / cells_dir / cell.key
-        res_path = cdir / "result.json"
-        if res_path.is_file():
-            return json.loads(res_path.read_text()), cdir
+        done = self.finished(cell, cells_dir)[1]
+        if done is not None:
+            return done, cdir
         if (cdir / "checkpoints" / MEMBER_CHECKPOINT).is_file() and _member_epoch(cdir, cell):
             # stopped in a population (now off, or its group changed): it continues as a population of one
             r, _, graph, pre_s = self.prepare(cell)
             if self._population([(cell, r, graph, pre_s)], cells_dir, resume=True):
-                return json.loads(res_path.read_text()), cdir
+                return json.loads((cdir / "result.json").read_text()), cdir
         trainer = self._resumed(cell, cells_dir)
         try:
             return trainer.fit(), cdir  # its result.json, written last, marks the cell finished

@@ -22,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .cells import DIVERGED_FILE
 from .checkpoint import MEMBER_CHECKPOINT, read_checkpoint_meta
 from .errors import SurgeryError
 from .experiment import is_experiment_dir
@@ -55,7 +56,7 @@ def _runs(root: Path) -> tuple[list[dict[str, Any]], list[str]]:
     for d in sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []:
         result = _read(d / "result.json")
         if not isinstance(result, dict):
-            result = _read(d / "diverged.json")  # a tuning trial that diverged: ended, never trained again
+            result = _read(d / DIVERGED_FILE)  # a tuning trial that diverged: ended, never trained again
         if isinstance(result, dict):
             done.append(result)
             continue
