@@ -24,7 +24,7 @@ from .pipeline import assemble, finetune_model, pretrain, run, validate
 from .recipe import Recipe, format_validation_error, json_schema, load_recipe
 from .report import significance_line, table, write_report
 from .rundir import describe_run
-from .runtime import is_main_process
+from .runtime import exit_status, is_main_process
 from .search import run_search
 from .stack import MODEL_FORMAT, LayerStack, describe, read_manifest
 from .tuning import merge_tuning
@@ -313,5 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> int:
+    """The console script: :func:`main` on ``sys.argv``, ending a ``torchrun`` rank cleanly
+    (:func:`surgery.runtime.exit_status`)."""
+    return exit_status(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -1,5 +1,5 @@
-"""Process-level settings: malloc tuning for CPU training loops, and the process's rank
-under torchrun (who prints and writes).
+"""Process-level settings: malloc tuning for CPU training loops, the process's rank
+under torchrun (who prints and writes), and how a command-line process ends.
 
 glibc's malloc returns freed blocks of a few MB to the kernel (its trim and mmap
 thresholds), so a training step that frees its gradients and activations and allocates
@@ -63,3 +63,19 @@ def distributed(device: torch.device) -> tuple[int, int, torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def exit_status(status: int) -> int:
+    """End a command-line process with ``status``: returns it when no process group is
+    set up; under ``torchrun`` destroys the group, flushes stdout and stderr and leaves at
+    once (``os._exit``), since a process group a DDP module used outlives
+    ``destroy_process_group`` (torch 2.13) and its gloo threads torn down during interpreter
+    finalization abort the process now and then (SIGABRT, "terminate called without an
+    active exception") after every file was written. Call it only where the process ends."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return status
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -10,6 +10,7 @@ from surgery.data import DataConfig, load_dataset
 from surgery.finetune import FinetuneConfig, Trainer
 from surgery.graph import ModelGraph
 from surgery.ops import HeadOp, InsertOp
+from surgery.runtime import exit_status
 
 
 def build() -> ModelGraph:
@@ -32,5 +33,4 @@ if __name__ == "__main__":
 
     if not dist.is_initialized() or dist.get_rank() == 0:
         save_file(state, sys.argv[1])
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    sys.exit(exit_status(0))  # as the CLI ends a torchrun rank

@@ -273,21 +273,42 @@ def test_cuda_asked_for_without_gpu(synth):
     assert Trainer(mlp(), synth, cfg(device="auto")).device.type == "cpu"
 
 
+def _torchrun_env() -> dict:
+    """The parent's import path goes on: packages may come from PYTHONPATH (a GPU machine's /tmp/site)."""
+    path = os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
 def test_ddp_two_gloo_processes_equal_one_process_on_doubled_batch(tmp_path):
     from tests.ddp_worker import train
 
     single = train(batch_size=100)
-    # The parent's import path goes on: packages may come from PYTHONPATH (a GPU machine's /tmp/site).
-    path = os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "ddp.safetensors"
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(ROOT / "tests" / "ddp_worker.py"), str(out), "50"],
-                       capture_output=True, text=True, env=env, timeout=300)
+                       capture_output=True, text=True, env=_torchrun_env(), timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     ddp = load_file(str(out))
     for k, v in single.items():
         assert torch.allclose(v, ddp[k], atol=1e-5), k
+
+
+def test_the_cli_under_torchrun_trains_once_writes_once_and_ends_cleanly(tmp_path):
+    from surgery.runtime import exit_status
+
+    assert exit_status(3) == 3  # no process group: the status comes back, the process goes on
+    (tmp_path / "r.yaml").write_text(
+        "data: {dataset: synthetic, n_train: 800}\n"
+        "surgery: {ops: [{op: insert, name: h1, units: 32}, {op: head, classes: 4}]}\n"
+        "finetune: {epochs: 2, batch_size: 50, device: cpu, optimizer: {lr: 0.2}}\n")
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "surgery", "finetune", str(tmp_path / "r.yaml"), "--out", str(out)],
+                       capture_output=True, text=True, env=_torchrun_env(), timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("test error") == 1  # rank 0 alone prints
+    res = json.loads((out / "result.json").read_text())
+    assert res["world_size"] == 2 and res["epochs"] == 2
 
 
 def test_finetune_cli_writes_results_and_resumes(tmp_path, capsys):
