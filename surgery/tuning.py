@@ -103,13 +103,11 @@ def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any, progres
 def _wait_for(trials: list[Cell], runner: CellRunner, what: str, progress: bool | None) -> None:
     """Return once every one of ``trials`` (other shards' tuning trials) has ended, looking
     after 1, 2, 4 ... seconds, at most ``WAIT_SECONDS`` apart; says once what it waits for."""
-    pause, said = 1.0, False
-    while not all(runner.finished(c, "tuning")[0] for c in trials):
-        if not said:
-            left = sum(not runner.finished(c, "tuning")[0] for c in trials)
-            progress_line(progress, f"{what}: waiting for {left} trial(s) of the other shards (start them with "
+    pause = 1.0
+    while left := [c for c in trials if not runner.finished(c, "tuning")[0]]:
+        if pause == 1.0:
+            progress_line(progress, f"{what}: waiting for {len(left)} trial(s) of the other shards (start them with "
                                     f"the same recipe, --set options and --out; Ctrl-C stops, a rerun continues)")
-            said = True
         time.sleep(pause)
         pause = min(2 * pause, WAIT_SECONDS)
 
