@@ -22,7 +22,7 @@ from .io import make_dir, write_json
 from .model_file import describe_model, load_model, save_model
 from .pipeline import assemble, finetune_model, pretrain, run, validate
 from .recipe import Recipe, format_validation_error, json_schema, load_recipe
-from .report import significance_line, table, write_report
+from .report import failed_line, significance_line, table, write_report
 from .rundir import describe_run
 from .runtime import exit_status, is_main_process
 from .search import run_search
@@ -235,6 +235,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         ci = "" if t["n"] < 2 else f" ± {t['ci_half']:.2f}"
         say(f"  {t['condition']:<14} depth {t['depth']}: {t['mean']:.2f}%{ci} (n={t['n']})")
     say(significance_line(rows, baseline))
+    if failed := failed_line(rows):
+        say(failed)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -255,6 +257,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
             write_json(Path(out) / "tuning.json", tuning)
     write_report(Path(out), rows, baseline=baseline)
     say(f"report for {len(rows)} runs in {out}/report.md", significance_line(rows, baseline))
+    if failed := failed_line(rows):
+        say(failed)
 
 
 def cmd_search(args: argparse.Namespace) -> None:

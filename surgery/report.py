@@ -133,6 +133,8 @@ def markdown(rows: list[dict[str, Any]], baseline: str = "none", tuning: dict[st
     best = min(tab, key=lambda t: t["mean"]) if tab else None
     if best:
         lines += ["", significance_line(rows, baseline)]
+        failed = failed_line(rows)
+        lines += ["", failed] if failed else []
         lines += ["", f"Lowest mean test error: **{best['condition']}** at depth {best['depth']} "
                       f"({best['mean']:.2f}%)."]
     lines += paper_markdown(paper, tab) if paper else []
@@ -173,6 +175,35 @@ def significance_line(rows: list[dict[str, Any]], baseline: str = "none", alpha:
     if worse:
         parts.append(f"above {baseline!r}: {', '.join(worse)}")
     return f"significance (Welch p < {alpha}, same depth): " + "; ".join(parts) + "."
+
+
+FAILED_TRAIN_ERROR = 50.0  # %: a run that gets half its own training set wrong has not learned
+
+
+def failed_line(rows: list[dict[str, Any]], threshold: float = FAILED_TRAIN_ERROR) -> str | None:
+    """One sentence on the runs that did not learn (training error at or above ``threshold`` %
+    at the kept epoch: stuck near chance, as a deep net without pretraining can be): per arm
+    and depth how many, which seeds, and the others' mean; None when every run learned."""
+    def learned(r: dict[str, Any]) -> bool:
+        return r.get("train_error") in (None, "") or float(r["train_error"]) < threshold
+
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["condition"], int(r["depth"])), []).append(r)
+    parts = []
+    for (cond, depth), runs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        stuck = sorted((r for r in runs if not learned(r)), key=lambda r: int(r["seed"]))
+        if not stuck:
+            continue
+        seeds = ", ".join(str(int(r["seed"])) for r in stuck)
+        rest = [float(r["test_error"]) for r in runs if learned(r)]
+        others = f"; the others' mean {np.mean(rest):.2f}%" if rest else ""
+        plural = "s" if len(stuck) > 1 else ""
+        parts.append(f"{cond} d{depth} {len(stuck)} of {len(runs)} (seed{plural} {seeds}{others})")
+    if not parts:
+        return None
+    return (f"did not learn (training error {threshold:g}% or more at the kept epoch): " + "; ".join(parts)
+            + ". The table's means and intervals include them.")
 
 
 def _untestable(tab: list[dict[str, Any]], baseline: str) -> str:
@@ -277,8 +308,10 @@ def _hist_figure(rows: list[dict[str, Any]], conds: list[str]) -> Any:
 
 
 def _curves_figure(rows: list[dict[str, Any]], conds: list[str], colors: dict[str, Any]) -> Any:
-    """Validation error per epoch at each arm's largest depth, mean over seeds; the training
-    error instead when the runs had no validation split (``data.valid_size: 0``)."""
+    """Validation error per epoch at each arm's largest depth: every seed faint (early stopping
+    ends them at different epochs) and the mean over seeds while all of them run; the training
+    error instead when the runs had no validation split (``data.valid_size: 0``). A log scale
+    when the errors span more than 20x (a run stuck near chance beside ones at 2%)."""
     import matplotlib.pyplot as plt
 
     histories: dict[str, list[list[dict[str, Any]]]] = {}
@@ -291,15 +324,22 @@ def _curves_figure(rows: list[dict[str, Any]], conds: list[str], colors: dict[st
     validated = all(h["valid_error"] is not None for hs in histories.values() for hist in hs for h in hist)
     key = "valid_error" if validated else "train_error"
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    values = []
     for (label, hs), c in zip(histories.items(), conds):
         curves = [[h[key] for h in hist] for hist in hs if hist]
+        for cv in curves if len(curves) > 1 else []:
+            ax.plot(range(1, len(cv) + 1), cv, color=colors[c], alpha=0.25, linewidth=0.8)
         if curves:
             n = min(len(cv) for cv in curves)
             mean = np.mean([cv[:n] for cv in curves], axis=0)
             ax.plot(range(1, n + 1), mean, marker=".", label=label, color=colors[c])
+            values += [v for cv in curves for v in cv]
+    positive = [v for v in values if v > 0]
+    if positive and max(positive) > 20 * min(positive):
+        ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation error (%)" if validated else "training error (%): no validation split")
-    ax.set_title("Learning curves (mean over seeds)")
+    ax.set_title("Learning curves (mean over seeds; each seed faint)")
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend()

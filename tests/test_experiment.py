@@ -153,6 +153,24 @@ def test_an_arm_at_a_depth_the_baseline_did_not_run_is_tested_against_its_only_d
     assert shallow["baseline_depth"] is None and math.isnan(shallow["p"])
 
 
+def test_runs_that_did_not_learn_are_named_in_the_report():
+    """A deep net stuck near chance (training error >= 50% at the kept epoch) is named with its
+    seeds and the mean of the runs that learned; runs without a training error count as learned."""
+    from surgery.report import failed_line, markdown
+
+    def run(cond, seed, train, test):
+        return {"condition": cond, "depth": 3, "seed": seed, "train_error": train, "test_error": test}
+
+    rows = [run("none", 2, 89.1, 89.7), run("none", 0, 89.2, 88.6), run("none", 1, 3.6, 5.0),
+            run("none", 3, 1.3, 3.1), run("rbm", 0, 0.1, 1.5), run("rbm", 1, "", 1.4)]
+    line = failed_line(rows)
+    assert line == ("did not learn (training error 50% or more at the kept epoch): none d3 2 of 4 (seeds 0, 2; "
+                    "the others' mean 4.05%). The table's means and intervals include them.")
+    assert line in markdown(rows)
+    assert failed_line([r for r in rows if r["condition"] == "rbm"]) is None
+    assert "did not learn" not in markdown([r for r in rows if r["condition"] == "rbm"])
+
+
 
 
 def test_cell_keys_stay_what_earlier_versions_made():
