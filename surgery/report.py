@@ -42,16 +42,22 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float]:
     return float(t), float(p)
 
 
+def cells(rows: list[dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """The rows per (arm, depth), ordered by depth, then arm."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["condition"], int(r["depth"])), []).append(r)
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])))
+
+
 def table(rows: list[dict[str, Any]], baseline: str = "none") -> list[dict[str, Any]]:
     """Per (arm, depth): the summary of test errors and Welch's t-test against ``baseline``
     at the same depth; an arm at a depth the baseline did not run (a shallow arm beside a
     deep grid) against the baseline's only depth, when it ran at one (``baseline_depth``)."""
-    groups: dict[tuple[str, int], list[float]] = {}
-    for r in rows:
-        groups.setdefault((r["condition"], int(r["depth"])), []).append(float(r["test_error"]))
+    groups = {key: [float(r["test_error"]) for r in runs] for key, runs in cells(rows).items()}
     base_depths = sorted(d for c, d in groups if c == baseline)
     out = []
-    for (cond, depth), vals in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (cond, depth), vals in groups.items():
         s = summarize(vals)
         bd = depth if depth in base_depths else (base_depths[0] if len(base_depths) == 1 else None)
         base = groups.get((baseline, bd)) if bd is not None else None
@@ -187,11 +193,8 @@ def failed_line(rows: list[dict[str, Any]], threshold: float = FAILED_TRAIN_ERRO
     def learned(r: dict[str, Any]) -> bool:
         return r.get("train_error") in (None, "") or float(r["train_error"]) < threshold
 
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["condition"], int(r["depth"])), []).append(r)
     parts = []
-    for (cond, depth), runs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (cond, depth), runs in cells(rows).items():
         stuck = sorted((r for r in runs if not learned(r)), key=lambda r: int(r["seed"]))
         if not stuck:
             continue
