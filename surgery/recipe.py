@@ -142,14 +142,19 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str])
 
     A list of names set onto a mapping that holds every one of them keeps those entries, in
     the list's order: ``experiment.conditions=[rbm-cg]`` runs one of the recipe's own arms.
+    A mapping's own dotted keys (a search's ``finetune.optimizer.lr``) are matched whole:
+    ``search.params.finetune.optimizer.lr.low=0.01``.
     """
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     for key, value in overrides.items():
         parts = key.split(".")
         cur: Any = data
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
+        i = 0
+        while i < len(parts):
+            if isinstance(cur, dict):
+                parts[i:] = _dotted_key(cur, parts[i:])
+            part, last = parts[i], i == len(parts) - 1
             if isinstance(cur, list):
                 try:
                     idx = int(part)
@@ -169,7 +174,16 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str])
                     cur = cur[part]
             else:
                 raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is a value, not a section.")
+            i += 1
     return data
+
+
+def _dotted_key(mapping: dict[str, Any], parts: list[str]) -> list[str]:
+    """``parts`` with its longest head that is one of ``mapping``'s dotted keys joined into one."""
+    for n in range(len(parts), 1, -1):
+        if ".".join(parts[:n]) in mapping:
+            return [".".join(parts[:n]), *parts[n:]]
+    return parts
 
 
 def _selected(old: Any, value: Any) -> Any:

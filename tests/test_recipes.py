@@ -218,6 +218,18 @@ def test_a_list_of_names_selects_the_recipes_own_arms():
         load_recipe(path, ["experiment.conditions=[rbm-cg, dae]"])
 
 
+def test_a_search_parameter_is_set_by_its_dotted_name():
+    """A search's parameters are named by dotted recipe paths; ``--set`` reaches inside one."""
+    path = ROOT / "recipes" / "search.yaml"
+    r = load_recipe(path, ["search.params.finetune.optimizer.lr.low=0.01",
+                           "search.params.pretrain.layers.0.lr.high=0.1"])
+    lr = r.search.params["finetune.optimizer.lr"]
+    assert lr.low == 0.01 and r.search.params["pretrain.layers.0.lr"].high == 0.1
+    assert lr.high == load_recipe(path).search.params["finetune.optimizer.lr"].high
+    with pytest.raises(SurgeryError, match=r"search\.params\.finetune\.optimizer\.lr: log scale needs low > 0"):
+        load_recipe(path, ["search.params.finetune.optimizer.lr.low=-1"])
+
+
 def test_schema_command(capsys):
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
