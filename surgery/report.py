@@ -259,8 +259,8 @@ def _depth_figure(tab: list[dict[str, Any]], conds: list[str], colors: dict[str,
         ts = sorted(tab, key=lambda t: t["mean"])
         fig, ax = plt.subplots(figsize=(7, 1.2 + 0.32 * len(ts)))
         ys = range(len(ts))
-        errs = [0 if math.isnan(t["ci_half"]) else t["ci_half"] for t in ts]
-        ax.errorbar([t["mean"] for t in ts], ys, xerr=errs, fmt="o", capsize=3, color="tab:blue", ecolor="tab:gray")
+        ax.errorbar([t["mean"] for t in ts], ys, xerr=_bars(ts), fmt="o", capsize=3, color="tab:blue",
+                    ecolor="tab:gray")
         for t in ts:
             if t["condition"] == baseline:
                 ax.axvline(t["mean"], color="tab:red", lw=0.8, ls="--")
@@ -274,8 +274,7 @@ def _depth_figure(tab: list[dict[str, Any]], conds: list[str], colors: dict[str,
     for i, c in enumerate(conds):
         ts = [t for t in tab if t["condition"] == c]
         dodge = 0.06 * (i - (len(conds) - 1) / 2)  # keep the CI bars apart
-        e = [0 if math.isnan(t["ci_half"]) else t["ci_half"] for t in ts]
-        ax.errorbar([t["depth"] + dodge for t in ts], [t["mean"] for t in ts], yerr=e, marker="o", capsize=4,
+        ax.errorbar([t["depth"] + dodge for t in ts], [t["mean"] for t in ts], yerr=_bars(ts), marker="o", capsize=4,
                     label=c, color=colors[c])
     ax.set_xlabel("hidden layers")
     ax.set_ylabel("test error (%)")
@@ -284,6 +283,13 @@ def _depth_figure(tab: list[dict[str, Any]], conds: list[str], colors: dict[str,
     ax.grid(alpha=0.3)
     ax.legend(**({"loc": "center left", "bbox_to_anchor": (1.0, 0.5)} if len(conds) > 6 else {}))
     return fig
+
+
+def _bars(ts: list[dict[str, Any]]) -> list[list[float]]:
+    """Error bars (below, above each mean) for the 95% intervals, cut at 0 and 100%: a cell whose
+    seeds split between learning and chance has an interval wider than an error can be."""
+    half = [0.0 if math.isnan(t["ci_half"]) else t["ci_half"] for t in ts]
+    return [[min(h, t["mean"]) for h, t in zip(half, ts)], [min(h, 100 - t["mean"]) for h, t in zip(half, ts)]]
 
 
 def _hist_figure(rows: list[dict[str, Any]], conds: list[str]) -> Any:

@@ -171,6 +171,22 @@ def test_runs_that_did_not_learn_are_named_in_the_report():
     assert "did not learn" not in markdown([r for r in rows if r["condition"] == "rbm"])
 
 
+def test_error_bars_stay_between_0_and_100_percent():
+    """A cell split between chance and learning has a t interval wider than an error can be;
+    the figure's bars stop at 0 and 100, while a narrow interval is drawn whole."""
+    from surgery.report import _bars
+
+    def run(cond, seed, test):
+        return {"condition": cond, "depth": 3, "seed": seed, "test_error": test}
+
+    rows = [run("none", s, e) for s, e in enumerate([88.6, 89.7, 3.1, 5.0, 88.7])]
+    rows += [run("rbm", s, e) for s, e in enumerate([1.4, 1.5, 1.6])]
+    tab = table(rows)
+    none, rbm = (next(t for t in tab if t["condition"] == c) for c in ("none", "rbm"))
+    assert none["ci_low"] < 0 and none["ci_high"] > 100
+    (below_none, below_rbm), (above_none, above_rbm) = _bars([none, rbm])
+    assert none["mean"] - below_none == pytest.approx(0) and none["mean"] + above_none == pytest.approx(100)
+    assert below_rbm == above_rbm == pytest.approx(rbm["ci_half"])
 
 
 def test_cell_keys_stay_what_earlier_versions_made():
