@@ -1,4 +1,4 @@
-"""Tables and figures for a comparison: report.md and figures/*.png.
+"""Tables for a comparison: report.md (its figures: :mod:`surgery.figures`).
 
 Statistics per condition x depth: mean, standard deviation and a 95% confidence interval
 (Student t), and a Welch t-test of each arm against the baseline arm at the same depth.
@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from safetensors import safe_open
 from scipy import stats
 
-from .io import atomic_path, make_dir, write_text
+from .figures import write_figures
+from .io import make_dir, write_text
 
 
 def summarize(values: list[float]) -> dict[str, float]:
@@ -223,190 +222,11 @@ def _untestable(tab: list[dict[str, Any]], baseline: str) -> str:
 def write_report(out: Path, rows: list[dict[str, Any]], baseline: str = "none") -> None:
     """Write ``out/report.md`` and ``out/figures/*.png`` for an experiment's result rows (with the
     published numbers when ``out/experiment.json`` names ``experiment.paper``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     out = Path(out)
-    make_dir(out / "figures")
     tuning_path = out / "tuning.json"
     tuning = json.loads(tuning_path.read_text()) if tuning_path.is_file() else None
     exp_path = out / "experiment.json"
     exp = json.loads(exp_path.read_text()).get("recipe", {}).get("experiment", {}) if exp_path.is_file() else {}
+    make_dir(out)
     write_text(out / "report.md", markdown(rows, baseline, tuning, exp.get("paper")))
-    conds = sorted({r["condition"] for r in rows}, key=lambda c: (c != baseline, c))
-    cmap = plt_colormap(len(conds))
-    colors = {c: cmap(i % cmap.N) for i, c in enumerate(conds)}
-    tab = table(rows, baseline)
-    _save(_depth_figure(tab, conds, colors, baseline), out / "figures" / "error_vs_depth.png")
-    _save(_hist_figure(rows, conds), out / "figures" / "error_hist.png")
-    _save(_curves_figure(rows, conds, colors), out / "figures" / "learning_curves.png")
-    _save(_filters_figure(rows, conds), out / "figures" / "filters.png")
-
-
-def plt_colormap(n: int) -> Any:
-    """A qualitative colormap with enough colours for ``n`` arms."""
-    import matplotlib.pyplot as plt
-
-    return plt.cm.tab10 if n <= 10 else plt.cm.tab20
-
-
-def _depth_figure(tab: list[dict[str, Any]], conds: list[str], colors: dict[str, Any], baseline: str) -> Any:
-    """Test error vs depth with CI bars (one depth: arms side by side, sorted)."""
-    import matplotlib.pyplot as plt
-
-    depths_all = sorted({t["depth"] for t in tab})
-    if len(depths_all) == 1 or all(len({t["depth"] for t in tab if t["condition"] == c}) == 1 for c in conds):
-        ts = sorted(tab, key=lambda t: t["mean"])
-        fig, ax = plt.subplots(figsize=(7, 1.2 + 0.32 * len(ts)))
-        ys = range(len(ts))
-        ax.errorbar([t["mean"] for t in ts], ys, xerr=_bars(ts), fmt="o", capsize=3, color="tab:blue",
-                    ecolor="tab:gray")
-        for t in ts:
-            if t["condition"] == baseline:
-                ax.axvline(t["mean"], color="tab:red", lw=0.8, ls="--")
-        ax.set_yticks(list(ys), [f"{t['condition']} (depth {t['depth']})" for t in ts])
-        ax.invert_yaxis()
-        ax.set_xlabel("test error (%)")
-        ax.set_title(f"Test error per arm (mean, 95% CI over seeds; dashed: {baseline})")
-        ax.grid(alpha=0.3, axis="x")
-        return fig
-    fig, ax = plt.subplots(figsize=(7 if len(conds) <= 8 else 9, 4.5))
-    for i, c in enumerate(conds):
-        ts = [t for t in tab if t["condition"] == c]
-        dodge = 0.06 * (i - (len(conds) - 1) / 2)  # keep the CI bars apart
-        ax.errorbar([t["depth"] + dodge for t in ts], [t["mean"] for t in ts], yerr=_bars(ts), marker="o", capsize=4,
-                    label=c, color=colors[c])
-    ax.set_xlabel("hidden layers")
-    ax.set_ylabel("test error (%)")
-    ax.set_title("Test error vs depth (mean, 95% CI over seeds)")
-    ax.set_xticks(depths_all)
-    ax.grid(alpha=0.3)
-    ax.legend(**({"loc": "center left", "bbox_to_anchor": (1.0, 0.5)} if len(conds) > 6 else {}))
-    return fig
-
-
-def _bars(ts: list[dict[str, Any]]) -> list[list[float]]:
-    """Error bars (below, above each mean) for the 95% intervals, cut at 0 and 100%: a cell whose
-    seeds split between learning and chance has an interval wider than an error can be."""
-    half = [0.0 if math.isnan(t["ci_half"]) else t["ci_half"] for t in ts]
-    return [[min(h, t["mean"]) for h, t in zip(half, ts)], [min(h, 100 - t["mean"]) for h, t in zip(half, ts)]]
-
-
-def _hist_figure(rows: list[dict[str, Any]], conds: list[str]) -> Any:
-    """Histogram of test errors over seeds, one panel per arm (as Erhan et al. 2010)."""
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    allv = [float(r["test_error"]) for r in rows]
-    bins = np.linspace(min(allv), max(allv) + 1e-6, 21) if allv else 10
-    depths = sorted({int(r["depth"]) for r in rows})
-    fig, axes = plt.subplots(len(conds), 1, figsize=(7, 1.6 + 1.3 * len(conds)), sharex=True, squeeze=False)
-    for ax, c in zip(axes[:, 0], conds):
-        mine = [r for r in rows if r["condition"] == c]
-        per_depth = [[float(r["test_error"]) for r in mine if int(r["depth"]) == d] for d in depths]
-        shades = [plt.cm.viridis(i / max(len(depths) - 1, 1)) for i in range(len(depths))]
-        ax.hist(per_depth, bins=bins, stacked=True, color=shades, label=[f"depth {d}" for d in depths])
-        v = [x for xs in per_depth for x in xs]
-        sd = np.std(v, ddof=1) if len(v) > 1 else 0.0
-        ax.set_ylabel(f"{c}\nn={len(v)}, sd={sd:.2f}", rotation=0, ha="right", va="center")
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[0, 0].legend(loc="upper left", fontsize="small", ncol=len(depths))
-    axes[-1, 0].set_xlabel("test error (%)")
-    fig.suptitle("Spread of test error over seeds (stacked by depth)")
-    return fig
-
-
-def _curves_figure(rows: list[dict[str, Any]], conds: list[str], colors: dict[str, Any]) -> Any:
-    """Validation error per epoch at each arm's largest depth: every seed faint (early stopping
-    ends them at different epochs) and the mean over seeds while all of them run; the training
-    error instead when the runs had no validation split (``data.valid_size: 0``). A log scale
-    when the errors span more than 20x (a run stuck near chance beside ones at 2%)."""
-    import matplotlib.pyplot as plt
-
-    histories: dict[str, list[list[dict[str, Any]]]] = {}
-    for c in conds:
-        crow = [r for r in rows if r["condition"] == c]
-        dmax = max(int(r["depth"]) for r in crow)
-        paths = [Path(r["path"]) / "metrics.jsonl" for r in crow if int(r["depth"]) == dmax]
-        histories[f"{c} (depth {dmax})"] = [[json.loads(line) for line in p.read_text().splitlines() if line]
-                                            for p in paths if p.is_file()]
-    validated = all(h["valid_error"] is not None for hs in histories.values() for hist in hs for h in hist)
-    key = "valid_error" if validated else "train_error"
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    values = []
-    for (label, hs), c in zip(histories.items(), conds):
-        curves = [[h[key] for h in hist] for hist in hs if hist]
-        for cv in curves if len(curves) > 1 else []:
-            ax.plot(range(1, len(cv) + 1), cv, color=colors[c], alpha=0.25, linewidth=0.8)
-        if curves:
-            n = min(len(cv) for cv in curves)
-            mean = np.mean([cv[:n] for cv in curves], axis=0)
-            ax.plot(range(1, n + 1), mean, marker=".", label=label, color=colors[c])
-            values += [v for cv in curves for v in cv]
-    positive = [v for v in values if v > 0]
-    if positive and max(positive) > 20 * min(positive):
-        ax.set_yscale("log")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation error (%)" if validated else "training error (%): no validation split")
-    ax.set_title("Learning curves (mean over seeds; each seed faint)")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend()
-    return fig
-
-
-def _filters_figure(rows: list[dict[str, Any]], conds: list[str]) -> Any:
-    """First-layer filters of each arm (the lowest seed, largest depth)."""
-    import matplotlib.pyplot as plt
-
-    panels = []
-    for c in conds:
-        crow = sorted((r for r in rows if r["condition"] == c), key=lambda r: (int(r["seed"]), -int(r["depth"])))
-        for r in crow:
-            mp = Path(r["path"]) / "model.safetensors"
-            if mp.is_file():
-                with safe_open(str(mp), framework="pt") as f:
-                    keys = [k for k in f.keys() if k.endswith(".weight")]
-                    w = f.get_tensor("h1.weight") if "h1.weight" in keys else f.get_tensor(keys[0])
-                panels.append((c, w))
-                break
-    n = max(len(panels), 1)
-    cols = min(n, 6)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows + 0.4), squeeze=False)
-    axes = axes.ravel()
-    n = len(panels)
-    for ax, (c, w) in zip(axes, panels):
-        ax.imshow(filter_grid(w), cmap="gray", interpolation="nearest")
-        ax.set_title(c)
-        ax.axis("off")
-    for ax in axes[n:]:
-        ax.axis("off")
-    fig.suptitle("First-layer filters (first 64 units, each scaled to its own range)")
-    return fig
-
-
-def filter_grid(w: torch.Tensor, n: int = 64) -> np.ndarray:
-    """Tile the first ``n`` units' incoming weights as square images."""
-    w = w.reshape(w.shape[0], -1)[:n].float()
-    side = int(math.isqrt(w.shape[1]))
-    if side * side != w.shape[1]:
-        return w.numpy()
-    cols = int(math.ceil(math.sqrt(w.shape[0])))
-    rows = int(math.ceil(w.shape[0] / cols))
-    grid = np.ones((rows * (side + 1) + 1, cols * (side + 1) + 1)) * 0.5
-    for i, unit in enumerate(w):
-        lo, hi = unit.min(), unit.max()
-        img = ((unit - lo) / (hi - lo + 1e-12)).reshape(side, side).numpy()
-        r, c = divmod(i, cols)
-        grid[1 + r * (side + 1): 1 + r * (side + 1) + side, 1 + c * (side + 1): 1 + c * (side + 1) + side] = img
-    return grid
-
-
-def _save(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    write_figures(out, rows, table(rows, baseline), baseline)

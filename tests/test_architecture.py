@@ -22,7 +22,7 @@ LEVELS: list[tuple[str, set[str]]] = [
     ("fine-tuning", {"finetune_config", "finetune", "checkpoint", "graphed", "module_engine", "population"}),
     ("recipe composition", {"experiment_config", "search_config", "recipe", "grid"}),
     ("orchestration", {"pipeline", "stacks_dir", "cells", "tuning", "experiment", "search"}),
-    ("report and cli", {"report", "rundir", "cli", "__main__"}),
+    ("report and cli", {"figures", "report", "rundir", "cli", "__main__"}),
 ]
 
 

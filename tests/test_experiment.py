@@ -174,7 +174,7 @@ def test_runs_that_did_not_learn_are_named_in_the_report():
 def test_error_bars_stay_between_0_and_100_percent():
     """A cell split between chance and learning has a t interval wider than an error can be;
     the figure's bars stop at 0 and 100, while a narrow interval is drawn whole."""
-    from surgery.report import _bars
+    from surgery.figures import _bars
 
     def run(cond, seed, test):
         return {"condition": cond, "depth": 3, "seed": seed, "test_error": test}
