@@ -20,7 +20,7 @@ from .errors import CheckpointError, ConfigError, SurgeryWarning, TrainingDiverg
 from .finetune import PopulationTrainer, Trainer
 from .graph import ModelGraph
 from .grid import Cell
-from .io import progress_line, write_json
+from .io import duration, progress_line, write_json
 from .pipeline import load_sources
 from .population import architecture_key, model_bytes, population_size
 from .recipe import Recipe, recipe_from_dict
@@ -112,7 +112,7 @@ class CellRunner:
         seeds = ", ".join(str(s) for s in sorted({m[0].seed for m in members}))
         who = f"{len(members)} members" if len(members) > 1 else "1 member, continued"
         progress_line(self.progress, f"population: {who} ({arms}; seed {seeds}) fine-tuned together "
-                                     f"in {(time.perf_counter() - t0) / 60:.1f} min")
+                                     f"in {duration(time.perf_counter() - t0)}")
         return True
 
     def open_cell(self, cell: Cell, cells_dir: str = "cells") -> Path:
@@ -228,9 +228,8 @@ def _record(cell: Cell, result: dict[str, Any], pretrain_seconds: float, share: 
 
 def summary(result: dict[str, Any], test: bool = True) -> str:
     """A finished run in a few words: its errors (``test``: with the test error; a tuning
-    trial shows only what it is chosen by), epochs and minutes."""
+    trial shows only what it is chosen by), epochs and wall time."""
     valid = result.get("valid_error")
     errors = [f"test {result['test_error']:.2f}%"] if test else []
     errors += [f"valid {valid:.2f}%"] if valid is not None else []
-    minutes = (result.get("finetune_seconds") or 0) / 60
-    return ", ".join([*errors, f"{result['epochs']} epochs", f"{minutes:.1f} min"])
+    return ", ".join([*errors, f"{result['epochs']} epochs", duration(result.get("finetune_seconds") or 0)])

@@ -69,6 +69,16 @@ def progress_bar(total: int, desc: str, progress: bool | None, unit: str = "it",
     return tqdm(total=total, desc=desc, unit=unit, initial=initial, leave=False, disable=not show, dynamic_ncols=True)
 
 
+def duration(seconds: float) -> str:
+    """Wall time for a log line: ``4.2 s``, ``3.5 min`` or ``2 h 05 min``."""
+    if seconds < 59.95:  # what rounds to 60.0 goes up a unit
+        return f"{seconds:.1f} s"
+    if seconds < 3597:
+        return f"{seconds / 60:.1f} min"
+    hours, rest = divmod(round(seconds / 60), 60)
+    return f"{hours} h {rest:02d} min"
+
+
 def progress_line(progress: bool | None, text: str) -> None:
     """``text`` as one line on stderr when a bar with this ``progress`` setting is hidden
     only because stderr is not a terminal (a log file, ``nohup``): a long run still says

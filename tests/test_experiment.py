@@ -2,6 +2,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -644,6 +645,7 @@ def test_an_experiment_on_every_training_example_keeps_last_epochs(tmp_path, cap
     err = capsys.readouterr().err
     assert "experiment: cell 1/2 none depth 1 seed 0: test " in err and "experiment: cell 2/2 rbm" in err
     assert ", valid" not in err and "2 epochs" in err and "pretrain: layer 1/1 (rbm, 16 units) in " in err
+    assert re.search(r"2 epochs, \d+\.\d s\n", err)  # a short run's time in seconds, not "0.0 min"
     rows = _rows(tmp_path / "out")
     assert len(rows) == 2 and all(r["valid_error"] == "" and r["best_epoch"] == r["epochs"] == "2" for r in rows)
     assert (tmp_path / "out" / "figures" / "learning_curves.png").is_file()

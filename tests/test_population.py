@@ -424,7 +424,7 @@ def test_a_pretraining_populations_log_line_gives_its_wall_time_and_every_member
     errs = [f"{e:.4g}" for e in sorted(st.layers[0].pretrain["final"]["recon_error"] for st in stacks)]
     assert errs[0] != errs[1]  # the members differ, so the line shows a range
     assert len(line) == 1 and re.fullmatch(
-        rf"pretrain: layer 1/1 \(rbm, 12 units, 2 members\) in \d+\.\d min, recon_error {errs[0]}-{errs[1]}, "
+        rf"pretrain: layer 1/1 \(rbm, 12 units, 2 members\) in \d+\.\d (s|min), recon_error {errs[0]}-{errs[1]}, "
         r"\d+\.\d%(-\d+\.\d%)? of units inactive", line[0]), line
 
 

@@ -132,3 +132,10 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
         random_stack(seed=2).save(p)
     assert p.read_bytes() == before
     assert [x.name for x in tmp_path.iterdir()] == ["s.safetensors"]
+
+
+def test_log_lines_give_wall_time_in_a_readable_unit():
+    from surgery.io import duration
+
+    assert [duration(s) for s in (0.04, 42.15, 59.97, 61, 3590, 3599, 7530)] == [
+        "0.0 s", "42.1 s", "1.0 min", "1.0 min", "59.8 min", "1 h 00 min", "2 h 06 min"]

@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
-from ..io import progress_line
+from ..io import duration, progress_line
 from ..stack import LayerStack, StackLayer
 from .ae_model import AEConfig
 from .autoencoder import train_autoencoder_population
@@ -181,7 +181,7 @@ def greedy_pretrain_population(
                 inps[k] = stacks[k].transform(x) if grown else layer.transform(inps[k])  # grow: all layers changed
         who = f", {len(cfgs)} members" if len(cfgs) > 1 else ""
         progress_line(progress, f"pretrain: layer {i + 1}/{len(cfgs[0].layers)} ({lcs[0].method}, {lcs[0].hidden} "
-                                f"units{who}) in {wall / 60:.1f} min{_final_metrics(layers)}")
+                                f"units{who}) in {duration(wall)}{_final_metrics(layers)}")
         if on_layer is not None:
             on_layer(i, stacks, [g.get_state() for g in gens])
     return stacks
