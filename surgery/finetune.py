@@ -220,7 +220,8 @@ class Trainer(TrainingLoop):
     record)`` runs after every epoch's bookkeeping (the record is in ``history`` and any
     checkpoint is written), e.g. to log, or to stop a run. ``record(0, result)`` completes
     the result before it is returned and written; ``provenance`` goes into the model file
-    beside it (e.g. ``{"recipe": recipe.to_dict()}``)."""
+    beside it (e.g. ``{"recipe": recipe.to_dict()}``). Building one seeds torch's default
+    generators with ``seed`` (dropout draws from them; see :class:`ModuleEngine`)."""
 
     def __init__(self, graph: ModelGraph, data: Dataset, cfg: FinetuneConfig, seed: int = 0,
                  out_dir: str | Path | None = None, on_epoch_end: EpochCallback | None = None,

@@ -292,7 +292,11 @@ class ModuleEngine:
     """``graph`` as one ``nn.Module`` trained on ``data`` as ``cfg`` says, with ``seed``
     (data order, dropout, fresh layers' init): a population of one (``K = 1``) for the
     training loop, which calls :meth:`train_epoch`, :meth:`errors`, :meth:`keep_best` and
-    :meth:`restore_best`; checkpoints come from :meth:`checkpoint` and :meth:`restore`."""
+    :meth:`restore_best`; checkpoints come from :meth:`checkpoint` and :meth:`restore`.
+
+    Dropout draws from torch's default generators (the ones a captured CUDA graph advances),
+    so building an engine seeds them with ``seed``: a script's own draws after it differ
+    from what they would have been (checkpoints save and restore that state)."""
 
     K = 1
 
