@@ -10,7 +10,10 @@ CASES = {
     "stacking.py": ["--dataset", "synthetic", "--limit", "300", "--epochs", "1"],
     "surgery_ops.py": [],
     "finetuning.py": ["--dataset", "synthetic", "--limit", "300", "--epochs", "1"],
+    "experiment.py": ["--dataset", "synthetic", "--limit", "300", "--epochs", "1", "--pretrain-epochs", "1",
+                      "--seeds", "2"],
 }
+EXPECT = {"experiment.py": "the same network"}  # a population member equals the same net trained alone
 
 
 @pytest.mark.parametrize("script", sorted(CASES))
@@ -22,6 +25,7 @@ def test_example_runs(script, tmp_path):
                        cwd=tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.strip()
+    assert EXPECT.get(script, "") in p.stdout, p.stdout[-2000:]
 
 
 def test_examples_are_all_tested():
