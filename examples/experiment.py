@@ -14,7 +14,6 @@ import argparse
 from pathlib import Path
 
 import surgery as S
-from surgery.report import significance_line
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--dataset", default="mnist")
@@ -39,7 +38,7 @@ rows = S.run_experiment(recipe, args.out, progress=False)  # run again: finished
 S.write_report(args.out, rows)
 for t in S.table(rows):
     print(f"{t['condition']:>5} depth {t['depth']}: test error {t['mean']:.2f}% +- {t['ci_half']:.2f} (n={t['n']})")
-print(significance_line(rows))
+print(S.significance_line(rows))
 print(f"report: {args.out / 'report.md'}")
 
 # Part 2: a population. Four nets of one shape, each with its own seed (init, data order) and lr.
