@@ -26,6 +26,7 @@ from .cells import DIVERGED_FILE
 from .checkpoint import MEMBER_CHECKPOINT, read_checkpoint_meta
 from .errors import SurgeryError
 from .experiment import is_experiment_dir
+from .io import duration
 from .pipeline import is_single_run_dir
 from .stack import weights_held
 
@@ -109,10 +110,11 @@ def describe_single_run(out: Path) -> list[str]:
     planned = ((ck or {}).get("config") or {}).get("epochs")
     of = f" of {planned}" if isinstance(planned, int) else ""
     if isinstance(result, dict):
-        seconds = result.get("finetune_seconds", result.get("seconds", "?"))  # surgery run's name, finetune's
+        seconds = result.get("finetune_seconds", result.get("seconds"))  # surgery run's name, finetune's
+        took = duration(seconds) if isinstance(seconds, (int, float)) else "?"
         lines.append(f"finished: test {_pct(result.get('test_error'))}, validation {_pct(result.get('valid_error'))} "
                      f"(best epoch {result.get('best_epoch')} of {result.get('epochs')} trained), "
-                     f"{seconds} s fine-tuning on {result.get('device', '?')}")
+                     f"{took} fine-tuning on {result.get('device', '?')}")
     else:
         hist = [h for h in _history(out / "metrics.jsonl") if isinstance(h, dict)]
         valid = [(h["valid_error"], h.get("epoch")) for h in hist if isinstance(h.get("valid_error"), (int, float))]
