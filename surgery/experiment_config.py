@@ -162,6 +162,11 @@ class ExperimentConfig(BaseModel):
             raise ValueError(f"depths {v} must all be >= 1")
         return sorted(set(v))
 
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        return list(dict.fromkeys(v))  # a repeated seed would be one run counted twice in every statistic
+
     def arms(self) -> dict[str, ArmConfig]:
         """The arms by name (built-in names resolved to their configs)."""
         if isinstance(self.conditions, list):

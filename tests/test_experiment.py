@@ -83,6 +83,17 @@ def test_experiment_grid_report_and_skip(tmp_path, capsys):
     assert len(_rows(tmp_path / "merged")) == 22
 
 
+def test_a_repeated_seed_or_depth_is_one_cell_not_two():
+    """``seeds: [0, 0]`` would train one run twice and count it twice in n, the mean and the
+    interval; repeats are dropped (first place kept), as for depths."""
+    r = json.loads(json.dumps(TINY))
+    r["experiment"] = {**r["experiment"], "seeds": [1, 0, 1], "depths": [2, 1, 2]}
+    recipe = recipe_from_dict(r)
+    assert recipe.experiment.seeds == [1, 0] and recipe.experiment.depths == [1, 2]
+    cells = plan_cells(recipe, (64,), 4)
+    assert len({(c.condition, c.depth, c.seed) for c in cells}) == len(cells)
+
+
 def test_cells_share_data_order_and_budget():
     from surgery.recipe import recipe_from_dict
 
