@@ -16,10 +16,11 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from .errors import SurgeryError
+from .errors import ConfigError, SurgeryError
 from .experiment_config import DEFAULT_LAYER, ArmConfig, ExperimentConfig
 from .finetune_config import FinetuneConfig
-from .recipe import Recipe, apply_overrides
+from .recipe import Recipe, apply_overrides, recipe_from_dict
+from .search_config import ParamRange
 
 
 def _hash(obj: Any) -> str:
@@ -157,6 +158,36 @@ def with_values(cell: Cell, values: dict[str, Any]) -> Cell:
         _set_path(r, path, value)
     pkey = _hash({"data": r["data"], "pretrain": r["pretrain"], "seed": cell.seed}) if "pretrain" in r else None
     return Cell(condition=cell.condition, depth=cell.depth, seed=cell.seed, recipe=r, pretrain_key=pkey)
+
+
+def check_cells(recipe: Recipe, cells: list[Cell]) -> None:
+    """Validate the recipe of each (arm, depth)'s first cell, and with each of
+    ``experiment.tune.params`` set in it, before anything trains: a bad arm override or a
+    tuned path that is not a recipe field fails now, named, not after the first stacks."""
+    tune = recipe.experiment.tune if recipe.experiment is not None else None
+    firsts: dict[tuple[str, int], Cell] = {}
+    for c in cells:
+        firsts.setdefault((c.condition, c.depth), c)
+    for (arm, depth), cell in firsts.items():
+        where = f"{recipe.source} [{arm} d{depth}]"
+        recipe_from_dict(cell.recipe, recipe.base_dir, where)
+        for path, rng in (tune.params if tune is not None else {}).items():
+            for value in _ends(rng):
+                try:
+                    probe = with_values(cell, {path: value})
+                except SurgeryError as e:
+                    raise ConfigError(f"experiment.tune.params[{path!r}] ({arm} depth {depth}): "
+                                      f"{str(e).split(': ', 1)[-1]}") from None
+                recipe_from_dict(probe.recipe, recipe.base_dir, f"{where} with experiment.tune.params[{path!r}]")
+
+
+def _ends(rng: ParamRange) -> list[Any]:
+    """Values the search can draw for ``rng`` that bound what it may draw: every choice, or
+    both ends of the range."""
+    if rng.type == "categorical":
+        return list(rng.choices or [])
+    ends = [rng.low, rng.high]
+    return [int(v) for v in ends] if rng.type == "int" else ends  # type: ignore[arg-type]
 
 
 def shard_of(cells: list[Cell], index: int, count: int) -> list[Cell]:

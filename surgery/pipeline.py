@@ -19,7 +19,7 @@ from .data import Dataset, find_mnist_file, load_dataset, resolve_device
 from .errors import ConfigError, SurgeryError, SurgeryWarning, TrainingDiverged
 from .finetune import FinetuneConfig, PopulationTrainer, Record, Trainer
 from .graph import ModelGraph
-from .grid import plan_cells
+from .grid import check_cells, plan_cells
 from .io import make_dir
 from .model_file import load_model, save_model
 from .module_engine import check_fits
@@ -142,6 +142,7 @@ def validate(recipe: Recipe) -> tuple[ModelGraph | None, list[str]]:
         notes.append("pretrain plan: " + plan)
     if recipe.experiment is not None:
         cells = plan_cells(recipe, data.input_shape, data.num_classes)
+        check_cells(recipe, cells)
         exp = recipe.experiment
         plural = "s" if len(cells) != 1 else ""
         notes.append(f"experiment: {len(cells)} cell{plural} ({', '.join(exp.arms())} x depths {exp.depths} x "

@@ -247,6 +247,32 @@ def compare_an_unfinished_experiment(tmp: Path):
     return ["compare", str(tmp / "half")], "an experiment that has not finished", [tmp / "half" / "experiment.json"]
 
 
+def _tuned_experiment(params: dict) -> dict:
+    r = _net_recipe()
+    del r["surgery"]
+    r["experiment"] = {"conditions": ["none", "rbm"], "depths": [1], "hidden": 8, "pretrain_epochs": 1,
+                       "tune": {"trials": 2, "params": params}}
+    return r
+
+
+def tuned_path_not_in_the_recipe(tmp: Path):
+    r = _tuned_experiment({"finetune.optimizer.lrr": {"low": 0.01, "high": 0.1}})
+    return (["run", str(_write(tmp / "r.yaml", r)), "--out", str(tmp / "out")],
+            "[none d1] with experiment.tune.params['finetune.optimizer.lrr']", [])
+
+
+def tuned_layer_the_stack_lacks(tmp: Path):
+    r = _tuned_experiment({"pretrain.layers.3.lr": {"low": 0.01, "high": 0.1}})
+    return (["validate", str(_write(tmp / "r.yaml", r))],
+            "experiment.tune.params['pretrain.layers.3.lr'] (rbm depth 1): '3' is not an index", [])
+
+
+def tuned_choice_out_of_range(tmp: Path):
+    r = _tuned_experiment({"finetune.batch_size": {"type": "categorical", "choices": [10, 0]}})
+    return (["run", str(_write(tmp / "r.yaml", r)), "--out", str(tmp / "out")],
+            "finetune.batch_size: Input should be greater than 0 (got 0)", [])
+
+
 def experiment_recipe_to_finetune(tmp: Path):
     r = _net_recipe()
     del r["surgery"]
@@ -256,6 +282,9 @@ def experiment_recipe_to_finetune(tmp: Path):
 
 CASES: dict[str, Case] = {
     "finetune: an experiment recipe": experiment_recipe_to_finetune,
+    "run: a tuned path that is no recipe field": tuned_path_not_in_the_recipe,
+    "validate: a tuned layer the stack lacks": tuned_layer_the_stack_lacks,
+    "run: a tuned choice out of range": tuned_choice_out_of_range,
     "compare: a single run's directory": compare_a_single_run,
     "compare: an unfinished experiment": compare_an_unfinished_experiment,
     "pretrain: conv_ae on flat data": conv_on_flat,
@@ -379,3 +408,16 @@ def test_a_recipe_with_nothing_to_build_makes_no_output_directory(tmp_path, caps
     r["experiment"] = {"conditions": ["none"], "depths": [1], "hidden": 8}
     assert main(["finetune", str(_write(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "out")]) == 2
     assert "`surgery run" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_grid_that_cannot_run_fails_before_training_and_makes_no_output_directory(tmp_path, capsys, monkeypatch):
+    """A tuned path that is no recipe field fails before the first stack or trial trains,
+    and leaves no --out behind."""
+    import surgery.cells
+
+    trained = []
+    monkeypatch.setattr(surgery.cells.CellRunner, "run_batch", lambda *a, **k: trained.append(a) or iter(()))
+    r = _tuned_experiment({"finetune.optimizer.lrr": {"low": 0.01, "high": 0.1}})
+    assert main(["run", str(_write(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "out")]) == 2
+    assert "experiment.tune.params['finetune.optimizer.lrr']" in capsys.readouterr().err
+    assert not trained and not (tmp_path / "out").exists()
