@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -169,16 +170,34 @@ def check_cells(recipe: Recipe, cells: list[Cell]) -> None:
     for c in cells:
         firsts.setdefault((c.condition, c.depth), c)
     for (arm, depth), cell in firsts.items():
-        where = f"{recipe.source} [{arm} d{depth}]"
-        recipe_from_dict(cell.recipe, recipe.base_dir, where)
-        for path, rng in (tune.params if tune is not None else {}).items():
-            for value in _ends(rng):
-                try:
-                    probe = with_values(cell, {path: value})
-                except SurgeryError as e:
-                    raise ConfigError(f"experiment.tune.params[{path!r}] ({arm} depth {depth}): "
-                                      f"{str(e).split(': ', 1)[-1]}") from None
-                recipe_from_dict(probe.recipe, recipe.base_dir, f"{where} with experiment.tune.params[{path!r}]")
+        recipe_from_dict(cell.recipe, recipe.base_dir, f"{recipe.source} [{arm} d{depth}]")
+        if tune is not None:
+            check_ranges("experiment.tune.params", tune.params, recipe, f" [{arm} d{depth}]",
+                         lambda path, value, cell=cell: with_values(cell, {path: value}).recipe)
+
+
+def check_ranges(field: str, params: dict[str, ParamRange], recipe: Recipe, where: str,
+                 set_value: Callable[[str, Any], dict[str, Any]]) -> None:
+    """Validate the recipe ``set_value(path, value)`` makes for every parameter of a search
+    (``field``: its name in the recipe) at the ends of its range; ``ConfigError`` naming the
+    parameter (and ``where``: the cell) when a path is not in the recipe or a value not allowed."""
+    for path, rng in params.items():
+        for value in _ends(rng):
+            try:
+                data = set_value(path, value)
+            except SurgeryError as e:
+                raise ConfigError(f"{field}[{path!r}]{where}: {str(e).split(': ', 1)[-1]}") from None
+            recipe_from_dict(data, recipe.base_dir, f"{recipe.source}{where} with {field}[{path!r}]")
+
+
+def check_search(recipe: Recipe) -> None:
+    """:func:`check_ranges` for the recipe's ``search:`` section (none: nothing to check)."""
+    if recipe.search is None:
+        return
+    base = recipe.to_dict()
+    base.pop("search", None)
+    check_ranges("search.params", recipe.search.params, recipe, "",
+                 lambda path, value: apply_overrides(json.loads(json.dumps(base)), {path: value}))
 
 
 def _ends(rng: ParamRange) -> list[Any]:

@@ -19,7 +19,7 @@ from .data import Dataset, find_mnist_file, load_dataset, resolve_device
 from .errors import ConfigError, SurgeryError, SurgeryWarning, TrainingDiverged
 from .finetune import FinetuneConfig, PopulationTrainer, Record, Trainer
 from .graph import ModelGraph
-from .grid import check_cells, plan_cells
+from .grid import check_cells, check_search, plan_cells
 from .io import make_dir
 from .model_file import load_model, save_model
 from .module_engine import check_fits
@@ -152,6 +152,7 @@ def validate(recipe: Recipe) -> tuple[ModelGraph | None, list[str]]:
             notes.append(f"tuning first: {exp.tune.trials} {exp.tune.sampler} trials for each of {groups} "
                          f"(arm, depth) on seed {exp.seeds[0]} ({exp.tune.trials * groups} runs) over "
                          f"{', '.join(exp.tune.params)}; then every seed with its arm's best values")
+    check_search(recipe)
     if recipe.surgery is None and stack is None:
         return None, notes
     graph = assemble(recipe, stack, data.num_classes, data.input_shape)

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import SurgeryError, TrainingDiverged
+from .grid import check_search
 from .io import make_dir, progress_line, write_json, write_text
 from .pipeline import run, run_batch
 from .recipe import Recipe, apply_overrides, recipe_from_dict
@@ -137,6 +138,9 @@ def run_search(recipe: Recipe, out: str | Path, trials: int | None = None, stora
     if trials is not None and trials < 1:
         raise SurgeryError(f"search: --trials {trials}: give at least 1 trial, or leave it out to run "
                            f"search.trials ({cfg.trials}).")
+    check_search(recipe)  # before the directory is made: a recipe that cannot run leaves nothing
+    base = recipe.to_dict()
+    base.pop("search", None)
     out = Path(out)
     make_dir(out)
     storage = storage or f"sqlite:///{(out / 'search.db').resolve()}"
@@ -145,8 +149,6 @@ def run_search(recipe: Recipe, out: str | Path, trials: int | None = None, stora
     # Each worker draws its own sampler seed, so workers sharing a study do not repeat trials.
     worker = f"{socket.gethostname()}:{os.getpid()}"
     study = _open_study(name, storage, make_sampler(cfg.sampler, recipe.seed + os.getpid()))
-    base = recipe.to_dict()
-    base.pop("search", None)
 
     def objective(trial: optuna.Trial) -> float:
         values = suggest(trial, cfg.params)

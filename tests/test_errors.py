@@ -264,13 +264,20 @@ def tuned_path_not_in_the_recipe(tmp: Path):
 def tuned_layer_the_stack_lacks(tmp: Path):
     r = _tuned_experiment({"pretrain.layers.3.lr": {"low": 0.01, "high": 0.1}})
     return (["validate", str(_write(tmp / "r.yaml", r))],
-            "experiment.tune.params['pretrain.layers.3.lr'] (rbm depth 1): '3' is not an index", [])
+            "experiment.tune.params['pretrain.layers.3.lr'] [rbm d1]: '3' is not an index", [])
 
 
 def tuned_choice_out_of_range(tmp: Path):
     r = _tuned_experiment({"finetune.batch_size": {"type": "categorical", "choices": [10, 0]}})
     return (["run", str(_write(tmp / "r.yaml", r)), "--out", str(tmp / "out")],
             "finetune.batch_size: Input should be greater than 0 (got 0)", [])
+
+
+def searched_path_not_in_the_recipe(tmp: Path):
+    r = _net_recipe()
+    r["search"] = {"trials": 2, "params": {"finetune.optimizer.momentm": {"low": 0.5, "high": 0.9}}}
+    return (["search", str(_write(tmp / "r.yaml", r)), "--out", str(tmp / "out")],
+            "with search.params['finetune.optimizer.momentm']", [])
 
 
 def experiment_recipe_to_finetune(tmp: Path):
@@ -285,6 +292,7 @@ CASES: dict[str, Case] = {
     "run: a tuned path that is no recipe field": tuned_path_not_in_the_recipe,
     "validate: a tuned layer the stack lacks": tuned_layer_the_stack_lacks,
     "run: a tuned choice out of range": tuned_choice_out_of_range,
+    "search: a searched path that is no recipe field": searched_path_not_in_the_recipe,
     "compare: a single run's directory": compare_a_single_run,
     "compare: an unfinished experiment": compare_an_unfinished_experiment,
     "pretrain: conv_ae on flat data": conv_on_flat,
@@ -421,3 +429,11 @@ def test_a_grid_that_cannot_run_fails_before_training_and_makes_no_output_direct
     assert main(["run", str(_write(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "out")]) == 2
     assert "experiment.tune.params['finetune.optimizer.lrr']" in capsys.readouterr().err
     assert not trained and not (tmp_path / "out").exists()
+
+
+def test_a_search_that_cannot_run_makes_no_output_directory(tmp_path, capsys):
+    r = _net_recipe()
+    r["search"] = {"trials": 2, "params": {"finetune.optimizer.lr": {"low": 0.0, "high": 0.1}}}  # lr 0 is refused
+    assert main(["search", str(_write(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "out")]) == 2
+    assert "finetune.optimizer.lr: Input should be greater than 0 (got 0.0)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
