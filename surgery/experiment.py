@@ -20,9 +20,9 @@ from typing import Any
 
 from .cells import CellRunner, summary
 from .errors import SurgeryError
-from .grid import check_cells, plan_cells, shard_of
+from .grid import plan_cells, shard_of
 from .io import make_dir, progress_bar, progress_line, write_json, write_text
-from .pipeline import is_single_run_dir
+from .pipeline import check_grid, is_single_run_dir
 from .recipe import Recipe
 from .tuning import adopt_trial, tune_arms
 
@@ -44,7 +44,7 @@ def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None
     The report (tables, figures) is :func:`surgery.report.write_report`'s job."""
     runner = CellRunner(recipe, Path(out), progress)
     cells = plan_cells(recipe, runner.data.input_shape, runner.data.num_classes)
-    check_cells(recipe, cells)  # before the directory is made: a recipe that cannot run leaves nothing
+    check_grid(recipe, cells, runner.dataset)  # before the directory is made: a grid that cannot run leaves nothing
     out = make_dir(Path(out))
     assert recipe.experiment is not None
     write_json(out / "experiment.json", {"recipe": recipe.to_dict(), "cells": len(cells)})  # first: inspect reads it

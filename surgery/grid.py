@@ -161,15 +161,20 @@ def with_values(cell: Cell, values: dict[str, Any]) -> Cell:
     return Cell(condition=cell.condition, depth=cell.depth, seed=cell.seed, recipe=r, pretrain_key=pkey)
 
 
+def first_cells(cells: list[Cell]) -> dict[tuple[str, int], Cell]:
+    """Each (arm, depth)'s first cell (its first seed's), in plan order."""
+    firsts: dict[tuple[str, int], Cell] = {}
+    for c in cells:
+        firsts.setdefault((c.condition, c.depth), c)
+    return firsts
+
+
 def check_cells(recipe: Recipe, cells: list[Cell]) -> None:
     """Validate the recipe of each (arm, depth)'s first cell, and with each of
     ``experiment.tune.params`` set in it, before anything trains: a bad arm override or a
     tuned path that is not a recipe field fails now, named, not after the first stacks."""
     tune = recipe.experiment.tune if recipe.experiment is not None else None
-    firsts: dict[tuple[str, int], Cell] = {}
-    for c in cells:
-        firsts.setdefault((c.condition, c.depth), c)
-    for (arm, depth), cell in firsts.items():
+    for (arm, depth), cell in first_cells(cells).items():
         recipe_from_dict(cell.recipe, recipe.base_dir, f"{recipe.source} [{arm} d{depth}]")
         if tune is not None:
             check_ranges("experiment.tune.params", tune.params, recipe, f" [{arm} d{depth}]",

@@ -10,6 +10,7 @@ import json
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,15 +20,15 @@ from .data import Dataset, find_mnist_file, load_dataset, resolve_device
 from .errors import ConfigError, SurgeryError, SurgeryWarning, TrainingDiverged
 from .finetune import FinetuneConfig, PopulationTrainer, Record, Trainer
 from .graph import ModelGraph
-from .grid import check_cells, check_search, plan_cells
+from .grid import Cell, check_cells, check_search, first_cells, plan_cells
 from .io import make_dir
 from .model_file import load_model, save_model
-from .module_engine import check_fits
+from .module_engine import check_fits, check_patterns
 from .ops import ForeignWeights, HeadOp, TakeOp
 from .population import architecture_key
 from .pretrain import greedy_pretrain
 from .pretrain.greedy import plan_stack
-from .recipe import Recipe
+from .recipe import Recipe, recipe_from_dict
 from .runtime import is_main_process
 from .stack import LayerStack, load_foreign
 from .stacks_dir import continue_from, save_snapshot
@@ -130,19 +131,13 @@ def validate(recipe: Recipe) -> tuple[ModelGraph | None, list[str]]:
     if recipe.finetune is not None:
         dev = resolve_device(recipe.finetune.device)
         notes.append(f"finetune device: {dev}")
-    stack = None
-    if recipe.pretrain is not None:
-        try:
-            stack = plan_stack(recipe.pretrain, data.input_shape)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
-        if any(lc.method == "conv_ae" for lc in recipe.pretrain.layers) and len(data.input_shape) != 3:
-            raise SurgeryError("pretrain: conv_ae layers need images; set data.flatten: false.")
+    stack = _planned_stack(recipe, data)
+    if stack is not None:
         plan = " -> ".join(f"{s.name}:{s.pretrain['method']}{s.spec.output_shape}" for s in stack)
         notes.append("pretrain plan: " + plan)
     if recipe.experiment is not None:
         cells = plan_cells(recipe, data.input_shape, data.num_classes)
-        check_cells(recipe, cells)
+        check_grid(recipe, cells, lambda r: load_dataset(r.data.model_copy(update={"device": "cpu"}), recipe.base_dir))
         exp = recipe.experiment
         plural = "s" if len(cells) != 1 else ""
         notes.append(f"experiment: {len(cells)} cell{plural} ({', '.join(exp.arms())} x depths {exp.depths} x "
@@ -155,10 +150,57 @@ def validate(recipe: Recipe) -> tuple[ModelGraph | None, list[str]]:
     check_search(recipe)
     if recipe.surgery is None and stack is None:
         return None, notes
-    graph = assemble(recipe, stack, data.num_classes, data.input_shape)
-    check_fits(graph, data)  # what Trainer would refuse
+    graph = _planned_graph(recipe, stack, data)
     notes += graph.report
     return graph, notes
+
+
+def check_grid(recipe: Recipe, cells: list[Cell], dataset: Callable[[Recipe], Dataset]) -> None:
+    """Before an experiment trains: each (arm, depth)'s first cell as a recipe, with each tuned
+    parameter at the ends of its range (:func:`grid.check_cells`), and its network planned and
+    checked as fine-tuning will check it (:func:`plan_network`; ``dataset``: a cell recipe's data)."""
+    check_cells(recipe, cells)
+    for (arm, depth), cell in first_cells(cells).items():
+        where = f"{recipe.source} [{arm} d{depth}]"
+        r = recipe_from_dict(cell.recipe, recipe.base_dir, where)
+        try:
+            plan_network(r, dataset(r))
+        except SurgeryError as e:
+            raise type(e)(f"{where}: {e}") from None
+
+
+def plan_network(recipe: Recipe, data: Dataset) -> ModelGraph | None:
+    """The network the recipe builds, planned without training (pretrained layers stand in
+    untrained, at their shapes) and checked as fine-tuning will check it; None when the recipe
+    builds none. Runs call it before pretraining, so a fine-tuning option that cannot apply
+    fails before hours of pretraining, not after."""
+    stack = _planned_stack(recipe, data)
+    if recipe.surgery is None and stack is None:
+        return None
+    return _planned_graph(recipe, stack, data)
+
+
+def _planned_stack(recipe: Recipe, data: Dataset) -> LayerStack | None:
+    """The recipe's greedy stack as planned (layers of the right shapes, untrained), or None."""
+    if recipe.pretrain is None:
+        return None
+    try:
+        stack = plan_stack(recipe.pretrain, data.input_shape)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if any(lc.method == "conv_ae" for lc in recipe.pretrain.layers) and len(data.input_shape) != 3:
+        raise SurgeryError("pretrain: conv_ae layers need images; set data.flatten: false.")
+    return stack
+
+
+def _planned_graph(recipe: Recipe, stack: LayerStack | None, data: Dataset) -> ModelGraph:
+    """The network assembled on ``stack`` (planned or trained), checked as fine-tuning will
+    check it: it fits the data, and every layer pattern of ``finetune:`` names a layer."""
+    graph = assemble(recipe, stack, data.num_classes, data.input_shape)
+    check_fits(graph, data)  # what Trainer would refuse
+    if recipe.finetune is not None:
+        check_patterns([n.name for n in graph.nodes() if n.kind == "layer"], recipe.finetune)
+    return graph
 
 
 def run(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool | None = None,
@@ -166,10 +208,12 @@ def run(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool | 
     """pretrain (if any) -> assemble -> fine-tune (if any); files go under ``out``."""
     if recipe.pretrain is None and recipe.surgery is None:
         _nothing_to_assemble(recipe)  # before anything is made or loaded
-    out = Path(out)
-    make_dir(out)
     t0 = time.perf_counter()
     data = data or load_dataset(recipe.data, recipe.base_dir)
+    if recipe.pretrain is not None:  # what would fail after pretraining fails now, before --out is made
+        plan_network(recipe, data)
+    out = Path(out)
+    make_dir(out)
     stack = None
     stack_path = out / "stack.safetensors"
     if recipe.pretrain is not None:

@@ -437,3 +437,30 @@ def test_a_search_that_cannot_run_makes_no_output_directory(tmp_path, capsys):
     assert main(["search", str(_write(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "out")]) == 2
     assert "finetune.optimizer.lr: Input should be greater than 0 (got 0.0)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("grid", [False, True])
+def test_a_finetune_option_that_cannot_apply_fails_before_pretraining(tmp_path, capsys, monkeypatch, grid):
+    """A layer_lr naming no layer of the network used to fail when fine-tuning began, after
+    the stack had pretrained; the network is planned first now, and no --out is made."""
+    import importlib
+
+    pretrained = []
+    for name in ("surgery.pretrain.greedy", "surgery.stacks_dir"):  # the one function every pretraining runs
+        module = importlib.import_module(name)
+        real = module.greedy_pretrain_population
+        monkeypatch.setattr(module, "greedy_pretrain_population",
+                            lambda *a, real=real, **k: pretrained.append(1) or real(*a, **k))
+    r = _net_recipe()
+    del r["surgery"]
+    r["finetune"] = {**SMALL_FT, "layer_lr": {"h3": 2.0}}
+    if grid:
+        r["experiment"] = {"conditions": ["rbm", "none"], "depths": [1], "hidden": 8, "pretrain_epochs": 1}
+        where = "[rbm d1]: finetune.layer_lr: 'h3' matches no layer"
+    else:
+        r["pretrain"] = {"layers": [{"method": "rbm", "hidden": 8, "epochs": 1}]}
+        where = "finetune.layer_lr: 'h3' matches no layer"
+    path = _write(tmp_path / "r.yaml", r)
+    assert main(["validate", str(path)]) == 2 and where in capsys.readouterr().err
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2 and where in capsys.readouterr().err
+    assert not pretrained and not (tmp_path / "out").exists()
