@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from .data import load_dataset
 from .errors import SurgeryError, SurgeryWarning
-from .experiment import read_results, run_experiment, write_results_csv
+from .experiment import merge_results, run_experiment, write_results_csv
 from .grid import parse_shard
 from .io import make_dir, write_json
 from .model_file import describe_model, load_model, save_model
@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="rebuild and merge reports from one or more experiment directories")
     p.add_argument("dirs", type=Path, nargs="+", help="experiment directories (e.g. seeds or arms run apart); "
                    "their results, and their tuning trials, are merged; later ones win for the same cell")
-    p.add_argument("--out", type=Path, help="where the merged report goes (default: the first directory)")
+    p.add_argument("--out", type=Path, help="where the merged results.csv and report go (needed when merging "
+                   "several directories; one directory's report is rebuilt in place)")
     p.add_argument("--baseline", help="arm to test the others against (default: the experiment's own, else none)")
 
     p = _recipe_cmd(sub, "search", "Optuna hyperparameter search over the recipe's search: params")
@@ -241,7 +242,10 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> None:
     """``surgery compare``: merge experiment directories and rebuild the report."""
-    rows = read_results(args.dirs)
+    if len(args.dirs) > 1 and args.out is None:
+        raise SurgeryError(f"compare: merging {len(args.dirs)} directories makes a new results.csv and report; give "
+                           "--out DIR for them (each directory's own are kept as they are).")
+    rows, notes = merge_results(args.dirs)  # refused when the directories ran on different data
     tuning = merge_tuning(args.dirs)  # arms tuned in separate runs: all their trials (checked before any write)
     out = args.out or args.dirs[0]
     meta = Path(args.dirs[0]) / "experiment.json"
@@ -256,7 +260,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         if tuning is not None:
             write_json(Path(out) / "tuning.json", tuning)
     write_report(Path(out), rows, baseline=baseline)
-    say(f"report for {len(rows)} runs in {out}/report.md", significance_line(rows, baseline))
+    say(*notes, f"report for {len(rows)} runs in {out}/report.md", significance_line(rows, baseline))
     if failed := failed_line(rows):
         say(failed)
 

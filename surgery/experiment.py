@@ -15,6 +15,7 @@ results; a cell's training is :mod:`surgery.cells`', an arm's tuning :mod:`surge
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Any
 
@@ -109,18 +110,58 @@ def _no_results(d: Path) -> str:
 def read_results(dirs: list[Path]) -> list[dict[str, Any]]:
     """The result rows of one or more experiment directories; later directories win for
     the same (condition, depth, seed)."""
-    rows = []
+    return merge_results(dirs)[0]
+
+
+def merge_results(dirs: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
+    """:func:`read_results`, and a line for each directory whose runs replaced an earlier
+    one's for the same (condition, depth, seed). ``SurgeryError`` when the directories ran on
+    different data (their ``experiment.json`` say so): their errors would not be comparable."""
+    _check_same_data(dirs)
+    merged: dict[tuple[str, int, int], dict[str, Any]] = {}
+    notes = []
     for d in dirs:
-        p = d / "results.csv"
-        if not p.is_file():
-            raise SurgeryError(_no_results(d))
-        with p.open() as f:
-            for r in csv.DictReader(f):
-                for k in ("depth", "seed", "epochs", "best_epoch"):
-                    r[k] = int(r[k]) if r.get(k) not in (None, "") else None
-                for k in ("train_error", "valid_error", "test_error", "pretrain_seconds", "finetune_seconds"):
-                    r[k] = float(r[k]) if r.get(k) not in (None, "") else None
-                rows.append(r)
-    # Later directories win for the same (condition, depth, seed).
-    merged = {(r["condition"], r["depth"], r["seed"]): r for r in rows}
-    return list(merged.values())
+        rows = _read_rows(d)
+        again = sorted((r["condition"], r["depth"], r["seed"]) for r in rows
+                       if (r["condition"], r["depth"], r["seed"]) in merged)
+        if again:
+            shown = ", ".join(f"{c} d{dp} s{s}" for c, dp, s in again[:6]) + (" ..." if len(again) > 6 else "")
+            notes.append(f"compare: {len(again)} run(s) of {d} replace earlier directories' ({shown}); "
+                         "a later directory wins for the same cell.")
+        merged.update({(r["condition"], r["depth"], r["seed"]): r for r in rows})
+    return list(merged.values()), notes
+
+
+def _check_same_data(dirs: list[Path]) -> None:
+    """``SurgeryError`` naming the first field in which two directories' data sections differ."""
+    first: tuple[Path, dict[str, Any]] | None = None
+    for d in dirs:
+        meta = d / "experiment.json"
+        data = json.loads(meta.read_text()).get("recipe", {}).get("data") if meta.is_file() else None
+        if not isinstance(data, dict):
+            continue  # an older directory without its recipe: nothing to compare against
+        data = {k: v for k, v in data.items() if k != "device"}  # where it ran does not change the numbers
+        if first is None:
+            first = (d, data)
+            continue
+        diff = sorted(k for k in data.keys() | first[1].keys() if data.get(k) != first[1].get(k))
+        if diff:
+            k = diff[0]
+            raise SurgeryError(f"compare: {first[0]} and {d} ran on different data (data.{k}: {first[1].get(k)!r} "
+                               f"against {data.get(k)!r}); their errors are not comparable. Merge only runs of "
+                               "one data section.")
+
+
+def _read_rows(d: Path) -> list[dict[str, Any]]:
+    """One experiment directory's results.csv as typed rows."""
+    p = d / "results.csv"
+    if not p.is_file():
+        raise SurgeryError(_no_results(d))
+    with p.open() as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in ("depth", "seed", "epochs", "best_epoch"):
+            r[k] = int(r[k]) if r.get(k) not in (None, "") else None
+        for k in ("train_error", "valid_error", "test_error", "pretrain_seconds", "finetune_seconds"):
+            r[k] = float(r[k]) if r.get(k) not in (None, "") else None
+    return rows

@@ -565,6 +565,32 @@ def test_compare_merges_arms_tuned_in_separate_runs(tmp_path, capsys):
     assert not (tmp_path / "m2").exists()  # refused before anything was written
 
 
+def test_compare_refuses_runs_on_other_data_and_says_which_runs_a_later_directory_replaces(tmp_path, capsys):
+    """Merging needs --out (each directory keeps its own results and report); directories that
+    ran on different data are refused, naming the field, before anything is written; a run of
+    a later directory that replaces an earlier one's is named."""
+    def grid(name, seeds, **data):
+        r = json.loads(json.dumps(TINY))
+        r["data"] = {**r["data"], **data}
+        r["experiment"] = {**r["experiment"], "conditions": ["none"], "depths": [1], "seeds": seeds}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(r))
+        assert main(["run", str(tmp_path / f"{name}.yaml"), "--out", str(tmp_path / name)]) == 0
+
+    grid("a", [0, 1])
+    grid("b", [1, 2])
+    grid("c", [3], n_train=200)
+    before = (tmp_path / "a" / "results.csv").read_text()
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    assert "give --out DIR" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "ac")]) == 2
+    assert "ran on different data (data.n_train" in capsys.readouterr().err and not (tmp_path / "ac").exists()
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab")]) == 0
+    assert f"compare: 1 run(s) of {tmp_path / 'b'} replace earlier directories' (none d1 s1)" in capsys.readouterr().out
+    assert sorted(r["seed"] for r in _rows(tmp_path / "ab")) == ["0", "1", "2"]
+    assert (tmp_path / "a" / "results.csv").read_text() == before
+
+
 def test_a_diverging_trial_is_scored_worst_and_the_arm_goes_on(tmp_path, monkeypatch, capsys):
     """A trial whose loss diverges is recorded as such and never chosen; when every trial of
     an arm diverges the run stops with one paragraph naming the arm."""
