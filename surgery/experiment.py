@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from .cells import CellRunner, summary
-from .errors import SurgeryError
+from .errors import OutputError, SurgeryError
 from .grid import plan_cells, shard_of
 from .io import make_dir, progress_bar, progress_line, write_json, write_text
-from .pipeline import check_grid, is_single_run_dir
+from .pipeline import check_grid, is_experiment_dir, is_single_run_dir
 from .recipe import Recipe
 from .tuning import adopt_trial, tune_arms
 
@@ -46,6 +46,9 @@ def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None
     runner = CellRunner(recipe, Path(out), progress)
     cells = plan_cells(recipe, runner.data.input_shape, runner.data.num_classes)
     check_grid(recipe, cells, runner.dataset)  # before the directory is made: a grid that cannot run leaves nothing
+    if is_single_run_dir(Path(out)) and not is_experiment_dir(Path(out)):
+        raise OutputError(f"{out}: holds a single run's files (result.json, metrics.jsonl, checkpoints/ or "
+                          "pretrain/); an experiment's would go beside them. Give the experiment its own --out.")
     out = make_dir(Path(out))
     assert recipe.experiment is not None
     write_json(out / "experiment.json", {"recipe": recipe.to_dict(), "cells": len(cells)})  # first: inspect reads it
@@ -89,11 +92,6 @@ def write_results_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     for r in rows:
         w.writerow({k: r.get(k) for k in RESULT_FIELDS})
     write_text(path, buf.getvalue())
-
-
-def is_experiment_dir(path: Path) -> bool:
-    """Whether ``path`` is (or was started as) an experiment's output directory."""
-    return (path / "experiment.json").is_file() or any((path / d).is_dir() for d in ("cells", "tuning", "stacks"))
 
 
 def _no_results(d: Path) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 from .assembly import ForeignSource, SurgeryConfig, build_graph
 from .data import Dataset, find_mnist_file, load_dataset, resolve_device
-from .errors import ConfigError, SurgeryError, SurgeryWarning, TrainingDiverged
+from .errors import ConfigError, OutputError, SurgeryError, SurgeryWarning, TrainingDiverged
 from .finetune import FinetuneConfig, PopulationTrainer, Record, Trainer
 from .graph import ModelGraph
 from .grid import Cell, check_cells, check_search, first_cells, plan_cells
@@ -32,6 +32,18 @@ from .recipe import Recipe, recipe_from_dict
 from .runtime import is_main_process
 from .stack import LayerStack, load_foreign
 from .stacks_dir import continue_from, save_snapshot
+
+
+def is_experiment_dir(path: Path) -> bool:
+    """Whether ``path`` is (or was started as) an experiment's output directory."""
+    return (path / "experiment.json").is_file() or any((path / d).is_dir() for d in ("cells", "tuning", "stacks"))
+
+
+def _not_an_experiment_dir(out: Path) -> None:
+    """``OutputError`` when ``out`` holds an experiment: a single run's files would mix with its."""
+    if is_experiment_dir(out):
+        raise OutputError(f"{out}: holds an experiment's files (experiment.json, cells/, stacks/ or tuning/); a "
+                          "single run's would go beside them. Give the run its own --out.")
 
 
 def is_single_run_dir(path: Path) -> bool:
@@ -213,6 +225,7 @@ def run(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool | 
     if recipe.pretrain is not None:  # what would fail after pretraining fails now, before --out is made
         plan_network(recipe, data)
     out = Path(out)
+    _not_an_experiment_dir(out)
     make_dir(out)
     stack = None
     stack_path = out / "stack.safetensors"
@@ -313,6 +326,7 @@ def finetune_model(model_path: str | Path, data: Dataset, cfg: FinetuneConfig, s
                    resume: bool = False, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune an assembled model file on ``data``; results go under ``out``, and
     ``provenance`` (e.g. the recipe) into the fine-tuned model file."""
+    _not_an_experiment_dir(Path(out))
     make_dir(out)  # an unwritable output fails now, not after the first epoch
     graph = load_model(model_path)
     return Trainer(graph, data, cfg, seed, out, provenance=provenance).fit(resume=resume)

@@ -25,9 +25,8 @@ from typing import Any
 from .cells import DIVERGED_FILE
 from .checkpoint import MEMBER_CHECKPOINT, read_checkpoint_meta
 from .errors import SurgeryError
-from .experiment import is_experiment_dir
 from .io import duration
-from .pipeline import is_single_run_dir
+from .pipeline import is_experiment_dir, is_single_run_dir
 from .stack import weights_held
 
 

@@ -280,6 +280,23 @@ def searched_path_not_in_the_recipe(tmp: Path):
             "with search.params['finetune.optimizer.momentm']", [])
 
 
+def single_run_into_an_experiment_dir(tmp: Path):
+    (tmp / "grid" / "cells").mkdir(parents=True)
+    (tmp / "grid" / "experiment.json").write_text('{"cells": 4}')
+    argv = ["run", str(_write(tmp / "r.yaml", _net_recipe())), "--out", str(tmp / "grid")]
+    return argv, "holds an experiment's files", [tmp / "grid" / "experiment.json"]
+
+
+def experiment_into_a_single_run_dir(tmp: Path):
+    (tmp / "one").mkdir()
+    (tmp / "one" / "result.json").write_text('{"test_error": 1.0}')
+    r = _net_recipe()
+    del r["surgery"]
+    r["experiment"] = {"conditions": ["none"], "depths": [1], "hidden": 8}
+    argv = ["run", str(_write(tmp / "r.yaml", r)), "--out", str(tmp / "one")]
+    return argv, "holds a single run's files", [tmp / "one" / "result.json"]
+
+
 def experiment_recipe_to_finetune(tmp: Path):
     r = _net_recipe()
     del r["surgery"]
@@ -290,6 +307,8 @@ def experiment_recipe_to_finetune(tmp: Path):
 CASES: dict[str, Case] = {
     "finetune: an experiment recipe": experiment_recipe_to_finetune,
     "run: a tuned path that is no recipe field": tuned_path_not_in_the_recipe,
+    "run: a single run into an experiment's directory": single_run_into_an_experiment_dir,
+    "run: an experiment into a single run's directory": experiment_into_a_single_run_dir,
     "validate: a tuned layer the stack lacks": tuned_layer_the_stack_lacks,
     "run: a tuned choice out of range": tuned_choice_out_of_range,
     "search: a searched path that is no recipe field": searched_path_not_in_the_recipe,
