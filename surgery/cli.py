@@ -92,8 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="rebuild and merge reports from one or more experiment directories")
     p.add_argument("dirs", type=Path, nargs="+", help="experiment directories (e.g. seeds or arms run apart); "
                    "their results, and their tuning trials, are merged; later ones win for the same cell")
-    p.add_argument("--out", type=Path, help="where the merged results.csv and report go (needed when merging "
-                   "several directories; one directory's report is rebuilt in place)")
+    p.add_argument("--out", type=Path, help="where merged results and report go (one directory: rebuilt in place)")
     p.add_argument("--baseline", help="arm to test the others against (default: the experiment's own, else none)")
 
     p = _recipe_cmd(sub, "search", "Optuna hyperparameter search over the recipe's search: params")
