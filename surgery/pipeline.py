@@ -27,7 +27,7 @@ from .module_engine import check_fits, check_patterns
 from .ops import ForeignWeights, HeadOp, TakeOp
 from .population import architecture_key
 from .pretrain import greedy_pretrain
-from .pretrain.greedy import plan_stack
+from .pretrain.greedy import check_input, plan_stack
 from .recipe import Recipe, recipe_from_dict
 from .runtime import is_main_process
 from .stack import LayerStack, load_foreign
@@ -202,6 +202,7 @@ def _planned_stack(recipe: Recipe, data: Dataset) -> LayerStack | None:
         raise ConfigError(str(e)) from e
     if any(lc.method == "conv_ae" for lc in recipe.pretrain.layers) and len(data.input_shape) != 3:
         raise SurgeryError("pretrain: conv_ae layers need images; set data.flatten: false.")
+    check_input(recipe.pretrain.layer_name(0), recipe.pretrain.layers[0].method, data.train.x)
     return stack
 
 

@@ -297,6 +297,15 @@ def experiment_into_a_single_run_dir(tmp: Path):
     return argv, "holds a single run's files", [tmp / "one" / "result.json"]
 
 
+def rbm_on_standardized_data(tmp: Path):
+    r = _net_recipe()
+    del r["surgery"]
+    r["data"] = {**r["data"], "normalize": "standardize"}
+    r["pretrain"] = {"layers": [{"method": "rbm", "hidden": 8, "epochs": 1}]}
+    return (["run", str(_write(tmp / "r.yaml", r)), "--out", str(tmp / "out")],
+            "a Bernoulli RBM's inputs are probabilities in [0, 1]", [])
+
+
 def experiment_recipe_to_finetune(tmp: Path):
     r = _net_recipe()
     del r["surgery"]
@@ -307,6 +316,7 @@ def experiment_recipe_to_finetune(tmp: Path):
 CASES: dict[str, Case] = {
     "finetune: an experiment recipe": experiment_recipe_to_finetune,
     "run: a tuned path that is no recipe field": tuned_path_not_in_the_recipe,
+    "run: an RBM on standardized data": rbm_on_standardized_data,
     "run: a single run into an experiment's directory": single_run_into_an_experiment_dir,
     "run: an experiment into a single run's directory": experiment_into_a_single_run_dir,
     "validate: a tuned layer the stack lacks": tuned_layer_the_stack_lacks,

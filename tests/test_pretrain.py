@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from surgery.data import DataConfig, load_dataset
-from surgery.errors import TrainingDiverged
+from surgery.errors import DataError, TrainingDiverged
 from surgery.pretrain import (
     AEConfig,
     PretrainConfig,
@@ -195,6 +195,25 @@ def test_grow_supervised_stages(mnist_small):
 def test_grow_needs_labels(x3k):
     with pytest.raises(ValueError, match="needs labels"):
         greedy_pretrain(x3k[:100], PretrainConfig(layers=[{"method": "grow", "hidden": 8}]), progress=False)
+
+
+@pytest.mark.parametrize("method", ["rbm", "dae"])
+def test_input_with_nan_is_named_before_pretraining_not_blamed_on_the_lr(x3k, method):
+    x = x3k[:100].clone()
+    x[7, 3] = float("nan")
+    with pytest.raises(DataError, match="layer 'h1': its input holds 1 NaN or infinite values"):
+        greedy_pretrain(x, PretrainConfig(layers=[{"method": method, "hidden": 8}]), progress=False)
+
+
+def test_a_bernoulli_rbm_refuses_inputs_outside_0_1(x3k):
+    """Standardized data (or a ReLU layer below) is not probabilities; grbm takes it."""
+    z = (x3k[:200] - x3k[:200].mean(0)) / (x3k[:200].std(0) + 1e-6)
+    with pytest.raises(DataError, match=r"layer 'h1': a Bernoulli RBM's inputs are probabilities in \[0, 1\]"):
+        greedy_pretrain(z, PretrainConfig(layers=[{"method": "rbm", "hidden": 8}]), progress=False)
+    relu_below = [{"method": "dae", "hidden": 8, "epochs": 1, "activation": "relu"}, {"method": "rbm", "hidden": 4}]
+    with pytest.raises(DataError, match="layer 'h2': a Bernoulli RBM"):
+        greedy_pretrain(x3k[:200] * 50, PretrainConfig(layers=relu_below), progress=False)
+    greedy_pretrain(z, PretrainConfig(layers=[{"method": "grbm", "hidden": 8, "epochs": 1}]), progress=False)
 
 
 def test_diverging_pretraining_names_layer_and_epoch():

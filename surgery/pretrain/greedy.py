@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
+from ..errors import ConfigError, DataError
 from ..io import duration, progress_line
 from ..stack import LayerStack, StackLayer
 from .ae_model import AEConfig
@@ -163,10 +164,9 @@ def greedy_pretrain_population(
         lcs = [c.layers[i] for c in cfgs]
         names = [c.layer_name(i) for c in cfgs]
         bs = lcs[0].batch_size or cfgs[0].batch_size
+        _check_inputs(i, lcs, names, inps, y)
         t0 = time.perf_counter()
         if lcs[0].method == "grow":
-            if y is None:
-                raise ValueError(f"pretrain.layers[{i}]: grow is supervised and needs labels")
             layers = train_grow_population(x, y, inps, stacks, lcs, names, bs, gens, progress, stacked, valid)
         else:
             layers = POPULATION_TRAINERS[lcs[0].method](inps, lcs, names, bs, gens, progress, stacked)
@@ -185,6 +185,33 @@ def greedy_pretrain_population(
         if on_layer is not None:
             on_layer(i, stacks, [g.get_state() for g in gens])
     return stacks
+
+
+def _check_inputs(i: int, lcs: list[LayerConfig], names: list[str], inps: list[Tensor], y: Tensor | None) -> None:
+    """``DataError`` before layer ``i`` trains when its input holds NaN or infinite values, or
+    when a Bernoulli RBM's lies outside [0, 1] (its visible units are probabilities);
+    ``ConfigError`` for supervised ``grow`` without labels ``y``."""
+    if lcs[0].method == "grow" and y is None:
+        raise ConfigError(f"pretrain.layers[{i}]: grow is supervised and needs labels (y)")
+    seen: set[int] = set()
+    for lc, name, inp in zip(lcs, names, inps):
+        if id(inp) not in seen:  # members of a population share the data
+            seen.add(id(inp))
+            check_input(name, lc.method, inp)
+
+
+def check_input(name: str, method: str, x: Tensor) -> None:
+    """``DataError`` when ``x``, the input of layer ``name``, holds NaN or infinite values, or
+    when ``method`` is a Bernoulli RBM and ``x`` lies outside [0, 1]."""
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise DataError(f"pretraining layer {name!r}: its input holds {bad} NaN or infinite values; every "
+                        "example must be finite (clean the data) before pretraining.")
+    lo, hi = float(x.min()), float(x.max())
+    if method == "rbm" and (lo < 0 or hi > 1):
+        raise DataError(f"pretraining layer {name!r}: a Bernoulli RBM's inputs are probabilities in [0, 1], "
+                        f"but these span [{lo:.4g}, {hi:.4g}] (standardized data, or a layer below that is "
+                        "not sigmoid?). Use method: grbm for real-valued inputs, or scale them into [0, 1].")
 
 
 def _continued(start: list[tuple[LayerStack, Tensor]], gens: list[torch.Generator], x: Tensor,
