@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .checkpoint import Checkpoint, load_model_state, restore_rng, rng_states
 from .data import Dataset, Split, resolve_device
-from .errors import ConfigError, ShapeError, SurgeryError, SurgeryWarning, TrainingDiverged
+from .errors import ConfigError, DataError, ShapeError, SurgeryError, SurgeryWarning, TrainingDiverged
 from .finetune_config import FinetuneConfig
 from .graph import ModelGraph, Node, input_fits
 from .graphed import GRAPH_OPTIMIZERS, GraphedStep
@@ -61,6 +61,19 @@ def prepare_graph(graph: ModelGraph, cfg: FinetuneConfig, seed: int) -> ModelGra
         assert first is not None
         g.insert_before(first, [Node("drop_input", "dropout", p=cfg.input_dropout)])
     return g
+
+
+def check_data(data: Dataset) -> None:
+    """``DataError`` when a split of ``data`` holds NaN or infinite inputs or negative labels."""
+    for name in ("train", "valid", "test"):
+        split = getattr(data, name)
+        bad = int((~torch.isfinite(split.x)).sum()) if len(split) else 0
+        if bad:
+            raise DataError(f"the data {data.name!r}: its {name} split holds {bad} NaN or infinite inputs; every "
+                            "example must be finite (clean the data) before training.")
+        if len(split) and int(split.y.min()) < 0:
+            raise DataError(f"the data {data.name!r}: its {name} split has negative labels (from "
+                            f"{int(split.y.min())}); classes are numbered 0, 1, 2, ...")
 
 
 def check_fits(graph: ModelGraph, data: Dataset) -> None:
@@ -309,6 +322,7 @@ class ModuleEngine:
         if self.device.type == "cpu":
             keep_freed_memory()
         check_fits(graph, data)
+        check_data(data)
         self.graph = prepare_graph(graph, cfg, seed)
         self.data = data.to(self.device)
         torch.manual_seed(seed)

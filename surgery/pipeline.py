@@ -23,7 +23,7 @@ from .graph import ModelGraph
 from .grid import Cell, check_cells, check_search, first_cells, plan_cells
 from .io import make_dir
 from .model_file import load_model, save_model
-from .module_engine import check_fits, check_patterns
+from .module_engine import check_data, check_fits, check_patterns
 from .ops import ForeignWeights, HeadOp, TakeOp
 from .population import architecture_key
 from .pretrain import greedy_pretrain
@@ -211,6 +211,7 @@ def _planned_graph(recipe: Recipe, stack: LayerStack | None, data: Dataset) -> M
     check it: it fits the data, and every layer pattern of ``finetune:`` names a layer."""
     graph = assemble(recipe, stack, data.num_classes, data.input_shape)
     check_fits(graph, data)  # what Trainer would refuse
+    check_data(data)
     if recipe.finetune is not None:
         check_patterns([n.name for n in graph.nodes() if n.kind == "layer"], recipe.finetune)
     return graph

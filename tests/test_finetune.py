@@ -249,12 +249,11 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_checkpoint(synth, tmp_path
     t.fit()
     ck = tmp_path / "checkpoints" / "last.safetensors"
     before = ck.read_bytes()
-    bad = synth.to("cpu")
-    bad.train.x = bad.train.x.clone()
-    bad.train.x[5, 3] = float("nan")
+    wild = mlp(act="relu")  # (NaN data is refused before training: test_data_with_nan_...)
+    wild.node("out").tensors["weight"].fill_(3e38)
     c2 = cfg(epochs=3, checkpoint_every=1)
     with pytest.raises(TrainingDiverged, match=r"epoch 1, step \d+"):
-        Trainer(mlp(), bad, c2, out_dir=tmp_path).fit()
+        Trainer(wild, synth, c2, out_dir=tmp_path).fit()
     assert ck.read_bytes() == before
 
 
@@ -263,6 +262,30 @@ def test_overflowing_weights_stop_at_the_first_step(synth):
     g.node("out").tensors["weight"].fill_(3e38)
     with pytest.raises(TrainingDiverged, match="NaN or infinite in epoch 1, step 1 "):
         Trainer(g, synth, cfg()).fit()
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_data_with_nan_or_negative_labels_is_named_before_training(synth, split):
+    """A NaN input had surfaced as a diverged loss blamed on the lr; a label of -1 as an
+    IndexError from inside cross_entropy. Both are named, with the split, before training."""
+    from surgery.errors import DataError
+    from surgery.finetune import PopulationTrainer
+
+    def with_split(**kw):
+        old = getattr(synth, split)
+        new = Split(kw.get("x", old.x), kw.get("y", old.y))
+        return Dataset(synth.name, *[new if s == split else getattr(synth, s) for s in ("train", "valid", "test")])
+
+    x = getattr(synth, split).x.clone()
+    x[1, 2] = float("nan")
+    y = getattr(synth, split).y.clone()
+    y[0] = -1
+    for data, what in ((with_split(x=x), f"its {split} split holds 1 NaN or infinite inputs"),
+                       (with_split(y=y), f"its {split} split has negative labels")):
+        with pytest.raises(DataError, match=what):
+            Trainer(mlp(), data, cfg())
+        with pytest.raises(DataError, match=what):
+            PopulationTrainer([mlp(), mlp(seed=1)], data, [cfg(), cfg()], [0, 1])
 
 
 def test_cuda_asked_for_without_gpu(synth):
