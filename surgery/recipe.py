@@ -41,6 +41,19 @@ class Recipe(BaseModel):
     _source: str = PrivateAttr(default="<recipe>")
 
     @model_validator(mode="after")
+    def _one_kind_of_run(self) -> Recipe:
+        """An experiment builds each cell's network from its arms, so a pretrain:, surgery: or
+        search: section beside it would be silently ignored."""
+        beside = [s for s in ("pretrain", "surgery", "search") if getattr(self, s) is not None]
+        if self.experiment is not None and beside:
+            raise ValueError(f"experiment: builds every cell's network from its arms, so the "
+                             f"{' and '.join(s + ':' for s in beside)} section{'s' if len(beside) > 1 else ''} "
+                             "beside it would be ignored; remove "
+                             f"{'them' if len(beside) > 1 else 'it'} (an arm sets its own pretraining and layers; "
+                             "experiment.tune searches), or give the experiment a recipe of its own.")
+        return self
+
+    @model_validator(mode="after")
     def _needs_validation(self) -> Recipe:
         """Whatever chooses by validation error needs validation examples."""
         if self.data.dataset == "synthetic" or self.data.valid_size > 0:

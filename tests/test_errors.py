@@ -306,6 +306,13 @@ def rbm_on_standardized_data(tmp: Path):
             "a Bernoulli RBM's inputs are probabilities in [0, 1]", [])
 
 
+def experiment_beside_a_network(tmp: Path):
+    r = _net_recipe()  # its surgery: section would be ignored by the grid
+    r["experiment"] = {"conditions": ["none"], "depths": [1], "hidden": 8}
+    return (["validate", str(_write(tmp / "r.yaml", r))],
+            "the surgery: section beside it would be ignored", [])
+
+
 def experiment_recipe_to_finetune(tmp: Path):
     r = _net_recipe()
     del r["surgery"]
@@ -316,6 +323,7 @@ def experiment_recipe_to_finetune(tmp: Path):
 CASES: dict[str, Case] = {
     "finetune: an experiment recipe": experiment_recipe_to_finetune,
     "run: a tuned path that is no recipe field": tuned_path_not_in_the_recipe,
+    "validate: an experiment beside a surgery: section": experiment_beside_a_network,
     "run: an RBM on standardized data": rbm_on_standardized_data,
     "run: a single run into an experiment's directory": single_run_into_an_experiment_dir,
     "run: an experiment into a single run's directory": experiment_into_a_single_run_dir,

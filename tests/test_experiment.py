@@ -694,10 +694,11 @@ def test_an_experiment_on_every_training_example_keeps_last_epochs(tmp_path, cap
                                                                                      "high": 0.3}}, "trials": 2}}
     stopping = {"finetune": {**TINY["finetune"], "early_stopping": {"patience": 2}}}
     search = {"search": {"trials": 2, "params": {"finetune.optimizer.lr": {"type": "float", "low": 0.01, "high": 0.3}}}}
-    for bad, field in ((stopping, "finetune.early_stopping"), ({"experiment": tuned}, "experiment.tune"),
-                       (search, "search")):
+    single = {k: v for k, v in recipe.items() if k != "experiment"}  # a search is a single run's
+    for base, bad, field in ((recipe, stopping, "finetune.early_stopping"), (recipe, {"experiment": tuned},
+                             "experiment.tune"), (single, search, "search")):
         with pytest.raises(SurgeryError, match=f"{field} chooses by validation error, but data.valid_size is 0"):
-            recipe_from_dict({**recipe, **bad})
+            recipe_from_dict({**base, **bad})
 
 
 def test_a_killed_cell_resumes_from_its_checkpoint_and_equals_the_uninterrupted_one(tmp_path, monkeypatch, capsys):
