@@ -142,13 +142,15 @@ def run_search(recipe: Recipe, out: str | Path, trials: int | None = None, stora
     base = recipe.to_dict()
     base.pop("search", None)
     out = Path(out)
-    make_dir(out)
-    storage = storage or f"sqlite:///{(out / 'search.db').resolve()}"
+    if storage is None:  # the study lives in the output directory
+        make_dir(out)
+        storage = f"sqlite:///{(out / 'search.db').resolve()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = cfg.study or recipe.name
     # Each worker draws its own sampler seed, so workers sharing a study do not repeat trials.
     worker = f"{socket.gethostname()}:{os.getpid()}"
     study = _open_study(name, storage, make_sampler(cfg.sampler, recipe.seed + os.getpid()))
+    make_dir(out)  # after a --storage that cannot be opened has failed: it leaves no directory
 
     def objective(trial: optuna.Trial) -> float:
         values = suggest(trial, cfg.params)

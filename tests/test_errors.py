@@ -473,6 +473,9 @@ def test_a_search_that_cannot_run_makes_no_output_directory(tmp_path, capsys):
     r["search"] = {"trials": 2, "params": {"finetune.optimizer.lr": {"low": 0.0, "high": 0.1}}}  # lr 0 is refused
     assert main(["search", str(_write(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "out")]) == 2
     assert "finetune.optimizer.lr: Input should be greater than 0 (got 0.0)" in capsys.readouterr().err
+    r["search"]["params"]["finetune.optimizer.lr"]["low"] = 0.01
+    argv = ["search", str(_write(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "out"), "--storage", "notaurl"]
+    assert main(argv) == 2 and "--storage notaurl: cannot open the study" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
