@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -112,6 +113,14 @@ def fingerprint(*tensors: Tensor) -> str:
         if t.numel():
             h.update(t.view(-1).view(torch.uint8).numpy())  # hashed in place, no bytes copy
     return h.hexdigest()[:16]
+
+
+def non_finite(x: torch.Tensor) -> int:
+    """How many values of ``x`` are NaN or infinite. One summing pass when there are none (a
+    sum of finite values is finite unless it overflows; the exact count settles that case)."""
+    if not x.numel() or math.isfinite(float(x.sum())):
+        return 0
+    return int((~torch.isfinite(x)).sum())
 
 
 def resolve_device(name: str) -> torch.device:

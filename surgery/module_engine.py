@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import Checkpoint, load_model_state, restore_rng, rng_states
-from .data import Dataset, Split, resolve_device
+from .data import Dataset, Split, non_finite, resolve_device
 from .errors import ConfigError, DataError, ShapeError, SurgeryError, SurgeryWarning, TrainingDiverged
 from .finetune_config import FinetuneConfig
 from .graph import ModelGraph, Node, input_fits
@@ -67,7 +67,7 @@ def check_data(data: Dataset) -> None:
     """``DataError`` when a split of ``data`` holds NaN or infinite inputs or negative labels."""
     for name in ("train", "valid", "test"):
         split = getattr(data, name)
-        bad = int((~torch.isfinite(split.x)).sum()) if len(split) else 0
+        bad = non_finite(split.x)
         if bad:
             raise DataError(f"the data {data.name!r}: its {name} split holds {bad} NaN or infinite inputs; every "
                             "example must be finite (clean the data) before training.")

@@ -175,3 +175,14 @@ def test_mnist_valid_size_moves_the_split_inside_the_60k_training_images():
     assert len({base.fingerprint(), full.fingerprint(), part.fingerprint()}) == 3
     with pytest.raises(SurgeryError, match="data.valid_size: 60000 leaves no training examples"):
         load_dataset(DataConfig(valid_size=60000))
+
+
+def test_non_finite_counts_nan_and_inf_and_is_not_fooled_by_an_overflowing_sum():
+    from surgery.data import non_finite
+
+    x = torch.rand(100, 7)
+    assert non_finite(x) == 0 and non_finite(torch.empty(0, 3)) == 0
+    x[3, 1], x[9, 2] = float("nan"), float("-inf")
+    assert non_finite(x) == 2
+    big = torch.full((10,), 3e38)  # finite values whose float32 sum overflows to inf
+    assert non_finite(big) == 0

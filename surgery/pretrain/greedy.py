@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
+from ..data import non_finite
 from ..errors import ConfigError, DataError
 from ..io import duration, progress_line
 from ..stack import LayerStack, StackLayer
@@ -203,12 +204,14 @@ def _check_inputs(i: int, lcs: list[LayerConfig], names: list[str], inps: list[T
 def check_input(name: str, method: str, x: Tensor) -> None:
     """``DataError`` when ``x``, the input of layer ``name``, holds NaN or infinite values, or
     when ``method`` is a Bernoulli RBM and ``x`` lies outside [0, 1]."""
-    bad = int((~torch.isfinite(x)).sum())
+    bad = non_finite(x)
     if bad:
         raise DataError(f"pretraining layer {name!r}: its input holds {bad} NaN or infinite values; every "
                         "example must be finite (clean the data) before pretraining.")
-    lo, hi = float(x.min()), float(x.max())
-    if method == "rbm" and (lo < 0 or hi > 1):
+    if method != "rbm" or not x.numel():
+        return
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    if lo < 0 or hi > 1:
         raise DataError(f"pretraining layer {name!r}: a Bernoulli RBM's inputs are probabilities in [0, 1], "
                         f"but these span [{lo:.4g}, {hi:.4g}] (standardized data, or a layer below that is "
                         "not sigmoid?). Use method: grbm for real-valued inputs, or scale them into [0, 1].")
