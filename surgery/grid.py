@@ -169,16 +169,19 @@ def first_cells(cells: list[Cell]) -> dict[tuple[str, int], Cell]:
     return firsts
 
 
-def check_cells(recipe: Recipe, cells: list[Cell]) -> None:
+def check_cells(recipe: Recipe, cells: list[Cell]) -> dict[tuple[str, int], Recipe]:
     """Validate the recipe of each (arm, depth)'s first cell, and with each of
     ``experiment.tune.params`` set in it, before anything trains: a bad arm override or a
-    tuned path that is not a recipe field fails now, named, not after the first stacks."""
+    tuned path that is not a recipe field fails now, named, not after the first stacks.
+    Returns those first cells' recipes."""
     tune = recipe.experiment.tune if recipe.experiment is not None else None
+    checked = {}
     for (arm, depth), cell in first_cells(cells).items():
-        recipe_from_dict(cell.recipe, recipe.base_dir, f"{recipe.source} [{arm} d{depth}]")
+        checked[arm, depth] = recipe_from_dict(cell.recipe, recipe.base_dir, f"{recipe.source} [{arm} d{depth}]")
         if tune is not None:
             check_ranges("experiment.tune.params", tune.params, recipe, f" [{arm} d{depth}]",
                          lambda path, value, cell=cell: with_values(cell, {path: value}).recipe)
+    return checked
 
 
 def check_ranges(field: str, params: dict[str, ParamRange], recipe: Recipe, where: str,

@@ -20,7 +20,7 @@ from .data import Dataset, find_mnist_file, load_dataset, resolve_device
 from .errors import ConfigError, OutputError, SurgeryError, SurgeryWarning, TrainingDiverged
 from .finetune import FinetuneConfig, PopulationTrainer, Record, Trainer
 from .graph import ModelGraph
-from .grid import Cell, check_cells, check_search, first_cells, plan_cells
+from .grid import Cell, check_cells, check_search, plan_cells
 from .io import make_dir
 from .model_file import load_model, save_model
 from .module_engine import check_data, check_fits, check_patterns
@@ -28,7 +28,7 @@ from .ops import ForeignWeights, HeadOp, TakeOp
 from .population import architecture_key
 from .pretrain import greedy_pretrain
 from .pretrain.greedy import check_input, plan_stack
-from .recipe import Recipe, recipe_from_dict
+from .recipe import Recipe
 from .runtime import is_main_process
 from .stack import LayerStack, load_foreign
 from .stacks_dir import continue_from, save_snapshot
@@ -149,7 +149,11 @@ def validate(recipe: Recipe) -> tuple[ModelGraph | None, list[str]]:
         notes.append("pretrain plan: " + plan)
     if recipe.experiment is not None:
         cells = plan_cells(recipe, data.input_shape, data.num_classes)
-        check_grid(recipe, cells, lambda r: load_dataset(r.data.model_copy(update={"device": "cpu"}), recipe.base_dir))
+        def cell_data(r: Recipe) -> Dataset:  # the data loaded above, unless an arm has its own
+            own = r.data.model_copy(update={"device": "cpu"})
+            return data if own == recipe.data.model_copy(update={"device": "cpu"}) else load_dataset(own, r.base_dir)
+
+        check_grid(recipe, cells, cell_data)
         exp = recipe.experiment
         plural = "s" if len(cells) != 1 else ""
         notes.append(f"experiment: {len(cells)} cell{plural} ({', '.join(exp.arms())} x depths {exp.depths} x "
@@ -171,14 +175,11 @@ def check_grid(recipe: Recipe, cells: list[Cell], dataset: Callable[[Recipe], Da
     """Before an experiment trains: each (arm, depth)'s first cell as a recipe, with each tuned
     parameter at the ends of its range (:func:`grid.check_cells`), and its network planned and
     checked as fine-tuning will check it (:func:`plan_network`; ``dataset``: a cell recipe's data)."""
-    check_cells(recipe, cells)
-    for (arm, depth), cell in first_cells(cells).items():
-        where = f"{recipe.source} [{arm} d{depth}]"
-        r = recipe_from_dict(cell.recipe, recipe.base_dir, where)
+    for (arm, depth), r in check_cells(recipe, cells).items():
         try:
             plan_network(r, dataset(r))
         except SurgeryError as e:
-            raise type(e)(f"{where}: {e}") from None
+            raise type(e)(f"{recipe.source} [{arm} d{depth}]: {e}") from None
 
 
 def plan_network(recipe: Recipe, data: Dataset) -> ModelGraph | None:
