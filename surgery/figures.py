@@ -58,7 +58,7 @@ def _depth_figure(tab: list[dict[str, Any]], conds: list[str], colors: dict[str,
         ax.set_title(f"Test error per arm (mean, 95% CI over seeds; dashed: {baseline})")
         ax.grid(alpha=0.3, axis="x")
         return fig
-    fig, ax = plt.subplots(figsize=(7 if len(conds) <= 8 else 9, 4.5))
+    fig, ax = plt.subplots(figsize=(8 if len(conds) <= 8 else 9, 4.5))
     for i, c in enumerate(conds):
         ts = [t for t in tab if t["condition"] == c]
         dodge = 0.06 * (i - (len(conds) - 1) / 2)  # keep the CI bars apart
@@ -69,7 +69,7 @@ def _depth_figure(tab: list[dict[str, Any]], conds: list[str], colors: dict[str,
     ax.set_title("Test error vs depth (mean, 95% CI over seeds)")
     ax.set_xticks(depths_all)
     ax.grid(alpha=0.3)
-    ax.legend(**({"loc": "center left", "bbox_to_anchor": (1.0, 0.5)} if len(conds) > 6 else {}))
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))  # beside the axes: never over a point
     return fig
 
 

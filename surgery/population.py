@@ -62,7 +62,7 @@ def _structure(graph: ModelGraph) -> list[tuple[str, Any]]:
 def population_size(mode: str | int, device: torch.device, bytes_per_model: int) -> int:
     """How many models train together: ``off`` 1; a number, that many; ``auto``: on a GPU
     as many as fit in half its free memory (at most 100); on a CPU 1, where batching
-    measured both ways: recipes/quick.yaml in groups of 5 1.11x faster, three batch-2 nets
+    measured both ways: recipes/quick.yaml in groups of 5 1.1-1.4x faster, three batch-2 nets
     1.16x, but five 784-500-500-10 nets mixing SGD and Nesterov 0.85-0.96x and 25 nets
     0.95x (benchmarks/population.py)."""
     if mode == "off":
