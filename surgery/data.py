@@ -14,17 +14,34 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .datafiles import IDX_FILES, MNIST_HELP, find_idx, read_idx, read_mnist_pickle
 from .errors import ConfigError, DataError, DeviceError
 from .io import atomic_path
+
+
+def _device_name(name: str) -> str:
+    """``name`` when it names a device a recipe may ask for (auto, cpu, cuda, cuda:N), whether or
+    not this machine has it (:func:`resolve_device` checks that, when training is planned)."""
+    if name == "auto":
+        return name
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return name
+
+
+DeviceName = Annotated[str, AfterValidator(_device_name)]
 
 
 class DataConfig(BaseModel):
@@ -44,7 +61,7 @@ class DataConfig(BaseModel):
     normalize: Literal["none", "standardize"] = Field(
         default="none", description="standardize: zero mean, unit variance per feature (train stats)"
     )
-    device: str = Field(default="cpu", description="where the tensors live: cpu, cuda, cuda:N, auto")
+    device: DeviceName = Field(default="cpu", description="where the tensors live: cpu, cuda, cuda:N, auto")
     # synthetic dataset shape
     n_train: int = Field(default=2000, gt=0)
     n_valid: int = Field(default=500, gt=0)
@@ -123,26 +140,26 @@ def non_finite(x: torch.Tensor) -> int:
     return int((~torch.isfinite(x)).sum())
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available else cpu; ``cuda`` without a GPU is a clear error."""
+def resolve_device(name: str, field: str = "device") -> torch.device:
+    """``auto`` -> cuda when available else cpu; a name that is no device, or ``cuda`` without a
+    GPU, is a ``DeviceError`` naming ``field`` (the recipe field that asked for it)."""
+    try:
+        _device_name(name)
+    except ValueError as e:
+        raise DeviceError(f"{field}: {e}") from None
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise DeviceError(f"device: {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from e
+    dev = torch.device(name)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError(
-                f"device: {name!r} was asked for but this machine has no usable CUDA GPU "
-                "(torch.cuda.is_available() is False); use device: auto to fall back to the CPU."
+                f"{field}: {name!r} was asked for but this machine has no usable CUDA GPU "
+                "(torch.cuda.is_available() is False); use auto to fall back to the CPU."
             )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise DeviceError(
-                f"device: {name!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)."
+                f"{field}: {name!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)."
             )
-    elif dev.type != "cpu":
-        raise DeviceError(f"device: {name!r} is not supported; use auto, cpu, cuda or cuda:N")
     return dev
 
 
@@ -172,7 +189,7 @@ def load_dataset(cfg: DataConfig, base_dir: Path | None = None) -> Dataset:
     if cfg.flatten:
         for s in (ds.train, ds.valid, ds.test):
             s.x = s.x.flatten(1).contiguous()
-    return ds.to(resolve_device(cfg.device))
+    return ds.to(resolve_device(cfg.device, "data.device"))
 
 
 def synthetic(

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from .data import DeviceName
 from .layers import InitName
 from .schedules import OptimizerConfig, ScheduleConfig
 
@@ -49,7 +50,7 @@ class FinetuneConfig(BaseModel):
 
     epochs: int = Field(default=10, ge=1)
     batch_size: int = Field(default=100, gt=0, description="per process under torchrun")
-    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N")
+    device: DeviceName = Field(default="auto", description="auto, cpu, cuda, cuda:N")
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     layer_lr: Annotated[dict[str, float], AfterValidator(_finite_multipliers)] = Field(

@@ -315,7 +315,7 @@ class ModuleEngine:
 
     def __init__(self, graph: ModelGraph, data: Dataset, cfg: FinetuneConfig, seed: int):
         self.cfg = cfg
-        self.rank, self.world, self.device = distributed(resolve_device(cfg.device))
+        self.rank, self.world, self.device = distributed(resolve_device(cfg.device, "finetune.device"))
         if cfg.optimizer.name == "cg" and self.world > 1:
             raise ConfigError("finetune.optimizer: cg's line search decides on each process's own loss, so its "
                               "processes would drift apart under torchrun; run it in one process.")

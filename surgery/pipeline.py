@@ -141,7 +141,7 @@ def validate(recipe: Recipe) -> tuple[ModelGraph | None, list[str]]:
     notes.append(f"data: {data.name}, train {tuple(data.train.x.shape)}, valid {len(data.valid)}, test "
                  f"{len(data.test)}")
     if recipe.finetune is not None:
-        dev = resolve_device(recipe.finetune.device)
+        dev = resolve_device(recipe.finetune.device, "finetune.device")
         notes.append(f"finetune device: {dev}")
     stack = _planned_stack(recipe, data)
     if stack is not None:
@@ -186,7 +186,9 @@ def plan_network(recipe: Recipe, data: Dataset) -> ModelGraph | None:
     """The network the recipe builds, planned without training (pretrained layers stand in
     untrained, at their shapes) and checked as fine-tuning will check it; None when the recipe
     builds none. Runs call it before pretraining, so a fine-tuning option that cannot apply
-    fails before hours of pretraining, not after."""
+    fails before hours of pretraining, not after (a fine-tuning device this machine lacks too)."""
+    if recipe.finetune is not None:
+        resolve_device(recipe.finetune.device, "finetune.device")
     stack = _planned_stack(recipe, data)
     if recipe.surgery is None and stack is None:
         return None

@@ -200,7 +200,7 @@ class StackedEngine:
                               f"{len(cfgs)}, {len(seeds)}.")
         check_population(cfgs)
         self.cfgs, self.seeds, self.K = cfgs, seeds, len(graphs)
-        self.device = resolve_device(cfgs[0].device)
+        self.device = resolve_device(cfgs[0].device, "finetune.device")
         for g in graphs:
             check_fits(g, data)
         check_data(data)

@@ -18,10 +18,11 @@ from typing import Any
 
 import yaml
 
+from .data import load_dataset
 from .errors import SurgeryError, TrainingDiverged
 from .grid import check_search
 from .io import make_dir, progress_line, write_json, write_text
-from .pipeline import run, run_batch
+from .pipeline import plan_network, run, run_batch
 from .recipe import Recipe, apply_overrides, recipe_from_dict
 from .search_config import ParamRange, SearchConfig
 
@@ -141,6 +142,9 @@ def run_search(recipe: Recipe, out: str | Path, trials: int | None = None, stora
     check_search(recipe)  # before the directory is made: a recipe that cannot run leaves nothing
     base = recipe.to_dict()
     base.pop("search", None)
+    first = recipe_from_dict(copy.deepcopy(base), recipe.base_dir, recipe.source)
+    dataset = load_dataset(first.data, recipe.base_dir)
+    plan_network(first, dataset)  # a fine-tuning option or device that cannot apply fails here, not in trial 0
     out = Path(out)
     if storage is None:  # the study lives in the output directory
         make_dir(out)
@@ -158,7 +162,8 @@ def run_search(recipe: Recipe, out: str | Path, trials: int | None = None, stora
         data = apply_overrides(copy.deepcopy(base), values)
         r = recipe_from_dict(data, recipe.base_dir, f"{recipe.source} [trial {trial.number}]")
         try:
-            res = run(r, out / "trials" / f"{trial.number:04d}-{os.getpid()}", progress=progress)
+            res = run(r, out / "trials" / f"{trial.number:04d}-{os.getpid()}", progress=progress,
+                      data=dataset if r.data == first.data else None)
         except TrainingDiverged:
             res = None
         return _score(trial, values, res, progress)

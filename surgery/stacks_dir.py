@@ -61,7 +61,7 @@ class StackStore:
         """Pretrain the unfinished greedy stacks that share data and a layer plan (the seeds of
         an arm; arms of one method) together, in populations as large as ``mode`` allows
         (as for fine-tuning: ``auto`` on a GPU only); each stack is saved as alone."""
-        if mode == "off" or (mode == "auto" and resolve_device(self.recipe.data.device).type != "cuda"):
+        if mode == "off" or (mode == "auto" and resolve_device(self.recipe.data.device, "data.device").type != "cuda"):
             return
         groups: dict[str, dict[str, tuple[Recipe, Dataset]]] = {}
         widest: dict[str, int] = {}

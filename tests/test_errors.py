@@ -211,6 +211,26 @@ def unknown_device_at_run(tmp: Path):
     return ["run", str(_write(tmp / "r.yaml", r)), "--out", str(tmp / "out")], "device: 'tpu'", []
 
 
+def _absent_gpu(r: dict) -> dict:
+    """``r`` fine-tuning on a GPU no test machine has (none on a CPU one, not a 8th on a GPU one)."""
+    return {**r, "finetune": {**r["finetune"], "device": "cuda:7"}}
+
+
+def experiment_on_an_absent_gpu(tmp: Path):
+    r = _net_recipe()
+    del r["surgery"]
+    r["experiment"] = {"conditions": ["none", "rbm"], "depths": [1], "hidden": 8, "pretrain_epochs": 1}
+    argv = ["run", str(_write(tmp / "r.yaml", _absent_gpu(r))), "--out", str(tmp / "out")]
+    return argv, "finetune.device: 'cuda:7'", []
+
+
+def search_on_an_absent_gpu(tmp: Path):
+    r = _net_recipe()
+    r["search"] = {"trials": 2, "params": {"finetune.optimizer.lr": {"low": 0.01, "high": 0.1}}}
+    return (["search", str(_write(tmp / "r.yaml", _absent_gpu(r))), "--out", str(tmp / "out")],
+            "finetune.device: 'cuda:7'", [])
+
+
 def missing_data_file(tmp: Path):
     r = _net_recipe()
     r["data"] = {"dataset": "mnist", "path": "no-such.pkl.gz"}
@@ -349,6 +369,8 @@ CASES: dict[str, Case] = {
     "run: loss diverges": diverging_loss,
     "run: every layer frozen in an epoch": nothing_trains,
     "run: unknown device": unknown_device_at_run,
+    "run: experiment on a GPU the machine lacks": experiment_on_an_absent_gpu,
+    "search: on a GPU the machine lacks": search_on_an_absent_gpu,
     "run: missing data file": missing_data_file,
     "run: truncated MNIST pickle": truncated_mnist_pickle,
     "finetune --resume: truncated checkpoint": truncated_checkpoint,
@@ -376,6 +398,8 @@ def test_bad_input_gives_one_paragraph_and_exit_2(name, tmp_path, capsys, monkey
     for p, data in before.items():
         assert p.read_bytes() == data, f"{p} changed"
     assert not (tmp_path / "PWNED").exists(), "a pickle ran code"
+    if "GPU the machine lacks" in name:  # refused before anything pretrained or was made
+        assert not (tmp_path / "out").exists()
 
 
 def test_catalogue_covers_the_commands():
