@@ -11,6 +11,7 @@ import hashlib
 import importlib.metadata
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .datafiles import IDX_FILES, MNIST_HELP, find_idx, read_idx, read_mnist_pickle
-from .errors import ConfigError, DataError, DeviceError
+from .errors import ConfigError, DataError, DeviceError, SurgeryWarning
 from .io import atomic_path
 
 
@@ -180,6 +181,10 @@ def load_dataset(cfg: DataConfig, base_dir: Path | None = None) -> Dataset:
     else:
         ds = load_mnist(path, cfg.valid_size)
     if cfg.limit is not None:
+        if cfg.limit > len(ds.train):
+            warnings.warn(f"data.limit: {cfg.limit} is more than the {len(ds.train)} training examples of "
+                          f"{ds.name} (valid_size: {cfg.valid_size}); all {len(ds.train)} are used.",
+                          SurgeryWarning, stacklevel=2)
         ds.train = Split(ds.train.x[: cfg.limit], ds.train.y[: cfg.limit])
     if cfg.normalize == "standardize":
         mean = ds.train.x.mean(0, keepdim=True)

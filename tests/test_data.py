@@ -9,7 +9,7 @@ import torch
 
 from surgery.data import DataConfig, epoch_batches, load_dataset, resolve_device
 from surgery.datafiles import RestrictedUnpickler, read_mnist_pickle
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, SurgeryWarning
 
 
 def test_mnist_splits_and_cache(tmp_path, monkeypatch):
@@ -110,11 +110,19 @@ def test_synthetic_is_deterministic():
     assert torch.equal(a.train.x, b.train.x) and torch.equal(a.test.y, b.test.y)
 
 
+def test_a_limit_beyond_the_data_warns_and_keeps_every_example():
+    with pytest.warns(SurgeryWarning, match="data.limit: 5000 is more than the 2000 training examples"):
+        ds = load_dataset(DataConfig(dataset="synthetic", n_train=2000, limit=5000))
+    assert len(ds.train) == 2000
+
+
 def test_devices():
     assert resolve_device("auto").type in ("cpu", "cuda")
     assert resolve_device("cpu").type == "cpu"
-    with pytest.raises(SurgeryError, match="tpu"):
-        resolve_device("tpu")
+    with pytest.raises(SurgeryError, match="finetune.device: 'tpu' is not a device name"):
+        resolve_device("tpu", "finetune.device")
+    with pytest.raises(ValueError, match="device"):
+        DataConfig(device="mps")
     if not torch.cuda.is_available():
         with pytest.raises(SurgeryError, match="no usable CUDA GPU"):
             resolve_device("cuda")
