@@ -7,7 +7,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    field_validator,
+)
 
 from .layers import Activation
 from .search_config import ParamRange
@@ -125,7 +134,7 @@ class ExperimentConfig(BaseModel):
 
     conditions: list[str] | dict[str, ArmConfig] = Field(description="built-in arm names, or name -> arm")
     depths: list[int] = Field(default=[1, 2, 3], min_length=1)
-    seeds: list[int] = Field(default=[0], min_length=1)
+    seeds: list[NonNegativeInt] = Field(default=[0], min_length=1)
     hidden: Widths = Field(default=500, description="units per hidden layer, or a list: layer i gets item i")
     activation: Activation = "sigmoid"
     shallow_hidden: int | None = Field(default=None, gt=0, description="units of the shallow arm (default: hidden)")

@@ -95,22 +95,61 @@ class Recipe(BaseModel):
         return recipe_from_dict(data, self._base_dir, self._source)
 
 
-def format_validation_error(e: ValidationError, source: str) -> str:
-    """One paragraph from a pydantic error: each problem's field path, message and value."""
+def format_validation_error(e: ValidationError, source: str, data: Any = None) -> str:
+    """One paragraph from a pydantic error: each problem's field path, message and value. With
+    the input ``data``, a field that may take several forms (a width or a list of widths) gets
+    one line: the form its value has, not a line for each form it failed."""
+    problems: dict[Any, list[tuple[list[Any], dict[str, Any]]]] = {}
+    for i, err in enumerate(e.errors()):
+        path, union_at = _field_path(err, data) if data is not None else (list(err["loc"]), None)
+        key = ("union", tuple(path[:union_at])) if union_at is not None else i
+        problems.setdefault(key, []).append((path, err))
     lines = []
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        got = err.get("input")
-        if isinstance(got, (dict, BaseModel)):  # a whole section: the message names what is wrong in it
-            lines.append(f"  - {loc}: {msg}")
-            continue
-        shown = json.dumps(got, default=str)
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        lines.append(f"  - {loc}: {msg} (got {shown})")
+    for key, errs in problems.items():
+        fitting = [(p, err) for p, err in errs if not _form_mismatch(err)]
+        if len(errs) == 1 or fitting:
+            lines += [_problem(p, err["msg"], err.get("input")) for p, err in (fitting or errs)]
+        else:  # the value has none of the forms: name them all
+            msgs = [err["msg"] for _, err in errs]
+            msg = msgs[0] + "".join(f"; or {m.removeprefix('Input should be ')}" for m in msgs[1:])
+            lines.append(_problem(list(key[1]), msg, errs[0][1].get("input")))
     n = len(lines)
     return f"{source}: {n} problem{'s' if n > 1 else ''} in the recipe:\n" + "\n".join(lines)
+
+
+def _problem(path: list[Any], msg: str, got: Any) -> str:
+    loc = ".".join(str(p) for p in path) or "(top level)"
+    msg = msg.removeprefix("Value error, ")
+    if isinstance(got, (dict, BaseModel)):  # a whole section: the message names what is wrong in it
+        return f"  - {loc}: {msg}"
+    shown = json.dumps(got, default=str)
+    return f"  - {loc}: {msg} (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
+
+
+def _field_path(err: dict[str, Any], data: Any) -> tuple[list[Any], int | None]:
+    """The error's location without the names of union forms pydantic puts in it (found by
+    walking the input: such a name is no key of it), and where the first one stood (None: the
+    field is no union)."""
+    path: list[Any] = []
+    union_at = None
+    obj = data
+    for i, p in enumerate(err["loc"]):
+        obj = dict(obj) if isinstance(obj, BaseModel) else obj
+        if isinstance(obj, dict) and p in obj:
+            obj = obj[p]
+        elif isinstance(obj, list) and isinstance(p, int) and 0 <= p < len(obj):
+            obj = obj[p]
+        elif isinstance(p, str) and not (err["type"] == "missing" and i == len(err["loc"]) - 1):
+            union_at = len(path) if union_at is None else union_at
+            continue  # a form's name, not a field
+        path.append(p)
+    return path, union_at
+
+
+def _form_mismatch(err: dict[str, Any]) -> bool:
+    """Whether the error says the value has another form than this one (a list for a number)."""
+    t = err["type"]
+    return t.endswith(("_type", "_parsing")) or t in ("literal_error", "none_required", "enum", "is_instance_of")
 
 
 def recipe_from_dict(data: Any, base_dir: Path | None = None, source: str = "<recipe>") -> Recipe:
@@ -121,7 +160,7 @@ def recipe_from_dict(data: Any, base_dir: Path | None = None, source: str = "<re
     try:
         r = Recipe.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source, data)) from None
     r._base_dir = Path(base_dir) if base_dir else Path.cwd()
     r._source = source
     return r
