@@ -14,7 +14,8 @@ Recipes: ``S.load_recipe(path)`` then ``S.run(recipe, out)`` (one network) or
 """
 
 from .assembly import ForeignSource, SurgeryConfig, build_graph
-from .data import DataConfig, Dataset, Split, load_dataset, resolve_device
+from .data import DataConfig, Dataset, Split, load_dataset
+from .devices import resolve_device
 from .errors import (
     CheckpointError,
     ConfigError,

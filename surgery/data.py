@@ -15,34 +15,18 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .datafiles import IDX_FILES, MNIST_HELP, find_idx, read_idx, read_mnist_pickle
-from .errors import ConfigError, DataError, DeviceError, SurgeryWarning
+from .devices import DeviceName, resolve_device
+from .errors import ConfigError, DataError, SurgeryWarning
 from .io import atomic_path
-
-
-def _device_name(name: str) -> str:
-    """``name`` when it names a device a recipe may ask for (auto, cpu, cuda, cuda:N), whether or
-    not this machine has it (:func:`resolve_device` checks that, when training is planned)."""
-    if name == "auto":
-        return name
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"{name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"{name!r} is not supported; use auto, cpu, cuda or cuda:N")
-    return name
-
-
-DeviceName = Annotated[str, AfterValidator(_device_name)]
 
 
 class DataConfig(BaseModel):
@@ -139,29 +123,6 @@ def non_finite(x: torch.Tensor) -> int:
     if not x.numel() or math.isfinite(float(x.sum())):
         return 0
     return int((~torch.isfinite(x)).sum())
-
-
-def resolve_device(name: str, field: str = "device") -> torch.device:
-    """``auto`` -> cuda when available else cpu; a name that is no device, or ``cuda`` without a
-    GPU, is a ``DeviceError`` naming ``field`` (the recipe field that asked for it)."""
-    try:
-        _device_name(name)
-    except ValueError as e:
-        raise DeviceError(f"{field}: {e}") from None
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(
-                f"{field}: {name!r} was asked for but this machine has no usable CUDA GPU "
-                "(torch.cuda.is_available() is False); use auto to fall back to the CPU."
-            )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeviceError(
-                f"{field}: {name!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)."
-            )
-    return dev
 
 
 # ---------------------------------------------------------------------------- loading

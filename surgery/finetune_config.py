@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from .data import DeviceName
+from .devices import DeviceName
 from .layers import InitName
 from .schedules import OptimizerConfig, ScheduleConfig
 

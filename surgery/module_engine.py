@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import Checkpoint, load_model_state, restore_rng, rng_states
-from .data import Dataset, Split, non_finite, resolve_device
+from .data import Dataset, Split, non_finite
+from .devices import resolve_device
 from .errors import ConfigError, DataError, ShapeError, SurgeryError, SurgeryWarning, TrainingDiverged
 from .finetune_config import FinetuneConfig
 from .graph import ModelGraph, Node, input_fits

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from .assembly import ForeignSource, SurgeryConfig, build_graph
-from .data import Dataset, find_mnist_file, load_dataset, resolve_device
+from .data import Dataset, find_mnist_file, load_dataset
+from .devices import resolve_device
 from .errors import ConfigError, OutputError, SurgeryError, SurgeryWarning, TrainingDiverged
 from .finetune import FinetuneConfig, PopulationTrainer, Record, Trainer
 from .graph import ModelGraph

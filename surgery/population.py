@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from .batched import loops_on
-from .data import Dataset, resolve_device
+from .data import Dataset
+from .devices import resolve_device
 from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .finetune_config import FinetuneConfig
 from .graph import ModelGraph

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from .checkpoint import read_generator_state, save_generator_state
-from .data import Dataset, resolve_device
+from .data import Dataset
+from .devices import resolve_device
 from .errors import ConfigError, SurgeryError, SurgeryWarning
 from .grid import Cell
 from .io import progress_line, write_json

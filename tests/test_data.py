@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from surgery.data import DataConfig, epoch_batches, load_dataset, resolve_device
+from surgery.data import DataConfig, epoch_batches, load_dataset
 from surgery.datafiles import RestrictedUnpickler, read_mnist_pickle
+from surgery.devices import resolve_device
 from surgery.errors import SurgeryError, SurgeryWarning
 
 
