@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from surgery.data import DataConfig, load_dataset
-from surgery.errors import DataError, TrainingDiverged
+from surgery.errors import ConfigError, DataError, ShapeError, TrainingDiverged
 from surgery.pretrain import (
     AEConfig,
     PretrainConfig,
@@ -463,3 +463,20 @@ def test_a_single_run_stopped_mid_pretraining_resumes_after_its_last_layer(tmp_p
     a, b = load_file(str(tmp_path / "whole" / "stack.safetensors")), load_file(str(stack))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "p" / "stack.layers").exists()
+
+
+@pytest.mark.parametrize("x, batch, error, fragment", [
+    (torch.randint(0, 2, (10, 16)), 5, DataError, "its input is torch.int64; pretraining takes float32"),
+    (torch.rand(10, 16, dtype=torch.float64), 5, DataError, "its input is torch.float64"),
+    (torch.rand(0, 16), 5, ShapeError, "its input has shape (0, 16)"),
+    (torch.rand(16), 5, ShapeError, "its input has shape (16,)"),
+    (torch.rand(10, 16), 0, ConfigError, "batch_size 0"),
+])
+@pytest.mark.parametrize("train", [
+    lambda x, b: train_rbm(x, RBMConfig(hidden=3, epochs=1), "h1", b, G(), False),
+    lambda x, b: train_autoencoder(x, AEConfig(method="dae", hidden=3, epochs=1), "h1", b, G(), False),
+], ids=["rbm", "dae"])
+def test_a_layer_refuses_input_it_cannot_train_on_naming_the_layer(train, x, batch, error, fragment):
+    with pytest.raises(error, match="layer 'h1': ") as e:
+        train(x, batch)
+    assert fragment in str(e.value)

@@ -20,6 +20,7 @@ from ..schedules import OptimizerConfig, build_optimizer
 from ..stack import StackLayer
 from .ae_model import AEConfig, AEModel
 from .base import (
+    check_examples,
     check_finite,
     check_members,
     device_generator,
@@ -59,6 +60,7 @@ def train_autoencoder_population(xs: list[Tensor], cfgs: list[AEConfig], names: 
     program (:func:`.dense_ae.train_dense`, its step replayed from a CUDA graph on a GPU
     when ``capture``), conv members as one grouped convolution (:func:`.conv_ae.train_conv`)."""
     check_members(cfgs, ("method", "hidden", "epochs", "activation", "tied", "loss", "noise_kind"), names)
+    check_examples(xs, names, batch_size)
     cfg = cfgs[0]
     if cfg.method == "conv_ae" and xs[0].dim() != 4:
         raise ShapeError(

@@ -10,7 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from ..errors import ConfigError, SurgeryWarning, TrainingDiverged
+from ..errors import ConfigError, DataError, ShapeError, SurgeryWarning, TrainingDiverged
 from ..io import progress_bar as _bar
 from ..layers import Activation, LayerSpec
 
@@ -92,6 +92,24 @@ def warn_inactive(history: list[dict[str, Any]], layer: str, lr: float) -> None:
 def as_rows(x: Tensor) -> Tensor:
     """Flatten images [N, C, H, W] to rows [N, C*H*W]; rows stay as they are."""
     return x.flatten(1) if x.dim() > 2 else x
+
+
+def check_examples(xs: list[Tensor], names: list[str], batch_size: int) -> None:
+    """Before a layer pretrains: ``batch_size`` >= 1 (``ConfigError``) and each member's input
+    ``xs[k]`` float32 examples [N, ...] with at least one, all of one shape (``DataError``,
+    ``ShapeError``), each error naming the layer."""
+    if batch_size < 1:
+        raise ConfigError(f"layer {names[0]!r}: batch_size {batch_size}; give at least 1 example a batch.")
+    for x, name in zip(xs, names):
+        if x.dtype != torch.float32:
+            raise DataError(f"layer {name!r}: its input is {x.dtype}; pretraining takes float32 examples "
+                            "(convert with x.float()).")
+        if x.dim() < 2 or x.shape[0] == 0:
+            raise ShapeError(f"layer {name!r}: its input has shape {tuple(x.shape)}; give examples [N, D] (or "
+                             "images [N, C, H, W]) with N >= 1.")
+        if x.shape != xs[0].shape:
+            raise ShapeError(f"layer {name!r}: its input has shape {tuple(x.shape)} but {names[0]!r}'s has "
+                             f"{tuple(xs[0].shape)}; the members of a population train on inputs of one shape.")
 
 
 def check_members(cfgs: list[LayerPretrainConfig], shared: tuple[str, ...], names: list[str]) -> None:

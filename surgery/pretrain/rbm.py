@@ -21,6 +21,7 @@ from ..layers import LayerSpec
 from ..stack import StackLayer
 from .base import (
     LayerPretrainConfig,
+    check_examples,
     check_finite,
     check_members,
     device_generator,
@@ -123,6 +124,7 @@ def train_rbm_population(xs: list[Tensor], cfgs: list[RBMConfig], names: list[st
     ``capture``: on a GPU, replay each full batch's step from a CUDA graph, its random
     words drawn ahead (``ahead``, default: when captured) into a bank."""
     check_members(cfgs, ("method", "hidden", "epochs", "k", "persistent"), names)
+    check_examples(xs, names, batch_size)
     return _RBMPopulation(rows_once(xs), cfgs, names, generators, stacked, capture, ahead).fit(batch_size,
                                                                                               progress)
 
