@@ -65,9 +65,19 @@ def prepare_graph(graph: ModelGraph, cfg: FinetuneConfig, seed: int) -> ModelGra
 
 
 def check_data(data: Dataset) -> None:
-    """``DataError`` when a split of ``data`` holds NaN or infinite inputs or negative labels."""
+    """``DataError`` unless each split of ``data`` holds float32 examples and as many integer
+    labels, none negative, every input finite, and the training split at least one example."""
     for name in ("train", "valid", "test"):
         split = getattr(data, name)
+        if split.x.dtype != torch.float32 or split.y.dtype != torch.int64:
+            raise DataError(f"the data {data.name!r}: its {name} split has {split.x.dtype} examples and "
+                            f"{split.y.dtype} labels; give float32 examples (x.float()) and int64 class "
+                            "labels (y.long()).")
+        if split.y.dim() != 1 or split.y.shape[0] != split.x.shape[0]:
+            raise DataError(f"the data {data.name!r}: its {name} split has {split.x.shape[0]} examples but labels "
+                            f"of shape {tuple(split.y.shape)}; give one label per example, y of shape [N].")
+        if name == "train" and not len(split):
+            raise DataError(f"the data {data.name!r}: its train split is empty; nothing to train on.")
         bad = non_finite(split.x)
         if bad:
             raise DataError(f"the data {data.name!r}: its {name} split holds {bad} NaN or infinite inputs; every "
@@ -322,8 +332,8 @@ class ModuleEngine:
                               "processes would drift apart under torchrun; run it in one process.")
         if self.device.type == "cpu":
             keep_freed_memory()
-        check_fits(graph, data)
         check_data(data)
+        check_fits(graph, data)
         self.graph = prepare_graph(graph, cfg, seed)
         self.data = data.to(self.device)
         torch.manual_seed(seed)

@@ -213,9 +213,9 @@ def _planned_stack(recipe: Recipe, data: Dataset) -> LayerStack | None:
 def _planned_graph(recipe: Recipe, stack: LayerStack | None, data: Dataset) -> ModelGraph:
     """The network assembled on ``stack`` (planned or trained), checked as fine-tuning will
     check it: it fits the data, and every layer pattern of ``finetune:`` names a layer."""
+    check_data(data)  # what Trainer would refuse
     graph = assemble(recipe, stack, data.num_classes, data.input_shape)
-    check_fits(graph, data)  # what Trainer would refuse
-    check_data(data)
+    check_fits(graph, data)
     if recipe.finetune is not None:
         check_patterns([n.name for n in graph.nodes() if n.kind == "layer"], recipe.finetune)
     return graph

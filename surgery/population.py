@@ -202,9 +202,9 @@ class StackedEngine:
         check_population(cfgs)
         self.cfgs, self.seeds, self.K = cfgs, seeds, len(graphs)
         self.device = resolve_device(cfgs[0].device, "finetune.device")
+        check_data(data)
         for g in graphs:
             check_fits(g, data)
-        check_data(data)
         self.graphs = [prepare_graph(g, c, s) for g, c, s in zip(graphs, cfgs, seeds)]
         steps = [_structure(g) for g in self.graphs]
         self.steps = [(kind, val if kind == "dense" else None) for kind, val in steps[0]]

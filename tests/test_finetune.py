@@ -265,9 +265,11 @@ def test_overflowing_weights_stop_at_the_first_step(synth):
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
-def test_data_with_nan_or_negative_labels_is_named_before_training(synth, split):
+def test_data_the_trainer_cannot_use_is_named_before_training(synth, split):
     """A NaN input had surfaced as a diverged loss blamed on the lr; a label of -1 as an
-    IndexError from inside cross_entropy. Both are named, with the split, before training."""
+    IndexError from inside cross_entropy; float64 examples, int32 labels, labels fewer than
+    examples or an empty training split as torch errors. Each is named, with the split,
+    before training."""
     from surgery.errors import DataError
     from surgery.finetune import PopulationTrainer
 
@@ -280,8 +282,16 @@ def test_data_with_nan_or_negative_labels_is_named_before_training(synth, split)
     x[1, 2] = float("nan")
     y = getattr(synth, split).y.clone()
     y[0] = -1
+    old = getattr(synth, split)
     for data, what in ((with_split(x=x), f"its {split} split holds 1 NaN or infinite inputs"),
-                       (with_split(y=y), f"its {split} split has negative labels")):
+                       (with_split(y=y), f"its {split} split has negative labels"),
+                       (with_split(x=old.x.double()), f"its {split} split has torch.float64 examples"),
+                       (with_split(y=old.y.int()), f"its {split} split has torch.float32 examples and torch.int32"),
+                       (with_split(y=old.y[1:]), f"its {split} split has {len(old)} examples but labels of shape"),
+                       (with_split(x=old.x[:0], y=old.y[:0]),
+                        "its train split is empty" if split == "train" else None)):
+        if what is None:  # an empty test split is no error
+            continue
         with pytest.raises(DataError, match=what):
             Trainer(mlp(), data, cfg())
         with pytest.raises(DataError, match=what):
