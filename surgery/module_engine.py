@@ -87,6 +87,15 @@ def check_data(data: Dataset) -> None:
                             f"{int(split.y.min())}); classes are numbered 0, 1, 2, ...")
 
 
+def warn_large_batch(cfg: FinetuneConfig, data: Dataset) -> None:
+    """A ``SurgeryWarning`` when ``cfg.batch_size`` exceeds the training examples: each epoch is
+    then one step on all of them, rarely what a batch size that large was meant for."""
+    if cfg.batch_size > len(data.train):
+        warnings.warn(f"finetune.batch_size: {cfg.batch_size} is more than the {len(data.train)} training examples "
+                      f"of {data.name!r}; each epoch is one step on all {len(data.train)}.", SurgeryWarning,
+                      stacklevel=3)
+
+
 def check_fits(graph: ModelGraph, data: Dataset) -> None:
     """Raise ``ShapeError`` unless ``data`` feeds ``graph`` and its labels fit its output."""
     shapes = graph.validate()
@@ -334,6 +343,7 @@ class ModuleEngine:
             keep_freed_memory()
         check_data(data)
         check_fits(graph, data)
+        warn_large_batch(cfg, data)
         self.graph = prepare_graph(graph, cfg, seed)
         self.data = data.to(self.device)
         torch.manual_seed(seed)

@@ -38,7 +38,14 @@ from .finetune_config import FinetuneConfig
 from .graph import ModelGraph
 from .graphed import StackedStep
 from .layers import init_weight
-from .module_engine import check_data, check_fits, check_patterns, lr_multiplier, prepare_graph
+from .module_engine import (
+    check_data,
+    check_fits,
+    check_patterns,
+    lr_multiplier,
+    prepare_graph,
+    warn_large_batch,
+)
 from .schedules import schedule_at
 from .stacked import StackedChain, StackedOptimizer
 
@@ -205,6 +212,7 @@ class StackedEngine:
         check_data(data)
         for g in graphs:
             check_fits(g, data)
+        warn_large_batch(cfgs[0], data)
         self.graphs = [prepare_graph(g, c, s) for g, c, s in zip(graphs, cfgs, seeds)]
         steps = [_structure(g) for g in self.graphs]
         self.steps = [(kind, val if kind == "dense" else None) for kind, val in steps[0]]

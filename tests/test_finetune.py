@@ -298,6 +298,16 @@ def test_data_the_trainer_cannot_use_is_named_before_training(synth, split):
             PopulationTrainer([mlp(), mlp(seed=1)], data, [cfg(), cfg()], [0, 1])
 
 
+def test_a_batch_larger_than_the_training_set_warns(synth):
+    from surgery.finetune import PopulationTrainer
+
+    big = cfg(batch_size=len(synth.train) + 1)
+    with pytest.warns(SurgeryWarning, match=f"finetune.batch_size: {len(synth.train) + 1} is more than the "):
+        Trainer(mlp(), synth, big)
+    with pytest.warns(SurgeryWarning, match="each epoch is one step on all"):
+        PopulationTrainer([mlp(), mlp(seed=1)], synth, [big, big], [0, 1])
+
+
 def test_cuda_asked_for_without_gpu(synth):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from surgery.data import DataConfig, load_dataset
-from surgery.errors import ConfigError, DataError, ShapeError, TrainingDiverged
+from surgery.errors import ConfigError, DataError, ShapeError, SurgeryWarning, TrainingDiverged
 from surgery.pretrain import (
     AEConfig,
     PretrainConfig,
@@ -480,3 +480,8 @@ def test_a_layer_refuses_input_it_cannot_train_on_naming_the_layer(train, x, bat
     with pytest.raises(error, match="layer 'h1': ") as e:
         train(x, batch)
     assert fragment in str(e.value)
+
+
+def test_a_batch_larger_than_the_input_warns():
+    with pytest.warns(SurgeryWarning, match="layer 'h1': batch_size 50 is more than its 10 examples"):
+        train_rbm(torch.rand(10, 16), RBMConfig(hidden=3, epochs=1), "h1", 50, G(), False)

@@ -110,6 +110,9 @@ def check_examples(xs: list[Tensor], names: list[str], batch_size: int) -> None:
         if x.shape != xs[0].shape:
             raise ShapeError(f"layer {name!r}: its input has shape {tuple(x.shape)} but {names[0]!r}'s has "
                              f"{tuple(xs[0].shape)}; the members of a population train on inputs of one shape.")
+    if batch_size > xs[0].shape[0]:
+        warnings.warn(f"layer {names[0]!r}: batch_size {batch_size} is more than its {xs[0].shape[0]} examples; "
+                      f"each epoch is one step on all {xs[0].shape[0]}.", SurgeryWarning, stacklevel=3)
 
 
 def check_members(cfgs: list[LayerPretrainConfig], shared: tuple[str, ...], names: list[str]) -> None:
