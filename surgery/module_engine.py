@@ -9,8 +9,9 @@ The dataset lives on the training device; an epoch is one permutation of the tra
 learning-rate multipliers; schedules are functions of the global step.
 
 Also here, shared with the stacked populations (:mod:`surgery.population`):
-:func:`prepare_graph` and :func:`check_fits` (before training), :func:`lr_multiplier`,
-:func:`param_groups`, :func:`apply_freezing`, :func:`error_rate`.
+:func:`prepare_graph` (before training; what is checked before it is in
+:mod:`surgery.preflight`), :func:`lr_multiplier`, :func:`param_groups`,
+:func:`apply_freezing`, :func:`error_rate`.
 """
 
 from __future__ import annotations
@@ -28,15 +29,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import Checkpoint, load_model_state, restore_rng, rng_states
-from .data import Dataset, Split, non_finite
+from .data import Dataset, Split
 from .devices import resolve_device
-from .errors import ConfigError, DataError, ShapeError, SurgeryError, SurgeryWarning, TrainingDiverged
+from .errors import ConfigError, SurgeryError, SurgeryWarning, TrainingDiverged
 from .finetune_config import FinetuneConfig
-from .graph import ModelGraph, Node, input_fits
+from .graph import ModelGraph, Node
 from .graphed import GRAPH_OPTIMIZERS, GraphedStep
 from .layers import init_weight
 from .modules import read_back, to_module
 from .ops import DropoutOp
+from .preflight import check_data, check_fits, check_patterns, warn_large_batch
 from .runtime import distributed, keep_freed_memory
 from .schedules import apply_schedule, build_optimizer
 
@@ -64,55 +66,6 @@ def prepare_graph(graph: ModelGraph, cfg: FinetuneConfig, seed: int) -> ModelGra
     return g
 
 
-def check_data(data: Dataset) -> None:
-    """``DataError`` unless each split of ``data`` holds float32 examples and as many integer
-    labels, none negative, every input finite, and the training split at least one example."""
-    for name in ("train", "valid", "test"):
-        split = getattr(data, name)
-        if split.x.dtype != torch.float32 or split.y.dtype != torch.int64:
-            raise DataError(f"the data {data.name!r}: its {name} split has {split.x.dtype} examples and "
-                            f"{split.y.dtype} labels; give float32 examples (x.float()) and int64 class "
-                            "labels (y.long()).")
-        if split.y.dim() != 1 or split.y.shape[0] != split.x.shape[0]:
-            raise DataError(f"the data {data.name!r}: its {name} split has {split.x.shape[0]} examples but labels "
-                            f"of shape {tuple(split.y.shape)}; give one label per example, y of shape [N].")
-        if name == "train" and not len(split):
-            raise DataError(f"the data {data.name!r}: its train split is empty; nothing to train on.")
-        bad = non_finite(split.x)
-        if bad:
-            raise DataError(f"the data {data.name!r}: its {name} split holds {bad} NaN or infinite inputs; every "
-                            "example must be finite (clean the data) before training.")
-        if len(split) and int(split.y.min()) < 0:
-            raise DataError(f"the data {data.name!r}: its {name} split has negative labels (from "
-                            f"{int(split.y.min())}); classes are numbered 0, 1, 2, ...")
-
-
-def warn_large_batch(cfg: FinetuneConfig, data: Dataset) -> None:
-    """A ``SurgeryWarning`` when ``cfg.batch_size`` exceeds the training examples: each epoch is
-    then one step on all of them, rarely what a batch size that large was meant for."""
-    if cfg.batch_size > len(data.train):
-        warnings.warn(f"finetune.batch_size: {cfg.batch_size} is more than the {len(data.train)} training examples "
-                      f"of {data.name!r}; each epoch is one step on all {len(data.train)}.", SurgeryWarning,
-                      stacklevel=3)
-
-
-def check_fits(graph: ModelGraph, data: Dataset) -> None:
-    """Raise ``ShapeError`` unless ``data`` feeds ``graph`` and its labels fit its output."""
-    shapes = graph.validate()
-    if graph.input_shape is not None and not input_fits(graph.input_shape, data.input_shape):
-        raise ShapeError(
-            f"the network takes input {graph.input_shape} but the data {data.name!r} gives "
-            f"{data.input_shape} per example; check data.flatten or the first layer's size."
-        )
-    last = graph.last()
-    out = shapes[last] if last is not None else ()
-    if len(out) != 1 or out[0] < data.num_classes:
-        raise ShapeError(
-            f"the network ends in {last!r} with output {out}, but the data {data.name!r} has "
-            f"{data.num_classes} classes; end it with a head of {data.num_classes} units (op: head)."
-        )
-
-
 def lr_multiplier(name: str, cfg: FinetuneConfig) -> float:
     """Layer ``name``'s lr multiplier from ``finetune.layer_lr`` (the last matching pattern wins)."""
     mult = 1.0
@@ -120,15 +73,6 @@ def lr_multiplier(name: str, cfg: FinetuneConfig) -> float:
         if fnmatch.fnmatchcase(name, pat):
             mult = m
     return mult
-
-
-def check_patterns(names: list[str], cfg: FinetuneConfig) -> None:
-    """``ConfigError`` when a ``layer_lr``/``unfreeze_at``/``freeze_at``/``dropout`` pattern
-    matches none of the layers ``names``."""
-    for field in ("layer_lr", "unfreeze_at", "freeze_at", "dropout"):
-        for pat in getattr(cfg, field):
-            if not any(fnmatch.fnmatchcase(n, pat) for n in names):
-                raise ConfigError(f"finetune.{field}: {pat!r} matches no layer; layers are {names}.")
 
 
 def param_groups(graph: ModelGraph, model: nn.Module, cfg: FinetuneConfig) -> list[dict[str, Any]]:

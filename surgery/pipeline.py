@@ -24,9 +24,9 @@ from .graph import ModelGraph
 from .grid import Cell, check_cells, check_search, plan_cells
 from .io import make_dir
 from .model_file import load_model, save_model
-from .module_engine import check_data, check_fits, check_patterns
 from .ops import ForeignWeights, HeadOp, TakeOp
 from .population import architecture_key
+from .preflight import check_data, check_fits, check_patterns
 from .pretrain import greedy_pretrain
 from .pretrain.greedy import check_input, plan_stack
 from .recipe import Recipe

@@ -38,14 +38,8 @@ from .finetune_config import FinetuneConfig
 from .graph import ModelGraph
 from .graphed import StackedStep
 from .layers import init_weight
-from .module_engine import (
-    check_data,
-    check_fits,
-    check_patterns,
-    lr_multiplier,
-    prepare_graph,
-    warn_large_batch,
-)
+from .module_engine import lr_multiplier, prepare_graph
+from .preflight import check_data, check_fits, check_patterns, warn_large_batch
 from .schedules import schedule_at
 from .stacked import StackedChain, StackedOptimizer
 

@@ -1,0 +1,74 @@
+"""What fine-tuning refuses (or warns about) before it trains, for a single network and a
+population alike, and for a run planning its network before pretraining
+(:func:`surgery.pipeline.plan_network`): data it cannot use, a network that does not fit the
+data, a layer pattern that names no layer, a batch larger than the training set."""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+
+import torch
+
+from .data import Dataset, non_finite
+from .errors import ConfigError, DataError, ShapeError, SurgeryWarning
+from .finetune_config import FinetuneConfig
+from .graph import ModelGraph, input_fits
+
+
+def check_data(data: Dataset) -> None:
+    """``DataError`` unless each split of ``data`` holds float32 examples and as many integer
+    labels, none negative, every input finite, and the training split at least one example."""
+    for name in ("train", "valid", "test"):
+        split = getattr(data, name)
+        if split.x.dtype != torch.float32 or split.y.dtype != torch.int64:
+            raise DataError(f"the data {data.name!r}: its {name} split has {split.x.dtype} examples and "
+                            f"{split.y.dtype} labels; give float32 examples (x.float()) and int64 class "
+                            "labels (y.long()).")
+        if split.y.dim() != 1 or split.y.shape[0] != split.x.shape[0]:
+            raise DataError(f"the data {data.name!r}: its {name} split has {split.x.shape[0]} examples but labels "
+                            f"of shape {tuple(split.y.shape)}; give one label per example, y of shape [N].")
+        if name == "train" and not len(split):
+            raise DataError(f"the data {data.name!r}: its train split is empty; nothing to train on.")
+        bad = non_finite(split.x)
+        if bad:
+            raise DataError(f"the data {data.name!r}: its {name} split holds {bad} NaN or infinite inputs; every "
+                            "example must be finite (clean the data) before training.")
+        if len(split) and int(split.y.min()) < 0:
+            raise DataError(f"the data {data.name!r}: its {name} split has negative labels (from "
+                            f"{int(split.y.min())}); classes are numbered 0, 1, 2, ...")
+
+
+def warn_large_batch(cfg: FinetuneConfig, data: Dataset) -> None:
+    """A ``SurgeryWarning`` when ``cfg.batch_size`` exceeds the training examples: each epoch is
+    then one step on all of them, rarely what a batch size that large was meant for."""
+    if cfg.batch_size > len(data.train):
+        warnings.warn(f"finetune.batch_size: {cfg.batch_size} is more than the {len(data.train)} training examples "
+                      f"of {data.name!r}; each epoch is one step on all {len(data.train)}.", SurgeryWarning,
+                      stacklevel=3)
+
+
+def check_fits(graph: ModelGraph, data: Dataset) -> None:
+    """Raise ``ShapeError`` unless ``data`` feeds ``graph`` and its labels fit its output."""
+    shapes = graph.validate()
+    if graph.input_shape is not None and not input_fits(graph.input_shape, data.input_shape):
+        raise ShapeError(
+            f"the network takes input {graph.input_shape} but the data {data.name!r} gives "
+            f"{data.input_shape} per example; check data.flatten or the first layer's size."
+        )
+    last = graph.last()
+    out = shapes[last] if last is not None else ()
+    if len(out) != 1 or out[0] < data.num_classes:
+        raise ShapeError(
+            f"the network ends in {last!r} with output {out}, but the data {data.name!r} has "
+            f"{data.num_classes} classes; end it with a head of {data.num_classes} units (op: head)."
+        )
+
+
+def check_patterns(names: list[str], cfg: FinetuneConfig) -> None:
+    """``ConfigError`` when a ``layer_lr``/``unfreeze_at``/``freeze_at``/``dropout`` pattern
+    matches none of the layers ``names``."""
+    for field in ("layer_lr", "unfreeze_at", "freeze_at", "dropout"):
+        for pat in getattr(cfg, field):
+            if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+                raise ConfigError(f"finetune.{field}: {pat!r} matches no layer; layers are {names}.")
