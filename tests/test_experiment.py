@@ -353,7 +353,7 @@ def test_conv_and_custom_arms(tmp_path):
 
 @pytest.mark.slow
 def test_quick_recipe_end_to_end(tmp_path):
-    """The README's main job, in full (1-2.5 minutes on 2 cores), and its answer: a
+    """The README's main job, in full (2.4-2.6 minutes on a slow 2-core machine), and its answer: a
     pretrained arm below `none` at depth >= 2 with p < 0.01."""
     out = tmp_path / "quick"
     assert main(["run", str(ROOT / "recipes" / "quick.yaml"), "--out", str(out)]) == 0
