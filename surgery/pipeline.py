@@ -176,6 +176,11 @@ def check_grid(recipe: Recipe, cells: list[Cell], dataset: Callable[[Recipe], Da
     """Before an experiment trains: each (arm, depth)'s first cell as a recipe, with each tuned
     parameter at the ends of its range (:func:`grid.check_cells`), and its network planned and
     checked as fine-tuning will check it (:func:`plan_network`; ``dataset``: a cell recipe's data)."""
+    if recipe.finetune is not None:  # the grid's own device: said once, not as its first cell's
+        try:
+            resolve_device(recipe.finetune.device, "finetune.device")
+        except SurgeryError as e:
+            raise type(e)(f"{recipe.source}: {e}") from None
     for (arm, depth), r in check_cells(recipe, cells).items():
         try:
             plan_network(r, dataset(r))
