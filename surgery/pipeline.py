@@ -28,7 +28,8 @@ from .ops import ForeignWeights, HeadOp, TakeOp
 from .population import architecture_key
 from .preflight import check_data, check_fits, check_patterns
 from .pretrain import greedy_pretrain
-from .pretrain.greedy import check_input, plan_stack
+from .pretrain.base import check_input
+from .pretrain.greedy import plan_stack
 from .recipe import Recipe
 from .runtime import is_main_process
 from .stack import LayerStack, load_foreign

@@ -10,6 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from ..data import non_finite
 from ..errors import ConfigError, DataError, ShapeError, SurgeryWarning, TrainingDiverged
 from ..io import progress_bar as _bar
 from ..layers import Activation, LayerSpec
@@ -113,6 +114,22 @@ def check_examples(xs: list[Tensor], names: list[str], batch_size: int) -> None:
     if batch_size > xs[0].shape[0]:
         warnings.warn(f"layer {names[0]!r}: batch_size {batch_size} is more than its {xs[0].shape[0]} examples; "
                       f"each epoch is one step on all {xs[0].shape[0]}.", SurgeryWarning, stacklevel=3)
+
+
+def check_input(name: str, method: str, x: Tensor) -> None:
+    """``DataError`` when ``x``, the input of layer ``name``, holds NaN or infinite values, or
+    when ``method`` is a Bernoulli RBM and ``x`` lies outside [0, 1]."""
+    bad = non_finite(x)
+    if bad:
+        raise DataError(f"pretraining layer {name!r}: its input holds {bad} NaN or infinite values; every "
+                        "example must be finite (clean the data) before pretraining.")
+    if method != "rbm" or not x.numel():
+        return
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    if lo < 0 or hi > 1:
+        raise DataError(f"pretraining layer {name!r}: a Bernoulli RBM's inputs are probabilities in [0, 1], "
+                        f"but these span [{lo:.4g}, {hi:.4g}] (standardized data, or a layer below that is "
+                        "not sigmoid?). Use method: grbm for real-valued inputs, or scale them into [0, 1].")
 
 
 def check_members(cfgs: list[LayerPretrainConfig], shared: tuple[str, ...], names: list[str]) -> None:

@@ -16,13 +16,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
-from ..data import non_finite
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..io import duration, progress_line
 from ..stack import LayerStack, StackLayer
 from .ae_model import AEConfig
 from .autoencoder import train_autoencoder_population
-from .base import new_generator
+from .base import check_input, new_generator
 from .grow import GrowConfig, train_grow_population
 from .rbm import RBMConfig, train_rbm_population
 
@@ -199,22 +198,6 @@ def _check_inputs(i: int, lcs: list[LayerConfig], names: list[str], inps: list[T
         if id(inp) not in seen:  # members of a population share the data
             seen.add(id(inp))
             check_input(name, lc.method, inp)
-
-
-def check_input(name: str, method: str, x: Tensor) -> None:
-    """``DataError`` when ``x``, the input of layer ``name``, holds NaN or infinite values, or
-    when ``method`` is a Bernoulli RBM and ``x`` lies outside [0, 1]."""
-    bad = non_finite(x)
-    if bad:
-        raise DataError(f"pretraining layer {name!r}: its input holds {bad} NaN or infinite values; every "
-                        "example must be finite (clean the data) before pretraining.")
-    if method != "rbm" or not x.numel():
-        return
-    lo, hi = (float(v) for v in torch.aminmax(x))
-    if lo < 0 or hi > 1:
-        raise DataError(f"pretraining layer {name!r}: a Bernoulli RBM's inputs are probabilities in [0, 1], "
-                        f"but these span [{lo:.4g}, {hi:.4g}] (standardized data, or a layer below that is "
-                        "not sigmoid?). Use method: grbm for real-valued inputs, or scale them into [0, 1].")
 
 
 def _continued(start: list[tuple[LayerStack, Tensor]], gens: list[torch.Generator], x: Tensor,
