@@ -22,7 +22,7 @@ from .io import make_dir, write_json
 from .model_file import describe_model, load_model, save_model
 from .pipeline import assemble, finetune_model, pretrain, run, validate
 from .recipe import Recipe, format_validation_error, json_schema, load_recipe
-from .report import failed_line, significance_line, table, write_report
+from .report import failed_line, significance_line, summary_grid, write_report
 from .rundir import describe_run
 from .runtime import exit_status, is_main_process
 from .search import run_search
@@ -231,10 +231,13 @@ def cmd_run(args: argparse.Namespace) -> None:
         return
     write_report(out, rows, baseline=baseline)
     say(f"{len(rows)} cells; results in {out}/results.csv, report in {out}/report.md, figures in {out}/figures/")
-    for t in table(rows, baseline):
-        ci = "" if t["n"] < 2 else f" ± {t['ci_half']:.2f}"
-        say(f"  {t['condition']:<14} depth {t['depth']}: {t['mean']:.2f}%{ci} (n={t['n']})")
-    say(significance_line(rows, baseline))
+    _summary(rows, baseline)
+
+
+def _summary(rows: list[dict], baseline: str) -> None:
+    """An experiment's answer on the console: the arm x depth grid, the significant arms, and
+    the runs that did not learn."""
+    say(*summary_grid(rows, baseline), significance_line(rows, baseline))
     if failed := failed_line(rows):
         say(failed)
 
@@ -259,9 +262,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
         if tuning is not None:
             write_json(Path(out) / "tuning.json", tuning)
     write_report(Path(out), rows, baseline=baseline)
-    say(*notes, f"report for {len(rows)} runs in {out}/report.md", significance_line(rows, baseline))
-    if failed := failed_line(rows):
-        say(failed)
+    say(*notes, f"report for {len(rows)} runs in {out}/report.md")
+    _summary(rows, baseline)
 
 
 def cmd_search(args: argparse.Namespace) -> None:

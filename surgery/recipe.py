@@ -173,6 +173,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: write it as dotted.path=value (e.g. pretrain.layers.0.epochs=3).")
         key, _, raw = item.partition("=")
+        if "" in key.strip().split("."):
+            raise ConfigError(f"--set {item!r}: the path before '=' has an empty part; name a recipe field, "
+                              "e.g. finetune.epochs=3.")
         try:
             out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:

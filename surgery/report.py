@@ -182,6 +182,32 @@ def significance_line(rows: list[dict[str, Any]], baseline: str = "none", alpha:
     return f"significance (Welch p < {alpha}, same depth): " + "; ".join(parts) + "."
 
 
+def summary_grid(rows: list[dict[str, Any]], baseline: str = "none") -> list[str]:
+    """The test errors as a text grid for a console: one line per arm (``baseline`` first, then
+    the arms in the order they ran), one column per depth, each cell "mean ± half-width of the
+    95% interval" over the seeds ("mean (n=1)" for a single seed)."""
+    tab = table(rows, baseline)
+    order = list(dict.fromkeys([baseline] + [str(r["condition"]) for r in rows]))
+    arms = [a for a in order if any(t["condition"] == a for t in tab)]
+    depths = sorted({t["depth"] for t in tab})
+    at = {(t["condition"], t["depth"]): t for t in tab}
+
+    def cell(t: dict[str, Any] | None) -> str:
+        if t is None:
+            return "–"
+        return f"{t['mean']:.2f} (n=1)" if t["n"] < 2 else f"{t['mean']:.2f} ± {t['ci_half']:.2f}"
+
+    seeds = sorted({t["n"] for t in tab})
+    n = f"{seeds[0]} seeds" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]} seeds"
+    grid = [["arm"] + [f"depth {d}" for d in depths]]
+    grid += [[a] + [cell(at.get((a, d))) for d in depths] for a in arms]
+    widths = [max(len(r[i]) for r in grid) for i in range(len(grid[0]))]
+    lines = [f"test error % (mean ± 95% interval over {n}):"]
+    for r in grid:
+        lines.append("  " + r[0].ljust(widths[0]) + "".join("   " + v.rjust(w) for v, w in zip(r[1:], widths[1:])))
+    return lines
+
+
 FAILED_TRAIN_ERROR = 50.0  # %: a run that gets half its own training set wrong has not learned
 
 

@@ -56,6 +56,12 @@ def test_experiment_grid_report_and_skip(tmp_path, capsys):
     rows = _rows(out)
     # 5 arms x 2 depths x 2 seeds + shallow (depth 1 only) x 2 seeds
     assert len(rows) == 22
+    said = capsys.readouterr().out.splitlines()  # the answer on the console: arm x depth, baseline first
+    at = said.index("test error % (mean ± 95% interval over 2 seeds):")
+    assert [line.split()[0] for line in said[at + 1:at + 8]] == ["arm", *TINY["experiment"]["conditions"]]
+    shallow = summarize([float(r["test_error"]) for r in rows if r["condition"] == "shallow"])
+    assert said[at + 7].split() == ["shallow", f"{shallow['mean']:.2f}", "±", f"{shallow['ci_half']:.2f}", "–"]
+    assert said[at + 8].startswith("significance")
     assert {"condition", "depth", "seed", "test_error"} <= set(rows[0])
     assert all(0 <= float(r["test_error"]) <= 100 for r in rows)
     report = (out / "report.md").read_text()
@@ -142,6 +148,26 @@ def test_stats():
     assert s["ci_half"] == pytest.approx(4.302652729 / 3 ** 0.5, rel=1e-6)
     t, p = welch([1.0, 1.1, 0.9, 1.05], [2.0, 2.2, 1.9, 2.1])
     assert t < 0 and p < 0.001
+
+
+def test_the_console_summary_is_an_arm_by_depth_grid():
+    """Baseline first, then the arms in the order they ran; a cell is mean ± the 95% interval's
+    half-width, a single seed is marked n=1 and a cell that did not run is a dash."""
+    from surgery.report import summary_grid
+
+    rows = [{"condition": c, "depth": d, "seed": s, "test_error": e}
+            for c, d, s, e in [("rbm", 1, 0, 2.0), ("rbm", 1, 1, 3.0), ("none", 1, 0, 4.0), ("none", 1, 1, 5.0),
+                               ("none", 2, 0, 6.0), ("none", 2, 1, 6.5), ("rbm", 2, 0, 1.5)]]
+    half = summarize([2.0, 3.0])["ci_half"]
+    assert summary_grid(rows, "none") == [
+        "test error % (mean ± 95% interval over 1-2 seeds):",
+        "  arm        depth 1       depth 2",
+        f"  none   4.50 ± {half:.2f}   6.25 ± {summarize([6.0, 6.5])['ci_half']:.2f}",
+        f"  rbm    2.50 ± {half:.2f}    1.50 (n=1)",
+    ]
+    assert summary_grid(rows[:4], "rbm")[2:] == [f"  rbm    2.50 ± {half:.2f}", f"  none   4.50 ± {half:.2f}"]
+    assert summary_grid(rows + [{"condition": "dae", "depth": 2, "seed": 0, "test_error": 1.0}], "none")[-1] \
+        == "  dae              –    1.00 (n=1)"
 
 
 def test_an_arm_at_a_depth_the_baseline_did_not_run_is_tested_against_its_only_depth():

@@ -209,6 +209,9 @@ def test_overrides(workdir):
         load_recipe(workdir / "r.yaml", ["surgery.ops.9.classes=5"])
     with pytest.raises(SurgeryError, match="dotted.path=value"):
         load_recipe(workdir / "r.yaml", ["finetune.epochs"])
+    for bad in ("=3", "finetune..epochs=3", "finetune.=3"):  # not "Extra inputs are not permitted" at the top
+        with pytest.raises(SurgeryError, match="the path before '=' has an empty part"):
+            load_recipe(workdir / "r.yaml", [bad])
 
 
 def test_a_list_of_names_selects_the_recipes_own_arms():
