@@ -36,8 +36,7 @@ recipe = S.recipe_from_dict({
 }, base_dir=Path.cwd())
 rows = S.run_experiment(recipe, args.out, progress=False)  # run again: finished cells are kept, not retrained
 S.write_report(args.out, rows)
-for t in S.table(rows):
-    print(f"{t['condition']:>5} depth {t['depth']}: test error {t['mean']:.2f}% +- {t['ci_half']:.2f} (n={t['n']})")
+print("\n".join(S.summary_grid(rows)))  # S.table(rows): the same numbers as dicts (sd, interval, t, p)
 print(S.significance_line(rows))
 print(f"report: {args.out / 'report.md'}")
 

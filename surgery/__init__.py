@@ -59,7 +59,7 @@ from .pretrain import (
     train_rbm,
 )
 from .recipe import Recipe, load_recipe, recipe_from_dict
-from .report import significance_line, table, write_report
+from .report import significance_line, summary_grid, table, write_report
 from .schedules import OptimizerConfig, ScheduleConfig
 from .search_config import SearchConfig
 from .stack import LayerStack, StackLayer
@@ -76,6 +76,6 @@ __all__ = [
     "TakeOp", "Trainer", "TrainingDiverged", "TransplantOp", "WidenOp", "__version__", "assemble", "build_graph",
     "greedy_pretrain", "init_weight", "load_dataset", "load_model", "load_recipe", "plan_cells", "pretrain",
     "read_back", "read_results", "recipe_from_dict", "resolve_device", "run", "run_experiment", "save_model",
-    "significance_line",
+    "significance_line", "summary_grid",
     "table", "to_module", "train_autoencoder", "train_rbm", "validate", "write_report",
 ]
