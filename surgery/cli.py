@@ -24,7 +24,7 @@ from .pipeline import assemble, finetune_model, pretrain, run, validate
 from .recipe import Recipe, format_validation_error, json_schema, load_recipe
 from .report import failed_line, significance_line, summary_grid, write_report
 from .rundir import describe_run
-from .runtime import exit_status, is_main_process
+from .runtime import exit_status, is_main_process, out_of_memory
 from .search import run_search
 from .stack import MODEL_FORMAT, LayerStack, describe, read_manifest
 from .tuning import merge_tuning
@@ -309,6 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         print(f"surgery {args.command}: error: {format_validation_error(e, str(getattr(args, 'recipe', '')))}",
               file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:  # torch's out-of-memory errors are RuntimeErrors
+        if (oom := out_of_memory(e)) is None:
+            raise
+        print(f"surgery {args.command}: error: {oom}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         again = {"run": " (an experiment skips its finished cells; a single run needs --resume and a "

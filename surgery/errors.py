@@ -50,6 +50,10 @@ class NameNotFound(SurgeryError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class OutOfMemory(SurgeryError, MemoryError):
+    """A layer, a batch or the data needs more memory than the machine (or its GPU) has."""
+
+
 class TrainingDiverged(SurgeryError, ArithmeticError):
     """A loss became NaN or infinite."""
 

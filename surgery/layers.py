@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from .errors import ConfigError, OutOfMemory
+from .runtime import machine_memory
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -77,6 +78,7 @@ class LayerSpec(BaseModel):
     padding: int = Field(default=0, ge=0)
 
     def model_post_init(self, __context: object) -> None:
+        self._check_size()
         if self.kind == "conv2d":
             if self.in_shape is None:
                 raise ConfigError("a conv2d layer needs in_shape=(channels, height, width)")
@@ -91,6 +93,19 @@ class LayerSpec(BaseModel):
                     f"conv2d kernel_size={self.kernel_size} is larger than the input "
                     f"{self.in_shape[1]}x{self.in_shape[2]}"
                 )
+
+    def resized(self, **sizes: int) -> LayerSpec:
+        """This spec with other ``in_features``/``out_features``, validated as a new one."""
+        return LayerSpec.model_validate({**self.model_dump(), **sizes})
+
+    def _check_size(self) -> None:
+        """``OutOfMemory`` for a layer whose float32 weight alone is larger than this machine's
+        memory: refused when it is planned, not when torch fails to allocate it."""
+        need, have = 4 * math.prod(self.weight_shape), machine_memory()
+        if have is not None and need > have:
+            raise OutOfMemory(f"a {self.kind} layer of {self.out_features} units on {self.in_features} inputs "
+                              f"needs a {'x'.join(map(str, self.weight_shape))} weight of {need / 2**30:,.1f} GiB, "
+                              f"more than this machine's {have / 2**30:.1f} GiB of memory; give it fewer units.")
 
     def _conv_hw(self) -> tuple[int, int]:
         assert self.in_shape is not None

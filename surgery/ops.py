@@ -284,19 +284,20 @@ class WidenOp(_Op):
         if self.units <= old:
             raise SurgeryError(f"widen: units={self.units} must exceed {self.node!r}'s current {old} units.")
         consumers = _dense_consumers(g, self.node)
+        spec = node.spec.resized(out_features=self.units)  # refused here if it cannot be held
+        specs = {c: g.node(c).spec.resized(in_features=self.units) for c in consumers}  # type: ignore[union-attr]
         mapping = torch.cat([torch.arange(old), torch.randint(0, old, (self.units - old,), generator=gen)])
         counts = torch.bincount(mapping, minlength=old).float()
         w, b = node.tensors["weight"], node.tensors["bias"]
         node.tensors = {"weight": w[mapping].clone(), "bias": b[mapping].clone()}
-        node.spec = node.spec.model_copy(update={"out_features": self.units})
+        node.spec = spec
         for cname in consumers:
             c = g.node(cname)
-            assert c.spec is not None
             cw = c.tensors["weight"][:, mapping] / counts[mapping]
             if self.noise:
                 cw = cw + self.noise * torch.randn(cw.shape, generator=gen)
             c.tensors["weight"] = cw.clone()
-            c.spec = c.spec.model_copy(update={"in_features": self.units})
+            c.spec = specs[cname]
         node.provenance = {**node.provenance, "widened": f"{old}->{self.units}"}
         return [self.node, *consumers]
 

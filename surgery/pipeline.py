@@ -75,6 +75,7 @@ def pretrain(recipe: Recipe, data: Dataset | None = None, progress: bool | None 
     if recipe.pretrain is None:
         raise SurgeryError(f"{recipe.source}: the recipe has no pretrain: section.{_grid_hint(recipe)}")
     data = data or load_dataset(recipe.data, recipe.base_dir)
+    _planned_stack(recipe, data)  # every layer's shape, size and input checked before the first one trains
     start = None
     if snapshots is not None:
         plan = {"pretrain": recipe.pretrain.model_dump(mode="json"), "seed": recipe.seed, "data": data.fingerprint()}

@@ -15,9 +15,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import re
 import sys
 
 import torch
+
+from .errors import OutOfMemory
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _done = False
@@ -38,6 +41,37 @@ def keep_freed_memory(trim_bytes: int = 1 << 30, mmap_bytes: int = 32 << 20) -> 
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _done = bool(mallopt(_M_MMAP_THRESHOLD, mmap_bytes)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_bytes))
     return _done
+
+
+def machine_memory() -> int | None:
+    """Bytes of physical memory on this machine (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # Windows has no sysconf
+        return None
+
+
+def out_of_memory(e: BaseException) -> OutOfMemory | None:
+    """``e`` as an :class:`OutOfMemory` saying what to make smaller, when it is torch (or
+    Python) failing to allocate memory on the CPU or a GPU; None for any other error."""
+    text = str(e)
+    gpu = isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in text
+    if not (gpu or isinstance(e, MemoryError) or "can't allocate memory" in text):
+        return None
+    asked = re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGT]?i?B|\d+ bytes)", text)
+    if asked and asked.group(1).endswith(" bytes"):
+        size = f"{int(asked.group(1).split()[0]) / 2**30:,.1f} GiB"
+    else:
+        size = asked.group(1) if asked else None
+    have = machine_memory()
+    where = f"this machine's {have / 2**30:.1f} GiB" if have else "this machine's memory"
+    where = "the GPU's memory" if gpu else where
+    return OutOfMemory(
+        f"out of memory{f' (torch asked for {size} more)' if size else ''}: the network, a batch or the data "
+        f"needs more than {where}. Use fewer units per layer, a smaller finetune.batch_size or "
+        "pretrain.batch_size, or a smaller data.limit; an experiment can train fewer members at once "
+        "(experiment.population: off, or a smaller N). Files already written are kept; run the same command "
+        "again once it fits (an experiment continues with its unfinished cells).")
 
 
 def rank() -> int:

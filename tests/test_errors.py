@@ -224,6 +224,30 @@ def experiment_on_an_absent_gpu(tmp: Path):
     return argv, "finetune.device: 'cuda:7'", []
 
 
+HUGE = 10**12  # units: a weight no machine holds, refused before torch tries to allocate it
+
+
+def pretrain_layer_too_big(tmp: Path):
+    r = _net_recipe()
+    r["pretrain"] = {"layers": [{"method": "rbm", "hidden": 8, "epochs": 1}, {"method": "dae", "hidden": HUGE}]}
+    return ["pretrain", str(_write(tmp / "r.yaml", r)), "-o", str(tmp / "s.safetensors")], \
+        f"pretrain.layers[1]: a dense layer of {HUGE} units on 8 inputs needs a {HUGE}x8 weight of", []
+
+
+def widened_layer_too_big(tmp: Path):
+    r = _net_recipe()
+    r["surgery"]["ops"].insert(1, {"op": "widen", "node": "h1", "units": HUGE})
+    return ["run", str(_write(tmp / "r.yaml", r)), "--out", str(tmp / "out")], \
+        f"surgery.ops[1] (widen): a dense layer of {HUGE} units on 64 inputs", []
+
+
+def experiment_layers_too_big(tmp: Path):
+    r = _net_recipe()
+    del r["surgery"]
+    r["experiment"] = {"conditions": ["none"], "depths": [1], "hidden": HUGE}
+    return ["run", str(_write(tmp / "r.yaml", r)), "--out", str(tmp / "out")], "more than this machine's", []
+
+
 def search_on_an_absent_gpu(tmp: Path):
     r = _net_recipe()
     r["search"] = {"trials": 2, "params": {"finetune.optimizer.lr": {"low": 0.01, "high": 0.1}}}
@@ -371,6 +395,9 @@ CASES: dict[str, Case] = {
     "run: unknown device": unknown_device_at_run,
     "run: experiment on a GPU the machine lacks": experiment_on_an_absent_gpu,
     "search: on a GPU the machine lacks": search_on_an_absent_gpu,
+    "pretrain: a layer too big to hold": pretrain_layer_too_big,
+    "run: a layer widened past what memory holds": widened_layer_too_big,
+    "run: an experiment's layers too big to hold": experiment_layers_too_big,
     "run: missing data file": missing_data_file,
     "run: truncated MNIST pickle": truncated_mnist_pickle,
     "finetune --resume: truncated checkpoint": truncated_checkpoint,
@@ -425,7 +452,7 @@ def test_insert_first_takes_its_input_size_from_the_data(tmp_path):
 
 def test_errors_are_one_family():
     for cls in (S.ConfigError, S.DataError, S.DeviceError, S.ShapeError, S.ManifestError, S.CheckpointError,
-                S.OutputError, S.TrainingDiverged):
+                S.OutputError, S.TrainingDiverged, S.OutOfMemory):
         assert issubclass(cls, S.SurgeryError)
     assert issubclass(S.ConfigError, ValueError) and issubclass(S.ShapeError, ValueError)
     with pytest.raises(ValueError, match="unknown activation"):
@@ -468,6 +495,52 @@ def test_ctrl_c_says_how_to_continue(tmp_path, capsys, monkeypatch, command, hin
     err = capsys.readouterr().err
     assert err.startswith(f"surgery {command}: interrupted; files written so far are kept") and hint in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("raised,where", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 3136000000000 bytes. Error code 12 (Cannot allocate memory)"),
+     "(torch asked for 2,920.6 GiB more): the network, a batch or the data needs more than this machine's"),
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of "
+                                 "79.15 GiB of which 3.20 GiB is free."), "(torch asked for 20.00 GiB more)"),
+    (MemoryError(), "out of memory: the network, a batch or the data needs more than"),
+])
+def test_running_out_of_memory_is_one_paragraph_from_any_command(tmp_path, capsys, monkeypatch, raised, where):
+    """Memory that runs out while a command works (a layer, a batch, a population too big for the
+    machine or GPU) is exit status 2 and one paragraph on what to make smaller; any other
+    RuntimeError is a bug and keeps its traceback."""
+    from surgery import cli
+
+    def fails(args):
+        raise raised
+
+    monkeypatch.setitem(cli.COMMANDS, "run", fails)
+    assert cli.main(["run", str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("surgery run: error: out of memory") and where in err, err
+    assert "finetune.batch_size" in err and "experiment.population: off" in err and err.count("\n") == 1
+
+    def bug(args):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)")
+
+    monkeypatch.setitem(cli.COMMANDS, "run", bug)
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        cli.main(["run", str(tmp_path / "r.yaml")])
+
+
+def test_a_layer_larger_than_memory_is_refused_when_it_is_planned(monkeypatch):
+    """The check compares a layer's float32 weight with the machine's memory: at 1 MiB a
+    784x1000 weight (3 MiB) is refused, a 784x300 one (0.9 MiB) is not; a widened spec too."""
+    import surgery.layers
+
+    monkeypatch.setattr(surgery.layers, "machine_memory", lambda: 2**20)
+    S.LayerSpec(in_features=784, out_features=300)
+    with pytest.raises(S.OutOfMemory, match="784x1000|1000x784"):
+        S.LayerSpec(in_features=784, out_features=1000)
+    with pytest.raises(S.OutOfMemory, match="more than this machine's 0.0 GiB"):
+        S.LayerSpec(in_features=784, out_features=300).resized(out_features=400)
+    monkeypatch.setattr(surgery.layers, "machine_memory", lambda: None)  # an OS that does not say: no check
+    S.LayerSpec(in_features=784, out_features=1000)
 
 
 def test_a_recipe_with_nothing_to_build_makes_no_output_directory(tmp_path, capsys):

@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..errors import ConfigError, SurgeryError
 from ..io import duration, progress_line
 from ..stack import LayerStack, StackLayer
 from .ae_model import AEConfig
@@ -79,8 +79,8 @@ def plan_stack(cfg: PretrainConfig, input_shape: tuple[int, ...]) -> LayerStack:
     for i, lc in enumerate(cfg.layers):
         try:
             spec = lc.spec_for(shape)
-        except ValueError as e:
-            raise ValueError(f"pretrain.layers[{i}]: {e}") from e
+        except (ValueError, SurgeryError) as e:  # a layer too big to hold is an OutOfMemory, kept one
+            raise (type(e) if isinstance(e, SurgeryError) else ValueError)(f"pretrain.layers[{i}]: {e}") from e
         tensors = {"weight": torch.zeros(spec.weight_shape), "bias": torch.zeros(spec.out_features)}
         stack.append(StackLayer(cfg.layer_name(i), spec, tensors, {"method": lc.method, "epochs": lc.epochs}))
         shape = spec.output_shape
