@@ -127,6 +127,9 @@ class PaperReference(BaseModel):
     differences: str = Field(default="", description="what the paper did that this recipe does not")
 
 
+MAX_DEPTH = 1000
+
+
 class ExperimentConfig(BaseModel):
     """The ``experiment:`` recipe section."""
 
@@ -167,8 +170,9 @@ class ExperimentConfig(BaseModel):
     @field_validator("depths")
     @classmethod
     def _depths(cls, v: list[int]) -> list[int]:
-        if any(d < 1 for d in v):
-            raise ValueError(f"depths {v} must all be >= 1")
+        if any(d < 1 or d > MAX_DEPTH for d in v):
+            raise ValueError(f"each depth must be between 1 and {MAX_DEPTH} (planning a net of 1000 layers takes "
+                             "seconds, one of a million hours)")
         return sorted(set(v))
 
     @field_validator("seeds")

@@ -136,7 +136,9 @@ CATALOGUE = {
     "experiment unknown arm": (_set("experiment", {"conditions": ["none", "magic"]}),
                                "experiment.conditions: unknown arm(s) ['magic']"),
     "experiment depth 0": (_set("experiment", {"conditions": ["none"], "depths": [0, 1]}),
-                           "depths [0, 1] must all be >= 1"),
+                           "experiment.depths: each depth must be between 1 and 1000"),
+    "experiment depth a million": (_set("experiment", {"conditions": ["none"], "depths": [2, 10**6]}),  # hours to plan
+                                   "each depth must be between 1 and 1000 (planning a net"),
     "experiment width 0": (_set("experiment", {"conditions": ["none"], "hidden": 0}),  # one line, not one a form
                            "1 problem in the recipe:\n  - experiment.hidden: Input should be greater than 0 (got 0)"),
     "experiment widths [4, 0]": (_set("experiment", {"conditions": ["none"], "hidden": [4, 0]}),
