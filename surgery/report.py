@@ -187,6 +187,8 @@ def summary_grid(rows: list[dict[str, Any]], baseline: str = "none") -> list[str
     the arms in the order they ran), one column per depth, each cell "mean ± half-width of the
     95% interval" over the seeds ("mean (n=1)" for a single seed)."""
     tab = table(rows, baseline)
+    if not tab:
+        return []
     order = list(dict.fromkeys([baseline] + [str(r["condition"]) for r in rows]))
     arms = [a for a in order if any(t["condition"] == a for t in tab)]
     depths = sorted({t["depth"] for t in tab})
@@ -198,7 +200,7 @@ def summary_grid(rows: list[dict[str, Any]], baseline: str = "none") -> list[str
         return f"{t['mean']:.2f} (n=1)" if t["n"] < 2 else f"{t['mean']:.2f} ± {t['ci_half']:.2f}"
 
     seeds = sorted({t["n"] for t in tab})
-    n = f"{seeds[0]} seeds" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]} seeds"
+    n = f"{seeds[0]}-{seeds[-1]} seeds" if len(seeds) > 1 else f"{seeds[0]} seed{'s' if seeds[0] > 1 else ''}"
     grid = [["arm"] + [f"depth {d}" for d in depths]]
     grid += [[a] + [cell(at.get((a, d))) for d in depths] for a in arms]
     widths = [max(len(r[i]) for r in grid) for i in range(len(grid[0]))]

@@ -1,5 +1,6 @@
-"""Process-level settings: malloc tuning for CPU training loops, the process's rank
-under torchrun (who prints and writes), and how a command-line process ends.
+"""Process-level settings: malloc tuning for CPU training loops, the machine's memory (and
+torch running out of it, told as an :class:`~surgery.errors.OutOfMemory`), the process's
+rank under torchrun (who prints and writes), and how a command-line process ends.
 
 glibc's malloc returns freed blocks of a few MB to the kernel (its trim and mmap
 thresholds), so a training step that frees its gradients and activations and allocates

@@ -165,6 +165,8 @@ def test_the_console_summary_is_an_arm_by_depth_grid():
         f"  none   4.50 ± {half:.2f}   6.25 ± {summarize([6.0, 6.5])['ci_half']:.2f}",
         f"  rbm    2.50 ± {half:.2f}    1.50 (n=1)",
     ]
+    assert summary_grid(rows[:1], "none")[0] == "test error % (mean ± 95% interval over 1 seed):"
+    assert summary_grid([], "none") == []
     assert summary_grid(rows[:4], "rbm")[2:] == [f"  rbm    2.50 ± {half:.2f}", f"  none   4.50 ± {half:.2f}"]
     assert summary_grid(rows + [{"condition": "dae", "depth": 2, "seed": 0, "test_error": 1.0}], "none")[-1] \
         == "  dae              –    1.00 (n=1)"
