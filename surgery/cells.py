@@ -17,11 +17,11 @@ from .assembly import build_graph
 from .checkpoint import MEMBER_CHECKPOINT, read_checkpoint_meta
 from .data import Dataset, load_dataset
 from .devices import resolve_device
-from .errors import CheckpointError, ConfigError, SurgeryWarning, TrainingDiverged
+from .errors import CheckpointError, ConfigError, ManifestError, SurgeryWarning, TrainingDiverged
 from .finetune import PopulationTrainer, Trainer
 from .graph import ModelGraph
 from .grid import Cell
-from .io import duration, progress_line, write_json
+from .io import duration, progress_line, read_json, write_json
 from .pipeline import load_sources
 from .population import architecture_key, model_bytes, population_size
 from .recipe import Recipe, recipe_from_dict
@@ -142,7 +142,7 @@ class CellRunner:
             # stopped in a population (now off, or its group changed): it continues as a population of one
             r, _, graph, pre_s = self.prepare(cell)
             if self._population([(cell, r, graph, pre_s)], cells_dir, resume=True):
-                return json.loads((cdir / "result.json").read_text()), cdir
+                return read_json(cdir / "result.json"), cdir
         trainer = self._resumed(cell, cells_dir)
         try:
             return trainer.fit(), cdir  # its result.json, written last, marks the cell finished
@@ -171,10 +171,15 @@ class CellRunner:
 
     def finished(self, cell: Cell, cells_dir: str) -> tuple[bool, dict[str, Any] | None]:
         """Whether the cell has ended (here or in another process) and its result: ``None``
-        for one whose training diverged (its ``diverged.json``)."""
+        for one whose training diverged (its ``diverged.json``). A damaged ``result.json``
+        (not written by us: ours are written whole) is an unfinished cell, with a warning."""
         cdir = self.out / cells_dir / cell.key
         if (cdir / "result.json").is_file():
-            return True, json.loads((cdir / "result.json").read_text())
+            try:
+                return True, read_json(cdir / "result.json")
+            except ManifestError as e:
+                warnings.warn(f"cell {cell.condition} depth {cell.depth} seed {cell.seed}: {e} It trains again.",
+                              SurgeryWarning, stacklevel=2)
         return (cdir / DIVERGED_FILE).is_file(), None
 
     def run_batch(self, cells: list[Cell], mode: str | int, cells_dir: str) -> Iterator[dict[str, Any] | None]:

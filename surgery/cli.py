@@ -18,7 +18,7 @@ from .data import load_dataset
 from .errors import SurgeryError, SurgeryWarning
 from .experiment import merge_results, run_experiment, write_results_csv
 from .grid import parse_shard
-from .io import make_dir, write_json
+from .io import RERUN, make_dir, read_json, write_json
 from .model_file import describe_model, load_model, save_model
 from .pipeline import assemble, finetune_model, pretrain, run, validate
 from .recipe import Recipe, format_validation_error, json_schema, load_recipe
@@ -251,7 +251,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     tuning = merge_tuning(args.dirs)  # arms tuned in separate runs: all their trials (checked before any write)
     out = args.out or args.dirs[0]
     meta = Path(args.dirs[0]) / "experiment.json"
-    described = json.loads(meta.read_text()) if meta.is_file() else {}
+    described = read_json(meta, RERUN) if meta.is_file() else {}
     baseline = args.baseline
     if baseline is None:
         baseline = (described.get("recipe", {}).get("experiment") or {}).get("baseline", "none")

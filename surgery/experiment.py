@@ -15,14 +15,13 @@ results; a cell's training is :mod:`surgery.cells`', an arm's tuning :mod:`surge
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
 from .cells import CellRunner, summary
 from .errors import OutputError, SurgeryError
 from .grid import plan_cells, shard_of
-from .io import make_dir, progress_bar, progress_line, write_json, write_text
+from .io import RERUN, make_dir, progress_bar, progress_line, read_json, write_json, write_text
 from .pipeline import check_grid, is_experiment_dir, is_single_run_dir
 from .recipe import Recipe
 from .tuning import adopt_trial, tune_arms
@@ -135,7 +134,7 @@ def _check_same_data(dirs: list[Path]) -> None:
     first: tuple[Path, dict[str, Any]] | None = None
     for d in dirs:
         meta = d / "experiment.json"
-        data = json.loads(meta.read_text()).get("recipe", {}).get("data") if meta.is_file() else None
+        data = read_json(meta, RERUN).get("recipe", {}).get("data") if meta.is_file() else None
         if not isinstance(data, dict):
             continue  # an older directory without its recipe: nothing to compare against
         data = {k: v for k, v in data.items() if k != "device"}  # where it ran does not change the numbers

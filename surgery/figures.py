@@ -4,8 +4,8 @@ is written atomically."""
 
 from __future__ import annotations
 
-import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from .io import atomic_path, make_dir
+from .errors import ManifestError, SurgeryWarning
+from .io import atomic_path, make_dir, read_jsonl
 
 
 def write_figures(out: Path, rows: list[dict[str, Any]], tab: list[dict[str, Any]], baseline: str) -> None:
@@ -116,8 +117,7 @@ def _curves_figure(rows: list[dict[str, Any]], conds: list[str], colors: dict[st
         crow = [r for r in rows if r["condition"] == c]
         dmax = max(int(r["depth"]) for r in crow)
         paths = [Path(r["path"]) / "metrics.jsonl" for r in crow if int(r["depth"]) == dmax]
-        histories[f"{c} (depth {dmax})"] = [[json.loads(line) for line in p.read_text().splitlines() if line]
-                                            for p in paths if p.is_file()]
+        histories[f"{c} (depth {dmax})"] = [h for p in paths if p.is_file() and (h := _history(p))]
     validated = all(h["valid_error"] is not None for hs in histories.values() for hist in hs for h in hist)
     key = "valid_error" if validated else "train_error"
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -141,6 +141,20 @@ def _curves_figure(rows: list[dict[str, Any]], conds: list[str], colors: dict[st
     if ax.lines:
         ax.legend()
     return fig
+
+
+def _history(path: Path) -> list[dict[str, Any]]:
+    """A run's epochs from its ``metrics.jsonl``; a damaged file is left out of the curves,
+    with a warning (the report's numbers come from the results, not from it)."""
+    try:
+        hist = read_jsonl(path)
+        if missing := [i for i, h in enumerate(hist, 1) if not {"train_error", "valid_error"} <= h.keys()]:
+            raise ManifestError(f"{path}, line {missing[0]}: an epoch without train_error and valid_error; the file "
+                                "is damaged.")
+        return hist
+    except ManifestError as e:
+        warnings.warn(f"learning curves: {e} Its run's curve is left out.", SurgeryWarning, stacklevel=2)
+        return []
 
 
 def _filters_figure(rows: list[dict[str, Any]], conds: list[str]) -> Any:

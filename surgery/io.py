@@ -1,6 +1,7 @@
 """Writing files: every file goes to a temp name beside its target and is renamed, so a
 reader (or a killed run) never sees half a file; an unwritable place is an ``OutputError``
-naming the path. Also the progress bar every long loop shows."""
+naming the path. Reading back our own JSON files: a damaged one is a ``ManifestError``
+naming it. Also the progress bar every long loop shows."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputError
+from .errors import ManifestError, OutputError
 
 
 def make_dir(path: str | Path) -> Path:
@@ -57,6 +58,48 @@ def write_text(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+RERUN = " Run its recipe again with this --out to write it anew."  # what to do about a damaged experiment.json
+
+
+def read_json(path: str | Path, hint: str = "") -> dict[str, Any]:
+    """The JSON object in one of the files a run writes (``result.json``, ``experiment.json``,
+    ...); ``ManifestError`` naming the file when it cannot be read, is not JSON (truncated or
+    damaged) or holds something other than an object; ``hint`` says what to do about it."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot be read ({e.strerror}).{hint}") from e
+    except ValueError as e:
+        raise ManifestError(f"{path}: not readable JSON ({e}); the file is truncated or damaged.{hint}") from e
+    if not isinstance(obj, dict):
+        raise ManifestError(f"{path}: holds a JSON {type(obj).__name__}, not the object it should; the file is "
+                            f"damaged.{hint}")
+    return obj
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON objects, one a line, of a ``metrics.jsonl``; ``ManifestError`` naming the
+    file and line when one is not."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot be read ({e.strerror}).") from e
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise ManifestError(f"{path}, line {i}: not readable JSON ({e}); the file is truncated or damaged.") from e
+        if not isinstance(obj, dict):
+            raise ManifestError(f"{path}, line {i}: a JSON {type(obj).__name__}, not an object; the file is damaged.")
+        out.append(obj)
+    return out
 
 
 def progress_bar(total: int, desc: str, progress: bool | None, unit: str = "it", initial: int = 0):

@@ -6,7 +6,6 @@ Statistics per condition x depth: mean, standard deviation and a 95% confidence 
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 from scipy import stats
 
 from .figures import write_figures
-from .io import make_dir, write_text
+from .io import RERUN, make_dir, read_json, write_text
 
 
 def summarize(values: list[float]) -> dict[str, float]:
@@ -252,9 +251,9 @@ def write_report(out: Path, rows: list[dict[str, Any]], baseline: str = "none") 
     published numbers when ``out/experiment.json`` names ``experiment.paper``)."""
     out = Path(out)
     tuning_path = out / "tuning.json"
-    tuning = json.loads(tuning_path.read_text()) if tuning_path.is_file() else None
+    tuning = read_json(tuning_path) if tuning_path.is_file() else None
     exp_path = out / "experiment.json"
-    exp = json.loads(exp_path.read_text()).get("recipe", {}).get("experiment", {}) if exp_path.is_file() else {}
+    exp = read_json(exp_path, RERUN).get("recipe", {}).get("experiment", {}) if exp_path.is_file() else {}
     make_dir(out)
     write_text(out / "report.md", markdown(rows, baseline, tuning, exp.get("paper")))
     write_figures(out, rows, table(rows, baseline), baseline)

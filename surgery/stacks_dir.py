@@ -22,9 +22,9 @@ from torch import Tensor
 from .checkpoint import read_generator_state, save_generator_state
 from .data import Dataset
 from .devices import resolve_device
-from .errors import ConfigError, SurgeryError, SurgeryWarning
+from .errors import ConfigError, ManifestError, SurgeryError, SurgeryWarning
 from .grid import Cell
-from .io import progress_line, write_json
+from .io import progress_line, read_json, write_json
 from .population import population_size
 from .pretrain import greedy_pretrain
 from .pretrain.greedy import greedy_pretrain_population
@@ -55,7 +55,7 @@ class StackStore:
                                  valid=(data.valid.x, data.valid.y), start=start[0] if start else None)
             seconds = time.perf_counter() - t0 + (_seconds_before(start[0][0]) if start else 0.0)
             write_json(sdir / "pretrain.json", {"seconds": round(seconds, 3), "layers": len(st)})
-        meta = json.loads((sdir / "pretrain.json").read_text())
+        meta = read_json(sdir / "pretrain.json", f" Delete {sdir} and run again: the stack is pretrained anew.")
         return LayerStack.load(spath), meta["seconds"] * cell.depth / max(meta["layers"], 1)
 
     def pretrain_populations(self, cells: list[Cell], mode: str | int) -> None:
@@ -117,7 +117,7 @@ def continue_from(snapshots: Path, plan: dict[str, Any], layers: int, resume: bo
     section, seed and data) is the one they were made by; otherwise, or when not resuming,
     they are cleared, with a warning where resuming was asked."""
     made_by = snapshots / "plan.json"
-    same = made_by.is_file() and json.loads(made_by.read_text()) == plan
+    same = made_by.is_file() and _plan(made_by) == plan
     kept = sorted(snapshots.glob("depth*.safetensors")) + sorted(snapshots.glob("rng*.safetensors"))
     if resume and kept and not same:
         warnings.warn(f"--resume: the layers kept in {snapshots} were pretrained by another pretrain section, seed "
@@ -128,6 +128,14 @@ def continue_from(snapshots: Path, plan: dict[str, Any], layers: int, resume: bo
             f.unlink()
     write_json(made_by, plan)
     return start[0] if start else None
+
+
+def _plan(path: Path) -> dict[str, Any] | None:
+    """What made a single run's kept layers (``plan.json``); None when damaged: not continued from."""
+    try:
+        return read_json(path)
+    except ManifestError:
+        return None
 
 
 def save_snapshot(sdir: Path, i: int, stack: LayerStack, rng: Tensor) -> None:

@@ -7,7 +7,6 @@ best trial's directory becomes its first seed's cell. ``tuning.json`` records ev
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from .cells import CellRunner, summary
 from .errors import SurgeryError, TrainingDiverged
 from .experiment_config import TuneConfig
 from .grid import Cell, shard_of, with_values
-from .io import progress_bar, progress_line, write_json
+from .io import RERUN, progress_bar, progress_line, read_json, write_json
 from .search import DIVERGED_SCORE, make_sampler, shown, suggest
 
 WAIT_SECONDS = 30.0  # the longest pause between two looks for another shard's trials
@@ -130,7 +129,7 @@ def merge_tuning(dirs: list[Path]) -> dict[str, Any] | None:
     """The ``tuning.json`` of experiment directories run arm by arm, as one: every
     directory's trials, later directories winning for the same (arm, depth); ``None`` when
     none was tuned. Refused when their budgets differ (the comparison would not be fair)."""
-    found = [json.loads((d / "tuning.json").read_text()) for d in dirs if (d / "tuning.json").is_file()]
+    found = [read_json(d / "tuning.json", RERUN) for d in dirs if (d / "tuning.json").is_file()]
     if not found:
         return None
     budgets = {(t["metric"], t["trials_per_arm"]) for t in found}

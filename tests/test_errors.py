@@ -3,6 +3,7 @@ names the file, field or layer, no traceback, and nothing already written is los
 
 from __future__ import annotations
 
+import csv
 import gzip
 import os
 import pickle
@@ -601,3 +602,61 @@ def test_a_finetune_option_that_cannot_apply_fails_before_pretraining(tmp_path, 
     assert main(["validate", str(path)]) == 2 and where in capsys.readouterr().err
     assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2 and where in capsys.readouterr().err
     assert not pretrained and not (tmp_path / "out").exists()
+
+
+def _small_grid(tmp: Path) -> tuple[Path, Path]:
+    """A finished 2-arm, 1-depth, 2-seed experiment: its recipe and --out."""
+    r = _net_recipe()
+    del r["surgery"]
+    r["experiment"] = {"conditions": ["none", "rbm"], "depths": [1], "seeds": [0, 1], "hidden": 8,
+                       "pretrain_epochs": 1}
+    rp, out = _write(tmp / "r.yaml", r), tmp / "out"
+    assert main(["run", str(rp), "--out", str(out)]) == 0
+    return rp, out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "a list"])
+def test_damaged_files_in_an_experiment_directory(tmp_path, capsys, damage):
+    """Files of a finished grid damaged from outside (ours are written whole): a cell's
+    result.json makes that cell train again, with a warning, to the result it had; a damaged
+    metrics.jsonl leaves its curve out of the figure, with a warning; a damaged experiment.json
+    stops compare with one paragraph naming it; none is a traceback."""
+    rp, out = _small_grid(tmp_path)
+    before = {r["cell"]: r["test_error"] for r in csv.DictReader((out / "results.csv").open())}
+    cells = sorted((out / "cells").iterdir())
+    bad = '{"test_error": 1' if damage == "truncated" else "[1, 2]"
+    (cells[0] / "result.json").write_text(bad)
+    (cells[1] / "metrics.jsonl").write_text(bad + "\n")
+    capsys.readouterr()
+    assert main(["run", str(rp), "--out", str(out)]) == 0
+    said = capsys.readouterr().err.splitlines()  # the CLI prints each warning as one line
+    assert any(f"{cells[0] / 'result.json'}:" in s and s.endswith("It trains again.") for s in said), said
+    assert f"surgery run: warning: learning curves: {cells[1] / 'metrics.jsonl'}, line 1: " \
+        f"{'not readable JSON' if damage == 'truncated' else 'a JSON list'}" in "\n".join(said), said
+    after = {r["cell"]: r["test_error"] for r in csv.DictReader((out / "results.csv").open())}
+    assert after == before  # the cell trained again to the same result
+    (out / "experiment.json").write_text(bad)
+    assert main(["compare", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"surgery compare: error: {out / 'experiment.json'}: ") and "Traceback" not in err
+    assert "Run its recipe again with this --out to write it anew." in err and err.count("\n") == 1
+
+
+def test_read_json_names_the_file_and_line(tmp_path):
+    from surgery.errors import ManifestError
+    from surgery.io import read_json, read_jsonl
+
+    p = tmp_path / "x.json"
+    p.write_text('{"a": 1}')
+    assert read_json(p) == {"a": 1}
+    for text, says in [("{", "not readable JSON"), ("[1]", "holds a JSON list, not the object it should")]:
+        p.write_text(text)
+        with pytest.raises(ManifestError, match=f"^{p}: {says}.*damaged. Do this.$"):
+            read_json(p, " Do this.")
+    with pytest.raises(ManifestError, match="cannot be read"):
+        read_json(tmp_path / "missing.json")
+    p.write_text('{"epoch": 1}\n\n{"epoch": 2}\n')
+    assert read_jsonl(p) == [{"epoch": 1}, {"epoch": 2}]
+    p.write_text('{"epoch": 1}\n"two"\n')
+    with pytest.raises(ManifestError, match=f"^{p}, line 2: a JSON str, not an object"):
+        read_jsonl(p)
