@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -245,7 +245,41 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise ManifestError(f"{path}: the surgery manifest is not valid JSON ({e}); the file was hand-edited.") from e
     if not isinstance(manifest, dict):
         raise ManifestError(f"{path}: the surgery manifest is not a JSON object.")
+    try:
+        _Manifest.model_validate(manifest)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ManifestError(f"{path}: the surgery manifest is damaged ({where}: {err['msg']}); the file was "
+                            "edited by hand or by another tool. Re-create it with `surgery pretrain` or "
+                            "`surgery assemble`.") from e
     return manifest
+
+
+class _Entry(BaseModel):
+    """What every reader of a manifest's layer or node takes for granted (the rest is free)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: str
+    kind: str
+    tensors: dict[str, list[NonNegativeInt]] = {}
+
+
+class _StackLayer(_Entry):
+    activation: str
+    in_shape: list[NonNegativeInt]
+    out_shape: list[NonNegativeInt]
+
+
+class _Manifest(BaseModel):
+    """The frame of a manifest: its format and version, and the entries of a stack
+    (``layers``) or a model (``nodes``) as :func:`describe` and the loaders read them."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    format: str
+    version: int
+    layers: list[_StackLayer] = []
+    nodes: list[_Entry] = []
 
 
 def read_safetensors(path: Path, expect: str) -> tuple[dict[str, Any], dict[str, Tensor]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import json
 import os
 import pickle
 import struct
@@ -81,6 +82,32 @@ def truncated_stack(tmp: Path):
     p = random_stack(sizes=(64, 8)).save(tmp / "s.safetensors")
     p.write_bytes(p.read_bytes()[:200])
     return ["inspect", str(p)], "truncated or corrupt", [p]
+
+
+def _edited_manifest(tmp: Path, edit: Callable[[dict], None]) -> Path:
+    """A stack whose manifest was edited as ``edit`` does (the tensors untouched)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    p = random_stack(sizes=(64, 8, 4)).save(tmp / "s.safetensors")
+    with safe_open(str(p), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    manifest = json.loads(meta["surgery.manifest"])
+    edit(manifest)
+    save_file(tensors, str(p), metadata={"surgery.manifest": json.dumps(manifest)})
+    return p
+
+
+def manifest_layer_name_a_list(tmp: Path):
+    p = _edited_manifest(tmp, lambda m: m["layers"][1].update(name=[1, 2]))
+    return ["inspect", str(p)], "the surgery manifest is damaged (layers.1.name: Input should be a valid string)", [p]
+
+
+def manifest_without_out_shape(tmp: Path):
+    p = _edited_manifest(tmp, lambda m: m["layers"][0].pop("out_shape"))
+    r = {**_net_recipe(), "surgery": {"sources": {"a": str(p)}, "ops": TAKE_A}}
+    return ["run", str(_write(tmp / "r.yaml", r)), "--out", str(tmp / "out")], \
+        "surgery.sources.a: " + str(p) + ": the surgery manifest is damaged (layers.0.out_shape: Field required)", [p]
 
 
 def garbage_stack(tmp: Path):
@@ -382,6 +409,8 @@ CASES: dict[str, Case] = {
     "assemble: unwritable -o": unwritable_model_output,
     "inspect: truncated stack": truncated_stack,
     "inspect: random bytes": garbage_stack,
+    "inspect: a manifest edited by hand": manifest_layer_name_a_list,
+    "run: a source whose manifest lost a field": manifest_without_out_shape,
     "inspect: missing file": missing_stack,
     "inspect: a pickle that runs code": pickle_runs_code,
     "run: a pickle as a foreign source": pickle_as_foreign_source,
