@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError, model_validator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -265,10 +265,29 @@ class _Entry(BaseModel):
     tensors: dict[str, list[NonNegativeInt]] = {}
 
 
+class _Pretrained(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    final: dict[str, Any] = {}
+    history: list[dict[str, Any]] = []
+
+
 class _StackLayer(_Entry):
     activation: str
     in_shape: list[NonNegativeInt]
     out_shape: list[NonNegativeInt]
+    pretrain: _Pretrained | None = None
+
+
+class _Node(_Entry):
+    spec: dict[str, Any] | None = None
+    inputs: list[str] = []
+    provenance: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _layer_has_spec(self) -> _Node:
+        if self.kind == "layer" and self.spec is None:
+            raise ValueError("a layer node needs its spec")
+        return self
 
 
 class _Manifest(BaseModel):
@@ -278,8 +297,11 @@ class _Manifest(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     format: str
     version: int
+    input_shape: list[NonNegativeInt] | None = None
+    output_shape: list[NonNegativeInt] | None = None
     layers: list[_StackLayer] = []
-    nodes: list[_Entry] = []
+    nodes: list[_Node] = []
+    result: dict[str, Any] | None = None
 
 
 def read_safetensors(path: Path, expect: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
