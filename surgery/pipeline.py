@@ -68,14 +68,16 @@ def _nothing_to_assemble(recipe: Recipe) -> None:
 
 
 def pretrain(recipe: Recipe, data: Dataset | None = None, progress: bool | None = None,
-             snapshots: Path | None = None, resume: bool = False) -> LayerStack:
+             snapshots: Path | None = None, resume: bool = False, planned: bool = False) -> LayerStack:
     """Greedy layer-wise pretraining of ``recipe.pretrain`` on the recipe's data; the stack
     records the recipe and the dataset. ``snapshots``: a directory to keep each layer's
-    snapshot in, which ``resume`` continues after (as an experiment's stacks do)."""
+    snapshot in, which ``resume`` continues after (as an experiment's stacks do). ``planned``:
+    the caller has already checked the stack (:func:`plan_network`), so it is not checked again."""
     if recipe.pretrain is None:
         raise SurgeryError(f"{recipe.source}: the recipe has no pretrain: section.{_grid_hint(recipe)}")
     data = data or load_dataset(recipe.data, recipe.base_dir)
-    _planned_stack(recipe, data)  # every layer's shape, size and input checked before the first one trains
+    if not planned:
+        _planned_stack(recipe, data)  # every layer's shape, size and input checked before the first one trains
     start = None
     if snapshots is not None:
         plan = {"pretrain": recipe.pretrain.model_dump(mode="json"), "seed": recipe.seed, "data": data.fingerprint()}
@@ -246,7 +248,8 @@ def run(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool | 
         if resume and stack_path.is_file():
             stack = LayerStack.load(stack_path)
         else:
-            stack = pretrain(recipe, data, progress, out / "pretrain" if is_main_process() else None, resume)
+            stack = pretrain(recipe, data, progress, out / "pretrain" if is_main_process() else None, resume,
+                             planned=True)
             if is_main_process():
                 stack.save(stack_path)
                 shutil.rmtree(out / "pretrain", ignore_errors=True)  # its layers are in the stack now

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import re
 import sys
@@ -44,8 +45,9 @@ def keep_freed_memory(trim_bytes: int = 1 << 30, mmap_bytes: int = 32 << 20) -> 
     return _done
 
 
+@functools.cache
 def machine_memory() -> int | None:
-    """Bytes of physical memory on this machine (None where the OS does not say)."""
+    """Bytes of physical memory on this machine (None where the OS does not say); asked once."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # Windows has no sysconf
