@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 
 import surgery as S
-from surgery.stack import describe
+from surgery.weights_io import describe
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--dataset", default="mnist")

@@ -26,9 +26,10 @@ from .report import failed_line, significance_line, summary_grid, write_report
 from .rundir import describe_run
 from .runtime import exit_status, is_main_process, out_of_memory
 from .search import run_search
-from .stack import MODEL_FORMAT, LayerStack, describe, read_manifest
+from .stack import LayerStack
 from .tuning import merge_tuning
 from .version import __version__
+from .weights_io import MODEL_FORMAT, describe, read_manifest
 
 EPILOG = """recipes are YAML or JSON files with the sections data, pretrain, surgery,
 finetune, experiment and search; `surgery schema` prints their JSON Schema.

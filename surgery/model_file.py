@@ -20,8 +20,8 @@ from .errors import ManifestError, SurgeryError
 from .graph import ModelGraph, Node
 from .io import atomic_path
 from .layers import LayerSpec
-from .stack import FORMAT_VERSION, MANIFEST_KEY, MODEL_FORMAT, read_safetensors
 from .version import package_version
+from .weights_io import FORMAT_VERSION, MANIFEST_KEY, MODEL_FORMAT, read_safetensors
 
 
 def model_manifest(graph: ModelGraph, extra: dict[str, Any] | None = None) -> dict[str, Any]:

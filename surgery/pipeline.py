@@ -32,8 +32,9 @@ from .pretrain.base import check_input
 from .pretrain.greedy import plan_stack
 from .recipe import Recipe
 from .runtime import is_main_process
-from .stack import LayerStack, load_foreign
+from .stack import LayerStack
 from .stacks_dir import continue_from, save_snapshot
+from .weights_io import load_foreign
 
 
 def is_experiment_dir(path: Path) -> bool:

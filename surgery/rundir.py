@@ -27,7 +27,7 @@ from .checkpoint import MEMBER_CHECKPOINT, read_checkpoint_meta
 from .errors import SurgeryError
 from .io import duration
 from .pipeline import is_experiment_dir, is_single_run_dir
-from .stack import weights_held
+from .weights_io import weights_held
 
 
 def _read(path: Path) -> Any:

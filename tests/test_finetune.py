@@ -16,7 +16,7 @@ from surgery.graph import ModelGraph
 from surgery.layers import init_weight
 from surgery.ops import FreezeOp, HeadOp, InsertOp
 from surgery.schedules import LRSchedule, MomentumSchedule
-from surgery.stack import read_manifest
+from surgery.weights_io import read_manifest
 from tests.helpers import random_stack
 
 ROOT = Path(__file__).resolve().parents[1]

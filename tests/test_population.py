@@ -181,7 +181,7 @@ def test_a_grid_trained_in_populations_equals_the_grid_trained_cell_by_cell(tmp_
     from safetensors.torch import load_file
 
     from surgery.cli import main
-    from surgery.stack import read_manifest
+    from surgery.weights_io import read_manifest
 
     recipe = {"data": {"dataset": "synthetic", "n_train": 400, "n_valid": 200, "n_test": 200},
               "experiment": {"conditions": ["none", "dae"], "depths": [1, 2], "seeds": [0, 1, 2], "hidden": 16,

@@ -8,7 +8,8 @@ from safetensors.torch import save_file
 
 from surgery.cli import main
 from surgery.errors import ManifestError
-from surgery.stack import LayerStack, read_manifest
+from surgery.stack import LayerStack
+from surgery.weights_io import read_manifest
 from tests.helpers import random_stack
 
 
