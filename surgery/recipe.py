@@ -203,34 +203,40 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str])
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     for key, value in overrides.items():
-        parts = key.split(".")
-        cur: Any = data
-        i = 0
-        while i < len(parts):
-            if isinstance(cur, dict):
-                parts[i:] = _dotted_key(cur, parts[i:])
-            part, last = parts[i], i == len(parts) - 1
-            if isinstance(cur, list):
-                try:
-                    idx = int(part)
-                    cur[idx]
-                except (ValueError, IndexError):
-                    raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {len(cur)}.") from None
-                if last:
-                    cur[idx] = value
-                else:
-                    cur = cur[idx]
-            elif isinstance(cur, dict):
-                if last:
-                    cur[part] = copy.deepcopy(_selected(cur.get(part), value))
-                else:
-                    if cur.get(part) is None:
-                        cur[part] = {}
-                    cur = cur[part]
-            else:
-                raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is a value, not a section.")
-            i += 1
+        _set_path(data, key, value)
     return data
+
+
+def _set_path(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set one dotted ``key`` of :func:`apply_overrides` to ``value``; a missing section on
+    the way is made, a list is entered by index."""
+    parts = key.split(".")
+    cur: Any = data
+    i = 0
+    while True:
+        if isinstance(cur, dict):
+            parts[i:] = _dotted_key(cur, parts[i:])
+        part, last = parts[i], i == len(parts) - 1
+        if isinstance(cur, list):
+            try:
+                idx = int(part)
+                cur[idx]
+            except (ValueError, IndexError):
+                raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {len(cur)}.") from None
+            if last:
+                cur[idx] = value
+                return
+            cur = cur[idx]
+        elif isinstance(cur, dict):
+            if last:
+                cur[part] = copy.deepcopy(_selected(cur.get(part), value))
+                return
+            if cur.get(part) is None:
+                cur[part] = {}
+            cur = cur[part]
+        else:
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is a value, not a section.")
+        i += 1
 
 
 def _dotted_key(mapping: dict[str, Any], parts: list[str]) -> list[str]:
