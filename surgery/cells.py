@@ -182,6 +182,12 @@ class CellRunner:
                               SurgeryWarning, stacklevel=2)
         return (cdir / DIVERGED_FILE).is_file(), None
 
+    def written(self, cell: Cell, cells_dir: str) -> bool:
+        """Whether the cell's directory holds its end (a result, readable or not, or its
+        divergence): what a shard waits for from the others, without reading it."""
+        cdir = self.out / cells_dir / cell.key
+        return (cdir / "result.json").is_file() or (cdir / DIVERGED_FILE).is_file()
+
     def run_batch(self, cells: list[Cell], mode: str | int, cells_dir: str) -> Iterator[dict[str, Any] | None]:
         """Yield each cell's result in order, ``None`` for one whose training diverged: the
         unfinished cells' stacks pretrain and their fine-tuning runs in populations as

@@ -79,7 +79,7 @@ def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any, progres
         batch = [with_values(cell, v) for v in values]
         mine = {c.key for c in (batch if shard is None else shard_of(batch, *shard))}
         trained = runner.run_batch([c for c in batch if c.key in mine], mode, "tuning")
-        later = []  # other shards' trials, read once this shard's have trained
+        later, again = [], {}  # other shards' trials, read once this shard's have trained
         for trial, vals, c in zip(asked, values, batch):  # each told and logged as it finishes
             if c.key not in mine:
                 later.append((trial, vals, c))
@@ -87,8 +87,14 @@ def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any, progres
             tell(trial, vals, next(trained))
         if later:
             _wait_for([c for _, _, c in later], runner, f"tuning: {where}", progress)
+            # a result damaged after its shard wrote it (by something else) is trained here again
+            damaged = [c for _, _, c in later if not runner.finished(c, "tuning")[0]]
+            again = dict(zip([c.key for c in damaged], runner.run_batch(damaged, mode, "tuning")))
         for trial, vals, c in later:
-            tell(trial, vals, runner.finished(c, "tuning")[1], " (another shard's)")
+            if c.key in again:
+                tell(trial, vals, again[c.key])
+            else:
+                tell(trial, vals, runner.finished(c, "tuning")[1], " (another shard's)")
     record.sort(key=lambda t: t["trial"])
     scored = [t for t in record if not t.get("diverged")]
     if not scored:
@@ -103,7 +109,7 @@ def _wait_for(trials: list[Cell], runner: CellRunner, what: str, progress: bool 
     """Return once every one of ``trials`` (other shards' tuning trials) has ended, looking
     after 1, 2, 4 ... seconds, at most ``WAIT_SECONDS`` apart; says once what it waits for."""
     pause = 1.0
-    while left := [c for c in trials if not runner.finished(c, "tuning")[0]]:
+    while left := [c for c in trials if not runner.written(c, "tuning")]:
         if pause == 1.0:
             progress_line(progress, f"{what}: waiting for {len(left)} trial(s) of the other shards (start them with "
                                     f"the same recipe, --set options and --out; Ctrl-C stops, a rerun continues)")

@@ -530,6 +530,31 @@ def test_shards_share_one_tuned_grid_and_equal_one_process(tmp_path, capsys):
     assert [(a["cell"], a["test_error"]) for a in rows[0]] == [(b["cell"], b["test_error"]) for b in rows[1]]
 
 
+def test_a_shard_trains_again_another_shards_trial_whose_result_was_damaged(tmp_path, capsys):
+    """A shard waits for the other shards' trials until their result files appear; one
+    damaged afterwards (by something else: ours are written whole) is trained again here,
+    not waited for forever nor told as diverged, and the grid's choices are those of a run
+    that nothing damaged."""
+    r = _tuning_recipe(batch=4)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    recipe, out = str(tmp_path / "r.yaml"), tmp_path / "o"
+    assert main(["run", recipe, "--out", str(out)]) == 0
+    want = json.loads((out / "tuning.json").read_text())
+    (out / "tuning.json").unlink()
+    damaged = sorted((out / "tuning").glob("*/result.json"))
+    assert len(damaged) == 8
+    for p in damaged:  # each shard's share among them
+        p.write_text(p.read_text()[:40])
+    shard = subprocess.run([sys.executable, "-m", "surgery", "run", recipe, "--out", str(out), "--shard", "1/2"],
+                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                           timeout=300)
+    assert shard.returncode == 0, shard.stderr[-2000:]
+    assert shard.stderr.count("It trains again.") >= 8 and "(another shard's)" not in shard.stderr, shard.stderr
+    assert all(json.loads(p.read_text())["valid_error"] >= 0 for p in damaged)  # whole again
+    assert main(["run", recipe, "--out", str(out)]) == 0
+    assert json.loads((out / "tuning.json").read_text()) == want
+
+
 def test_a_shard_keeps_the_cells_of_one_stack_together(tmp_path, capsys):
     from surgery.grid import shard_of
 
