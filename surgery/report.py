@@ -12,10 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from .figures import write_figures
 from .io import RERUN, make_dir, read_json, write_text
+
+
+def _stats() -> Any:
+    """``scipy.stats``, imported when a statistic is first wanted: the import takes 1-2 s of
+    every command's start, and most (validate, inspect, a single run, --help) never need it."""
+    from scipy import stats
+
+    return stats
 
 
 def summarize(values: list[float]) -> dict[str, float]:
@@ -24,7 +31,7 @@ def summarize(values: list[float]) -> dict[str, float]:
     n = len(a)
     mean = float(a.mean()) if n else math.nan
     std = float(a.std(ddof=1)) if n > 1 else math.nan
-    half = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else math.nan
+    half = float(_stats().t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else math.nan
     return {"n": n, "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "ci_half": half}
 
 
@@ -36,7 +43,7 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float]:
         return (math.inf if np.mean(a) != np.mean(b) else math.nan), (0.0 if np.mean(a) != np.mean(b) else math.nan)
     with warnings.catch_warnings():  # near-identical samples: scipy warns, the numbers stand
         warnings.simplefilter("ignore", RuntimeWarning)
-        t, p = stats.ttest_ind(a, b, equal_var=False)
+        t, p = _stats().ttest_ind(a, b, equal_var=False)
     return float(t), float(p)
 
 
