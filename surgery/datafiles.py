@@ -1,6 +1,7 @@
 """Reading the files datasets come in, without trusting them: the MNIST pickle (through an
-unpickler that admits numpy arrays only) and IDX files (header checked against the size).
-Both raise ``DataError`` naming the file and what to do."""
+unpickler that admits numpy arrays only), IDX files (header checked against the size) and
+named arrays in a ``.npz`` (``allow_pickle=False``) or ``.safetensors`` file. Each raises
+``DataError`` naming the file and what to do."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import io
 import math
 import pickle
 import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file as load_numpy
 
 from .errors import DataError
 
@@ -76,6 +80,37 @@ def read_mnist_pickle(path: Path) -> tuple:
     if not ok:
         raise DataError(f"{path}: expected three (images, labels) array pairs; found something else.")
     return obj
+
+
+# ---------------------------------------------------------------------------- arrays
+
+ARRAY_SUFFIXES = (".npz", ".safetensors")
+
+
+def read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The named arrays of a ``.npz`` file (read with ``allow_pickle=False``: an object array
+    is refused, never unpickled) or a ``.safetensors`` file."""
+    if path.suffix not in ARRAY_SUFFIXES:
+        raise DataError(f"data.path: {path} is neither a .npz nor a .safetensors file; dataset 'arrays' reads "
+                        "x_train, y_train, x_test, y_test (and x_valid, y_valid) from one of those "
+                        "(np.savez(path, x_train=..., ...) writes one).")
+    if not path.is_file():
+        raise DataError(f"data.path: {path} does not exist.")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as f:
+                return {k: f[k] for k in f.files}
+        try:
+            return load_numpy(str(path))
+        except SafetensorError as e:
+            raise ValueError(str(e)) from e
+    except ValueError as e:
+        why = ("it holds an object array, which would need unpickling; save plain numeric arrays"
+               if "allow_pickle" in str(e) else f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        raise DataError(f"data.path: {path} is not a readable {path.suffix} file of arrays ({why}).") from e
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"data.path: {path} is not a readable {path.suffix} file of arrays ({e}); it is truncated "
+                        "or corrupt.") from e
 
 
 # ------------------------------------------------------------------------------- IDX

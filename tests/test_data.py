@@ -195,3 +195,112 @@ def test_non_finite_counts_nan_and_inf_and_is_not_fooled_by_an_overflowing_sum()
     assert non_finite(x) == 2
     big = torch.full((10,), 3e38)  # finite values whose float32 sum overflows to inf
     assert non_finite(big) == 0
+
+
+def _arrays(n_train=240, n_test=60, n_valid=0, seed=0, image=False):
+    """Named arrays of a small 3-class problem: rows [N, 20] (float32), or uint8 images [N, 6, 6]."""
+    rng = np.random.default_rng(seed)
+    protos = rng.random((3, 36 if image else 20))
+    out = {}
+    for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
+        if n:
+            y = rng.integers(0, 3, n)
+            x = rng.random((n, protos.shape[1])) < protos[y]
+            out[f"x_{split}"] = (x * 255).astype(np.uint8).reshape(n, 6, 6) if image else x.astype(np.float32)
+            out[f"y_{split}"] = y
+    return out
+
+
+def test_arrays_from_npz_and_safetensors(tmp_path):
+    """dataset: arrays reads x_/y_ train, test (and valid) from a .npz or .safetensors file:
+    the values as given (uint8 scaled to [0, 1], an [N, H, W] image given its channel), the
+    validation split the file's own or the last valid_size training examples."""
+    from safetensors.numpy import save_file
+
+    a = _arrays()
+    np.savez(tmp_path / "rows.npz", **a)
+    ds = load_dataset(DataConfig(dataset="arrays", path=tmp_path / "rows.npz", valid_size=40))
+    assert ds.name == "rows" and ds.train.x.shape == (200, 20) and len(ds.valid) == 40 and len(ds.test) == 60
+    assert torch.equal(ds.train.x, torch.from_numpy(a["x_train"][:200]))
+    assert torch.equal(ds.valid.y, torch.from_numpy(a["y_train"][200:])) and ds.train.y.dtype == torch.int64
+    b = _arrays(n_valid=30, image=True)
+    save_file(b, str(tmp_path / "img.safetensors"))
+    img = load_dataset(DataConfig(dataset="arrays", path=tmp_path / "img.safetensors", flatten=False))
+    assert img.train.x.shape == (240, 1, 6, 6) and len(img.valid) == 30 and img.num_classes == 3
+    assert torch.equal(img.valid.x.flatten(1), torch.from_numpy(b["x_valid"].reshape(30, 36) / 255.0).float())
+    with pytest.raises(SurgeryError, match=r"data.valid_size: 10, .* its own validation split \(x_valid, 30"):
+        load_dataset(DataConfig(dataset="arrays", path=tmp_path / "img.safetensors", valid_size=10))
+    with pytest.raises(SurgeryError, match=r"10000 \(the default\) leaves no training .* 240 .*\(e\.g\. 40\)"):
+        load_dataset(DataConfig(dataset="arrays", path=tmp_path / "rows.npz"))
+
+
+def test_a_recipe_trains_on_an_arrays_file(tmp_path, capsys):
+    from surgery.cli import main
+
+    np.savez(tmp_path / "d.npz", **_arrays(n_valid=60))
+    (tmp_path / "r.yaml").write_text(
+        "data: {dataset: arrays, path: d.npz}\n"  # relative to the recipe
+        "experiment: {conditions: [none, rbm], depths: [1], seeds: [0], hidden: 16, pretrain_epochs: 2}\n"
+        "finetune: {epochs: 3, batch_size: 20, optimizer: {lr: 0.2, momentum: 0.9}}\n")
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")]) == 0, capsys.readouterr().err
+    rows = (tmp_path / "o" / "results.csv").read_text().splitlines()
+    assert len(rows) == 3
+
+
+def _bad_arrays(tmp_path, case):
+    a = _arrays()
+    if case == "object array":
+        a["x_train"] = np.array([{"a": 1}] * 240, dtype=object)
+    elif case == "one-hot labels":
+        a["y_train"] = np.eye(3)[a["y_train"]]
+    elif case == "fractional labels":
+        a["y_train"] = a["y_train"] + 0.5
+    elif case == "a NaN label":
+        a["y_test"] = np.where(np.arange(60) == 7, np.nan, a["y_test"])
+    elif case == "no test split":
+        del a["x_test"], a["y_test"]
+    elif case == "x_valid alone":
+        a["x_valid"] = a["x_test"]
+    elif case == "labels short":
+        a["y_test"] = a["y_test"][:-1]
+    elif case == "another example shape":
+        a["x_test"] = a["x_test"][:, :10]
+    elif case == "strings":
+        a["x_train"] = a["x_train"].astype(str)
+    elif case == "1-d examples":
+        a["x_train"] = a["x_train"][:, 0]
+    path = tmp_path / "d.npz"
+    np.savez(path, **a)
+    if case == "truncated":
+        path.write_bytes(path.read_bytes()[:300])
+    if case == "a csv file":
+        path = tmp_path / "d.csv"
+        path.write_text("1,2\n")
+    return path
+
+
+@pytest.mark.parametrize("case, says", [
+    ("object array", "holds an object array, which would need unpickling"),
+    ("one-hot labels", r"y_train has shape \(240, 3\).* give y_train.argmax\(1\)"),
+    ("fractional labels", r"y_train holds \d.5, not a class number"),
+    ("a NaN label", "y_test holds nan, not a class number"),
+    ("no test split", r"has no x_test, y_test; it holds \['x_train', 'y_train'\]"),
+    ("x_valid alone", "holds x_valid but no y_valid"),
+    ("labels short", "x_test holds 60 examples but y_test 59 labels"),
+    ("another example shape", r"x_test examples have shape \(10,\) but x_train's \(20,\)"),
+    ("strings", "x_train holds <U.* values; give numbers"),
+    ("1-d examples", r"x_train has shape \(240,\); give rows"),
+    ("truncated", "is not a readable .npz file of arrays .* truncated or corrupt"),
+    ("a csv file", "neither a .npz nor a .safetensors file"),
+])
+def test_a_bad_arrays_file_is_one_paragraph_naming_it(tmp_path, capsys, case, says):
+    from surgery.cli import main
+
+    path = _bad_arrays(tmp_path, case)
+    with pytest.raises(SurgeryError, match=says):
+        load_dataset(DataConfig(dataset="arrays", path=path, valid_size=40))
+    (tmp_path / "r.yaml").write_text(f"data: {{dataset: arrays, path: {path.name}, valid_size: 40}}\n"
+                                     "pretrain: {layers: [{method: rbm, hidden: 8, epochs: 1}]}\n")
+    assert main(["pretrain", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "s.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
