@@ -72,7 +72,7 @@ CATALOGUE = {
     "wrong type for seed": (_set("seed", "zero"), 'seed: Input should be a valid integer'),
     "negative seed": (_set("seed", -1), "seed: Input should be greater than or equal to 0 (got -1)"),
     "unknown dataset": (_set("data.dataset", "cifar"),
-                        "data.dataset: Input should be 'mnist', 'idx' or 'synthetic' (got \"cifar\")"),
+                        "data.dataset: Input should be 'mnist', 'idx', 'arrays' or 'synthetic' (got \"cifar\")"),
     "idx without path": (_set("data.dataset", "idx"), "data.path: dataset 'idx' needs data.path"),
     "limit zero": (_set("data.limit", 0), "data.limit: Input should be greater than 0 (got 0)"),
     "unknown op": (_ops(TAKE, {"op": "graft", "source": "a"}),
