@@ -13,6 +13,9 @@ from .devices import DeviceName
 from .layers import InitName
 from .schedules import OptimizerConfig, ScheduleConfig
 
+# the finetune fields keyed by layer name patterns (fnmatch globs: "h*", "h[23]")
+LAYER_PATTERN_FIELDS = ("layer_lr", "unfreeze_at", "freeze_at", "dropout")
+
 
 def _finite_multipliers(v: dict[str, float]) -> dict[str, float]:
     for k, m in v.items():

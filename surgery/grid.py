@@ -9,6 +9,7 @@ d-th layer, which for layer-wise methods is exactly what a depth-d run trains.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import math
@@ -19,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from .errors import ConfigError, SurgeryError
 from .experiment_config import DEFAULT_LAYER, ArmConfig, ExperimentConfig
-from .finetune_config import FinetuneConfig
+from .finetune_config import LAYER_PATTERN_FIELDS, FinetuneConfig
 from .recipe import Recipe, apply_overrides, recipe_from_dict
 from .search_config import ParamRange
 
@@ -97,6 +98,7 @@ def plan_cells(recipe: Recipe, input_shape: tuple[int, ...], classes: int) -> li
         base.pop(k, None)
     head = {"op": "head", "classes": classes}
     cells = []
+    matched: dict[tuple[str, str], bool] = {}  # (finetune field, layer pattern) -> matched in some cell
     for name, arm in exp.arms().items():
         depths = [arm.fixed_depth] if arm.fixed_depth else exp.depths
         hidden = arm.hidden or (exp.shallow_hidden if arm.fixed_depth and exp.shallow_hidden else exp.hidden)
@@ -111,7 +113,9 @@ def plan_cells(recipe: Recipe, input_shape: tuple[int, ...], classes: int) -> li
                 r = json.loads(json.dumps(base))
                 r["seed"] = seed
                 r["name"] = f"{name}-d{depth}-s{seed}"
-                r["finetune"] = _spelled_out({**r.get("finetune", {}), **arm.finetune})
+                r["finetune"] = _patterns_for(_spelled_out({**r.get("finetune", {}), **arm.finetune}),
+                                              [f"h{i + 1}" for i in range(depth)] + [head.get("name", "out")],
+                                              matched)
                 r["data"] = {**r["data"], **arm.data}
                 if pre is not None:
                     r["pretrain"] = pre
@@ -120,7 +124,31 @@ def plan_cells(recipe: Recipe, input_shape: tuple[int, ...], classes: int) -> li
                     r["surgery"] = {"ops": [*_fresh_ops(arm, widths[:depth], act, input_shape), head]}
                 pkey = _hash({"data": r["data"], "pretrain": pre, "seed": seed}) if pre else None
                 cells.append(Cell(condition=name, depth=depth, seed=seed, recipe=r, pretrain_key=pkey))
+    missed = [f"finetune.{field}: {pattern!r}" for (field, pattern), hit in matched.items() if not hit]
+    if missed:
+        deepest = max(c.depth for c in cells)
+        raise ConfigError(f"{missed[0]} matches no layer of any cell of the grid (the deepest cell's layers are "
+                          f"h1 ... h{deepest} and out); name a layer one of its depths has, or remove it.")
     return cells
+
+
+def _patterns_for(finetune: dict[str, Any], names: list[str], matched: dict[tuple[str, str], bool]) -> dict[str, Any]:
+    """``finetune`` with each layer pattern (``layer_lr``, ``dropout``, ...) kept only where
+    it matches one of the cell's layers ``names``: the depths of a grid have different layers,
+    and ``dropout: {h3: 0.5}`` concerns the cells with a third. ``matched`` records, per
+    pattern, whether some cell has a layer it matches (one that none has is an error)."""
+    out = dict(finetune)
+    for field in LAYER_PATTERN_FIELDS:
+        if not isinstance(out.get(field), dict):
+            continue  # an invalid section: the cell's recipe names the problem when it is read
+        kept = {}
+        for pattern, value in out[field].items():
+            hit = any(fnmatch.fnmatchcase(n, pattern) for n in names)
+            matched[(field, pattern)] = matched.get((field, pattern), False) or hit
+            if hit:
+                kept[pattern] = value
+        out[field] = kept
+    return out
 
 
 def _spelled_out(finetune: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import torch
 
 from .data import Dataset, non_finite
 from .errors import ConfigError, DataError, ShapeError, SurgeryWarning
-from .finetune_config import FinetuneConfig
+from .finetune_config import LAYER_PATTERN_FIELDS, FinetuneConfig
 from .graph import ModelGraph, input_fits
 
 
@@ -68,7 +68,7 @@ def check_fits(graph: ModelGraph, data: Dataset) -> None:
 def check_patterns(names: list[str], cfg: FinetuneConfig) -> None:
     """``ConfigError`` when a ``layer_lr``/``unfreeze_at``/``freeze_at``/``dropout`` pattern
     matches none of the layers ``names``."""
-    for field in ("layer_lr", "unfreeze_at", "freeze_at", "dropout"):
+    for field in LAYER_PATTERN_FIELDS:
         for pat in getattr(cfg, field):
             if not any(fnmatch.fnmatchcase(n, pat) for n in names):
                 raise ConfigError(f"finetune.{field}: {pat!r} matches no layer; layers are {names}.")

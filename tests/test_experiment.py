@@ -124,6 +124,42 @@ def test_cells_share_data_order_and_budget():
     assert same["same"].recipe["finetune"] == same["none"].recipe["finetune"]
 
 
+def test_a_layer_pattern_of_a_grid_applies_to_the_depths_that_have_the_layer(tmp_path, capsys):
+    """finetune.dropout: {h2: ...} and layer_lr: {h2: 0} in a grid of depths 1 and 2 concern
+    the depth-2 cells (their h2 never moves from its start); each depth-1 cell is the cell of
+    the grid without them (same recipe, key and result). A pattern no cell's layers match is
+    one paragraph naming it, before anything trains."""
+    from surgery.model_file import load_model
+    from surgery.stack import LayerStack
+
+    r = {**TINY, "experiment": {**TINY["experiment"], "conditions": ["none", "rbm"], "seeds": [0]}}
+    with_h2 = json.loads(json.dumps(r))
+    with_h2["finetune"].update(dropout={"h2": 0.2}, layer_lr={"h2": 0.0, "out": 2.0})
+    plain = {(c.condition, c.depth): c for c in plan_cells(recipe_from_dict(r), (64,), 4)}
+    cells = {(c.condition, c.depth): c for c in plan_cells(recipe_from_dict(with_h2), (64,), 4)}
+    for arm in ("none", "rbm"):
+        assert cells[arm, 1].key != plain[arm, 1].key  # out: 2.0 is every cell's
+        assert cells[arm, 1].recipe["finetune"]["dropout"] == {}
+        assert cells[arm, 1].recipe["finetune"]["layer_lr"] == {"out": 2.0}
+        assert cells[arm, 2].recipe["finetune"]["dropout"] == {"h2": 0.2}
+    with_h2["finetune"]["layer_lr"] = {"h2": 0.0}
+    cells = {(c.condition, c.depth): c for c in plan_cells(recipe_from_dict(with_h2), (64,), 4)}
+    assert all(cells[arm, 1].key == plain[arm, 1].key for arm in ("none", "rbm"))
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(with_h2))
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")]) == 0, capsys.readouterr().err
+    rbm2 = cells["rbm", 2]
+    stack = LayerStack.load(tmp_path / "o" / "stacks" / rbm2.pretrain_key / "depth2.safetensors")
+    tuned = load_model(tmp_path / "o" / "cells" / rbm2.key / "model.safetensors")
+    assert torch.equal(tuned.node("h2").tensors["weight"], stack["h2"].tensors["weight"])  # lr x 0
+    assert not torch.equal(tuned.node("h1").tensors["weight"], stack["h1"].tensors["weight"])
+    with_h2["finetune"]["layer_lr"] = {"h7": 0.5}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(with_h2))
+    assert main(["run", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "finetune.layer_lr: 'h7' matches no layer of any cell of the grid" in err and "h1 ... h2" in err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_per_layer_widths():
     """``hidden: [a, b, c]`` gives layer i width i in pretrained and fresh arms alike (Hinton 2006's
     500-500-2000); a list shorter than the largest depth is refused, naming the arm."""
