@@ -1,11 +1,14 @@
 import gzip
 import io
+import math
 import pickle
 import struct
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from surgery.data import DataConfig, epoch_batches, load_dataset
 from surgery.datafiles import RestrictedUnpickler, read_mnist_pickle
@@ -304,3 +307,74 @@ def test_a_bad_arrays_file_is_one_paragraph_naming_it(tmp_path, capsys, case, sa
     assert main(["pretrain", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "s.safetensors")]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+
+
+def _mutate(made: dict, how: str, split: str) -> None:
+    """One thing wrong with a well-formed set of arrays (``how``) in ``split``."""
+    x, y = f"x_{split}", f"y_{split}"
+    if how == "complex examples":
+        made[x] = made[x].astype(np.complex64)
+    elif how == "text labels":
+        made[y] = made[y].astype(str)
+    elif how in ("label -1", "label 0.5", "label nan", "label inf"):
+        made[y] = made[y].astype(np.float32)
+        made[y][-1] = {"label -1": -1, "label 0.5": 0.5, "label nan": np.nan, "label inf": np.inf}[how]
+    elif how == "a label short":
+        made[y] = made[y][:-1]
+    elif how == "one-hot labels":
+        made[y] = np.eye(3)[made[y]]
+    elif how == "no examples":
+        made[x], made[y] = made[x][:0], made[y][:0]
+    elif how == "one example":
+        made[x], made[y] = made[x][:1], made[y][:1]
+    elif how == "other example shape":
+        made[x] = np.ones((len(made[x]), 5), np.float32)
+    elif how == "flat examples":
+        made[x] = made[x].reshape(-1)
+    elif how == "5-d examples":
+        made[x] = made[x].reshape(len(made[x]), 1, 1, 1, -1)
+    elif how == "missing":
+        del made[x]
+    elif how == "uint8 examples":
+        made[x] = (made[x] * 255).astype(np.uint8)
+    elif how == "an array more":
+        made["notes"] = np.zeros(2)
+
+
+_HOW = st.sampled_from(["complex examples", "text labels", "label -1", "label 0.5", "label nan", "label inf",
+                        "a label short", "one-hot labels", "no examples", "one example", "other example shape",
+                        "flat examples", "5-d examples", "missing", "uint8 examples", "an array more"])
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=st.sampled_from([(3,), (2, 2), (1, 2, 2)]), valid=st.booleans(),
+       mutations=st.lists(st.tuples(_HOW, st.sampled_from(["train", "valid", "test"])), max_size=2),
+       xtype=st.sampled_from([np.float32, np.float64, np.int16, np.bool_]),
+       ytype=st.sampled_from([np.int64, np.uint8, np.float32, np.int8]), valid_size=st.sampled_from([None, 0, 2, 8]))
+def test_any_arrays_file_loads_or_is_one_data_error(tmp_path, shape, valid, mutations, xtype, ytype, valid_size):
+    """Whatever a .npz of named arrays holds (well formed, or up to two things wrong: types,
+    shapes, counts, labels negative, fractional, NaN or one-hot, an array missing or more),
+    loading it gives a dataset fine-tuning accepts or raises a SurgeryError naming the
+    problem; nothing else."""
+    from surgery.preflight import check_data
+
+    made = {}
+    for split in ("train", "valid", "test") if valid else ("train", "test"):
+        made[f"x_{split}"] = (np.arange(10 * math.prod(shape)).reshape(10, *shape) % 2).astype(xtype)
+        made[f"y_{split}"] = (np.arange(10) % 3).astype(ytype)
+    for how, split in mutations:
+        if f"x_{split}" in made and f"y_{split}" in made:
+            _mutate(made, how, split)
+    path = tmp_path / "f.npz"
+    np.savez(path, **made)
+    try:
+        ds = load_dataset(DataConfig(dataset="arrays", path=path, **({} if valid_size is None else
+                                                                     {"valid_size": valid_size})))
+        check_data(ds)
+    except SurgeryError:
+        return
+    assert ds.train.x.dtype == torch.float32 and ds.train.y.dtype == torch.int64 and len(ds.train) > 0
+    assert len(ds.train) == len(ds.train.y) and ds.train.x.shape[1:] == ds.test.x.shape[1:]
+    assert ds.train.x.dim() in (2, 4) and int(ds.train.y.min()) >= 0
