@@ -14,13 +14,15 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .data import load_dataset
+from .data import load_arrays, load_dataset
+from .datafiles import is_arrays_file, read_arrays
 from .errors import SurgeryError, SurgeryWarning
 from .experiment import merge_results, run_experiment, write_results_csv
 from .grid import parse_shard
 from .io import RERUN, make_dir, read_json, write_json
 from .model_file import describe_model, load_model, save_model
 from .pipeline import assemble, finetune_model, pretrain, run, validate
+from .preflight import check_data
 from .recipe import Recipe, format_validation_error, json_schema, load_recipe
 from .report import failed_line, significance_line, summary_grid, write_report
 from .rundir import describe_run
@@ -63,10 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue after the last layer kept in STACK.layers/ "
                    "(made by the same pretrain section, seed and data)")
 
-    p = sub.add_parser("inspect", help="show a stack or model file (layers, shapes, how each was trained), or how "
-                                       "far a run or experiment directory has got")
-    p.add_argument("file", type=Path, help="a .safetensors stack or model, or the --out directory of `surgery run` or "
-                   "`surgery finetune`")
+    p = sub.add_parser("inspect", help="show a stack or model file (layers, shapes, how each was trained), a "
+                                       "dataset's arrays file, or how far a run or experiment directory has got")
+    p.add_argument("file", type=Path, help="a .safetensors stack or model, a dataset's .npz or .safetensors arrays, "
+                   "or the --out directory of `surgery run` or `surgery finetune`")
     p.add_argument("--json", action="store_true", help="print the raw manifest as JSON")
 
     _recipe_cmd(sub, "validate", "check a recipe and every file it refers to; print the planned network")
@@ -137,6 +139,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     if args.file.is_dir():
         say(*describe_run(args.file))  # one paragraph when it is no run's directory
         return
+    if is_arrays_file(args.file):
+        say(_describe_dataset_file(args.file))
+        return
     manifest = read_manifest(args.file)
     if args.json:
         say(json.dumps(manifest, indent=2))
@@ -156,6 +161,21 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         say(f"made by recipe {made.get('name')!r} (seed {made.get('seed')})"
             + (f" from {manifest['started_from']}" if manifest.get("started_from") else "")
             + "; `--json` shows it whole")
+
+
+def _describe_dataset_file(path: Path) -> str:
+    """Its arrays (name, shape, type) and what a recipe would load from it, checked as a run
+    would check them (a problem is one paragraph)."""
+    arrays = read_arrays(path)
+    data = load_arrays(path, None if "x_valid" in arrays else 0)
+    check_data(data)
+    lines = [f"{path}: a dataset's arrays (data: {{dataset: arrays, path: {path.name}}})"]
+    order = [f"{v}_{s}" for s in ("train", "valid", "test") for v in "xy"]
+    names = [n for n in order if n in arrays] + sorted(set(arrays) - set(order))
+    lines += [f"  {name:<8} {str(tuple(arrays[name].shape)):>18}  {arrays[name].dtype}" for name in names]
+    lines.append(f"{data.num_classes} classes; examples of shape {data.input_shape}"
+                 + ("" if "x_valid" in arrays else "; no validation split: data.valid_size carves one from x_train"))
+    return "\n".join(lines)
 
 
 def cmd_validate(args: argparse.Namespace) -> None:

@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file as load_numpy
 
 from .errors import DataError
@@ -85,6 +85,20 @@ def read_mnist_pickle(path: Path) -> tuple:
 # ---------------------------------------------------------------------------- arrays
 
 ARRAY_SUFFIXES = (".npz", ".safetensors")
+
+
+def is_arrays_file(path: Path) -> bool:
+    """Whether ``path`` is a dataset's file of named arrays: a ``.npz`` file, or a
+    ``.safetensors`` file holding ``x_train`` and no surgery manifest (a stack or model)."""
+    if path.suffix == ".npz":
+        return True
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return "x_train" in f.keys() and "surgery.manifest" not in (f.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        return False
 
 
 def read_arrays(path: Path) -> dict[str, np.ndarray]:

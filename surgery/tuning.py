@@ -79,22 +79,16 @@ def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any, progres
         batch = [with_values(cell, v) for v in values]
         mine = {c.key for c in (batch if shard is None else shard_of(batch, *shard))}
         trained = runner.run_batch([c for c in batch if c.key in mine], mode, "tuning")
-        later, again = [], {}  # other shards' trials, read once this shard's have trained
+        later = []  # other shards' trials, read once this shard's have trained
         for trial, vals, c in zip(asked, values, batch):  # each told and logged as it finishes
             if c.key not in mine:
                 later.append((trial, vals, c))
                 continue
             tell(trial, vals, next(trained))
         if later:
-            _wait_for([c for _, _, c in later], runner, f"tuning: {where}", progress)
-            # a result damaged after its shard wrote it (by something else) is trained here again
-            damaged = [c for _, _, c in later if not runner.finished(c, "tuning")[0]]
-            again = dict(zip([c.key for c in damaged], runner.run_batch(damaged, mode, "tuning")))
-        for trial, vals, c in later:
-            if c.key in again:
-                tell(trial, vals, again[c.key])
-            else:
-                tell(trial, vals, runner.finished(c, "tuning")[1], " (another shard's)")
+            ended = _others_ended([c for _, _, c in later], runner, mode, f"tuning: {where}", progress)
+            for trial, vals, c in later:
+                tell(trial, vals, *ended[c.key])
     record.sort(key=lambda t: t["trial"])
     scored = [t for t in record if not t.get("diverged")]
     if not scored:
@@ -103,6 +97,19 @@ def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any, progres
     best = min(scored, key=lambda t: t[cfg.metric])
     return record, {"best_trial": best["trial"], "params": best["params"], cfg.metric: best[cfg.metric],
                     **({"ignored": ignored} if ignored else {})}
+
+
+def _others_ended(trials: list[Cell], runner: CellRunner, mode: str | int, what: str,
+                  progress: bool | None) -> dict[str, tuple[dict[str, Any] | None, str]]:
+    """Other shards' ``trials`` once they have ended: by key, each one's result (``None``:
+    diverged) and whose it is. One whose result was damaged after its shard wrote it (by
+    something else: ours are written whole) is trained here again."""
+    _wait_for(trials, runner, what, progress)
+    damaged = [c for c in trials if not runner.finished(c, "tuning")[0]]
+    ended = {c.key: (result, "") for c, result in zip(damaged, runner.run_batch(damaged, mode, "tuning"))}
+    for c in trials:
+        ended.setdefault(c.key, (runner.finished(c, "tuning")[1], " (another shard's)"))
+    return ended
 
 
 def _wait_for(trials: list[Cell], runner: CellRunner, what: str, progress: bool | None) -> None:

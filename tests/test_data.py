@@ -324,7 +324,7 @@ def _mutate(made: dict, how: str, split: str) -> None:
     elif how == "a label short":
         made[y] = made[y][:-1]
     elif how == "one-hot labels":
-        made[y] = np.eye(3)[made[y]]
+        made[y] = np.eye(3)[made[y].astype(int)]
     elif how == "no examples":
         made[x], made[y] = made[x][:0], made[y][:0]
     elif how == "one example":
@@ -378,3 +378,27 @@ def test_any_arrays_file_loads_or_is_one_data_error(tmp_path, shape, valid, muta
     assert ds.train.x.dtype == torch.float32 and ds.train.y.dtype == torch.int64 and len(ds.train) > 0
     assert len(ds.train) == len(ds.train.y) and ds.train.x.shape[1:] == ds.test.x.shape[1:]
     assert ds.train.x.dim() in (2, 4) and int(ds.train.y.min()) >= 0
+
+
+def test_inspect_describes_a_dataset_file_and_checks_it(tmp_path, capsys):
+    """`surgery inspect` on a .npz or a manifest-less .safetensors of arrays lists them in
+    split order and what a recipe would load (classes, example shape), checked as a run
+    checks them."""
+    from safetensors.numpy import save_file
+
+    from surgery.cli import main
+
+    save_file(_arrays(n_valid=30, image=True), str(tmp_path / "img.safetensors"))
+    assert main(["inspect", str(tmp_path / "img.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "a dataset's arrays (data: {dataset: arrays, path: img.safetensors})" in out
+    names = [line.split()[0] for line in out.splitlines()[1:7]]
+    assert names == ["x_train", "y_train", "x_valid", "y_valid", "x_test", "y_test"], out
+    assert "(240, 6, 6)  uint8" in out and "3 classes; examples of shape (1, 6, 6)" in out
+    a = _arrays()
+    a["x_test"][3, 2] = np.nan
+    np.savez(tmp_path / "nan.npz", **a)
+    assert main(["inspect", str(tmp_path / "nan.npz")]) == 2
+    assert "its test split holds 1 NaN or infinite inputs" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "missing.npz")]) == 2
+    assert "missing.npz does not exist" in capsys.readouterr().err
