@@ -15,10 +15,12 @@ results; a cell's training is :mod:`surgery.cells`', an arm's tuning :mod:`surge
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Any
 
 from .cells import CellRunner, summary
+from .data import fingerprint
 from .errors import OutputError, SurgeryError
 from .grid import plan_cells, shard_of
 from .io import RERUN, make_dir, progress_bar, progress_line, read_json, write_json, write_text
@@ -48,9 +50,11 @@ def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None
     if is_single_run_dir(Path(out)) and not is_experiment_dir(Path(out)):
         raise OutputError(f"{out}: holds a single run's files (result.json, metrics.jsonl, checkpoints/ or "
                           "pretrain/); an experiment's would go beside them. Give the experiment its own --out.")
+    fingerprints = _data_unchanged(Path(out), runner)
     out = make_dir(Path(out))
     assert recipe.experiment is not None
-    write_json(out / "experiment.json", {"recipe": recipe.to_dict(), "cells": len(cells)})  # first: inspect reads it
+    write_json(out / "experiment.json", {"recipe": recipe.to_dict(), "cells": len(cells),  # first: inspect reads it
+                                         "data_fingerprints": fingerprints})
     if recipe.experiment.tune is not None:
         tuned = tune_arms(recipe.experiment.tune, cells, runner, out, progress, shard)
         if shard is None or shard[0] == 0:  # one process adopts them
@@ -79,6 +83,30 @@ def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None
     if shard is None:
         write_results_csv(out / "results.csv", rows)
     return rows
+
+
+def _data_unchanged(out: Path, runner: CellRunner) -> dict[str, str]:
+    """Each data section of the grid with a fingerprint of its examples (every split), those
+    ``out``'s earlier runs recorded included. ``OutputError`` when a section an earlier run
+    used now holds other examples (a data file changed): the cells and stacks kept under
+    ``out`` were trained on the old ones, and a rerun would mix the two."""
+    meta = out / "experiment.json"
+    before = read_json(meta, RERUN).get("data_fingerprints") if meta.is_file() else None
+    before = before if isinstance(before, dict) else {}
+    now = {}
+    for key, ds in runner.datasets.items():
+        section = {k: v for k, v in json.loads(key).items() if k != "device"}  # where it runs changes nothing
+        now[json.dumps(section, sort_keys=True)] = fingerprint(*(t for s in (ds.train, ds.valid, ds.test)
+                                                                 for t in (s.x, s.y)))
+    for section, fp in now.items():
+        if before.get(section, fp) != fp:
+            data = json.loads(section)
+            raise OutputError(
+                f"{out}: its cells and stacks were trained on other examples than this run's data "
+                f"({data.get('path') or data.get('dataset')}) holds now (fingerprint {before[section]}, now {fp}): "
+                "the data changed since. Give this run its own --out, or remove that directory to start over; "
+                "nothing in it was changed.")
+    return {**before, **now}
 
 
 def write_results_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -130,11 +158,21 @@ def merge_results(dirs: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
 
 
 def _check_same_data(dirs: list[Path]) -> None:
-    """``SurgeryError`` naming the first field in which two directories' data sections differ."""
+    """``SurgeryError`` naming the first field in which two directories' data sections differ,
+    or the section whose examples differ between them (a data file changed between runs)."""
     first: tuple[Path, dict[str, Any]] | None = None
+    seen: dict[str, tuple[Path, str]] = {}  # data section -> (first directory, its examples' fingerprint)
     for d in dirs:
         meta = d / "experiment.json"
-        data = read_json(meta, RERUN).get("recipe", {}).get("data") if meta.is_file() else None
+        record = read_json(meta, RERUN) if meta.is_file() else {}
+        prints = record.get("data_fingerprints")
+        for section, fp in (prints if isinstance(prints, dict) else {}).items():
+            other = seen.setdefault(section, (d, fp))
+            if other[1] != fp:
+                raise SurgeryError(f"compare: {other[0]} and {d} ran on different examples of the same data section "
+                                   f"({section}): the data changed between them, so their errors are not "
+                                   "comparable. Merge only runs on the same examples.")
+        data = record.get("recipe", {}).get("data") if isinstance(record.get("recipe"), dict) else None
         if not isinstance(data, dict):
             continue  # an older directory without its recipe: nothing to compare against
         data = {k: v for k, v in data.items() if k != "device"}  # where it ran does not change the numbers

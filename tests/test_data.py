@@ -402,3 +402,37 @@ def test_inspect_describes_a_dataset_file_and_checks_it(tmp_path, capsys):
     assert "its test split holds 1 NaN or infinite inputs" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path / "missing.npz")]) == 2
     assert "missing.npz does not exist" in capsys.readouterr().err
+
+
+def test_an_experiment_refuses_to_continue_on_data_that_changed(tmp_path, capsys):
+    """A grid's --out remembers a fingerprint of each data section's examples: run again
+    after the arrays file changed, it is one paragraph and nothing under --out changes (its
+    cells and stacks were trained on the old examples); with the file as it was, the rerun
+    trains nothing."""
+    from surgery.cli import main
+
+    a = _arrays(n_valid=60)
+    np.savez(tmp_path / "d.npz", **a)
+    (tmp_path / "r.yaml").write_text(
+        "data: {dataset: arrays, path: d.npz}\n"
+        "experiment: {conditions: [none, rbm], depths: [1], seeds: [0], hidden: 8, pretrain_epochs: 1}\n"
+        "finetune: {epochs: 1, batch_size: 40}\n")
+    run = ["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")]
+    assert main(run) == 0, capsys.readouterr().err
+    files = {p: p.read_bytes() for p in (tmp_path / "o").rglob("*") if p.is_file()}
+    b = {**a, "x_test": a["x_test"].copy()}
+    b["x_test"][0, 0] = 1 - b["x_test"][0, 0]  # one value of one test example
+    np.savez(tmp_path / "d.npz", **b)
+    capsys.readouterr()
+    assert main(run) == 2
+    err = capsys.readouterr().err
+    assert "were trained on other examples than this run's data (" in err and "d.npz) holds now" in err, err
+    assert {p: p.read_bytes() for p in (tmp_path / "o").rglob("*") if p.is_file()} == files
+    np.savez(tmp_path / "d.npz", **a)
+    assert main(run) == 0
+    assert "experiment: cell" not in capsys.readouterr().err  # nothing trained again
+    np.savez(tmp_path / "d.npz", **b)  # a second directory on the changed file: compare will not merge the two
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o2")]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "o"), str(tmp_path / "o2"), "--out", str(tmp_path / "both")]) == 2
+    assert "ran on different examples of the same data section" in capsys.readouterr().err
