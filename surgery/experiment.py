@@ -21,7 +21,7 @@ from typing import Any
 
 from .cells import CellRunner, summary
 from .data import fingerprint
-from .errors import OutputError, SurgeryError
+from .errors import ManifestError, OutputError, SurgeryError
 from .grid import plan_cells, shard_of
 from .io import RERUN, make_dir, progress_bar, progress_line, read_json, write_json, write_text
 from .pipeline import check_grid, is_experiment_dir, is_single_run_dir
@@ -90,8 +90,10 @@ def _data_unchanged(out: Path, runner: CellRunner) -> dict[str, str]:
     ``out``'s earlier runs recorded included. ``OutputError`` when a section an earlier run
     used now holds other examples (a data file changed): the cells and stacks kept under
     ``out`` were trained on the old ones, and a rerun would mix the two."""
-    meta = out / "experiment.json"
-    before = read_json(meta, RERUN).get("data_fingerprints") if meta.is_file() else None
+    try:
+        before = read_json(out / "experiment.json").get("data_fingerprints")
+    except ManifestError:  # none yet, or damaged (this run writes it anew): nothing to compare with
+        before = None
     before = before if isinstance(before, dict) else {}
     now = {}
     for key, ds in runner.datasets.items():

@@ -669,6 +669,8 @@ def test_damaged_files_in_an_experiment_directory(tmp_path, capsys, damage):
     err = capsys.readouterr().err
     assert err.startswith(f"surgery compare: error: {out / 'experiment.json'}: ") and "Traceback" not in err
     assert "Run its recipe again with this --out to write it anew." in err and err.count("\n") == 1
+    assert main(["run", str(rp), "--out", str(out)]) == 0  # as the error says: written anew
+    assert main(["compare", str(out)]) == 0
 
 
 def test_read_json_names_the_file_and_line(tmp_path):
