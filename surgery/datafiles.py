@@ -110,10 +110,18 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
                         "(np.savez(path, x_train=..., ...) writes one).")
     if not path.is_file():
         raise DataError(f"data.path: {path} does not exist.")
+    if path.suffix == ".npz" and not zipfile.is_zipfile(path):
+        raise DataError(f"data.path: {path} is not a .npz archive (np.savez writes one); it is truncated, corrupt or "
+                        "another kind of file.")
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as f:
-                return {k: f[k] for k in f.files}
+                arrays = {k: f[k] for k in f.files}
+            odd = sorted(k for k, v in arrays.items() if not isinstance(v, np.ndarray))
+            if odd:  # np.load hands back a member that is no .npy array as its raw bytes
+                raise DataError(f"data.path: {path}: {', '.join(odd)} in the archive is not a numpy array (.npy); "
+                                "write the file with np.savez.")
+            return arrays
         try:
             return load_numpy(str(path))
         except SafetensorError as e:
