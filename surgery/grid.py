@@ -127,8 +127,9 @@ def plan_cells(recipe: Recipe, input_shape: tuple[int, ...], classes: int) -> li
     missed = [f"finetune.{field}: {pattern!r}" for (field, pattern), hit in matched.items() if not hit]
     if missed:
         deepest = max(c.depth for c in cells)
-        raise ConfigError(f"{missed[0]} matches no layer of any cell of the grid (the deepest cell's layers are "
-                          f"h1 ... h{deepest} and out); name a layer one of its depths has, or remove it.")
+        layers = "h1" if deepest == 1 else f"h1 ... h{deepest}"
+        raise ConfigError(f"{recipe.source}: {missed[0]} matches no layer of any cell of the grid (the deepest cell's "
+                          f"layers are {layers} and out); name a layer one of its depths has, or remove it.")
     return cells
 
 

@@ -623,7 +623,8 @@ def test_a_finetune_option_that_cannot_apply_fails_before_pretraining(tmp_path, 
     r["finetune"] = {**SMALL_FT, "layer_lr": {"h3": 2.0}}
     if grid:
         r["experiment"] = {"conditions": ["rbm", "none"], "depths": [1], "hidden": 8, "pretrain_epochs": 1}
-        where = "[rbm d1]: finetune.layer_lr: 'h3' matches no layer"
+        where = "r.yaml: finetune.layer_lr: 'h3' matches no layer of any cell of the grid (the deepest cell's " \
+                "layers are h1 and out)"
     else:
         r["pretrain"] = {"layers": [{"method": "rbm", "hidden": 8, "epochs": 1}]}
         where = "finetune.layer_lr: 'h3' matches no layer"
