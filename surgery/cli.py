@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import warnings
@@ -173,7 +174,9 @@ def _describe_dataset_file(path: Path) -> str:
     order = [f"{v}_{s}" for s in ("train", "valid", "test") for v in "xy"]
     names = [n for n in order if n in arrays] + sorted(set(arrays) - set(order))
     lines += [f"  {name:<8} {str(tuple(arrays[name].shape)):>18}  {arrays[name].dtype}" for name in names]
-    lines.append(f"{data.num_classes} classes; examples of shape {data.input_shape}"
+    shape = data.input_shape
+    flat = f" (rows of {math.prod(shape)} with data.flatten: true, the default)" if len(shape) > 1 else ""
+    lines.append(f"{data.num_classes} classes; examples of shape {shape}{flat}"
                  + ("" if "x_valid" in arrays else "; no validation split: data.valid_size carves one from x_train"))
     return "\n".join(lines)
 

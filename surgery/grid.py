@@ -114,7 +114,7 @@ def plan_cells(recipe: Recipe, input_shape: tuple[int, ...], classes: int) -> li
                 r["seed"] = seed
                 r["name"] = f"{name}-d{depth}-s{seed}"
                 r["finetune"] = _patterns_for(_spelled_out({**r.get("finetune", {}), **arm.finetune}),
-                                              [f"h{i + 1}" for i in range(depth)] + [head.get("name", "out")],
+                                              [f"h{i + 1}" for i in range(depth)] + ["out"],  # the head's name
                                               matched)
                 r["data"] = {**r["data"], **arm.data}
                 if pre is not None:
