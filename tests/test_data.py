@@ -349,7 +349,7 @@ def _mutate(made: dict, how: str, split: str) -> None:
     elif how == "missing":
         del made[x]
     elif how == "uint8 examples":
-        made[x] = (made[x] * 255).astype(np.uint8)
+        made[x] = (made[x].real * 255).astype(np.uint8)
     elif how == "an array more":
         made["notes"] = np.zeros(2)
 
