@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from .data import load_arrays, load_dataset
 from .datafiles import is_arrays_file, read_arrays
-from .errors import SurgeryError, SurgeryWarning
+from .errors import DataError, SurgeryError, SurgeryWarning
 from .experiment import merge_results, run_experiment, write_results_csv
 from .grid import parse_shard
 from .io import RERUN, make_dir, read_json, write_json
@@ -167,8 +167,11 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 def _describe_dataset_file(path: Path) -> str:
     """Its arrays (name, shape, type) and what a recipe would load from it, checked as a run
     would check them (a problem is one paragraph)."""
-    arrays = read_arrays(path)
-    data = load_arrays(path, None if "x_valid" in arrays else 0)
+    try:
+        arrays = read_arrays(path)
+        data = load_arrays(path, None if "x_valid" in arrays else 0)
+    except DataError as e:  # here the file is the argument, not a recipe's data.path
+        raise DataError(str(e).removeprefix("data.path: ")) from None
     check_data(data)
     lines = [f"{path}: a dataset's arrays (data: {{dataset: arrays, path: {path.name}}})"]
     order = [f"{v}_{s}" for s in ("train", "valid", "test") for v in "xy"]

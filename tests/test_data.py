@@ -412,7 +412,7 @@ def test_inspect_describes_a_dataset_file_and_checks_it(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nan.npz")]) == 2
     assert "its test split holds 1 NaN or infinite inputs" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path / "missing.npz")]) == 2
-    assert "missing.npz does not exist" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"surgery inspect: error: {tmp_path / 'missing.npz'} does not exist.\n"
 
 
 def test_an_experiment_refuses_to_continue_on_data_that_changed(tmp_path, capsys):
