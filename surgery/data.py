@@ -292,8 +292,9 @@ def load_arrays(path: Path, valid_size: int | None = None) -> Dataset:
     ``y_train``, ``x_test``, ``y_test``, and ``x_valid``, ``y_valid`` when the file has a
     validation split; else the last ``valid_size`` training examples (``None``: not set,
     the default 10000) validate. Examples are rows [N, D], images [N, H, W] (one channel
-    is added) or [N, C, H, W], of any numeric type (uint8 is scaled to [0, 1], as IDX
-    images are); labels are class numbers [N]."""
+    is added) or [N, C, H, W], of any numeric type; uint8 intensities (some value above 1)
+    are scaled to [0, 1], as IDX images are, and 0/1 uint8 stay as they are. Labels are
+    class numbers [N]."""
     arr = read_arrays(path)
     has_valid = [k for k in ("x_valid", "y_valid") if k in arr]
     if len(has_valid) == 1:
@@ -305,8 +306,11 @@ def load_arrays(path: Path, valid_size: int | None = None) -> Dataset:
     if missing:
         raise DataError(f"data.path: {path} has no {', '.join(missing)}; it holds {sorted(arr) or 'no arrays'}. "
                         "Dataset 'arrays' reads x_train, y_train, x_test, y_test (and optionally x_valid, y_valid).")
-    splits = {s: Split(_examples(arr[f"x_{s}"], f"x_{s}", path), _labels(arr[f"y_{s}"], f"y_{s}", path))
-              for s in names}
+    # one rule for every split: 0-255 intensities when any uint8 example exceeds 1
+    xs = [arr[f"x_{s}"] for s in names]
+    scale = any(a.dtype == np.uint8 and a.size and int(a.max()) > 1 for a in xs)
+    splits = {s: Split(_examples(x, f"x_{s}", path, scale), _labels(arr[f"y_{s}"], f"y_{s}", path))
+              for s, x in zip(names, xs)}
     for s, split in splits.items():
         if len(split.y) != len(split.x):
             raise DataError(f"data.path: {path}: x_{s} holds {len(split.x)} examples but y_{s} {len(split.y)} "
@@ -330,15 +334,15 @@ def load_arrays(path: Path, valid_size: int | None = None) -> Dataset:
     return Dataset(path.stem, Split(train.x[:cut], train.y[:cut]), Split(train.x[cut:], train.y[cut:]), test)
 
 
-def _examples(a: np.ndarray, name: str, path: Path) -> Tensor:
-    """``a`` as float32 examples [N, D] or [N, C, H, W]; uint8 scaled to [0, 1]."""
+def _examples(a: np.ndarray, name: str, path: Path, scale: bool) -> Tensor:
+    """``a`` as float32 examples [N, D] or [N, C, H, W]; uint8 divided by 255 when ``scale``."""
     if a.dtype.kind not in "biuf":
         raise DataError(f"data.path: {path}: {name} holds {a.dtype} values; give numbers (float or integer).")
     if a.ndim not in (2, 3, 4):
         raise DataError(f"data.path: {path}: {name} has shape {a.shape}; give rows [N, D], images [N, H, W] or "
                         "[N, C, H, W].")
     t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-    if a.dtype == np.uint8:
+    if a.dtype == np.uint8 and scale:
         t = t / 255.0
     return t.unsqueeze(1) if a.ndim == 3 else t
 

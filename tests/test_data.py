@@ -216,7 +216,7 @@ def _arrays(n_train=240, n_test=60, n_valid=0, seed=0, image=False):
 
 def test_arrays_from_npz_and_safetensors(tmp_path):
     """dataset: arrays reads x_/y_ train, test (and valid) from a .npz or .safetensors file:
-    the values as given (uint8 scaled to [0, 1], an [N, H, W] image given its channel), the
+    the values as given (uint8 intensities scaled to [0, 1], 0/1 uint8 kept, an [N, H, W] image given its channel), the
     validation split the file's own or the last valid_size training examples."""
     from safetensors.numpy import save_file
 
@@ -231,6 +231,15 @@ def test_arrays_from_npz_and_safetensors(tmp_path):
     img = load_dataset(DataConfig(dataset="arrays", path=tmp_path / "img.safetensors", flatten=False))
     assert img.train.x.shape == (240, 1, 6, 6) and len(img.valid) == 30 and img.num_classes == 3
     assert torch.equal(img.valid.x.flatten(1), torch.from_numpy(b["x_valid"].reshape(30, 36) / 255.0).float())
+    binary = {k: (v > 0).astype(np.uint8) if k.startswith("x_") else v for k, v in b.items()}  # 0/1 uint8
+    np.savez(tmp_path / "bin.npz", **binary)
+    ds = load_dataset(DataConfig(dataset="arrays", path=tmp_path / "bin.npz"))
+    assert float(ds.train.x.max()) == 1.0 and torch.equal(ds.test.x, torch.from_numpy(binary["x_test"]).float()
+                                                          .flatten(1))  # kept, not divided by 255
+    binary["x_train"][0, 0, 0] = 7  # one intensity above 1: every split is read as 0-255
+    np.savez(tmp_path / "bin.npz", **binary)
+    ds = load_dataset(DataConfig(dataset="arrays", path=tmp_path / "bin.npz"))
+    assert float(ds.test.x.max()) == pytest.approx(1 / 255) and float(ds.train.x.max()) == pytest.approx(7 / 255)
     with pytest.raises(SurgeryError, match=r"data.valid_size: 10, .* its own validation split \(x_valid, 30"):
         load_dataset(DataConfig(dataset="arrays", path=tmp_path / "img.safetensors", valid_size=10))
     with pytest.raises(SurgeryError, match=r"10000 \(the default\) leaves no training .* 240 .*\(e\.g\. 40\)"):

@@ -9,11 +9,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = {
     "stacking.py": ["--dataset", "synthetic", "--limit", "300", "--epochs", "1"],
     "surgery_ops.py": [],
+    "own_data.py": ["--n", "600", "--epochs", "2"],
     "finetuning.py": ["--dataset", "synthetic", "--limit", "300", "--epochs", "1"],
     "experiment.py": ["--dataset", "synthetic", "--limit", "300", "--epochs", "1", "--pretrain-epochs", "1",
                       "--seeds", "2"],
 }
-EXPECT = {"experiment.py": "the same network"}  # a population member equals the same net trained alone
+EXPECT = {"experiment.py": "the same network",  # a population member equals the same net trained alone
+          "own_data.py": "from tensors: an RBM-pretrained 144-64-5 net"}
 
 
 @pytest.mark.parametrize("script", sorted(CASES))
