@@ -5,6 +5,7 @@ composition can import it without importing what runs it.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -20,6 +21,16 @@ from pydantic import (
 
 from .layers import Activation
 from .search_config import ParamRange
+
+
+def file_name(name: str, what: str, longest: int) -> str:
+    """``name``, checked to be one file or directory name (a recipe's is its default output
+    directory, an arm's is part of its cells' names): no ``/`` that nests it, no ``..``."""
+    if len(name) > longest or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*", name):
+        raise ValueError(f"{what}: give up to {longest} letters, digits, '_', '-', '+' and '.' (not first), "
+                         "e.g. bengio2007-relu")
+    return name
+
 
 ArmMethod = Literal["none", "rbm", "grbm", "ae", "dae", "sparse_ae", "grow"]
 
@@ -165,6 +176,8 @@ class ExperimentConfig(BaseModel):
                 raise ValueError(f"unknown arm(s) {bad}; built-in arms are {sorted(BUILTIN_ARMS)} (or give a mapping)")
             if len(set(v)) != len(v):
                 raise ValueError("conditions repeat an arm")
+        for name in v:
+            file_name(name, f"arm {name!r} names its cells (and stands in the report's tables)", 100)
         return v
 
     @field_validator("depths")

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .assembly import SurgeryConfig
 from .data import DataConfig
 from .errors import ConfigError
-from .experiment_config import ExperimentConfig
+from .experiment_config import ExperimentConfig, file_name
 from .finetune_config import FinetuneConfig
 from .pretrain import PretrainConfig
 from .search_config import SearchConfig
@@ -28,7 +28,7 @@ class Recipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = "run"
+    name: str = Field(default="run", description="names the default output directory, runs/<name>")
     seed: int = Field(default=0, ge=0)
     data: DataConfig = DataConfig()
     pretrain: PretrainConfig | None = None
@@ -39,6 +39,13 @@ class Recipe(BaseModel):
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: str = PrivateAttr(default="<recipe>")
+
+    @field_validator("name")
+    @classmethod
+    def _one_directory_name(cls, name: str) -> str:
+        """Outputs default to ``runs/<name>``, so the name is one directory's name: no
+        ``/`` that nests it or ``..`` that leaves ``runs/``."""
+        return file_name(name, "a recipe's name is its default output directory, runs/<name>", 200)
 
     @model_validator(mode="after")
     def _one_kind_of_run(self) -> Recipe:

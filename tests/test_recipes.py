@@ -70,6 +70,10 @@ CATALOGUE = {
     "unknown top-level field": (_set("trainer", {}), "trainer: Extra inputs are not permitted"),
     "unknown data field": (_set("data.shuffle", True), "data.shuffle"),
     "wrong type for seed": (_set("seed", "zero"), 'seed: Input should be a valid integer'),
+    "name leaving runs/": (_set("name", "../../etc"),  # runs/<name> would be ../etc
+                           "name: a recipe's name is its default output directory, runs/<name>: give up to 200"),
+    "name with a slash": (_set("name", "mine/v2"), 'directory, runs/<name>: give up to 200 letters, digits, '
+                          "'_', '-', '+' and '.' (not first), e.g. bengio2007-relu (got \"mine/v2\")"),
     "negative seed": (_set("seed", -1), "seed: Input should be greater than or equal to 0 (got -1)"),
     "unknown dataset": (_set("data.dataset", "cifar"),
                         "data.dataset: Input should be 'mnist', 'idx', 'arrays' or 'synthetic' (got \"cifar\")"),
@@ -135,6 +139,9 @@ CATALOGUE = {
     "pretrained without pretrain": (_ops({"op": "take", "source": "pretrained"}, HEAD), "no pretrain: section"),
     "experiment unknown arm": (_set("experiment", {"conditions": ["none", "magic"]}),
                                "experiment.conditions: unknown arm(s) ['magic']"),
+    "experiment arm name with a slash": (_set("experiment", {"conditions": {"../x": {"method": "none"}}}),
+                                         "experiment.conditions: arm '../x' names its cells (and stands in the "
+                                         "report's tables): give up to 100 letters"),
     "experiment depth 0": (_set("experiment", {"conditions": ["none"], "depths": [0, 1]}),
                            "experiment.depths: each depth must be between 1 and 1000"),
     "experiment depth a million": (_set("experiment", {"conditions": ["none"], "depths": [2, 10**6]}),  # hours to plan
