@@ -76,6 +76,11 @@ def _fmt(x: float, nd: int = 2) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
+def _p(p: float) -> str:
+    """A p-value to four places; one that rounds to zero is written ``<0.0001``, not 0.0000."""
+    return "<0.0001" if p < 5e-5 else _fmt(p, 4)
+
+
 def tuning_markdown(tuning: dict[str, Any]) -> list[str]:
     """The report's tuning section: the budget, and per (arm, depth) the values chosen on
     the validation set; every trial is listed in ``tuning.json``."""
@@ -140,7 +145,7 @@ def markdown(rows: list[dict[str, Any]], baseline: str = "none", tuning: dict[st
         vs_base = not math.isnan(t["baseline_mean"]) and t["condition"] != baseline
         diff = t["mean"] - t["baseline_mean"] if vs_base else math.nan
         lines.append(f"| {t['condition']} | {t['depth']} | {t['n']} | {_fmt(t['mean'])} | {_fmt(t['std'])} | {ci} | "
-                     f"{'' if math.isnan(diff) else f'{diff:+.2f}'} | {_fmt(t['t'])} | {_fmt(t['p'], 4)} |")
+                     f"{'' if math.isnan(diff) else f'{diff:+.2f}'} | {_fmt(t['t'])} | {_p(t['p'])} |")
     best = min(tab, key=lambda t: t["mean"]) if tab else None
     if best:
         lines += ["", significance_line(rows, baseline)]

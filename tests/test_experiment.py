@@ -956,3 +956,16 @@ def test_a_killed_population_continues_from_its_members_checkpoints(tmp_path, mo
     torn = json.loads((rbm[0] / "recipe.json").read_text())["seed"]
     assert f"seed {torn}: its checkpoint cannot be used" in capsys.readouterr().err
     _same_grid(tmp_path / "whole", tmp_path / "cut", weights=False)  # one cell alone: equal within 1e-5
+
+
+def test_the_report_writes_a_tiny_p_value_as_below_its_last_place():
+    """A p-value that rounds to 0.0000 is written <0.0001 (a p-value is never zero); others to four places."""
+    from surgery.report import markdown
+
+    errors = {"none": [5.0, 5.1, 4.9, 5.05], "rbm": [2.0, 2.1, 1.9, 2.05], "dae": [4.9, 5.2, 4.8, 5.0]}
+    rows = [{"condition": c, "depth": 1, "seed": i, "test_error": e} for c, errs in errors.items()
+            for i, e in enumerate(errs)]
+    lines = {line.split(" |")[0]: line for line in markdown(rows).splitlines() if line.startswith("| ")}
+    p = {t["condition"]: t["p"] for t in table(rows, "none")}
+    assert lines["| rbm"].endswith("| <0.0001 |") and p["rbm"] < 5e-5
+    assert lines["| dae"].endswith(f"| {p['dae']:.4f} |") and p["dae"] > 0.01 and lines["| none"].endswith("| – |")
