@@ -20,7 +20,7 @@ from .datafiles import is_arrays_file, read_arrays
 from .errors import DataError, SurgeryError, SurgeryWarning
 from .experiment import merge_results, run_experiment, write_results_csv
 from .grid import parse_shard
-from .io import RERUN, make_dir, read_json, write_json
+from .io import RERUN, file_to_write, read_json, write_json
 from .model_file import describe_model, load_model, save_model
 from .pipeline import assemble, finetune_model, pretrain, run, validate
 from .preflight import check_data
@@ -125,7 +125,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     """``surgery pretrain``: train the stack and save it."""
     recipe = _load(args)
     out = args.output or Path("runs") / recipe.name / "stack.safetensors"
-    make_dir(out.parent)  # an unwritable output fails now, not after the training
+    file_to_write(out)  # an unwritable output fails now, not after the training
     layers = out.with_suffix(".layers")
     stack = pretrain(recipe, snapshots=layers if is_main_process() else None, resume=args.resume)
     if is_main_process():
@@ -202,7 +202,7 @@ def cmd_assemble(args: argparse.Namespace) -> None:
     """``surgery assemble``: pretrain if asked, build the network, save it."""
     recipe = _load(args)
     out = args.output or Path("runs") / recipe.name / "assembled.safetensors"
-    make_dir(out.parent)  # an unwritable output fails now, not after any pretraining
+    file_to_write(out)  # an unwritable output fails now, not after any pretraining
     data = load_dataset(recipe.data, recipe.base_dir)
     stack = pretrain(recipe, data) if recipe.pretrain is not None else None
     graph = assemble(recipe, stack, data.num_classes, data.input_shape)

@@ -5,6 +5,7 @@ naming it. Also the progress bar every long loop shows."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -12,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from safetensors import SafetensorError
 
 from .errors import ManifestError, OutputError
 
@@ -30,11 +33,38 @@ def make_dir(path: str | Path) -> Path:
     return path
 
 
+def file_to_write(path: str | Path) -> Path:
+    """``path``, once its directory exists and is writable and it is no directory itself:
+    ``OutputError`` otherwise, so a command can check its output before its work."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path} is a directory; give the path of a file to write, e.g. {path}/NAME"
+                          f"{path.suffix or '.safetensors'}.")
+    make_dir(path.parent)
+    return path
+
+
+# Writing failed for want of room or permission, not for a bug: the write is an OutputError.
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def _no_room(e: OSError | SafetensorError) -> str | None:
+    """Why a write failed, when it was for want of room or permission (safetensors reports
+    those as ``SafetensorError: ... I/O error: No space left on device (os error 28)``)."""
+    if isinstance(e, OSError):
+        return e.strerror if e.errno in _NO_ROOM else None
+    text = str(e)
+    if "I/O error: " not in text:
+        return None
+    why = text.split("I/O error: ", 1)[1]
+    return why.split(" (os error")[0] if any(f"(os error {n})" in why for n in _NO_ROOM) else None
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path in the target's directory; rename over ``path`` on success."""
-    path = Path(path)
-    make_dir(path.parent)
+    """Yield a temp path in the target's directory; rename over ``path`` on success (a
+    file that was there is replaced only then; on any failure the temp file is removed)."""
+    path = file_to_write(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
@@ -44,6 +74,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        Path(tmp).unlink(missing_ok=True)
+        why = _no_room(e)
+        if why is None:
+            raise
+        raise OutputError(f"cannot write {path} ({why}); whatever was there is kept. Free some space or "
+                          "choose another --out/--output, then run the same command again.") from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -511,6 +511,54 @@ def test_a_directory_that_cannot_be_written_into_is_refused_up_front(tmp_path, m
         surgery.io.make_dir(tmp_path / "ro")
 
 
+def test_an_output_file_that_is_a_directory_is_refused_before_the_work(tmp_path, capsys):
+    """`pretrain -o DIR` and `assemble -o DIR` say so before they train (it was a traceback
+    after the training, from the rename)."""
+    r = _write(tmp_path / "r.yaml", _net_recipe())
+    (tmp_path / "d").mkdir()
+    for command in ("pretrain", "assemble"):
+        assert main([command, str(r), "-o", str(tmp_path / "d")]) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / 'd'} is a directory; give the path of a file to write, e.g." in err, err
+        assert "pretrain: layer" not in err and err.count("\n") == 1
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+@pytest.mark.parametrize("fails", ["rename", "safetensors"])
+def test_a_full_disk_is_one_paragraph_and_keeps_the_file_that_was_there(tmp_path, monkeypatch, fails):
+    """No room left (the rename, or safetensors' own I/O error as it writes the temp file):
+    an OutputError naming the file; the earlier file is untouched and no temp file is left.
+    Any other error of the write is no user's problem and stays as it is."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    import surgery.io
+    from surgery.errors import OutputError
+
+    target = tmp_path / "stack.safetensors"
+    random_stack(sizes=(8, 4)).save(target)
+    before = target.read_bytes()
+
+    def no_room(*args):
+        if fails == "rename":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(surgery.io.os, "replace", no_room)
+    with pytest.raises(OutputError, match=r"cannot write .*stack.safetensors \(No space left on device\); "
+                                          "whatever was there is kept"):
+        random_stack(sizes=(8, 6)).save(target)
+    assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["stack.safetensors"]
+
+    def bug(*args):
+        raise SafetensorError("Error while serializing: tensor is not contiguous")
+
+    monkeypatch.setattr(surgery.io.os, "replace", bug)
+    with pytest.raises(SafetensorError, match="not contiguous"):
+        random_stack(sizes=(8, 6)).save(target)
+
+
 @pytest.mark.parametrize("command,hint", [("run", "a single run needs --resume"), ("finetune", "with --resume"),
                                           ("search", "--trials N adds N more")])
 def test_ctrl_c_says_how_to_continue(tmp_path, capsys, monkeypatch, command, hint):
