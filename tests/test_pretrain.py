@@ -485,3 +485,17 @@ def test_a_layer_refuses_input_it_cannot_train_on_naming_the_layer(train, x, bat
 def test_a_batch_larger_than_the_input_warns():
     with pytest.warns(SurgeryWarning, match="layer 'h1': batch_size 50 is more than its 10 examples"):
         train_rbm(torch.rand(10, 16), RBMConfig(hidden=3, epochs=1), "h1", 50, G(), False)
+
+
+def test_one_layer_trains_from_the_api_with_defaults():
+    """`S.train_rbm(x, cfg)` and `S.train_autoencoder(x, cfg)` need no name, batch size or
+    generator: layer h1, the config's batch size (else 100) and a generator seeded with 0,
+    the same layer as those given by hand."""
+    x = torch.rand(250, 12, generator=G(3))
+    rbm = train_rbm(x, RBMConfig(hidden=5, epochs=2, lr=0.1), progress=False)
+    same = train_rbm(x, RBMConfig(hidden=5, epochs=2, lr=0.1), "h1", 100, G(0), False)
+    assert rbm.name == "h1" and rbm.pretrain["batch_size"] == 100
+    assert torch.equal(rbm.tensors["weight"], same.tensors["weight"])
+    dae = train_autoencoder(x, AEConfig(method="dae", hidden=5, epochs=2, batch_size=30), progress=False)
+    same = train_autoencoder(x, AEConfig(method="dae", hidden=5, epochs=2, batch_size=30), "h1", 30, G(0), False)
+    assert dae.pretrain["batch_size"] == 30 and torch.equal(dae.tensors["weight"], same.tensors["weight"])

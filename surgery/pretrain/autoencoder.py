@@ -20,6 +20,7 @@ from ..schedules import OptimizerConfig, build_optimizer
 from ..stack import StackLayer
 from .ae_model import AEConfig, AEModel
 from .base import (
+    DEFAULT_BATCH,
     check_examples,
     check_finite,
     check_members,
@@ -27,6 +28,7 @@ from .base import (
     member_label,
     monitor_subset,
     n_batches,
+    new_generator,
     pretrain_record,
     progress_bar,
     rows_once,
@@ -37,15 +39,18 @@ from .dense_ae import train_dense
 from .sampling import corrupt
 
 
-def train_autoencoder(x: Tensor, cfg: AEConfig, name: str, batch_size: int,
-                      generator: torch.Generator, progress: bool | None = None,
+def train_autoencoder(x: Tensor, cfg: AEConfig, name: str = "h1", batch_size: int | None = None,
+                      generator: torch.Generator | None = None, progress: bool | None = None,
                       _autograd: bool = False) -> StackLayer:
     """Fit one autoencoder layer on ``x`` ([N, D], or [N, C, H, W] for conv_ae): a population of one.
+    ``batch_size`` defaults to ``cfg.batch_size``, else 100; ``generator`` (init, data order,
+    noise) to one seeded with 0.
 
     Dense layers train with hand-written gradients (:mod:`.dense_ae`), conv layers as
     grouped convolutions (:mod:`.conv_ae`); ``_autograd=True``: one member at a time with
     autograd and ``torch.optim.SGD``, the reference the tests compare against."""
-    return train_autoencoder_population([x], [cfg], [name], batch_size, [generator], progress, _autograd=_autograd)[0]
+    return train_autoencoder_population([x], [cfg], [name], batch_size or cfg.batch_size or DEFAULT_BATCH,
+                                        [generator or new_generator(0)], progress, _autograd=_autograd)[0]
 
 
 def train_autoencoder_population(xs: list[Tensor], cfgs: list[AEConfig], names: list[str], batch_size: int,

@@ -39,6 +39,9 @@ class LayerPretrainConfig(BaseModel):
         return self.model_dump(mode="json", exclude={"name"})
 
 
+DEFAULT_BATCH = 100  # pretrain.batch_size's default, for a layer trained on its own
+
+
 def progress_bar(total: int, desc: str, progress: bool | None):
     """A per-layer bar over batches; ``progress=None`` shows it only on a terminal."""
     return _bar(total, desc, progress, unit="batch")

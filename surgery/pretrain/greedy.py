@@ -21,7 +21,7 @@ from ..io import duration, progress_line
 from ..stack import LayerStack, StackLayer
 from .ae_model import AEConfig
 from .autoencoder import train_autoencoder_population
-from .base import check_input, new_generator
+from .base import DEFAULT_BATCH, check_input, new_generator
 from .grow import GrowConfig, train_grow_population
 from .rbm import RBMConfig, train_rbm_population
 
@@ -42,7 +42,7 @@ class PretrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    batch_size: int = Field(default=100, gt=0)
+    batch_size: int = Field(default=DEFAULT_BATCH, gt=0)
     layers: list[LayerConfig] = Field(min_length=1)
     progress: bool | None = Field(default=None, description="progress bars (default: only on a terminal)")
 

@@ -20,6 +20,7 @@ from ..batched import RowGather, loops_on, matmul, member_tensor
 from ..layers import LayerSpec
 from ..stack import StackLayer
 from .base import (
+    DEFAULT_BATCH,
     LayerPretrainConfig,
     check_examples,
     check_finite,
@@ -29,6 +30,7 @@ from .base import (
     member_label,
     monitor_subset,
     n_batches,
+    new_generator,
     pretrain_record,
     progress_bar,
     rows_once,
@@ -104,10 +106,13 @@ def free_energy(v: Tensor, W: Tensor, b: Tensor, c: Tensor, gaussian: bool) -> T
 
 
 @torch.no_grad()
-def train_rbm(x: Tensor, cfg: RBMConfig, name: str, batch_size: int, generator: torch.Generator,
-              progress: bool | None = None) -> StackLayer:
-    """Fit one RBM layer on ``x`` [N, D]; return it with per-epoch metrics (a population of one)."""
-    return train_rbm_population([x], [cfg], [name], batch_size, [generator], progress)[0]
+def train_rbm(x: Tensor, cfg: RBMConfig, name: str = "h1", batch_size: int | None = None,
+              generator: torch.Generator | None = None, progress: bool | None = None) -> StackLayer:
+    """Fit one RBM layer on ``x`` [N, D]; return it with per-epoch metrics (a population of one).
+    ``batch_size`` defaults to ``cfg.batch_size``, else 100; ``generator`` (init, data order,
+    Gibbs samples) to one seeded with 0."""
+    return train_rbm_population([x], [cfg], [name], batch_size or cfg.batch_size or DEFAULT_BATCH,
+                                [generator or new_generator(0)], progress)[0]
 
 
 @torch.no_grad()
