@@ -20,11 +20,11 @@ from ..schedules import OptimizerConfig, build_optimizer
 from ..stack import StackLayer
 from .ae_model import AEConfig, AEModel
 from .base import (
-    DEFAULT_BATCH,
     check_examples,
     check_finite,
     check_members,
     device_generator,
+    layer_batch,
     member_label,
     monitor_subset,
     n_batches,
@@ -49,7 +49,7 @@ def train_autoencoder(x: Tensor, cfg: AEConfig, name: str = "h1", batch_size: in
     Dense layers train with hand-written gradients (:mod:`.dense_ae`), conv layers as
     grouped convolutions (:mod:`.conv_ae`); ``_autograd=True``: one member at a time with
     autograd and ``torch.optim.SGD``, the reference the tests compare against."""
-    return train_autoencoder_population([x], [cfg], [name], batch_size or cfg.batch_size or DEFAULT_BATCH,
+    return train_autoencoder_population([x], [cfg], [name], layer_batch(batch_size, cfg),
                                         [generator or new_generator(0)], progress, _autograd=_autograd)[0]
 
 

@@ -42,6 +42,13 @@ class LayerPretrainConfig(BaseModel):
 DEFAULT_BATCH = 100  # pretrain.batch_size's default, for a layer trained on its own
 
 
+def layer_batch(batch_size: int | None, cfg: LayerPretrainConfig) -> int:
+    """A layer trained on its own: ``batch_size`` as given, else its config's, else the default."""
+    if batch_size is not None:
+        return batch_size
+    return cfg.batch_size if cfg.batch_size is not None else DEFAULT_BATCH
+
+
 def progress_bar(total: int, desc: str, progress: bool | None):
     """A per-layer bar over batches; ``progress=None`` shows it only on a terminal."""
     return _bar(total, desc, progress, unit="batch")

@@ -20,13 +20,13 @@ from ..batched import RowGather, loops_on, matmul, member_tensor
 from ..layers import LayerSpec
 from ..stack import StackLayer
 from .base import (
-    DEFAULT_BATCH,
     LayerPretrainConfig,
     check_examples,
     check_finite,
     check_members,
     device_generator,
     inactive_fraction,
+    layer_batch,
     member_label,
     monitor_subset,
     n_batches,
@@ -111,7 +111,7 @@ def train_rbm(x: Tensor, cfg: RBMConfig, name: str = "h1", batch_size: int | Non
     """Fit one RBM layer on ``x`` [N, D]; return it with per-epoch metrics (a population of one).
     ``batch_size`` defaults to ``cfg.batch_size``, else 100; ``generator`` (init, data order,
     Gibbs samples) to one seeded with 0."""
-    return train_rbm_population([x], [cfg], [name], batch_size or cfg.batch_size or DEFAULT_BATCH,
+    return train_rbm_population([x], [cfg], [name], layer_batch(batch_size, cfg),
                                 [generator or new_generator(0)], progress)[0]
 
 
