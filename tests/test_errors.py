@@ -708,7 +708,8 @@ def test_damaged_files_in_an_experiment_directory(tmp_path, capsys, damage):
     capsys.readouterr()
     assert main(["run", str(rp), "--out", str(out)]) == 0
     said = capsys.readouterr().err.splitlines()  # the CLI prints each warning as one line
-    assert any(f"{cells[0] / 'result.json'}:" in s and s.endswith("It trains again.") for s in said), said
+    assert [s for s in said if s.endswith("It trains again.")] == [  # told once
+        next(s for s in said if f"{cells[0] / 'result.json'}:" in s)], said
     assert f"surgery run: warning: learning curves: {cells[1] / 'metrics.jsonl'}, line 1: " \
         f"{'not readable JSON' if damage == 'truncated' else 'a JSON list'}" in "\n".join(said), said
     after = {r["cell"]: r["test_error"] for r in csv.DictReader((out / "results.csv").open())}
