@@ -41,6 +41,7 @@ class CellRunner:
         self.data = data
         self.datasets = {json.dumps(recipe.data.model_dump(mode="json"), sort_keys=True): data}
         self.stacks = StackStore(out / "stacks", recipe, self.dataset, progress)
+        self.damaged: set[Path] = set()  # result files found damaged, each told once
 
     def dataset(self, r: Recipe) -> Dataset:
         """The cell's dataset, loaded once per distinct data section (an arm may have its own)."""
@@ -178,8 +179,10 @@ class CellRunner:
             try:
                 return True, read_json(cdir / "result.json")
             except ManifestError as e:
-                warnings.warn(f"cell {cell.condition} depth {cell.depth} seed {cell.seed}: {e} It trains again.",
-                              SurgeryWarning, stacklevel=2)
+                if cdir not in self.damaged:  # asked again and again while it waits to train
+                    self.damaged.add(cdir)
+                    warnings.warn(f"cell {cell.condition} depth {cell.depth} seed {cell.seed}: {e} It trains again.",
+                                  SurgeryWarning, stacklevel=2)
         return (cdir / DIVERGED_FILE).is_file(), None
 
     def written(self, cell: Cell, cells_dir: str) -> bool:
