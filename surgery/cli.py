@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from .checkpoint import read_checkpoint_meta
 from .data import arrays_dataset, load_dataset
 from .datafiles import is_arrays_file, read_arrays
 from .errors import DataError, SurgeryError, SurgeryWarning
@@ -26,7 +27,7 @@ from .pipeline import assemble, finetune_model, pretrain, run, validate
 from .preflight import check_data
 from .recipe import Recipe, format_validation_error, json_schema, load_recipe
 from .report import failed_line, significance_line, summary_grid, write_report
-from .rundir import describe_run
+from .rundir import describe_checkpoint, describe_run
 from .runtime import exit_status, is_main_process, out_of_memory
 from .search import run_search
 from .stack import LayerStack
@@ -67,10 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(made by the same pretrain section, seed and data)")
 
     p = sub.add_parser("inspect", help="show a stack or model file (layers, shapes, how each was trained), a "
-                                       "dataset's arrays file, or how far a run or experiment directory has got")
-    p.add_argument("file", type=Path, help="a .safetensors stack or model, a dataset's .npz or .safetensors arrays, "
-                   "or the --out directory of `surgery run` or `surgery finetune`")
-    p.add_argument("--json", action="store_true", help="print the raw manifest as JSON")
+                                       "dataset's arrays file, a checkpoint, or how far a run, experiment or "
+                                       "search directory has got")
+    p.add_argument("file", type=Path, help="a .safetensors stack, model or checkpoint, a dataset's .npz or "
+                   ".safetensors arrays, or the --out directory of `surgery run`, `finetune` or `search`")
+    p.add_argument("--json", action="store_true", help="print the raw manifest (or checkpoint metadata) as JSON")
 
     _recipe_cmd(sub, "validate", "check a recipe and every file it refers to; print the planned network")
     sub.add_parser("schema", help="print the recipe JSON Schema (for editor completion)")
@@ -142,6 +144,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         return
     if is_arrays_file(args.file):
         say(_describe_dataset_file(args.file))
+        return
+    if (checkpoint := read_checkpoint_meta(args.file)) is not None:
+        say(json.dumps(checkpoint, indent=2) if args.json else "\n".join(describe_checkpoint(args.file, checkpoint)))
         return
     manifest = read_manifest(args.file)
     if args.json:

@@ -12,12 +12,14 @@ the test set.
 
 A single run's directory (``surgery run`` or ``surgery finetune``) holds ``metrics.jsonl``
 while it trains, ``checkpoints/last.safetensors`` when it checkpoints and ``result.json``
-once finished.
+once finished. A search's (``surgery search``) holds ``search.json``, every trial of its
+study so far. A checkpoint file alone is described from its metadata.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -142,18 +144,69 @@ def describe_single_run(out: Path) -> list[str]:
     return lines
 
 
+def describe_search(out: Path) -> list[str]:
+    """Lines saying what the search in ``out`` has found: its study, the trials so far
+    (those that diverged or failed counted apart), the best one's validation error and
+    values, and how to add trials."""
+    summary = _read(out / "search.json")
+    if not isinstance(summary, dict) or not isinstance(summary.get("trials"), list):
+        raise SurgeryError(f"{out}/search.json: damaged or being written; `surgery search RECIPE --out {out}` "
+                           "writes it anew from the study's storage.")
+    trials = [t for t in summary["trials"] if isinstance(t, dict)]
+    scored = [t for t in trials if t.get("state") == "COMPLETE" and not t.get("diverged")]
+    diverged = sum(bool(t.get("diverged")) for t in trials)
+    other = len(trials) - len(scored) - diverged
+    lines = [f"{out}: a search (surgery search), study {summary.get('study')!r} in {summary.get('storage')}",
+             f"trials: {len(trials)}" + (f" ({diverged} diverged)" if diverged else "")
+             + (f" ({other} failed or unfinished)" if other else "")]
+    if scored:
+        values = [float(t["value"]) for t in scored]
+        lines.append(f"validation error: {_span(values)} over the {len(scored)} scored")
+    if isinstance(summary.get("best_value"), (int, float)):
+        values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in (summary.get("best_params") or {}).items())
+        lines.append(f"best: trial {summary.get('best_trial')}, validation {summary['best_value']:.2f}% with "
+                     f"{values}; its recipe: {out}/best.yaml")
+    lines.append(f"`surgery search RECIPE --out {out} --trials N` adds N trials to the study")
+    return lines
+
+
+def describe_checkpoint(path: Path, meta: dict[str, Any]) -> list[str]:
+    """Lines saying where the fine-tuning checkpoint ``path`` (its metadata ``meta``) stands:
+    the epoch it was written after, the best validation error so far and how to continue."""
+    state = meta.get("state") if isinstance(meta.get("state"), dict) else {}
+    planned = (meta.get("config") or {}).get("epochs") if isinstance(meta.get("config"), dict) else None
+    of = f" of {planned}" if isinstance(planned, int) else ""
+    member = " (a population member's)" if path.name == MEMBER_CHECKPOINT else ""
+    lines = [f"{path}: a fine-tuning checkpoint{member}",
+             f"written after epoch {state.get('epoch')}{of} (step {state.get('step')})"]
+    if isinstance(state.get("best_valid"), (int, float)) and math.isfinite(state["best_valid"]):
+        lines.append(f"best validation error so far {state['best_valid']:.2f}% at epoch {state.get('best_epoch')}")
+    if (path.parent.parent / "result.json").is_file():  # RUN/checkpoints/FILE
+        how = f"its run has finished ({path.parent.parent}/result.json); this is the state it ended in"
+    elif member and len(path.parents) > 3:  # OUT/cells/<key>/checkpoints/member.safetensors
+        how = f"the experiment run again (the same recipe, --out {path.parents[3]}) continues its cell from it"
+    else:
+        how = (f"`surgery run --resume` or `surgery finetune --resume` (the same recipe, --out {path.parent.parent}) "
+               "continues from it")
+    return lines + [how]
+
+
 def describe_run(out: Path) -> list[str]:
     """Lines saying what the experiment directory ``out`` holds: pretrained stacks, tuning
     trials (per arm and depth, with their validation errors), finished cells and what is
-    training now; for a single run's directory, how far it got. ``SurgeryError`` when ``out``
-    is neither."""
+    training now; for a single run's directory, how far it got; for a search's, its best
+    trial. ``SurgeryError`` when ``out`` is none of these."""
     out = Path(out)
     if not is_experiment_dir(out):
         if is_single_run_dir(out):
             return describe_single_run(out)
+        if (out / "search.json").is_file():
+            return describe_search(out)
         raise SurgeryError(f"{out}: a directory that is not a run's (no result.json, metrics.jsonl, checkpoints/ "
-                           f"or pretrain/, nor an experiment's experiment.json, cells/, tuning/ or stacks/); give a "
-                           f".safetensors file{weights_held(out)} or a run's --out directory.")
+                           f"or pretrain/, nor an experiment's experiment.json, cells/, tuning/ or stacks/, nor a "
+                           f"search's search.json); give a .safetensors file{weights_held(out)} or a run's --out "
+                           "directory.")
     meta = _read(out / "experiment.json")
     exp = (meta or {}).get("recipe", {}).get("experiment") or {}
     lines = [f"{out}: experiment {(meta or {}).get('recipe', {}).get('name', '')}".rstrip()]

@@ -320,6 +320,18 @@ def test_search_end_to_end(tmp_path, capsys):
     best = load_recipe(out / "best.yaml")
     assert best.finetune.optimizer.lr == pytest.approx(s["best_params"]["finetune.optimizer.lr"])
     assert best.search is None
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0  # a search's directory: its study and best trial
+    said = capsys.readouterr().out.splitlines()
+    values = [t["value"] for t in s["trials"]]
+    assert said[0] == f"{out}: a search (surgery search), study 's' in {s['storage']}" and said[1] == "trials: 3"
+    assert said[2] == f"validation error: {min(values):.2f}-{max(values):.2f}% over the 3 scored", said
+    assert said[3].startswith(f"best: trial {s['best_trial']}, validation {s['best_value']:.2f}% with "
+                              f"finetune.batch_size={s['best_params']['finetune.batch_size']}, "
+                              "finetune.optimizer.lr=") and said[3].endswith(f"its recipe: {out}/best.yaml"), said
+    (out / "search.json").write_text("{")
+    assert main(["inspect", str(out)]) == 2
+    assert "search.json: damaged or being written" in capsys.readouterr().err
 
 
 def test_search_trials_flag_counts_exactly(tmp_path, capsys):
@@ -969,3 +981,19 @@ def test_the_report_writes_a_tiny_p_value_as_below_its_last_place():
     p = {t["condition"]: t["p"] for t in table(rows, "none")}
     assert lines["| rbm"].endswith("| <0.0001 |") and p["rbm"] < 5e-5
     assert lines["| dae"].endswith(f"| {p['dae']:.4f} |") and p["dae"] > 0.01 and lines["| none"].endswith("| – |")
+
+
+def test_inspect_describes_a_population_members_checkpoint(tmp_path):
+    """A member's checkpoint under an experiment's cells/ says that rerunning the experiment
+    continues the cell; once the cell's result.json is there, that it is the state it ended in."""
+    from surgery.rundir import describe_checkpoint
+
+    path = tmp_path / "out" / "cells" / "abc" / "checkpoints" / "member.safetensors"
+    path.parent.mkdir(parents=True)
+    meta = {"state": {"epoch": 3, "step": 30, "best_valid": 4.5, "best_epoch": 2}, "config": {"epochs": 10}}
+    assert describe_checkpoint(path, meta) == [
+        f"{path}: a fine-tuning checkpoint (a population member's)", "written after epoch 3 of 10 (step 30)",
+        "best validation error so far 4.50% at epoch 2",
+        f"the experiment run again (the same recipe, --out {tmp_path / 'out'}) continues its cell from it"]
+    (path.parent.parent / "result.json").write_text("{}")
+    assert describe_checkpoint(path, meta)[-1].startswith("its run has finished")

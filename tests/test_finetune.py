@@ -409,6 +409,15 @@ def test_inspect_says_how_far_a_single_run_got(synth, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "a single run" in out and "unfinished: epoch 2 of 4 trained" in out, out
     assert f"(best {best:.2f}% at epoch" in out and "checkpoint after epoch 2: `--resume`" in out, out
+    checkpoint = tmp_path / "cut" / "checkpoints" / "last.safetensors"
+    assert main(["inspect", str(checkpoint)]) == 0  # the checkpoint file itself, from its metadata
+    assert capsys.readouterr().out.splitlines() == [
+        f"{checkpoint}: a fine-tuning checkpoint", f"written after epoch 2 of 4 (step {2 * len(synth.train) // 50})",
+        f"best validation error so far {best:.2f}% at epoch {min(hist, key=lambda h: h['valid_error'])['epoch']}",
+        f"`surgery run --resume` or `surgery finetune --resume` (the same recipe, --out {tmp_path / 'cut'}) "
+        "continues from it"]
+    assert main(["inspect", str(checkpoint), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["state"]["epoch"] == 2
     r = Trainer(mlp((64, 32, 16)), synth, c, seed=1, out_dir=tmp_path / "cut").fit(resume=True)
     assert main(["inspect", str(tmp_path / "cut")]) == 0
     out = capsys.readouterr().out
