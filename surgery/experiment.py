@@ -134,16 +134,17 @@ def _no_results(d: Path) -> str:
     return f"{d}: no results.csv; run `surgery run RECIPE --out {d}` first."
 
 
-def read_results(dirs: list[Path]) -> list[dict[str, Any]]:
-    """The result rows of one or more experiment directories; later directories win for
+def read_results(dirs: str | Path | list[str | Path]) -> list[dict[str, Any]]:
+    """The result rows of one experiment directory or several; later directories win for
     the same (condition, depth, seed)."""
     return merge_results(dirs)[0]
 
 
-def merge_results(dirs: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
+def merge_results(dirs: str | Path | list[str | Path]) -> tuple[list[dict[str, Any]], list[str]]:
     """:func:`read_results`, and a line for each directory whose runs replaced an earlier
     one's for the same (condition, depth, seed). ``SurgeryError`` when the directories ran on
     different data (their ``experiment.json`` say so): their errors would not be comparable."""
+    dirs = [Path(dirs)] if isinstance(dirs, (str, Path)) else [Path(d) for d in dirs]
     _check_same_data(dirs)
     merged: dict[tuple[str, int, int], dict[str, Any]] = {}
     notes = []

@@ -997,3 +997,21 @@ def test_inspect_describes_a_population_members_checkpoint(tmp_path):
         f"the experiment run again (the same recipe, --out {tmp_path / 'out'}) continues its cell from it"]
     (path.parent.parent / "result.json").write_text("{}")
     assert describe_checkpoint(path, meta)[-1].startswith("its run has finished")
+
+
+def test_read_results_takes_one_directory_or_several(tmp_path):
+    """`S.read_results(out)` (a str or Path) gives the rows `S.run_experiment` returned, as a
+    list of one directory does; a directory with no results is one paragraph."""
+    import surgery as S
+
+    recipe = recipe_from_dict({"data": {"dataset": "synthetic", "n_train": 120, "n_valid": 40, "n_test": 40},
+                               "finetune": {"epochs": 1, "batch_size": 20, "progress": False},
+                               "experiment": {"conditions": ["none"], "depths": [1], "seeds": [0, 1], "hidden": 8}})
+    rows = S.run_experiment(recipe, tmp_path / "out", progress=False)
+    S.write_report(tmp_path / "out", rows)
+    key = lambda r: (r["condition"], int(r["depth"]), int(r["seed"]), float(r["test_error"]))  # noqa: E731
+    want = sorted(map(key, rows))
+    assert sorted(map(key, S.read_results(str(tmp_path / "out")))) == want
+    assert sorted(map(key, S.read_results([tmp_path / "out"]))) == want
+    with pytest.raises(SurgeryError, match="nope: no results.csv"):
+        S.read_results(tmp_path / "nope")
