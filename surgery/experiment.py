@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 from .cells import CellRunner, summary
 from .data import fingerprint
-from .errors import ManifestError, OutputError, SurgeryError
+from .errors import ManifestError, OutputError, SurgeryError, SurgeryWarning
+from .experiment_config import ExperimentConfig
 from .grid import plan_cells, shard_of
 from .io import RERUN, make_dir, progress_bar, progress_line, read_json, write_json, write_text
 from .pipeline import check_grid, is_experiment_dir, is_single_run_dir
@@ -53,6 +55,7 @@ def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None
     fingerprints = _data_unchanged(Path(out), runner)
     out = make_dir(Path(out))
     assert recipe.experiment is not None
+    _warn_absent_baseline(recipe.experiment, out)
     write_json(out / "experiment.json", {"recipe": recipe.to_dict(), "cells": len(cells),  # first: inspect reads it
                                          "data_fingerprints": fingerprints})
     if recipe.experiment.tune is not None:
@@ -132,6 +135,16 @@ def _no_results(d: Path) -> str:
         return (f"{d}: an experiment that has not finished (no results.csv yet); `surgery inspect {d}` says how far "
                 f"it got, and `surgery run RECIPE --out {d}` finishes it (finished cells are kept).")
     return f"{d}: no results.csv; run `surgery run RECIPE --out {d}` first."
+
+
+def _warn_absent_baseline(exp: ExperimentConfig, out: Path) -> None:
+    """A warning before anything trains when the baseline is none of the arms run here (a
+    misspelt name, or arms run apart): the report's tests need it."""
+    arms = sorted(exp.arms())
+    if exp.baseline not in arms:
+        warnings.warn(f"experiment.baseline: {exp.baseline!r} is not among the arms run here {arms}; the report tests "
+                      "the arms against it once merged with a run of it (`surgery compare DIR... --out DIR`), or "
+                      f"against one of these (`surgery compare {out} --baseline ARM`).", SurgeryWarning, stacklevel=3)
 
 
 def read_results(dirs: str | Path | list[str | Path]) -> list[dict[str, Any]]:

@@ -70,8 +70,8 @@ def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any, progres
             record.append({"trial": trial.number, "params": vals, cfg.metric: result[cfg.metric]})
         bar.update(1)
         outcome = f"diverged (scored {DIVERGED_SCORE:g}%)" if result is None else summary(result, test=False)
-        progress_line(progress, f"tuning: {where} trial {trial.number + 1}/{cfg.trials} "
-                                f"{shown(vals, ignored)}: {outcome}{whose}")
+        told = shown(vals, ignored) or "(no tuned value applies to this arm)"
+        progress_line(progress, f"tuning: {where} trial {trial.number + 1}/{cfg.trials} {told}: {outcome}{whose}")
 
     while len(record) < cfg.trials:
         asked = [study.ask() for _ in range(min(cfg.batch, cfg.trials - len(record)))]

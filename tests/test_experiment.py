@@ -1015,3 +1015,34 @@ def test_read_results_takes_one_directory_or_several(tmp_path):
     assert sorted(map(key, S.read_results([tmp_path / "out"]))) == want
     with pytest.raises(SurgeryError, match="nope: no results.csv"):
         S.read_results(tmp_path / "nope")
+
+
+def test_a_baseline_among_no_arm_run_here_is_warned_before_training(tmp_path, capsys):
+    """A misspelt experiment.baseline (or arms run apart) is said before the first cell trains,
+    with how the report can still test against it; the run goes on."""
+    r = {"data": {"dataset": "synthetic", "n_train": 120, "n_valid": 40, "n_test": 40},
+         "finetune": {"epochs": 1, "batch_size": 20, "progress": False},
+         "experiment": {"conditions": ["none"], "depths": [1], "seeds": [0], "hidden": 8, "baseline": "nnoe"}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    warned = "warning: experiment.baseline: 'nnoe' is not among the arms run here ['none']"
+    assert warned in err and "--baseline ARM" in err, err
+    assert err.index(warned) < err.index("experiment: cell 1/1"), err
+    r["experiment"]["baseline"] = "none"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o2")]) == 0
+    assert "baseline" not in capsys.readouterr().err
+
+
+def test_a_trial_whose_arm_uses_none_of_the_tuned_values_says_so(tmp_path, capsys):
+    """`none` tuned over a pretraining value only: its trials' lines say no value applies
+    (they printed an empty list of values)."""
+    r = {"data": {"dataset": "synthetic", "n_train": 120, "n_valid": 40, "n_test": 40},
+         "finetune": {"epochs": 1, "batch_size": 20, "progress": False},
+         "experiment": {"conditions": ["none"], "depths": [1], "seeds": [0], "hidden": 8,
+                        "tune": {"trials": 2, "params": {"pretrain.layers.*.lr": {"low": 0.01, "high": 0.1}}}}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert "tuning: none depth 1 trial 2/2 (no tuned value applies to this arm): valid " in err, err
