@@ -89,7 +89,8 @@ class Dataset:
 
     @property
     def num_classes(self) -> int:
-        """The number of classes (largest label + 1 over all splits)."""
+        """The number of classes: the largest training label + 1 (fine-tuning refuses
+        validation or test labels beyond it, :func:`surgery.preflight.check_data`)."""
         return int(self.train.y.max().item()) + 1
 
     @property

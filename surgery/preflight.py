@@ -18,7 +18,8 @@ from .graph import ModelGraph, input_fits
 
 def check_data(data: Dataset) -> None:
     """``DataError`` unless each split of ``data`` holds float32 examples and as many integer
-    labels, none negative, every input finite, and the training split at least one example."""
+    labels, none negative, every input finite, the training split at least one example of
+    two classes or more, and the validation and test labels among the training's class numbers."""
     for name in ("train", "valid", "test"):
         split = getattr(data, name)
         if split.x.dtype != torch.float32 or split.y.dtype != torch.int64:
@@ -37,6 +38,23 @@ def check_data(data: Dataset) -> None:
         if len(split) and int(split.y.min()) < 0:
             raise DataError(f"the data {data.name!r}: its {name} split has negative labels (from "
                             f"{int(split.y.min())}); classes are numbered 0, 1, 2, ...")
+    _check_classes(data)
+
+
+def _check_classes(data: Dataset) -> None:
+    """The training labels name two classes or more, and every validation and test label is
+    one of the class numbers the network's head will have (0 to the largest training label)."""
+    seen = torch.unique(data.train.y)
+    if len(seen) < 2:
+        raise DataError(f"the data {data.name!r}: its train split holds one class only ({int(seen[0])}); a "
+                        "classifier needs examples of two classes or more.")
+    for name in ("valid", "test"):
+        y = getattr(data, name).y
+        if len(y) and int(y.max()) >= data.num_classes:
+            raise DataError(f"the data {data.name!r}: its {name} split has labels up to {int(y.max())}, but the "
+                            f"training labels go up to {data.num_classes - 1} (the network gets a class for each "
+                            "of 0 to that); a class training never shows cannot be learned. Check that every split "
+                            "numbers the classes alike (0-9, not 1-10 in one of them).")
 
 
 def warn_large_batch(cfg: FinetuneConfig, data: Dataset) -> None:

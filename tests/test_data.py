@@ -398,6 +398,41 @@ def test_any_arrays_file_loads_or_is_one_data_error(tmp_path, shape, valid, muta
     assert ds.train.x.dtype == torch.float32 and ds.train.y.dtype == torch.int64 and len(ds.train) > 0
     assert len(ds.train) == len(ds.train.y) and ds.train.x.shape[1:] == ds.test.x.shape[1:]
     assert ds.train.x.dim() in (2, 4) and int(ds.train.y.min()) >= 0
+    assert len(torch.unique(ds.train.y)) >= 2 and all(int(s.y.max()) < ds.num_classes for s in (ds.valid, ds.test)
+                                                         if len(s))
+
+
+@pytest.mark.parametrize("case, says", [
+    ("one class", "its train split holds one class only (0); a classifier needs examples of two classes or more"),
+    ("test labels 1-10", "its test split has labels up to 10, but the training labels go up to 9"),
+    ("a valid class never trained", "its valid split has labels up to 3, but the training labels go up to 2"),
+])
+def test_labels_a_classifier_cannot_learn_are_refused_before_training(tmp_path, capsys, case, says):
+    """One class in the training labels, or validation/test labels beyond the training's class
+    numbers (the head has a class for each of 0 to the largest training label): the test error
+    counted those as wrong answers (100% on a test set numbered 1-10). Refused by run and
+    inspect, one paragraph."""
+    from surgery.cli import main
+
+    rng = np.random.default_rng(0)
+    a = {f"x_{s}": rng.random((40, 6), dtype=np.float32) for s in ("train", "valid", "test")}
+    a |= {f"y_{s}": np.arange(40) % (3 if case == "a valid class never trained" else 10)
+          for s in ("train", "valid", "test")}
+    if case == "one class":
+        a["y_train"] = np.zeros(40, np.int64)
+    elif case == "test labels 1-10":
+        a["y_test"] = a["y_test"] + 1
+    else:
+        a["y_valid"][0] = 3
+    np.savez(tmp_path / "d.npz", **a)
+    (tmp_path / "r.yaml").write_text("data: {dataset: arrays, path: d.npz}\n"
+                                     "surgery: {ops: [{op: insert, name: h1, units: 4}, {op: head, classes: 10}]}\n"
+                                     "finetune: {epochs: 1}\n")
+    for args in (["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")], ["inspect", str(tmp_path / "d.npz")]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o" / "result.json").exists()
 
 
 def test_inspect_describes_a_dataset_file_and_checks_it(tmp_path, capsys):
