@@ -54,7 +54,8 @@ def _check_classes(data: Dataset) -> None:
             raise DataError(f"the data {data.name!r}: its {name} split has labels up to {int(y.max())}, but the "
                             f"training labels go up to {data.num_classes - 1} (the network gets a class for each "
                             "of 0 to that); a class training never shows cannot be learned. Check that every split "
-                            "numbers the classes alike (0-9, not 1-10 in one of them).")
+                            "numbers the classes alike (0-9, not 1-10 in one of them), and that data.limit leaves "
+                            "training examples of every class.")
 
 
 def warn_large_batch(cfg: FinetuneConfig, data: Dataset) -> None:
