@@ -23,7 +23,7 @@ from .experiment import merge_results, run_experiment, write_results_csv
 from .grid import parse_shard
 from .io import RERUN, file_to_write, read_json, write_json
 from .model_file import describe_model, load_model, save_model
-from .pipeline import assemble, finetune_model, pretrain, run, validate
+from .pipeline import assemble, check_network, finetune_model, pretrain, run, validate
 from .preflight import check_data
 from .recipe import Recipe, format_validation_error, json_schema, load_recipe
 from .report import failed_line, significance_line, summary_grid, write_report
@@ -33,7 +33,7 @@ from .search import run_search
 from .stack import LayerStack
 from .tuning import merge_tuning
 from .version import __version__
-from .weights_io import MODEL_FORMAT, describe, read_manifest
+from .weights_io import MODEL_FORMAT, describe, describe_foreign, is_foreign, read_manifest
 
 EPILOG = """recipes are YAML or JSON files with the sections data, pretrain, surgery,
 finetune, experiment and search; `surgery schema` prints their JSON Schema.
@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show a stack or model file (layers, shapes, how each was trained), a "
                                        "dataset's arrays file, a checkpoint, or how far a run, experiment or "
                                        "search directory has got")
-    p.add_argument("file", type=Path, help="a .safetensors stack, model or checkpoint, a dataset's .npz or "
-                   ".safetensors arrays, or the --out directory of `surgery run`, `finetune` or `search`")
+    p.add_argument("file", type=Path, help="a .safetensors stack, model or checkpoint, another tool's weights "
+                   "(.safetensors, .pt), a dataset's .npz or .safetensors arrays, or the --out directory of "
+                   "`surgery run`, `finetune` or `search`")
     p.add_argument("--json", action="store_true", help="print the raw manifest (or checkpoint metadata) as JSON")
 
     _recipe_cmd(sub, "validate", "check a recipe and every file it refers to; print the planned network")
@@ -148,6 +149,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     if (checkpoint := read_checkpoint_meta(args.file)) is not None:
         say(json.dumps(checkpoint, indent=2) if args.json else "\n".join(describe_checkpoint(args.file, checkpoint)))
         return
+    if is_foreign(args.file):  # another tool's weights: their names and shapes, to write a source's map
+        say(describe_foreign(args.file))
+        return
     manifest = read_manifest(args.file)
     if args.json:
         say(json.dumps(manifest, indent=2))
@@ -209,6 +213,7 @@ def cmd_assemble(args: argparse.Namespace) -> None:
     out = args.output or Path("runs") / recipe.name / "assembled.safetensors"
     file_to_write(out)  # an unwritable output fails now, not after any pretraining
     data = load_dataset(recipe.data, recipe.base_dir)
+    check_network(recipe, data)  # a network that cannot fit the data fails now, not after its pretraining
     stack = pretrain(recipe, data) if recipe.pretrain is not None else None
     graph = assemble(recipe, stack, data.num_classes, data.input_shape)
     if is_main_process():

@@ -200,6 +200,12 @@ def plan_network(recipe: Recipe, data: Dataset) -> ModelGraph | None:
     fails before hours of pretraining, not after (a fine-tuning device this machine lacks too)."""
     if recipe.finetune is not None:
         resolve_device(recipe.finetune.device, "finetune.device")
+    return check_network(recipe, data)
+
+
+def check_network(recipe: Recipe, data: Dataset) -> ModelGraph | None:
+    """:func:`plan_network` without the fine-tuning device: what ``surgery assemble`` checks
+    before it pretrains (the network fits the data; the layers and patterns it names exist)."""
     stack = _planned_stack(recipe, data)
     if recipe.surgery is None and stack is None:
         return None

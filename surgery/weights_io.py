@@ -7,7 +7,8 @@ spec), so a file edited by hand or by another tool is one ``ManifestError`` nami
 damaged field, not a ``KeyError`` deep in a loader; :func:`read_safetensors` adds the
 tensors (every one finite). :func:`load_foreign` reads another tool's weights (safetensors,
 or a torch state dict with ``weights_only=True``: never unpickled). :func:`describe` is
-the summary ``surgery inspect`` prints.
+the summary ``surgery inspect`` prints, :func:`describe_foreign` its listing of another
+tool's file.
 """
 
 from __future__ import annotations
@@ -189,6 +190,69 @@ def describe(manifest: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _foreign_tensors(path: Path) -> dict[str, Tensor]:
+    """Every tensor of a foreign weights file by name (see :func:`load_foreign`)."""
+    _require_file(path)
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ManifestError(f"{path}: not a readable safetensors file ({first_line(e)}).") from e
+    try:
+        with warnings.catch_warnings():  # its note on a pickle's protocol is noise beside our error
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for bad files
+        raise ManifestError(
+            f"{path}: cannot read it as a torch state dict with weights_only=True ({first_line(e)}); "
+            "convert it to safetensors."
+        ) from e
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ManifestError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors.")
+    return {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+
+
+FOREIGN_SUFFIXES = (".pt", ".pth", ".bin")  # torch state dicts, read with weights_only=True
+
+
+def is_foreign(path: str | Path) -> bool:
+    """Whether ``path`` is another tool's weights file: a torch state dict by its name, or a
+    readable ``.safetensors`` file without a surgery manifest."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.suffix in FOREIGN_SUFFIXES:
+        return True
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return MANIFEST_KEY not in (f.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        return False  # unreadable: read_manifest says so
+
+
+def describe_foreign(path: str | Path) -> str:
+    """What ``surgery inspect`` prints for a foreign weights file: its tensors (name, shape,
+    type) and the recipe lines that import its first weight and bias as a layer."""
+    path = Path(path)
+    raw = _foreign_tensors(path)
+    width = max((len(k) for k in raw), default=0)
+    lines = [f"{path}: foreign weights (no surgery manifest), {len(raw)} tensors, "
+             f"{sum(t.numel() for t in raw.values()):,} numbers"]
+    lines += [f"  {k:<{width}}  {str(tuple(t.shape)):>14}  {str(t.dtype).removeprefix('torch.')}"
+              for k, t in raw.items()]
+    weight = next((k for k, t in raw.items() if t.dim() == 2 and k.endswith("weight")), None)
+    if weight is not None:
+        bias = weight.removesuffix("weight") + "bias"
+        pair = f"{weight}: h1.weight" + (f", {bias}: h1.bias" if bias in raw else "")
+        lines.append(f"to use {weight} as a layer h1 (dense [out, in]; transpose: true for [in, out]): surgery: "
+                     f"{{sources: {{w: {{path: {path.name}, map: {{{pair}}}}}}}, ops: [{{op: import, source: w, "
+                     "layers: [h1]}, ...]}")
+    return "\n".join(lines)
+
+
 def load_foreign(path: str | Path,
                  mapping: dict[str, tuple[str, bool]]) -> tuple[dict[str, Tensor], dict[str, list[str]]]:
     """Tensors of a foreign weights file renamed by ``mapping`` (src key -> (dest, transpose)).
@@ -199,30 +263,7 @@ def load_foreign(path: str | Path,
     ``skipped`` (in the file, not mapped) and ``missing`` (mapped, not in the file).
     """
     path = Path(path)
-    _require_file(path)
-    raw: dict[str, Tensor] = {}
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for k in f.keys():
-                    raw[k] = f.get_tensor(k)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise ManifestError(f"{path}: not a readable safetensors file ({first_line(e)}).") from e
-    else:
-        try:
-            with warnings.catch_warnings():  # its note on a pickle's protocol is noise beside our error
-                warnings.filterwarnings("ignore", message="Detected pickle protocol")
-                obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises many types for bad files
-            raise ManifestError(
-                f"{path}: cannot read it as a torch state dict with weights_only=True ({first_line(e)}); "
-                "convert it to safetensors."
-            ) from e
-        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict):
-            raise ManifestError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors.")
-        raw = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    raw = _foreign_tensors(path)
     out: dict[str, Tensor] = {}
     report: dict[str, list[str]] = {"loaded": [], "skipped": [], "missing": []}
     for src, (dest, transpose) in mapping.items():

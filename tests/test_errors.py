@@ -524,6 +524,27 @@ def test_an_output_file_that_is_a_directory_is_refused_before_the_work(tmp_path,
     assert list((tmp_path / "d").iterdir()) == []
 
 
+def test_assemble_refuses_a_network_that_cannot_take_the_data_before_pretraining(tmp_path, capsys):
+    """`surgery assemble` checks the network against the recipe's data as validate and run do
+    (it wrote a model whose first layer took 8 inputs for data of 64), before it pretrains."""
+    r = _net_recipe()
+    r["pretrain"] = {"layers": [{"method": "rbm", "hidden": 8, "epochs": 1}]}
+    r["surgery"]["ops"] = [{"op": "take", "source": "pretrained"}, {"op": "head", "classes": 4}]
+    r["finetune"] = {**r["finetune"], "layer_lr": {"h9": 0.1}}
+    p = _write(tmp_path / "r.yaml", r)
+    for command in ("validate", "assemble"):
+        args = [command, str(p)] + (["-o", str(tmp_path / "m.safetensors")] if command == "assemble" else [])
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "finetune.layer_lr: 'h9' matches no layer" in err and "pretrain: layer" not in err, err
+    assert not (tmp_path / "m.safetensors").exists()
+    r["surgery"]["ops"] = [{"op": "insert", "name": "h1", "units": 4, "in_features": 8}, {"op": "head", "classes": 4}]
+    del r["pretrain"]
+    assert main(["assemble", str(_write(tmp_path / "r.yaml", r)), "-o", str(tmp_path / "m.safetensors")]) == 2
+    assert "the network takes input (8,) but the data 'synthetic' gives (64,)" in capsys.readouterr().err
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 @pytest.mark.parametrize("fails", ["rename", "safetensors"])
 def test_a_full_disk_is_one_paragraph_and_keeps_the_file_that_was_there(tmp_path, monkeypatch, fails):
     """No room left (the rename, or safetensors' own I/O error as it writes the temp file):

@@ -140,3 +140,28 @@ def test_log_lines_give_wall_time_in_a_readable_unit():
 
     assert [duration(s) for s in (0.04, 42.15, 59.97, 61, 3590, 3599, 7530)] == [
         "0.0 s", "42.1 s", "1.0 min", "1.0 min", "59.8 min", "1 h 00 min", "2 h 06 min"]
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_inspect_lists_a_foreign_files_tensors_and_how_to_import_them(tmp_path, capsys, suffix):
+    """A foreign weights file (no surgery manifest): `inspect` lists its tensors and shapes,
+    and the surgery: section it suggests imports the first weight and bias as they are (it
+    said only 'a safetensors file without a surgery manifest')."""
+    import yaml
+
+    from surgery.model_file import load_model
+
+    sd = {"enc.weight": torch.randn(8, 16), "enc.bias": torch.randn(8), "out.weight": torch.randn(4, 8)}
+    path = tmp_path / f"w{suffix}"
+    save_file(sd, str(path)) if suffix == ".safetensors" else torch.save(sd, path)
+    assert main(["inspect", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{path}: foreign weights (no surgery manifest), 3 tensors, {8 * 16 + 8 + 4 * 8:,} numbers"
+    assert sorted(line.split()[0] for line in lines[1:4]) == sorted(sd) and "(8, 16)  float32" in "\n".join(lines)
+    section = yaml.safe_load(lines[4].split("surgery: ", 1)[1].replace(", ...]", ", {op: head, classes: 4}]"))
+    recipe = {"data": {"dataset": "synthetic", "side": 4, "n_train": 40, "classes": 4}, "surgery": section}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["assemble", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "m.safetensors")]) == 0
+    g = load_model(tmp_path / "m.safetensors")
+    assert torch.equal(g.node("h1").tensors["weight"], sd["enc.weight"]) and torch.equal(g.node("h1").tensors["bias"],
+                                                                                         sd["enc.bias"])
