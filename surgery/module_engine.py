@@ -38,7 +38,7 @@ from .graphed import GRAPH_OPTIMIZERS, GraphedStep
 from .layers import init_weight
 from .modules import read_back, to_module
 from .ops import DropoutOp
-from .preflight import check_data, check_fits, check_patterns, warn_large_batch
+from .preflight import check_data, check_fits, check_patterns, warn_cuda_only, warn_large_batch
 from .runtime import distributed, keep_freed_memory
 from .schedules import apply_schedule, build_optimizer
 
@@ -288,6 +288,7 @@ class ModuleEngine:
         check_data(data)
         check_fits(graph, data)
         warn_large_batch(cfg, data)
+        warn_cuda_only(cfg, self.device)
         self.graph = prepare_graph(graph, cfg, seed)
         self.data = data.to(self.device)
         torch.manual_seed(seed)

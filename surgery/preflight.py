@@ -67,6 +67,13 @@ def warn_large_batch(cfg: FinetuneConfig, data: Dataset) -> None:
                       stacklevel=3)
 
 
+def warn_cuda_only(cfg: FinetuneConfig, device: torch.device) -> None:
+    """A ``SurgeryWarning`` when ``amp`` is asked for on a device it does not apply to."""
+    if cfg.amp and device.type != "cuda":
+        warnings.warn(f"finetune.amp: bf16 autocast applies on CUDA only; on {device.type} fine-tuning runs in "
+                      "float32, as with amp: false.", SurgeryWarning, stacklevel=3)
+
+
 def check_fits(graph: ModelGraph, data: Dataset) -> None:
     """Raise ``ShapeError`` unless ``data`` feeds ``graph`` and its labels fit its output."""
     shapes = graph.validate()

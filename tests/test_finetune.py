@@ -542,3 +542,11 @@ def test_without_a_validation_split_the_last_epoch_is_kept(synth, tmp_path):
     assert json.loads((tmp_path / "run" / "result.json").read_text())["valid_error"] is None
     with pytest.raises(ConfigError, match="finetune.early_stopping.*data.valid_size: 0"):
         Trainer(mlp(), _without_valid(synth), cfg(early_stopping={"patience": 2}))
+
+
+def test_amp_off_cuda_is_warned_and_trains_as_float32(synth):
+    """amp (bf16 autocast) applies on CUDA only: asked for on the CPU it is said, and the run is
+    the float32 run it was silently before."""
+    with pytest.warns(SurgeryWarning, match="finetune.amp: bf16 autocast applies on CUDA only; on cpu"):
+        with_amp = Trainer(mlp(), synth, cfg(amp=True), seed=3).fit()
+    assert with_amp["test_error"] == Trainer(mlp(), synth, cfg(), seed=3).fit()["test_error"]
