@@ -238,8 +238,11 @@ def describe_foreign(path: str | Path) -> str:
     type) and the recipe lines that import its first weight and bias as a layer."""
     path = Path(path)
     raw = _foreign_tensors(path)
+    if list(raw) == ["state"] and raw["state"].dtype == torch.uint8:  # ours: save_generator_state's
+        return (f"{path}: a random generator's state ({raw['state'].numel():,} bytes), not weights: a greedy "
+                "stack keeps one after each layer (rngN beside depthN) so that its pretraining continues there.")
     width = max((len(k) for k in raw), default=0)
-    lines = [f"{path}: foreign weights (no surgery manifest), {len(raw)} tensors, "
+    lines = [f"{path}: foreign weights (no surgery manifest), {len(raw)} tensor{'s' if len(raw) != 1 else ''}, "
              f"{sum(t.numel() for t in raw.values()):,} numbers"]
     lines += [f"  {k:<{width}}  {str(tuple(t.shape)):>14}  {str(t.dtype).removeprefix('torch.')}"
               for k, t in raw.items()]

@@ -163,5 +163,10 @@ def test_inspect_lists_a_foreign_files_tensors_and_how_to_import_them(tmp_path, 
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["assemble", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "m.safetensors")]) == 0
     g = load_model(tmp_path / "m.safetensors")
+    from surgery.checkpoint import save_generator_state
+
+    save_generator_state(tmp_path / "rng1.safetensors", torch.Generator().get_state())  # ours, but no weights
+    assert main(["inspect", str(tmp_path / "rng1.safetensors")]) == 0
+    assert "a random generator's state (5,056 bytes), not weights" in capsys.readouterr().out
     assert torch.equal(g.node("h1").tensors["weight"], sd["enc.weight"]) and torch.equal(g.node("h1").tensors["bias"],
                                                                                          sd["enc.bias"])
