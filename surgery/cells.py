@@ -21,7 +21,7 @@ from .errors import CheckpointError, ConfigError, ManifestError, SurgeryWarning,
 from .finetune import PopulationTrainer, Trainer
 from .graph import ModelGraph
 from .grid import Cell
-from .io import duration, progress_line, read_json, write_json
+from .io import Pace, duration, progress_line, read_json, write_json
 from .pipeline import load_sources
 from .population import architecture_key, model_bytes, population_size
 from .recipe import Recipe, recipe_from_dict
@@ -51,11 +51,12 @@ class CellRunner:
         return self.datasets[key]
 
     def run_populations(self, cells: list[Cell], mode: str | int, bar: Any = None,
-                        cells_dir: str = "cells") -> set[str]:
+                        cells_dir: str = "cells", pace: Pace | None = None) -> set[str]:
         """Fine-tune the unfinished cells that share an architecture, data and budget
         together, in populations as large as ``mode`` allows; the rest (and any cell a
         population cannot take) are left for :meth:`run`. Returns the keys of the cells
-        finished here (``bar`` counts them as their population ends)."""
+        finished here (``bar`` and ``pace``, the log line's count, count them as their
+        population ends)."""
         assert self.recipe.finetune is not None
         if mode == "off" or (mode == "auto" and resolve_device(self.recipe.finetune.device).type != "cuda"):
             return set()  # one cell at a time: nothing to prepare here
@@ -75,15 +76,21 @@ class CellRunner:
             size = population_size(mode, resolve_device(r0.finetune.device), model_bytes(members[0][2], 100))
             for i in range(0, len(members), size):
                 # a member's checkpoint continues in a population, of one if need be
-                if (len(members[i : i + size]) > 1 or after) and self._population(members[i : i + size], cells_dir,
-                                                                                   after > 0):
-                    done.update(m[0].key for m in members[i : i + size])
+                batch = members[i : i + size]
+                if len(batch) == 1 and not after:
+                    continue
+                told = self._population(batch, cells_dir, after > 0)
+                if told is not None:
+                    done.update(m[0].key for m in batch)
                     if bar is not None:
-                        bar.update(len(members[i : i + size]))
+                        bar.update(len(batch))
+                    progress_line(self.progress, told + (f"; {pace.add(len(batch))}" if pace is not None else ""))
         return done
 
     def _population(self, members: list[tuple[Cell, Recipe, ModelGraph, float]], cells_dir: str,
-                    resume: bool = False) -> bool:
+                    resume: bool = False) -> str | None:
+        """Fine-tune ``members`` as one population; the log line saying so, or None when they
+        cannot train together (they then train alone)."""
         data = self.dataset(members[0][1])
 
         def trainer() -> PopulationTrainer:
@@ -104,18 +111,16 @@ class CellRunner:
                                   stacklevel=2)
                     pop = trainer()  # its state may be half restored: built again
         except ConfigError:
-            return False  # not batchable (an optimizer or option populations lack): these cells train alone
+            return None  # not batchable (an optimizer or option populations lack): these cells train alone
         t0 = time.perf_counter()
         try:
             pop.fit()
         except TrainingDiverged:
-            return False  # a member diverged: the cells train alone, as without populations; that one says so
+            return None  # a member diverged: the cells train alone, as without populations; that one says so
         arms = ", ".join(sorted({f"{m[0].condition} depth {m[0].depth}" for m in members}))
         seeds = ", ".join(str(s) for s in sorted({m[0].seed for m in members}))
         who = f"{len(members)} members" if len(members) > 1 else "1 member, continued"
-        progress_line(self.progress, f"population: {who} ({arms}; seed {seeds}) fine-tuned together "
-                                     f"in {duration(time.perf_counter() - t0)}")
-        return True
+        return f"population: {who} ({arms}; seed {seeds}) fine-tuned together in {duration(time.perf_counter() - t0)}"
 
     def open_cell(self, cell: Cell, cells_dir: str = "cells") -> Path:
         """The cell's directory, holding its ``recipe.json`` (written here) before it trains."""

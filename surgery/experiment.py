@@ -25,7 +25,7 @@ from .data import fingerprint
 from .errors import ManifestError, OutputError, SurgeryError, SurgeryWarning
 from .experiment_config import ExperimentConfig
 from .grid import plan_cells, shard_of
-from .io import RERUN, make_dir, progress_bar, progress_line, read_json, write_json, write_text
+from .io import RERUN, Pace, make_dir, progress_bar, progress_line, read_json, write_json, write_text
 from .pipeline import check_grid, is_experiment_dir, is_single_run_dir
 from .recipe import Recipe
 from .tuning import adopt_trial, tune_arms
@@ -69,8 +69,9 @@ def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None
     bar = progress_bar(len(cells), "experiment", progress, "cell")
     done_before = {c.key for c in cells if (out / "cells" / c.key / "result.json").is_file()}
     runner.stacks.pretrain_populations(cells, recipe.experiment.population)
-    together = runner.run_populations(cells, recipe.experiment.population, bar)
-    rows = []
+    pace = Pace(len({c.key for c in cells}), len(done_before))  # equal cells train once
+    together = runner.run_populations(cells, recipe.experiment.population, bar, pace=pace)
+    rows, paced = [], set()
     for cell in cells:
         result, cdir = runner.run(cell)
         row = {k: result.get(k) for k in RESULT_FIELDS}
@@ -80,8 +81,10 @@ def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None
             bar.update(1)
         bar.set_postfix(last=f"{cell.condition} d{cell.depth} {result['test_error']:.2f}%")
         if cell.key not in done_before:
+            left = "" if cell.key in together | paced else pace.add().left()  # a population's counted as it ended
+            paced.add(cell.key)
             progress_line(progress, f"experiment: cell {len(rows)}/{len(cells)} {cell.condition} depth {cell.depth} "
-                                    f"seed {cell.seed}: {summary(result)}")
+                                    f"seed {cell.seed}: {summary(result)}" + (f"; {left}" if left else ""))
     bar.close()
     if shard is None:
         write_results_csv(out / "results.csv", rows)

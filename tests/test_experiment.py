@@ -1046,3 +1046,21 @@ def test_a_trial_whose_arm_uses_none_of_the_tuned_values_says_so(tmp_path, capsy
     assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")]) == 0
     err = capsys.readouterr().err
     assert "tuning: none depth 1 trial 2/2 (no tuned value applies to this arm): valid " in err, err
+
+
+def test_pace_tells_cells_done_and_time_left_from_this_runs_pace(monkeypatch):
+    """Log lines of long runs say how far they got and about how long the rest takes: cells an
+    earlier run finished count as done but not in the pace; nothing is promised before the
+    first or after the last."""
+    import surgery.io
+    from surgery.io import Pace
+
+    now = [100.0]
+    monkeypatch.setattr(surgery.io.time, "perf_counter", lambda: now[0])
+    pace = Pace(total=10, done=4)
+    assert str(pace) == "4/10 cells done" and pace.left() == ""
+    now[0] += 30.0  # 2 cells in 30 s: 15 s a cell, 4 left
+    assert str(pace.add(2)) == "6/10 cells done, about 1.0 min left"
+    now[0] += 90.0
+    assert pace.add(3).left() == "about 24.0 s left"  # 5 cells in 120 s, 1 left
+    assert str(pace.add()) == "10/10 cells done"
