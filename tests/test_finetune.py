@@ -412,7 +412,8 @@ def test_inspect_says_how_far_a_single_run_got(synth, tmp_path, capsys):
     checkpoint = tmp_path / "cut" / "checkpoints" / "last.safetensors"
     assert main(["inspect", str(checkpoint)]) == 0  # the checkpoint file itself, from its metadata
     assert capsys.readouterr().out.splitlines() == [
-        f"{checkpoint}: a fine-tuning checkpoint", f"written after epoch 2 of 4 (step {2 * len(synth.train) // 50})",
+        f"{checkpoint}: a fine-tuning checkpoint",
+        f"written after epoch 2 of 4 (step {2 * math.ceil(len(synth.train) / 50)})",
         f"best validation error so far {best:.2f}% at epoch {min(hist, key=lambda h: h['valid_error'])['epoch']}",
         f"`surgery run --resume` or `surgery finetune --resume` (the same recipe, --out {tmp_path / 'cut'}) "
         "continues from it"]
