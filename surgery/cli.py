@@ -42,10 +42,15 @@ Every command that reads a recipe takes --set dotted.path=value overrides, e.g.
 own arm names runs only those: --set 'experiment.conditions=[rbm, none]'."""
 
 
+def user_path(text: str) -> Path:
+    """A path argument, ``~`` expanded (``--out=~/runs/x`` reaches us unexpanded by the shell)."""
+    return Path(text).expanduser()
+
+
 def _recipe_cmd(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=help, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", type=Path, help="recipe file (.yaml/.yml or .json)")
+    p.add_argument("recipe", type=user_path, help="recipe file (.yaml/.yml or .json)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                    help="override a recipe field by its dotted path (repeatable); values are YAML")
     return p
@@ -62,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = _recipe_cmd(sub, "pretrain", "train the recipe's pretrain: layers greedily and save the stack")
-    p.add_argument("-o", "--output", type=Path, help="stack file (default runs/<name>/stack.safetensors); each "
+    p.add_argument("-o", "--output", type=user_path, help="stack file (default runs/<name>/stack.safetensors); each "
                    "layer is also kept beside it in STACK.layers/ until the stack is written")
     p.add_argument("--resume", action="store_true", help="continue after the last layer kept in STACK.layers/ "
                    "(made by the same pretrain section, seed and data)")
@@ -70,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show a stack or model file (layers, shapes, how each was trained), a "
                                        "dataset's arrays file, a checkpoint, or how far a run, experiment or "
                                        "search directory has got")
-    p.add_argument("file", type=Path, help="a .safetensors stack, model or checkpoint, another tool's weights "
+    p.add_argument("file", type=user_path, help="a .safetensors stack, model or checkpoint, another tool's weights "
                    "(.safetensors, .pt), a dataset's .npz or .safetensors arrays, or the --out directory of "
                    "`surgery run`, `finetune` or `search`")
     p.add_argument("--json", action="store_true", help="print the raw manifest (or checkpoint metadata) as JSON")
@@ -79,16 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("schema", help="print the recipe JSON Schema (for editor completion)")
 
     p = _recipe_cmd(sub, "assemble", "build the network the surgery: section describes and save it")
-    p.add_argument("-o", "--output", type=Path, help="model file (default runs/<name>/assembled.safetensors)")
+    p.add_argument("-o", "--output", type=user_path, help="model file (default runs/<name>/assembled.safetensors)")
 
     p = _recipe_cmd(sub, "finetune", "fine-tune the assembled network (or --model FILE) end to end")
-    p.add_argument("--out", type=Path, help="output directory (default runs/<name>)")
-    p.add_argument("--model", type=Path, help="an assembled model file to fine-tune instead of assembling")
+    p.add_argument("--out", type=user_path, help="output directory (default runs/<name>)")
+    p.add_argument("--model", type=user_path, help="an assembled model file to fine-tune instead of assembling")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/")
 
     p = _recipe_cmd(sub, "run", "run everything the recipe holds: pretrain -> surgery -> finetune, or the experiment "
                                 "grid")
-    p.add_argument("--out", type=Path, help="output directory (default runs/<name>)")
+    p.add_argument("--out", type=user_path, help="output directory (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="single runs: continue pretraining after its last "
                    "finished layer, fine-tuning from the last checkpoint (experiments always continue)")
     p.add_argument("--shard", metavar="I/N", help="experiments: train only share I of N of the trials and cells, so N "
@@ -97,15 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "writes results.csv and the report")
 
     p = sub.add_parser("compare", help="rebuild and merge reports from one or more experiment directories")
-    p.add_argument("dirs", type=Path, nargs="+", help="experiment directories (e.g. seeds or arms run apart); "
+    p.add_argument("dirs", type=user_path, nargs="+", help="experiment directories (e.g. seeds or arms run apart); "
                    "their results, and their tuning trials, are merged; later ones win for the same cell")
-    p.add_argument("--out", type=Path, help="where merged results and report go (one directory: rebuilt in place)")
+    p.add_argument("--out", type=user_path, help="where merged results and report go (one directory: rebuilt in place)")
     p.add_argument("--baseline", help="arm to test the others against (default: the experiment's own, else none)")
 
     p = _recipe_cmd(sub, "search", "Optuna hyperparameter search over the recipe's search: params")
     p.add_argument("--trials", type=int, help="trials for this worker (default search.trials)")
     p.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT/search.db); share it across workers")
-    p.add_argument("--out", type=Path, help="output directory (default runs/<name>-search)")
+    p.add_argument("--out", type=user_path, help="output directory (default runs/<name>-search)")
     return ap
 
 

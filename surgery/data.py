@@ -135,7 +135,7 @@ def non_finite(x: torch.Tensor) -> int:
 
 def load_dataset(cfg: DataConfig, base_dir: Path | None = None) -> Dataset:
     """Build the dataset a ``data:`` section describes, on ``cfg.device``."""
-    path = cfg.path
+    path = cfg.path.expanduser() if cfg.path is not None else None  # ~/data: a YAML file has no shell to expand it
     if path is not None and base_dir is not None and not path.is_absolute():
         path = base_dir / path
     if cfg.dataset == "synthetic":

@@ -491,3 +491,22 @@ def test_an_experiment_refuses_to_continue_on_data_that_changed(tmp_path, capsys
     capsys.readouterr()
     assert main(["compare", str(tmp_path / "o"), str(tmp_path / "o2"), "--out", str(tmp_path / "both")]) == 2
     assert "ran on different examples of the same data section" in capsys.readouterr().err
+
+
+def test_a_home_relative_path_is_expanded_in_recipes_and_arguments(tmp_path, monkeypatch, capsys):
+    """`data.path: ~/d.npz` (YAML has no shell to expand it) and `--out=~/o` (bash leaves a ~
+    after = alone) are the user's home, not directories named ~."""
+    from surgery.cli import main
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    rng = np.random.default_rng(0)
+    np.savez(home / "d.npz", **{f"x_{s}": rng.random((40, 6), dtype=np.float32) for s in ("train", "valid", "test")},
+             **{f"y_{s}": np.arange(40) % 2 for s in ("train", "valid", "test")})
+    (tmp_path / "r.yaml").write_text("data: {dataset: arrays, path: ~/d.npz}\n"
+                                     "surgery: {ops: [{op: insert, name: h1, units: 4}, {op: head, classes: 2}]}\n"
+                                     "finetune: {epochs: 1, batch_size: 10}\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "r.yaml", "--out=~/o"]) == 0, capsys.readouterr().err
+    assert (home / "o" / "result.json").is_file() and not (tmp_path / "~").exists()
