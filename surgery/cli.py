@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import warnings
@@ -76,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "dataset's arrays file, a checkpoint, or how far a run, experiment or "
                                        "search directory has got")
     p.add_argument("file", type=user_path, help="a .safetensors stack, model or checkpoint, another tool's weights "
-                   "(.safetensors, .pt), a dataset's .npz or .safetensors arrays, or the --out directory of "
-                   "`surgery run`, `finetune` or `search`")
+                   "(.safetensors, .pt), a dataset's .npz or .safetensors arrays, the --out directory of "
+                   "`surgery run`, `finetune` or `search`, or a directory of such (runs/)")
     p.add_argument("--json", action="store_true", help="print the raw manifest (or checkpoint metadata) as JSON")
 
     _recipe_cmd(sub, "validate", "check a recipe and every file it refers to; print the planned network")
@@ -345,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line(args.command, warnings.showwarning)
             COMMANDS[args.command](args)
+            sys.stdout.flush()  # a reader gone away is found here, not at the interpreter's exit
     except SurgeryError as e:
         print(f"surgery {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -357,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"surgery {args.command}: error: {oom}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `surgery inspect runs | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor may the exit's flush complain
+        return 141  # 128 + SIGPIPE, as a shell reports a command whose reader went away
     except KeyboardInterrupt:
         again = {"run": " (an experiment skips its finished cells; a single run needs --resume and a "
                         "checkpoint, finetune.checkpoint_every)",

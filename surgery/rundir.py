@@ -192,6 +192,34 @@ def describe_checkpoint(path: Path, meta: dict[str, Any]) -> list[str]:
     return lines + [how]
 
 
+def _is_run_dir(d: Path) -> bool:
+    return is_experiment_dir(d) or is_single_run_dir(d) or (d / "search.json").is_file()
+
+
+def describe_runs_in(parent: Path, runs: list[Path]) -> list[str]:
+    """A line for each run directory in ``parent`` (``surgery inspect runs``): an
+    experiment's cells finished, a single run's result or last epoch, a search's best trial."""
+    lines = [f"{parent}: {len(runs)} run director{'ies' if len(runs) != 1 else 'y'} "
+             f"(`surgery inspect {parent}/NAME` says more)"]
+    for d in runs:
+        try:
+            said = describe_run(d)
+        except SurgeryError as e:
+            lines.append(f"  {d.name}: {str(e).splitlines()[0]}")
+            continue
+        if is_experiment_dir(d):
+            cells = next((s for s in said if s.startswith("cells: ")), "cells: none finished")
+            ended = any(s.startswith("finished: ") for s in said)
+            lines.append(f"  {d.name}: experiment, {cells.removeprefix('cells: ')}" + ("; results written" if ended
+                                                                                        else ""))
+        elif is_single_run_dir(d):
+            lines.append(f"  {d.name}: single run, {said[1]}")
+        else:
+            best = next((s for s in said if s.startswith("best: ")), said[1])
+            lines.append(f"  {d.name}: search, {said[1]}; {best.split('; its recipe')[0]}")
+    return lines
+
+
 def describe_run(out: Path) -> list[str]:
     """Lines saying what the experiment directory ``out`` holds: pretrained stacks, tuning
     trials (per arm and depth, with their validation errors), finished cells and what is
@@ -203,6 +231,8 @@ def describe_run(out: Path) -> list[str]:
             return describe_single_run(out)
         if (out / "search.json").is_file():
             return describe_search(out)
+        if runs := [d for d in sorted(out.iterdir()) if d.is_dir() and _is_run_dir(d)] if out.is_dir() else []:
+            return describe_runs_in(out, runs)
         raise SurgeryError(f"{out}: a directory that is not a run's (no result.json, metrics.jsonl, checkpoints/ "
                            f"or pretrain/, nor an experiment's experiment.json, cells/, tuning/ or stacks/, nor a "
                            f"search's search.json); give a .safetensors file{weights_held(out)} or a run's --out "

@@ -1064,3 +1064,36 @@ def test_pace_tells_cells_done_and_time_left_from_this_runs_pace(monkeypatch):
     now[0] += 90.0
     assert pace.add(3).left() == "about 24.0 s left"  # 5 cells in 120 s, 1 left
     assert str(pace.add()) == "10/10 cells done"
+
+
+def test_inspect_of_a_directory_of_runs_gives_a_line_for_each(tmp_path, capsys):
+    """`surgery inspect runs`: each run directory inside in one line (an experiment's cells,
+    a single run's result, a search's best trial, a damaged one's problem); a reader that goes
+    away early (`| head`) ends it quietly with 141, no traceback."""
+    runs = tmp_path / "runs"
+    (runs / "grid" / "cells" / "k1").mkdir(parents=True)
+    (runs / "grid" / "experiment.json").write_text(json.dumps({"recipe": {"name": "grid"}, "cells": 2}))
+    (runs / "grid" / "cells" / "k1" / "result.json").write_text(json.dumps({"test_error": 2.0}))
+    (runs / "one").mkdir()
+    (runs / "one" / "result.json").write_text(json.dumps({"test_error": 1.5, "valid_error": 1.25, "best_epoch": 3,
+                                                          "epochs": 4, "seconds": 12.0, "device": "cpu"}))
+    (runs / "s").mkdir()
+    (runs / "s" / "search.json").write_text(json.dumps({"study": "s", "storage": "sqlite:///x.db", "trials": [
+        {"number": 0, "value": 3.5, "params": {"lr": 0.5}, "state": "COMPLETE"}], "best_value": 3.5,
+        "best_params": {"lr": 0.5}, "best_trial": 0}))
+    (runs / "torn").mkdir()
+    (runs / "torn" / "search.json").write_text("{")
+    (runs / "notes").mkdir()  # no run: left out
+    assert main(["inspect", str(runs)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"{runs}: 4 run directories (`surgery inspect {runs}/NAME` says more)",
+        "  grid: experiment, 1 of 2 finished",
+        "  one: single run, finished: test 1.50%, validation 1.25% (best epoch 3 of 4 trained), 12.0 s fine-tuning "
+        "on cpu",
+        "  s: search, trials: 1; best: trial 0, validation 3.50% with lr=0.5",
+        f"  torn: {runs / 'torn'}/search.json: damaged or being written; `surgery search RECIPE --out "
+        f"{runs / 'torn'}` writes it anew from the study's storage."]
+    p = subprocess.Popen([sys.executable, "-m", "surgery", "inspect", str(runs)], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    p.stdout.close()  # the reader goes away before anything is printed
+    assert p.wait(timeout=120) == 141 and b"Traceback" not in p.stderr.read()
