@@ -168,10 +168,14 @@ class Pace:
     def __init__(self, total: int, done: int = 0, unit: str = "cells"):
         self.total, self.done, self.unit = total, done, unit
         self._before, self._t0 = done, time.perf_counter()
+        self.since = time.time()  # when it started, to compare with files' times
 
-    def add(self, n: int = 1) -> Pace:
-        """Count ``n`` more finished."""
+    def add(self, n: int = 1, fresh: bool = True) -> Pace:
+        """Count ``n`` more finished; not ``fresh`` (read back, finished by an earlier run):
+        done, but not in the pace."""
         self.done += n
+        if not fresh:
+            self._before += n
         return self
 
     def left(self) -> str:

@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cells import CellRunner, summary
+from .cells import DIVERGED_FILE, CellRunner, summary
 from .errors import SurgeryError, TrainingDiverged
 from .experiment_config import TuneConfig
 from .grid import Cell, shard_of, with_values
-from .io import RERUN, progress_bar, progress_line, read_json, write_json
+from .io import RERUN, Pace, progress_bar, progress_line, read_json, write_json
 from .search import DIVERGED_SCORE, make_sampler, shown, suggest
 
 WAIT_SECONDS = 30.0  # the longest pause between two looks for another shard's trials
@@ -36,8 +36,9 @@ def tune_arms(cfg: TuneConfig, cells: list[Cell], runner: CellRunner, out: Path,
         groups.setdefault((c.condition, c.depth), []).append(c)
     record, tuned = [], []
     bar = progress_bar(len(groups) * cfg.trials, "tuning", progress, "trial")
+    pace = Pace(len(groups) * cfg.trials, unit="trials")
     for (arm, depth), group in groups.items():
-        trials, best = _tune_arm(cfg, group[0], runner, bar, progress, shard)
+        trials, best = _tune_arm(cfg, group[0], runner, bar, pace, progress, shard)
         record += [{"condition": arm, "depth": depth, **t} for t in [*trials, best]]
         tuned += [with_values(c, best["params"]) for c in group]
     bar.close()
@@ -46,10 +47,11 @@ def tune_arms(cfg: TuneConfig, cells: list[Cell], runner: CellRunner, out: Path,
     return tuned
 
 
-def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any, progress: bool | None,
+def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any, pace: Pace, progress: bool | None,
               shard: tuple[int, int] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One (arm, depth)'s study on ``cell``: its trials' records and the best one's (a
-    ``shard`` trains its share of each batch, then waits for the rest)."""
+    ``shard`` trains its share of each batch, then waits for the rest); ``pace`` counts the
+    trials of every arm for the log lines."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -61,7 +63,7 @@ def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any, progres
     mode = runner.recipe.experiment.population
     record: list[dict[str, Any]] = []
 
-    def tell(trial: Any, vals: dict[str, Any], result: dict[str, Any] | None, whose: str = "") -> None:
+    def tell(trial: Any, vals: dict[str, Any], c: Cell, result: dict[str, Any] | None, whose: str = "") -> None:
         if result is None:
             study.tell(trial, DIVERGED_SCORE)
             record.append({"trial": trial.number, "params": vals, cfg.metric: None, "diverged": True})
@@ -71,7 +73,9 @@ def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any, progres
         bar.update(1)
         outcome = f"diverged (scored {DIVERGED_SCORE:g}%)" if result is None else summary(result, test=False)
         told = shown(vals, ignored) or "(no tuned value applies to this arm)"
-        progress_line(progress, f"tuning: {where} trial {trial.number + 1}/{cfg.trials} {told}: {outcome}{whose}")
+        pace.add(fresh=_ended_since(runner.out / "tuning" / c.key, pace.since))  # one a rerun reads back: no pace
+        progress_line(progress, f"tuning: {where} trial {trial.number + 1}/{cfg.trials} {told}: {outcome}{whose}; "
+                                f"{pace}")
 
     while len(record) < cfg.trials:
         asked = [study.ask() for _ in range(min(cfg.batch, cfg.trials - len(record)))]
@@ -84,11 +88,11 @@ def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any, progres
             if c.key not in mine:
                 later.append((trial, vals, c))
                 continue
-            tell(trial, vals, next(trained))
+            tell(trial, vals, c, next(trained))
         if later:
             ended = _others_ended([c for _, _, c in later], runner, mode, f"tuning: {where}", progress)
             for trial, vals, c in later:
-                tell(trial, vals, *ended[c.key])
+                tell(trial, vals, c, *ended[c.key])
     record.sort(key=lambda t: t["trial"])
     scored = [t for t in record if not t.get("diverged")]
     if not scored:
@@ -97,6 +101,13 @@ def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any, progres
     best = min(scored, key=lambda t: t[cfg.metric])
     return record, {"best_trial": best["trial"], "params": best["params"], cfg.metric: best[cfg.metric],
                     **({"ignored": ignored} if ignored else {})}
+
+
+def _ended_since(trial_dir: Path, since: float) -> bool:
+    """Whether the trial's result (or divergence) was written at or after ``since`` (a
+    wall-clock time): trained in this run, or by another shard while it ran."""
+    times = [p.stat().st_mtime for p in (trial_dir / "result.json", trial_dir / DIVERGED_FILE) if p.is_file()]
+    return bool(times) and max(times) >= since - 1.0  # a file system's clock may round down a little
 
 
 def _others_ended(trials: list[Cell], runner: CellRunner, mode: str | int, what: str,

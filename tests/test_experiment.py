@@ -1097,3 +1097,19 @@ def test_inspect_of_a_directory_of_runs_gives_a_line_for_each(tmp_path, capsys):
                          stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
     p.stdout.close()  # the reader goes away before anything is printed
     assert p.wait(timeout=120) == 141 and b"Traceback" not in p.stderr.read()
+
+
+def test_tuning_lines_count_the_trials_of_every_arm_and_leave_read_back_ones_out_of_the_pace(tmp_path, capsys):
+    """Each tuning trial's log line says how many of all arms' trials are done and about how
+    long the rest takes; a rerun reads its trials back (no training), so they count as done
+    but promise no time."""
+    r = {"data": {"dataset": "synthetic", "n_train": 120, "n_valid": 40, "n_test": 40},
+         "finetune": {"epochs": 1, "batch_size": 20, "progress": False},
+         "experiment": {"conditions": ["none", "shallow"], "depths": [1], "seeds": [0], "hidden": 8,
+                        "tune": {"trials": 2, "params": {"finetune.optimizer.lr": {"low": 0.01, "high": 0.1}}}}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    for run in ("first", "again"):
+        assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")]) == 0
+        lines = [s for s in capsys.readouterr().err.splitlines() if s.startswith("tuning: ")]
+        assert [s.split("; ")[-1].split(",")[0] for s in lines] == [f"{i}/4 trials done" for i in (1, 2, 3, 4)], lines
+        assert all(", about " in s for s in lines[:-1]) if run == "first" else not any("about" in s for s in lines)
