@@ -107,7 +107,7 @@ def _ended_since(trial_dir: Path, since: float) -> bool:
     """Whether the trial's result (or divergence) was written at or after ``since`` (a
     wall-clock time): trained in this run, or by another shard while it ran."""
     times = [p.stat().st_mtime for p in (trial_dir / "result.json", trial_dir / DIVERGED_FILE) if p.is_file()]
-    return bool(times) and max(times) >= since - 1.0  # a file system's clock may round down a little
+    return bool(times) and max(times) >= since
 
 
 def _others_ended(trials: list[Cell], runner: CellRunner, mode: str | int, what: str,
