@@ -231,7 +231,8 @@ def describe_run(out: Path) -> list[str]:
             return describe_single_run(out)
         if (out / "search.json").is_file():
             return describe_search(out)
-        if runs := [d for d in sorted(out.iterdir()) if d.is_dir() and _is_run_dir(d)] if out.is_dir() else []:
+        runs = [d for d in sorted(out.iterdir()) if d.is_dir() and _is_run_dir(d)] if out.is_dir() else []
+        if runs:  # a directory of runs, e.g. runs/
             return describe_runs_in(out, runs)
         raise SurgeryError(f"{out}: a directory that is not a run's (no result.json, metrics.jsonl, checkpoints/ "
                            f"or pretrain/, nor an experiment's experiment.json, cells/, tuning/ or stacks/, nor a "
