@@ -75,16 +75,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except (OSError, SafetensorError) as e:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        why = _no_room(e)
+        why = _no_room(e) if isinstance(e, (OSError, SafetensorError)) else None
         if why is None:
             raise
         raise OutputError(f"cannot write {path} ({why}); whatever was there is kept. Free some space or "
                           "choose another --out/--output, then run the same command again.") from e
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -233,20 +233,39 @@ def is_foreign(path: str | Path) -> bool:
         return False  # unreadable: read_manifest says so
 
 
+# safetensors' names of its element types, as torch names them
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _foreign_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Each tensor's shape and element type in a foreign weights file: from a safetensors
+    header alone (no tensor read), or from a loaded state dict."""
+    if path.suffix != ".safetensors":
+        return {k: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for k, t in _foreign_tensors(path).items()}
+    _require_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            slices = {k: f.get_slice(k) for k in f.keys()}
+            return {k: (tuple(s.get_shape()), _DTYPES.get(s.get_dtype(), s.get_dtype())) for k, s in slices.items()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ManifestError(f"{path}: not a readable safetensors file ({first_line(e)}).") from e
+
+
 def describe_foreign(path: str | Path) -> str:
     """What ``surgery inspect`` prints for a foreign weights file: its tensors (name, shape,
     type) and the recipe lines that import its first weight and bias as a layer."""
     path = Path(path)
-    raw = _foreign_tensors(path)
-    if list(raw) == ["state"] and raw["state"].dtype == torch.uint8:  # ours: save_generator_state's
-        return (f"{path}: a random generator's state ({raw['state'].numel():,} bytes), not weights: a greedy "
-                "stack keeps one after each layer (rngN beside depthN) so that its pretraining continues there.")
+    raw = _foreign_shapes(path)
+    if list(raw) == ["state"] and raw["state"][1] == "uint8":  # ours: save_generator_state's
+        return (f"{path}: a random generator's state ({math.prod(raw['state'][0]):,} bytes), not weights: a "
+                "greedy stack keeps one after each layer (rngN beside depthN) so that its pretraining continues "
+                "there.")
     width = max((len(k) for k in raw), default=0)
     lines = [f"{path}: foreign weights (no surgery manifest), {len(raw)} tensor{'s' if len(raw) != 1 else ''}, "
-             f"{sum(t.numel() for t in raw.values()):,} numbers"]
-    lines += [f"  {k:<{width}}  {str(tuple(t.shape)):>14}  {str(t.dtype).removeprefix('torch.')}"
-              for k, t in raw.items()]
-    weight = next((k for k, t in raw.items() if t.dim() == 2 and k.endswith("weight")), None)
+             f"{sum(math.prod(shape) for shape, _ in raw.values()):,} numbers"]
+    lines += [f"  {k:<{width}}  {str(shape):>14}  {dtype}" for k, (shape, dtype) in raw.items()]
+    weight = next((k for k, (shape, _) in raw.items() if len(shape) == 2 and k.endswith("weight")), None)
     if weight is not None:
         bias = weight.removesuffix("weight") + "bias"
         pair = f"{weight}: h1.weight" + (f", {bias}: h1.bias" if bias in raw else "")
