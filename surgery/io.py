@@ -147,6 +147,11 @@ def progress_bar(total: int, desc: str, progress: bool | None, unit: str = "it",
     return tqdm(total=total, desc=desc, unit=unit, initial=initial, leave=False, disable=not show, dynamic_ncols=True)
 
 
+def percent(v: Any) -> str:
+    """An error rate for a message: ``1.23%``, or ``none`` when there is none (or it is not a number)."""
+    return f"{v:.2f}%" if isinstance(v, (int, float)) else "none"
+
+
 def duration(seconds: float) -> str:
     """Wall time for a log line: ``4.2 s``, ``3.5 min`` or ``2 h 05 min``."""
     if seconds < 59.95:  # what rounds to 60.0 goes up a unit

@@ -18,11 +18,11 @@ from typing import Any
 from .assembly import ForeignSource, SurgeryConfig, build_graph
 from .data import Dataset, find_mnist_file, load_dataset
 from .devices import resolve_device
-from .errors import ConfigError, OutputError, SurgeryError, SurgeryWarning, TrainingDiverged
+from .errors import ConfigError, ManifestError, OutputError, SurgeryError, SurgeryWarning, TrainingDiverged
 from .finetune import FinetuneConfig, PopulationTrainer, Record, Trainer
 from .graph import ModelGraph
 from .grid import Cell, check_cells, check_search, plan_cells
-from .io import make_dir
+from .io import make_dir, percent, read_json
 from .model_file import load_model, save_model
 from .ops import ForeignWeights, HeadOp, TakeOp
 from .population import architecture_key
@@ -34,7 +34,7 @@ from .recipe import Recipe
 from .runtime import is_main_process
 from .stack import LayerStack
 from .stacks_dir import continue_from, save_snapshot
-from .weights_io import load_foreign
+from .weights_io import load_foreign, read_manifest
 
 
 def is_experiment_dir(path: Path) -> bool:
@@ -53,6 +53,43 @@ def is_single_run_dir(path: Path) -> bool:
     """Whether ``path`` is (or was started as) the output directory of one run (:func:`run`,
     :func:`finetune_model`)."""
     return any((path / f).exists() for f in ("result.json", "metrics.jsonl", "checkpoints", "pretrain"))
+
+
+def _first_difference(here: Any, there: Any, path: str = "") -> str:
+    """Where two JSON values first differ, e.g. ``finetune.epochs: 5 here, 2 there``."""
+    if isinstance(here, dict) and isinstance(there, dict):
+        for k in sorted(set(here) | set(there), key=str):
+            if here.get(k) != there.get(k):
+                return _first_difference(here.get(k), there.get(k), f"{path}.{k}" if path else str(k))
+    return f"{path.removeprefix('recipe.') or 'the recipe'}: {json.dumps(here)} here, {json.dumps(there)} there"
+
+
+def _finished_already(out: Path, made: dict[str, Any]) -> dict[str, Any] | None:
+    """For ``--resume`` where no checkpoint was written (``finetune.checkpoint_every: 0``; a
+    checkpoint continues a finished run too, e.g. for more epochs): the result of the run
+    ``out`` holds finished when it was made as ``made`` says (its recipe; what its
+    ``model.safetensors`` records), with a warning that nothing trains; ``None`` when ``out``
+    holds no finished run (or one we cannot read). ``OutputError`` when it holds the
+    finished run of another recipe: resuming would start that run over."""
+    if (out / "checkpoints" / "last.safetensors").is_file():
+        return None
+    try:
+        result = read_json(out / "result.json")
+        manifest = read_manifest(out / "model.safetensors")
+    except (ManifestError, OSError):
+        return None
+    made = json.loads(json.dumps(made))  # as a manifest reads back (tuples as lists)
+    theirs = {k: manifest.get(k) for k in made}
+    if theirs != made:
+        raise OutputError(
+            f"--resume: {out} holds another finished run ({_first_difference(made, theirs)}) and no checkpoint "
+            "(finetune.checkpoint_every was 0): there is nothing of this one to continue, and nothing was "
+            "changed. Run without --resume to train this recipe there from the start (replacing that run), or give "
+            "it its own --out.")
+    ended = f"test error {percent(result.get('test_error'))}, {result.get('epochs')} epochs"
+    warnings.warn(f"--resume: {out} has finished ({ended}); nothing was trained. Run without --resume to train it "
+                  "again.", SurgeryWarning, stacklevel=3)
+    return result
 
 
 def _grid_hint(recipe: Recipe) -> str:
@@ -248,6 +285,8 @@ def run(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool | 
         plan_network(recipe, data)
     out = Path(out)
     _not_an_experiment_dir(out)
+    if resume and (done := _finished_already(out, {"recipe": recipe.to_dict()})) is not None:
+        return done
     make_dir(out)
     stack = None
     stack_path = out / "stack.safetensors"
@@ -350,6 +389,8 @@ def finetune_model(model_path: str | Path, data: Dataset, cfg: FinetuneConfig, s
     """Fine-tune an assembled model file on ``data``; results go under ``out``, and
     ``provenance`` (e.g. the recipe) into the fine-tuned model file."""
     _not_an_experiment_dir(Path(out))
+    if resume and (done := _finished_already(Path(out), provenance or {})) is not None:
+        return done
     make_dir(out)  # an unwritable output fails now, not after the first epoch
     graph = load_model(model_path)
     return Trainer(graph, data, cfg, seed, out, provenance=provenance).fit(resume=resume)

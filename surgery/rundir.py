@@ -27,7 +27,7 @@ from typing import Any
 from .cells import DIVERGED_FILE
 from .checkpoint import MEMBER_CHECKPOINT, read_checkpoint_meta
 from .errors import SurgeryError
-from .io import duration
+from .io import duration, percent
 from .pipeline import is_experiment_dir, is_single_run_dir
 from .weights_io import weights_held
 
@@ -98,10 +98,6 @@ def _span(values: list[float]) -> str:
     return f"{lo:.2f}%" if lo == hi else f"{lo:.2f}-{hi:.2f}%"
 
 
-def _pct(v: Any) -> str:
-    return f"{v:.2f}%" if isinstance(v, (int, float)) else "none"
-
-
 def describe_single_run(out: Path) -> list[str]:
     """Lines saying how far the single run in ``out`` got: its result once finished, else its
     last epoch, its best validation error so far and whether a checkpoint can resume it."""
@@ -113,7 +109,8 @@ def describe_single_run(out: Path) -> list[str]:
     if isinstance(result, dict):
         seconds = result.get("finetune_seconds", result.get("seconds"))  # surgery run's name, finetune's
         took = duration(seconds) if isinstance(seconds, (int, float)) else "?"
-        lines.append(f"finished: test {_pct(result.get('test_error'))}, validation {_pct(result.get('valid_error'))} "
+        errors = f"test {percent(result.get('test_error'))}, validation {percent(result.get('valid_error'))}"
+        lines.append(f"finished: {errors} "
                      f"(best epoch {result.get('best_epoch')} of {result.get('epochs')} trained), "
                      f"{took} fine-tuning on {result.get('device', '?')}")
     else:
@@ -125,7 +122,7 @@ def describe_single_run(out: Path) -> list[str]:
                 error, epoch = min(valid)
                 best = f" (best {error:.2f}% at epoch {epoch})"
             lines.append(f"unfinished: epoch {hist[-1].get('epoch')}{of} trained, validation "
-                         f"{_pct(hist[-1].get('valid_error'))}{best}")
+                         f"{percent(hist[-1].get('valid_error'))}{best}")
         elif not (out / "stack.safetensors").is_file() and any((out / "pretrain").glob("depth*.safetensors")):
             done, goes_on = _layers_kept(out / "pretrain")
             lines.append(f"unfinished: pretraining, {_layers(done)} so far" +

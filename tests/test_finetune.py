@@ -389,6 +389,37 @@ def test_finetune_cli_writes_results_and_resumes(tmp_path, capsys):
     assert len((tmp_path / "bare" / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+def test_resume_of_a_finished_run_without_checkpoint_trains_nothing(tmp_path, capsys):
+    """--resume on a single run that finished without checkpoints (`surgery run` and `surgery
+    finetune`): its result, nothing trained or written; another recipe's finished run is
+    refused, naming the first difference, and kept."""
+    from surgery.cli import main
+
+    random_stack(sizes=(64, 32, 16)).save(tmp_path / "a.safetensors")
+    (tmp_path / "r.yaml").write_text(
+        "data: {dataset: synthetic}\n"
+        "surgery: {sources: {a: a.safetensors}, ops: [{op: take, source: a}, {op: head, classes: 4}]}\n"
+        "finetune: {epochs: 2, device: cpu, optimizer: {lr: 0.5}}\n")
+    recipe = str(tmp_path / "r.yaml")
+    for cmd in ("run", "finetune"):
+        out = tmp_path / cmd
+        assert main([cmd, recipe, "--out", str(out)]) == 0
+        res = json.loads((out / "result.json").read_text())
+        capsys.readouterr()
+        before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+        assert main([cmd, recipe, "--out", str(out), "--resume"]) == 0
+        said = capsys.readouterr()
+        assert f"--resume: {out} has finished (test error {res['test_error']:.2f}%, 2 epochs)" in said.err, said.err
+        assert f"test error {res['test_error']:.2f}%" in said.out
+        assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing written
+        assert main([cmd, recipe, "--out", str(out), "--resume", "--set", "finetune.epochs=3"]) == 2
+        err = capsys.readouterr().err
+        assert f"{out} holds another finished run (finetune.epochs: 3 here, 2 there)" in err, err
+        assert json.loads((out / "result.json").read_text()) == res
+        assert main([cmd, recipe, "--out", str(out), "--set", "finetune.epochs=3"]) == 0  # without: trained again
+        assert json.loads((out / "result.json").read_text())["epochs"] == 3
+
+
 def test_inspect_says_how_far_a_single_run_got(synth, tmp_path, capsys):
     """`surgery inspect OUT` on a run cut after epoch 2 of 4: its last and best epochs and that
     --resume continues it; once finished: its errors; without a checkpoint: it starts over."""
