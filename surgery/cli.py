@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .checkpoint import read_checkpoint_meta
-from .data import arrays_dataset, load_dataset
+from .data import arrays_dataset, load_dataset, warn_unseen_classes
 from .datafiles import is_arrays_file, read_arrays
 from .errors import DataError, SurgeryError, SurgeryWarning
 from .experiment import merge_results, run_experiment, write_results_csv
@@ -188,6 +188,7 @@ def _describe_dataset_file(path: Path) -> str:
     except DataError as e:  # here the file is the argument, not a recipe's data.path
         raise DataError(str(e).removeprefix("data.path: ")) from None
     check_data(data)
+    warn_unseen_classes(data)
     lines = [f"{path}: a dataset's arrays (data: {{dataset: arrays, path: {path.name}}})"]
     order = [f"{v}_{s}" for s in ("train", "valid", "test") for v in "xy"]
     names = [n for n in order if n in arrays] + sorted(set(arrays) - set(order))

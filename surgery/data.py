@@ -165,7 +165,34 @@ def load_dataset(cfg: DataConfig, base_dir: Path | None = None) -> Dataset:
     if cfg.flatten:
         for s in (ds.train, ds.valid, ds.test):
             s.x = s.x.flatten(1).contiguous()
+    warn_unseen_classes(ds)
     return ds.to(resolve_device(cfg.device, "data.device"))
+
+
+def warn_unseen_classes(ds: Dataset) -> None:
+    """A ``SurgeryWarning`` when the training labels skip class numbers below their largest
+    (labels 1-10 skip 0): the network's head gets an output for each, never trained. Said
+    where the data is loaded, once a run; what fine-tuning refuses is
+    :func:`surgery.preflight.check_data`'s."""
+    y = ds.train.y
+    if y.dtype != torch.int64 or not len(y) or int(y.min()) < 0:
+        return  # refused by check_data, in its own words
+    seen = torch.unique(y).tolist()
+    runs, last = [], -1
+    for v in seen:
+        if v > last + 1:
+            runs.append(str(last + 1) if v == last + 2 else f"{last + 1}-{v - 1}")
+        last = v
+    if not runs or len(seen) < 2:  # one class is refused by check_data
+        return
+    one = runs[0] if len(runs) == 1 and "-" not in runs[0] else None
+    todo = (f"If the labels count from 1, subtract 1 from them (0-{last - 1}): the head then has one output less."
+            if one == "0" else "Classes left out on purpose need nothing; otherwise check the labels (a small "
+            "data.limit can leave classes out).")
+    warnings.warn(f"the data {ds.name!r}: its training labels go up to {last} but hold no example of "
+                  f"class{'' if one else 'es'} {', '.join(runs)}; the network's head gets an output for each of "
+                  f"0-{last}, and {'that one is' if one else 'those are'} never trained. {todo}",
+                  SurgeryWarning, stacklevel=3)
 
 
 def synthetic(

@@ -22,7 +22,8 @@ def test_mnist_splits_and_cache(tmp_path, monkeypatch):
     assert len(ds.valid) == 10000 and len(ds.test) == 10000
     assert ds.train.y.dtype == torch.int64 and int(ds.train.y.max()) == 9
     assert 0.0 <= float(ds.train.x.min()) and float(ds.train.x.max()) <= 1.0
-    img = load_dataset(DataConfig(limit=10, flatten=False))
+    with pytest.warns(SurgeryWarning, match="hold no example of classes 6-8"):  # the first ten: 5 0 4 1 9 2 1 3 1 4
+        img = load_dataset(DataConfig(limit=10, flatten=False))
     assert img.train.x.shape == (10, 1, 28, 28)
     assert torch.equal(img.train.x.flatten(1), ds.train.x[:10])
 
@@ -433,6 +434,38 @@ def test_labels_a_classifier_cannot_learn_are_refused_before_training(tmp_path, 
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o" / "result.json").exists()
+
+
+@pytest.mark.parametrize("first, step, says", [
+    (1, 1, "hold no example of class 0; the network's head gets an output for each of 0-10, and that one is never "
+           "trained. If the labels count from 1, subtract 1 from them (0-9)"),
+    (0, 2, "its training labels go up to 18 but hold no example of classes 1, 3, 5, 7, 9, 11, 13, 15, 17; "),
+])
+def test_labels_that_skip_classes_are_warned_once_a_run(tmp_path, capsys, first, step, says):
+    """Labels numbered 1-10 (or skipping class numbers) train, but the head has an output for
+    each class number up to the largest, and those no label names are never trained: said
+    once by each command that loads the data, an experiment's many cells included."""
+    from surgery.cli import main
+
+    rng = np.random.default_rng(0)
+    a = {f"x_{s}": rng.random((40, 6), dtype=np.float32) for s in ("train", "test")}
+    a |= {f"y_{s}": first + step * (np.arange(40) % 10) for s in ("train", "test")}
+    np.savez(tmp_path / "d.npz", **a)
+    (tmp_path / "r.yaml").write_text("data: {dataset: arrays, path: d.npz, valid_size: 10}\n"
+                                     "experiment: {conditions: [none, dae], depths: [1, 2], seeds: [0, 1], hidden: 4, "
+                                     "pretrain_epochs: 1}\n"
+                                     "finetune: {epochs: 1, batch_size: 10}\n")
+    for args in (["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")], ["inspect", str(tmp_path / "d.npz")],
+                 ["validate", str(tmp_path / "r.yaml")]):
+        assert main(args) == 0
+        err = capsys.readouterr().err
+        assert err.count("warning: the data 'd'") == 1 and says in err, err
+    assert len(list((tmp_path / "o" / "cells").glob("*/result.json"))) == 8
+    a["y_train"] = a["y_train"] - first  # numbered from 0: nothing to say where no class is skipped
+    a["y_test"] = a["y_test"] - first
+    np.savez(tmp_path / "d.npz", **a)
+    assert main(["validate", str(tmp_path / "r.yaml")]) == 0
+    assert ("warning" in capsys.readouterr().err) == (step > 1)
 
 
 def test_inspect_describes_a_dataset_file_and_checks_it(tmp_path, capsys):
