@@ -24,8 +24,9 @@ from .cells import CellRunner, summary
 from .data import fingerprint
 from .errors import ManifestError, OutputError, SurgeryError, SurgeryWarning
 from .experiment_config import ExperimentConfig
-from .grid import plan_cells, shard_of
+from .grid import Cell, plan_cells, shard_of
 from .io import RERUN, Pace, make_dir, progress_bar, progress_line, read_json, write_json, write_text
+from .lock import hold
 from .pipeline import check_grid, is_experiment_dir, is_single_run_dir
 from .recipe import Recipe
 from .tuning import adopt_trial, tune_arms
@@ -54,10 +55,19 @@ def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None
                           "pretrain/); an experiment's would go beside them. Give the experiment its own --out.")
     fingerprints = _data_unchanged(Path(out), runner)
     out = make_dir(Path(out))
+    with hold(out, shard):
+        write_json(out / "experiment.json", {"recipe": recipe.to_dict(), "cells": len(cells),  # first: inspect reads
+                                             "data_fingerprints": fingerprints})
+        return _run_cells(recipe, runner, cells, out, progress, shard)
+
+
+def _run_cells(recipe: Recipe, runner: CellRunner, cells: list[Cell], out: Path, progress: bool | None,
+               shard: tuple[int, int] | None) -> list[dict[str, Any]]:
+    """:func:`run_experiment`'s work once it holds ``out``: tune each arm (with ``tune:``),
+    pretrain the stacks, fine-tune the cells (in populations where they allow), write
+    ``results.csv`` (not a shard)."""
     assert recipe.experiment is not None
     _warn_absent_baseline(recipe.experiment, out)
-    write_json(out / "experiment.json", {"recipe": recipe.to_dict(), "cells": len(cells),  # first: inspect reads it
-                                         "data_fingerprints": fingerprints})
     if recipe.experiment.tune is not None:
         tuned = tune_arms(recipe.experiment.tune, cells, runner, out, progress, shard)
         if shard is None or shard[0] == 0:  # one process adopts them

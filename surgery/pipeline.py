@@ -23,6 +23,7 @@ from .finetune import FinetuneConfig, PopulationTrainer, Record, Trainer
 from .graph import ModelGraph
 from .grid import Cell, check_cells, check_search, plan_cells
 from .io import make_dir, percent, read_json
+from .lock import hold
 from .model_file import load_model, save_model
 from .ops import ForeignWeights, HeadOp, TakeOp
 from .population import architecture_key
@@ -285,9 +286,17 @@ def run(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool | 
         plan_network(recipe, data)
     out = Path(out)
     _not_an_experiment_dir(out)
-    if resume and (done := _finished_already(out, {"recipe": recipe.to_dict()})) is not None:
-        return done
     make_dir(out)
+    with hold(out):
+        if resume and (done := _finished_already(out, {"recipe": recipe.to_dict()})) is not None:
+            return done
+        return _pretrain_and_finetune(recipe, data, out, resume, progress, t0)
+
+
+def _pretrain_and_finetune(recipe: Recipe, data: Dataset, out: Path, resume: bool, progress: bool | None,
+                           t0: float) -> dict[str, Any]:
+    """:func:`run`'s work once it holds ``out``: pretrain (or, resumed, read the stack or
+    continue its layers), assemble, fine-tune (or continue from the checkpoint)."""
     stack = None
     stack_path = out / "stack.safetensors"
     if recipe.pretrain is not None:
@@ -389,8 +398,9 @@ def finetune_model(model_path: str | Path, data: Dataset, cfg: FinetuneConfig, s
     """Fine-tune an assembled model file on ``data``; results go under ``out``, and
     ``provenance`` (e.g. the recipe) into the fine-tuned model file."""
     _not_an_experiment_dir(Path(out))
-    if resume and (done := _finished_already(Path(out), provenance or {})) is not None:
-        return done
     make_dir(out)  # an unwritable output fails now, not after the first epoch
-    graph = load_model(model_path)
-    return Trainer(graph, data, cfg, seed, out, provenance=provenance).fit(resume=resume)
+    with hold(out):
+        if resume and (done := _finished_already(Path(out), provenance or {})) is not None:
+            return done
+        graph = load_model(model_path)
+        return Trainer(graph, data, cfg, seed, out, provenance=provenance).fit(resume=resume)

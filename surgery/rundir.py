@@ -28,6 +28,7 @@ from .cells import DIVERGED_FILE
 from .checkpoint import MEMBER_CHECKPOINT, read_checkpoint_meta
 from .errors import SurgeryError
 from .io import duration, percent
+from .lock import describe_holder, holders
 from .pipeline import is_experiment_dir, is_single_run_dir
 from .weights_io import weights_held
 
@@ -98,10 +99,15 @@ def _span(values: list[float]) -> str:
     return f"{lo:.2f}%" if lo == hi else f"{lo:.2f}-{hi:.2f}%"
 
 
+def _in_use(out: Path) -> list[str]:
+    """A line for each run writing into ``out`` now (its lock, :mod:`surgery.lock`)."""
+    return [f"running now: {describe_holder(holder)}" for _, holder in holders(out)]
+
+
 def describe_single_run(out: Path) -> list[str]:
     """Lines saying how far the single run in ``out`` got: its result once finished, else its
     last epoch, its best validation error so far and whether a checkpoint can resume it."""
-    lines = [f"{out}: a single run (surgery run or surgery finetune)"]
+    lines = [f"{out}: a single run (surgery run or surgery finetune)", *_in_use(out)]
     result = _read(out / "result.json")
     ck = read_checkpoint_meta(out / "checkpoints" / "last.safetensors")
     planned = ((ck or {}).get("config") or {}).get("epochs")
@@ -204,13 +210,15 @@ def describe_runs_in(parent: Path, runs: list[Path]) -> list[str]:
         except SurgeryError as e:
             lines.append(f"  {d.name}: {str(e).splitlines()[0]}")
             continue
+        now = "; running now" if any(s.startswith("running now: ") for s in said) else ""
+        said = [s for s in said if not s.startswith("running now: ")]
         if is_experiment_dir(d):
             cells = next((s for s in said if s.startswith("cells: ")), "cells: none finished")
             ended = any(s.startswith("finished: ") for s in said)
-            lines.append(f"  {d.name}: experiment, {cells.removeprefix('cells: ')}" + ("; results written" if ended
-                                                                                        else ""))
+            lines.append(f"  {d.name}: experiment, {cells.removeprefix('cells: ')}"
+                         + ("; results written" if ended else "") + now)
         elif is_single_run_dir(d):
-            lines.append(f"  {d.name}: single run, {said[1]}")
+            lines.append(f"  {d.name}: single run, {said[1]}{now}")
         else:
             best = next((s for s in said if s.startswith("best: ")), said[1])
             lines.append(f"  {d.name}: search, {said[1]}; {best.split('; its recipe')[0]}")
@@ -237,7 +245,7 @@ def describe_run(out: Path) -> list[str]:
                            "directory.")
     meta = _read(out / "experiment.json")
     exp = (meta or {}).get("recipe", {}).get("experiment") or {}
-    lines = [f"{out}: experiment {(meta or {}).get('recipe', {}).get('name', '')}".rstrip()]
+    lines = [f"{out}: experiment {(meta or {}).get('recipe', {}).get('name', '')}".rstrip(), *_in_use(out)]
     stacks = [d for d in sorted((out / "stacks").glob("*")) if d.is_dir()] if (out / "stacks").is_dir() else []
     if stacks:
         whole = sum((d / "pretrain.json").is_file() for d in stacks)

@@ -1,0 +1,153 @@
+"""One writer per output directory. A run holds ``OUT/.lock`` while it writes there (a
+shard of an experiment ``OUT/.lock-shard-I-of-N``, beside the other shards), so a second
+run given the same ``--out`` by mistake is refused before it trains, instead of training
+the same cells twice or mixing two runs' files. A lock whose process has ended (killed,
+or its machine restarted) is taken over; one held on another machine (an ``--out`` on
+shared storage) cannot be checked from here, and the error says how to remove it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .errors import OutputError
+from .runtime import is_main_process
+
+LOCK = ".lock"
+_YOUNG = 60.0  # seconds: an empty lock file this young is still being written
+
+
+def _name(shard: tuple[int, int] | None) -> str:
+    return LOCK if shard is None else f"{LOCK}-shard-{shard[0] + 1}-of-{shard[1]}"
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    """A lock's holder, ``{}`` for one being written, ``None`` when it is gone or damaged."""
+    try:
+        text = path.read_text()
+        if not text and time.time() - path.stat().st_mtime < _YOUNG:
+            return {}
+        holder = json.loads(text)
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _alive(holder: dict[str, Any]) -> bool:
+    """Whether the lock's process still runs: checked on this machine (a lock of this
+    process counts as ended: it was left by an earlier call that did not end cleanly);
+    taken as running when held on another machine or while it is being written."""
+    if not holder or holder.get("host") != socket.gethostname():
+        return True
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def holders(out: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The locks of ``out`` whose runs still run (or cannot be checked), with their holders."""
+    found = []
+    for path in sorted(Path(out).glob(f"{LOCK}*")):
+        holder = _read(path)
+        if holder is not None and _alive(holder):
+            found.append((path, holder))
+    return found
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    """``surgery run r.yaml --out runs/x (pid 123 on this machine, since 20:31)``."""
+    if not holder:
+        return "a run that is starting (its lock is being written)"
+    since = holder.get("since")
+    when = time.strftime(", since %Y-%m-%d %H:%M", time.localtime(since)) if isinstance(since, (int, float)) else ""
+    here = holder.get("host") == socket.gethostname()
+    where = "this machine" if here else f"the machine {holder.get('host')!r}"
+    return f"`{holder.get('command', '?')}` (pid {holder.get('pid')} on {where}{when})"
+
+
+def _conflict(path: Path, holder: dict[str, Any], shard: tuple[int, int] | None) -> str | None:
+    """Why a run (``shard``) cannot go beside the lock at ``path``; ``None`` if it can."""
+    theirs = holder.get("shard") if holder else None
+    if shard is None:
+        return "a run writes there now" if theirs is None else "a shard of its grid trains there now"
+    if path.name == LOCK:
+        return "a run without --shard writes there now (a shard goes beside other shards only)"
+    if theirs == [shard[0], shard[1]] or path.name == _name(shard):
+        return f"shard {shard[0] + 1}/{shard[1]} trains there now"
+    if isinstance(theirs, list) and len(theirs) == 2 and theirs[1] != shard[1]:
+        return f"a shard of {theirs[1]} trains there now (the shards of one grid share one N)"
+    return None
+
+
+def _refusal(out: Path, path: Path, holder: dict[str, Any], why: str) -> OutputError:
+    gone = ("" if not holder or holder.get("host") == socket.gethostname() else
+            f" That machine cannot be checked from here: if its run has ended without removing its lock, "
+            f"delete {path}.")
+    return OutputError(f"{out}: {why}: {describe_holder(holder)}. Two runs in one directory would train the same "
+                       "networks twice and mix their files, so this one did not start (nothing was written). Wait "
+                       f"for it to end (`surgery inspect {out}` says how far it has got), give this run its own "
+                       f"--out, or split an experiment's grid between processes with --shard I/N.{gone}")
+
+
+@contextmanager
+def hold(out: str | Path, shard: tuple[int, int] | None = None) -> Iterator[None]:
+    """Hold ``out`` (an existing directory) for this run while the block writes there;
+    ``OutputError`` naming the other run when one already does. Only the main process of
+    a ``torchrun`` takes it: the other ranks are the same run."""
+    if not is_main_process():
+        yield
+        return
+    out = Path(out)
+    path = out / _name(shard)
+    for _ in range(3):  # a run that took the lock between our look and our create: look again
+        live = holders(out)
+        for other, holder in live:
+            why = _conflict(other, holder, shard)
+            if why is not None:
+                raise _refusal(out, other, holder, why)
+        for ended in set(out.glob(f"{LOCK}*")) - {p for p, _ in live}:  # left by runs that have ended
+            ended.unlink(missing_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": round(time.time(), 3),
+              "command": _command(), "shard": list(shard) if shard is not None else None}
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise OutputError(f"cannot write {path} ({e.strerror}); choose another --out or fix its "
+                              "permissions.") from e
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+        break
+    else:
+        raise OutputError(f"{out}: other runs kept taking its lock ({path}); run this one again, or give it its own "
+                          "--out.")
+    try:
+        yield
+    finally:
+        if _read(path) == me:  # not taken over meanwhile by a run that found us ended
+            path.unlink(missing_ok=True)
+
+
+def _command() -> str:
+    """This process's command line, as its lock names it: ``surgery run r.yaml``, or the
+    Python program that called the API."""
+    argv = sys.argv or ["?"]
+    if Path(argv[0]).name in ("surgery", "__main__.py"):  # the console script, or python -m surgery
+        return shlex.join(["surgery", *argv[1:]])
+    return shlex.join([Path(sys.executable).name, *argv])
