@@ -94,21 +94,22 @@ def _conflict(path: Path, holder: dict[str, Any], shard: tuple[int, int] | None)
     return None
 
 
-def _refusal(out: Path, path: Path, holder: dict[str, Any], why: str) -> OutputError:
+def _refusal(out: Path, path: Path, holder: dict[str, Any], why: str, flag: str) -> OutputError:
     gone = ("" if not holder or holder.get("host") == socket.gethostname() else
             f" That machine cannot be checked from here: if its run has ended without removing its lock, "
             f"delete {path}.")
     return OutputError(f"{out}: {why}: {describe_holder(holder)}. Two runs in one directory would train the same "
                        "networks twice and mix their files, so this one did not start (nothing was written). Wait "
                        f"for it to end (`surgery inspect {out}` says how far it has got), give this run its own "
-                       f"--out, or split an experiment's grid between processes with --shard I/N.{gone}")
+                       f"{flag}, or split an experiment's grid between processes with --shard I/N.{gone}")
 
 
 @contextmanager
-def hold(out: str | Path, shard: tuple[int, int] | None = None) -> Iterator[None]:
+def hold(out: str | Path, shard: tuple[int, int] | None = None, flag: str = "--out") -> Iterator[None]:
     """Hold ``out`` (an existing directory) for this run while the block writes there;
-    ``OutputError`` naming the other run when one already does. Only the main process of
-    a ``torchrun`` takes it: the other ranks are the same run."""
+    ``OutputError`` naming the other run when one already does (and the option, ``flag``,
+    that gives this one another place). Only the main process of a ``torchrun`` takes it:
+    the other ranks are the same run."""
     if not is_main_process():
         yield
         return
@@ -119,7 +120,7 @@ def hold(out: str | Path, shard: tuple[int, int] | None = None) -> Iterator[None
         for other, holder in live:
             why = _conflict(other, holder, shard)
             if why is not None:
-                raise _refusal(out, other, holder, why)
+                raise _refusal(out, other, holder, why, flag)
         for ended in set(out.glob(f"{LOCK}*")) - {p for p, _ in live}:  # left by runs that have ended
             ended.unlink(missing_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": round(time.time(), 3),

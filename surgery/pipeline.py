@@ -117,14 +117,17 @@ def pretrain(recipe: Recipe, data: Dataset | None = None, progress: bool | None 
     data = data or load_dataset(recipe.data, recipe.base_dir)
     if not planned:
         _planned_stack(recipe, data)  # every layer's shape, size and input checked before the first one trains
-    start = None
-    if snapshots is not None:
-        plan = {"pretrain": recipe.pretrain.model_dump(mode="json"), "seed": recipe.seed, "data": data.fingerprint()}
-        start = continue_from(snapshots, plan, len(recipe.pretrain.layers), resume, progress)
-    keep = partial(save_snapshot, snapshots) if snapshots is not None else None
-    stack = greedy_pretrain(data.train.x, recipe.pretrain, recipe.seed, y=data.train.y, progress=progress,
-                            data_fingerprint=data.fingerprint(), on_layer=keep, valid=(data.valid.x, data.valid.y),
-                            start=start)
+    if snapshots is None:
+        stack = greedy_pretrain(data.train.x, recipe.pretrain, recipe.seed, y=data.train.y, progress=progress,
+                                data_fingerprint=data.fingerprint(), valid=(data.valid.x, data.valid.y))
+    else:
+        with hold(make_dir(snapshots), flag="-o/--output"):  # two runs would mix their layers there
+            plan = {"pretrain": recipe.pretrain.model_dump(mode="json"), "seed": recipe.seed,
+                    "data": data.fingerprint()}
+            start = continue_from(snapshots, plan, len(recipe.pretrain.layers), resume, progress)
+            stack = greedy_pretrain(data.train.x, recipe.pretrain, recipe.seed, y=data.train.y, progress=progress,
+                                    data_fingerprint=data.fingerprint(), on_layer=partial(save_snapshot, snapshots),
+                                    valid=(data.valid.x, data.valid.y), start=start)
     stack.recipe = recipe.to_dict()
     stack.info["dataset"] = data.name
     return stack

@@ -114,3 +114,22 @@ def test_a_lock_this_process_left_or_a_damaged_one_is_taken_over(tmp_path):
     with hold(out):
         pass
     assert not (out / LOCK).exists()
+
+
+def test_pretrain_to_a_stack_another_pretraining_writes_is_refused(tmp_path, capsys, other_process):
+    """`surgery pretrain -o STACK` keeps its layers in STACK.layers/ as it goes; a second
+    pretraining to the same file would mix its layers with the first's."""
+    from surgery.cli import main
+
+    (tmp_path / "p.yaml").write_text("data: {dataset: synthetic, n_train: 200, n_valid: 50, n_test: 50, side: 6}\n"
+                                     "pretrain: {layers: [{method: rbm, hidden: 8, epochs: 1}]}\n")
+    stack = tmp_path / "s.safetensors"
+    fake_lock(tmp_path / "s.layers", other_process.pid, command="surgery pretrain p.yaml -o s.safetensors")
+    assert main(["pretrain", str(tmp_path / "p.yaml"), "-o", str(stack)]) == 2
+    err = capsys.readouterr().err
+    assert "s.layers: a run writes there now: `surgery pretrain p.yaml -o s.safetensors`" in err, err
+    assert "give this run its own -o/--output" in err and not stack.exists()
+    other_process.kill()
+    other_process.wait()
+    assert main(["pretrain", str(tmp_path / "p.yaml"), "-o", str(stack)]) == 0
+    assert stack.is_file() and not (tmp_path / "s.layers").exists()
