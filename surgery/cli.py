@@ -342,7 +342,11 @@ def _one_line(command: str, show):
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``surgery`` with ``argv``; returns the exit status (2 for any user error)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # `surgery` alone: what it can do, not only that it needs more
+        parser.print_help(sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line(args.command, warnings.showwarning)

@@ -473,6 +473,19 @@ def test_one_case_through_a_real_process(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr and fragment in p.stderr, p.stderr
 
 
+def test_surgery_alone_lists_the_commands(capsys):
+    """`surgery` with no command says what each command does (argparse alone says only
+    that a command is required)."""
+    from surgery.cli import main
+
+    assert main([]) == 2
+    said = capsys.readouterr()
+    assert not said.out and "the following arguments are required" not in said.err
+    for command in ("pretrain", "inspect", "validate", "run", "compare", "search"):
+        assert f"\n    {command} " in said.err, said.err
+    assert "Quick start: surgery run recipes/quick.yaml" in said.err
+
+
 def test_insert_first_takes_its_input_size_from_the_data(tmp_path):
     r = _write(tmp_path / "r.yaml", _net_recipe())  # insert h1 without in_features
     assert main(["run", str(r), "--out", str(tmp_path / "out")]) == 0
