@@ -10,8 +10,12 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -348,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _terminate_as_interrupt():
             warnings.showwarning = _one_line(args.command, warnings.showwarning)
             COMMANDS[args.command](args)
             sys.stdout.flush()  # a reader gone away is found here, not at the interpreter's exit
@@ -367,16 +371,40 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `surgery inspect runs | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor may the exit's flush complain
         return 141  # 128 + SIGPIPE, as a shell reports a command whose reader went away
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         again = {"run": " (an experiment skips its finished cells; a single run needs --resume and a "
                         "checkpoint, finetune.checkpoint_every)",
                  "finetune": " with --resume (it continues from the last checkpoint, finetune.checkpoint_every)",
                  "search": " (the study in its storage, OUT/search.db unless --storage, keeps the finished trials; "
                            "--trials N adds N more)"}.get(args.command, "")
-        print(f"surgery {args.command}: interrupted; files written so far are kept. Run the same command again to "
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"surgery {args.command}: {how}; files written so far are kept. Run the same command again to "
               f"continue{again}.", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130  # 128 + the signal, as a shell reports it
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a job scheduler ending a job), raised where the command is, so that
+    it ends as Ctrl-C does: temp files removed, its output directory's lock released."""
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` while the block runs (a signal handler can only be
+    set from the main thread; elsewhere SIGTERM keeps its default)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum: int, frame: object) -> None:
+        raise Terminated
+
+    before = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def entry() -> int:

@@ -11,6 +11,7 @@ import pickle
 import struct
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -471,6 +472,28 @@ def test_one_case_through_a_real_process(tmp_path):
     p = subprocess.run([sys.executable, "-m", "surgery", *argv], capture_output=True, text=True,
                        cwd=tmp_path, env={**os.environ, "PYTHONPATH": path})
     assert p.returncode == 2 and "Traceback" not in p.stderr and fragment in p.stderr, p.stderr
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
+    """SIGTERM (a job scheduler ending a job) mid-training: one line saying how to continue,
+    exit 143, the checkpoint kept (what --resume continues from), no temp file or lock left."""
+    (tmp_path / "r.yaml").write_text(
+        "data: {dataset: synthetic, n_train: 2000}\n"
+        "surgery: {ops: [{op: insert, name: h1, units: 32}, {op: head, classes: 4}]}\n"
+        "finetune: {epochs: 100000, batch_size: 20, device: cpu, checkpoint_every: 1}\n")
+    path = os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)
+    cmd = [sys.executable, "-m", "surgery", "run", "r.yaml", "--out", "o"]
+    p = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "PYTHONPATH": path}, stderr=subprocess.PIPE, text=True)
+    ckpt = tmp_path / "o" / "checkpoints" / "last.safetensors"
+    deadline = time.monotonic() + 120
+    while not ckpt.is_file() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    p.terminate()
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 143, err
+    assert err.startswith("surgery run: terminated (SIGTERM); files written so far are kept. Run the same command "
+                          "again to continue") and "Traceback" not in err and err.count("\n") == 1, err
+    assert ckpt.is_file() and not list((tmp_path / "o").rglob("*.tmp")) and not (tmp_path / "o" / ".lock").exists()
 
 
 def test_surgery_alone_lists_the_commands(capsys):
