@@ -28,14 +28,14 @@ from .grid import Cell, plan_cells, shard_of
 from .io import RERUN, Pace, make_dir, progress_bar, progress_line, read_json, write_json, write_text
 from .lock import hold
 from .pipeline import check_grid, is_experiment_dir, is_single_run_dir
-from .recipe import Recipe
+from .recipe import Recipe, as_recipe
 from .tuning import adopt_trial, tune_arms
 
 RESULT_FIELDS = ["condition", "depth", "seed", "train_error", "valid_error", "test_error", "epochs",
                  "best_epoch", "pretrain_seconds", "finetune_seconds", "cell", "path"]
 
 
-def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None,
+def run_experiment(recipe: Recipe | str | Path, out: str | Path, progress: bool | None = None,
                    shard: tuple[int, int] | None = None) -> list[dict[str, Any]]:
     """Run every cell not yet finished under ``out`` (after tuning each arm when the
     experiment has ``tune:``); write ``results.csv`` and return its rows.
@@ -47,6 +47,7 @@ def run_experiment(recipe: Recipe, out: str | Path, progress: bool | None = None
     it returns the rows of its own cells.
 
     The report (tables, figures) is :func:`surgery.report.write_report`'s job."""
+    recipe = as_recipe(recipe, "surgery.run_experiment")
     runner = CellRunner(recipe, Path(out), progress)
     cells = plan_cells(recipe, runner.data.input_shape, runner.data.num_classes)
     check_grid(recipe, cells, runner.dataset)  # before the directory is made: a grid that cannot run leaves nothing

@@ -31,7 +31,7 @@ from .preflight import check_data, check_fits, check_patterns
 from .pretrain import greedy_pretrain
 from .pretrain.base import check_input
 from .pretrain.greedy import plan_stack
-from .recipe import Recipe
+from .recipe import Recipe, as_recipe
 from .runtime import is_main_process
 from .stack import LayerStack
 from .stacks_dir import continue_from, save_snapshot
@@ -98,7 +98,7 @@ def _grid_hint(recipe: Recipe) -> str:
     if recipe.experiment is None:
         return ""
     return (" This recipe is an experiment grid (its networks are built per cell from experiment:); "
-            f"`surgery run {recipe.source}` runs it.")
+            f"`surgery run {recipe.source}` (in Python, surgery.run_experiment) runs it.")
 
 
 def _nothing_to_assemble(recipe: Recipe) -> None:
@@ -106,12 +106,13 @@ def _nothing_to_assemble(recipe: Recipe) -> None:
                        f"{_grid_hint(recipe)}")
 
 
-def pretrain(recipe: Recipe, data: Dataset | None = None, progress: bool | None = None,
+def pretrain(recipe: Recipe | str | Path, data: Dataset | None = None, progress: bool | None = None,
              snapshots: Path | None = None, resume: bool = False, planned: bool = False) -> LayerStack:
     """Greedy layer-wise pretraining of ``recipe.pretrain`` on the recipe's data; the stack
     records the recipe and the dataset. ``snapshots``: a directory to keep each layer's
     snapshot in, which ``resume`` continues after (as an experiment's stacks do). ``planned``:
     the caller has already checked the stack (:func:`plan_network`), so it is not checked again."""
+    recipe = as_recipe(recipe, "surgery.pretrain")
     if recipe.pretrain is None:
         raise SurgeryError(f"{recipe.source}: the recipe has no pretrain: section.{_grid_hint(recipe)}")
     data = data or load_dataset(recipe.data, recipe.base_dir)
@@ -164,10 +165,11 @@ def load_sources(recipe: Recipe, pretrained: LayerStack | None) -> dict[str, Any
     return out
 
 
-def assemble(recipe: Recipe, stack: LayerStack | None, classes: int,
+def assemble(recipe: Recipe | str | Path, stack: LayerStack | None, classes: int,
              input_shape: tuple[int, ...] | None = None) -> ModelGraph:
     """The network the recipe's surgery section builds (default: every pretrained layer
     and a softmax head of ``classes``); ``input_shape`` is the data's, per example."""
+    recipe = as_recipe(recipe, "surgery.assemble")
     sources = load_sources(recipe, stack)
     cfg = recipe.surgery
     if cfg is None:
@@ -177,9 +179,11 @@ def assemble(recipe: Recipe, stack: LayerStack | None, classes: int,
     return build_graph(cfg, sources, recipe.seed, input_shape)
 
 
-def validate(recipe: Recipe) -> tuple[ModelGraph | None, list[str]]:
-    """Check the recipe and everything it refers to without training; return the planned
-    graph (``None`` when the recipe has no network to build) and notes for the user."""
+def validate(recipe: Recipe | str | Path) -> tuple[ModelGraph | None, list[str]]:
+    """Check the recipe (or the recipe file) and everything it refers to without training;
+    return the planned graph (``None`` when the recipe has no network to build) and notes
+    for the user."""
+    recipe = as_recipe(recipe, "surgery.validate")
     notes = []
     cfg = recipe.data
     if cfg.dataset == "mnist" and cfg.path is None and find_mnist_file() is None:
@@ -278,9 +282,11 @@ def _planned_graph(recipe: Recipe, stack: LayerStack | None, data: Dataset) -> M
     return graph
 
 
-def run(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool | None = None,
+def run(recipe: Recipe | str | Path, out: str | Path, resume: bool = False, progress: bool | None = None,
         data: Dataset | None = None) -> dict[str, Any]:
-    """pretrain (if any) -> assemble -> fine-tune (if any); files go under ``out``."""
+    """pretrain (if any) -> assemble -> fine-tune (if any) of a recipe (or a recipe file);
+    files go under ``out``."""
+    recipe = as_recipe(recipe, "surgery.run")
     if recipe.pretrain is None and recipe.surgery is None:
         _nothing_to_assemble(recipe)  # before anything is made or loaded
     t0 = time.perf_counter()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -286,6 +287,20 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | list[str] | None =
     if overrides:
         apply_overrides(data, overrides)
     return recipe_from_dict(data, Path(path).resolve().parent, str(path))
+
+
+def as_recipe(recipe: Recipe | str | os.PathLike | dict[str, Any], where: str) -> Recipe:
+    """What an API function (``where``, e.g. ``surgery.run``) was given as its recipe, as a
+    Recipe: a recipe file's path is read (:func:`load_recipe`), a mapping validated
+    (:func:`recipe_from_dict`); anything else is a ``ConfigError`` saying what to give."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, (str, os.PathLike)):
+        return load_recipe(recipe)
+    if isinstance(recipe, dict):
+        return recipe_from_dict(recipe)
+    raise ConfigError(f"{where}: takes a recipe (surgery.load_recipe(path) or surgery.recipe_from_dict(...)), a "
+                      f"recipe file's path or a dict of its sections; got {type(recipe).__name__}.")
 
 
 def json_schema() -> dict[str, Any]:

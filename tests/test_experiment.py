@@ -1017,6 +1017,33 @@ def test_read_results_takes_one_directory_or_several(tmp_path):
         S.read_results(tmp_path / "nope")
 
 
+def test_the_api_takes_a_recipe_file_or_a_dict_as_the_recipe(tmp_path):
+    """`S.run("r.yaml", out)`, `S.run_experiment`, `S.validate`: a path (str or Path) or a
+    dict works as the Recipe it holds (it was an AttributeError on 'str'); anything else is
+    one paragraph saying what to give."""
+    import surgery as S
+
+    single = {"data": {"dataset": "synthetic", "n_train": 120, "n_valid": 40, "n_test": 40},
+              "surgery": {"ops": [{"op": "insert", "name": "h1", "units": 8}, {"op": "head", "classes": 4}]},
+              "finetune": {"epochs": 1, "batch_size": 20, "progress": False}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(single))
+    alone = S.run(S.load_recipe(tmp_path / "r.yaml"), tmp_path / "a")
+    for given, out in [(str(tmp_path / "r.yaml"), "b"), (tmp_path / "r.yaml", "c"), (single, "d")]:
+        assert S.run(given, tmp_path / out)["test_error"] == alone["test_error"]
+        assert S.validate(given)[0].order() == S.validate(S.recipe_from_dict(single))[0].order()
+    grid = {**single, "experiment": {"conditions": ["none"], "depths": [1], "seeds": [0], "hidden": 8}}
+    del grid["surgery"]
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(grid))
+    rows = S.run_experiment(str(tmp_path / "g.yaml"), tmp_path / "g", progress=False)
+    again = S.run_experiment(grid, tmp_path / "g2", progress=False)
+    assert [r["test_error"] for r in rows] == [r["test_error"] for r in again] and len(rows) == 1
+    with pytest.raises(SurgeryError, match="surgery.run: takes a recipe .* got int"):
+        S.run(42, tmp_path / "e")
+    with pytest.raises(SurgeryError, match=r"in Python, surgery.run_experiment\) runs it"):
+        S.run(tmp_path / "g.yaml", tmp_path / "e")
+    assert not (tmp_path / "e").exists()
+
+
 def test_a_baseline_among_no_arm_run_here_is_warned_before_training(tmp_path, capsys):
     """A misspelt experiment.baseline (or arms run apart) is said before the first cell trains,
     with how the report can still test against it; the run goes on."""
