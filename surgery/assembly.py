@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from .errors import SurgeryError
 from .graph import ModelGraph
@@ -89,6 +89,7 @@ def _sized_from_data(op: Any, input_shape: tuple[int, ...] | None) -> Any:
 def build_graph(ops: SurgeryConfig | Sequence[Any], sources: Sources | None = None, seed: int = 0,
                 input_shape: tuple[int, ...] | None = None) -> ModelGraph:
     """Apply every op in order to an empty graph; any failure names the op by index and kind.
+    ``ops``: a ``surgery:`` section, or a list of ops (or of dicts, as a recipe writes them).
 
     ``input_shape`` (per example, e.g. the data's) sizes an ``insert`` that starts the
     graph without ``in_features``. Shapes may disagree between ops (remove a layer, then
@@ -96,6 +97,8 @@ def build_graph(ops: SurgeryConfig | Sequence[Any], sources: Sources | None = No
     the nodes and shapes.
     """
     op_list = list(ops.ops if isinstance(ops, SurgeryConfig) else ops)
+    if any(isinstance(op, dict) for op in op_list):  # {"op": "take", "source": "rbm"}, as a recipe writes it
+        op_list = [TypeAdapter(Op).validate_python(op) if isinstance(op, dict) else op for op in op_list]
     g = ModelGraph()
     gen = torch.Generator().manual_seed(seed)
     for i, op in enumerate(op_list):

@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .configs import as_config, as_tensor
 from .datafiles import IDX_FILES, MNIST_HELP, find_idx, read_arrays, read_idx, read_mnist_pickle
 from .devices import DeviceName, resolve_device
 from .errors import ConfigError, DataError, SurgeryWarning
@@ -61,9 +62,13 @@ class DataConfig(BaseModel):
 
 @dataclass
 class Split:
-    """One split: images or rows ``x`` [N, ...] (float32) and labels ``y`` [N] (int64)."""
+    """One split: images or rows ``x`` [N, ...] (float32) and labels ``y`` [N] (int64);
+    NumPy arrays are taken as tensors (their types checked before training)."""
     x: Tensor
     y: Tensor
+
+    def __post_init__(self) -> None:
+        self.x, self.y = as_tensor(self.x, "Split(x, ...)"), as_tensor(self.y, "Split(..., y)")
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -133,8 +138,10 @@ def non_finite(x: torch.Tensor) -> int:
 # ---------------------------------------------------------------------------- loading
 
 
-def load_dataset(cfg: DataConfig, base_dir: Path | None = None) -> Dataset:
-    """Build the dataset a ``data:`` section describes, on ``cfg.device``."""
+def load_dataset(cfg: DataConfig | dict[str, Any] | str, base_dir: Path | None = None) -> Dataset:
+    """Build the dataset a ``data:`` section describes (a DataConfig, a dict of its fields,
+    or a dataset's name: ``load_dataset("mnist")``), on ``cfg.device``."""
+    cfg = as_config({"dataset": cfg} if isinstance(cfg, str) else cfg, DataConfig, "surgery.load_dataset(cfg)")
     path = cfg.path.expanduser() if cfg.path is not None else None  # ~/data: a YAML file has no shell to expand it
     if path is not None and base_dir is not None and not path.is_absolute():
         path = base_dir / path

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import MEMBER_CHECKPOINT, Checkpoint, read_checkpoint, save_checkpoint
+from .configs import as_config
 from .data import Dataset
 from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .finetune_config import FinetuneConfig
@@ -223,9 +224,10 @@ class Trainer(TrainingLoop):
     beside it (e.g. ``{"recipe": recipe.to_dict()}``). Building one seeds torch's default
     generators with ``seed`` (dropout draws from them; see :class:`ModuleEngine`)."""
 
-    def __init__(self, graph: ModelGraph, data: Dataset, cfg: FinetuneConfig, seed: int = 0,
-                 out_dir: str | Path | None = None, on_epoch_end: EpochCallback | None = None,
+    def __init__(self, graph: ModelGraph, data: Dataset, cfg: FinetuneConfig | dict[str, Any] | None = None,
+                 seed: int = 0, out_dir: str | Path | None = None, on_epoch_end: EpochCallback | None = None,
                  record: Record | None = None, provenance: dict[str, Any] | None = None):
+        cfg = FinetuneConfig() if cfg is None else as_config(cfg, FinetuneConfig, "surgery.Trainer(cfg)")
         self.engine: ModuleEngine = ModuleEngine(graph, data, cfg, seed)
         super().__init__(self.engine, [cfg], [seed], [out_dir], record, [provenance])
         self.seed, self.out, self.on_epoch_end = seed, self.outs[0], on_epoch_end
@@ -311,6 +313,7 @@ class PopulationTrainer(TrainingLoop):
         if len(set(sizes)) != 1 or not graphs:
             raise ConfigError(f"a population needs as many configs, seeds, output directories and provenances as "
                               f"graphs (at least one); got {', '.join(map(str, sizes))}.")
+        cfgs = [as_config(c, FinetuneConfig, f"surgery.PopulationTrainer(cfgs[{k}])") for k, c in enumerate(cfgs)]
         self.engine: StackedEngine = StackedEngine(graphs, data, cfgs, seeds, stacked)
         super().__init__(self.engine, cfgs, seeds, list(out_dirs) if out_dirs else [None] * len(graphs), record,
                          provenance)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import SurgeryError
 from .figures import write_figures
 from .io import RERUN, make_dir, read_json, write_text
 
@@ -262,6 +263,9 @@ def write_report(out: Path, rows: list[dict[str, Any]], baseline: str = "none") 
     """Write ``out/report.md`` and ``out/figures/*.png`` for an experiment's result rows (with the
     published numbers when ``out/experiment.json`` names ``experiment.paper``)."""
     out = Path(out)
+    if not rows:
+        raise SurgeryError(f"{out}: no result rows to report; give the rows surgery.run_experiment returned (or "
+                           "surgery.read_results(out)) once a cell has finished.")
     tuning_path = out / "tuning.json"
     tuning = read_json(tuning_path) if tuning_path.is_file() else None
     exp_path = out / "experiment.json"

@@ -9,10 +9,12 @@ tests compare both against.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..configs import as_config, as_tensor
 from ..data import epoch_batches
 from ..errors import ShapeError
 from ..runtime import keep_freed_memory
@@ -39,7 +41,7 @@ from .dense_ae import train_dense
 from .sampling import corrupt
 
 
-def train_autoencoder(x: Tensor, cfg: AEConfig, name: str = "h1", batch_size: int | None = None,
+def train_autoencoder(x: Tensor, cfg: AEConfig | dict[str, Any], name: str = "h1", batch_size: int | None = None,
                       generator: torch.Generator | None = None, progress: bool | None = None,
                       _autograd: bool = False) -> StackLayer:
     """Fit one autoencoder layer on ``x`` ([N, D], or [N, C, H, W] for conv_ae): a population of one.
@@ -48,7 +50,11 @@ def train_autoencoder(x: Tensor, cfg: AEConfig, name: str = "h1", batch_size: in
 
     Dense layers train with hand-written gradients (:mod:`.dense_ae`), conv layers as
     grouped convolutions (:mod:`.conv_ae`); ``_autograd=True``: one member at a time with
-    autograd and ``torch.optim.SGD``, the reference the tests compare against."""
+    autograd and ``torch.optim.SGD``, the reference the tests compare against. ``cfg`` may be a
+    dict of AEConfig's fields (method ``ae`` unless it says)."""
+    cfg = as_config({"method": "ae", **cfg} if isinstance(cfg, dict) else cfg, AEConfig,
+                    "surgery.train_autoencoder(x, cfg)")
+    x = as_tensor(x, "surgery.train_autoencoder(x, cfg)")
     return train_autoencoder_population([x], [cfg], [name], layer_batch(batch_size, cfg),
                                         [generator or new_generator(0)], progress, _autograd=_autograd)[0]
 

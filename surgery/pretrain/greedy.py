@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
+from ..configs import as_config, as_tensor
 from ..errors import ConfigError, SurgeryError
 from ..io import duration, progress_line
 from ..stack import LayerStack, StackLayer
@@ -89,7 +90,7 @@ def plan_stack(cfg: PretrainConfig, input_shape: tuple[int, ...]) -> LayerStack:
 
 def greedy_pretrain(
     x: Tensor,
-    cfg: PretrainConfig,
+    cfg: PretrainConfig | dict[str, Any],
     seed: int = 0,
     y: Tensor | None = None,
     progress: bool | None = None,
@@ -111,7 +112,10 @@ def greedy_pretrain(
         if on_layer is not None:
             on_layer(i, stacks[0], rngs[0])
 
-    return greedy_pretrain_population(x, [cfg], [seed], y, progress, data_fingerprint, each, valid=valid,
+    cfg = as_config(cfg, PretrainConfig, "surgery.greedy_pretrain(x, cfg)")
+    return greedy_pretrain_population(as_tensor(x, "surgery.greedy_pretrain(x, cfg)"), [cfg], [seed],
+                                      None if y is None else as_tensor(y, "surgery.greedy_pretrain(y=...)"),
+                                      progress, data_fingerprint, each, valid=valid,
                                       start=None if start is None else [start])[0]
 
 

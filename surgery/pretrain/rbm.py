@@ -9,7 +9,7 @@ The weight update is one GEMM over the stacked positive and negative phases:
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from ..batched import RowGather, loops_on, matmul, member_tensor
+from ..configs import as_config, as_tensor
 from ..layers import LayerSpec
 from ..stack import StackLayer
 from .base import (
@@ -106,12 +107,14 @@ def free_energy(v: Tensor, W: Tensor, b: Tensor, c: Tensor, gaussian: bool) -> T
 
 
 @torch.no_grad()
-def train_rbm(x: Tensor, cfg: RBMConfig, name: str = "h1", batch_size: int | None = None,
+def train_rbm(x: Tensor, cfg: RBMConfig | dict[str, Any], name: str = "h1", batch_size: int | None = None,
               generator: torch.Generator | None = None, progress: bool | None = None) -> StackLayer:
     """Fit one RBM layer on ``x`` [N, D]; return it with per-epoch metrics (a population of one).
     ``batch_size`` defaults to ``cfg.batch_size``, else 100; ``generator`` (init, data order,
-    Gibbs samples) to one seeded with 0."""
-    return train_rbm_population([x], [cfg], [name], layer_batch(batch_size, cfg),
+    Gibbs samples) to one seeded with 0; ``cfg`` may be a dict of RBMConfig's fields."""
+    where = "surgery.train_rbm(x, cfg)"
+    cfg = as_config({"method": "rbm", **cfg} if isinstance(cfg, dict) else cfg, RBMConfig, where)
+    return train_rbm_population([as_tensor(x, where)], [cfg], [name], layer_batch(batch_size, cfg),
                                 [generator or new_generator(0)], progress)[0]
 
 

@@ -1,0 +1,67 @@
+"""The Python API takes what a newcomer would give it: a config as a dict of its fields, a
+dataset by name, NumPy arrays for tensors, surgery ops as a recipe writes them; each is
+the same call as with the objects, and anything else is one paragraph saying what to give."""
+
+import numpy as np
+import pytest
+import torch
+
+import surgery as S
+from surgery.errors import ConfigError, DataError, SurgeryError
+
+DATA = {"dataset": "synthetic", "n_train": 200, "n_valid": 50, "n_test": 50, "side": 6, "classes": 3}
+LAYERS = [{"method": "rbm", "hidden": 8, "epochs": 2}]
+
+
+def _same_stack(a, b):
+    return all(torch.equal(x.tensors[k], y.tensors[k]) for x, y in zip(a.layers, b.layers, strict=True)
+               for k in x.tensors)
+
+
+def test_data_and_pretraining_take_dicts_names_and_arrays():
+    data = S.load_dataset(S.DataConfig(**DATA))
+    for given in (DATA, {**DATA}):
+        assert torch.equal(S.load_dataset(given).train.x, data.train.x)
+    assert S.load_dataset("synthetic").name == "synthetic"
+    stack = S.greedy_pretrain(data.train.x, S.PretrainConfig(layers=LAYERS), seed=3)
+    assert _same_stack(S.greedy_pretrain(data.train.x, {"layers": LAYERS}, seed=3), stack)
+    assert _same_stack(S.greedy_pretrain(data.train.x.numpy(), {"layers": LAYERS}, seed=3), stack)
+    rbm = S.train_rbm(data.train.x, S.RBMConfig(hidden=4, epochs=1))
+    assert torch.equal(S.train_rbm(data.train.x.numpy(), {"hidden": 4, "epochs": 1}).tensors["weight"],
+                       rbm.tensors["weight"])
+    ae = S.train_autoencoder(data.train.x, S.AEConfig(method="ae", hidden=4, epochs=1))
+    assert torch.equal(S.train_autoencoder(data.train.x, {"hidden": 4, "epochs": 1}).tensors["weight"],
+                       ae.tensors["weight"])
+    with pytest.raises(ConfigError, match=r"surgery.greedy_pretrain\(x, cfg\): takes a surgery.PretrainConfig or a "
+                                          "dict of its fields; got list"):
+        S.greedy_pretrain(data.train.x, LAYERS)
+    with pytest.raises(DataError, match=r"surgery.train_rbm\(x, cfg\): takes a torch tensor or a NumPy array; got "
+                                        "list"):
+        S.train_rbm(data.train.x.tolist(), {"hidden": 4})
+
+
+def test_fine_tuning_takes_a_dict_or_nothing_and_arrays_and_ops_as_a_recipe_writes_them():
+    data = S.load_dataset(DATA)
+    stack = S.greedy_pretrain(data.train.x, {"layers": LAYERS})
+    ops = [S.TakeOp(source="rbm"), S.HeadOp(classes=3)]
+    want = S.Trainer(S.build_graph(ops, {"rbm": stack}), data, S.FinetuneConfig(epochs=2, batch_size=20)).fit()
+    written = [{"op": "take", "source": "rbm"}, {"op": "head", "classes": 3}]
+    got = S.Trainer(S.build_graph(written, {"rbm": stack}), data, {"epochs": 2, "batch_size": 20}).fit()
+    assert got["test_error"] == want["test_error"] and got["valid_error"] == want["valid_error"]
+    arrays = S.Dataset("np", *(S.Split(s.x.numpy(), s.y.numpy()) for s in (data.train, data.valid, data.test)))
+    assert S.Trainer(S.build_graph(ops, {"rbm": stack}), arrays, {"epochs": 2, "batch_size": 20}).fit()[
+        "test_error"] == want["test_error"]
+    assert S.Trainer(S.build_graph(ops, {"rbm": stack}), data).cfg == S.FinetuneConfig()  # the defaults
+    wide = S.Dataset("f64", S.Split(data.train.x.numpy().astype(np.float64), data.train.y.numpy()), data.valid,
+                     data.test)
+    with pytest.raises(DataError, match="its train split has torch.float64 examples"):
+        S.Trainer(S.build_graph(ops, {"rbm": stack}), wide, {"epochs": 1})
+    with pytest.raises(ConfigError, match=r"surgery.Trainer\(cfg\): takes a surgery.FinetuneConfig or a dict of its "
+                                          "fields; got int"):
+        S.Trainer(S.build_graph(ops, {"rbm": stack}), data, 5)
+
+
+def test_a_report_of_no_rows_is_one_paragraph(tmp_path):
+    with pytest.raises(SurgeryError, match="no result rows to report"):
+        S.write_report(tmp_path / "out", [])
+    assert not (tmp_path / "out").exists()
