@@ -21,7 +21,7 @@ LEVELS: list[tuple[str, set[str]]] = [
     ("pretrain, graph and ops", {"pretrain", "graph", "ops", "assembly", "modules", "model_file"}),
     ("fine-tuning", {"finetune_config", "finetune", "checkpoint", "graphed", "preflight", "module_engine",
                      "population"}),
-    ("recipe composition", {"experiment_config", "search_config", "recipe", "grid"}),
+    ("recipe composition", {"experiment_config", "search_config", "recipe", "grid", "fieldnames"}),
     ("orchestration", {"pipeline", "stacks_dir", "cells", "tuning", "experiment", "search"}),
     ("report and cli", {"figures", "report", "rundir", "cli", "__main__"}),
 ]

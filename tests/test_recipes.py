@@ -67,8 +67,15 @@ HEAD = {"op": "head", "classes": 4}
 
 # (mutation, fragment that the message must hold: the field path or node and the bad value)
 CATALOGUE = {
-    "unknown top-level field": (_set("trainer", {}), "trainer: Extra inputs are not permitted"),
-    "unknown data field": (_set("data.shuffle", True), "data.shuffle"),
+    "unknown top-level field": (_set("trainer", {}), "trainer: no such field; the fields of a recipe are data, "
+                                "experiment, finetune, name, pretrain, search, seed, surgery"),
+    "unknown data field": (_set("data.shuffle", True), "data.shuffle: no such field; the fields of data are "),
+    "misspelt field": (_set("finetune.epoch", 3),
+                       "finetune.epoch: no such field; did you mean finetune.epochs? (got 3)"),
+    "misplaced field": (_set("finetune.lr", 0.05), "finetune.lr: no such field here; it belongs in "
+                        "finetune.optimizer.lr (got 0.05)"),
+    "misspelt section": (_set("finetune.optimiser", {"lr": 0.1}), "finetune.optimiser: no such field; did you mean "
+                         "finetune.optimizer?"),
     "wrong type for seed": (_set("seed", "zero"), 'seed: Input should be a valid integer'),
     "name leaving runs/": (_set("name", "../../etc"),  # runs/<name> would be ../etc
                            "name: a recipe's name is its default output directory, runs/<name>: give up to 200"),
@@ -83,7 +90,10 @@ CATALOGUE = {
                    "surgery.ops.1: Input tag 'graft' found using 'op' does not match"),
     "op without op": (_ops(TAKE, {"source": "a"}), "surgery.ops.1: Unable to extract tag using discriminator 'op'"),
     "empty ops": (_ops(), "surgery.ops: List should have at least 1 item"),
-    "unknown op field": (_ops({**TAKE, "layer": 1}), "surgery.ops.0.layer: Extra inputs are not permitted"),
+    "unknown op field": (_ops({**TAKE, "layer": 1}), "surgery.ops.0.layer: no such field; did you mean "
+                         "surgery.ops.0.layers? (got 1)"),
+    "another op's field": (_ops({**TAKE, "units": 5}), "surgery.ops.0.units: no such field; the fields of "
+                           "surgery.ops.0 are layers, op, prefix, source"),
     "reversed range": (_ops({**TAKE, "layers": [2, 1]}),
                        "surgery.ops.0.layers: layers [2, 1] must be [start, stop)"),
     "range out of bounds": (_ops({**TAKE, "layers": [0, 7]}),
