@@ -1,11 +1,13 @@
 """Which field a recipe key that is no field meant: a misspelling (``epoch`` for
 ``epochs``), or a field of the section one level down (``finetune.lr`` is
 ``finetune.optimizer.lr``). Found by walking the pydantic models' annotations along the
-key's path, so every section, op and layer method is covered without a list to keep."""
+key's path, so every section, op and layer method is covered without a list to keep.
+Likewise which of a field's choices a value that is none of them meant (``rmb``: ``rbm``)."""
 
 from __future__ import annotations
 
 import difflib
+import re
 import types
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -52,6 +54,22 @@ def _fits(model: type[BaseModel], given: dict[str, Any], key: str) -> bool:
         if get_origin(tag) is Literal and v not in get_args(tag):
             return False
     return True
+
+
+def value_hint(err: dict[str, Any]) -> str:
+    """For a pydantic error of a value that is none of a field's choices (a layer's method,
+    an op, an optimizer's name): ``; did you mean 'rbm'?`` when one is close, else ``""``."""
+    ctx = err.get("ctx") or {}
+    choices = ctx.get("expected_tags") if err["type"] == "union_tag_invalid" else (
+        ctx.get("expected") if err["type"] == "literal_error" else None)
+    given = ctx.get("tag", err.get("input"))
+    if not isinstance(choices, str) or not isinstance(given, str):
+        return ""
+    options = re.findall(r"'([^']*)'", choices)
+    by_case = [o for o in options if o.lower() == given.lower()]
+    begun = [o for o in options if o.startswith(given.lower())] if given else []  # exp: exponential
+    close = by_case or begun[:len(begun) == 1] or difflib.get_close_matches(given, options, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _may_hold(ann: Any, value: Any) -> bool:

@@ -19,7 +19,7 @@ from .assembly import SurgeryConfig
 from .data import DataConfig
 from .errors import ConfigError
 from .experiment_config import ExperimentConfig, file_name
-from .fieldnames import field_hint
+from .fieldnames import field_hint, value_hint
 from .finetune_config import FinetuneConfig
 from .pretrain import PretrainConfig
 from .search_config import SearchConfig
@@ -113,6 +113,7 @@ def format_validation_error(e: ValidationError, source: str, data: Any = None) -
         path, union_at = _field_path(err, data) if data is not None else (list(err["loc"]), None)
         if err["type"] == "extra_forbidden" and data is not None:  # a misspelt or misplaced key: which was meant
             err = {**err, "msg": field_hint(Recipe, path, data) or err["msg"]}
+        err = {**err, "msg": err["msg"] + value_hint(err)}
         key = ("union", tuple(path[:union_at])) if union_at is not None else i
         problems.setdefault(key, []).append((path, err))
     lines = []

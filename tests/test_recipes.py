@@ -88,6 +88,12 @@ CATALOGUE = {
     "limit zero": (_set("data.limit", 0), "data.limit: Input should be greater than 0 (got 0)"),
     "unknown op": (_ops(TAKE, {"op": "graft", "source": "a"}),
                    "surgery.ops.1: Input tag 'graft' found using 'op' does not match"),
+    "misspelt op": (_ops(TAKE, {"op": "haed", "classes": 4}), "'import'; did you mean 'head'?"),
+    "misspelt method": (_set("pretrain", {"layers": [{"method": "rmb", "hidden": 8}]}), "did you mean 'rbm'?"),
+    "begun schedule kind": (_set("finetune.schedule", {"lr": {"kind": "exp"}}),
+                            "finetune.schedule.lr.kind: Input should be 'constant', 'exponential', 'step' or 'cosine'; "
+                            "did you mean 'exponential'? (got \"exp\")"),
+    "dataset in capitals": (_set("data.dataset", "MNIST"), "did you mean 'mnist'? (got \"MNIST\")"),
     "op without op": (_ops(TAKE, {"source": "a"}), "surgery.ops.1: Unable to extract tag using discriminator 'op'"),
     "empty ops": (_ops(), "surgery.ops: List should have at least 1 item"),
     "unknown op field": (_ops({**TAKE, "layer": 1}), "surgery.ops.0.layer: no such field; did you mean "
