@@ -121,8 +121,10 @@ def hold(out: str | Path, shard: tuple[int, int] | None = None, flag: str = "--o
             why = _conflict(other, holder, shard)
             if why is not None:
                 raise _refusal(out, other, holder, why, flag)
-        for ended in set(out.glob(f"{LOCK}*")) - {p for p, _ in live}:  # left by runs that have ended
-            ended.unlink(missing_ok=True)
+        for left in out.glob(f"{LOCK}*"):  # by runs that have ended; read again: one may have started since
+            holder = _read(left)
+            if holder is None or not _alive(holder):
+                left.unlink(missing_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": round(time.time(), 3),
               "command": _command(), "shard": list(shard) if shard is not None else None}
         try:
