@@ -252,4 +252,6 @@ def summary(result: dict[str, Any], test: bool = True) -> str:
     valid = result.get("valid_error")
     errors = [f"test {result['test_error']:.2f}%"] if test else []
     errors += [f"valid {valid:.2f}%"] if valid is not None else []
-    return ", ".join([*errors, f"{result['epochs']} epochs", duration(result.get("finetune_seconds") or 0)])
+    epochs = result["epochs"]
+    return ", ".join([*errors, f"{epochs} epoch{'' if epochs == 1 else 's'}",
+                      duration(result.get("finetune_seconds") or 0)])

@@ -69,6 +69,11 @@ def _run_cells(recipe: Recipe, runner: CellRunner, cells: list[Cell], out: Path,
     ``results.csv`` (not a shard)."""
     assert recipe.experiment is not None
     _warn_absent_baseline(recipe.experiment, out)
+    tune = recipe.experiment.tune
+    whose = f"shard {shard[0] + 1}/{shard[1]} of " if shard is not None else ""
+    progress_line(progress, f"experiment: {whose}{len(cells)} cells" + (
+        f", each arm and depth tuned first ({tune.trials} trials)" if tune is not None else "")
+        + f"; files in {out} (`surgery inspect {out}` says how far it has got)")
     if recipe.experiment.tune is not None:
         tuned = tune_arms(recipe.experiment.tune, cells, runner, out, progress, shard)
         if shard is None or shard[0] == 0:  # one process adopts them

@@ -779,8 +779,10 @@ def test_an_experiment_on_every_training_example_keeps_last_epochs(tmp_path, cap
     rp = tmp_path / "all.yaml"
     rp.write_text(yaml.safe_dump(recipe))
     assert main(["run", str(rp), "--out", str(tmp_path / "out")]) == 0
-    # stderr is no terminal here, so no bar: one line per finished cell instead
+    # stderr is no terminal here, so no bar: a line saying what it will do, then one per finished cell
     err = capsys.readouterr().err
+    start = f"experiment: 2 cells; files in {tmp_path / 'out'} (`surgery inspect {tmp_path / 'out'}` says how far"
+    assert start in err and err.index(start) < err.index("experiment: cell 1/2"), err
     assert "experiment: cell 1/2 none depth 1 seed 0: test " in err and "experiment: cell 2/2 rbm" in err
     assert ", valid" not in err and "2 epochs" in err and "pretrain: layer 1/1 (rbm, 16 units) in " in err
     assert re.search(r"2 epochs, \d+\.\d s\n", err)  # a short run's time in seconds, not "0.0 min"
@@ -1059,7 +1061,7 @@ def test_a_baseline_among_no_arm_run_here_is_warned_before_training(tmp_path, ca
     r["experiment"]["baseline"] = "none"
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
     assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o2")]) == 0
-    assert "baseline" not in capsys.readouterr().err
+    assert "experiment.baseline" not in capsys.readouterr().err
 
 
 def test_a_trial_whose_arm_uses_none_of_the_tuned_values_says_so(tmp_path, capsys):
