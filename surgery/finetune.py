@@ -28,7 +28,7 @@ from .data import Dataset
 from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .finetune_config import FinetuneConfig
 from .graph import ModelGraph
-from .io import atomic_path, progress_bar, write_json
+from .io import Pace, atomic_path, duration, progress_bar, progress_line, write_json
 from .model_file import save_model
 from .module_engine import ModuleEngine
 from .population import StackedEngine
@@ -212,6 +212,32 @@ class TrainingLoop:
 
 
 EpochCallback = Callable[["Trainer", dict[str, Any]], None]
+
+
+class EpochLog:
+    """An ``on_epoch_end`` for a single run: a line per epoch on stderr where its bar is
+    hidden only because stderr is no terminal (``nohup``, a job log), e.g. ``finetune: epoch
+    3/100: loss 0.0812, train 2.31%, valid 2.65% (best 2.60% at epoch 2), 4.8 s; about 8 min
+    left`` (at most: early stopping may end it sooner). An experiment's cells say their
+    line when they end instead."""
+
+    def __init__(self, cfg: FinetuneConfig):
+        self.cfg, self.pace = cfg, None
+
+    def __call__(self, trainer: Trainer, rec: dict[str, Any]) -> None:
+        if trainer.engine.rank != 0:  # under torchrun the other ranks are the same run
+            return
+        if self.pace is None:  # a resumed run's pace counts from where it continued
+            self.pace = Pace(self.cfg.epochs, rec["epoch"] - 1, "epochs")
+        left = self.pace.add().left()
+        valid = [(h["valid_error"], h["epoch"]) for h in trainer.history if h.get("valid_error") is not None]
+        errors = f"train {rec['train_error']:.2f}%"
+        if valid:
+            best = min(valid)
+            errors += f", valid {rec['valid_error']:.2f}% (best {best[0]:.2f}% at epoch {best[1]})"
+        progress_line(self.cfg.progress, f"finetune: epoch {rec['epoch']}/{self.cfg.epochs}: loss "
+                                         f"{rec['train_loss']:.4g}, {errors}, {duration(rec['seconds'])}"
+                                         + (f"; {left}" if left else ""))
 
 
 class Trainer(TrainingLoop):

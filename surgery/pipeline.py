@@ -19,7 +19,7 @@ from .assembly import ForeignSource, SurgeryConfig, build_graph
 from .data import Dataset, find_mnist_file, load_dataset
 from .devices import resolve_device
 from .errors import ConfigError, ManifestError, OutputError, SurgeryError, SurgeryWarning, TrainingDiverged
-from .finetune import FinetuneConfig, PopulationTrainer, Record, Trainer
+from .finetune import EpochLog, FinetuneConfig, PopulationTrainer, Record, Trainer
 from .graph import ModelGraph
 from .grid import Cell, check_cells, check_search, plan_cells
 from .io import make_dir, percent, read_json
@@ -321,7 +321,8 @@ def _pretrain_and_finetune(recipe: Recipe, data: Dataset, out: Path, resume: boo
     graph = assemble(recipe, stack, data.num_classes, data.input_shape)
     trainer = None
     if recipe.finetune is not None:
-        trainer = Trainer(graph, data, recipe.finetune, recipe.seed, out, record=_timed([out], [t_pre]),
+        trainer = Trainer(graph, data, recipe.finetune, recipe.seed, out, EpochLog(recipe.finetune),
+                          record=_timed([out], [t_pre]),
                           provenance={"recipe": recipe.to_dict()})
     if trainer is not None and resume:
         if trainer.ckpt_path().is_file():
@@ -412,4 +413,4 @@ def finetune_model(model_path: str | Path, data: Dataset, cfg: FinetuneConfig, s
         if resume and (done := _finished_already(Path(out), provenance or {})) is not None:
             return done
         graph = load_model(model_path)
-        return Trainer(graph, data, cfg, seed, out, provenance=provenance).fit(resume=resume)
+        return Trainer(graph, data, cfg, seed, out, EpochLog(cfg), provenance=provenance).fit(resume=resume)

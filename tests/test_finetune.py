@@ -582,3 +582,37 @@ def test_amp_off_cuda_is_warned_and_trains_as_float32(synth):
     with pytest.warns(SurgeryWarning, match="finetune.amp: bf16 autocast applies on CUDA only; on cpu"):
         with_amp = Trainer(mlp(), synth, cfg(amp=True), seed=3).fit()
     assert with_amp["test_error"] == Trainer(mlp(), synth, cfg(), seed=3).fit()["test_error"]
+
+
+def test_a_single_run_logs_each_epoch_where_its_bar_is_hidden(tmp_path, capsys):
+    """stderr no terminal (a job log): `surgery run` of one network says each epoch, its loss
+    and errors, the best so far and the time left; a resumed run counts from where it
+    continued; `finetune.progress: false` says nothing; an experiment's cells say only their
+    own line when they end."""
+    from surgery.cli import main
+
+    (tmp_path / "r.yaml").write_text(
+        "data: {dataset: synthetic, n_train: 200, n_valid: 50, n_test: 50}\n"
+        "surgery: {ops: [{op: insert, name: h1, units: 8}, {op: head, classes: 4}]}\n"
+        "finetune: {epochs: 3, batch_size: 20, checkpoint_every: 1}\n")
+    recipe = str(tmp_path / "r.yaml")
+    assert main(["run", recipe, "--out", str(tmp_path / "a")]) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("finetune: ")]
+    hist = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [x.split(":")[1] for x in lines] == [" epoch 1/3", " epoch 2/3", " epoch 3/3"], lines
+    best = min(hist[:2], key=lambda h: (h["valid_error"], h["epoch"]))
+    assert lines[1].startswith(f"finetune: epoch 2/3: loss {hist[1]['train_loss']:.4g}, train "
+                               f"{hist[1]['train_error']:.2f}%, valid {hist[1]['valid_error']:.2f}% (best "
+                               f"{best['valid_error']:.2f}% at epoch {best['epoch']}), "), lines
+    assert lines[0].endswith(" left") and lines[1].endswith(" left") and not lines[2].endswith(" left"), lines
+    assert main(["run", recipe, "--out", str(tmp_path / "a"), "--resume", "--set", "finetune.epochs=5"]) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("finetune: ")]
+    assert [x.split(":")[1] for x in lines] == [" epoch 4/5", " epoch 5/5"], lines
+    assert main(["run", recipe, "--out", str(tmp_path / "b"), "--set", "finetune.progress=false"]) == 0
+    assert "finetune: epoch" not in capsys.readouterr().err
+    grid = "experiment: {conditions: [none], depths: [1], seeds: [0, 1], hidden: 8}\n"
+    (tmp_path / "g.yaml").write_text((tmp_path / "r.yaml").read_text().replace(
+        "surgery: {ops: [{op: insert, name: h1, units: 8}, {op: head, classes: 4}]}\n", grid))
+    assert main(["run", str(tmp_path / "g.yaml"), "--out", str(tmp_path / "g")]) == 0
+    err = capsys.readouterr().err
+    assert "finetune: epoch" not in err and "experiment: cell 2/2" in err, err
