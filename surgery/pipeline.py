@@ -283,9 +283,10 @@ def _planned_graph(recipe: Recipe, stack: LayerStack | None, data: Dataset) -> M
 
 
 def run(recipe: Recipe | str | Path, out: str | Path, resume: bool = False, progress: bool | None = None,
-        data: Dataset | None = None) -> dict[str, Any]:
+        data: Dataset | None = None, epoch_lines: bool = True) -> dict[str, Any]:
     """pretrain (if any) -> assemble -> fine-tune (if any) of a recipe (or a recipe file);
-    files go under ``out``."""
+    files go under ``out``. ``epoch_lines``: a log line per epoch where the bar is hidden
+    (:class:`surgery.finetune.EpochLog`; a search's trials say one line each instead)."""
     recipe = as_recipe(recipe, "surgery.run")
     if recipe.pretrain is None and recipe.surgery is None:
         _nothing_to_assemble(recipe)  # before anything is made or loaded
@@ -299,11 +300,11 @@ def run(recipe: Recipe | str | Path, out: str | Path, resume: bool = False, prog
     with hold(out):
         if resume and (done := _finished_already(out, {"recipe": recipe.to_dict()})) is not None:
             return done
-        return _pretrain_and_finetune(recipe, data, out, resume, progress, t0)
+        return _pretrain_and_finetune(recipe, data, out, resume, progress, t0, epoch_lines)
 
 
 def _pretrain_and_finetune(recipe: Recipe, data: Dataset, out: Path, resume: bool, progress: bool | None,
-                           t0: float) -> dict[str, Any]:
+                           t0: float, epoch_lines: bool) -> dict[str, Any]:
     """:func:`run`'s work once it holds ``out``: pretrain (or, resumed, read the stack or
     continue its layers), assemble, fine-tune (or continue from the checkpoint)."""
     stack = None
@@ -321,7 +322,8 @@ def _pretrain_and_finetune(recipe: Recipe, data: Dataset, out: Path, resume: boo
     graph = assemble(recipe, stack, data.num_classes, data.input_shape)
     trainer = None
     if recipe.finetune is not None:
-        trainer = Trainer(graph, data, recipe.finetune, recipe.seed, out, EpochLog(recipe.finetune),
+        trainer = Trainer(graph, data, recipe.finetune, recipe.seed, out,
+                          EpochLog(recipe.finetune) if epoch_lines else None,
                           record=_timed([out], [t_pre]),
                           provenance={"recipe": recipe.to_dict()})
     if trainer is not None and resume:

@@ -163,7 +163,7 @@ def run_search(recipe: Recipe, out: str | Path, trials: int | None = None, stora
         r = recipe_from_dict(data, recipe.base_dir, f"{recipe.source} [trial {trial.number}]")
         try:
             res = run(r, out / "trials" / f"{trial.number:04d}-{os.getpid()}", progress=progress,
-                      data=dataset if r.data == first.data else None)
+                      data=dataset if r.data == first.data else None, epoch_lines=False)
         except TrainingDiverged:
             res = None
         return _score(trial, values, res, progress)
