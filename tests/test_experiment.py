@@ -343,6 +343,11 @@ def test_search_trials_flag_counts_exactly(tmp_path, capsys):
     assert not (tmp_path / "z").exists()
     assert main(["search", str(p), "--trials", "1", "--out", str(tmp_path / "one")]) == 0
     assert len(json.loads((tmp_path / "one" / "search.json").read_text())["trials"]) == 1
+    capsys.readouterr()
+    more = ["--set", "finetune.progress=null", "--set", "finetune.epochs=2"]  # a log, but a trial says one line
+    assert main(["search", str(p), "--trials", "2", "--out", str(tmp_path / "two"), *more]) == 0
+    err = capsys.readouterr().err
+    assert "search: trial 2 " in err and "finetune: epoch" not in err, err
 
 
 @pytest.mark.parametrize("batch", [1, 3])
