@@ -74,8 +74,8 @@ def _run_cells(recipe: Recipe, runner: CellRunner, cells: list[Cell], out: Path,
     progress_line(progress, f"experiment: {whose}{len(cells)} cells" + (
         f", each arm and depth tuned first ({tune.trials} trials)" if tune is not None else "")
         + f"; files in {out} (`surgery inspect {out}` says how far it has got)")
-    if recipe.experiment.tune is not None:
-        tuned = tune_arms(recipe.experiment.tune, cells, runner, out, progress, shard)
+    if tune is not None:
+        tuned = tune_arms(tune, cells, runner, out, progress, shard)
         if shard is None or shard[0] == 0:  # one process adopts them
             for cell in tuned:  # a first seed's cell is its arm's best trial
                 adopt_trial(out, cell)
