@@ -98,6 +98,16 @@ def _score(trial: Any, values: dict[str, Any], res: dict[str, Any] | None, progr
     return float(res["valid_error"])
 
 
+def seeded_suggest(study: Any, trial: Any, cfg: SearchConfig, seed: int) -> dict[str, Any]:
+    """``trial``'s values, drawn by a sampler seeded with the recipe's ``seed`` and the trial's
+    number (each trial of a study has its own): a search run again draws the same values
+    from the same history, and workers sharing a study do not repeat one another's draws
+    (a sampler seeded once per worker would need the workers' seeds to differ, and then no
+    run could be repeated)."""
+    study.sampler = make_sampler(cfg.sampler, seed * 100_003 + trial.number)
+    return suggest(trial, cfg.params)
+
+
 def _optimize_in_batches(study: Any, cfg: SearchConfig, base: dict[str, Any], recipe: Recipe, out: Path, n: int,
                          worker: str, progress: bool | None) -> None:
     """Ask ``cfg.batch`` trials at a time, run them as one batch (their fine-tuning as one
@@ -110,7 +120,7 @@ def _optimize_in_batches(study: Any, cfg: SearchConfig, base: dict[str, Any], re
         asked = [study.ask() for _ in range(min(cfg.batch, n - done))]
         recipes, outs, values = [], [], []
         for trial in asked:
-            values.append(suggest(trial, cfg.params))
+            values.append(seeded_suggest(study, trial, cfg, recipe.seed))
             trial.set_user_attr("worker", worker)
             data = apply_overrides(copy.deepcopy(base), values[-1])
             recipes.append(recipe_from_dict(data, recipe.base_dir, f"{recipe.source} [trial {trial.number}]"))
@@ -151,13 +161,12 @@ def run_search(recipe: Recipe, out: str | Path, trials: int | None = None, stora
         storage = f"sqlite:///{(out / 'search.db').resolve()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = cfg.study or recipe.name
-    # Each worker draws its own sampler seed, so workers sharing a study do not repeat trials.
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    study = _open_study(name, storage, make_sampler(cfg.sampler, recipe.seed + os.getpid()))
+    study = _open_study(name, storage, make_sampler(cfg.sampler, recipe.seed))
     make_dir(out)  # after a --storage that cannot be opened has failed: it leaves no directory
 
     def objective(trial: optuna.Trial) -> float:
-        values = suggest(trial, cfg.params)
+        values = seeded_suggest(study, trial, cfg, recipe.seed)
         trial.set_user_attr("worker", worker)
         data = apply_overrides(copy.deepcopy(base), values)
         r = recipe_from_dict(data, recipe.base_dir, f"{recipe.source} [trial {trial.number}]")

@@ -370,7 +370,7 @@ def test_search_marks_diverged_trials_and_never_picks_them(tmp_path, monkeypatch
 
     monkeypatch.setattr(Trainer, "fit", diverging(Trainer.fit))
     monkeypatch.setattr(PopulationTrainer, "fit", diverging(PopulationTrainer.fit))
-    monkeypatch.setattr(search, "make_sampler", lambda name, seed: optuna.samplers.RandomSampler(seed=3))
+    monkeypatch.setattr(search, "make_sampler", lambda name, seed: optuna.samplers.RandomSampler(seed=seed + 3))
     p = _search_recipe(tmp_path)
     r = yaml.safe_load(p.read_text())
     r["search"].update(trials=6, batch=batch)
@@ -406,6 +406,29 @@ def test_two_workers_share_one_sqlite_study(tmp_path):
     study = optuna.load_study(study_name="s", storage=url)
     workers = {t.user_attrs["worker"] for t in study.trials if t.state.name == "COMPLETE"}
     assert len(study.trials) == 4 and len(workers) == 2
+    drawn = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(set(drawn)) == 4, drawn  # no worker repeats another's draw
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_search_run_again_draws_the_same_trials(tmp_path, batch):
+    """The sampler is seeded by the recipe's seed and each trial's number: the same search
+    run again (another --out) draws the same values, so its result can be repeated; another
+    seed draws others."""
+    p = _search_recipe(tmp_path)
+    drawn = {}
+    for out, seed in (("a", 0), ("b", 0), ("c", 1)):
+        args = ["search", str(p), "--out", str(tmp_path / out), "--trials", "4", "--set", f"seed={seed}",
+                "--set", f"search.batch={batch}"]
+        if out == "b":  # another process, as a search run again is
+            done = subprocess.run([sys.executable, "-m", "surgery", *args], capture_output=True, text=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+            assert done.returncode == 0, done.stderr[-2000:]
+        else:
+            assert main(args) == 0
+        trials = json.loads((tmp_path / out / "search.json").read_text())["trials"]
+        drawn[out] = [t["params"] for t in sorted(trials, key=lambda t: t["number"])]
+    assert drawn["a"] == drawn["b"] and drawn["a"] != drawn["c"]
 
 
 def test_conv_and_custom_arms(tmp_path):
