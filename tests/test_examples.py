@@ -32,3 +32,16 @@ def test_example_runs(script, tmp_path):
 
 def test_examples_are_all_tested():
     assert {p.name for p in (ROOT / "examples").glob("*.py")} == set(CASES)
+
+
+def test_the_readme_python_example_runs_as_written(tmp_path):
+    """The README's Python API block, run as a user would paste it (MNIST, 5000 examples):
+    it runs, and what it prints is a test error a pretrained net reaches (the README says
+    7.06%)."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Python API", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "S.Trainer(" in code and "print(result" in code
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert 3.0 < float(p.stdout.strip().splitlines()[-1]) < 10.0, p.stdout
