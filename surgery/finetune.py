@@ -218,8 +218,8 @@ class EpochLog:
     """An ``on_epoch_end`` for a single run: a line per epoch on stderr where its bar is
     hidden only because stderr is no terminal (``nohup``, a job log), e.g. ``finetune: epoch
     3/100: loss 0.0812, train 2.31%, valid 2.65% (best 2.60% at epoch 2), 4.8 s; about 8 min
-    left`` (at most: early stopping may end it sooner). An experiment's cells say their
-    line when they end instead."""
+    left`` (``at most about`` with early stopping, which may end it sooner). An experiment's
+    cells say their line when they end instead."""
 
     def __init__(self, cfg: FinetuneConfig):
         self.cfg, self.pace = cfg, None
@@ -230,6 +230,8 @@ class EpochLog:
         if self.pace is None:  # a resumed run's pace counts from where it continued
             self.pace = Pace(self.cfg.epochs, rec["epoch"] - 1, "epochs")
         left = self.pace.add().left()
+        if left and self.cfg.early_stopping is not None:  # the budget's end; early stopping may come first
+            left = left.replace("about ", "at most about ", 1)
         valid = [(h["valid_error"], h["epoch"]) for h in trainer.history if h.get("valid_error") is not None]
         errors = f"train {rec['train_error']:.2f}%"
         if valid:

@@ -610,6 +610,9 @@ def test_a_single_run_logs_each_epoch_where_its_bar_is_hidden(tmp_path, capsys):
     assert [x.split(":")[1] for x in lines] == [" epoch 4/5", " epoch 5/5"], lines
     assert main(["run", recipe, "--out", str(tmp_path / "b"), "--set", "finetune.progress=false"]) == 0
     assert "finetune: epoch" not in capsys.readouterr().err
+    assert main(["run", recipe, "--out", str(tmp_path / "e"), "--set", "finetune.early_stopping={patience: 5}"]) == 0
+    first = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("finetune: epoch 1/3"))
+    assert first.endswith(" left") and "; at most about " in first, first  # it may stop sooner
     grid = "experiment: {conditions: [none], depths: [1], seeds: [0, 1], hidden: 8}\n"
     (tmp_path / "g.yaml").write_text((tmp_path / "r.yaml").read_text().replace(
         "surgery: {ops: [{op: insert, name: h1, units: 8}, {op: head, classes: 4}]}\n", grid))
