@@ -116,15 +116,12 @@ def hold(out: str | Path, shard: tuple[int, int] | None = None, flag: str = "--o
     out = Path(out)
     path = out / _name(shard)
     for _ in range(3):  # a run that took the lock between our look and our create: look again
-        live = holders(out)
-        for other, holder in live:
-            why = _conflict(other, holder, shard)
-            if why is not None:
+        for other in sorted(out.glob(f"{LOCK}*")):
+            holder = _read(other)
+            if holder is None or not _alive(holder):  # left by a run that has ended
+                other.unlink(missing_ok=True)
+            elif (why := _conflict(other, holder, shard)) is not None:
                 raise _refusal(out, other, holder, why, flag)
-        for left in out.glob(f"{LOCK}*"):  # by runs that have ended; read again: one may have started since
-            holder = _read(left)
-            if holder is None or not _alive(holder):
-                left.unlink(missing_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": round(time.time(), 3),
               "command": _command(), "shard": list(shard) if shard is not None else None}
         try:
