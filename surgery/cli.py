@@ -320,7 +320,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     out = _out(args, recipe, "-search")
     s = run_search(recipe, out, args.trials, args.storage)
     say(f"study {s['study']}: {len(s['trials'])} trials; best valid error {s['best_value']:.2f}% "
-        f"with {s['best_params']}",
+        f"(trial {s['best_trial'] + 1}) with {s['best_params']}",
         f"best recipe written to {out}/best.yaml")
 
 

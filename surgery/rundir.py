@@ -168,7 +168,9 @@ def describe_search(out: Path) -> list[str]:
     if isinstance(summary.get("best_value"), (int, float)):
         values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in (summary.get("best_params") or {}).items())
-        lines.append(f"best: trial {summary.get('best_trial')}, validation {summary['best_value']:.2f}% with "
+        n = summary.get("best_trial")
+        n = n + 1 if isinstance(n, int) else "?"  # counted from 1, as the log counts them
+        lines.append(f"best: trial {n}, validation {summary['best_value']:.2f}% with "
                      f"{values}; its recipe: {out}/best.yaml")
     lines.append(f"`surgery search RECIPE --out {out} --trials N` adds N trials to the study")
     return lines

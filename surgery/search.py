@@ -108,6 +108,16 @@ def seeded_suggest(study: Any, trial: Any, cfg: SearchConfig, seed: int) -> dict
     return suggest(trial, cfg.params)
 
 
+def _trial_recipe(base: dict[str, Any], values: dict[str, Any], recipe: Recipe, trial: Any,
+                  out: Path) -> tuple[Recipe, Path]:
+    """One trial's recipe (``base`` with its ``values``) and its run directory. Trials are
+    counted from 1 wherever a person reads them (the log, ``best.yaml``, ``surgery inspect``,
+    ``OUT/trials/0001-PID``); ``search.json`` keeps Optuna's own numbers, from 0."""
+    data = apply_overrides(copy.deepcopy(base), values)
+    r = recipe_from_dict(data, recipe.base_dir, f"{recipe.source} [trial {trial.number + 1}]")
+    return r, out / "trials" / f"{trial.number + 1:04d}-{os.getpid()}"
+
+
 def _optimize_in_batches(study: Any, cfg: SearchConfig, base: dict[str, Any], recipe: Recipe, out: Path, n: int,
                          worker: str, progress: bool | None) -> None:
     """Ask ``cfg.batch`` trials at a time, run them as one batch (their fine-tuning as one
@@ -122,9 +132,9 @@ def _optimize_in_batches(study: Any, cfg: SearchConfig, base: dict[str, Any], re
         for trial in asked:
             values.append(seeded_suggest(study, trial, cfg, recipe.seed))
             trial.set_user_attr("worker", worker)
-            data = apply_overrides(copy.deepcopy(base), values[-1])
-            recipes.append(recipe_from_dict(data, recipe.base_dir, f"{recipe.source} [trial {trial.number}]"))
-            outs.append(out / "trials" / f"{trial.number:04d}-{os.getpid()}")
+            r, rdir = _trial_recipe(base, values[-1], recipe, trial, out)
+            recipes.append(r)
+            outs.append(rdir)
         try:
             results = run_batch(recipes, outs, progress)
         except BaseException:
@@ -168,10 +178,9 @@ def run_search(recipe: Recipe, out: str | Path, trials: int | None = None, stora
     def objective(trial: optuna.Trial) -> float:
         values = seeded_suggest(study, trial, cfg, recipe.seed)
         trial.set_user_attr("worker", worker)
-        data = apply_overrides(copy.deepcopy(base), values)
-        r = recipe_from_dict(data, recipe.base_dir, f"{recipe.source} [trial {trial.number}]")
+        r, rdir = _trial_recipe(base, values, recipe, trial, out)
         try:
-            res = run(r, out / "trials" / f"{trial.number:04d}-{os.getpid()}", progress=progress,
+            res = run(r, rdir, progress=progress,
                       data=dataset if r.data == first.data else None, epoch_lines=False)
         except TrainingDiverged:
             res = None
@@ -201,7 +210,7 @@ def _write_outcome(study: Any, name: str, storage: str, recipe: Recipe, out: Pat
     best = min(scored, key=lambda t: t.value)
     best_recipe = apply_overrides(copy.deepcopy(recipe.to_dict()), dict(best.params))
     best_recipe.pop("search", None)
-    write_text(out / "best.yaml", f"# best of study {name!r}: trial {best.number}, valid error {best.value:.3f}%\n"
+    write_text(out / "best.yaml", f"# best of study {name!r}: trial {best.number + 1}, valid error {best.value:.3f}%\n"
                + yaml.safe_dump(best_recipe, sort_keys=False))
     summary.update(best_value=best.value, best_params=best.params, best_trial=best.number)
     write_json(out / "search.json", summary)

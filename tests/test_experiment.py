@@ -314,9 +314,21 @@ def _search_recipe(tmp_path):
 def test_search_end_to_end(tmp_path, capsys):
     p = _search_recipe(tmp_path)
     out = tmp_path / "sout"
+    r = yaml.safe_load(p.read_text())
+    r["finetune"].pop("progress")  # the log's line per trial, as in a job's log file
+    p.write_text(yaml.safe_dump(r))
+    capsys.readouterr()
     assert main(["search", str(p), "--out", str(out)]) == 0
     s = json.loads((out / "search.json").read_text())
     assert len(s["trials"]) == 3 and s["storage"].startswith("sqlite:///")
+    # one trial, one number, counted from 1: the log, the last line, best.yaml and its directory
+    k = s["best_trial"] + 1
+    printed, log = capsys.readouterr()
+    assert [x for x in log.splitlines() if x.endswith(f": valid {s['best_value']:.2f}%")][0].startswith(
+        f"search: trial {k} "), log  # the first trial with the best error is the best
+    assert f"best valid error {s['best_value']:.2f}% (trial {k}) with" in printed, printed
+    assert (out / "best.yaml").read_text().startswith(f"# best of study 's': trial {k}, valid error")
+    assert sorted(d.name.split("-")[0] for d in (out / "trials").iterdir()) == ["0001", "0002", "0003"]
     best = load_recipe(out / "best.yaml")
     assert best.finetune.optimizer.lr == pytest.approx(s["best_params"]["finetune.optimizer.lr"])
     assert best.search is None
@@ -326,7 +338,7 @@ def test_search_end_to_end(tmp_path, capsys):
     values = [t["value"] for t in s["trials"]]
     assert said[0] == f"{out}: a search (surgery search), study 's' in {s['storage']}" and said[1] == "trials: 3"
     assert said[2] == f"validation error: {min(values):.2f}-{max(values):.2f}% over the 3 scored", said
-    assert said[3].startswith(f"best: trial {s['best_trial']}, validation {s['best_value']:.2f}% with "
+    assert said[3].startswith(f"best: trial {k}, validation {s['best_value']:.2f}% with "
                               f"finetune.batch_size={s['best_params']['finetune.batch_size']}, "
                               "finetune.optimizer.lr=") and said[3].endswith(f"its recipe: {out}/best.yaml"), said
     (out / "search.json").write_text("{")
@@ -1147,7 +1159,7 @@ def test_inspect_of_a_directory_of_runs_gives_a_line_for_each(tmp_path, capsys):
         "  grid: experiment, 1 of 2 finished",
         "  one: single run, finished: test 1.50%, validation 1.25% (best epoch 3 of 4 trained), 12.0 s fine-tuning "
         "on cpu",
-        "  s: search, trials: 1; best: trial 0, validation 3.50% with lr=0.5",
+        "  s: search, trials: 1; best: trial 1, validation 3.50% with lr=0.5",
         f"  torn: {runs / 'torn'}/search.json: damaged or being written; `surgery search RECIPE --out "
         f"{runs / 'torn'}` writes it anew from the study's storage."]
     p = subprocess.Popen([sys.executable, "-m", "surgery", "inspect", str(runs)], cwd=ROOT, stdout=subprocess.PIPE,
