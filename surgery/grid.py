@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from .errors import ConfigError, SurgeryError
 from .experiment_config import DEFAULT_LAYER, ArmConfig, ExperimentConfig
 from .finetune_config import LAYER_PATTERN_FIELDS, FinetuneConfig
-from .recipe import Recipe, apply_overrides, recipe_from_dict
+from .recipe import Recipe, Rename, apply_overrides, recipe_from_dict
 from .search_config import ParamRange
 
 
@@ -203,14 +203,54 @@ def check_cells(recipe: Recipe, cells: list[Cell]) -> dict[tuple[str, int], Reci
     ``experiment.tune.params`` set in it, before anything trains: a bad arm override or a
     tuned path that is not a recipe field fails now, named, not after the first stacks.
     Returns those first cells' recipes."""
-    tune = recipe.experiment.tune if recipe.experiment is not None else None
+    exp = recipe.experiment
+    assert exp is not None
     checked = {}
     for (arm, depth), cell in first_cells(cells).items():
-        checked[arm, depth] = recipe_from_dict(cell.recipe, recipe.base_dir, f"{recipe.source} [{arm} d{depth}]")
-        if tune is not None:
-            check_ranges("experiment.tune.params", tune.params, recipe, f" [{arm} d{depth}]",
+        checked[arm, depth] = recipe_from_dict(cell.recipe, recipe.base_dir, f"{recipe.source} [{arm} d{depth}]",
+                                               rename=written_as(exp, arm, cell.recipe))
+        if exp.tune is not None:
+            check_ranges("experiment.tune.params", exp.tune.params, recipe, f" [{arm} d{depth}]",
                          lambda path, value, cell=cell: with_values(cell, {path: value}).recipe)
     return checked
+
+
+def written_as(exp: ExperimentConfig, name: str, cell_recipe: dict[str, Any]) -> Rename:
+    """Where the experiment recipe holds what a path of arm ``name``'s cell recipe holds:
+    ``finetune.X`` and ``data.X`` the arm overrides are ``experiment.conditions.NAME...``;
+    a pretraining layer's field is the arm's ``layer`` or ``experiment.methods.METHOD``
+    (one line for all the layers it made); anything else is where the cell has it."""
+    arm = exp.arms()[name]
+    layers = (cell_recipe.get("pretrain") or {}).get("layers") or []
+
+    def rename(path: list[Any]) -> list[Any]:
+        if len(path) > 1 and path[1] in {"finetune": arm.finetune, "data": arm.data}.get(path[0], {}):
+            return ["experiment", "conditions", name, *path]
+        if path[:2] != ["pretrain", "layers"] or len(path) < 4 or not isinstance(path[2], int) \
+                or path[2] >= len(layers):
+            return path
+        method = layers[path[2]].get("method")
+        if path[3] in arm.layer and method != "conv_ae":  # a conv first layer is the arm's conv, not its layer
+            return ["experiment", "conditions", name, "layer", *path[3:]]
+        if path[3] in exp.methods.get(method, {}):
+            return ["experiment", "methods", method, *path[3:]]
+        return path
+
+    return rename
+
+
+def _starred(param: str) -> Rename:
+    """A tuned or searched ``param`` that sets every layer (``pretrain.layers.*.noise``): the
+    paths it set in each layer as that one path."""
+    head, _, rest = param.partition(".*.")
+    n = len(head.split("."))
+
+    def rename(path: list[Any]) -> list[Any]:
+        if rest and ".".join(map(str, path[:n])) == head and ".".join(map(str, path[n + 1:])) == rest:
+            return [*path[:n], "*", *path[n + 1:]]
+        return path
+
+    return rename
 
 
 def check_ranges(field: str, params: dict[str, ParamRange], recipe: Recipe, where: str,
@@ -224,7 +264,8 @@ def check_ranges(field: str, params: dict[str, ParamRange], recipe: Recipe, wher
                 data = set_value(path, value)
             except SurgeryError as e:
                 raise ConfigError(f"{field}[{path!r}]{where}: {str(e).split(': ', 1)[-1]}") from None
-            recipe_from_dict(data, recipe.base_dir, f"{recipe.source}{where} with {field}[{path!r}]")
+            recipe_from_dict(data, recipe.base_dir, f"{recipe.source}{where} with {field}[{path!r}]",
+                             rename=_starred(path))
 
 
 def check_search(recipe: Recipe) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,10 +106,17 @@ class Recipe(BaseModel):
         return recipe_from_dict(data, self._base_dir, self._source)
 
 
-def format_validation_error(e: ValidationError, source: str, data: Any = None) -> str:
+Rename = Callable[[list[Any]], list[Any]]
+
+
+def format_validation_error(e: ValidationError, source: str, data: Any = None, rename: Rename | None = None) -> str:
     """One paragraph from a pydantic error: each problem's field path, message and value. With
     the input ``data``, a field that may take several forms (a width or a list of widths) gets
-    one line: the form its value has, not a line for each form it failed."""
+    one line: the form its value has, not a line for each form it failed.
+
+    ``rename``: the path the user wrote for a path of ``data`` (a grid cell's recipe is made
+    from an experiment's sections: its ``pretrain.layers.2.lr`` may be the recipe's
+    ``experiment.methods.rbm.lr``); a problem that renames to a line already said is said once."""
     problems: dict[Any, list[tuple[list[Any], dict[str, Any]]]] = {}
     for i, err in enumerate(e.errors()):
         path, union_at = _field_path(err, data) if data is not None else (list(err["loc"]), None)
@@ -116,17 +125,31 @@ def format_validation_error(e: ValidationError, source: str, data: Any = None) -
         err = {**err, "msg": err["msg"] + value_hint(err)}
         key = ("union", tuple(path[:union_at])) if union_at is not None else i
         problems.setdefault(key, []).append((path, err))
-    lines = []
+    lines: list[str] = []
     for key, errs in problems.items():
         fitting = [(p, err) for p, err in errs if not _form_mismatch(err)]
         if len(errs) == 1 or fitting:
-            lines += [_problem(p, err["msg"], err.get("input")) for p, err in (fitting or errs)]
+            said = [_problem(*_renamed(p, err["msg"], rename), err.get("input")) for p, err in (fitting or errs)]
         else:  # the value has none of the forms: name them all
             msgs = [err["msg"] for _, err in errs]
             msg = msgs[0] + "".join(f"; or {m.removeprefix('Input should be ')}" for m in msgs[1:])
-            lines.append(_problem(list(key[1]), msg, errs[0][1].get("input")))
+            said = [_problem(*_renamed(list(key[1]), msg, rename), errs[0][1].get("input"))]
+        lines += [line for line in said if line not in lines]
     n = len(lines)
     return f"{source}: {n} problem{'s' if n > 1 else ''} in the recipe:\n" + "\n".join(lines)
+
+
+def _renamed(path: list[Any], msg: str, rename: Rename | None) -> tuple[list[Any], str]:
+    """``path`` as ``rename`` gives it, and ``msg`` with the section it names renamed too (a
+    hint lists "the fields of pretrain.layers.0")."""
+    new = rename(path) if rename is not None else path
+    if new == path:
+        return path, msg
+    same = 0  # the tail both paths share (the field, and what lies below it), short of the whole path
+    while same < min(len(path) - 1, len(new)) and path[-1 - same] == new[-1 - same]:
+        same += 1
+    old_head, new_head = (".".join(str(p) for p in x[:len(x) - same]) for x in (path, new))
+    return new, re.sub(rf"(?<![\w.-]){re.escape(old_head)}(?![\w-])", new_head, msg)
 
 
 def _problem(path: list[Any], msg: str, got: Any) -> str:
@@ -164,15 +187,17 @@ def _form_mismatch(err: dict[str, Any]) -> bool:
     return t.endswith(("_type", "_parsing")) or t in ("literal_error", "none_required", "enum", "is_instance_of")
 
 
-def recipe_from_dict(data: Any, base_dir: Path | None = None, source: str = "<recipe>") -> Recipe:
-    """Validate ``data`` as a Recipe; ``ConfigError`` names every bad field and value."""
+def recipe_from_dict(data: Any, base_dir: Path | None = None, source: str = "<recipe>",
+                     rename: Rename | None = None) -> Recipe:
+    """Validate ``data`` as a Recipe; ``ConfigError`` names every bad field and value (by
+    the path the user wrote, with ``rename``: :func:`format_validation_error`)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a recipe must be a mapping of sections (data, pretrain, ...), got "
                           f"{type(data).__name__}.")
     try:
         r = Recipe.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source, data)) from None
+        raise ConfigError(format_validation_error(e, source, data, rename)) from None
     r._base_dir = Path(base_dir) if base_dir else Path.cwd()
     r._source = source
     return r

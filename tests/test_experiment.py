@@ -1182,3 +1182,34 @@ def test_tuning_lines_count_the_trials_of_every_arm_and_leave_read_back_ones_out
         lines = [s for s in capsys.readouterr().err.splitlines() if s.startswith("tuning: ")]
         assert [s.split("; ")[-1].split(",")[0] for s in lines] == [f"{i}/4 trials done" for i in (1, 2, 3, 4)], lines
         assert all(", about " in s for s in lines[:-1]) if run == "first" else not any("about" in s for s in lines)
+
+
+@pytest.mark.parametrize("experiment, said", [
+    ({"conditions": {"slow": {"method": "none", "finetune": {"epochs": "many"}}}},
+     ["experiment.conditions.slow.finetune.epochs: Input should be a valid integer, unable to parse string as an "
+      'integer (got "many")']),
+    ({"conditions": {"big": {"method": "none", "finetune": {"optimizer": {"name": "sgd", "lrr": 0.1}}}}},
+     ["experiment.conditions.big.finetune.optimizer.lrr: no such field; did you mean "
+      "experiment.conditions.big.finetune.optimizer.lr? (got 0.1)"]),
+    ({"conditions": ["rbm"], "methods": {"rbm": {"lrr": 0.1}}},  # one line, not one per layer
+     ["experiment.methods.rbm.lrr: no such field; did you mean experiment.methods.rbm.lr? (got 0.1)"]),
+    ({"conditions": {"fast": {"method": "dae", "layer": {"momentum": 2}}}},
+     ["experiment.conditions.fast.layer.momentum: Input should be less than 1 (got 2)"]),
+    ({"conditions": ["dae"], "tune": {"trials": 2, "params": {"pretrain.layers.*.noise": {
+        "type": "categorical", "choices": [0.1, -1]}}}},
+     ["pretrain.layers.*.noise: Input should be greater than or equal to 0 (got -1)"]),
+    ({"conditions": {"mine": {"method": "none", "data": {"limitt": 50}}}},
+     ["experiment.conditions.mine.data.limitt: no such field; did you mean experiment.conditions.mine.data.limit? "
+      "(got 50)"]),
+])
+def test_a_bad_arm_or_method_value_is_named_where_the_recipe_has_it(tmp_path, capsys, experiment, said):
+    """A grid's cells are recipes made from the experiment's sections; a bad value is named by
+    the path the user wrote (`experiment.methods.rbm.lrr`), once, not by the cell's path
+    (`pretrain.layers.0.lrr`, `pretrain.layers.1.lrr`)."""
+    r = {"data": {"dataset": "synthetic", "n_train": 120, "n_valid": 40, "n_test": 40},
+         "finetune": {"epochs": 1, "batch_size": 20, "progress": False},
+         "experiment": {"depths": [2], "seeds": [0], "hidden": 8, "pretrain_epochs": 1, **experiment}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    assert main(["validate", str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[1:] == [f"  - {line}" for line in said], err
