@@ -155,7 +155,8 @@ def _renamed(path: list[Any], msg: str, rename: Rename | None) -> tuple[list[Any
 def _problem(path: list[Any], msg: str, got: Any) -> str:
     loc = ".".join(str(p) for p in path) or "(top level)"
     msg = msg.removeprefix("Value error, ")
-    if isinstance(got, (dict, BaseModel)):  # a whole section: the message names what is wrong in it
+    if isinstance(got, (dict, BaseModel)) and not msg.startswith("Input should be"):
+        # a whole section: the message names what is wrong in it (but a number given a mapping shows it)
         return f"  - {loc}: {msg}"
     shown = json.dumps(got, default=str)
     return f"  - {loc}: {msg} (got {shown if len(shown) <= 80 else shown[:77] + '...'})"

@@ -77,6 +77,8 @@ CATALOGUE = {
     "misspelt section": (_set("finetune.optimiser", {"lr": 0.1}), "finetune.optimiser: no such field; did you mean "
                          "finetune.optimizer?"),
     "wrong type for seed": (_set("seed", "zero"), 'seed: Input should be a valid integer'),
+    "a mapping for a number": (_set("finetune.optimizer.lr", {"start": 0.1}),
+                               'finetune.optimizer.lr: Input should be a valid number (got {"start": 0.1})'),
     "name leaving runs/": (_set("name", "../../etc"),  # runs/<name> would be ../etc
                            "name: a recipe's name is its default output directory, runs/<name>: give up to 200"),
     "name with a slash": (_set("name", "mine/v2"), 'directory, runs/<name>: give up to 200 letters, digits, '
