@@ -223,13 +223,17 @@ def _check_same_data(dirs: list[Path]) -> None:
 
 
 def _read_rows(d: Path) -> list[dict[str, Any]]:
-    """One experiment directory's results.csv as typed rows."""
+    """One experiment directory's results.csv as typed rows. A row's ``path`` is its cell's
+    directory under ``d`` where that is there: the one written was relative to where the run
+    was started, and the directory may have moved since (or be read from elsewhere)."""
     p = d / "results.csv"
     if not p.is_file():
         raise SurgeryError(_no_results(d))
     with p.open() as f:
         rows = list(csv.DictReader(f))
     for r in rows:
+        if r.get("cell") and (d / "cells" / r["cell"]).is_dir():
+            r["path"] = str(d / "cells" / r["cell"])
         for k in ("depth", "seed", "epochs", "best_epoch"):
             r[k] = int(r[k]) if r.get(k) not in (None, "") else None
         for k in ("train_error", "valid_error", "test_error", "pretrain_seconds", "finetune_seconds"):

@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from .errors import ManifestError, SurgeryWarning
 from .io import atomic_path, make_dir, read_jsonl
+from .weights_io import first_line
 
 
 def write_figures(out: Path, rows: list[dict[str, Any]], tab: list[dict[str, Any]], baseline: str) -> None:
@@ -165,11 +166,8 @@ def _filters_figure(rows: list[dict[str, Any]], conds: list[str]) -> Any:
     for c in conds:
         crow = sorted((r for r in rows if r["condition"] == c), key=lambda r: (int(r["seed"]), -int(r["depth"])))
         for r in crow:
-            mp = Path(r["path"]) / "model.safetensors"
-            if mp.is_file():
-                with safe_open(str(mp), framework="pt") as f:
-                    keys = [k for k in f.keys() if k.endswith(".weight")]
-                    w = f.get_tensor("h1.weight") if "h1.weight" in keys else f.get_tensor(keys[0])
+            w = _first_weight(Path(r["path"]) / "model.safetensors")
+            if w is not None:
                 panels.append((c, w))
                 break
     n = max(len(panels), 1)
@@ -186,6 +184,21 @@ def _filters_figure(rows: list[dict[str, Any]], conds: list[str]) -> Any:
         ax.axis("off")
     fig.suptitle("First-layer filters (first 64 units, each scaled to its own range)")
     return fig
+
+
+def _first_weight(path: Path) -> torch.Tensor | None:
+    """The first layer's weight in a run's model file; None when there is none (a damaged
+    file is warned of: the report's numbers come from the results, not from it)."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = [k for k in f.keys() if k.endswith(".weight")]
+            return f.get_tensor("h1.weight") if "h1.weight" in keys else f.get_tensor(keys[0]) if keys else None
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        warnings.warn(f"filters: {path}: not a readable safetensors file ({first_line(e)}); the file is damaged. "
+                      "Another run of its arm stands in for it.", SurgeryWarning, stacklevel=2)
+        return None
 
 
 def filter_grid(w: torch.Tensor, n: int = 64) -> np.ndarray:

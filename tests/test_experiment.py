@@ -8,12 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from surgery.cli import main
 from surgery.errors import SurgeryError
+from surgery.experiment import read_results
 from surgery.grid import plan_cells
 from surgery.recipe import load_recipe, recipe_from_dict
 from surgery.report import summarize, table, welch
@@ -1213,3 +1215,38 @@ def test_a_bad_arm_or_method_value_is_named_where_the_recipe_has_it(tmp_path, ca
     assert main(["validate", str(tmp_path / "r.yaml")]) == 2
     err = capsys.readouterr().err
     assert err.splitlines()[1:] == [f"  - {line}" for line in said], err
+
+
+def test_compare_draws_a_moved_directory_s_runs_and_passes_over_a_damaged_model_file(tmp_path, monkeypatch, capsys):
+    """results.csv's `path` is relative to where the run started: a directory moved since (or
+    read from another working directory) still has its learning curves and filters drawn,
+    from its own cells/; a damaged model file is warned of and another run's filters drawn
+    (the report's writing raised safetensors' own error)."""
+    import surgery.figures as figures
+
+    r = {"data": {"dataset": "synthetic", "n_train": 120, "n_valid": 40, "n_test": 40},
+         "finetune": {"epochs": 2, "batch_size": 20, "progress": False},
+         "experiment": {"conditions": ["none", "dae"], "depths": [1], "seeds": [0, 1], "hidden": 8,
+                        "pretrain_epochs": 1}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "r.yaml", "--out", "grid"]) == 0
+    shutil.move(tmp_path / "grid", tmp_path / "kept")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    read, history = [], figures._history
+    monkeypatch.setattr(figures, "_history", lambda p: read.append(p) or history(p))
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "kept")]) == 0
+    assert len(read) == 4 and all(p.is_file() and (tmp_path / "kept") in p.parents for p in read), read
+    assert "are not here" not in (tmp_path / "kept" / "report.md").read_text()
+
+    rows = read_results(tmp_path / "kept")
+    damaged = Path(next(x["path"] for x in rows if x["condition"] == "dae" and x["seed"] == 0)) / "model.safetensors"
+    damaged.write_bytes(b"[1, 2]")
+    drawn = []
+    monkeypatch.setattr(figures, "filter_grid", lambda w, n=64: drawn.append(w.shape) or np.zeros((8, 8)))
+    assert main(["compare", str(tmp_path / "kept")]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: filters: {damaged}: not a readable safetensors file" in err, err
+    assert len(drawn) == 2, drawn  # both arms: dae's seed 1 stands in for its seed 0
