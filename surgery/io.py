@@ -123,6 +123,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         lines = path.read_text().splitlines()
     except OSError as e:
         raise ManifestError(f"{path}: cannot be read ({e.strerror}).") from e
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: not text (byte {e.start} is no UTF-8); the file is damaged.") from e
     out = []
     for i, line in enumerate(lines, 1):
         if not line.strip():

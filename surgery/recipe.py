@@ -298,7 +298,13 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such recipe file.")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file (byte {e.start} is no UTF-8); a recipe is YAML or JSON text. "
+                          "Was a stack, model or data file given in its place?") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: the recipe cannot be read ({e.strerror}).") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as e:

@@ -79,6 +79,11 @@ def conv_on_flat(tmp: Path):
     return ["pretrain", str(r), "-o", str(tmp / "s.safetensors")], "conv_ae needs image input", []
 
 
+def stack_given_as_recipe(tmp: Path):
+    p = random_stack(sizes=(64, 8)).save(tmp / "s.safetensors")
+    return ["run", str(p), "--out", str(tmp / "out")], "not a text file (byte", [p]
+
+
 def truncated_stack(tmp: Path):
     p = random_stack(sizes=(64, 8)).save(tmp / "s.safetensors")
     p.write_bytes(p.read_bytes()[:200])
@@ -409,6 +414,7 @@ CASES: dict[str, Case] = {
     "pretrain: unwritable -o": unwritable_stack_output,
     "assemble: unwritable -o": unwritable_model_output,
     "inspect: truncated stack": truncated_stack,
+    "run: a stack file given as the recipe": stack_given_as_recipe,
     "inspect: random bytes": garbage_stack,
     "inspect: a manifest edited by hand": manifest_layer_name_a_list,
     "run: a source whose manifest lost a field": manifest_without_out_shape,

@@ -1250,3 +1250,7 @@ def test_compare_draws_a_moved_directory_s_runs_and_passes_over_a_damaged_model_
     err = capsys.readouterr().err
     assert f"warning: filters: {damaged}: not a readable safetensors file" in err, err
     assert len(drawn) == 2, drawn  # both arms: dae's seed 1 stands in for its seed 0
+    metrics = damaged.parent / "metrics.jsonl"
+    metrics.write_bytes(b"\xfe\xff" * 10)  # no UTF-8: it raised UnicodeDecodeError
+    assert main(["compare", str(tmp_path / "kept")]) == 0
+    assert f"warning: learning curves: {metrics}: not text (byte 0 is no UTF-8)" in capsys.readouterr().err
