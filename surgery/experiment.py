@@ -229,13 +229,22 @@ def _read_rows(d: Path) -> list[dict[str, Any]]:
     p = d / "results.csv"
     if not p.is_file():
         raise SurgeryError(_no_results(d))
-    with p.open() as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
+    damaged = ("; the file is damaged. Run its recipe again with this --out to write it anew (finished cells are "
+               "read back, not trained again), or, for a directory `surgery compare --out` made, that compare.")
+    try:
+        with p.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ManifestError(f"{p}: not a readable CSV table ({e}){damaged}") from None
+    for line, r in enumerate(rows, 2):  # the header is line 1
+        if missing := [k for k in ("condition", "depth", "seed", "test_error") if r.get(k) in (None, "")]:
+            raise ManifestError(f"{p}, line {line}: no {missing[0]}{damaged}")
         if r.get("cell") and (d / "cells" / r["cell"]).is_dir():
             r["path"] = str(d / "cells" / r["cell"])
-        for k in ("depth", "seed", "epochs", "best_epoch"):
-            r[k] = int(r[k]) if r.get(k) not in (None, "") else None
-        for k in ("train_error", "valid_error", "test_error", "pretrain_seconds", "finetune_seconds"):
-            r[k] = float(r[k]) if r.get(k) not in (None, "") else None
+        for k, kind in [*((k, int) for k in ("depth", "seed", "epochs", "best_epoch")),
+                        *((k, float) for k in RESULT_FIELDS if k.endswith(("_error", "_seconds")))]:
+            try:
+                r[k] = kind(r[k]) if r.get(k) not in (None, "") else None
+            except ValueError:
+                raise ManifestError(f"{p}, line {line}: {k} is {r[k]!r}, not a number{damaged}") from None
     return rows

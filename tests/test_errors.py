@@ -325,6 +325,18 @@ def compare_an_unfinished_experiment(tmp: Path):
     return ["compare", str(tmp / "half")], "an experiment that has not finished", [tmp / "half" / "experiment.json"]
 
 
+def _damaged_results(tmp: Path, text: bytes, fragment: str) -> Case:
+    """An experiment directory whose results.csv holds ``text`` (it raised UnicodeDecodeError,
+    TypeError or ValueError)."""
+    (tmp / "grid").mkdir()
+    (tmp / "grid" / "experiment.json").write_text('{"cells": 2}')
+    (tmp / "grid" / "results.csv").write_bytes(text)
+    return ["compare", str(tmp / "grid")], fragment, [tmp / "grid" / "results.csv"]
+
+
+HEADER = b"condition,depth,seed,train_error,valid_error,test_error,epochs,best_epoch\n"
+
+
 def _tuned_experiment(params: dict) -> dict:
     r = _net_recipe()
     del r["surgery"]
@@ -410,6 +422,12 @@ CASES: dict[str, Case] = {
     "search: a searched path that is no recipe field": searched_path_not_in_the_recipe,
     "compare: a single run's directory": compare_a_single_run,
     "compare: an unfinished experiment": compare_an_unfinished_experiment,
+    "compare: a results.csv of random bytes": lambda tmp: _damaged_results(
+        tmp, bytes(range(128, 256)), "results.csv: not a readable CSV table ('utf-8' codec can't decode"),
+    "compare: a results.csv without test errors": lambda tmp: _damaged_results(
+        tmp, b"condition,depth,seed\nnone,1,0\n", "results.csv, line 2: no test_error; the file is damaged. Run its"),
+    "compare: a results.csv with a word for a number": lambda tmp: _damaged_results(
+        tmp, HEADER + b"none,1,0,1.0,2.0,3.0,x,1\n", "results.csv, line 2: epochs is 'x', not a number"),
     "pretrain: conv_ae on flat data": conv_on_flat,
     "pretrain: unwritable -o": unwritable_stack_output,
     "assemble: unwritable -o": unwritable_model_output,
