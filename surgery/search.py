@@ -63,7 +63,7 @@ def _open_study(name: str, url: str, sampler: Any) -> Any:
     """Create or join a study; workers starting together may race to create the schema,
     so a failed attempt is retried after a short random wait."""
     import optuna
-    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
     last: Exception | None = None
     for _ in range(8):
@@ -74,10 +74,26 @@ def _open_study(name: str, url: str, sampler: Any) -> Any:
                 storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
             return optuna.create_study(study_name=name, storage=storage, direction="minimize", sampler=sampler,
                                        load_if_exists=True)
+        except (ImportError, ValueError, ArgumentError) as e:  # no driver for its database, a storage gone, no URL
+            raise SurgeryError(f"--storage {url}: cannot open the study ({_first(e)}); give an SQLAlchemy URL "
+                               "whose database driver is installed (sqlite:///PATH needs none; postgresql:// needs "
+                               "psycopg2, mysql:// pymysql), or leave --storage out for a file under --out.") from None
         except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
-            last = e
+            if "not a database" in str(e):
+                raise SurgeryError(f"--storage {url}: cannot open the study ({_first(e)}): the file is damaged. Move "
+                                   "it away to start the study anew (search.json beside it lists the trials it held), "
+                                   "or give another --out or --storage.") from None
+            last = e  # a race with another worker creating the schema, or a database not up yet: tried again
             time.sleep(0.2 + random.random())
-    raise SurgeryError(f"--storage {url}: cannot open the study ({type(last).__name__}: {str(last).splitlines()[0]}).")
+    assert last is not None
+    raise SurgeryError(f"--storage {url}: cannot open the study ({_first(last)}); check that the database is "
+                       "reachable and the URL right (sqlite:///PATH, postgresql://...), or leave --storage out for a "
+                       "file under --out.")
+
+
+def _first(e: Exception) -> str:
+    """``e``'s type and the first line of its message."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def shown(values: dict[str, Any], skip: list[str] | tuple[str, ...] = ()) -> str:

@@ -370,6 +370,30 @@ def searched_path_not_in_the_recipe(tmp: Path):
             "with search.params['finetune.optimizer.momentm']", [])
 
 
+def _search(tmp: Path, *more: str) -> list[str]:
+    r = _net_recipe()
+    r["search"] = {"trials": 1, "params": {"finetune.optimizer.lr": {"low": 0.05, "high": 0.1}}}
+    return ["search", str(_write(tmp / "r.yaml", r)), "--out", str(tmp / "out"), *more]
+
+
+def search_storage_of_no_known_database(tmp: Path):
+    return (_search(tmp, "--storage", "nosuchdb://x"),
+            "--storage nosuchdb://x: cannot open the study (NoSuchModuleError: Can't load plugin: sqlalchemy.dialects:"
+            "nosuchdb); give an SQLAlchemy URL whose database driver is installed", [])
+
+
+def search_storage_optuna_dropped(tmp: Path):
+    return (_search(tmp, "--storage", "redis://localhost"),  # optuna raised a ValueError: a traceback
+            "--storage redis://localhost: cannot open the study (ValueError: RedisStorage is removed", [])
+
+
+def search_storage_damaged(tmp: Path):
+    (tmp / "out").mkdir()
+    (tmp / "out" / "search.db").write_bytes(b"not a database" * 100)
+    return (_search(tmp), "search.db: cannot open the study (DatabaseError: (sqlite3.DatabaseError) file is not a "
+            "database): the file is damaged. Move it away", [tmp / "out" / "search.db"])
+
+
 def single_run_into_an_experiment_dir(tmp: Path):
     (tmp / "grid" / "cells").mkdir(parents=True)
     (tmp / "grid" / "experiment.json").write_text('{"cells": 4}')
@@ -420,6 +444,9 @@ CASES: dict[str, Case] = {
     "validate: a tuned layer the stack lacks": tuned_layer_the_stack_lacks,
     "run: a tuned choice out of range": tuned_choice_out_of_range,
     "search: a searched path that is no recipe field": searched_path_not_in_the_recipe,
+    "search: a storage URL of no database it knows": search_storage_of_no_known_database,
+    "search: a damaged study file": search_storage_damaged,
+    "search: a storage optuna no longer has": search_storage_optuna_dropped,
     "compare: a single run's directory": compare_a_single_run,
     "compare: an unfinished experiment": compare_an_unfinished_experiment,
     "compare: a results.csv of random bytes": lambda tmp: _damaged_results(
