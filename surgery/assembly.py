@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
-from .errors import SurgeryError
+from .configs import problems, require
+from .errors import ConfigError, SurgeryError
 from .graph import ModelGraph
 from .ops import InsertOp, Op, Sources
 
@@ -96,9 +97,20 @@ def build_graph(ops: SurgeryConfig | Sequence[Any], sources: Sources | None = No
     insert its replacement); the finished graph must validate, and an error then names
     the nodes and shapes.
     """
+    require(ops, (SurgeryConfig, list, tuple), "surgery.build_graph(ops, ...)",
+            "a list of ops (surgery.TakeOp(...), or dicts as a recipe writes them) or a surgery.SurgeryConfig")
+    require(sources or {}, Mapping, "surgery.build_graph(ops, sources)",
+            "a dict of source name -> surgery.LayerStack or surgery.ModelGraph")
     op_list = list(ops.ops if isinstance(ops, SurgeryConfig) else ops)
-    if any(isinstance(op, dict) for op in op_list):  # {"op": "take", "source": "rbm"}, as a recipe writes it
-        op_list = [TypeAdapter(Op).validate_python(op) if isinstance(op, dict) else op for op in op_list]
+    for i, op in enumerate(op_list):
+        if isinstance(op, dict):  # {"op": "take", "source": "rbm"}, as a recipe writes it
+            try:
+                op_list[i] = TypeAdapter(Op).validate_python(op)
+            except ValidationError as e:
+                raise ConfigError(f"surgery.build_graph: ops[{i}]: {problems(e)}") from None
+        elif not isinstance(op, BaseModel) or not hasattr(op, "apply"):
+            raise ConfigError(f"surgery.build_graph: ops[{i}] is a {type(op).__name__}; give an op "
+                              "(surgery.TakeOp(...), ...) or a dict as a recipe writes it ({'op': 'take', ...}).")
     g = ModelGraph()
     gen = torch.Generator().manual_seed(seed)
     for i, op in enumerate(op_list):

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import MEMBER_CHECKPOINT, Checkpoint, read_checkpoint, save_checkpoint
-from .configs import as_config
+from .configs import DATA, GRAPH, as_config, require
 from .data import Dataset
 from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .finetune_config import FinetuneConfig
@@ -255,6 +255,8 @@ class Trainer(TrainingLoop):
     def __init__(self, graph: ModelGraph, data: Dataset, cfg: FinetuneConfig | dict[str, Any] | None = None,
                  seed: int = 0, out_dir: str | Path | None = None, on_epoch_end: EpochCallback | None = None,
                  record: Record | None = None, provenance: dict[str, Any] | None = None):
+        require(graph, ModelGraph, "surgery.Trainer(graph, ...)", GRAPH)
+        require(data, Dataset, "surgery.Trainer(graph, data)", DATA)
         cfg = FinetuneConfig() if cfg is None else as_config(cfg, FinetuneConfig, "surgery.Trainer(cfg)")
         self.engine: ModuleEngine = ModuleEngine(graph, data, cfg, seed)
         super().__init__(self.engine, [cfg], [seed], [out_dir], record, [provenance])
@@ -341,6 +343,9 @@ class PopulationTrainer(TrainingLoop):
         if len(set(sizes)) != 1 or not graphs:
             raise ConfigError(f"a population needs as many configs, seeds, output directories and provenances as "
                               f"graphs (at least one); got {', '.join(map(str, sizes))}.")
+        for k, g in enumerate(graphs):
+            require(g, ModelGraph, f"surgery.PopulationTrainer(graphs[{k}])", GRAPH)
+        require(data, Dataset, "surgery.PopulationTrainer(graphs, data)", DATA)
         cfgs = [as_config(c, FinetuneConfig, f"surgery.PopulationTrainer(cfgs[{k}])") for k, c in enumerate(cfgs)]
         self.engine: StackedEngine = StackedEngine(graphs, data, cfgs, seeds, stacked)
         super().__init__(self.engine, cfgs, seeds, list(out_dirs) if out_dirs else [None] * len(graphs), record,

@@ -14,12 +14,14 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
+from .configs import GRAPH, require
 from .graph import ModelGraph
 
 
 def to_module(graph: ModelGraph) -> nn.Module:
     """The network as an ``nn.Module`` (on the CPU); frozen nodes' parameters get
     ``requires_grad=False``. Raises what ``graph.validate()`` raises."""
+    require(graph, ModelGraph, "surgery.to_module(graph)", GRAPH)
     graph.validate()
     mods: OrderedDict[str, nn.Module] = OrderedDict()
     for name in graph.order():

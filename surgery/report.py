@@ -266,6 +266,12 @@ def write_report(out: Path, rows: list[dict[str, Any]], baseline: str = "none") 
     if not rows:
         raise SurgeryError(f"{out}: no result rows to report; give the rows surgery.run_experiment returned (or "
                            "surgery.read_results(out)) once a cell has finished.")
+    for i, r in enumerate(rows):
+        lacks = [k for k in ("condition", "depth", "seed", "test_error") if k not in r] if isinstance(r, dict) else []
+        if not isinstance(r, dict) or lacks:
+            what = f"lacks {lacks[0]}" if isinstance(r, dict) else f"is a {type(r).__name__}"
+            raise SurgeryError(f"{out}: rows[{i}] {what}; give the rows surgery.run_experiment returned (or "
+                               "surgery.read_results(out)): dicts with condition, depth, seed and test_error.")
     tuning_path = out / "tuning.json"
     tuning = read_json(tuning_path) if tuning_path.is_file() else None
     exp_path = out / "experiment.json"

@@ -65,3 +65,32 @@ def test_a_report_of_no_rows_is_one_paragraph(tmp_path):
     with pytest.raises(SurgeryError, match="no result rows to report"):
         S.write_report(tmp_path / "out", [])
     assert not (tmp_path / "out").exists()
+
+
+def test_the_wrong_object_or_a_bad_field_is_one_paragraph_naming_the_call(tmp_path):
+    """Each was an AttributeError, KeyError or pydantic ValidationError from inside the call."""
+    data = S.load_dataset(DATA)
+    stack = S.greedy_pretrain(data.train.x, {"layers": LAYERS})
+    graph = S.build_graph([S.TakeOp(source="rbm"), S.HeadOp(classes=3)], {"rbm": stack})
+    calls = {
+        r"surgery.Trainer\(cfg\): epochs: Input should be a valid integer, unable to parse string as an integer "
+        r"\(got 'x'\)": lambda: S.Trainer(graph, data, {"epochs": "x"}),
+        r"surgery.greedy_pretrain\(x, cfg\): layers.0.rbm.hidden: Field required; layers.0.rbm.hiden: Extra inputs":
+            lambda: S.greedy_pretrain(data.train.x, {"layers": [{"method": "rbm", "hiden": 8}]}),
+        r"surgery.Trainer\(graph, data\): takes a surgery.Dataset .*; got NoneType": lambda: S.Trainer(graph, None),
+        r"surgery.Trainer\(graph, ...\): takes a surgery.ModelGraph .* a LayerStack has no head: .*; got LayerStack":
+            lambda: S.Trainer(stack, data),
+        r"surgery.PopulationTrainer\(graphs\[1\]\): takes a surgery.ModelGraph": lambda: S.PopulationTrainer(
+            [graph, stack], data, [{}, {}], [0, 1]),
+        r"surgery.to_module\(graph\): takes a surgery.ModelGraph": lambda: S.to_module(stack),
+        r"surgery.build_graph\(ops, sources\): takes a dict of source name -> ": lambda: S.build_graph(
+            [S.TakeOp(source="rbm")], [stack]),
+        r"surgery.build_graph: ops\[1\]: head.classes: Field required": lambda: S.build_graph(
+            [{"op": "take", "source": "rbm"}, {"op": "head"}], {"rbm": stack}),
+        r"surgery.build_graph: ops\[0\] is a str; give an op": lambda: S.build_graph(["take"], {"rbm": stack}),
+        r"rows\[1\] lacks depth; give the rows surgery.run_experiment returned": lambda: S.write_report(
+            tmp_path, [{"condition": "none", "depth": 1, "seed": 0, "test_error": 2.0}, {"condition": "none"}]),
+    }
+    for message, call in calls.items():
+        with pytest.raises(SurgeryError, match=message):
+            call()
