@@ -31,6 +31,9 @@ def check_data(data: Dataset) -> None:
                             f"of shape {tuple(split.y.shape)}; give one label per example, y of shape [N].")
         if name == "train" and not len(split):
             raise DataError(f"the data {data.name!r}: its train split is empty; nothing to train on.")
+        if name == "test" and not len(split):  # an empty valid split is one way of training without validation
+            raise DataError(f"the data {data.name!r}: its test split is empty; a test error over no examples "
+                            "would read 0%. Give it test examples (x_test, y_test).")
         bad = non_finite(split.x)
         if bad:
             raise DataError(f"the data {data.name!r}: its {name} split holds {bad} NaN or infinite inputs; every "

@@ -407,6 +407,7 @@ def test_any_arrays_file_loads_or_is_one_data_error(tmp_path, shape, valid, muta
     ("one class", "its train split holds one class only (0); a classifier needs examples of two classes or more"),
     ("test labels 1-10", "its test split has labels up to 10, but the training labels go up to 9"),
     ("a valid class never trained", "its valid split has labels up to 3, but the training labels go up to 2"),
+    ("no test examples", "its test split is empty; a test error over no examples would read 0%"),  # it read 0.00%
 ])
 def test_labels_a_classifier_cannot_learn_are_refused_before_training(tmp_path, capsys, case, says):
     """One class in the training labels, or validation/test labels beyond the training's class
@@ -423,6 +424,8 @@ def test_labels_a_classifier_cannot_learn_are_refused_before_training(tmp_path, 
         a["y_train"] = np.zeros(40, np.int64)
     elif case == "test labels 1-10":
         a["y_test"] = a["y_test"] + 1
+    elif case == "no test examples":
+        a["x_test"], a["y_test"] = a["x_test"][:0], a["y_test"][:0]
     else:
         a["y_valid"][0] = 3
     np.savez(tmp_path / "d.npz", **a)
