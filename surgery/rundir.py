@@ -176,6 +176,18 @@ def describe_search(out: Path) -> list[str]:
     return lines
 
 
+def describe_snapshots(d: Path) -> list[str]:
+    """Lines saying what a greedy stack's snapshot directory holds: how many layers, whether
+    the stack is whole, and how to see it."""
+    done, goes_on = _layers_kept(d)
+    state = ("whole" if (d / "pretrain.json").is_file() else
+             "unfinished: a rerun continues after them" if goes_on else "unfinished: a rerun pretrains it again")
+    return [f"{d}: a greedy stack's layer snapshots (an experiment's stacks/KEY, or a run's pretrain/), "
+            f"{_layers(done)} ({state})",
+            f"`surgery inspect {d}/depth{done}.safetensors` shows the stack of those {_layers(done)} (depthN: the "
+            "first N)"]
+
+
 def describe_checkpoint(path: Path, meta: dict[str, Any]) -> list[str]:
     """Lines saying where the fine-tuning checkpoint ``path`` (its metadata ``meta``) stands:
     the epoch it was written after, the best validation error so far and how to continue."""
@@ -241,6 +253,8 @@ def describe_run(out: Path) -> list[str]:
         runs = [d for d in sorted(out.iterdir()) if d.is_dir() and _is_run_dir(d)] if out.is_dir() else []
         if runs:  # a directory of runs, e.g. runs/
             return describe_runs_in(out, runs)
+        if any(out.glob("depth*.safetensors")):  # an experiment's stacks/KEY, or a run's pretrain/
+            return describe_snapshots(out)
         raise SurgeryError(f"{out}: a directory that is not a run's (no result.json, metrics.jsonl, checkpoints/ "
                            f"or pretrain/, nor an experiment's experiment.json, cells/, tuning/ or stacks/, nor a "
                            f"search's search.json); give a .safetensors file{weights_held(out)} or a run's --out "

@@ -1254,3 +1254,22 @@ def test_compare_draws_a_moved_directory_s_runs_and_passes_over_a_damaged_model_
     metrics.write_bytes(b"\xfe\xff" * 10)  # no UTF-8: it raised UnicodeDecodeError
     assert main(["compare", str(tmp_path / "kept")]) == 0
     assert f"warning: learning curves: {metrics}: not text (byte 0 is no UTF-8)" in capsys.readouterr().err
+
+
+def test_inspect_says_what_a_stack_s_snapshot_directory_holds(tmp_path, capsys):
+    """An experiment's stacks/KEY (a run's pretrain/) was 'a directory that is not a run's'."""
+    d = tmp_path / "stacks" / "abc"
+    d.mkdir(parents=True)
+    for name in ("depth1.safetensors", "rng1.safetensors", "depth2.safetensors"):
+        (d / name).write_bytes(b"")
+    said = []
+    for last in ("rng2.safetensors", "pretrain.json"):
+        assert main(["inspect", str(d)]) == 0
+        said.append(capsys.readouterr().out.splitlines())
+        (d / last).write_bytes(b"")
+    assert main(["inspect", str(d)]) == 0
+    said.append(capsys.readouterr().out.splitlines())
+    states = [lines[0].rsplit("2 layers ", 1)[-1] for lines in said]
+    assert states == ["(unfinished: a rerun pretrains it again)", "(unfinished: a rerun continues after them)",
+                      "(whole)"], said
+    assert said[0][1].startswith(f"`surgery inspect {d}/depth2.safetensors` shows the stack of those 2 layers")
