@@ -22,7 +22,7 @@ from typing import Any
 
 from .cells import CellRunner, summary
 from .data import fingerprint
-from .errors import ManifestError, OutputError, SurgeryError, SurgeryWarning
+from .errors import ConfigError, ManifestError, OutputError, SurgeryError, SurgeryWarning
 from .experiment_config import ExperimentConfig
 from .grid import Cell, plan_cells, shard_of
 from .io import RERUN, Pace, make_dir, progress_bar, progress_line, read_json, write_json, write_text
@@ -48,6 +48,9 @@ def run_experiment(recipe: Recipe | str | Path, out: str | Path, progress: bool 
 
     The report (tables, figures) is :func:`surgery.report.write_report`'s job."""
     recipe = as_recipe(recipe, "surgery.run_experiment")
+    if recipe.experiment is None:
+        raise ConfigError(f"{recipe.source}: the recipe has no experiment: section; one network runs with "
+                          "surgery.run(recipe, out) (`surgery run RECIPE` runs either).")
     runner = CellRunner(recipe, Path(out), progress)
     cells = plan_cells(recipe, runner.data.input_shape, runner.data.num_classes)
     check_grid(recipe, cells, runner.dataset)  # before the directory is made: a grid that cannot run leaves nothing

@@ -88,6 +88,8 @@ def test_the_wrong_object_or_a_bad_field_is_one_paragraph_naming_the_call(tmp_pa
         r"surgery.build_graph: ops\[1\]: head.classes: Field required": lambda: S.build_graph(
             [{"op": "take", "source": "rbm"}, {"op": "head"}], {"rbm": stack}),
         r"surgery.build_graph: ops\[0\] is a str; give an op": lambda: S.build_graph(["take"], {"rbm": stack}),
+        r"the recipe has no experiment: section; one network runs with surgery.run\(recipe, out\)": lambda: (
+            S.run_experiment({"data": DATA, "finetune": {"epochs": 1}}, tmp_path / "grid")),
         r"rows\[1\] lacks depth; give the rows surgery.run_experiment returned": lambda: S.write_report(
             tmp_path, [{"condition": "none", "depth": 1, "seed": 0, "test_error": 2.0}, {"condition": "none"}]),
     }
