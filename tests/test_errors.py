@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
@@ -851,3 +852,58 @@ def test_read_json_names_the_file_and_line(tmp_path):
     p.write_text('{"epoch": 1}\n"two"\n')
     with pytest.raises(ManifestError, match=f"^{p}, line 2: a JSON str, not an object"):
         read_jsonl(p)
+
+
+DAMAGES = {  # what a killed process, a full disk or a stray copy leaves of a file
+    "garbage": lambda b: bytes(range(256))[::-1] * 2,  # no UTF-8, no JSON, no safetensors header
+    "truncated": lambda b: b[: len(b) // 2],
+    "empty": lambda b: b"",
+}
+
+
+@pytest.fixture(scope="module")
+def finished_grid(tmp_path_factory):
+    """A finished tuned experiment on synthetic data: every kind of file a grid writes."""
+    tmp = tmp_path_factory.mktemp("grid")
+    r = {"data": {"dataset": "synthetic", "n_train": 120, "n_valid": 40, "n_test": 40},
+         "finetune": {"epochs": 2, "batch_size": 20, "checkpoint_every": 1, "progress": False},
+         "experiment": {"conditions": ["none", "dae"], "depths": [1], "seeds": [0, 1], "hidden": 8,
+                        "pretrain_epochs": 1,
+                        "tune": {"trials": 2, "params": {"finetune.optimizer.lr": {"low": 0.05, "high": 0.2}}}}}
+    assert main(["run", str(_write(tmp / "r.yaml", r)), "--out", str(tmp / "grid")]) == 0
+    return tmp / "grid"
+
+
+def _one_of_each(grid: Path) -> list[Path]:
+    """A file of each kind under ``grid`` (a cell's, a trial's and a stack's taken once)."""
+    kinds = {}
+    for p in sorted(grid.rglob("*")):
+        if p.is_file() and p.suffix != ".png":
+            parts = p.relative_to(grid).parts
+            kinds.setdefault((parts[0], parts[-1]) if len(parts) > 1 else parts, p)
+    return list(kinds.values())
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_file_anywhere_in_a_grid_is_never_a_traceback(finished_grid, tmp_path, capsys, damage):
+    """Any file of a finished grid damaged (results.csv, experiment.json, tuning.json, a cell's
+    or a trial's result.json, metrics.jsonl, model.safetensors, checkpoint, recipe.json, a
+    stack's layers and generator states): inspect and compare end with a result or one
+    paragraph (exit 0 or 2), never a traceback (a damaged results.csv, model file or
+    non-UTF-8 metrics.jsonl were)."""
+    files = _one_of_each(finished_grid)
+    assert len(files) >= 12, files
+    for i, f in enumerate(files):
+        grid = tmp_path / f"g{i}"
+        shutil.copytree(finished_grid, grid)
+        damaged = grid / f.relative_to(finished_grid)
+        damaged.write_bytes(DAMAGES[damage](damaged.read_bytes()))
+        for argv in (["inspect", str(grid)], ["compare", str(grid)]):
+            try:
+                code = main(argv)
+            except Exception as e:  # noqa: BLE001 - the point: no exception gets out
+                pytest.fail(f"{argv[0]} with {damaged.relative_to(grid)} {damage}: {type(e).__name__}: {e}")
+            err = capsys.readouterr().err
+            assert code in (0, 2) and "Traceback" not in err, (argv, damaged, err)
+            lines = [x for x in err.strip().splitlines() if not x.startswith(f"surgery {argv[0]}: warning: ")]
+            assert len(lines) == (code == 2) and all(x.startswith(f"surgery {argv[0]}: error: ") for x in lines), err
