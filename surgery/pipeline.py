@@ -311,8 +311,12 @@ def _pretrain_and_finetune(recipe: Recipe, data: Dataset, out: Path, resume: boo
     stack_path = out / "stack.safetensors"
     if recipe.pretrain is not None:
         if resume and stack_path.is_file():
-            stack = LayerStack.load(stack_path)
-        else:
+            try:
+                stack = LayerStack.load(stack_path)
+            except ManifestError:  # a damaged stack is made again, as a damaged cell's result is
+                warnings.warn(f"--resume: {stack_path}, this run's pretrained stack, is damaged (no readable stack "
+                              "file); it is pretrained again from the recipe's seed.", SurgeryWarning, stacklevel=2)
+        if stack is None:
             stack = pretrain(recipe, data, progress, out / "pretrain" if is_main_process() else None, resume,
                              planned=True)
             if is_main_process():

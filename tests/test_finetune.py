@@ -420,6 +420,34 @@ def test_resume_of_a_finished_run_without_checkpoint_trains_nothing(tmp_path, ca
         assert json.loads((out / "result.json").read_text())["epochs"] == 3
 
 
+def test_resume_pretrains_a_damaged_stack_again_and_continues(tmp_path, capsys):
+    """A run cut in fine-tuning whose stack.safetensors was then damaged: --resume warns,
+    pretrains the same stack again from the seed and continues from the checkpoint to the
+    uninterrupted run's result (it stopped with 'Re-create it with surgery pretrain')."""
+    from surgery.cli import main
+    from surgery.stack import LayerStack
+
+    (tmp_path / "r.yaml").write_text(
+        "data: {dataset: synthetic, n_train: 200, n_valid: 50, n_test: 50}\n"
+        "pretrain: {layers: [{method: rbm, hidden: 16, epochs: 2}]}\n"
+        "finetune: {epochs: 3, batch_size: 20, device: cpu, checkpoint_every: 1, progress: false}\n")
+    recipe, whole, cut = str(tmp_path / "r.yaml"), tmp_path / "whole", tmp_path / "cut"
+    assert main(["run", recipe, "--out", str(whole)]) == 0
+    assert main(["run", recipe, "--out", str(cut), "--set", "finetune.epochs=1"]) == 0  # as if stopped after epoch 1
+    stack = cut / "stack.safetensors"
+    stack.write_bytes(stack.read_bytes()[:300])
+    capsys.readouterr()
+    assert main(["run", recipe, "--out", str(cut), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: --resume: {stack}, this run's pretrained stack, is damaged" in err, err
+    a, b = LayerStack.load(whole / "stack.safetensors"), LayerStack.load(stack)
+    assert all(torch.equal(x.tensors[k], y.tensors[k]) for x, y in zip(a.layers, b.layers, strict=True)
+               for k in x.tensors)
+    ended = [json.loads((d / "result.json").read_text()) for d in (whole, cut)]
+    assert [(r["test_error"], r["valid_error"], r["epochs"]) for r in ended] == [
+        (ended[0]["test_error"], ended[0]["valid_error"], 3)] * 2
+
+
 def test_inspect_says_how_far_a_single_run_got(synth, tmp_path, capsys):
     """`surgery inspect OUT` on a run cut after epoch 2 of 4: its last and best epochs and that
     --resume continues it; once finished: its errors; without a checkpoint: it starts over."""
