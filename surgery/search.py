@@ -25,6 +25,7 @@ from .io import make_dir, progress_line, write_json, write_text
 from .pipeline import plan_network, run, run_batch
 from .recipe import Recipe, apply_overrides, recipe_from_dict
 from .search_config import ParamRange, SearchConfig
+from .weights_io import first_line
 
 # Optuna (and SQLAlchemy under it) is imported where a search starts: it costs about a
 # second, and `import surgery` should not pay it.
@@ -59,6 +60,10 @@ def suggest(trial: Any, params: dict[str, ParamRange]) -> dict[str, Any]:
     return values
 
 
+def _why(e: Exception) -> str:
+    return f"{type(e).__name__}: {first_line(e)}"
+
+
 def _open_study(name: str, url: str, sampler: Any) -> Any:
     """Create or join a study; workers starting together may race to create the schema,
     so a failed attempt is retried after a short random wait."""
@@ -75,25 +80,21 @@ def _open_study(name: str, url: str, sampler: Any) -> Any:
             return optuna.create_study(study_name=name, storage=storage, direction="minimize", sampler=sampler,
                                        load_if_exists=True)
         except (ImportError, ValueError, ArgumentError) as e:  # no driver for its database, a storage gone, no URL
-            raise SurgeryError(f"--storage {url}: cannot open the study ({_first(e)}); give an SQLAlchemy URL "
+            raise SurgeryError(f"--storage {url}: cannot open the study ({_why(e)}); give an SQLAlchemy URL "
                                "whose database driver is installed (sqlite:///PATH needs none; postgresql:// needs "
                                "psycopg2, mysql:// pymysql), or leave --storage out for a file under --out.") from None
         except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
             if "not a database" in str(e):
-                raise SurgeryError(f"--storage {url}: cannot open the study ({_first(e)}): the file is damaged. Move "
+                raise SurgeryError(f"--storage {url}: cannot open the study ({_why(e)}): the file is damaged. Move "
                                    "it away to start the study anew (search.json beside it lists the trials it held), "
                                    "or give another --out or --storage.") from None
             last = e  # a race with another worker creating the schema, or a database not up yet: tried again
             time.sleep(0.2 + random.random())
     assert last is not None
-    raise SurgeryError(f"--storage {url}: cannot open the study ({_first(last)}); check that the database is "
+    raise SurgeryError(f"--storage {url}: cannot open the study ({_why(last)}); check that the database is "
                        "reachable and the URL right (sqlite:///PATH, postgresql://...), or leave --storage out for a "
                        "file under --out.")
 
-
-def _first(e: Exception) -> str:
-    """``e``'s type and the first line of its message."""
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def shown(values: dict[str, Any], skip: list[str] | tuple[str, ...] = ()) -> str:
