@@ -6,6 +6,7 @@ composition can import it without importing what runs it.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -19,6 +20,7 @@ from pydantic import (
     field_validator,
 )
 
+from .errors import SurgeryWarning
 from .layers import Activation
 from .search_config import ParamRange
 
@@ -115,6 +117,15 @@ def _paper_keys(v: dict[str, float]) -> dict[str, float]:
     return v
 
 
+def _say_repeats(field: str, values: list[int], what: str) -> None:
+    """A ``SurgeryWarning`` naming the values ``experiment.<field>`` gives more than once
+    (a typo for another value, likely: ``seeds: [0, 0]`` for ``[0, 1]``)."""
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        warnings.warn(f"experiment.{field}: {', '.join(map(str, twice))} given more than once ({values}); {what}.",
+                      SurgeryWarning, stacklevel=2)
+
+
 def _yaml_off(v: Any) -> Any:
     """YAML reads a bare ``off`` as false (and ``on`` as true): take them as written."""
     if v is False:
@@ -186,12 +197,15 @@ class ExperimentConfig(BaseModel):
         if any(d < 1 or d > MAX_DEPTH for d in v):
             raise ValueError(f"each depth must be between 1 and {MAX_DEPTH} (planning a net of 1000 layers takes "
                              "seconds, one of a million hours)")
+        _say_repeats("depths", v, "each depth runs once")
         return sorted(set(v))
 
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, v: list[int]) -> list[int]:
-        return list(dict.fromkeys(v))  # a repeated seed would be one run counted twice in every statistic
+        # a repeated seed would be one run counted twice in n, the mean and the interval
+        _say_repeats("seeds", v, "each seed runs once and counts once in the statistics")
+        return list(dict.fromkeys(v))
 
     def arms(self) -> dict[str, ArmConfig]:
         """The arms by name (built-in names resolved to their configs)."""

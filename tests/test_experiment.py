@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from surgery.cli import main
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, SurgeryWarning
 from surgery.experiment import read_results
 from surgery.grid import plan_cells
 from surgery.recipe import load_recipe, recipe_from_dict
@@ -93,10 +93,15 @@ def test_experiment_grid_report_and_skip(tmp_path, capsys):
 
 def test_a_repeated_seed_or_depth_is_one_cell_not_two():
     """``seeds: [0, 0]`` would train one run twice and count it twice in n, the mean and the
-    interval; repeats are dropped (first place kept), as for depths."""
+    interval; repeats are dropped (first place kept), as for depths, with a warning that
+    names them (a typo for another seed, likely)."""
     r = json.loads(json.dumps(TINY))
     r["experiment"] = {**r["experiment"], "seeds": [1, 0, 1], "depths": [2, 1, 2]}
-    recipe = recipe_from_dict(r)
+    with pytest.warns(SurgeryWarning) as said:
+        recipe = recipe_from_dict(r)
+    assert sorted(str(w.message) for w in said) == [
+        "experiment.depths: 2 given more than once ([2, 1, 2]); each depth runs once.",
+        "experiment.seeds: 1 given more than once ([1, 0, 1]); each seed runs once and counts once in the statistics."]
     assert recipe.experiment.seeds == [1, 0] and recipe.experiment.depths == [1, 2]
     cells = plan_cells(recipe, (64,), 4)
     assert len({(c.condition, c.depth, c.seed) for c in cells}) == len(cells)
