@@ -198,8 +198,7 @@ class ModelGraph:
     def replace(self, name: str, nodes: list[Node]) -> None:
         """Put the chain ``nodes`` where ``name`` was."""
         self.node(name)  # NameNotFound names the graph's nodes
-        preds = self.inputs_of(name)
-        succ = list(self.g.successors(name))
+        preds, succ = self.inputs_of(name), list(self.g.successors(name))
         old_input = self.input_shape
         self.remove(name)
         if preds:
