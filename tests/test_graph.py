@@ -9,7 +9,7 @@ from surgery.graph import ModelGraph, Node, layer_node
 from surgery.layers import LayerSpec
 from surgery.model_file import load_model, save_model
 from surgery.modules import to_module
-from surgery.ops import DeepenOp, DropoutOp, FreezeOp, HeadOp, TakeOp, WidenOp
+from surgery.ops import DeepenOp, DropoutOp, FreezeOp, HeadOp, TakeOp, TransplantOp, WidenOp
 from surgery.stack import LayerStack, StackLayer
 from tests.helpers import random_stack
 
@@ -34,6 +34,40 @@ def test_transplanted_layer_computes_exactly_what_it_did_in_its_source():
     assert torch.equal(_forward_upto(net, x, "h2"), h2)
     assert torch.equal(_forward_upto(net, x, "h3"), b[2].transform(h2))
     assert g.node("h3").provenance["source"] == "b"
+
+
+@pytest.mark.parametrize("where,order", [
+    ("h2", ["h1", "b_h2", "h3", "out"]),  # in the middle: between h1 and h3
+    ("h1", ["b_h1", "h2", "h3", "out"]),  # the first layer: the new chain takes the input
+    ("h3", ["h1", "h2", "b_h3", "out"]),  # the last hidden layer: the head follows it
+])
+def test_transplant_replacing_puts_the_layers_where_the_node_was(where, order):
+    """``transplant ... replacing: NODE`` swaps NODE for the source's layers: every layer
+    computes what it computed in its own stack, on what the layer before it gives."""
+    a, b = random_stack(seed=1), random_stack(seed=2)
+    layers = {"h1": (0, 1), "h2": (1, 2), "h3": (2, 3)}[where]
+    g = ModelGraph()
+    TakeOp(source="a").apply(g, {"a": a})
+    HeadOp(classes=10).apply(g)
+    TransplantOp(source="b", layers=layers, prefix="b_", replacing=where).apply(g, {"b": b})
+    assert g.order() == order and where not in g
+    net, x = to_module(g), torch.rand(16, 784)
+    h = x
+    for name in order[:-1]:
+        h = (b if name.startswith("b_") else a)[int(name[-1]) - 1].transform(h)
+        assert torch.equal(_forward_upto(net, x, name), h), name
+    assert g.validate()["out"] == (10,)
+
+
+def test_transplant_replacing_the_only_layer_takes_its_input():
+    a, b = random_stack(seed=1), random_stack(seed=2)
+    g = ModelGraph()
+    TakeOp(source="a", layers=(0, 1)).apply(g, {"a": a})
+    TransplantOp(source="b", layers=(0, 2), prefix="b_", replacing="h1").apply(g, {"b": b})
+    HeadOp(classes=10).apply(g)
+    assert g.order() == ["b_h1", "b_h2", "out"] and g.input_shape == (784,)
+    x = torch.rand(16, 784)
+    assert torch.equal(_forward_upto(to_module(g), x, "b_h2"), b.transform(x, upto=2))
 
 
 def test_repeated_take_gives_independent_tensors():
