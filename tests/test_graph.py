@@ -132,6 +132,28 @@ def test_widen_preserves_the_function(act):
     assert torch.allclose(after, before, atol=1e-5)
 
 
+def test_widen_with_noise_breaks_the_symmetry_of_copied_units():
+    """``noise`` perturbs the consumer's weights (a copied unit and its original no longer
+    share their outgoing weights), the function close to what it was, the draw the seed's."""
+    def widened(noise, seed=0):
+        g = ModelGraph()
+        TakeOp(source="s", layers=(0, 2)).apply(g, {"s": random_stack(sizes=(20, 12, 8))})
+        before = to_module(g)(x)
+        WidenOp(node="h1", units=24, noise=noise).apply(g, None, torch.Generator().manual_seed(seed))
+        return g, before, to_module(g)(x)
+
+    x = torch.randn(40, 20)
+    g, before, after = widened(0.01)
+    w1, w2 = g.node("h1").tensors["weight"], g.node("h2").tensors["weight"]
+    copies = [(j, i) for j in range(12, 24) for i in range(12) if torch.equal(w1[j], w1[i])]
+    assert len(copies) == 12  # each new unit copies one old unit's incoming weights
+    assert all(not torch.allclose(w2[:, j], w2[:, i]) for j, i in copies)
+    assert not torch.equal(after, before) and torch.allclose(after, before, atol=0.05)
+    assert torch.equal(widened(0.01)[2], after) and not torch.equal(widened(0.01, seed=1)[2], after)
+    exact = widened(0.0)[0].node("h2").tensors["weight"]
+    assert all(torch.equal(exact[:, j], exact[:, i]) for j, i in copies)
+
+
 def test_compile_frozen_and_names_map_to_nodes():
     g = ModelGraph()
     TakeOp(source="s", layers=(0, 3)).apply(g, {"s": random_stack()})
