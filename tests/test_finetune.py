@@ -575,6 +575,36 @@ def test_captured_step_arithmetic_equals_torch_optim(case):
     _graphed_vs_torch(*case)
 
 
+@pytest.mark.parametrize("opt,extra", [
+    ({"name": "sgd", "lr": 0.2, "momentum": 0.5},
+     {"schedule": {"lr": {"kind": "exponential", "end": 0.01}, "momentum": {"kind": "linear", "end": 0.9}},
+      "dropout": {"h1": 0.3}}),
+    ({"name": "adam", "lr": 0.005, "weight_decay": 1e-4}, {"layer_lr": {"out": 0.5}}),
+], ids=["sgd+schedules+dropout", "adam+layer_lr"])
+def test_graphed_epoch_loop_trains_what_the_eager_loop_trains(synth, opt, extra):
+    """The epoch loop a CUDA run takes (train_graphed_epoch: the schedule written into the
+    step's device tensors each step, the partial last batch run eagerly, loss and error
+    summed on the device), its step run uncaptured on the CPU, trains the weights and
+    writes the epoch records the eager loop does (2000 examples in batches of 48: 41 full,
+    then 32 rows)."""
+    from surgery.graphed import GraphedStep
+
+    c = cfg(epochs=2, batch_size=48, optimizer=opt, **extra)
+    eager = Trainer(mlp(), synth, c)  # seeds torch's default generator, which dropout draws from
+    a = eager.fit()
+    graphed = Trainer(mlp(), synth, c)
+    e, o = graphed.engine, c.optimizer
+    e.graphed = GraphedStep(e.net, e.opt, o.name, o.momentum, o.weight_decay, o.nesterov, o.betas, o.eps,
+                            amp=False, capture=False)
+    b = graphed.fit()
+    for (k, x), (_, y) in zip(eager.model.state_dict().items(), graphed.model.state_dict().items()):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5, msg=k)
+    for ha, hb in zip(eager.history, graphed.history, strict=True):
+        for key in ("train_loss", "train_error", "lr", "momentum", "valid_error"):
+            assert hb[key] == pytest.approx(ha[key], rel=1e-4, abs=1e-6), key
+    assert b["test_error"] == pytest.approx(a["test_error"], abs=0.11)
+
+
 def test_cuda_graph_option_on_the_cpu(synth):
     assert Trainer(mlp(), synth, cfg()).engine.graphed is None  # auto: eager on the CPU
     with pytest.raises(SurgeryError, match="finetune.cuda_graph: true, but the device is cpu, not a CUDA GPU"):
