@@ -276,8 +276,12 @@ class StackedEngine:
                 self.stepper.last_batch(s * B, step)
             step += 1
         loss_sum, wrong = self.stepper.loss_sum.cpu(), self.stepper.wrong.cpu()  # the epoch's one host sync
-        if not bool(torch.isfinite(loss_sum[self.running.cpu().bool()]).all()):
-            raise TrainingDiverged(f"a population member's training loss became NaN or infinite in epoch {epoch + 1}")
+        running = self.running.cpu().tolist()
+        bad = [k for k in range(K) if running[k] and not math.isfinite(float(loss_sum[k]))]
+        if bad:
+            raise TrainingDiverged(f"the training loss of population member{'s' if len(bad) > 1 else ''} "
+                                   f"{', '.join(map(str, bad))} (of 0-{K - 1}) became NaN or infinite in epoch "
+                                   f"{epoch + 1}")
         recs = [{"train_loss": float(loss_sum[k]) / n, "train_error": 100.0 * float(wrong[k]) / n,
                  "lr": lrs[k], "momentum": moms[k]} for k in range(K)]
         return recs, step

@@ -98,6 +98,18 @@ def test_population_equals_each_model_alone(synth, case):
         assert len({r["epochs"] for r in together}) > 1, "the members should stop at different epochs"
 
 
+def test_a_diverging_member_is_named(synth):
+    """A member whose loss turns NaN or infinite stops the population's fit with
+    TrainingDiverged naming it (the experiment then trains the cells alone); the others'
+    finite losses do not hide it."""
+    from surgery.errors import TrainingDiverged
+
+    cfgs = [_cfg(optimizer={"lr": 0.1}), _cfg(optimizer={"lr": 100.0, "momentum": 0.9}), _cfg(optimizer={"lr": 0.05})]
+    graphs = [mlp(SIZES, act="linear", seed=k) for k in range(3)]
+    with pytest.raises(TrainingDiverged, match=r"population member 1 \(of 0-2\) became NaN or infinite in epoch 1"):
+        PopulationTrainer(graphs, synth, cfgs, [0, 1, 2]).fit()
+
+
 @pytest.mark.parametrize("case", ["dropout", "adam, decay, beta1 schedule", "early stopping"])
 def test_a_population_killed_mid_run_continues_from_its_members_checkpoints(synth, case, tmp_path, monkeypatch):
     """With checkpoint_every, each member keeps its own slice of the population (weights,
