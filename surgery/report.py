@@ -40,8 +40,9 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float]:
     """Welch's t statistic and two-sided p-value (nan when either side has < 2 values)."""
     if len(a) < 2 or len(b) < 2:
         return math.nan, math.nan
-    if np.std(a) == 0 and np.std(b) == 0:
-        return (math.inf if np.mean(a) != np.mean(b) else math.nan), (0.0 if np.mean(a) != np.mean(b) else math.nan)
+    if np.std(a) == 0 and np.std(b) == 0:  # no spread on either side: any difference is certain
+        diff = float(np.mean(a) - np.mean(b))
+        return (math.copysign(math.inf, diff), 0.0) if diff else (math.nan, math.nan)
     with warnings.catch_warnings():  # near-identical samples: scipy warns, the numbers stand
         warnings.simplefilter("ignore", RuntimeWarning)
         t, p = _stats().ttest_ind(a, b, equal_var=False)

@@ -191,6 +191,9 @@ def test_stats():
     assert s["ci_half"] == pytest.approx(4.302652729 / 3 ** 0.5, rel=1e-6)
     t, p = welch([1.0, 1.1, 0.9, 1.05], [2.0, 2.2, 1.9, 2.1])
     assert t < 0 and p < 0.001
+    # no spread on either side (every seed the same error): t's sign still says which is lower
+    assert welch([1.0, 1.0], [2.0, 2.0]) == (-math.inf, 0.0) and welch([2.0, 2.0], [1.0, 1.0]) == (math.inf, 0.0)
+    assert all(math.isnan(v) for v in welch([1.0, 1.0], [1.0, 1.0]))
 
 
 def test_the_console_summary_is_an_arm_by_depth_grid():
