@@ -60,7 +60,7 @@ class DataConfig(BaseModel):
     classes: int = Field(default=4, gt=1)
 
 
-@dataclass
+@dataclass(repr=False)
 class Split:
     """One split: images or rows ``x`` [N, ...] (float32) and labels ``y`` [N] (int64);
     NumPy arrays are taken as tensors (their types checked before training)."""
@@ -73,19 +73,26 @@ class Split:
     def __len__(self) -> int:
         return self.x.shape[0]
 
+    def __repr__(self) -> str:  # its sizes, not its numbers
+        return f"Split({len(self):,} examples of {tuple(self.x.shape[1:])}, {self.x.dtype}, {self.x.device})"
+
     def to(self, device: torch.device | str) -> Split:
         """This split on ``device`` (the same object when it is already there)."""
         return Split(self.x.to(device), self.y.to(device))
 
 
-@dataclass
+@dataclass(repr=False)
 class Dataset:
     """Train, valid and test splits of one dataset, with its name."""
     name: str
     train: Split
     valid: Split
     test: Split
-    _fingerprint: tuple | None = field(default=None, repr=False, compare=False)
+    _fingerprint: tuple | None = field(default=None, compare=False)
+
+    def __repr__(self) -> str:  # its sizes, not its numbers
+        return (f"Dataset({self.name!r}: train {len(self.train):,}, valid {len(self.valid):,}, test "
+                f"{len(self.test):,} examples of {self.input_shape}, {self.train.x.dtype}, {self.device})")
 
     @property
     def input_shape(self) -> tuple[int, ...]:

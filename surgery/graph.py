@@ -27,7 +27,7 @@ from .layers import LayerSpec, init_weight
 NodeKind = Literal["layer", "dropout", "add", "concat"]
 
 
-@dataclass
+@dataclass(repr=False)
 class Node:
     """One node: a layer (``spec`` + ``tensors`` weight [out, in...] and bias [out]), a
     dropout (rate ``p``), or a merge (``add``/``concat``), with how it came to be."""
@@ -57,6 +57,12 @@ class Node:
     def n_params(self) -> int:
         """Number of numbers in the node's tensors."""
         return sum(t.numel() for t in self.tensors.values())
+
+    def __repr__(self) -> str:  # what it is, not its numbers (a 784x500 weight is 392,000 of them)
+        what = self.spec.brief() if self.spec is not None else f"dropout {self.p:g}" if self.kind == "dropout" \
+            else self.kind
+        prov = ", ".join(f"{k}={v}" for k, v in self.provenance.items())
+        return f"Node({self.name!r}, {what}{', frozen' if self.frozen else ''}{'; ' + prov if prov else ''})"
 
 
 def layer_node(name: str, spec: LayerSpec, tensors: dict[str, Tensor] | None = None,
@@ -94,6 +100,9 @@ class ModelGraph:
 
     def __len__(self) -> int:
         return self.g.number_of_nodes()
+
+    def __repr__(self) -> str:
+        return graph_summary(self)
 
     def node(self, name: str) -> Node:
         """The node called ``name``; ``NameNotFound`` lists the graph's nodes otherwise."""
@@ -189,10 +198,8 @@ class ModelGraph:
         self.g.remove_node(name)
         for s in succ if preds else []:
             self.g.add_edge(preds[0], s, slot=slots[s])
-        if not preds and succ:
-            nxt = self.node(succ[0])
-            if nxt.spec is not None:
-                self.input_shape = nxt.spec.input_shape
+        if not preds and succ and (nxt := self.node(succ[0])).spec is not None:
+            self.input_shape = nxt.spec.input_shape
         return node
 
     def replace(self, name: str, nodes: list[Node]) -> None:
@@ -235,10 +242,8 @@ class ModelGraph:
         return out
 
     def validate(self) -> dict[str, tuple[int, ...]]:
-        """Check structure, tensor shapes and edge shapes; return every node's output shape.
-
-        Raises ``SurgeryError`` for an empty graph and ``ShapeError`` naming the nodes for
-        several inputs/outputs, a cycle, or a shape that disagrees."""
+        """Every node's output shape, once structure and shapes are checked: ``SurgeryError`` for an empty
+        graph, ``ShapeError`` naming the nodes for several inputs/outputs, a cycle or a shape that disagrees."""
         if len(self) == 0:
             raise SurgeryError("the graph is empty; add layers with take, import or insert.")
         order = self.order()  # raises on cycles
@@ -278,6 +283,25 @@ class ModelGraph:
     def copy(self) -> ModelGraph:
         """A deep copy: the copy's tensors are its own."""
         return copy.deepcopy(self)
+
+
+def graph_summary(graph: ModelGraph) -> str:
+    """The graph for people (its ``repr``): input shape and parameters, then a node a line in
+    order, with its inputs where the graph branches. Never raises: a graph mid-surgery may
+    not validate (a cycle lists the nodes as they were added)."""
+    try:
+        names = graph.order()
+    except ShapeError:
+        names = list(graph.g)
+    total = sum(graph.node(n).n_params for n in names)
+    trainable = sum(graph.node(n).n_params for n in names if not graph.node(n).frozen)
+    lines = [f"ModelGraph(input {graph.input_shape}, {len(names)} nodes, {total:,} parameters"
+             f"{f', {trainable:,} trainable' if trainable != total else ''})" + (":" if names else "")]
+    chain = graph.is_chain()
+    for n in names:
+        ins = "" if chain else f" <- {', '.join(graph.inputs_of(n)) or graph.INPUT}"
+        lines.append(f"  {graph.node(n)!r}{ins}")
+    return "\n".join(lines)
 
 
 def output_shape(node: Node, ins: list[tuple[int, ...]], src: list[str]) -> tuple[int, ...]:

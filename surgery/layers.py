@@ -145,6 +145,13 @@ class LayerSpec(BaseModel):
         """Outputs per input unit."""
         return self.weight_shape[0] * math.prod(self.weight_shape[2:])
 
+    def brief(self) -> str:
+        """One line for people: ``dense 784 -> 500, sigmoid`` or ``conv2d (1, 28, 28) -> (8, 24, 24),
+        k=5, relu``."""
+        if self.kind == "conv2d":
+            return f"conv2d {self.in_shape} -> {self.output_shape}, k={self.kernel_size}, {self.activation}"
+        return f"dense {self.in_features} -> {self.out_features}, {self.activation}"
+
     def accepts(self, shape: tuple[int, ...]) -> bool:
         """Whether an input of per-example ``shape`` fits (dense layers flatten)."""
         if self.kind == "dense":
@@ -177,7 +184,7 @@ class Dense(_Layer):
         return self.act(F.linear(x, self.weight, self.bias))
 
     def extra_repr(self) -> str:
-        return f"{self.spec.in_features} -> {self.spec.out_features}, {self.spec.activation}"
+        return self.spec.brief().removeprefix("dense ")
 
 
 class Conv2dLayer(_Layer):
@@ -187,8 +194,7 @@ class Conv2dLayer(_Layer):
         return self.act(y)
 
     def extra_repr(self) -> str:
-        s = self.spec
-        return f"{s.in_shape} -> {s.output_shape}, k={s.kernel_size}, {s.activation}"
+        return self.spec.brief().removeprefix("conv2d ")
 
 
 

@@ -30,7 +30,7 @@ from .version import package_version
 from .weights_io import FORMAT_VERSION, MANIFEST_KEY, STACK_FORMAT, first_line, read_safetensors
 
 
-@dataclass
+@dataclass(repr=False)
 class StackLayer:
     """One pretrained layer: its spec, its tensors and how it was trained.
 
@@ -42,6 +42,14 @@ class StackLayer:
     spec: LayerSpec
     tensors: dict[str, Tensor]
     pretrain: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # what it is and how it was trained, not its numbers
+        p = self.pretrain or {}
+        epochs = p.get("epochs")
+        how = ", ".join(s for s in (p.get("method"), None if epochs is None else f"{epochs} epoch{'s' * (epochs != 1)}")
+                        if s)
+        final = ", ".join(f"{k} {v:.4g}" for k, v in (p.get("final") or {}).items() if isinstance(v, (int, float)))
+        return f"StackLayer({self.name!r}, {self.spec.brief()}" + "".join(f"; {s}" for s in (how, final) if s) + ")"
 
     def module(self) -> nn.Module:
         """A fresh module holding copies of this layer's weight and bias."""
@@ -71,12 +79,17 @@ class StackLayer:
         }
 
 
-@dataclass
+@dataclass(repr=False)
 class LayerStack:
     """An ordered list of pretrained layers plus provenance; saved as one safetensors file."""
     layers: list[StackLayer] = field(default_factory=list)
     recipe: dict[str, Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        n = sum(t.numel() for layer in self.layers for t in layer.tensors.values())
+        head = f"LayerStack({len(self)} layer{'s' if len(self) != 1 else ''}, input {self.input_shape}, {n:,} numbers)"
+        return "\n".join([head + (":" if self.layers else ""), *(f"  {layer!r}" for layer in self.layers)])
 
     def __len__(self) -> int:
         return len(self.layers)

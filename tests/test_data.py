@@ -546,3 +546,11 @@ def test_a_home_relative_path_is_expanded_in_recipes_and_arguments(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     assert main(["run", "r.yaml", "--out=~/o"]) == 0, capsys.readouterr().err
     assert (home / "o" / "result.json").is_file() and not (tmp_path / "~").exists()
+
+
+def test_repr_gives_sizes_not_numbers():
+    """A dataset printed in a notebook says its splits' sizes, example shape, type and
+    device (the dataclass repr printed tensors)."""
+    ds = load_dataset(DataConfig(dataset="synthetic", n_train=300, n_valid=50, n_test=40, side=4))
+    assert repr(ds) == "Dataset('synthetic': train 300, valid 50, test 40 examples of (16,), torch.float32, cpu)"
+    assert repr(ds.test) == "Split(40 examples of (16,), torch.float32, cpu)"

@@ -70,6 +70,29 @@ def test_transplant_replacing_the_only_layer_takes_its_input():
     assert torch.equal(_forward_upto(to_module(g), x, "b_h2"), b.transform(x, upto=2))
 
 
+def test_repr_lists_the_nodes_in_order_without_their_numbers():
+    """A graph printed in a notebook: input, parameters (trainable when some are frozen), then
+    a node a line with what it is and where it came from; inputs shown where it branches;
+    a graph that does not validate (mid-surgery, a cycle) still prints."""
+    g = ModelGraph()
+    TakeOp(source="a", layers=(0, 2)).apply(g, {"a": random_stack(sizes=(784, 500, 20))})
+    HeadOp(classes=10).apply(g)
+    DropoutOp(p=0.5, after="h1").apply(g)
+    FreezeOp(nodes=["h1"]).apply(g)
+    assert repr(g).splitlines() == [
+        "ModelGraph(input (784,), 4 nodes, 402,730 parameters, 10,230 trainable):",
+        "  Node('h1', dense 784 -> 500, sigmoid, frozen; source=a, layer=h1, index=0, method=rbm)",
+        "  Node('drop_h1', dropout 0.5; source=dropout)",
+        "  Node('h2', dense 500 -> 20, sigmoid; source=a, layer=h2, index=1, method=rbm)",
+        "  Node('out', dense 20 -> 10, linear; source=fresh, init=zeros)"]
+    g.add_node(Node("sum", kind="add"), ["h1", "h2"])
+    assert repr(g).splitlines()[-1] == "  Node('sum', add) <- h1, h2"
+    assert repr(g).splitlines()[1].endswith("method=rbm) <- input")
+    g.g.add_edge("out", "h1")  # a cycle: order() raises, repr does not
+    assert repr(g).startswith("ModelGraph(input (784,), 5 nodes")
+    assert repr(ModelGraph()) == "ModelGraph(input None, 0 nodes, 0 parameters)"
+
+
 def test_repeated_take_gives_independent_tensors():
     a = random_stack(sizes=(16, 16, 16))
     g = ModelGraph()

@@ -170,3 +170,16 @@ def test_inspect_lists_a_foreign_files_tensors_and_how_to_import_them(tmp_path, 
     assert "a random generator's state (5,056 bytes), not weights" in capsys.readouterr().out
     assert torch.equal(g.node("h1").tensors["weight"], sd["enc.weight"]) and torch.equal(g.node("h1").tensors["bias"],
                                                                                          sd["enc.bias"])
+
+
+def test_repr_says_what_each_layer_is_not_its_numbers():
+    """A stack printed in a notebook: a line per layer (shape, activation, how it was
+    trained, its final metrics), never its tensors (print(stack) dumped every weight)."""
+    st = random_stack(sizes=(784, 500, 20))
+    text = repr(st)
+    assert text.splitlines() == [
+        "LayerStack(2 layers, input (784,), 403,804 numbers):",
+        "  StackLayer('h1', dense 784 -> 500, sigmoid; rbm, 1 epoch; recon_error 1.5)",
+        "  StackLayer('h2', dense 500 -> 20, sigmoid; rbm, 1 epoch; recon_error 1.5)"]
+    assert repr(st["h2"]) == text.splitlines()[2].strip()
+    assert repr(LayerStack()) == "LayerStack(0 layers, input (), 0 numbers)"
