@@ -272,13 +272,14 @@ def cmd_run(args: argparse.Namespace) -> None:
         return
     baseline = recipe.experiment.baseline
     rows = run_experiment(recipe, out, shard=shard)
+    cells = f"{len(rows)} cell{'s' * (len(rows) != 1)}"
     if shard is not None:
-        say(f"shard {args.shard}: {len(rows)} cells finished in {out}/cells/; when every shard has finished, "
+        say(f"shard {args.shard}: {cells} finished in {out}/cells/; when every shard has finished, "
             f"`surgery run {args.recipe} --out {out}` (same --set options, no --shard) trains what is left and "
             "writes results.csv and the report")
         return
     write_report(out, rows, baseline=baseline)
-    say(f"{len(rows)} cells; results in {out}/results.csv, report in {out}/report.md, figures in {out}/figures/")
+    say(f"{cells}; results in {out}/results.csv, report in {out}/report.md, figures in {out}/figures/")
     _summary(rows, baseline)
 
 

@@ -107,6 +107,15 @@ def test_a_repeated_seed_or_depth_is_one_cell_not_two():
     assert len({(c.condition, c.depth, c.seed) for c in cells}) == len(cells)
 
 
+def test_one_cell_is_said_in_the_singular(tmp_path, capsys):
+    r = json.loads(json.dumps(TINY))
+    r["experiment"] = {**r["experiment"], "conditions": ["none"], "depths": [1], "seeds": [0]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")]) == 0
+    text = capsys.readouterr()
+    assert "experiment: 1 cell; files in" in text.err + text.out and "1 cell; results in" in text.out
+
+
 def test_cells_share_data_order_and_budget():
     from surgery.recipe import recipe_from_dict
 
