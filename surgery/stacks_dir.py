@@ -147,8 +147,10 @@ def save_snapshot(sdir: Path, i: int, stack: LayerStack, rng: Tensor) -> None:
 
 def resume_point(dirs: list[Path], layers: int, progress: bool | None = None) -> list[tuple[LayerStack, Tensor]] | None:
     """Where an earlier run stopped pretraining these stacks (a population's, or one): each
-    one's deepest snapshot that all of them reached, with its generator state; None to
-    start at the first layer (nothing saved, or a snapshot that cannot be read: warned)."""
+    one's deepest usable snapshot that all of them reached, with its generator state; None
+    to start at the first layer (nothing saved, or nothing usable). A snapshot that cannot
+    be read is passed over for a shallower one, with a warning."""
+    unusable = None  # why the first snapshot passed over was
     for depth in range(layers, 0, -1):
         files = [(d / f"depth{depth}.safetensors", d / f"rng{depth}.safetensors") for d in dirs]
         if not all(s.is_file() and g.is_file() for s, g in files):
@@ -156,17 +158,21 @@ def resume_point(dirs: list[Path], layers: int, progress: bool | None = None) ->
         try:
             start = [(LayerStack.load(s), read_generator_state(g)) for s, g in files]
         except SurgeryError as e:
-            warnings.warn(f"pretraining starts again at layer 1: a snapshot to continue from is unusable "
-                          f"({str(e).splitlines()[0]})", SurgeryWarning, stacklevel=2)
-            return None
+            unusable = unusable or str(e).splitlines()[0]
+            continue
         if any(g.shape != _FRESH_STATE.shape or g.dtype != _FRESH_STATE.dtype or len(s) != depth for s, g in start):
-            warnings.warn(f"pretraining starts again at layer 1: the snapshot {files[0][0]} and its generator "
-                          f"state do not match this version's", SurgeryWarning, stacklevel=2)
-            return None
+            unusable = unusable or f"the snapshot {files[0][0]} and its generator state do not match this version's"
+            continue
+        if unusable:
+            warnings.warn(f"pretraining continues after layer {depth}, the deepest snapshot it can use: a deeper "
+                          f"one is unusable ({unusable})", SurgeryWarning, stacklevel=2)
         which = "the stack" if len(dirs) == 1 else f"{len(dirs)} stacks"
         progress_line(progress, f"pretrain: continuing {which} after layer {depth} of {layers}, where an earlier "
                                 "run stopped")
         return start
+    if unusable:
+        warnings.warn(f"pretraining starts again at layer 1: a snapshot to continue from is unusable ({unusable})",
+                      SurgeryWarning, stacklevel=2)
     return None
 
 

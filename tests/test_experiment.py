@@ -959,19 +959,24 @@ def test_a_pretraining_killed_after_a_layer_continues_there_and_equals_the_unint
             same(tmp_path / "whole" / "stacks" / key / f"depth{depth}.safetensors",
                  tmp_path / "cut" / "stacks" / key / f"depth{depth}.safetensors")
     _same_grid(tmp_path / "whole", tmp_path / "cut")
-    # an unreadable snapshot: the stacks are pretrained again from layer 1, saying why
-    for key in keys:
-        sdir = tmp_path / "cut" / "stacks" / key
-        (sdir / "pretrain.json").unlink()
-        (sdir / "depth3.safetensors").unlink()
-    (tmp_path / "cut" / "stacks" / keys[0] / "depth2.safetensors").write_bytes(b"torn")
-    shutil.rmtree(tmp_path / "cut" / "cells")
-    assert main(["run", str(rp), "--out", str(tmp_path / "cut")]) == 0
-    err = capsys.readouterr().err
-    assert "pretraining starts again at layer 1" in err and "layer 1/3" in err
-    for key in keys:
-        same(tmp_path / "whole" / "stacks" / key / "depth3.safetensors",
-             tmp_path / "cut" / "stacks" / key / "depth3.safetensors")
+    # an unreadable snapshot is passed over for a shallower one, saying why; with none left
+    # usable the stacks are pretrained again from layer 1; the same stacks either way
+    for damaged, said in ((["depth2"], "pretraining continues after layer 1, the deepest snapshot it can use: "
+                           "a deeper one is unusable"), (["depth2", "depth1"], "pretraining starts again at layer 1")):
+        for key in keys:
+            sdir = tmp_path / "cut" / "stacks" / key
+            (sdir / "pretrain.json").unlink()
+            (sdir / "depth3.safetensors").unlink()
+        for name in damaged:
+            (tmp_path / "cut" / "stacks" / keys[0] / f"{name}.safetensors").write_bytes(b"torn")
+        shutil.rmtree(tmp_path / "cut" / "cells")
+        assert main(["run", str(rp), "--out", str(tmp_path / "cut")]) == 0
+        err = capsys.readouterr().err
+        assert said in err and ("layer 1/3" in err) == (len(damaged) == 2) and "layer 2/3" in err, err
+        for key in keys:
+            for depth in (1, 2, 3):
+                same(tmp_path / "whole" / "stacks" / key / f"depth{depth}.safetensors",
+                     tmp_path / "cut" / "stacks" / key / f"depth{depth}.safetensors")
 
 
 def test_a_killed_population_continues_from_its_members_checkpoints(tmp_path, monkeypatch, capsys):
