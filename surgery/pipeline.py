@@ -267,7 +267,7 @@ def _planned_stack(recipe: Recipe, data: Dataset) -> LayerStack | None:
         raise ConfigError(str(e)) from e
     if any(lc.method == "conv_ae" for lc in recipe.pretrain.layers) and len(data.input_shape) != 3:
         raise SurgeryError("pretrain: conv_ae layers need images; set data.flatten: false.")
-    check_input(recipe.pretrain.layer_name(0), recipe.pretrain.layers[0].method, data.train.x)
+    check_input(recipe.pretrain.layer_name(0), recipe.pretrain.layers[0], data.train.x)
     return stack
 
 

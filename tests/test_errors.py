@@ -418,7 +418,7 @@ def rbm_on_standardized_data(tmp: Path):
     r["data"] = {**r["data"], "normalize": "standardize"}
     r["pretrain"] = {"layers": [{"method": "rbm", "hidden": 8, "epochs": 1}]}
     return (["run", str(_write(tmp / "r.yaml", r)), "--out", str(tmp / "out")],
-            "a Bernoulli RBM's inputs are probabilities in [0, 1]", [])
+            "a Bernoulli RBM takes probabilities in [0, 1]", [])
 
 
 def experiment_beside_a_network(tmp: Path):

@@ -205,15 +205,30 @@ def test_input_with_nan_is_named_before_pretraining_not_blamed_on_the_lr(x3k, me
         greedy_pretrain(x, PretrainConfig(layers=[{"method": method, "hidden": 8}]), progress=False)
 
 
-def test_a_bernoulli_rbm_refuses_inputs_outside_0_1(x3k):
-    """Standardized data (or a ReLU layer below) is not probabilities; grbm takes it."""
+def test_layers_that_take_probabilities_refuse_inputs_outside_0_1(x3k):
+    """Standardized data is not probabilities: a Bernoulli RBM and an autoencoder with a
+    cross-entropy loss (which has no minimum on a target above 1: its outputs grow until the
+    loss is NaN) refuse it, naming what takes it (grbm, loss: squared); a layer below either
+    that is not sigmoid is refused when the recipe is read, before any layer trains."""
+    from pydantic import ValidationError
+
     z = (x3k[:200] - x3k[:200].mean(0)) / (x3k[:200].std(0) + 1e-6)
-    with pytest.raises(DataError, match=r"layer 'h1': a Bernoulli RBM's inputs are probabilities in \[0, 1\]"):
+    with pytest.raises(DataError, match=r"layer 'h1': a Bernoulli RBM takes probabilities in \[0, 1\], but its "
+                                        r"inputs span \[-.*Use method: grbm"):
         greedy_pretrain(z, PretrainConfig(layers=[{"method": "rbm", "hidden": 8}]), progress=False)
-    relu_below = [{"method": "dae", "hidden": 8, "epochs": 1, "activation": "relu"}, {"method": "rbm", "hidden": 4}]
-    with pytest.raises(DataError, match="layer 'h2': a Bernoulli RBM"):
-        greedy_pretrain(x3k[:200] * 50, PretrainConfig(layers=relu_below), progress=False)
+    with pytest.raises(DataError, match=r"layer 'h1': a dae layer with loss cross_entropy reconstructs probabilities "
+                                        r"in \[0, 1\], but its inputs span \[-.*Use loss: squared"):
+        greedy_pretrain(z, PretrainConfig(layers=[{"method": "dae", "hidden": 8}]), progress=False)
     greedy_pretrain(z, PretrainConfig(layers=[{"method": "grbm", "hidden": 8, "epochs": 1}]), progress=False)
+    greedy_pretrain(z, PretrainConfig(layers=[{"method": "dae", "hidden": 8, "epochs": 1, "loss": "squared"}]),
+                    progress=False)
+    relu = {"method": "dae", "hidden": 8, "activation": "relu", "loss": "squared"}
+    for above, fix in (("rbm", "method: grbm"), ("ae", "loss: squared")):
+        said = (rf"layers\[1\] \({above}(, loss cross_entropy)?\) takes probabilities in \[0, 1\], but layer 'h1' "
+                rf"below it gives relu outputs; use {fix}")
+        with pytest.raises(ValidationError, match=said):
+            PretrainConfig(layers=[relu, {"method": above, "hidden": 4}])
+    PretrainConfig(layers=[relu, {"method": "grbm", "hidden": 4}])
 
 
 def test_diverging_pretraining_names_layer_and_epoch():

@@ -126,20 +126,29 @@ def check_examples(xs: list[Tensor], names: list[str], batch_size: int) -> None:
                       f"each epoch is one step on all {xs[0].shape[0]}.", SurgeryWarning, stacklevel=3)
 
 
-def check_input(name: str, method: str, x: Tensor) -> None:
+def takes_probabilities(cfg: LayerPretrainConfig) -> bool:
+    """Whether the layer's inputs must lie in [0, 1]: a Bernoulli RBM's visible units, or an
+    autoencoder whose cross-entropy loss reads them as probabilities (on a target above 1 or
+    below 0 that loss has no minimum: its decoder's outputs grow until the loss is NaN)."""
+    return cfg.method == "rbm" or getattr(cfg, "loss", None) == "cross_entropy"
+
+
+def check_input(name: str, cfg: LayerPretrainConfig, x: Tensor) -> None:
     """``DataError`` when ``x``, the input of layer ``name``, holds NaN or infinite values, or
-    when ``method`` is a Bernoulli RBM and ``x`` lies outside [0, 1]."""
+    lies outside [0, 1] where the layer takes probabilities (:func:`takes_probabilities`)."""
     bad = non_finite(x)
     if bad:
         raise DataError(f"pretraining layer {name!r}: its input holds {bad} NaN or infinite values; every "
                         "example must be finite (clean the data) before pretraining.")
-    if method != "rbm" or not x.numel():
+    if not takes_probabilities(cfg) or not x.numel():
         return
     lo, hi = (float(v) for v in torch.aminmax(x))
     if lo < 0 or hi > 1:
-        raise DataError(f"pretraining layer {name!r}: a Bernoulli RBM's inputs are probabilities in [0, 1], "
-                        f"but these span [{lo:.4g}, {hi:.4g}] (standardized data, or a layer below that is "
-                        "not sigmoid?). Use method: grbm for real-valued inputs, or scale them into [0, 1].")
+        what, fix = (("a Bernoulli RBM takes probabilities", "method: grbm") if cfg.method == "rbm" else
+                     (f"a {cfg.method} layer with loss cross_entropy reconstructs probabilities", "loss: squared"))
+        raise DataError(f"pretraining layer {name!r}: {what} in [0, 1], but its inputs span [{lo:.4g}, {hi:.4g}] "
+                        f"(standardized data, or a layer below that is not sigmoid?). Use {fix} for real-valued "
+                        "inputs, or scale them into [0, 1].")
 
 
 def check_members(cfgs: list[LayerPretrainConfig], shared: tuple[str, ...], names: list[str]) -> None:

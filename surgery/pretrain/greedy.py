@@ -22,7 +22,7 @@ from ..io import duration, progress_line
 from ..stack import LayerStack, StackLayer
 from .ae_model import AEConfig
 from .autoencoder import train_autoencoder_population
-from .base import DEFAULT_BATCH, check_input, new_generator
+from .base import DEFAULT_BATCH, check_input, new_generator, takes_probabilities
 from .grow import GrowConfig, train_grow_population
 from .rbm import RBMConfig, train_rbm_population
 
@@ -56,6 +56,13 @@ class PretrainConfig(BaseModel):
         for i, lc in enumerate(self.layers):
             if lc.method == "conv_ae" and any(p.method != "conv_ae" for p in self.layers[:i]):
                 raise ValueError(f"layers[{i}]: a conv_ae layer cannot follow a dense layer")
+            below = self.layers[i - 1] if i else None
+            if below is not None and below.activation != "sigmoid" and takes_probabilities(lc):
+                fix = "method: grbm (real-valued inputs)" if lc.method == "rbm" else \
+                    f"loss: squared (an experiment's arm: experiment.methods.{lc.method}.loss)"
+                raise ValueError(f"layers[{i}] ({lc.method}{'' if lc.method == 'rbm' else ', loss cross_entropy'}) "
+                                 f"takes probabilities in [0, 1], but layer {names[i - 1]!r} below it gives "
+                                 f"{below.activation} outputs; use {fix}, or make {names[i - 1]!r} sigmoid")
             if lc.method == "grow" and lc.train == "all" and any(p.method == "conv_ae" for p in self.layers[:i]):
                 raise ValueError(f"layers[{i}]: grow with train: all trains the layers below it, and conv_ae "
                                  "layers cannot be; use train: new")
@@ -201,7 +208,7 @@ def _check_inputs(i: int, lcs: list[LayerConfig], names: list[str], inps: list[T
     for lc, name, inp in zip(lcs, names, inps):
         if id(inp) not in seen:  # members of a population share the data
             seen.add(id(inp))
-            check_input(name, lc.method, inp)
+            check_input(name, lc, inp)
 
 
 def _continued(start: list[tuple[LayerStack, Tensor]], gens: list[torch.Generator], x: Tensor,
