@@ -17,8 +17,11 @@ from __future__ import annotations
 import csv
 import json
 import warnings
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
 
 from .cells import CellRunner, summary
 from .data import fingerprint
@@ -182,6 +185,7 @@ def merge_results(dirs: str | Path | list[str | Path]) -> tuple[list[dict[str, A
     dirs = [Path(dirs)] if isinstance(dirs, (str, Path)) else [Path(d) for d in dirs]
     _check_same_data(dirs)
     merged: dict[tuple[str, int, int], dict[str, Any]] = {}
+    origin: dict[tuple[str, int, int], Path] = {}  # the directory each merged row came from
     notes = []
     for d in dirs:
         rows = _read_rows(d)
@@ -192,7 +196,74 @@ def merge_results(dirs: str | Path | list[str | Path]) -> tuple[list[dict[str, A
             notes.append(f"compare: {len(again)} run(s) of {d} replace earlier directories' ({shown}); "
                          "a later directory wins for the same cell.")
         merged.update({(r["condition"], r["depth"], r["seed"]): r for r in rows})
+        origin.update({(r["condition"], r["depth"], r["seed"]): d for r in rows})
+    if len(dirs) > 1:
+        notes += _mixed_protocols(merged, origin)
     return list(merged.values()), notes
+
+
+# Fields that change where or how a run is watched or kept, not its numbers.
+_NOT_PROTOCOL = {"name", "seed", "device", "progress", "checkpoint_every"}
+
+
+def _mixed_protocols(merged: dict[tuple[str, int, int], dict[str, Any]],
+                     origin: dict[tuple[str, int, int], Path]) -> list[str]:
+    """A line for each (arm, depth) whose merged runs were made with different settings (a
+    cell's fine-tuning, data and surgery, its arm's pretraining), naming the first field that
+    differs and the directories: their mean would mix two protocols. Values a directory's
+    ``experiment.tune`` chose may differ (each directory chose its own by the same budget)."""
+    arms = {d: _arm_settings(d) for d in set(origin.values())}
+    first: dict[tuple[str, int], tuple[Path, dict[str, Any]]] = {}
+    found: dict[tuple[str, str, Path, str, Path], list[str]] = {}  # a difference -> the arms and depths it is in
+    for key, row in sorted(merged.items()):
+        d = origin[key]
+        try:
+            cell = read_json(Path(row["path"]) / "recipe.json", RERUN) if row.get("path") else None
+        except ManifestError:
+            cell = None  # its cell directory is gone or damaged (the report says whose curves are missing)
+        if not isinstance(cell, dict) or arms[d] is None:
+            continue  # nothing to compare
+        tuned, by_arm = arms[d]
+        settings = {k: v for k, v in _flat({**cell, **by_arm.get(key[0], {})}).items()
+                    if k.rsplit(".", 1)[-1] not in _NOT_PROTOCOL and not any(fnmatch(k, t) for t in tuned)}
+        seen = first.setdefault(key[:2], (d, settings))
+        diff = sorted(k for k in seen[1].keys() | settings.keys() if seen[1].get(k) != settings.get(k))
+        if diff and seen[0] != d:
+            k = diff[0]
+            found.setdefault((k, repr(seen[1].get(k)), seen[0], repr(settings.get(k)), d), []).append(
+                f"{key[0]} d{key[1]}")
+            first[key[:2]] = (d, settings)  # said once a pair of directories
+    return [f"compare: warning: the runs merged for {', '.join(dict.fromkeys(where))} differ in {k} ({a} in {da}, {b} "
+            f"in {db}): their means and intervals mix two protocols. Merge runs of one recipe (seeds or arms run "
+            "apart), or rerun one of them with the other's settings."
+            for (k, a, da, b, db), where in found.items()]
+
+
+def _arm_settings(d: Path) -> tuple[list[str], dict[str, Any]] | None:
+    """Directory ``d``'s tuned paths and, for each of its arms, what makes its pretraining
+    and widths by the paths its recipe holds them at (its ``experiment.json``); None when
+    that cannot be read."""
+    try:
+        exp = ExperimentConfig.model_validate(read_json(d / "experiment.json", RERUN)["recipe"]["experiment"])
+    except (ManifestError, ValidationError, KeyError, TypeError):
+        return None
+    tuned = [p for p in (exp.tune.params if exp.tune is not None else {})]
+    by_arm = {}
+    for name, arm in exp.arms().items():
+        method = {"none": None}.get(arm.method, arm.method)
+        pretraining = {"experiment.pretrain_epochs": exp.pretrain_epochs,
+                       f"experiment.methods.{method}": exp.methods.get(method)} if method else {}
+        by_arm[name] = {f"experiment.conditions.{name}": arm.model_dump(mode="json", exclude={"finetune", "data"}),
+                        "experiment.hidden": arm.hidden or exp.hidden,
+                        "experiment.activation": arm.activation or exp.activation, **pretraining}
+    return tuned, by_arm
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def _check_same_data(dirs: list[Path]) -> None:

@@ -706,7 +706,9 @@ def test_compare_merges_arms_tuned_in_separate_runs(tmp_path, capsys):
         r["experiment"].update(conditions=[arm], seeds=[0])
         (tmp_path / f"{arm}.yaml").write_text(yaml.safe_dump(r))
         assert main(["run", str(tmp_path / f"{arm}.yaml"), "--out", str(tmp_path / arm)]) == 0
+    capsys.readouterr()
     assert main(["compare", str(tmp_path / "none"), str(tmp_path / "dae"), "--out", str(tmp_path / "merged")]) == 0
+    assert "warning" not in capsys.readouterr().out  # arms apart, each tuned by the same budget: one protocol
     tuning = json.loads((tmp_path / "merged" / "tuning.json").read_text())
     assert [(t["condition"], "best_trial" in t) for t in tuning["trials"]] == [
         ("none", False), ("none", False), ("none", True), ("dae", False), ("dae", False), ("dae", True)]
@@ -728,10 +730,12 @@ def test_compare_merges_arms_tuned_in_separate_runs(tmp_path, capsys):
 def test_compare_refuses_runs_on_other_data_and_says_which_runs_a_later_directory_replaces(tmp_path, capsys):
     """Merging needs --out (each directory keeps its own results and report); directories that
     ran on different data are refused, naming the field, before anything is written; a run of
-    a later directory that replaces an earlier one's is named."""
-    def grid(name, seeds, **data):
+    a later directory that replaces an earlier one's is named; runs of one arm and depth made
+    with other settings (here fine-tuning epochs) are merged with a warning naming them."""
+    def grid(name, seeds, finetune=None, **data):
         r = json.loads(json.dumps(TINY))
         r["data"] = {**r["data"], **data}
+        r["finetune"] = {**r["finetune"], **(finetune or {})}
         r["experiment"] = {**r["experiment"], "conditions": ["none"], "depths": [1], "seeds": seeds}
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(r))
         assert main(["run", str(tmp_path / f"{name}.yaml"), "--out", str(tmp_path / name)]) == 0
@@ -746,9 +750,15 @@ def test_compare_refuses_runs_on_other_data_and_says_which_runs_a_later_director
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "ac")]) == 2
     assert "ran on different data (data.n_train" in capsys.readouterr().err and not (tmp_path / "ac").exists()
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab")]) == 0
-    assert f"compare: 1 run(s) of {tmp_path / 'b'} replace earlier directories' (none d1 s1)" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"compare: 1 run(s) of {tmp_path / 'b'} replace earlier directories' (none d1 s1)" in said
+    assert "warning" not in said  # seeds run apart: one protocol
     assert sorted(r["seed"] for r in _rows(tmp_path / "ab")) == ["0", "1", "2"]
     assert (tmp_path / "a" / "results.csv").read_text() == before
+    grid("d", [4], finetune={"epochs": 3})
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "d"), "--out", str(tmp_path / "ad")]) == 0
+    assert (f"compare: warning: the runs merged for none d1 differ in finetune.epochs (2 in {tmp_path / 'a'}, 3 in "
+            f"{tmp_path / 'd'}): their means and intervals mix two protocols") in capsys.readouterr().out
 
 
 def test_a_diverging_trial_is_scored_worst_and_the_arm_goes_on(tmp_path, monkeypatch, capsys):
