@@ -22,7 +22,7 @@ from pydantic import (
 
 from .errors import SurgeryWarning
 from .layers import Activation
-from .search_config import ParamRange
+from .search_config import ParamRange, check_scored_alike
 
 
 def file_name(name: str, what: str, longest: int) -> str:
@@ -85,6 +85,7 @@ def _tunable_paths(v: dict[str, ParamRange]) -> dict[str, ParamRange]:
         if k.split(".")[0] not in ("data", "pretrain", "finetune"):
             raise ValueError(f"params[{k!r}]: tuned paths start with data, pretrain or finetune "
                              "(a cell's recipe; pretrain.layers.*.lr sets every layer)")
+        check_scored_alike(k)
     return v
 
 

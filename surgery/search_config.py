@@ -8,6 +8,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# The data fields that decide which examples score a trial (its validation split): trials
+# that vary one would be ranked on different validation sets.
+SCORING_DATA = ("dataset", "path", "valid_size", "n_train", "n_valid", "side", "classes")
+
+
+def check_scored_alike(path: str) -> None:
+    """``ValueError`` for a searched or tuned ``path`` that changes the validation examples."""
+    head, _, field = path.partition(".")
+    if head == "data" and field.split(".")[0] in SCORING_DATA:
+        raise ValueError(f"params[{path!r}]: trials are ranked by their validation error, so all of them need the "
+                         f"same validation examples, and {path} changes them; set it in the recipe instead (and "
+                         "compare its values by separate runs)")
+
 
 class ParamRange(BaseModel):
     """``{type: float, low, high, log}`` | ``{type: int, low, high}`` | ``{type: categorical, choices}``."""
@@ -51,4 +64,5 @@ class SearchConfig(BaseModel):
         for k in self.params:
             if k.split(".")[0] not in ("data", "pretrain", "surgery", "finetune"):
                 raise ValueError(f"params[{k!r}]: search paths start with data, pretrain, surgery or finetune")
+            check_scored_alike(k)
         return self

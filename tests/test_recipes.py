@@ -181,6 +181,13 @@ CATALOGUE = {
                       "tuned paths start with data, pretrain or finetune"),
     "search bad path": (_set("search", {"params": {"seed": {"type": "int", "low": 0, "high": 3}}}),
                         "search paths start with data, pretrain"),
+    # trials ranked on different validation examples would not be comparable
+    "search over the validation split": (_set("search", {"params": {"data.valid_size": {"type": "int", "low": 100,
+                                                                                          "high": 5000}}}),
+                                         "search: params['data.valid_size']: trials are ranked by their validation "
+                                         "error, so all of them need the same validation examples"),
+    "tune over the dataset": (_set("experiment", {"conditions": ["none"], "tune": {"params": {"data.path": {
+        "type": "categorical", "choices": ["a.npz", "b.npz"]}}}}), "params['data.path']: trials are ranked by"),
 }
 
 
