@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from .checkpoint import read_checkpoint_meta
 from .data import arrays_dataset, load_dataset, warn_unseen_classes
 from .datafiles import is_arrays_file, read_arrays
-from .errors import DataError, SurgeryError, SurgeryWarning
+from .errors import DataError, ManifestError, OutputError, SurgeryError, SurgeryWarning
 from .experiment import merge_results, run_experiment, write_results_csv
 from .grid import parse_shard
 from .io import RERUN, file_to_write, read_json, write_json
@@ -38,7 +38,7 @@ from .search import run_search
 from .stack import LayerStack
 from .tuning import merge_tuning
 from .version import __version__
-from .weights_io import MODEL_FORMAT, describe, describe_foreign, is_foreign, read_manifest
+from .weights_io import MODEL_FORMAT, STACK_FORMAT, describe, describe_foreign, is_foreign, read_manifest
 
 EPILOG = """recipes are YAML or JSON files with the sections data, pretrain, surgery,
 finetune, experiment and search; `surgery schema` prints their JSON Schema.
@@ -134,11 +134,35 @@ def say(*lines: str) -> None:
             print(line)
 
 
+def _keep_other_weights(out: Path, writing: str) -> None:
+    """``OutputError`` when ``out`` already holds weights that writing a ``writing`` file
+    (a stack or a model) over would lose: another tool's, a fine-tuned model, or the other
+    kind of surgery file. One of the same kind (a rerun's) or one that cannot be read is
+    replaced."""
+    if not out.is_file():
+        return
+    if is_foreign(out):
+        what = "another tool's weights"
+    else:
+        try:
+            manifest = read_manifest(out)
+        except ManifestError:
+            return  # damaged: nothing to keep
+        trained = manifest.get("format") == MODEL_FORMAT and "result" in manifest
+        if manifest.get("format") == writing and not trained:
+            return
+        what = "a fine-tuned model" if trained else "a layer stack" if writing == MODEL_FORMAT else "a model"
+    made = "the stack" if writing == STACK_FORMAT else "the assembled (untrained) model"
+    raise OutputError(f"{out}: holds {what}; writing {made} there would lose it. Give -o another file, or move that "
+                      "one away first.")
+
+
 def cmd_pretrain(args: argparse.Namespace) -> None:
     """``surgery pretrain``: train the stack and save it."""
     recipe = _load(args)
     out = args.output or Path("runs") / recipe.name / "stack.safetensors"
     file_to_write(out)  # an unwritable output fails now, not after the training
+    _keep_other_weights(out, STACK_FORMAT)
     layers = out.with_suffix(".layers")
     stack = pretrain(recipe, snapshots=layers if is_main_process() else None, resume=args.resume)
     if is_main_process():
@@ -223,6 +247,7 @@ def cmd_assemble(args: argparse.Namespace) -> None:
     recipe = _load(args)
     out = args.output or Path("runs") / recipe.name / "assembled.safetensors"
     file_to_write(out)  # an unwritable output fails now, not after any pretraining
+    _keep_other_weights(out, MODEL_FORMAT)
     data = load_dataset(recipe.data, recipe.base_dir)
     check_network(recipe, data)  # a network that cannot fit the data fails now, not after its pretraining
     stack = pretrain(recipe, data) if recipe.pretrain is not None else None

@@ -30,7 +30,7 @@ from .experiment_config import ExperimentConfig
 from .grid import Cell, plan_cells, shard_of
 from .io import RERUN, Pace, make_dir, progress_bar, progress_line, read_json, write_json, write_text
 from .lock import hold
-from .pipeline import check_grid, is_experiment_dir, is_single_run_dir
+from .pipeline import check_grid, check_own_out, is_experiment_dir, is_single_run_dir
 from .recipe import Recipe, as_recipe
 from .tuning import adopt_trial, tune_arms
 
@@ -57,9 +57,7 @@ def run_experiment(recipe: Recipe | str | Path, out: str | Path, progress: bool 
     runner = CellRunner(recipe, Path(out), progress)
     cells = plan_cells(recipe, runner.data.input_shape, runner.data.num_classes)
     check_grid(recipe, cells, runner.dataset)  # before the directory is made: a grid that cannot run leaves nothing
-    if is_single_run_dir(Path(out)) and not is_experiment_dir(Path(out)):
-        raise OutputError(f"{out}: holds a single run's files (result.json, metrics.jsonl, checkpoints/ or "
-                          "pretrain/); an experiment's would go beside them. Give the experiment its own --out.")
+    check_own_out(Path(out), "experiment")
     fingerprints = _data_unchanged(Path(out), runner)
     out = make_dir(Path(out))
     with hold(out, shard):

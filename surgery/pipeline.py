@@ -43,17 +43,35 @@ def is_experiment_dir(path: Path) -> bool:
     return (path / "experiment.json").is_file() or any((path / d).is_dir() for d in ("cells", "tuning", "stacks"))
 
 
-def _not_an_experiment_dir(out: Path) -> None:
-    """``OutputError`` when ``out`` holds an experiment: a single run's files would mix with its."""
-    if is_experiment_dir(out):
-        raise OutputError(f"{out}: holds an experiment's files (experiment.json, cells/, stacks/ or tuning/); a "
-                          "single run's would go beside them. Give the run its own --out.")
-
-
 def is_single_run_dir(path: Path) -> bool:
     """Whether ``path`` is (or was started as) the output directory of one run (:func:`run`,
     :func:`finetune_model`)."""
     return any((path / f).exists() for f in ("result.json", "metrics.jsonl", "checkpoints", "pretrain"))
+
+
+def is_search_dir(path: Path) -> bool:
+    """Whether ``path`` is (or was started as) a search's output directory."""
+    return (path / "search.json").is_file() or (path / "search.db").is_file() or (path / "trials").is_dir()
+
+
+# Each kind of output directory: the files that tell it, and how to tell it.
+OUT_KINDS: dict[str, tuple[str, Callable[[Path], bool]]] = {
+    "experiment": ("experiment.json, cells/, stacks/ or tuning/", is_experiment_dir),
+    "single run": ("result.json, metrics.jsonl, checkpoints/ or pretrain/", is_single_run_dir),
+    "search": ("search.json, search.db or trials/", is_search_dir),
+}
+
+
+def check_own_out(out: Path, kind: str) -> None:
+    """``OutputError`` when ``out`` holds the files of another kind of run than ``kind`` (an
+    experiment, a single run or a search) and none of its own: they would mix."""
+    if OUT_KINDS[kind][1](out):
+        return  # its own: continued, or added to
+    for other, (files, found) in OUT_KINDS.items():
+        if other != kind and found(out):
+            raise OutputError(f"{out}: holds {'an' if other[0] == 'e' else 'a'} {other}'s files ({files}); "
+                              f"{'an' if kind[0] == 'e' else 'a'} {kind}'s would go beside them. Give the "
+                              f"{kind.split()[-1]} its own --out.")
 
 
 def _first_difference(here: Any, there: Any, path: str = "") -> str:
@@ -295,7 +313,7 @@ def run(recipe: Recipe | str | Path, out: str | Path, resume: bool = False, prog
     if recipe.pretrain is not None:  # what would fail after pretraining fails now, before --out is made
         plan_network(recipe, data)
     out = Path(out)
-    _not_an_experiment_dir(out)
+    check_own_out(out, "single run")
     make_dir(out)
     with hold(out):
         if resume and (done := _finished_already(out, {"recipe": recipe.to_dict()})) is not None:
@@ -413,7 +431,7 @@ def finetune_model(model_path: str | Path, data: Dataset, cfg: FinetuneConfig, s
                    resume: bool = False, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune an assembled model file on ``data``; results go under ``out``, and
     ``provenance`` (e.g. the recipe) into the fine-tuned model file."""
-    _not_an_experiment_dir(Path(out))
+    check_own_out(Path(out), "single run")
     make_dir(out)  # an unwritable output fails now, not after the first epoch
     with hold(out):
         if resume and (done := _finished_already(Path(out), provenance or {})) is not None:

@@ -22,7 +22,7 @@ from .data import load_dataset
 from .errors import SurgeryError, TrainingDiverged
 from .grid import check_search
 from .io import make_dir, progress_line, write_json, write_text
-from .pipeline import plan_network, run, run_batch
+from .pipeline import check_own_out, plan_network, run, run_batch
 from .recipe import Recipe, apply_overrides, recipe_from_dict
 from .search_config import ParamRange, SearchConfig
 from .weights_io import first_line
@@ -183,6 +183,7 @@ def run_search(recipe: Recipe, out: str | Path, trials: int | None = None, stora
     dataset = load_dataset(first.data, recipe.base_dir)
     plan_network(first, dataset)  # a fine-tuning option or device that cannot apply fails here, not in trial 0
     out = Path(out)
+    check_own_out(out, "search")
     if storage is None:  # the study lives in the output directory
         make_dir(out)
         storage = f"sqlite:///{(out / 'search.db').resolve()}"

@@ -412,6 +412,49 @@ def experiment_into_a_single_run_dir(tmp: Path):
     return argv, "holds a single run's files", [tmp / "one" / "result.json"]
 
 
+def search_into_an_experiment_dir(tmp: Path):
+    (tmp / "out" / "cells").mkdir(parents=True)
+    (tmp / "out" / "experiment.json").write_text('{"cells": 4}')
+    return (_search(tmp), "holds an experiment's files (experiment.json, cells/, stacks/ or tuning/); a search's would "
+            "go beside them. Give the search its own --out.", [tmp / "out" / "experiment.json"])
+
+
+def single_run_into_a_search_dir(tmp: Path):
+    (tmp / "s" / "trials").mkdir(parents=True)
+    (tmp / "s" / "search.json").write_text('{"trials": []}')
+    argv = ["run", str(_write(tmp / "r.yaml", _net_recipe())), "--out", str(tmp / "s")]
+    return argv, "holds a search's files (search.json, search.db or trials/)", [tmp / "s" / "search.json"]
+
+
+def _fine_tuned_model(path: Path) -> Path:
+    from surgery.graph import ModelGraph
+    from surgery.model_file import save_model
+    from surgery.ops import HeadOp, InsertOp
+
+    g = ModelGraph()
+    InsertOp(name="h1", units=4, in_features=64).apply(g)
+    HeadOp(classes=4).apply(g)
+    return save_model(g, path, {"result": {"test_error": 1.0}})
+
+
+def assemble_over_a_fine_tuned_model(tmp: Path):
+    model = _fine_tuned_model(tmp / "model.safetensors")
+    return (["assemble", str(_write(tmp / "r.yaml", _net_recipe())), "-o", str(model)],
+            "model.safetensors: holds a fine-tuned model; writing the assembled (untrained) model there would lose it",
+            [model])
+
+
+def pretrain_over_a_model_or_foreign_weights(tmp: Path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(3)}, str(tmp / "theirs.safetensors"))
+    r = _write(tmp / "r.yaml", {"data": {"dataset": "synthetic", "n_train": 200},
+                                "pretrain": {"layers": [{"method": "rbm", "hidden": 4, "epochs": 1}]}})
+    return (["pretrain", str(r), "-o", str(tmp / "theirs.safetensors")],
+            "theirs.safetensors: holds another tool's weights; writing the stack there would lose it",
+            [tmp / "theirs.safetensors"])
+
+
 def rbm_on_standardized_data(tmp: Path):
     r = _net_recipe()
     del r["surgery"]
@@ -442,6 +485,10 @@ CASES: dict[str, Case] = {
     "run: an RBM on standardized data": rbm_on_standardized_data,
     "run: a single run into an experiment's directory": single_run_into_an_experiment_dir,
     "run: an experiment into a single run's directory": experiment_into_a_single_run_dir,
+    "search: into an experiment's directory": search_into_an_experiment_dir,
+    "run: a single run into a search's directory": single_run_into_a_search_dir,
+    "assemble: -o over a fine-tuned model": assemble_over_a_fine_tuned_model,
+    "pretrain: -o over another tool's weights": pretrain_over_a_model_or_foreign_weights,
     "validate: a tuned layer the stack lacks": tuned_layer_the_stack_lacks,
     "run: a tuned choice out of range": tuned_choice_out_of_range,
     "search: a searched path that is no recipe field": searched_path_not_in_the_recipe,
