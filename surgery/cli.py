@@ -316,11 +316,28 @@ def _summary(rows: list[dict], baseline: str) -> None:
         say(failed)
 
 
+def _merge_out(out: Path, dirs: list[Path]) -> None:
+    """``OutputError`` when writing a merge into ``out`` would replace what a run made there:
+    ``out`` is one of the directories merged, or holds an experiment that trained there, a
+    single run or a search. A new directory, or one an earlier ``compare --out`` made, is fine."""
+    if any(out.resolve() == d.resolve() for d in dirs):
+        raise OutputError(f"compare: --out {out} is one of the directories merged; the merge would replace its own "
+                          "results.csv and report. Give a new directory (each merged one keeps its own).")
+    made = [f"{p}/" for p in ("cells", "stacks", "tuning", "trials", "checkpoints") if (out / p).is_dir()]
+    made += [f for f in ("result.json", "search.json") if (out / f).is_file()]
+    if made:
+        raise OutputError(f"compare: --out {out} holds a run's files ({', '.join(made)}); the merge's results.csv "
+                          "and report would replace or mix with that run's. Give a new directory, or one an earlier "
+                          "`compare --out` made.")
+
+
 def cmd_compare(args: argparse.Namespace) -> None:
     """``surgery compare``: merge experiment directories and rebuild the report."""
     if len(args.dirs) > 1 and args.out is None:
         raise SurgeryError(f"compare: merging {len(args.dirs)} directories makes a new results.csv and report; give "
                            "--out DIR for them (each directory's own are kept as they are).")
+    if args.out is not None and (len(args.dirs) > 1 or args.out.resolve() != args.dirs[0].resolve()):
+        _merge_out(args.out, args.dirs)
     rows, notes = merge_results(args.dirs)  # refused when the directories ran on different data
     tuning = merge_tuning(args.dirs)  # arms tuned in separate runs: all their trials (checked before any write)
     out = args.out or args.dirs[0]

@@ -755,6 +755,12 @@ def test_compare_refuses_runs_on_other_data_and_says_which_runs_a_later_director
     assert "warning" not in said  # seeds run apart: one protocol
     assert sorted(r["seed"] for r in _rows(tmp_path / "ab")) == ["0", "1", "2"]
     assert (tmp_path / "a" / "results.csv").read_text() == before
+    # the merge goes to a new directory or an earlier merge's: never over what a run made
+    for out, said in (("a", "is one of the directories merged"), ("c", "holds a run's files (cells/)")):
+        kept = (tmp_path / out / "results.csv").read_text()
+        assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / out)]) == 2
+        assert said in capsys.readouterr().err and (tmp_path / out / "results.csv").read_text() == kept
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab")]) == 0
     grid("d", [4], finetune={"epochs": 3})
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "d"), "--out", str(tmp_path / "ad")]) == 0
     assert (f"compare: warning: the runs merged for none d1 differ in finetune.epochs (2 in {tmp_path / 'a'}, 3 in "
