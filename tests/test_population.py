@@ -1,11 +1,15 @@
 """A population of K models trained together equals each model trained alone."""
 
+import csv
+import random
 import re
 import shutil
 
 import pytest
 import torch
+import yaml
 
+from surgery.cli import main
 from surgery.errors import CheckpointError, ConfigError
 from surgery.finetune import FinetuneConfig, PopulationTrainer, Trainer
 from tests.test_finetune import _without_valid, mlp
@@ -549,3 +553,52 @@ def test_a_population_of_one_is_the_single_run(synth):
     assert [h["valid_error"] for h in pop.histories[0]] == [h["valid_error"] for h in alone.history]
     assert {k: res[k] for k in ("test_error", "valid_error", "epochs", "best_epoch", "steps")} == \
         {k: single[k] for k in ("test_error", "valid_error", "epochs", "best_epoch", "steps")}
+
+
+def _random_grid(rng: random.Random) -> dict:
+    """A small experiment of 1-3 random arms beside `none`: any method, widths per layer,
+    activations, a fixed depth, a fine-tuning override, sometimes tuning in batches."""
+    def arm() -> dict:
+        a = {"method": rng.choice(["none", "rbm", "grbm", "ae", "dae", "sparse_ae", "grow"])}
+        if a["method"] == "grow":
+            a["train"] = rng.choice(["all", "new"])
+        if rng.random() < .3:
+            a["hidden"] = rng.choice([12, [12, 8, 8]])
+        if rng.random() < .3 and a["method"] not in ("ae", "dae", "sparse_ae"):
+            a["activation"] = rng.choice(["relu", "tanh"])
+        if rng.random() < .2:
+            a["fixed_depth"] = 1
+        if rng.random() < .4:
+            a["finetune"] = rng.choice([{"optimizer": {"name": "adam", "lr": 0.01}}, {"dropout": {"h*": 0.2}},
+                                        {"schedule": {"lr": {"kind": "exponential", "end": 0.01}}},
+                                        {"early_stopping": {"patience": 1}, "epochs": 4}, {"layer_lr": {"h1": 0.5}}])
+        return a
+
+    exp = {"conditions": {"none": {"method": "none"}, **{f"a{j}": arm() for j in range(rng.randint(1, 3))}},
+           "depths": rng.choice([[1, 2], [2, 3]]), "seeds": rng.choice([[0, 1], [0, 1, 2]]), "hidden": 10,
+           "pretrain_epochs": 1}
+    if rng.random() < .5:
+        exp["tune"] = {"params": {"finetune.optimizer.lr": {"type": "float", "low": 0.02, "high": 0.3, "log": True}},
+                       "trials": 2, "batch": 2, "sampler": "random"}
+    return {"name": "g", "seed": rng.randint(0, 99), "experiment": exp,
+            "data": {"dataset": "synthetic", "n_train": 300, "n_valid": 100, "n_test": 100, "side": 5},
+            "finetune": {"epochs": 2, "batch_size": rng.choice([30, 64]), "device": "cpu", "progress": False,
+                         "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}}}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_grids_give_the_same_results_in_populations_as_cell_by_cell(tmp_path, seed):
+    """Whatever the arms (methods, widths, activations, fine-tuning overrides, tuning in
+    batches), a grid run with populations (auto, or 2 at a time) gives every cell exactly the
+    test error, validation error and epochs it gets trained cell by cell (population: off)."""
+    recipe = _random_grid(random.Random(seed))
+    got = {}
+    for population in ("off", "auto", 2):
+        recipe["experiment"]["population"] = population
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+        out = tmp_path / f"out-{population}"
+        assert main(["run", str(tmp_path / "r.yaml"), "--out", str(out)]) == 0
+        with (out / "results.csv").open() as f:
+            got[population] = {(r["condition"], r["depth"], r["seed"]): (r["test_error"], r["valid_error"], r["epochs"])
+                               for r in csv.DictReader(f)}
+    assert len(got["off"]) >= 4 and got["auto"] == got["off"] and got[2] == got["off"]
