@@ -395,35 +395,42 @@ def search_storage_damaged(tmp: Path):
             "database): the file is damaged. Move it away", [tmp / "out" / "search.db"])
 
 
+def _run_dir(d: Path, kind: str) -> Path:
+    """``d`` made to look like an experiment's, a single run's or a search's output directory;
+    returns the file in it that a refused command must leave as it was."""
+    sub, name, text = {"experiment": ("cells", "experiment.json", '{"cells": 4}'),
+                       "single run": ("checkpoints", "result.json", '{"test_error": 1.0}'),
+                       "search": ("trials", "search.json", '{"trials": []}')}[kind]
+    (d / sub).mkdir(parents=True)
+    (d / name).write_text(text)
+    return d / name
+
+
 def single_run_into_an_experiment_dir(tmp: Path):
-    (tmp / "grid" / "cells").mkdir(parents=True)
-    (tmp / "grid" / "experiment.json").write_text('{"cells": 4}')
+    kept = _run_dir(tmp / "grid", "experiment")
     argv = ["run", str(_write(tmp / "r.yaml", _net_recipe())), "--out", str(tmp / "grid")]
-    return argv, "holds an experiment's files", [tmp / "grid" / "experiment.json"]
+    return argv, "holds an experiment's files", [kept]
 
 
 def experiment_into_a_single_run_dir(tmp: Path):
-    (tmp / "one").mkdir()
-    (tmp / "one" / "result.json").write_text('{"test_error": 1.0}')
+    kept = _run_dir(tmp / "one", "single run")
     r = _net_recipe()
     del r["surgery"]
     r["experiment"] = {"conditions": ["none"], "depths": [1], "hidden": 8}
     argv = ["run", str(_write(tmp / "r.yaml", r)), "--out", str(tmp / "one")]
-    return argv, "holds a single run's files", [tmp / "one" / "result.json"]
+    return argv, "holds a single run's files", [kept]
 
 
 def search_into_an_experiment_dir(tmp: Path):
-    (tmp / "out" / "cells").mkdir(parents=True)
-    (tmp / "out" / "experiment.json").write_text('{"cells": 4}')
+    kept = _run_dir(tmp / "out", "experiment")
     return (_search(tmp), "holds an experiment's files (experiment.json, cells/, stacks/ or tuning/); a search's would "
-            "go beside them. Give the search its own --out.", [tmp / "out" / "experiment.json"])
+            "go beside them. Give the search its own --out.", [kept])
 
 
 def single_run_into_a_search_dir(tmp: Path):
-    (tmp / "s" / "trials").mkdir(parents=True)
-    (tmp / "s" / "search.json").write_text('{"trials": []}')
+    kept = _run_dir(tmp / "s", "search")
     argv = ["run", str(_write(tmp / "r.yaml", _net_recipe())), "--out", str(tmp / "s")]
-    return argv, "holds a search's files (search.json, search.db or trials/)", [tmp / "s" / "search.json"]
+    return argv, "holds a search's files (search.json, search.db or trials/)", [kept]
 
 
 def _fine_tuned_model(path: Path) -> Path:
