@@ -215,9 +215,41 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set {item!r}: the path before '=' has an empty part; name a recipe field, "
                               "e.g. finetune.epochs=3.")
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+            out[key.strip()] = yaml.load(raw, Loader=_RecipeLoader) if raw.strip() else None  # noqa: S506
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML ({_syntax(e)}).") from None
+    return out
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: YAML keeps the last one
+    silently, so ``epochs: 50`` above a forgotten ``epochs: 5`` would train 5."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}  # key -> the line it was first given on
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` then a key of its own: an override, as meant
+            key = self.construct_object(key_node, deep=True)
+            try:
+                twice = key in seen
+            except TypeError:
+                continue  # an unhashable key: the constructor below says so
+            if twice:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice in one mapping (first on line {seen[key]}); YAML would keep "
+                    "only the last, so remove one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict; ``ValueError`` for a key given twice (JSON keeps the last)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"{k!r} is given twice in one object; JSON would keep only the last, so remove one")
+        out[k] = v
     return out
 
 
@@ -306,10 +338,13 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"{path}: the recipe cannot be read ({e.strerror}).") from None
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text, object_pairs_hook=_unique_pairs) if path.suffix == ".json" else \
+            yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader)
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         kind = "JSON" if path.suffix == ".json" else "YAML"
         raise ConfigError(f"{path}: not valid {kind} at {_syntax(e)}.") from None
+    except ValueError as e:  # a key given twice in a JSON object
+        raise ConfigError(f"{path}: not valid JSON: {e}.") from None
     if data is None:
         raise ConfigError(f"{path}: the recipe is empty.")
     if not isinstance(data, dict):

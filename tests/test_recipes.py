@@ -224,6 +224,22 @@ def test_yaml_syntax_error_and_non_mapping(workdir, capsys):
     (workdir / "r.yaml").write_text("- 1\n- 2\n")
     assert main(["validate", str(workdir / "r.yaml")]) == 2
     assert "must be a mapping" in capsys.readouterr().err
+
+
+def test_a_key_given_twice_is_refused_not_kept_last(workdir, capsys):
+    """YAML and JSON keep the last of two equal keys silently (``epochs: 50`` above a
+    forgotten ``epochs: 5`` trains 5): a recipe file says where; a key a merge (``<<:``)
+    brought in may be overridden, as meant."""
+    (workdir / "r.yaml").write_text("data: {dataset: synthetic}\nfinetune:\n  epochs: 50\n  batch_size: 10\n"
+                                    "  epochs: 5\n")
+    assert main(["validate", str(workdir / "r.yaml")]) == 2
+    assert ("r.yaml: not valid YAML at line 5, column 3: 'epochs' is given twice in one mapping (first on line 3); "
+            "YAML would keep only the last, so remove one.") in capsys.readouterr().err
+    (workdir / "r.json").write_text('{"data": {"dataset": "synthetic", "dataset": "mnist"}}')
+    assert main(["validate", str(workdir / "r.json")]) == 2
+    assert "r.json: not valid JSON: 'dataset' is given twice in one object" in capsys.readouterr().err
+    (workdir / "r.yaml").write_text("finetune:\n  <<: {epochs: 1, batch_size: 10}\n  epochs: 2\n")
+    assert load_recipe(workdir / "r.yaml").finetune.epochs == 2
     assert main(["validate", str(workdir / "nope.yaml")]) == 2
     assert "no such recipe file" in capsys.readouterr().err
 
