@@ -243,6 +243,13 @@ class _RecipeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# YAML 1.1 (PyYAML's) reads 1e-3 and 5e3 as strings, wanting a dot (1.0e-3): read them as
+# the numbers they look like, as YAML 1.2 and JSON do (a categorical choice of [1e-4, 1e-5]
+# was a list of strings, data.limit: 5e3 "not a valid integer").
+_EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789"))
+
+
 def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object's pairs as a dict; ``ValueError`` for a key given twice (JSON keeps the last)."""
     out: dict[str, Any] = {}

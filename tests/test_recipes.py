@@ -224,6 +224,8 @@ def test_yaml_syntax_error_and_non_mapping(workdir, capsys):
     (workdir / "r.yaml").write_text("- 1\n- 2\n")
     assert main(["validate", str(workdir / "r.yaml")]) == 2
     assert "must be a mapping" in capsys.readouterr().err
+    assert main(["validate", str(workdir / "nope.yaml")]) == 2
+    assert "no such recipe file" in capsys.readouterr().err
 
 
 def test_a_key_given_twice_is_refused_not_kept_last(workdir, capsys):
@@ -240,8 +242,17 @@ def test_a_key_given_twice_is_refused_not_kept_last(workdir, capsys):
     assert "r.json: not valid JSON: 'dataset' is given twice in one object" in capsys.readouterr().err
     (workdir / "r.yaml").write_text("finetune:\n  <<: {epochs: 1, batch_size: 10}\n  epochs: 2\n")
     assert load_recipe(workdir / "r.yaml").finetune.epochs == 2
-    assert main(["validate", str(workdir / "nope.yaml")]) == 2
-    assert "no such recipe file" in capsys.readouterr().err
+
+
+def test_numbers_with_an_exponent_are_numbers(workdir):
+    """PyYAML (YAML 1.1) reads 1e-3 as a string; a recipe reads it as the number it looks
+    like (a categorical choice of [1e-4, 1e-5] was two strings, data.limit: 2e2 an error)."""
+    (workdir / "r.yaml").write_text(
+        "data: {dataset: synthetic, limit: 2e2}\nfinetune: {epochs: 1, optimizer: {lr: 1e-2}}\nsearch:\n"
+        "  params: {finetune.optimizer.weight_decay: {type: categorical, choices: [1e-4, 1E-5, '1e-6']}}\n")
+    r = load_recipe(workdir / "r.yaml", ["finetune.optimizer.momentum=5e-1"])
+    assert r.data.limit == 200 and r.finetune.optimizer.lr == 0.01 and r.finetune.optimizer.momentum == 0.5
+    assert r.search.params["finetune.optimizer.weight_decay"].choices == [1e-4, 1e-5, "1e-6"]  # quoted: a string
 
 
 def test_valid_recipe_prints_a_plan(workdir, capsys):
