@@ -348,8 +348,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
         baseline = (described.get("recipe", {}).get("experiment") or {}).get("baseline", "none")
     if out != args.dirs[0] or len(args.dirs) > 1:
         write_results_csv(Path(out) / "results.csv", rows)
-        if described and not (Path(out) / "experiment.json").is_file():  # the first run's recipe (and paper)
-            write_json(Path(out) / "experiment.json", described)
+        if described:  # the first run's recipe (and paper), and what was merged (`surgery inspect` says)
+            kept = {k: v for k, v in described.items() if k not in ("cells", "merged_from")}
+            write_json(Path(out) / "experiment.json", {**kept, "merged_from": [str(d) for d in args.dirs]})
         if tuning is not None:
             write_json(Path(out) / "tuning.json", tuning)
     write_report(Path(out), rows, baseline=baseline)

@@ -18,6 +18,7 @@ study so far. A checkpoint file alone is described from its metadata.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from collections import defaultdict
@@ -226,7 +227,10 @@ def describe_runs_in(parent: Path, runs: list[Path]) -> list[str]:
             continue
         now = "; running now" if any(s.startswith("running now: ") for s in said) else ""
         said = [s for s in said if not s.startswith("running now: ")]
-        if is_experiment_dir(d):
+        merged = next((s for s in said if s.startswith("merged: ")), None)
+        if merged:
+            lines.append(f"  {d.name}: {merged.split(' from ')[0].replace('merged: ', 'merged results, ')}")
+        elif is_experiment_dir(d):
             cells = next((s for s in said if s.startswith("cells: ")), "cells: none finished")
             ended = any(s.startswith("finished: ") for s in said)
             lines.append(f"  {d.name}: experiment, {cells.removeprefix('cells: ')}"
@@ -237,6 +241,22 @@ def describe_runs_in(parent: Path, runs: list[Path]) -> list[str]:
             best = next((s for s in said if s.startswith("best: ")), said[1])
             lines.append(f"  {d.name}: search, {said[1]}; {best.split('; its recipe')[0]}")
     return lines
+
+
+def _describe_merge(out: Path, meta: dict[str, Any]) -> list[str]:
+    """What a directory ``surgery compare --out`` wrote holds: how many runs of which arms,
+    merged from where (it trains nothing: its cells are in those directories)."""
+    name = meta["recipe"].get("name") if isinstance(meta.get("recipe"), dict) else None
+    try:
+        with (out / "results.csv").open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        arms = ", ".join(dict.fromkeys(str(r.get("condition")) for r in rows))
+        held = f"{len(rows)} runs ({arms})"
+    except (OSError, UnicodeDecodeError, csv.Error):
+        held = "results.csv unreadable (run the compare again)"
+    return [f"{out}: experiment{f' {name}' if name else ''}, merged by `surgery compare`",
+            f"merged: {held} from {', '.join(map(str, meta['merged_from']))}",
+            f"finished: results in {out}/results.csv, report in {out}/report.md"]
 
 
 def describe_run(out: Path) -> list[str]:
@@ -260,6 +280,8 @@ def describe_run(out: Path) -> list[str]:
                            f"search's search.json); give a .safetensors file{weights_held(out)} or a run's --out "
                            "directory.")
     meta = _read(out / "experiment.json")
+    if isinstance(meta, dict) and isinstance(meta.get("merged_from"), list):
+        return _describe_merge(out, meta)
     exp = (meta or {}).get("recipe", {}).get("experiment") or {}
     lines = [f"{out}: experiment {(meta or {}).get('recipe', {}).get('name', '')}".rstrip(), *_in_use(out)]
     stacks = [d for d in sorted((out / "stacks").glob("*")) if d.is_dir()] if (out / "stacks").is_dir() else []

@@ -761,6 +761,13 @@ def test_compare_refuses_runs_on_other_data_and_says_which_runs_a_later_director
         assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / out)]) == 2
         assert said in capsys.readouterr().err and (tmp_path / out / "results.csv").read_text() == kept
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab")]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "ab")]) == 0  # what it holds, not "0 of 2 cells finished"
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        f"{tmp_path / 'ab'}: experiment tiny, merged by `surgery compare`",
+        f"merged: 3 runs (none) from {tmp_path / 'a'}, {tmp_path / 'b'}"]
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert "  ab: merged results, 3 runs (none)" in capsys.readouterr().out.splitlines()
     grid("d", [4], finetune={"epochs": 3})
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "d"), "--out", str(tmp_path / "ad")]) == 0
     assert (f"compare: warning: the runs merged for none d1 differ in finetune.epochs (2 in {tmp_path / 'a'}, 3 in "
