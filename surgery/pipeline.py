@@ -54,6 +54,16 @@ def is_search_dir(path: Path) -> bool:
     return (path / "search.json").is_file() or (path / "search.db").is_file() or (path / "trials").is_dir()
 
 
+def is_merge_dir(path: Path) -> bool:
+    """Whether ``path`` holds what ``surgery compare --out`` wrote (its experiment.json names
+    the directories merged)."""
+    try:
+        meta = read_json(path / "experiment.json") if (path / "experiment.json").is_file() else None
+    except SurgeryError:
+        return False
+    return isinstance(meta, dict) and isinstance(meta.get("merged_from"), list)
+
+
 # Each kind of output directory: the files that tell it, and how to tell it.
 OUT_KINDS: dict[str, tuple[str, Callable[[Path], bool]]] = {
     "experiment": ("experiment.json, cells/, stacks/ or tuning/", is_experiment_dir),
@@ -64,7 +74,12 @@ OUT_KINDS: dict[str, tuple[str, Callable[[Path], bool]]] = {
 
 def check_own_out(out: Path, kind: str) -> None:
     """``OutputError`` when ``out`` holds the files of another kind of run than ``kind`` (an
-    experiment, a single run or a search) and none of its own: they would mix."""
+    experiment, a single run or a search) and none of its own: they would mix; or holds the
+    merge `surgery compare --out` wrote, whose results a run's would replace."""
+    if is_merge_dir(out):
+        raise OutputError(f"{out}: holds the results `surgery compare` merged from other directories; "
+                          f"{'an' if kind[0] == 'e' else 'a'} {kind}'s would replace them. Give the "
+                          f"{kind.split()[-1]} its own --out.")
     if OUT_KINDS[kind][1](out):
         return  # its own: continued, or added to
     for other, (files, found) in OUT_KINDS.items():

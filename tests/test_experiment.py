@@ -768,6 +768,10 @@ def test_compare_refuses_runs_on_other_data_and_says_which_runs_a_later_director
         f"merged: 3 runs (none) from {tmp_path / 'a'}, {tmp_path / 'b'}"]
     assert main(["inspect", str(tmp_path)]) == 0
     assert "  ab: merged results, 3 runs (none)" in capsys.readouterr().out.splitlines()
+    kept = (tmp_path / "ab" / "results.csv").read_text()
+    assert main(["run", str(tmp_path / "a.yaml"), "--out", str(tmp_path / "ab")]) == 2  # a run would replace them
+    assert "holds the results `surgery compare` merged" in capsys.readouterr().err
+    assert (tmp_path / "ab" / "results.csv").read_text() == kept
     grid("d", [4], finetune={"epochs": 3})
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "d"), "--out", str(tmp_path / "ad")]) == 0
     assert (f"compare: warning: the runs merged for none d1 differ in finetune.epochs (2 in {tmp_path / 'a'}, 3 in "
