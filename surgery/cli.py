@@ -336,7 +336,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     if len(args.dirs) > 1 and args.out is None:
         raise SurgeryError(f"compare: merging {len(args.dirs)} directories makes a new results.csv and report; give "
                            "--out DIR for them (each directory's own are kept as they are).")
-    if args.out is not None and (len(args.dirs) > 1 or args.out.resolve() != args.dirs[0].resolve()):
+    merging = args.out is not None and (len(args.dirs) > 1 or args.out.resolve() != args.dirs[0].resolve())
+    if merging:
         _merge_out(args.out, args.dirs)
     rows, notes = merge_results(args.dirs)  # refused when the directories ran on different data
     tuning = merge_tuning(args.dirs)  # arms tuned in separate runs: all their trials (checked before any write)
@@ -346,7 +347,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     baseline = args.baseline
     if baseline is None:
         baseline = (described.get("recipe", {}).get("experiment") or {}).get("baseline", "none")
-    if out != args.dirs[0] or len(args.dirs) > 1:
+    if merging:
         write_results_csv(Path(out) / "results.csv", rows)
         if described:  # the first run's recipe (and paper), and what was merged (`surgery inspect` says)
             kept = {k: v for k, v in described.items() if k not in ("cells", "merged_from")}

@@ -204,23 +204,6 @@ def recipe_from_dict(data: Any, base_dir: Path | None = None, source: str = "<re
     return r
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``['a.b=1', ...]`` -> ``{'a.b': 1}`` (values parsed as YAML scalars)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: write it as dotted.path=value (e.g. pretrain.layers.0.epochs=3).")
-        key, _, raw = item.partition("=")
-        if "" in key.strip().split("."):
-            raise ConfigError(f"--set {item!r}: the path before '=' has an empty part; name a recipe field, "
-                              "e.g. finetune.epochs=3.")
-        try:
-            out[key.strip()] = yaml.load(raw, Loader=_RecipeLoader) if raw.strip() else None  # noqa: S506
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({_syntax(e)}).") from None
-    return out
-
-
 class _RecipeLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping: YAML keeps the last one
     silently, so ``epochs: 50`` above a forgotten ``epochs: 5`` would train 5."""
@@ -248,6 +231,23 @@ class _RecipeLoader(yaml.SafeLoader):
 # was a list of strings, data.limit: 5e3 "not a valid integer").
 _EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$")
 _RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789"))
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``['a.b=1', ...]`` -> ``{'a.b': 1}`` (values parsed as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: write it as dotted.path=value (e.g. pretrain.layers.0.epochs=3).")
+        key, _, raw = item.partition("=")
+        if "" in key.strip().split("."):
+            raise ConfigError(f"--set {item!r}: the path before '=' has an empty part; name a recipe field, "
+                              "e.g. finetune.epochs=3.")
+        try:
+            out[key.strip()] = yaml.load(raw, Loader=_RecipeLoader) if raw.strip() else None  # noqa: S506
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({_syntax(e)}).") from None
+    return out
 
 
 def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -18,7 +18,6 @@ study so far. A checkpoint file alone is described from its metadata.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections import defaultdict
@@ -28,6 +27,7 @@ from typing import Any
 from .cells import DIVERGED_FILE
 from .checkpoint import MEMBER_CHECKPOINT, read_checkpoint_meta
 from .errors import SurgeryError
+from .experiment import read_results
 from .io import duration, percent
 from .lock import describe_holder, holders
 from .pipeline import is_experiment_dir, is_single_run_dir
@@ -248,11 +248,9 @@ def _describe_merge(out: Path, meta: dict[str, Any]) -> list[str]:
     merged from where (it trains nothing: its cells are in those directories)."""
     name = meta["recipe"].get("name") if isinstance(meta.get("recipe"), dict) else None
     try:
-        with (out / "results.csv").open(newline="") as f:
-            rows = list(csv.DictReader(f))
-        arms = ", ".join(dict.fromkeys(str(r.get("condition")) for r in rows))
-        held = f"{len(rows)} runs ({arms})"
-    except (OSError, UnicodeDecodeError, csv.Error):
+        rows = read_results(out)
+        held = f"{len(rows)} runs ({', '.join(dict.fromkeys(str(r['condition']) for r in rows))})"
+    except SurgeryError:
         held = "results.csv unreadable (run the compare again)"
     return [f"{out}: experiment{f' {name}' if name else ''}, merged by `surgery compare`",
             f"merged: {held} from {', '.join(map(str, meta['merged_from']))}",
