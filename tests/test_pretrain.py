@@ -203,6 +203,9 @@ def test_input_with_nan_is_named_before_pretraining_not_blamed_on_the_lr(x3k, me
     x[7, 3] = float("nan")
     with pytest.raises(DataError, match="layer 'h1': its input holds 1 NaN or infinite values"):
         greedy_pretrain(x, PretrainConfig(layers=[{"method": method, "hidden": 8}]), progress=False)
+    one_layer = train_rbm if method == "rbm" else train_autoencoder  # the single-layer API checks the same
+    with pytest.raises(DataError, match="layer 'h1': its input holds 1 NaN or infinite values"):
+        one_layer(x, {"method": method, "hidden": 8}, progress=False)
 
 
 def test_layers_that_take_probabilities_refuse_inputs_outside_0_1(x3k):
@@ -219,6 +222,10 @@ def test_layers_that_take_probabilities_refuse_inputs_outside_0_1(x3k):
     with pytest.raises(DataError, match=r"layer 'h1': a dae layer with loss cross_entropy reconstructs probabilities "
                                         r"in \[0, 1\], but its inputs span \[-.*Use loss: squared"):
         greedy_pretrain(z, PretrainConfig(layers=[{"method": "dae", "hidden": 8}]), progress=False)
+    with pytest.raises(DataError, match=r"layer 'h1': a Bernoulli RBM takes probabilities .*Use method: grbm"):
+        train_rbm(z, {"hidden": 8}, progress=False)
+    with pytest.raises(DataError, match=r"layer 'h1': a dae layer with loss cross_entropy .*Use loss: squared"):
+        train_autoencoder(z, {"method": "dae", "hidden": 8}, progress=False)
     greedy_pretrain(z, PretrainConfig(layers=[{"method": "grbm", "hidden": 8, "epochs": 1}]), progress=False)
     greedy_pretrain(z, PretrainConfig(layers=[{"method": "dae", "hidden": 8, "epochs": 1, "loss": "squared"}]),
                     progress=False)

@@ -24,6 +24,7 @@ from .ae_model import AEConfig, AEModel
 from .base import (
     check_examples,
     check_finite,
+    check_input,
     check_members,
     device_generator,
     layer_batch,
@@ -55,6 +56,7 @@ def train_autoencoder(x: Tensor, cfg: AEConfig | dict[str, Any], name: str = "h1
     cfg = as_config({"method": "ae", **cfg} if isinstance(cfg, dict) else cfg, AEConfig,
                     "surgery.train_autoencoder(x, cfg)")
     x = as_tensor(x, "surgery.train_autoencoder(x, cfg)")
+    check_input(name, cfg, x)
     return train_autoencoder_population([x], [cfg], [name], layer_batch(batch_size, cfg),
                                         [generator or new_generator(0)], progress, _autograd=_autograd)[0]
 

@@ -24,6 +24,7 @@ from .base import (
     LayerPretrainConfig,
     check_examples,
     check_finite,
+    check_input,
     check_members,
     device_generator,
     inactive_fraction,
@@ -114,7 +115,9 @@ def train_rbm(x: Tensor, cfg: RBMConfig | dict[str, Any], name: str = "h1", batc
     Gibbs samples) to one seeded with 0; ``cfg`` may be a dict of RBMConfig's fields."""
     where = "surgery.train_rbm(x, cfg)"
     cfg = as_config({"method": "rbm", **cfg} if isinstance(cfg, dict) else cfg, RBMConfig, where)
-    return train_rbm_population([as_tensor(x, where)], [cfg], [name], layer_batch(batch_size, cfg),
+    x = as_tensor(x, where)
+    check_input(name, cfg, x)
+    return train_rbm_population([x], [cfg], [name], layer_batch(batch_size, cfg),
                                 [generator or new_generator(0)], progress)[0]
 
 
