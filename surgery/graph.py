@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -76,12 +75,6 @@ def layer_node(name: str, spec: LayerSpec, tensors: dict[str, Tensor] | None = N
     else:  # graphs hold CPU copies, whatever device a stack was trained on
         tensors = {k: tensors[k].detach().to("cpu", copy=True) for k in ("weight", "bias")}
     return Node(name, "layer", spec, tensors, provenance=provenance or {})
-
-
-def input_fits(want: tuple[int, ...], have: tuple[int, ...]) -> bool:
-    """Whether data of shape ``have`` (per example) feeds a network taking ``want``
-    (images feed a dense first layer of their flattened size)."""
-    return tuple(want) == tuple(have) or (len(want) == 1 and math.prod(have) == want[0])
 
 
 class ModelGraph:

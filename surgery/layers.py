@@ -58,6 +58,12 @@ Activation = Annotated[str, AfterValidator(check_activation)]
 InitName = Annotated[str, AfterValidator(check_init)]
 
 
+def input_fits(want: tuple[int, ...], have: tuple[int, ...]) -> bool:
+    """Whether examples of shape ``have`` feed a layer (or network) taking ``want``
+    (images feed a dense first layer of their flattened size)."""
+    return tuple(want) == tuple(have) or (len(want) == 1 and math.prod(have) == want[0])
+
+
 class LayerSpec(BaseModel):
     """What a layer is, without its numbers.
 

@@ -13,7 +13,8 @@ import torch
 from .data import Dataset, non_finite
 from .errors import ConfigError, DataError, ShapeError, SurgeryWarning
 from .finetune_config import LAYER_PATTERN_FIELDS, FinetuneConfig
-from .graph import ModelGraph, input_fits
+from .graph import ModelGraph
+from .layers import input_fits
 
 
 def check_data(data: Dataset) -> None:

@@ -23,9 +23,10 @@ from pydantic import ValidationError
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .errors import ConfigError, ManifestError, NameNotFound
+from .configs import as_tensor
+from .errors import ConfigError, DataError, ManifestError, NameNotFound, ShapeError
 from .io import atomic_path
-from .layers import LayerSpec
+from .layers import LayerSpec, input_fits
 from .version import package_version
 from .weights_io import FORMAT_VERSION, MANIFEST_KEY, STACK_FORMAT, first_line, read_safetensors
 
@@ -124,7 +125,17 @@ class LayerStack:
 
     @torch.no_grad()
     def transform(self, x: Tensor, upto: int | None = None) -> Tensor:
-        """Map ``x`` through layers ``[0, upto)`` (all by default)."""
+        """Map ``x`` [N, ...] (a tensor or NumPy array) through layers ``[0, upto)`` (all by
+        default); ``ShapeError`` when its examples do not fit the first layer."""
+        x = as_tensor(x, "LayerStack.transform(x)")
+        if self.layers and not input_fits(self.input_shape, tuple(x.shape[1:])):
+            raise ShapeError(f"LayerStack.transform(x): the stack's first layer {self.layers[0].name!r} takes input "
+                             f"{self.input_shape} per example, but x of shape {tuple(x.shape)} gives "
+                             f"{tuple(x.shape[1:])}; give x as [N, ...] examples of that shape.")
+        dtype = next(iter(self.layers[0].tensors.values())).dtype if self.layers else x.dtype
+        if x.dtype != dtype:
+            raise DataError(f"LayerStack.transform(x): x is {x.dtype} but the stack's weights are {dtype}; convert "
+                            f"x first (x.to({dtype})).")
         for layer in self.layers[:upto]:
             x = layer.transform(x)
         return x

@@ -183,3 +183,23 @@ def test_repr_says_what_each_layer_is_not_its_numbers():
         "  StackLayer('h2', dense 500 -> 20, sigmoid; rbm, 1 epoch; recon_error 1.5)"]
     assert repr(st["h2"]) == text.splitlines()[2].strip()
     assert repr(LayerStack()) == "LayerStack(0 layers, input (), 0 numbers)"
+
+
+def test_transform_takes_numpy_and_names_a_wrong_shape_or_dtype():
+    """``stack.transform`` (the public way to get a stack's features) takes a NumPy array as
+    pretraining does, flattens images for a dense first layer, and refuses examples of another
+    width or dtype naming the first layer, where torch said only "mat1 and mat2 shapes cannot be
+    multiplied"."""
+    from surgery.errors import DataError, ShapeError
+
+    st = random_stack()
+    x = torch.rand(5, 784)
+    assert torch.equal(st.transform(x.numpy()), st.transform(x))
+    assert torch.equal(st.transform(x.view(5, 1, 28, 28)), st.transform(x))
+    with pytest.raises(ShapeError, match=r"first layer 'h1' takes input \(784,\) per example, but x of shape "
+                                         r"\(5, 783\) gives \(783,\)"):
+        st.transform(x[:, 1:])
+    with pytest.raises(ShapeError, match=r"x of shape \(784,\) gives \(\)"):
+        st.transform(x[0])
+    with pytest.raises(DataError, match=r"x is torch.float64 but the stack's weights are torch.float32"):
+        st.transform(x.double().numpy())
