@@ -62,7 +62,10 @@ class SurgeryConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    sources: dict[str, str | ForeignSource] = Field(default_factory=dict)
+    sources: dict[str, str | ForeignSource] = Field(
+        default_factory=dict,
+        description="name -> a layer stack or a (fine-tuned or assembled) model file, path relative to the recipe; "
+                    "or {path, map, transpose} for another tool's weights (op: import)")
     ops: list[Op] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -24,7 +24,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from .errors import ShapeError, SurgeryError
 from .graph import ModelGraph, Node, layer_node
 from .layers import IDEMPOTENT_ON_OWN_RANGE, Activation, InitName, LayerSpec, init_weight
-from .stack import LayerStack
+from .stack import LayerStack, StackLayer
 
 Sources = Mapping[str, Any]
 
@@ -65,10 +65,24 @@ class ForeignWeights:
         self.tensors, self.report = tensors, report
 
 
+def model_layers(graph: ModelGraph, source: str) -> LayerStack:
+    """A model's layer nodes, in order, as a stack: ``take`` and ``transplant`` copy layers
+    of a fine-tuned or assembled model as they copy a pretrained stack's. Its dropout nodes
+    are left out and its frozen flags stay behind; a model whose graph branches is refused."""
+    if not graph.is_chain():
+        merges = [n.name for n in graph.nodes() if n.kind in ("add", "concat")]
+        raise SurgeryError(f"source {source!r} is a model whose graph branches (at {merges or graph.order()}); "
+                           "take and transplant copy layers of a model that is one chain of layers.")
+    return LayerStack([StackLayer(n.name, n.spec, n.tensors, dict(n.provenance))  # type: ignore[arg-type]
+                       for n in graph.nodes() if n.kind == "layer"])
+
+
 def _stack(sources: Sources | None, name: str) -> LayerStack:
     s = (sources or {}).get(name)
     if s is None:
         raise SurgeryError(f"source {name!r} is not loaded; known: {sorted(sources or {})}")
+    if isinstance(s, ModelGraph):
+        return model_layers(s, name)
     if not isinstance(s, LayerStack):
         raise SurgeryError(f"source {name!r} is a foreign weights file; use op: import for it.")
     return s
@@ -79,7 +93,7 @@ class _Op(BaseModel):
 
 
 class TakeOp(_Op):
-    """Append copies of layers ``[start, stop)`` of a source stack."""
+    """Append copies of layers ``[start, stop)`` of a source: a stack, or a model's layer nodes."""
 
     op: Literal["take"] = "take"
     source: str

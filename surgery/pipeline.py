@@ -35,7 +35,7 @@ from .recipe import Recipe, as_recipe
 from .runtime import is_main_process
 from .stack import LayerStack
 from .stacks_dir import continue_from, save_snapshot
-from .weights_io import load_foreign, read_manifest
+from .weights_io import MODEL_FORMAT, load_foreign, read_manifest
 
 
 def is_experiment_dir(path: Path) -> bool:
@@ -173,7 +173,7 @@ def default_surgery(stack: LayerStack, classes: int) -> SurgeryConfig:
 
 
 def load_sources(recipe: Recipe, pretrained: LayerStack | None) -> dict[str, Any]:
-    """The surgery section's sources by name (stacks and foreign weights), plus the
+    """The surgery section's sources by name (stacks, models and foreign weights), plus the
     ``pretrained`` stack when given; errors name ``surgery.sources.<name>``."""
     cfg = recipe.surgery
     out: dict[str, Any] = {}
@@ -186,8 +186,10 @@ def load_sources(recipe: Recipe, pretrained: LayerStack | None) -> dict[str, Any
             if isinstance(ref, ForeignSource):
                 tensors, report = load_foreign(recipe.resolve(ref.path), ref.mapping())
                 out[name] = ForeignWeights(tensors, report)
-            else:
-                out[name] = LayerStack.load(recipe.resolve(ref))
+            else:  # a stack, or a fine-tuned or assembled model whose layers take and transplant copy
+                path = recipe.resolve(ref)
+                is_model = read_manifest(path).get("format") == MODEL_FORMAT
+                out[name] = load_model(path) if is_model else LayerStack.load(path)
         except SurgeryError as e:
             raise SurgeryError(f"surgery.sources.{name}: {e}") from e
     used = {getattr(op, "source", None) for op in cfg.ops}

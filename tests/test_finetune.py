@@ -14,6 +14,7 @@ from surgery.errors import ConfigError, SurgeryError, SurgeryWarning, TrainingDi
 from surgery.finetune import FinetuneConfig, Trainer
 from surgery.graph import ModelGraph
 from surgery.layers import init_weight
+from surgery.model_file import load_model
 from surgery.ops import FreezeOp, HeadOp, InsertOp
 from surgery.schedules import LRSchedule, MomentumSchedule
 from surgery.weights_io import read_manifest
@@ -387,6 +388,35 @@ def test_finetune_cli_writes_results_and_resumes(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "warning: --resume: no checkpoint at" in err and "checkpoint_every is 0" in err, err
     assert len((tmp_path / "bare" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_layers_of_a_fine_tuned_model_file_are_a_surgery_source(tmp_path, capsys):
+    """Cutting layers out of a fine-tuned model: its file under surgery.sources, `take` copies
+    the weights fine-tuning left (not the stack it started from), as from a pretrained stack,
+    in every command that reads the recipe."""
+    from surgery.cli import main
+
+    stack = random_stack(sizes=(64, 32, 16))
+    stack.save(tmp_path / "a.safetensors")
+    (tmp_path / "r.yaml").write_text(
+        "data: {dataset: synthetic}\n"
+        "surgery: {sources: {a: a.safetensors}, ops: [{op: take, source: a}, {op: head, classes: 4}]}\n"
+        "finetune: {epochs: 2, device: cpu, optimizer: {lr: 0.5}}\n")
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "tuned")]) == 0
+    (tmp_path / "cut.yaml").write_text(
+        "data: {dataset: synthetic}\n"
+        "surgery: {sources: {m: tuned/model.safetensors}, ops: [{op: take, source: m, layers: [0, 2]},\n"
+        "  {op: head, classes: 4}]}\n"
+        "finetune: {epochs: 1, device: cpu}\n")
+    assert main(["validate", str(tmp_path / "cut.yaml")]) == 0
+    assert main(["assemble", str(tmp_path / "cut.yaml"), "-o", str(tmp_path / "cut.safetensors")]) == 0
+    tuned, cut = load_model(tmp_path / "tuned" / "model.safetensors"), load_model(tmp_path / "cut.safetensors")
+    assert cut.order() == ["h1", "h2", "out"] and cut.node("h2").provenance["source"] == "m"
+    for name in ("h1", "h2"):
+        assert torch.equal(cut.node(name).tensors["weight"], tuned.node(name).tensors["weight"])
+        assert not torch.equal(cut.node(name).tensors["weight"], stack[name].tensors["weight"])
+    assert main(["run", str(tmp_path / "cut.yaml"), "--out", str(tmp_path / "again")]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_resume_of_a_finished_run_without_checkpoint_trains_nothing(tmp_path, capsys):

@@ -36,6 +36,37 @@ def test_transplanted_layer_computes_exactly_what_it_did_in_its_source():
     assert g.node("h3").provenance["source"] == "b"
 
 
+def test_layers_cut_from_a_model_compute_what_they_did_there(tmp_path):
+    """A fine-tuned or assembled model is a source as a stack is: ``take``/``transplant``
+    copy its layer nodes in order (dropout left out, frozen flags left behind), and the copies
+    compute exactly what they computed in the model, also after a save and load."""
+    src = ModelGraph()
+    TakeOp(source="a").apply(src, {"a": random_stack(seed=1)})
+    HeadOp(classes=10).apply(src)
+    DropoutOp(p=0.5, after="h1").apply(src)
+    FreezeOp(nodes=["h1"]).apply(src)
+    with torch.no_grad():  # as if fine-tuned: the head is no longer zeros
+        src.node("out").tensors["weight"].normal_()
+    model = load_model(save_model(src, tmp_path / "model.safetensors"))
+    g = build_graph([TakeOp(source="m", layers=(0, 3)), TransplantOp(source="m", layers=(3, 4), after="h3")],
+                    {"m": model})
+    assert g.order() == ["h1", "h2", "h3", "out"] and not g.node("h1").frozen
+    assert g.node("out").provenance == {"source": "m", "layer": "out", "index": 3, "method": None}
+    assert g.node("h2").provenance["method"] == "rbm"
+    x = torch.rand(16, 784)
+    whole, cut = to_module(src).eval(), to_module(g)
+    assert torch.equal(_forward_upto(cut, x, "h2"), _forward_upto(whole, x, "h2"))
+    assert torch.equal(cut(x), whole(x))
+    g.node("h1").tensors["weight"].zero_()  # copies: the source model is untouched
+    assert model.node("h1").tensors["weight"].abs().sum() > 0
+    with pytest.raises(SurgeryError, match=r"layers \[0, 5\) is out of range for source 'm', which has 4 layers "
+                                           r"\['h1', 'h2', 'h3', 'out'\]"):
+        build_graph([TakeOp(source="m", layers=(0, 5))], {"m": model})
+    model.add_node(Node("sum", kind="add"), ["h1", "h2"])
+    with pytest.raises(SurgeryError, match=r"source 'm' is a model whose graph branches \(at \['sum'\]\)"):
+        build_graph([TakeOp(source="m")], {"m": model})
+
+
 @pytest.mark.parametrize("where,order", [
     ("h2", ["h1", "b_h2", "h3", "out"]),  # in the middle: between h1 and h3
     ("h1", ["b_h1", "h2", "h3", "out"]),  # the first layer: the new chain takes the input
