@@ -205,6 +205,11 @@ def assemble(recipe: Recipe | str | Path, stack: LayerStack | None, classes: int
     """The network the recipe's surgery section builds (default: every pretrained layer
     and a softmax head of ``classes``); ``input_shape`` is the data's, per example."""
     recipe = as_recipe(recipe, "surgery.assemble")
+    uses = {getattr(op, "source", None) for op in recipe.surgery.ops} if recipe.surgery else {"pretrained"}
+    if stack is None and recipe.pretrain is not None and "pretrained" in uses:
+        raise ConfigError(f"surgery.assemble(recipe, stack, classes): {recipe.source}'s network is made of the "
+                          "stack its pretrain: section makes; pass it: surgery.assemble(recipe, "
+                          "surgery.pretrain(recipe), classes).")
     sources = load_sources(recipe, stack)
     cfg = recipe.surgery
     if cfg is None:
