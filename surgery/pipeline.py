@@ -99,14 +99,13 @@ def _first_difference(here: Any, there: Any, path: str = "") -> str:
 
 
 def _finished_already(out: Path, made: dict[str, Any]) -> dict[str, Any] | None:
-    """For ``--resume`` where no checkpoint was written (``finetune.checkpoint_every: 0``; a
-    checkpoint continues a finished run too, e.g. for more epochs): the result of the run
-    ``out`` holds finished when it was made as ``made`` says (its recipe; what its
-    ``model.safetensors`` records), with a warning that nothing trains; ``None`` when ``out``
-    holds no finished run (or one we cannot read). ``OutputError`` when it holds the
-    finished run of another recipe: resuming would start that run over."""
-    if (out / "checkpoints" / "last.safetensors").is_file():
-        return None
+    """For ``--resume``: the result of the run ``out`` holds finished when it was made as
+    ``made`` says (its recipe; what its ``model.safetensors`` records), with a warning that
+    nothing trains (its checkpoint, if any, is not read); ``None`` when ``out`` holds no
+    finished run (or one we cannot read), or another recipe's with a checkpoint to continue
+    (e.g. for more epochs). ``OutputError`` when it holds the finished run of another recipe
+    and no checkpoint (``finetune.checkpoint_every: 0``): resuming would start that run over."""
+    checkpoint = (out / "checkpoints" / "last.safetensors").is_file()
     try:
         result = read_json(out / "result.json")
         manifest = read_manifest(out / "model.safetensors")
@@ -114,6 +113,8 @@ def _finished_already(out: Path, made: dict[str, Any]) -> dict[str, Any] | None:
         return None
     made = json.loads(json.dumps(made))  # as a manifest reads back (tuples as lists)
     theirs = {k: manifest.get(k) for k in made}
+    if theirs != made and checkpoint:
+        return None
     if theirs != made:
         raise OutputError(
             f"--resume: {out} holds another finished run ({_first_difference(made, theirs)}) and no checkpoint "
