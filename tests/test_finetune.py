@@ -244,6 +244,26 @@ def test_kill_and_resume_equals_uninterrupted(synth, tmp_path, validates):
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3, 4]
 
 
+def test_training_again_in_a_finished_runs_directory_unmarks_it_finished(synth, tmp_path, capsys):
+    """A run trained in a directory where another had finished, stopped midway: its
+    result.json (the mark of a finished run) went with the first epoch, as the old
+    metrics.jsonl did; `inspect` said 'finished' with the old run's numbers."""
+    from surgery.cli import main
+
+    Trainer(mlp(), synth, cfg(epochs=2), out_dir=tmp_path).fit()
+    assert (tmp_path / "result.json").is_file()
+    def stop_after_one(trainer, rec):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(mlp(), synth, cfg(epochs=5, checkpoint_every=1), out_dir=tmp_path, on_epoch_end=stop_after_one).fit()
+    assert not (tmp_path / "result.json").exists()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert "unfinished: epoch 1 of 5 trained" in capsys.readouterr().out
+
+
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_checkpoint(synth, tmp_path):
     c = cfg(epochs=3, checkpoint_every=1)
     t = Trainer(mlp(), synth, c, out_dir=tmp_path)
@@ -417,6 +437,35 @@ def test_layers_of_a_fine_tuned_model_file_are_a_surgery_source(tmp_path, capsys
         assert not torch.equal(cut.node(name).tensors["weight"], stack[name].tensors["weight"])
     assert main(["run", str(tmp_path / "cut.yaml"), "--out", str(tmp_path / "again")]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_resume_of_a_finished_run_does_not_need_its_checkpoint(tmp_path, capsys):
+    """--resume on a finished run of the same recipe returns its result without reading its
+    checkpoint: a damaged one stopped it ('delete it and start again without --resume', which
+    retrains what had finished); more epochs still continue from the checkpoint, so a damaged
+    one is an error there."""
+    from surgery.cli import main
+
+    random_stack(sizes=(64, 32, 16)).save(tmp_path / "a.safetensors")
+    (tmp_path / "r.yaml").write_text(
+        "data: {dataset: synthetic}\n"
+        "surgery: {sources: {a: a.safetensors}, ops: [{op: take, source: a}, {op: head, classes: 4}]}\n"
+        "finetune: {epochs: 2, device: cpu, checkpoint_every: 1, optimizer: {lr: 0.5}}\n")
+    recipe = str(tmp_path / "r.yaml")
+    for cmd in ("run", "finetune"):
+        out = tmp_path / cmd
+        assert main([cmd, recipe, "--out", str(out)]) == 0
+        res = json.loads((out / "result.json").read_text())
+        (out / "checkpoints" / "last.safetensors").write_bytes(b"damaged")
+        capsys.readouterr()
+        before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+        assert main([cmd, recipe, "--out", str(out), "--resume"]) == 0
+        said = capsys.readouterr()
+        assert f"--resume: {out} has finished (test error {res['test_error']:.2f}%, 2 epochs)" in said.err, said.err
+        assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+        assert main([cmd, recipe, "--out", str(out), "--resume", "--set", "finetune.epochs=3"]) == 2
+        assert "last.safetensors: unreadable checkpoint" in capsys.readouterr().err
+        assert json.loads((out / "result.json").read_text()) == res
 
 
 def test_resume_of_a_finished_run_without_checkpoint_trains_nothing(tmp_path, capsys):
