@@ -139,8 +139,13 @@ def read_safetensors(path: Path, expect: str) -> tuple[dict[str, Any], dict[str,
     fmt = manifest.get("format")
     if fmt != expect:
         what = {STACK_FORMAT: "a layer stack", MODEL_FORMAT: "an assembled model"}
+        fix = {(STACK_FORMAT, MODEL_FORMAT): " A network with a head is made of a stack's layers by a recipe's "
+                                             "surgery: section (its sources name the stack; `surgery assemble` "
+                                             "saves it).",
+               (MODEL_FORMAT, STACK_FORMAT): " To take a model's layers into another network, name the file under "
+                                             "a recipe's surgery.sources (op: take or transplant)."}
         raise ManifestError(
-            f"{path}: this is {what.get(fmt, repr(fmt))}, not {what.get(expect, expect)}."
+            f"{path}: this is {what.get(fmt, repr(fmt))}, not {what.get(expect, expect)}.{fix.get((fmt, expect), '')}"
         )
     version = manifest.get("version")
     if version != FORMAT_VERSION:

@@ -231,8 +231,12 @@ def test_model_file_round_trips(tmp_path):
     assert back.order() == g.order() and back.node("h1").frozen and back.node("drop_h1").p == 0.2
     sa, sb = to_module(g).state_dict(), to_module(back).state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    with pytest.raises(SurgeryError, match="assembled model, not a layer stack"):
+    with pytest.raises(SurgeryError, match="assembled model, not a layer stack. To take a model's layers into "
+                                           "another network, name the file under a recipe's surgery.sources"):
         LayerStack.load(p)
+    with pytest.raises(SurgeryError, match="a layer stack, not an assembled model. A network with a head is made of "
+                                           "a stack's layers by a recipe's surgery: section"):
+        load_model(random_stack().save(tmp_path / "s.safetensors"))
 
 
 def test_dag_with_merges_compiles():
