@@ -347,6 +347,11 @@ class PopulationTrainer(TrainingLoop):
         for k, g in enumerate(graphs):
             require(g, ModelGraph, f"surgery.PopulationTrainer(graphs[{k}])", GRAPH)
         require(data, Dataset, "surgery.PopulationTrainer(graphs, data)", DATA)
+        seen: dict[Path, int] = {}
+        for k, d in enumerate(out_dirs or []):
+            if d is not None and (j := seen.setdefault(Path(d).resolve(), k)) != k:
+                raise ConfigError(f"surgery.PopulationTrainer(out_dirs): members {j} and {k} both write to {d}; each "
+                                  "member's files (result.json, model, checkpoints) need a directory of their own.")
         cfgs = [as_config(c, FinetuneConfig, f"surgery.PopulationTrainer(cfgs[{k}])") for k, c in enumerate(cfgs)]
         self.engine: StackedEngine = StackedEngine(graphs, data, cfgs, seeds, stacked)
         super().__init__(self.engine, cfgs, seeds, list(out_dirs) if out_dirs else [None] * len(graphs), record,

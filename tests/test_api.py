@@ -82,6 +82,9 @@ def test_the_wrong_object_or_a_bad_field_is_one_paragraph_naming_the_call(tmp_pa
             lambda: S.Trainer(stack, data),
         r"surgery.PopulationTrainer\(graphs\[1\]\): takes a surgery.ModelGraph": lambda: S.PopulationTrainer(
             [graph, stack], data, [{}, {}], [0, 1]),
+        r"surgery.PopulationTrainer\(out_dirs\): members 0 and 2 both write to .*a; each member's files":
+            lambda: S.PopulationTrainer([graph] * 3, data, [{}] * 3, [0, 1, 2],
+                                        out_dirs=[tmp_path / "a", tmp_path / "b", tmp_path / "b" / ".." / "a"]),
         r"surgery.to_module\(graph\): takes a surgery.ModelGraph": lambda: S.to_module(stack),
         r"surgery.build_graph\(ops, sources\): takes a dict of source name -> ": lambda: S.build_graph(
             [S.TakeOp(source="rbm")], [stack]),
