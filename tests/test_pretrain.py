@@ -193,8 +193,21 @@ def test_grow_supervised_stages(mnist_small):
 
 
 def test_grow_needs_labels(x3k):
+    """...and class numbers, one an example: float, one-hot, too few or negative labels were
+    torch's RuntimeError from inside the loss (too few trained silently)."""
+    grow = PretrainConfig(layers=[{"method": "grow", "hidden": 8, "epochs": 1}])
     with pytest.raises(ValueError, match="needs labels"):
-        greedy_pretrain(x3k[:100], PretrainConfig(layers=[{"method": "grow", "hidden": 8}]), progress=False)
+        greedy_pretrain(x3k[:100], grow, progress=False)
+    y = torch.arange(100) % 3
+    bad = {"float32 of shape \\(100,\\)": y.float(), "int64 of shape \\(100, 3\\)": torch.nn.functional.one_hot(y),
+           "int64 of shape \\(10,\\)": y[:10]}
+    for said, labels in bad.items():
+        with pytest.raises(DataError, match=rf"pretrain.layers\[0\] \(grow\): its labels y are torch.{said} for 100 "
+                                            r"examples; give one int64 class number per example"):
+            greedy_pretrain(x3k[:100], grow, y=labels, progress=False)
+    with pytest.raises(DataError, match="its labels y include -1; classes are numbered 0, 1, 2"):
+        greedy_pretrain(x3k[:100], grow, y=y - 1, progress=False)
+    greedy_pretrain(x3k[:100], grow, y=y.numpy(), progress=False)
 
 
 @pytest.mark.parametrize("method", ["rbm", "dae"])

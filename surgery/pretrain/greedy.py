@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from ..configs import as_config, as_tensor
-from ..errors import ConfigError, SurgeryError
+from ..errors import ConfigError, DataError, SurgeryError
 from ..io import duration, progress_line
 from ..stack import LayerStack, StackLayer
 from .ae_model import AEConfig
@@ -200,15 +200,27 @@ def greedy_pretrain_population(
 
 def _check_inputs(i: int, lcs: list[LayerConfig], names: list[str], inps: list[Tensor], y: Tensor | None) -> None:
     """``DataError`` before layer ``i`` trains when its input holds NaN or infinite values, or
-    when a Bernoulli RBM's lies outside [0, 1] (its visible units are probabilities);
-    ``ConfigError`` for supervised ``grow`` without labels ``y``."""
-    if lcs[0].method == "grow" and y is None:
-        raise ConfigError(f"pretrain.layers[{i}]: grow is supervised and needs labels (y)")
+    when a Bernoulli RBM's lies outside [0, 1] (its visible units are probabilities), or
+    when supervised ``grow`` has labels ``y`` that are not class numbers, one an example;
+    ``ConfigError`` for ``grow`` without them."""
+    if lcs[0].method == "grow":
+        if y is None:
+            raise ConfigError(f"pretrain.layers[{i}]: grow is supervised and needs labels (y)")
+        _check_labels(y, inps[0].shape[0], f"pretrain.layers[{i}] (grow)")
     seen: set[int] = set()
     for lc, name, inp in zip(lcs, names, inps):
         if id(inp) not in seen:  # members of a population share the data
             seen.add(id(inp))
             check_input(name, lc, inp)
+
+
+def _check_labels(y: Tensor, n: int, where: str) -> None:
+    """``DataError`` unless ``y`` holds ``n`` int64 class numbers, none negative."""
+    if y.dtype != torch.int64 or y.dim() != 1 or y.shape[0] != n:
+        raise DataError(f"{where}: its labels y are {y.dtype} of shape {tuple(y.shape)} for {n} examples; give "
+                        "one int64 class number per example, y of shape [N] (y.long(); not one-hot).")
+    if n and int(y.min()) < 0:
+        raise DataError(f"{where}: its labels y include {int(y.min())}; classes are numbered 0, 1, 2, ...")
 
 
 def _continued(start: list[tuple[LayerStack, Tensor]], gens: list[torch.Generator], x: Tensor,
