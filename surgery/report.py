@@ -57,10 +57,24 @@ def cells(rows: list[dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, An
     return dict(sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])))
 
 
+def check_rows(rows: list[dict[str, Any]], where: str) -> None:
+    """``SurgeryError`` naming ``where`` and the first row that is not a result: a dict with
+    condition, depth, seed and a numeric test_error."""
+    for i, r in enumerate(rows):
+        lacks = [k for k in ("condition", "depth", "seed", "test_error") if k not in r] if isinstance(r, dict) else []
+        if isinstance(r, dict) and not lacks and not isinstance(r["test_error"], (int, float, str)):
+            lacks = ["a numeric test_error"]
+        if not isinstance(r, dict) or lacks:
+            what = f"lacks {lacks[0]}" if isinstance(r, dict) else f"is a {type(r).__name__}"
+            raise SurgeryError(f"{where}: rows[{i}] {what}; give the rows surgery.run_experiment returned (or "
+                               "surgery.read_results(out)): dicts with condition, depth, seed and test_error.")
+
+
 def table(rows: list[dict[str, Any]], baseline: str = "none") -> list[dict[str, Any]]:
     """Per (arm, depth): the summary of test errors and Welch's t-test against ``baseline``
     at the same depth; an arm at a depth the baseline did not run (a shallow arm beside a
     deep grid) against the baseline's only depth, when it ran at one (``baseline_depth``)."""
+    check_rows(rows, "the result rows")
     groups = {key: [float(r["test_error"]) for r in runs] for key, runs in cells(rows).items()}
     base_depths = sorted(d for c, d in groups if c == baseline)
     out = []
@@ -267,12 +281,7 @@ def write_report(out: Path, rows: list[dict[str, Any]], baseline: str = "none") 
     if not rows:
         raise SurgeryError(f"{out}: no result rows to report; give the rows surgery.run_experiment returned (or "
                            "surgery.read_results(out)) once a cell has finished.")
-    for i, r in enumerate(rows):
-        lacks = [k for k in ("condition", "depth", "seed", "test_error") if k not in r] if isinstance(r, dict) else []
-        if not isinstance(r, dict) or lacks:
-            what = f"lacks {lacks[0]}" if isinstance(r, dict) else f"is a {type(r).__name__}"
-            raise SurgeryError(f"{out}: rows[{i}] {what}; give the rows surgery.run_experiment returned (or "
-                               "surgery.read_results(out)): dicts with condition, depth, seed and test_error.")
+    check_rows(rows, str(out))
     tuning_path = out / "tuning.json"
     tuning = read_json(tuning_path) if tuning_path.is_file() else None
     exp_path = out / "experiment.json"

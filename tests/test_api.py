@@ -95,6 +95,8 @@ def test_the_wrong_object_or_a_bad_field_is_one_paragraph_naming_the_call(tmp_pa
             S.run_experiment({"data": DATA, "finetune": {"epochs": 1}}, tmp_path / "grid")),
         r"surgery.assemble\(recipe, stack, classes\): <recipe>'s network is made of the stack its pretrain: section "
         r"makes; pass it": lambda: S.assemble({"data": DATA, "pretrain": {"layers": LAYERS}}, None, 3),
+        r"the result rows: rows\[0\] lacks a numeric test_error": lambda: S.summary_grid(
+            [{"condition": "none", "depth": 1, "seed": 0, "test_error": None}]),
         r"rows\[1\] lacks depth; give the rows surgery.run_experiment returned": lambda: S.write_report(
             tmp_path, [{"condition": "none", "depth": 1, "seed": 0, "test_error": 2.0}, {"condition": "none"}]),
     }
