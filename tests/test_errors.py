@@ -146,8 +146,9 @@ def truncated_checkpoint(tmp: Path):
     r = _write(tmp / "r.yaml", _net_recipe())
     assert main(["finetune", str(r), "--out", str(tmp / "out")]) == 0
     ck = tmp / "out" / "checkpoints" / "last.safetensors"
-    ck.write_bytes(ck.read_bytes()[:300])
-    return ["finetune", str(r), "--out", str(tmp / "out"), "--resume"], "unreadable checkpoint", [
+    ck.write_bytes(ck.read_bytes()[:300])  # a finished run's result is given without it: ask for more epochs
+    more = f"finetune.epochs={SMALL_FT['epochs'] + 1}"
+    return ["finetune", str(r), "--out", str(tmp / "out"), "--resume", "--set", more], "unreadable checkpoint", [
         ck, tmp / "out" / "assembled.safetensors", tmp / "out" / "result.json"]
 
 
