@@ -28,6 +28,7 @@ from .experiment import merge_results, run_experiment, write_results_csv
 from .grid import parse_shard
 from .io import RERUN, file_to_write, read_json, write_json
 from .model_file import describe_model, load_model, save_model
+from .outdirs import check_merge_out
 from .pipeline import assemble, check_network, finetune_model, pretrain, run, validate
 from .preflight import check_data
 from .recipe import Recipe, format_validation_error, json_schema, load_recipe
@@ -316,21 +317,6 @@ def _summary(rows: list[dict], baseline: str) -> None:
         say(failed)
 
 
-def _merge_out(out: Path, dirs: list[Path]) -> None:
-    """``OutputError`` when writing a merge into ``out`` would replace what a run made there:
-    ``out`` is one of the directories merged, or holds an experiment that trained there, a
-    single run or a search. A new directory, or one an earlier ``compare --out`` made, is fine."""
-    if any(out.resolve() == d.resolve() for d in dirs):
-        raise OutputError(f"compare: --out {out} is one of the directories merged; the merge would replace its own "
-                          "results.csv and report. Give a new directory (each merged one keeps its own).")
-    made = [f"{p}/" for p in ("cells", "stacks", "tuning", "trials", "checkpoints") if (out / p).is_dir()]
-    made += [f for f in ("result.json", "search.json") if (out / f).is_file()]
-    if made:
-        raise OutputError(f"compare: --out {out} holds a run's files ({', '.join(made)}); the merge's results.csv "
-                          "and report would replace or mix with that run's. Give a new directory, or one an earlier "
-                          "`compare --out` made.")
-
-
 def cmd_compare(args: argparse.Namespace) -> None:
     """``surgery compare``: merge experiment directories and rebuild the report."""
     if len(args.dirs) > 1 and args.out is None:
@@ -338,7 +324,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
                            "--out DIR for them (each directory's own are kept as they are).")
     merging = args.out is not None and (len(args.dirs) > 1 or args.out.resolve() != args.dirs[0].resolve())
     if merging:
-        _merge_out(args.out, args.dirs)
+        check_merge_out(args.out, args.dirs)
     rows, notes = merge_results(args.dirs)  # refused when the directories ran on different data
     tuning = merge_tuning(args.dirs)  # arms tuned in separate runs: all their trials (checked before any write)
     out = args.out or args.dirs[0]

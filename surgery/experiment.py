@@ -30,7 +30,8 @@ from .experiment_config import ExperimentConfig
 from .grid import Cell, plan_cells, shard_of
 from .io import RERUN, Pace, make_dir, progress_bar, progress_line, read_json, write_json, write_text
 from .lock import hold
-from .pipeline import check_grid, check_own_out, is_experiment_dir, is_single_run_dir
+from .outdirs import check_own_out, is_experiment_dir, is_single_run_dir
+from .pipeline import check_grid
 from .recipe import Recipe, as_recipe
 from .tuning import adopt_trial, tune_arms
 

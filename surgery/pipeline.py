@@ -26,6 +26,7 @@ from .io import make_dir, percent, read_json
 from .lock import hold
 from .model_file import load_model, save_model
 from .ops import ForeignWeights, HeadOp, TakeOp
+from .outdirs import check_own_out
 from .population import architecture_key
 from .preflight import check_data, check_fits, check_patterns
 from .pretrain import greedy_pretrain
@@ -36,57 +37,6 @@ from .runtime import is_main_process
 from .stack import LayerStack
 from .stacks_dir import continue_from, save_snapshot
 from .weights_io import MODEL_FORMAT, load_foreign, read_manifest
-
-
-def is_experiment_dir(path: Path) -> bool:
-    """Whether ``path`` is (or was started as) an experiment's output directory."""
-    return (path / "experiment.json").is_file() or any((path / d).is_dir() for d in ("cells", "tuning", "stacks"))
-
-
-def is_single_run_dir(path: Path) -> bool:
-    """Whether ``path`` is (or was started as) the output directory of one run (:func:`run`,
-    :func:`finetune_model`)."""
-    return any((path / f).exists() for f in ("result.json", "metrics.jsonl", "checkpoints", "pretrain"))
-
-
-def is_search_dir(path: Path) -> bool:
-    """Whether ``path`` is (or was started as) a search's output directory."""
-    return (path / "search.json").is_file() or (path / "search.db").is_file() or (path / "trials").is_dir()
-
-
-def is_merge_dir(path: Path) -> bool:
-    """Whether ``path`` holds what ``surgery compare --out`` wrote (its experiment.json names
-    the directories merged)."""
-    try:
-        meta = read_json(path / "experiment.json") if (path / "experiment.json").is_file() else None
-    except SurgeryError:
-        return False
-    return isinstance(meta, dict) and isinstance(meta.get("merged_from"), list)
-
-
-# Each kind of output directory: the files that tell it, and how to tell it.
-OUT_KINDS: dict[str, tuple[str, Callable[[Path], bool]]] = {
-    "experiment": ("experiment.json, cells/, stacks/ or tuning/", is_experiment_dir),
-    "single run": ("result.json, metrics.jsonl, checkpoints/ or pretrain/", is_single_run_dir),
-    "search": ("search.json, search.db or trials/", is_search_dir),
-}
-
-
-def check_own_out(out: Path, kind: str) -> None:
-    """``OutputError`` when ``out`` holds the files of another kind of run than ``kind`` (an
-    experiment, a single run or a search) and none of its own: they would mix; or holds the
-    merge `surgery compare --out` wrote, whose results a run's would replace."""
-    if is_merge_dir(out):
-        raise OutputError(f"{out}: holds the results `surgery compare` merged from other directories; "
-                          f"{'an' if kind[0] == 'e' else 'a'} {kind}'s would replace them. Give the "
-                          f"{kind.split()[-1]} its own --out.")
-    if OUT_KINDS[kind][1](out):
-        return  # its own: continued, or added to
-    for other, (files, found) in OUT_KINDS.items():
-        if other != kind and found(out):
-            raise OutputError(f"{out}: holds {'an' if other[0] == 'e' else 'a'} {other}'s files ({files}); "
-                              f"{'an' if kind[0] == 'e' else 'a'} {kind}'s would go beside them. Give the "
-                              f"{kind.split()[-1]} its own --out.")
 
 
 def _first_difference(here: Any, there: Any, path: str = "") -> str:

@@ -30,7 +30,7 @@ from .errors import SurgeryError
 from .experiment import read_results
 from .io import duration, percent
 from .lock import describe_holder, holders
-from .pipeline import is_experiment_dir, is_single_run_dir
+from .outdirs import is_experiment_dir, is_search_dir, is_single_run_dir
 from .weights_io import weights_held
 
 
@@ -211,7 +211,7 @@ def describe_checkpoint(path: Path, meta: dict[str, Any]) -> list[str]:
 
 
 def _is_run_dir(d: Path) -> bool:
-    return is_experiment_dir(d) or is_single_run_dir(d) or (d / "search.json").is_file()
+    return is_experiment_dir(d) or is_single_run_dir(d) or is_search_dir(d)
 
 
 def describe_runs_in(parent: Path, runs: list[Path]) -> list[str]:

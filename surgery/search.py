@@ -13,6 +13,8 @@ import os
 import random
 import socket
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,8 @@ from .data import load_dataset
 from .errors import SurgeryError, TrainingDiverged
 from .grid import check_search
 from .io import make_dir, progress_line, write_json, write_text
-from .pipeline import check_own_out, plan_network, run, run_batch
+from .outdirs import check_own_out
+from .pipeline import plan_network, run, run_batch
 from .recipe import Recipe, apply_overrides, recipe_from_dict
 from .search_config import ParamRange, SearchConfig
 from .weights_io import first_line
@@ -136,10 +139,10 @@ def _trial_recipe(base: dict[str, Any], values: dict[str, Any], recipe: Recipe, 
 
 
 def _optimize_in_batches(study: Any, cfg: SearchConfig, base: dict[str, Any], recipe: Recipe, out: Path, n: int,
-                         worker: str, progress: bool | None) -> None:
+                         worker: str, progress: bool | None, after: Callable[[], Any]) -> None:
     """Ask ``cfg.batch`` trials at a time, run them as one batch (their fine-tuning as one
     population where they can share it) and tell their validation errors (``DIVERGED_SCORE``
-    when a run diverged), until ``n`` trials are done."""
+    when a run diverged), until ``n`` trials are done; ``after()`` each batch."""
     import optuna
 
     done = 0
@@ -161,6 +164,7 @@ def _optimize_in_batches(study: Any, cfg: SearchConfig, base: dict[str, Any], re
         for trial, vals, res in zip(asked, values, results):
             study.tell(trial, _score(trial, vals, res, progress))
         done += len(asked)
+        after()
 
 
 def run_search(recipe: Recipe, out: str | Path, trials: int | None = None, storage: str | None = None,
@@ -205,15 +209,19 @@ def run_search(recipe: Recipe, out: str | Path, trials: int | None = None, stora
         return _score(trial, values, res, progress)
 
     n = cfg.trials if trials is None else trials
+    so_far = partial(_write_outcome, study, name, storage, recipe, out, final=False)  # for inspect, and a kill
     if cfg.batch == 1:
-        study.optimize(objective, n_trials=n)
+        study.optimize(objective, n_trials=n, callbacks=[lambda *_: so_far()])
     else:
-        _optimize_in_batches(study, cfg, base, recipe, out, n, worker, progress)
+        _optimize_in_batches(study, cfg, base, recipe, out, n, worker, progress, so_far)
     return _write_outcome(study, name, storage, recipe, out)
 
 
-def _write_outcome(study: Any, name: str, storage: str, recipe: Recipe, out: Path) -> dict[str, Any]:
-    """Write search.json (every trial of the study) and best.yaml (the best scored trial's recipe)."""
+def _write_outcome(study: Any, name: str, storage: str, recipe: Recipe, out: Path,
+                   final: bool = True) -> dict[str, Any]:
+    """Write search.json (every trial of the study) and best.yaml (the best scored trial's
+    recipe): after each trial (``final=False``), and when the search ends, when a study in
+    which no trial scored is a ``TrainingDiverged``."""
     summary = {
         "study": name,
         "storage": storage,
@@ -223,6 +231,8 @@ def _write_outcome(study: Any, name: str, storage: str, recipe: Recipe, out: Pat
     scored = [t for t in study.trials if t.state.name == "COMPLETE" and not t.user_attrs.get("diverged")]
     if not scored:
         write_json(out / "search.json", summary)
+        if not final:
+            return summary
         raise TrainingDiverged(f"search: every trial of study {name!r} diverged (listed in {out}/search.json); "
                                "narrow the ranges in search.params (a lower learning rate) and rerun.")
     best = min(scored, key=lambda t: t.value)

@@ -422,6 +422,44 @@ def test_search_marks_diverged_trials_and_never_picks_them(tmp_path, monkeypatch
     assert not (tmp_path / "b" / "best.yaml").exists()
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_stopped_search_keeps_its_trials_and_best_so_far(tmp_path, monkeypatch, capsys, batch):
+    """search.json and best.yaml are written after every trial (or batch), not only at the
+    end: a search stopped midway (Ctrl-C, a lost machine) keeps them, and `inspect` describes
+    it; it said the directory was not a run's."""
+    from surgery.finetune import PopulationTrainer, Trainer
+
+    fits = []
+
+    def stop_on_third(fit):  # the third trial alone, or the second batch of two
+        def wrapped(self, *a, **k):
+            fits.append(1)
+            if len(fits) == 3 - (batch > 1):
+                raise KeyboardInterrupt
+            return fit(self, *a, **k)
+        return wrapped
+
+    monkeypatch.setattr(Trainer, "fit", stop_on_third(Trainer.fit))
+    monkeypatch.setattr(PopulationTrainer, "fit", stop_on_third(PopulationTrainer.fit))
+    p = _search_recipe(tmp_path)
+    r = yaml.safe_load(p.read_text())
+    r["search"].update(trials=6, batch=batch)
+    r["finetune"]["batch_size"] = 50  # one shape: a batch of trials fine-tunes as one population
+    r["search"]["params"].pop("finetune.batch_size")
+    p.write_text(yaml.safe_dump(r))
+    out = tmp_path / "s"
+    assert main(["search", str(p), "--out", str(out)]) != 0
+    s = json.loads((out / "search.json").read_text())
+    done = [t for t in s["trials"] if t["state"] == "COMPLETE"]
+    assert len(done) == 2 and s["best_value"] == min(t["value"] for t in done)
+    best_lr = s["best_params"]["finetune.optimizer.lr"]
+    assert load_recipe(out / "best.yaml").finetune.optimizer.lr == pytest.approx(best_lr)
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"trials: {len(done)}" in said and f"best: trial {s['best_trial'] + 1}" in said, said
+
+
 def test_two_workers_share_one_sqlite_study(tmp_path):
     p = _search_recipe(tmp_path)
     url = f"sqlite:///{tmp_path / 'shared.db'}"
