@@ -152,6 +152,11 @@ def describe_search(out: Path) -> list[str]:
     """Lines saying what the search in ``out`` has found: its study, the trials so far
     (those that diverged or failed counted apart), the best one's validation error and
     values, and how to add trials."""
+    if not (out / "search.json").is_file():  # written after each trial: none has finished
+        started = len(list((out / "trials").glob("*"))) if (out / "trials").is_dir() else 0
+        return [f"{out}: a search (surgery search)",
+                f"trials: none finished ({started} started)",
+                f"`surgery search RECIPE --out {out}` runs it again; search.json is written after each trial"]
     summary = _read(out / "search.json")
     if not isinstance(summary, dict) or not isinstance(summary.get("trials"), list):
         raise SurgeryError(f"{out}/search.json: damaged or being written; `surgery search RECIPE --out {out}` "
@@ -238,8 +243,8 @@ def describe_runs_in(parent: Path, runs: list[Path]) -> list[str]:
         elif is_single_run_dir(d):
             lines.append(f"  {d.name}: single run, {said[1]}{now}")
         else:
-            best = next((s for s in said if s.startswith("best: ")), said[1])
-            lines.append(f"  {d.name}: search, {said[1]}; {best.split('; its recipe')[0]}")
+            best = next((f"; {s.split('; its recipe')[0]}" for s in said if s.startswith("best: ")), "")
+            lines.append(f"  {d.name}: search, {said[1]}{best}")
     return lines
 
 
@@ -266,7 +271,7 @@ def describe_run(out: Path) -> list[str]:
     if not is_experiment_dir(out):
         if is_single_run_dir(out):
             return describe_single_run(out)
-        if (out / "search.json").is_file():
+        if is_search_dir(out):
             return describe_search(out)
         runs = [d for d in sorted(out.iterdir()) if d.is_dir() and _is_run_dir(d)] if out.is_dir() else []
         if runs:  # a directory of runs, e.g. runs/
@@ -275,8 +280,8 @@ def describe_run(out: Path) -> list[str]:
             return describe_snapshots(out)
         raise SurgeryError(f"{out}: a directory that is not a run's (no result.json, metrics.jsonl, checkpoints/ "
                            f"or pretrain/, nor an experiment's experiment.json, cells/, tuning/ or stacks/, nor a "
-                           f"search's search.json); give a .safetensors file{weights_held(out)} or a run's --out "
-                           "directory.")
+                           f"search's search.json, search.db or trials/); give a .safetensors file"
+                           f"{weights_held(out)} or a run's --out directory.")
     meta = _read(out / "experiment.json")
     if isinstance(meta, dict) and isinstance(meta.get("merged_from"), list):
         return _describe_merge(out, meta)

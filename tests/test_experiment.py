@@ -458,6 +458,15 @@ def test_a_stopped_search_keeps_its_trials_and_best_so_far(tmp_path, monkeypatch
     assert main(["inspect", str(out)]) == 0
     said = capsys.readouterr().out
     assert f"trials: {len(done)}" in said and f"best: trial {s['best_trial'] + 1}" in said, said
+    fits[:] = [1] * (2 - (batch > 1))  # stopped in its first trial (batch): no search.json yet
+    assert main(["search", str(p), "--out", str(tmp_path / "first")]) != 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "first")]) == 0
+    assert f"trials: none finished ({batch} started)" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path)]) == 0
+    said = capsys.readouterr().out
+    assert f"  first: search, trials: none finished ({batch} started)\n" in said, said
+    assert "  s: search, trials: 2\n" not in said and "  s: search, trials: 2; best: trial" in said, said
 
 
 def test_two_workers_share_one_sqlite_study(tmp_path):
