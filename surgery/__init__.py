@@ -49,7 +49,7 @@ from .ops import (
     TransplantOp,
     WidenOp,
 )
-from .pipeline import assemble, pretrain, run, validate
+from .pipeline import assemble, evaluate, pretrain, run, validate
 from .pretrain import (
     AEConfig,
     GrowConfig,
@@ -76,6 +76,7 @@ __all__ = [
     "RemoveOp",
     "ScheduleConfig", "SearchConfig", "ShapeError", "Split", "StackLayer", "SurgeryConfig", "SurgeryError",
     "TakeOp", "Trainer", "TrainingDiverged", "TransplantOp", "WidenOp", "__version__", "assemble", "build_graph",
+    "evaluate",
     "greedy_pretrain", "init_weight", "load_dataset", "load_model", "load_recipe", "plan_cells", "pretrain",
     "read_back", "read_results", "recipe_from_dict", "resolve_device", "run", "run_experiment", "save_model",
     "significance_line", "summary_grid",

@@ -26,10 +26,10 @@ from .datafiles import is_arrays_file, read_arrays
 from .errors import DataError, ManifestError, OutputError, SurgeryError, SurgeryWarning
 from .experiment import merge_results, run_experiment, write_results_csv
 from .grid import parse_shard
-from .io import RERUN, file_to_write, read_json, write_json
+from .io import RERUN, file_to_write, percent, read_json, write_json
 from .model_file import describe_model, load_model, save_model
 from .outdirs import check_merge_out
-from .pipeline import assemble, check_network, finetune_model, pretrain, run, validate
+from .pipeline import assemble, check_network, evaluate, finetune_model, pretrain, run, validate
 from .preflight import check_data
 from .recipe import Recipe, format_validation_error, json_schema, load_recipe
 from .report import failed_line, significance_line, summary_grid, write_report
@@ -62,6 +62,23 @@ def _recipe_cmd(sub: argparse._SubParsersAction, name: str, help: str) -> argpar
     return p
 
 
+def _file_commands(sub: argparse._SubParsersAction) -> None:
+    """The commands that read files and directories, not a recipe: inspect and compare."""
+    p = sub.add_parser("inspect", help="show a stack or model file (layers, shapes, how each was trained), a "
+                                       "dataset's arrays file, a checkpoint, or how far a run, experiment or "
+                                       "search directory has got")
+    p.add_argument("file", type=user_path, help="a .safetensors stack, model or checkpoint, another tool's weights "
+                   "(.safetensors, .pt), a dataset's .npz or .safetensors arrays, the --out directory of "
+                   "`surgery run`, `finetune` or `search`, or a directory of such (runs/)")
+    p.add_argument("--json", action="store_true", help="print the raw manifest (or checkpoint metadata) as JSON")
+
+    p = sub.add_parser("compare", help="rebuild and merge reports from one or more experiment directories")
+    p.add_argument("dirs", type=user_path, nargs="+", help="experiment directories (e.g. seeds or arms run apart); "
+                   "their results, and their tuning trials, are merged; later ones win for the same cell")
+    p.add_argument("--out", type=user_path, help="where merged results and report go (one directory: rebuilt in place)")
+    p.add_argument("--baseline", help="arm to test the others against (default: the experiment's own, else none)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``surgery`` argument parser: one sub-command per job."""
     ap = argparse.ArgumentParser(
@@ -78,14 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue after the last layer kept in STACK.layers/ "
                    "(made by the same pretrain section, seed and data)")
 
-    p = sub.add_parser("inspect", help="show a stack or model file (layers, shapes, how each was trained), a "
-                                       "dataset's arrays file, a checkpoint, or how far a run, experiment or "
-                                       "search directory has got")
-    p.add_argument("file", type=user_path, help="a .safetensors stack, model or checkpoint, another tool's weights "
-                   "(.safetensors, .pt), a dataset's .npz or .safetensors arrays, the --out directory of "
-                   "`surgery run`, `finetune` or `search`, or a directory of such (runs/)")
-    p.add_argument("--json", action="store_true", help="print the raw manifest (or checkpoint metadata) as JSON")
-
     _recipe_cmd(sub, "validate", "check a recipe and every file it refers to; print the planned network")
     sub.add_parser("schema", help="print the recipe JSON Schema (for editor completion)")
 
@@ -97,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=user_path, help="an assembled model file to fine-tune instead of assembling")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/")
 
+    p = _recipe_cmd(sub, "evaluate", "the error of a model file on each split of the recipe's data (no training)")
+    p.add_argument("model", type=user_path, help="a model file: a run's model.safetensors, or an assembled one")
+    p.add_argument("--json", action="store_true", help="print the errors as one JSON object")
+
     p = _recipe_cmd(sub, "run", "run everything the recipe holds: pretrain -> surgery -> finetune, or the experiment "
                                 "grid")
     p.add_argument("--out", type=user_path, help="output directory (default runs/<name>)")
@@ -107,16 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "trials of a batch; when all have ended, run once without --shard: it trains what is left and "
                    "writes results.csv and the report")
 
-    p = sub.add_parser("compare", help="rebuild and merge reports from one or more experiment directories")
-    p.add_argument("dirs", type=user_path, nargs="+", help="experiment directories (e.g. seeds or arms run apart); "
-                   "their results, and their tuning trials, are merged; later ones win for the same cell")
-    p.add_argument("--out", type=user_path, help="where merged results and report go (one directory: rebuilt in place)")
-    p.add_argument("--baseline", help="arm to test the others against (default: the experiment's own, else none)")
-
     p = _recipe_cmd(sub, "search", "Optuna hyperparameter search over the recipe's search: params")
     p.add_argument("--trials", type=int, help="trials for this worker (default search.trials)")
     p.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT/search.db); share it across workers")
     p.add_argument("--out", type=user_path, help="output directory (default runs/<name>-search)")
+    _file_commands(sub)
     return ap
 
 
@@ -274,6 +282,25 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     _print_result(res, out)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    """``surgery evaluate``: a model file's error on each split of the recipe's data, beside
+    what it recorded when it was fine-tuned."""
+    recipe = _load(args)
+    graph = load_model(args.model)
+    data = load_dataset(recipe.data, recipe.base_dir)
+    errors = evaluate(graph, data)
+    if args.json:
+        return say(json.dumps(errors))
+    sizes = " / ".join(f"{len(s):,}" for s in (data.train, data.valid, data.test))
+    said = ", ".join(f"{k.removesuffix('_error')} {percent(v)}" for k, v in errors.items() if v is not None)
+    lines = [f"{args.model} on the data {data.name!r} (train / valid / test: {sizes} examples): error {said}"]
+    made = read_manifest(args.model).get("result")
+    if isinstance(made, dict):
+        lines.append(f"recorded when it was fine-tuned: test {percent(made.get('test_error'))}, valid "
+                     f"{percent(made.get('valid_error'))} (best epoch {made.get('best_epoch')})")
+    say(*lines)
+
+
 def _print_result(res: dict, out: Path) -> None:
     v = res["valid_error"]
     chosen = f"valid {v:.2f}%, best epoch {res['best_epoch']}" if v is not None else "no validation split, last epoch"
@@ -357,8 +384,8 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 COMMANDS = {
     "pretrain": cmd_pretrain, "inspect": cmd_inspect, "validate": cmd_validate, "schema": cmd_schema,
-    "assemble": cmd_assemble, "finetune": cmd_finetune, "run": cmd_run, "compare": cmd_compare,
-    "search": cmd_search,
+    "assemble": cmd_assemble, "finetune": cmd_finetune, "evaluate": cmd_evaluate, "run": cmd_run,
+    "compare": cmd_compare, "search": cmd_search,
 }
 
 

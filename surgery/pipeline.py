@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .assembly import ForeignSource, SurgeryConfig, build_graph
+from .configs import DATA, GRAPH, require
 from .data import Dataset, find_mnist_file, load_dataset
 from .devices import resolve_device
 from .errors import ConfigError, ManifestError, OutputError, SurgeryError, SurgeryWarning, TrainingDiverged
@@ -25,6 +26,8 @@ from .grid import Cell, check_cells, check_search, plan_cells
 from .io import make_dir, percent, read_json
 from .lock import hold
 from .model_file import load_model, save_model
+from .module_engine import error_rate
+from .modules import to_module
 from .ops import ForeignWeights, HeadOp, TakeOp
 from .outdirs import check_own_out
 from .population import architecture_key
@@ -398,6 +401,20 @@ def run_batch(recipes: list[Recipe], outs: list[Path], progress: bool | None = N
         except TrainingDiverged:
             continue
     return results
+
+
+def evaluate(graph: ModelGraph, data: Dataset) -> dict[str, float | None]:
+    """The classification error (%) of ``graph`` on each split of ``data`` (``train_error``,
+    ``valid_error``, ``test_error``; ``None`` for an empty split), dropout off, on the device
+    the data is on; the data and the network are checked as fine-tuning checks them."""
+    require(graph, ModelGraph, "surgery.evaluate(graph, data)", GRAPH)
+    require(data, Dataset, "surgery.evaluate(graph, data)", DATA)
+    check_data(data)
+    check_fits(graph, data)
+    device = data.train.x.device
+    model = to_module(graph).to(device)
+    return {f"{name}_error": error_rate(model, split, device) if len(split) else None
+            for name, split in (("train", data.train), ("valid", data.valid), ("test", data.test))}
 
 
 def finetune_model(model_path: str | Path, data: Dataset, cfg: FinetuneConfig, seed: int, out: str | Path,

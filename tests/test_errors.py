@@ -178,6 +178,16 @@ def model_of_other_width(tmp: Path):
             "the network takes input (32,) but the data 'synthetic' gives (64,)", [model])
 
 
+def evaluate_a_model_of_other_width(tmp: Path):
+    argv, said, keep = model_of_other_width(tmp)
+    return ["evaluate", argv[1], argv[3]], said, keep
+
+
+def evaluate_a_stack(tmp: Path):
+    p = random_stack(sizes=(64, 8)).save(tmp / "s.safetensors")
+    return ["evaluate", str(_write(tmp / "r.yaml", _net_recipe())), str(p)], "this is a layer stack, not an", [p]
+
+
 def stack_given_as_model(tmp: Path):
     p = random_stack(sizes=(64, 8)).save(tmp / "s.safetensors")
     r = _write(tmp / "r.yaml", _net_recipe())
@@ -543,6 +553,8 @@ CASES: dict[str, Case] = {
     "finetune --resume: no checkpoint": resume_without_checkpoint,
     "finetune --model: wrong input width": model_of_other_width,
     "finetune --model: a stack, not a model": stack_given_as_model,
+    "evaluate: wrong input width": evaluate_a_model_of_other_width,
+    "evaluate: a stack, not a model": evaluate_a_stack,
 }
 
 

@@ -439,6 +439,39 @@ def test_layers_of_a_fine_tuned_model_file_are_a_surgery_source(tmp_path, capsys
     assert "warning" not in capsys.readouterr().err
 
 
+def test_evaluate_gives_the_errors_a_fine_tuned_model_recorded(tmp_path, capsys):
+    """`surgery evaluate RECIPE MODEL` (and S.evaluate) on the data a model was fine-tuned on
+    gives the test and validation errors it recorded, to the last digit (its weights are the
+    best epoch's, evaluated with dropout off), and trains nothing."""
+    import surgery as S
+    from surgery.cli import main
+
+    random_stack(sizes=(64, 32, 16)).save(tmp_path / "a.safetensors")
+    (tmp_path / "r.yaml").write_text(
+        "data: {dataset: synthetic, n_train: 600}\n"
+        "surgery: {sources: {a: a.safetensors}, ops: [{op: take, source: a}, {op: dropout, after: h1, p: 0.5},\n"
+        "  {op: head, classes: 4}]}\n"
+        "finetune: {epochs: 3, device: cpu, optimizer: {lr: 0.3}}\n")
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out")]) == 0
+    res = json.loads((tmp_path / "out" / "result.json").read_text())
+    model = tmp_path / "out" / "model.safetensors"
+    data = S.load_dataset(S.load_recipe(tmp_path / "r.yaml").data)
+    errors = S.evaluate(S.load_model(model), data)
+    assert errors["test_error"] == res["test_error"] and errors["valid_error"] == res["valid_error"]
+    assert 0 <= errors["train_error"] <= 100
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "r.yaml"), str(model), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == errors
+    assert main(["evaluate", str(tmp_path / "r.yaml"), str(model)]) == 0
+    said = capsys.readouterr().out.splitlines()
+    test, valid = f"{res['test_error']:.2f}%", f"{res['valid_error']:.2f}%"
+    assert said[0].endswith(f"(train / valid / test: 600 / 500 / 500 examples): error train "
+                            f"{errors['train_error']:.2f}%, valid {valid}, test {test}")
+    assert said[1] == f"recorded when it was fine-tuned: test {test}, valid {valid} (best epoch {res['best_epoch']})"
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
 def test_resume_of_a_finished_run_does_not_need_its_checkpoint(tmp_path, capsys):
     """--resume on a finished run of the same recipe returns its result without reading its
     checkpoint: a damaged one stopped it ('delete it and start again without --resume', which
