@@ -88,6 +88,13 @@ def _stack(sources: Sources | None, name: str) -> LayerStack:
     return s
 
 
+def _taken(source: str, stack: LayerStack, i: int) -> dict[str, Any]:
+    """The provenance of a copy of layer ``i`` of ``stack``: where it came from and, for a
+    pretrained layer, how it was pretrained."""
+    method = stack[i].pretrain.get("method")
+    return {"source": source, "layer": stack[i].name, "index": i, **({"method": method} if method else {})}
+
+
 class _Op(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -109,9 +116,8 @@ class TakeOp(_Op):
                 f"layers [{start}, {stop}) is out of range for source {self.source!r}, which has "
                 f"{len(stack)} layers {stack.names} (half-open, like Python slices)."
             )
-        return [layer_node(self.prefix + stack[i].name, stack[i].spec, stack[i].tensors,
-                           {"source": self.source, "layer": stack[i].name, "index": i,
-                            "method": stack[i].pretrain.get("method")}) for i in range(start, stop)]
+        return [layer_node(self.prefix + stack[i].name, stack[i].spec, stack[i].tensors, _taken(self.source, stack, i))
+                for i in range(start, stop)]
 
     def apply(self, g: ModelGraph, sources: Sources | None = None, gen: torch.Generator | None = None) -> list[str]:
         """Append the layers at the graph's output."""

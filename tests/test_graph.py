@@ -51,7 +51,7 @@ def test_layers_cut_from_a_model_compute_what_they_did_there(tmp_path):
     g = build_graph([TakeOp(source="m", layers=(0, 3)), TransplantOp(source="m", layers=(3, 4), after="h3")],
                     {"m": model})
     assert g.order() == ["h1", "h2", "h3", "out"] and not g.node("h1").frozen
-    assert g.node("out").provenance == {"source": "m", "layer": "out", "index": 3, "method": None}
+    assert g.node("out").provenance == {"source": "m", "layer": "out", "index": 3}
     assert g.node("h2").provenance["method"] == "rbm"
     x = torch.rand(16, 784)
     whole, cut = to_module(src).eval(), to_module(g)
