@@ -17,6 +17,7 @@ from surgery.layers import init_weight
 from surgery.model_file import load_model
 from surgery.ops import FreezeOp, HeadOp, InsertOp
 from surgery.schedules import LRSchedule, MomentumSchedule
+from surgery.stack import LayerStack
 from surgery.weights_io import read_manifest
 from tests.helpers import random_stack
 
@@ -375,14 +376,22 @@ def test_the_cli_under_torchrun_trains_once_writes_once_and_ends_cleanly(tmp_pat
     assert res["world_size"] == 2 and res["epochs"] == 2
 
 
+def _take_recipe(tmp_path: Path, finetune: str, data: str = "{dataset: synthetic}", extra_ops: str = "") -> Path:
+    """``tmp_path/r.yaml``: a random 64-32-16 stack (``a.safetensors``) taken whole under a
+    4-class head (``extra_ops`` between them), fine-tuned as ``finetune`` says."""
+    random_stack(sizes=(64, 32, 16)).save(tmp_path / "a.safetensors")
+    r = tmp_path / "r.yaml"
+    r.write_text(f"data: {data}\n"
+                 f"surgery: {{sources: {{a: a.safetensors}}, ops: [{{op: take, source: a}}, {extra_ops}"
+                 "{op: head, classes: 4}]}\n"
+                 f"finetune: {finetune}\n")
+    return r
+
+
 def test_finetune_cli_writes_results_and_resumes(tmp_path, capsys):
     from surgery.cli import main
 
-    random_stack(sizes=(64, 32, 16)).save(tmp_path / "a.safetensors")
-    (tmp_path / "r.yaml").write_text(
-        "data: {dataset: synthetic}\n"
-        "surgery: {sources: {a: a.safetensors}, ops: [{op: take, source: a}, {op: head, classes: 4}]}\n"
-        "finetune: {epochs: 3, device: cpu, checkpoint_every: 1, optimizer: {lr: 0.5}}\n")
+    _take_recipe(tmp_path, "{epochs: 3, device: cpu, checkpoint_every: 1, optimizer: {lr: 0.5}}")
     out = tmp_path / "out"
     assert main(["finetune", str(tmp_path / "r.yaml"), "--out", str(out)]) == 0
     assert "test error" in capsys.readouterr().out
@@ -416,12 +425,8 @@ def test_layers_of_a_fine_tuned_model_file_are_a_surgery_source(tmp_path, capsys
     in every command that reads the recipe."""
     from surgery.cli import main
 
-    stack = random_stack(sizes=(64, 32, 16))
-    stack.save(tmp_path / "a.safetensors")
-    (tmp_path / "r.yaml").write_text(
-        "data: {dataset: synthetic}\n"
-        "surgery: {sources: {a: a.safetensors}, ops: [{op: take, source: a}, {op: head, classes: 4}]}\n"
-        "finetune: {epochs: 2, device: cpu, optimizer: {lr: 0.5}}\n")
+    _take_recipe(tmp_path, "{epochs: 2, device: cpu, optimizer: {lr: 0.5}}")
+    stack = LayerStack.load(tmp_path / "a.safetensors")
     assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "tuned")]) == 0
     (tmp_path / "cut.yaml").write_text(
         "data: {dataset: synthetic}\n"
@@ -446,12 +451,8 @@ def test_evaluate_gives_the_errors_a_fine_tuned_model_recorded(tmp_path, capsys)
     import surgery as S
     from surgery.cli import main
 
-    random_stack(sizes=(64, 32, 16)).save(tmp_path / "a.safetensors")
-    (tmp_path / "r.yaml").write_text(
-        "data: {dataset: synthetic, n_train: 600}\n"
-        "surgery: {sources: {a: a.safetensors}, ops: [{op: take, source: a}, {op: dropout, after: h1, p: 0.5},\n"
-        "  {op: head, classes: 4}]}\n"
-        "finetune: {epochs: 3, device: cpu, optimizer: {lr: 0.3}}\n")
+    _take_recipe(tmp_path, "{epochs: 3, device: cpu, optimizer: {lr: 0.3}}", "{dataset: synthetic, n_train: 600}",
+                 "{op: dropout, after: h1, p: 0.5}, ")
     assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out")]) == 0
     res = json.loads((tmp_path / "out" / "result.json").read_text())
     model = tmp_path / "out" / "model.safetensors"
@@ -479,12 +480,7 @@ def test_resume_of_a_finished_run_does_not_need_its_checkpoint(tmp_path, capsys)
     one is an error there."""
     from surgery.cli import main
 
-    random_stack(sizes=(64, 32, 16)).save(tmp_path / "a.safetensors")
-    (tmp_path / "r.yaml").write_text(
-        "data: {dataset: synthetic}\n"
-        "surgery: {sources: {a: a.safetensors}, ops: [{op: take, source: a}, {op: head, classes: 4}]}\n"
-        "finetune: {epochs: 2, device: cpu, checkpoint_every: 1, optimizer: {lr: 0.5}}\n")
-    recipe = str(tmp_path / "r.yaml")
+    recipe = str(_take_recipe(tmp_path, "{epochs: 2, device: cpu, checkpoint_every: 1, optimizer: {lr: 0.5}}"))
     for cmd in ("run", "finetune"):
         out = tmp_path / cmd
         assert main([cmd, recipe, "--out", str(out)]) == 0
@@ -507,12 +503,7 @@ def test_resume_of_a_finished_run_without_checkpoint_trains_nothing(tmp_path, ca
     refused, naming the first difference, and kept."""
     from surgery.cli import main
 
-    random_stack(sizes=(64, 32, 16)).save(tmp_path / "a.safetensors")
-    (tmp_path / "r.yaml").write_text(
-        "data: {dataset: synthetic}\n"
-        "surgery: {sources: {a: a.safetensors}, ops: [{op: take, source: a}, {op: head, classes: 4}]}\n"
-        "finetune: {epochs: 2, device: cpu, optimizer: {lr: 0.5}}\n")
-    recipe = str(tmp_path / "r.yaml")
+    recipe = str(_take_recipe(tmp_path, "{epochs: 2, device: cpu, optimizer: {lr: 0.5}}"))
     for cmd in ("run", "finetune"):
         out = tmp_path / cmd
         assert main([cmd, recipe, "--out", str(out)]) == 0
