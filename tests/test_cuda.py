@@ -38,6 +38,18 @@ def test_finetune_on_cuda_learns(amp, graph):
     assert t.history[-1]["train_loss"] < t.history[0]["train_loss"]
 
 
+def test_evaluate_on_cuda_gives_the_recorded_errors():
+    """S.evaluate on data on the GPU gives the errors fine-tuning recorded there (eager, no amp;
+    within an example or two: another module's kernels may break an argmax tie otherwise)."""
+    import surgery as S
+
+    t = Trainer(mlp(), _ds(), FinetuneConfig(epochs=2, device="cuda", progress=False, cuda_graph=False))
+    r = t.fit()
+    errors = S.evaluate(t.engine.member_graph(0), _ds())
+    assert errors["test_error"] == pytest.approx(r["test_error"], abs=0.5)
+    assert errors["valid_error"] == pytest.approx(r["valid_error"], abs=0.5)
+
+
 def test_conjugate_gradient_fine_tuning_on_cuda():
     """CG is not captured (cuda_graph auto leaves it eager) and learns on the GPU."""
     t = Trainer(mlp(), _ds(), FinetuneConfig(epochs=3, device="cuda", batch_size=200, progress=False,
