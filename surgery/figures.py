@@ -117,7 +117,7 @@ def _curves_figure(rows: list[dict[str, Any]], conds: list[str], colors: dict[st
     for c in conds:
         crow = [r for r in rows if r["condition"] == c]
         dmax = max(int(r["depth"]) for r in crow)
-        paths = [Path(r["path"]) / "metrics.jsonl" for r in crow if int(r["depth"]) == dmax]
+        paths = [Path(r["path"]) / "metrics.jsonl" for r in crow if int(r["depth"]) == dmax and r.get("path")]
         histories[f"{c} (depth {dmax})"] = [h for p in paths if p.is_file() and (h := _history(p))]
     validated = all(h["valid_error"] is not None for hs in histories.values() for hist in hs for h in hist)
     key = "valid_error" if validated else "train_error"
@@ -165,7 +165,7 @@ def _filters_figure(rows: list[dict[str, Any]], conds: list[str]) -> Any:
     panels = []
     for c in conds:
         crow = sorted((r for r in rows if r["condition"] == c), key=lambda r: (int(r["seed"]), -int(r["depth"])))
-        for r in crow:
+        for r in (r for r in crow if r.get("path")):  # rows made by hand may not say where their cell is
             w = _first_weight(Path(r["path"]) / "model.safetensors")
             if w is not None:
                 panels.append((c, w))

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from .errors import ConfigError, SurgeryError
 from .experiment_config import DEFAULT_LAYER, ArmConfig, ExperimentConfig
 from .finetune_config import LAYER_PATTERN_FIELDS, FinetuneConfig
-from .recipe import Recipe, Rename, apply_overrides, recipe_from_dict
+from .recipe import Recipe, Rename, apply_overrides, as_recipe, recipe_from_dict
 from .search_config import ParamRange
 
 
@@ -89,7 +89,12 @@ def _fresh_ops(arm: ArmConfig, widths: list[int], act: str, input_shape: tuple[i
 
 
 def plan_cells(recipe: Recipe, input_shape: tuple[int, ...], classes: int) -> list[Cell]:
-    """Materialise every (arm, depth, seed) cell as a full recipe dict."""
+    """Materialise every (arm, depth, seed) cell as a full recipe dict (``recipe``: a Recipe,
+    its file's path or a dict of its sections, with an experiment: section)."""
+    recipe = as_recipe(recipe, "surgery.plan_cells")
+    if recipe.experiment is None:
+        raise ConfigError(f"surgery.plan_cells: {recipe.source} has no experiment: section; its cells are the arms x "
+                          "depths x seeds that section lists.")
     exp: ExperimentConfig = recipe.experiment
     if recipe.finetune is None:
         raise SurgeryError("experiment: a comparison needs a finetune: section (the budget every arm gets).")

@@ -16,6 +16,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import save_file
 
+from .configs import GRAPH, require
 from .errors import ManifestError, SurgeryError
 from .graph import ModelGraph, Node
 from .io import atomic_path
@@ -40,6 +41,7 @@ def model_manifest(graph: ModelGraph, extra: dict[str, Any] | None = None) -> di
 
 def save_model(graph: ModelGraph, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write ``graph`` to ``path`` atomically (float32 tensors on the CPU); returns the path."""
+    require(graph, ModelGraph, "surgery.save_model(graph, path)", GRAPH)
     path = Path(path)
     meta = {MANIFEST_KEY: json.dumps(model_manifest(graph, extra))}
     tensors = {f"{n.name}.{k}": v.detach().to("cpu", torch.float32).contiguous()
@@ -73,8 +75,12 @@ def load_model(path: str | Path) -> ModelGraph:
     return graph
 
 
-def describe_model(graph: ModelGraph) -> str:
-    """A table of the graph's nodes: kind, output shape, parameters, frozen, provenance."""
+def describe_model(graph: ModelGraph | str | Path) -> str:
+    """A table of the graph's nodes (or a model file's): kind, output shape, parameters,
+    frozen, provenance."""
+    if isinstance(graph, (str, Path)):
+        graph = load_model(graph)
+    require(graph, ModelGraph, "surgery.describe_model(graph)", GRAPH)
     shapes = graph.validate()
     rows = [f"{'node':<12} {'kind':<8} {'output':>14} {'params':>10} {'frozen':<6} provenance"]
     total = trainable = 0

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .configs import GRAPH, require
+from .errors import ShapeError
 from .graph import ModelGraph
 
 
@@ -44,12 +45,20 @@ def to_module(graph: ModelGraph) -> nn.Module:
 
 
 def read_back(graph: ModelGraph, module: nn.Module) -> None:
-    """Copy ``module``'s trained weights (made by :func:`to_module`) into the graph's nodes."""
+    """Copy ``module``'s trained weights (made by :func:`to_module`) into the graph's nodes;
+    ``ShapeError`` naming the node when the module is not one ``to_module(graph)`` made."""
+    require(graph, ModelGraph, "surgery.read_back(graph, module)", GRAPH)
+    require(module, nn.Module, "surgery.read_back(graph, module)", "the nn.Module surgery.to_module(graph) made")
     state = module.state_dict()
     for node in graph.nodes():
-        if node.kind == "layer":
-            for key in ("weight", "bias"):
-                node.tensors[key] = state[f"{node.name}.{key}"].detach().to("cpu").clone()
+        for key in ("weight", "bias") if node.kind == "layer" else ():
+            have = state.get(f"{node.name}.{key}")
+            if have is None or have.shape != node.tensors[key].shape:
+                what = "has none" if have is None else f"has shape {tuple(have.shape)}"
+                raise ShapeError(f"surgery.read_back: node {node.name!r} needs {node.name}.{key} of shape "
+                                 f"{tuple(node.tensors[key].shape)}, but the module {what}; give the module "
+                                 "surgery.to_module(graph) made for this graph.")
+            node.tensors[key] = have.detach().to("cpu").clone()
 
 
 class Merge(nn.Module):

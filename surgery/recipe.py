@@ -361,6 +361,9 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe file (YAML, or JSON by suffix)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"surgery.load_recipe(path): takes a recipe file's path; got {type(path).__name__}. A dict "
+                          "of sections is a recipe through surgery.recipe_from_dict(d).")
     data = read_recipe_file(path)
     if overrides:
         apply_overrides(data, overrides)

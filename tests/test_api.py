@@ -67,6 +67,20 @@ def test_a_report_of_no_rows_is_one_paragraph(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_report_of_rows_made_by_hand_and_a_model_described_by_its_path(tmp_path):
+    """Rows with only condition, depth, seed and test_error (what write_report asks for) make
+    a report and every figure (the curves and filters, which need a cell's directory, stay
+    empty): it was a KeyError 'path'. describe_model takes a model file's path too."""
+    rows = [{"condition": c, "depth": d, "seed": s, "test_error": 2.0 + s + (c == "none")}
+            for c in ("none", "rbm") for d in (1, 2) for s in (0, 1)]
+    S.write_report(tmp_path / "rep", rows)
+    assert "| rbm |" in (tmp_path / "rep" / "report.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "rep" / "figures").iterdir()) == [
+        "error_hist.png", "error_vs_depth.png", "filters.png", "learning_curves.png"]
+    graph = S.build_graph([{"op": "insert", "name": "h1", "units": 4, "in_features": 6}, {"op": "head", "classes": 3}])
+    assert S.describe_model(S.save_model(graph, tmp_path / "m.safetensors")) == S.describe_model(graph)
+
+
 def test_the_wrong_object_or_a_bad_field_is_one_paragraph_naming_the_call(tmp_path):
     """Each was an AttributeError, KeyError or pydantic ValidationError from inside the call."""
     data = S.load_dataset(DATA)
@@ -86,6 +100,13 @@ def test_the_wrong_object_or_a_bad_field_is_one_paragraph_naming_the_call(tmp_pa
             lambda: S.PopulationTrainer([graph] * 3, data, [{}] * 3, [0, 1, 2],
                                         out_dirs=[tmp_path / "a", tmp_path / "b", tmp_path / "b" / ".." / "a"]),
         r"surgery.to_module\(graph\): takes a surgery.ModelGraph": lambda: S.to_module(stack),
+        r"surgery.save_model\(graph, path\): takes a surgery.ModelGraph": lambda: S.save_model(stack, tmp_path / "m"),
+        r"surgery.describe_model\(graph\): takes a surgery.ModelGraph": lambda: S.describe_model(stack),
+        r"surgery.read_back: node 'h1' needs h1.weight of shape \(8, 36\), but the module has none":
+            lambda: S.read_back(graph, torch.nn.Linear(3, 3)),
+        r"surgery.plan_cells: <recipe> has no experiment: section": lambda: S.plan_cells({"data": DATA}, (64,), 3),
+        r"surgery.load_recipe\(path\): takes a recipe file's path; got dict. A dict of sections is a recipe through "
+        r"surgery.recipe_from_dict": lambda: S.load_recipe({"data": DATA}),
         r"surgery.build_graph\(ops, sources\): takes a dict of source name -> ": lambda: S.build_graph(
             [S.TakeOp(source="rbm")], [stack]),
         r"surgery.build_graph: ops\[1\]: head.classes: Field required": lambda: S.build_graph(
