@@ -171,6 +171,9 @@ class InsertOp(_Op):
     padding: int = Field(default=0, ge=0)
 
     def _input_shape(self, g: ModelGraph) -> tuple[int, ...]:
+        for where in (self.before, self.after):
+            if where is not None:
+                g.node(where)  # NameNotFound, listing the graph's nodes
         if self.before is not None:
             preds = g.inputs_of(self.before)
             return g.shapes()[preds[0]] if preds else tuple(g.input_shape or ())
