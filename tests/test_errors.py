@@ -337,11 +337,14 @@ def compare_an_unfinished_experiment(tmp: Path):
     return ["compare", str(tmp / "half")], "an experiment that has not finished", [tmp / "half" / "experiment.json"]
 
 
-def _damaged_results(tmp: Path, text: bytes, fragment: str) -> Case:
+def _damaged_results(tmp: Path, text: bytes, fragment: str, finished: int = 0) -> Case:
     """An experiment directory whose results.csv holds ``text`` (it raised UnicodeDecodeError,
-    TypeError or ValueError)."""
+    TypeError or ValueError), beside ``finished`` cells' results."""
     (tmp / "grid").mkdir()
     (tmp / "grid" / "experiment.json").write_text('{"cells": 2}')
+    for k in range(finished):
+        (tmp / "grid" / "cells" / f"c{k}").mkdir(parents=True)
+        (tmp / "grid" / "cells" / f"c{k}" / "result.json").write_text('{"test_error": 2.0}')
     (tmp / "grid" / "results.csv").write_bytes(text)
     return ["compare", str(tmp / "grid")], fragment, [tmp / "grid" / "results.csv"]
 
@@ -519,6 +522,8 @@ CASES: dict[str, Case] = {
         tmp, bytes(range(128, 256)), "results.csv: not a readable CSV table ('utf-8' codec can't decode"),
     "compare: a results.csv without test errors": lambda tmp: _damaged_results(
         tmp, b"condition,depth,seed\nnone,1,0\n", "results.csv, line 2: no test_error; the file is damaged. Run its"),
+    "compare: an emptied results.csv beside finished cells": lambda tmp: _damaged_results(
+        tmp, b"", "results.csv: holds no result rows, but 2 cells under ", finished=2),
     "compare: a results.csv with a word for a number": lambda tmp: _damaged_results(
         tmp, HEADER + b"none,1,0,1.0,2.0,3.0,x,1\n", "results.csv, line 2: epochs is 'x', not a number"),
     "pretrain: conv_ae on flat data": conv_on_flat,
