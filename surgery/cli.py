@@ -26,9 +26,9 @@ from .datafiles import is_arrays_file, read_arrays
 from .errors import DataError, ManifestError, OutputError, SurgeryError, SurgeryWarning
 from .experiment import merge_results, run_experiment, write_results_csv
 from .grid import parse_shard
-from .io import RERUN, file_to_write, percent, read_json, write_json
+from .io import file_to_write, percent, write_json
 from .model_file import describe_model, load_model, save_model
-from .outdirs import check_merge_out
+from .outdirs import check_merge_out, experiment_meta
 from .pipeline import assemble, check_network, evaluate, finetune_model, pretrain, run, validate
 from .preflight import check_data
 from .recipe import Recipe, format_validation_error, json_schema, load_recipe
@@ -355,8 +355,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     rows, notes = merge_results(args.dirs)  # refused when the directories ran on different data
     tuning = merge_tuning(args.dirs)  # arms tuned in separate runs: all their trials (checked before any write)
     out = args.out or args.dirs[0]
-    meta = Path(args.dirs[0]) / "experiment.json"
-    described = read_json(meta, RERUN) if meta.is_file() else {}
+    described = experiment_meta(Path(args.dirs[0]))
     baseline = args.baseline
     if baseline is None:
         baseline = (described.get("recipe", {}).get("experiment") or {}).get("baseline", "none")

@@ -30,7 +30,7 @@ from .experiment_config import ExperimentConfig
 from .grid import Cell, plan_cells, shard_of
 from .io import RERUN, Pace, make_dir, progress_bar, progress_line, read_json, write_json, write_text
 from .lock import hold
-from .outdirs import check_own_out, is_experiment_dir, is_single_run_dir
+from .outdirs import check_own_out, experiment_meta, is_experiment_dir, is_single_run_dir
 from .pipeline import check_grid
 from .recipe import Recipe, as_recipe
 from .tuning import adopt_trial, tune_arms
@@ -271,8 +271,7 @@ def _check_same_data(dirs: list[Path]) -> None:
     first: tuple[Path, dict[str, Any]] | None = None
     seen: dict[str, tuple[Path, str]] = {}  # data section -> (first directory, its examples' fingerprint)
     for d in dirs:
-        meta = d / "experiment.json"
-        record = read_json(meta, RERUN) if meta.is_file() else {}
+        record = experiment_meta(d)
         prints = record.get("data_fingerprints")
         for section, fp in (prints if isinstance(prints, dict) else {}).items():
             other = seen.setdefault(section, (d, fp))

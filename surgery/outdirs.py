@@ -6,9 +6,12 @@ keep one kind from writing into another's (their files would mix, or replace eac
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from .errors import OutputError, SurgeryError
-from .io import read_json
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from .errors import ManifestError, OutputError, SurgeryError
+from .io import RERUN, read_json
 
 # Per kind: the files (a trailing / marks a directory) its runs write there.
 RUN_FILES: dict[str, tuple[str, ...]] = {
@@ -47,6 +50,63 @@ def is_merge_dir(path: Path) -> bool:
     except SurgeryError:
         return False
     return isinstance(meta, dict) and isinstance(meta.get("merged_from"), list)
+
+
+def experiment_meta(d: Path) -> dict[str, Any]:
+    """What ``d/experiment.json`` records (an experiment's recipe, cells, data fingerprints;
+    a merge's ``merged_from``), checked for the shape its readers rely on: an object whose
+    ``recipe``, and that recipe's ``experiment`` and ``data``, are objects where given. ``{}``
+    when there is none; ``ManifestError`` naming the file and field when it is damaged."""
+    p = d / "experiment.json"
+    if not p.is_file():
+        return {}
+    meta = read_json(p, RERUN)
+    recipe = meta.get("recipe")
+    parts = [("recipe", recipe)] + ([(f"recipe.{k}", recipe.get(k)) for k in ("experiment", "data")]
+                                    if isinstance(recipe, dict) else [])
+    for where, value in parts:
+        if value is not None and not isinstance(value, dict):
+            raise ManifestError(f"{p}: its {where} is a JSON {type(value).__name__}, not an object; the file is "
+                                f"damaged.{RERUN}")
+    return meta
+
+
+class _Trial(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    condition: str
+    depth: int
+    params: dict[str, Any] = {}
+
+
+class _Tuning(BaseModel):
+    """What the readers of ``tuning.json`` (compare, the report) take for granted."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    metric: str
+    trials_per_arm: int
+    trials: list[_Trial]
+
+    @model_validator(mode="after")
+    def _best_rows_scored(self) -> _Tuning:
+        for i, t in enumerate(self.trials):
+            if "best_trial" in (t.model_extra or {}) and not isinstance((t.model_extra or {}).get(self.metric),
+                                                                         (int, float)):
+                raise ValueError(f"trials.{i}: a best trial without a numeric {self.metric}")
+        return self
+
+
+def read_tuning(path: Path) -> dict[str, Any]:
+    """An experiment's ``tuning.json`` (every trial of ``experiment.tune``), checked for the
+    shape compare and the report rely on; ``ManifestError`` naming the field when damaged."""
+    record = read_json(path, RERUN)
+    try:
+        _Tuning.model_validate(record)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = "".join(f"{p}: " for p in [".".join(str(p) for p in err["loc"])] if p)
+        raise ManifestError(f"{path}: {where}{err['msg'].removeprefix('Value error, ')}; the file is damaged."
+                            f"{RERUN}") from None
+    return record
 
 
 def _a(kind: str) -> str:

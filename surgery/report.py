@@ -15,7 +15,8 @@ import numpy as np
 
 from .errors import SurgeryError
 from .figures import write_figures
-from .io import RERUN, make_dir, read_json, write_text
+from .io import make_dir, write_text
+from .outdirs import experiment_meta, read_tuning
 
 
 def _stats() -> Any:
@@ -283,9 +284,8 @@ def write_report(out: Path, rows: list[dict[str, Any]], baseline: str = "none") 
                            "surgery.read_results(out)) once a cell has finished.")
     check_rows(rows, str(out))
     tuning_path = out / "tuning.json"
-    tuning = read_json(tuning_path) if tuning_path.is_file() else None
-    exp_path = out / "experiment.json"
-    exp = read_json(exp_path, RERUN).get("recipe", {}).get("experiment", {}) if exp_path.is_file() else {}
+    tuning = read_tuning(tuning_path) if tuning_path.is_file() else None
+    exp = (experiment_meta(out).get("recipe") or {}).get("experiment") or {}
     make_dir(out)
     write_text(out / "report.md", markdown(rows, baseline, tuning, exp.get("paper")))
     write_figures(out, rows, table(rows, baseline), baseline)

@@ -26,12 +26,21 @@ from typing import Any
 
 from .cells import DIVERGED_FILE
 from .checkpoint import MEMBER_CHECKPOINT, read_checkpoint_meta
-from .errors import SurgeryError
+from .errors import ManifestError, SurgeryError
 from .experiment import read_results
 from .io import duration, percent
 from .lock import describe_holder, holders
-from .outdirs import is_experiment_dir, is_search_dir, is_single_run_dir
+from .outdirs import experiment_meta, is_experiment_dir, is_search_dir, is_single_run_dir
 from .weights_io import weights_held
+
+
+def _experiment_record(out: Path) -> dict[str, Any]:
+    """``out/experiment.json``'s record; ``{}`` while it is being written or when damaged
+    (the cells still say how far the experiment got)."""
+    try:
+        return experiment_meta(out)
+    except ManifestError:
+        return {}
 
 
 def _read(path: Path) -> Any:
@@ -282,11 +291,12 @@ def describe_run(out: Path) -> list[str]:
                            f"or pretrain/, nor an experiment's experiment.json, cells/, tuning/ or stacks/, nor a "
                            f"search's search.json, search.db or trials/); give a .safetensors file"
                            f"{weights_held(out)} or a run's --out directory.")
-    meta = _read(out / "experiment.json")
-    if isinstance(meta, dict) and isinstance(meta.get("merged_from"), list):
+    meta = _experiment_record(out)
+    if isinstance(meta.get("merged_from"), list):
         return _describe_merge(out, meta)
-    exp = (meta or {}).get("recipe", {}).get("experiment") or {}
-    lines = [f"{out}: experiment {(meta or {}).get('recipe', {}).get('name', '')}".rstrip(), *_in_use(out)]
+    recipe = meta.get("recipe") or {}
+    exp = recipe.get("experiment") or {}
+    lines = [f"{out}: experiment {recipe.get('name', '')}".rstrip(), *_in_use(out)]
     stacks = [d for d in sorted((out / "stacks").glob("*")) if d.is_dir()] if (out / "stacks").is_dir() else []
     if stacks:
         whole = sum((d / "pretrain.json").is_file() for d in stacks)

@@ -16,7 +16,8 @@ from .cells import DIVERGED_FILE, CellRunner, summary
 from .errors import SurgeryError, TrainingDiverged
 from .experiment_config import TuneConfig
 from .grid import Cell, shard_of, with_values
-from .io import RERUN, Pace, progress_bar, progress_line, read_json, write_json
+from .io import Pace, progress_bar, progress_line, write_json
+from .outdirs import read_tuning
 from .search import DIVERGED_SCORE, make_sampler, shown, suggest
 
 WAIT_SECONDS = 30.0  # the longest pause between two looks for another shard's trials
@@ -153,7 +154,7 @@ def merge_tuning(dirs: list[Path]) -> dict[str, Any] | None:
     """The ``tuning.json`` of experiment directories run arm by arm, as one: every
     directory's trials, later directories winning for the same (arm, depth); ``None`` when
     none was tuned. Refused when their budgets differ (the comparison would not be fair)."""
-    found = [read_json(d / "tuning.json", RERUN) for d in dirs if (d / "tuning.json").is_file()]
+    found = [read_tuning(d / "tuning.json") for d in dirs if (d / "tuning.json").is_file()]
     if not found:
         return None
     budgets = {(t["metric"], t["trials_per_arm"]) for t in found}

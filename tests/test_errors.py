@@ -352,6 +352,22 @@ def _damaged_results(tmp: Path, text: bytes, fragment: str, finished: int = 0) -
 HEADER = b"condition,depth,seed,train_error,valid_error,test_error,epochs,best_epoch\n"
 
 
+def _damaged_tuning(tmp: Path, text: str, fragment: str) -> Case:
+    """An experiment directory whose tuning.json was edited into ``text`` (KeyError in compare)."""
+    _damaged_results(tmp, HEADER + b"none,1,0,1.0,2.0,3.0,1,1\n", "")
+    (tmp / "grid" / "tuning.json").write_text(text)
+    return ["compare", str(tmp / "grid")], fragment, [tmp / "grid" / "tuning.json"]
+
+
+def _damaged_meta(tmp: Path, text: str, fragment: str) -> Case:
+    """An experiment directory whose experiment.json was edited into ``text`` (a recipe that
+    is not an object was an AttributeError in compare and inspect); inspect still reads it."""
+    _damaged_results(tmp, HEADER + b"none,1,0,1.0,2.0,3.0,1,1\n", "")
+    (tmp / "grid" / "experiment.json").write_text(text)
+    assert main(["inspect", str(tmp / "grid")]) == 0
+    return ["compare", str(tmp / "grid")], fragment, [tmp / "grid" / "experiment.json"]
+
+
 def _tuned_experiment(params: dict) -> dict:
     r = _net_recipe()
     del r["surgery"]
@@ -526,6 +542,17 @@ CASES: dict[str, Case] = {
         tmp, b"", "results.csv: holds no result rows, but 2 cells under ", finished=2),
     "compare: a results.csv with a word for a number": lambda tmp: _damaged_results(
         tmp, HEADER + b"none,1,0,1.0,2.0,3.0,x,1\n", "results.csv, line 2: epochs is 'x', not a number"),
+    "compare: an experiment.json whose recipe is a string": lambda tmp: _damaged_meta(
+        tmp, '{"recipe": "x"}', "experiment.json: its recipe is a JSON str, not an object; the file is damaged"),
+    "compare: an experiment.json whose experiment is a list": lambda tmp: _damaged_meta(
+        tmp, '{"recipe": {"experiment": [1]}}', "experiment.json: its recipe.experiment is a JSON list, not an object"),
+    "compare: a tuning.json without its budget": lambda tmp: _damaged_tuning(
+        tmp, '{"trials": []}', "tuning.json: metric: Field required; the file is damaged. Run its recipe again"),
+    "compare: a tuning.json whose trials are words": lambda tmp: _damaged_tuning(
+        tmp, '{"metric": "valid_error", "trials_per_arm": 2, "trials": ["x"]}', "tuning.json: trials.0: Input should"),
+    "compare: a tuning.json whose best trial has no score": lambda tmp: _damaged_tuning(
+        tmp, '{"metric": "valid_error", "trials_per_arm": 2, "trials": [{"condition": "none", "depth": 1, '
+        '"best_trial": 0}]}', "tuning.json: trials.0: a best trial without a numeric valid_error"),
     "pretrain: conv_ae on flat data": conv_on_flat,
     "pretrain: unwritable -o": unwritable_stack_output,
     "assemble: unwritable -o": unwritable_model_output,
