@@ -30,6 +30,19 @@ from .stacks_dir import StackStore
 DIVERGED_FILE = "diverged.json"  # in a tuning trial's directory: its training diverged (told as the worst score)
 
 
+def _checked_result(path: Path) -> dict[str, Any]:
+    """A cell's ``result.json``, its numbers checked: errors and seconds numbers (or null),
+    epochs whole numbers; ``ManifestError`` naming the first that is not."""
+    result = read_json(path)
+    for key, kinds in (("test_error", (int, float)), *((k, (int, float, type(None))) for k in (
+            "valid_error", "train_error", "seconds", "pretrain_seconds", "finetune_seconds")),
+            ("epochs", int), ("best_epoch", int)):
+        value = result.get(key)
+        if (key in result or key == "test_error") and (not isinstance(value, kinds) or isinstance(value, bool)):
+            raise ManifestError(f"{path}: {key} is {value!r}, not a number; the file is damaged.")
+    return result
+
+
 class CellRunner:
     """Runs cells of one experiment directory: each cell's greedy stack from ``stacks``
     (pretrained once), fine-tuning alone or in populations, each result cached under the
@@ -182,7 +195,7 @@ class CellRunner:
         cdir = self.out / cells_dir / cell.key
         if (cdir / "result.json").is_file():
             try:
-                return True, read_json(cdir / "result.json")
+                return True, _checked_result(cdir / "result.json")
             except ManifestError as e:
                 if cdir not in self.damaged:  # asked again and again while it waits to train
                     self.damaged.add(cdir)

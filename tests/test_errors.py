@@ -903,7 +903,7 @@ def _small_grid(tmp: Path) -> tuple[Path, Path]:
     return rp, out
 
 
-@pytest.mark.parametrize("damage", ["truncated", "a list"])
+@pytest.mark.parametrize("damage", ["truncated", "a list", "a word for a number"])
 def test_damaged_files_in_an_experiment_directory(tmp_path, capsys, damage):
     """Files of a finished grid damaged from outside (ours are written whole): a cell's
     result.json makes that cell train again, with a warning, to the result it had; a damaged
@@ -912,9 +912,9 @@ def test_damaged_files_in_an_experiment_directory(tmp_path, capsys, damage):
     rp, out = _small_grid(tmp_path)
     before = {r["cell"]: r["test_error"] for r in csv.DictReader((out / "results.csv").open())}
     cells = sorted((out / "cells").iterdir())
-    bad = '{"test_error": 1' if damage == "truncated" else "[1, 2]"
+    bad = {"truncated": '{"test_error": 1', "a list": "[1, 2]", "a word for a number": '{"test_error": "x"}'}[damage]
     (cells[0] / "result.json").write_text(bad)
-    (cells[1] / "metrics.jsonl").write_text(bad + "\n")
+    (cells[1] / "metrics.jsonl").write_text(bad + "\n" if damage != "a word for a number" else "[1, 2]\n")
     capsys.readouterr()
     assert main(["run", str(rp), "--out", str(out)]) == 0
     said = capsys.readouterr().err.splitlines()  # the CLI prints each warning as one line
@@ -922,9 +922,11 @@ def test_damaged_files_in_an_experiment_directory(tmp_path, capsys, damage):
         next(s for s in said if f"{cells[0] / 'result.json'}:" in s)], said
     assert f"surgery run: warning: learning curves: {cells[1] / 'metrics.jsonl'}, line 1: " \
         f"{'not readable JSON' if damage == 'truncated' else 'a JSON list'}" in "\n".join(said), said
+    if damage == "a word for a number":  # it was a ValueError from a format string
+        assert f"{cells[0] / 'result.json'}: test_error is 'x', not a number" in "\n".join(said), said
     after = {r["cell"]: r["test_error"] for r in csv.DictReader((out / "results.csv").open())}
     assert after == before  # the cell trained again to the same result
-    (out / "experiment.json").write_text(bad)
+    (out / "experiment.json").write_text(bad if damage != "a word for a number" else '{"recipe": 1}')
     assert main(["compare", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"surgery compare: error: {out / 'experiment.json'}: ") and "Traceback" not in err
