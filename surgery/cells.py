@@ -22,25 +22,13 @@ from .finetune import PopulationTrainer, Trainer
 from .graph import ModelGraph
 from .grid import Cell
 from .io import Pace, duration, progress_line, read_json, write_json
+from .outdirs import read_result
 from .pipeline import load_sources
 from .population import architecture_key, model_bytes, population_size
 from .recipe import Recipe, recipe_from_dict
 from .stacks_dir import StackStore
 
 DIVERGED_FILE = "diverged.json"  # in a tuning trial's directory: its training diverged (told as the worst score)
-
-
-def _checked_result(path: Path) -> dict[str, Any]:
-    """A cell's ``result.json``, its numbers checked: errors and seconds numbers (or null),
-    epochs whole numbers; ``ManifestError`` naming the first that is not."""
-    result = read_json(path)
-    for key, kinds in (("test_error", (int, float)), *((k, (int, float, type(None))) for k in (
-            "valid_error", "train_error", "seconds", "pretrain_seconds", "finetune_seconds")),
-            ("epochs", int), ("best_epoch", int)):
-        value = result.get(key)
-        if (key in result or key == "test_error") and (not isinstance(value, kinds) or isinstance(value, bool)):
-            raise ManifestError(f"{path}: {key} is {value!r}, not a number; the file is damaged.")
-    return result
 
 
 class CellRunner:
@@ -195,7 +183,7 @@ class CellRunner:
         cdir = self.out / cells_dir / cell.key
         if (cdir / "result.json").is_file():
             try:
-                return True, _checked_result(cdir / "result.json")
+                return True, read_result(cdir / "result.json")
             except ManifestError as e:
                 if cdir not in self.damaged:  # asked again and again while it waits to train
                     self.damaged.add(cdir)

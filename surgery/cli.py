@@ -302,9 +302,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _print_result(res: dict, out: Path) -> None:
-    v = res["valid_error"]
-    chosen = f"valid {v:.2f}%, best epoch {res['best_epoch']}" if v is not None else "no validation split, last epoch"
-    say(f"test error {res['test_error']:.2f}% ({chosen} of {res['epochs']}, {res['device']})",
+    v = res.get("valid_error")  # a result.json read back was checked for its test error and epochs only
+    chosen = f"valid {v:.2f}%, best epoch {res.get('best_epoch')}" if v is not None else "no validation split, " \
+        "last epoch"
+    say(f"test error {res['test_error']:.2f}% ({chosen} of {res['epochs']}, {res.get('device', '?')})",
         f"results in {out}: result.json, metrics.jsonl, model.safetensors")
 
 

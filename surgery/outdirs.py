@@ -71,6 +71,21 @@ def experiment_meta(d: Path) -> dict[str, Any]:
     return meta
 
 
+def read_result(path: Path) -> dict[str, Any]:
+    """A run's (or a cell's) ``result.json``, its numbers checked: test error and epochs
+    there, errors and seconds numbers (or null), epochs whole numbers; ``ManifestError``
+    naming the first that is not (ours are written whole: it was damaged from outside)."""
+    result = read_json(path)
+    for key, kinds in (("test_error", (int, float)), ("epochs", int), ("best_epoch", int), *(
+            (k, (int, float, type(None))) for k in ("valid_error", "train_error", "seconds", "pretrain_seconds",
+                                                     "finetune_seconds"))):
+        value = result.get(key)
+        if (key in result or key in ("test_error", "epochs")) and (not isinstance(value, kinds)
+                                                                    or isinstance(value, bool)):
+            raise ManifestError(f"{path}: {key} is {value!r}, not a number; the file is damaged.")
+    return result
+
+
 class _Trial(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     condition: str

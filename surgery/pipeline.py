@@ -23,13 +23,13 @@ from .errors import ConfigError, ManifestError, OutputError, SurgeryError, Surge
 from .finetune import EpochLog, FinetuneConfig, PopulationTrainer, Record, Trainer
 from .graph import ModelGraph
 from .grid import Cell, check_cells, check_search, plan_cells
-from .io import make_dir, percent, read_json
+from .io import make_dir, percent
 from .lock import hold
 from .model_file import load_model, save_model
 from .module_engine import error_rate
 from .modules import to_module
 from .ops import ForeignWeights, HeadOp, TakeOp
-from .outdirs import check_own_out
+from .outdirs import check_own_out, read_result
 from .population import architecture_key
 from .preflight import check_data, check_fits, check_patterns
 from .pretrain import greedy_pretrain
@@ -60,7 +60,7 @@ def _finished_already(out: Path, made: dict[str, Any]) -> dict[str, Any] | None:
     and no checkpoint (``finetune.checkpoint_every: 0``): resuming would start that run over."""
     checkpoint = (out / "checkpoints" / "last.safetensors").is_file()
     try:
-        result = read_json(out / "result.json")
+        result = read_result(out / "result.json")
         manifest = read_manifest(out / "model.safetensors")
     except (ManifestError, OSError):
         return None

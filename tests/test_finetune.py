@@ -497,6 +497,25 @@ def test_resume_of_a_finished_run_does_not_need_its_checkpoint(tmp_path, capsys)
         assert json.loads((out / "result.json").read_text()) == res
 
 
+def test_resume_past_a_result_json_with_a_word_for_a_number(tmp_path, capsys):
+    """A finished run whose result.json was edited into a word for a number: --resume takes
+    it for damaged and continues from the checkpoint, writing it anew (it was a KeyError or a
+    format-string ValueError)."""
+    from surgery.cli import main
+
+    recipe = str(_take_recipe(tmp_path, "{epochs: 2, device: cpu, checkpoint_every: 1, optimizer: {lr: 0.5}}"))
+    out = tmp_path / "out"
+    assert main(["run", recipe, "--out", str(out)]) == 0
+    res = json.loads((out / "result.json").read_text())
+    (out / "result.json").write_text('{"test_error": "x", "epochs": 2}')
+    capsys.readouterr()
+    assert main(["run", recipe, "--out", str(out), "--resume"]) == 0
+    assert f"test error {res['test_error']:.2f}%" in capsys.readouterr().out
+    again = json.loads((out / "result.json").read_text())
+    assert {k: again[k] for k in ("test_error", "valid_error", "epochs")} == {
+        k: res[k] for k in ("test_error", "valid_error", "epochs")}
+
+
 def test_resume_of_a_finished_run_without_checkpoint_trains_nothing(tmp_path, capsys):
     """--resume on a single run that finished without checkpoints (`surgery run` and `surgery
     finetune`): its result, nothing trained or written; another recipe's finished run is
