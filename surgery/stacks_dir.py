@@ -32,6 +32,18 @@ from .recipe import Recipe, recipe_from_dict
 from .stack import LayerStack
 
 
+def _pretrained_in(sdir: Path) -> tuple[float, int]:
+    """The seconds a finished greedy stack took and its layers, as its ``pretrain.json``
+    records them; ``ManifestError`` with what to do when that file is damaged."""
+    fix = f" Delete {sdir} and run again: the stack is pretrained anew."
+    meta = read_json(sdir / "pretrain.json", fix)
+    seconds, layers = meta.get("seconds"), meta.get("layers")
+    if not isinstance(seconds, (int, float)) or not isinstance(layers, int) or isinstance(layers, bool):
+        raise ManifestError(f"{sdir / 'pretrain.json'}: seconds {seconds!r} and layers {layers!r} are not both "
+                            f"numbers; the file is damaged.{fix}")
+    return float(seconds), layers
+
+
 class StackStore:
     """The greedy stacks under ``root`` of an experiment run from ``recipe``; ``dataset(r)``
     gives a cell recipe's data (loaded once)."""
@@ -55,8 +67,8 @@ class StackStore:
                                  valid=(data.valid.x, data.valid.y), start=start[0] if start else None)
             seconds = time.perf_counter() - t0 + (_seconds_before(start[0][0]) if start else 0.0)
             write_json(sdir / "pretrain.json", {"seconds": round(seconds, 3), "layers": len(st)})
-        meta = read_json(sdir / "pretrain.json", f" Delete {sdir} and run again: the stack is pretrained anew.")
-        return LayerStack.load(spath), meta["seconds"] * cell.depth / max(meta["layers"], 1)
+        seconds, layers = _pretrained_in(sdir)
+        return LayerStack.load(spath), seconds * cell.depth / max(layers, 1)
 
     def pretrain_populations(self, cells: list[Cell], mode: str | int) -> None:
         """Pretrain the unfinished greedy stacks that share data and a layer plan (the seeds of

@@ -903,6 +903,21 @@ def _small_grid(tmp: Path) -> tuple[Path, Path]:
     return rp, out
 
 
+def test_a_stacks_pretrain_json_with_a_word_for_a_number(tmp_path, capsys):
+    """A finished stack's pretrain.json edited into a word for its seconds (read when a cell
+    needs the stack again) is one paragraph saying what to do (a TypeError before)."""
+    rp, out = _small_grid(tmp_path)
+    for cell in (out / "cells").iterdir():
+        (cell / "result.json").unlink()
+    meta = next((out / "stacks").glob("*/pretrain.json"))
+    meta.write_text('{"seconds": "x", "layers": 1}')
+    capsys.readouterr()
+    assert main(["run", str(rp), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{meta}: seconds 'x' and layers 1 are not both numbers; the file is damaged. Delete {meta.parent}" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("damage", ["truncated", "a list", "a word for a number"])
 def test_damaged_files_in_an_experiment_directory(tmp_path, capsys, damage):
     """Files of a finished grid damaged from outside (ours are written whole): a cell's
