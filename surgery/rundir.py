@@ -305,10 +305,9 @@ def describe_run(out: Path) -> list[str]:
     trials, tuning_now = _runs(out / "tuning")
     planned = (exp.get("tune") or {}).get("trials")
     by_arm: dict[tuple[str, int], list[float | None]] = defaultdict(list)
-    for r in trials:
+    for r in (r for r in trials if isinstance(r.get("depth"), int)):  # one damaged from outside is left out
         valid = r.get("valid_error")
-        by_arm[(str(r.get("condition")), int(r.get("depth", 0)))].append(
-            float(valid) if isinstance(valid, (int, float)) else None)
+        by_arm[(str(r.get("condition")), r["depth"])].append(float(valid) if isinstance(valid, (int, float)) else None)
     for (arm, depth), ends in sorted(by_arm.items()):
         of = f" of {planned}" if planned else ""
         vals = [v for v in ends if v is not None]
@@ -316,7 +315,7 @@ def describe_run(out: Path) -> list[str]:
         valid = f", validation {_span(vals)}" if vals else ""
         lines.append(f"tuning {arm} d{depth}: {len(ends)}{of} trials finished{valid}{diverged}")
     cells, cells_now = _runs(out / "cells")
-    total = meta.get("cells") if isinstance(meta, dict) else None
+    total = meta.get("cells") if isinstance(meta.get("cells"), int) else None
     if total and len(cells) > total:  # runs of other seed lists shared the directory
         lines.append(f"cells: {len(cells)} finished (the last run planned {total})")
     else:

@@ -903,6 +903,21 @@ def _small_grid(tmp: Path) -> tuple[Path, Path]:
     return rp, out
 
 
+def test_inspect_reads_past_words_for_numbers(tmp_path, capsys):
+    """inspect of an experiment whose experiment.json and a tuning trial's result.json were
+    edited into words for numbers leaves them out (it was a TypeError / ValueError)."""
+    grid = tmp_path / "grid"
+    for name, depth in (("t1", "x"), ("t2", 2)):
+        (grid / "tuning" / name).mkdir(parents=True)
+        (grid / "tuning" / name / "result.json").write_text(json.dumps(
+            {"condition": "rbm", "depth": depth, "valid_error": 3.0, "test_error": 3.0, "epochs": 1}))
+    (grid / "experiment.json").write_text('{"cells": "x", "recipe": {"name": "g"}}')
+    assert main(["inspect", str(grid)]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert said[0] == f"{grid}: experiment g" and "tuning rbm d2: 1 trials finished, validation 3.00%" in said, said
+    assert "cells: 0 finished" in said, said
+
+
 def test_a_stacks_pretrain_json_with_a_word_for_a_number(tmp_path, capsys):
     """A finished stack's pretrain.json edited into a word for its seconds (read when a cell
     needs the stack again) is one paragraph saying what to do (a TypeError before)."""
