@@ -171,7 +171,8 @@ def describe_search(out: Path) -> list[str]:
         raise SurgeryError(f"{out}/search.json: damaged or being written; `surgery search RECIPE --out {out}` "
                            "writes it anew from the study's storage.")
     trials = [t for t in summary["trials"] if isinstance(t, dict)]
-    scored = [t for t in trials if t.get("state") == "COMPLETE" and not t.get("diverged")]
+    scored = [t for t in trials if t.get("state") == "COMPLETE" and not t.get("diverged")
+              and isinstance(t.get("value"), (int, float))]
     diverged = sum(bool(t.get("diverged")) for t in trials)
     other = len(trials) - len(scored) - diverged
     lines = [f"{out}: a search (surgery search), study {summary.get('study')!r} in {summary.get('storage')}",
@@ -181,8 +182,9 @@ def describe_search(out: Path) -> list[str]:
         values = [float(t["value"]) for t in scored]
         lines.append(f"validation error: {_span(values)} over the {len(scored)} scored")
     if isinstance(summary.get("best_value"), (int, float)):
+        best = summary.get("best_params")
         values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in (summary.get("best_params") or {}).items())
+                           for k, v in (best if isinstance(best, dict) else {}).items())
         n = summary.get("best_trial")
         n = n + 1 if isinstance(n, int) else "?"  # counted from 1, as the log counts them
         lines.append(f"best: trial {n}, validation {summary['best_value']:.2f}% with "

@@ -363,6 +363,11 @@ def test_search_end_to_end(tmp_path, capsys):
     (out / "search.json").write_text("{")
     assert main(["inspect", str(out)]) == 2
     assert "search.json: damaged or being written" in capsys.readouterr().err
+    # edited from outside: a word for a trial's value, a list for the best values (were tracebacks)
+    (out / "search.json").write_text('{"trials": [{"state": "COMPLETE", "value": "x"}], "best_value": 1.0, '
+                                     '"best_params": [1]}')
+    assert main(["inspect", str(out)]) == 0
+    assert "trials: 1 (1 failed or unfinished)" in capsys.readouterr().out
 
 
 def test_search_trials_flag_counts_exactly(tmp_path, capsys):
