@@ -290,7 +290,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     data = load_dataset(recipe.data, recipe.base_dir)
     errors = evaluate(graph, data)
     if args.json:
-        return say(json.dumps(errors))
+        say(json.dumps(errors))
+        return
     sizes = " / ".join(f"{len(s):,}" for s in (data.train, data.valid, data.test))
     said = ", ".join(f"{k.removesuffix('_error')} {percent(v)}" for k, v in errors.items() if v is not None)
     lines = [f"{args.model} on the data {data.name!r} (train / valid / test: {sizes} examples): error {said}"]
@@ -359,7 +360,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     described = experiment_meta(Path(args.dirs[0]))
     baseline = args.baseline
     if baseline is None:
-        baseline = (described.get("recipe", {}).get("experiment") or {}).get("baseline", "none")
+        baseline = ((described.get("recipe") or {}).get("experiment") or {}).get("baseline", "none")
     if merging:
         write_results_csv(Path(out) / "results.csv", rows)
         if described:  # the first run's recipe (and paper), and what was merged (`surgery inspect` says)

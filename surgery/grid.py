@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -88,7 +89,7 @@ def _fresh_ops(arm: ArmConfig, widths: list[int], act: str, input_shape: tuple[i
     return ops
 
 
-def plan_cells(recipe: Recipe, input_shape: tuple[int, ...], classes: int) -> list[Cell]:
+def plan_cells(recipe: Recipe | str | Path | dict[str, Any], input_shape: tuple[int, ...], classes: int) -> list[Cell]:
     """Materialise every (arm, depth, seed) cell as a full recipe dict (``recipe``: a Recipe,
     its file's path or a dict of its sections, with an experiment: section)."""
     recipe = as_recipe(recipe, "surgery.plan_cells")
