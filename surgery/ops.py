@@ -170,6 +170,13 @@ class InsertOp(_Op):
     stride: int = Field(default=1, gt=0)
     padding: int = Field(default=0, ge=0)
 
+    @model_validator(mode="after")
+    def _one_place(self) -> InsertOp:
+        if self.after is not None and self.before is not None:
+            raise ValueError(f"insert takes after or before (or neither: at the end), not both; got after "
+                             f"{self.after!r} and before {self.before!r}")
+        return self
+
     def _input_shape(self, g: ModelGraph) -> tuple[int, ...]:
         for where in (self.before, self.after):
             if where is not None:

@@ -132,6 +132,8 @@ CATALOGUE = {
     "transplant replacing unknown": (_ops(TAKE, {"op": "transplant", "source": "b", "layers": [2, 3],
                                                  "replacing": "nope"}),
                                      "surgery.ops[1] (transplant): no node named 'nope'; the graph has ['h1', 'h2']"),
+    "insert after and before": (_ops(TAKE, {"op": "insert", "name": "x", "units": 5, "after": "h1", "before": "h2"}),
+                                "insert takes after or before (or neither: at the end), not both"),
     "insert after unknown": (_ops(TAKE, {"op": "insert", "name": "x", "units": 5, "after": "nope"}),
                              "surgery.ops[1] (insert): no node named 'nope'; the graph has ['h1', 'h2']"),
     "insert before unknown": (_ops(TAKE, {"op": "insert", "name": "x", "units": 5, "before": "nope"}),
