@@ -90,6 +90,12 @@ class Dataset:
     test: Split
     _fingerprint: tuple | None = field(default=None, compare=False)
 
+    def __post_init__(self) -> None:
+        for name in ("train", "valid", "test"):
+            if not isinstance(getattr(self, name), Split):
+                raise DataError(f"Dataset({self.name!r}, train, valid, test): {name} is a "
+                                f"{type(getattr(self, name)).__name__}; give each split as surgery.Split(x, y).")
+
     def __repr__(self) -> str:  # its sizes, not its numbers
         return (f"Dataset({self.name!r}: train {len(self.train):,}, valid {len(self.valid):,}, test "
                 f"{len(self.test):,} examples of {self.input_shape}, {self.train.x.dtype}, {self.device})")

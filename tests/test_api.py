@@ -100,6 +100,8 @@ def test_the_wrong_object_or_a_bad_field_is_one_paragraph_naming_the_call(tmp_pa
             lambda: S.PopulationTrainer([graph] * 3, data, [{}] * 3, [0, 1, 2],
                                         out_dirs=[tmp_path / "a", tmp_path / "b", tmp_path / "b" / ".." / "a"]),
         r"surgery.to_module\(graph\): takes a surgery.ModelGraph": lambda: S.to_module(stack),
+        r"Dataset\('d', train, valid, test\): valid is a list; give each split as surgery.Split\(x, y\)":
+            lambda: S.Dataset("d", data.train, [data.train.x, data.train.y], data.test),
         r"surgery.save_model\(graph, path\): takes a surgery.ModelGraph": lambda: S.save_model(stack, tmp_path / "m"),
         r"surgery.describe_model\(graph\): takes a surgery.ModelGraph": lambda: S.describe_model(stack),
         r"surgery.read_back: node 'h1' needs h1.weight of shape \(8, 36\), but the module has none":
