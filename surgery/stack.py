@@ -154,8 +154,12 @@ class LayerStack:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write the stack atomically (temp file + rename) and return the path."""
+        """Write the stack atomically (temp file + rename) and return the path; ``ShapeError``
+        first when its layers could not be loaded back (:func:`layers_problem`)."""
         path = Path(path)
+        if problem := layers_problem(self.layers):
+            raise ShapeError(f"{path}: not written: {problem}; a stack is a chain of layers, each a weight and bias "
+                             "of its spec's shapes, with names of their own.")
         tensors = {
             f"{layer.name}.{k}": v.detach().to("cpu", torch.float32).contiguous()
             for layer in self.layers
@@ -173,7 +177,6 @@ class LayerStack:
         manifest, tensors = read_safetensors(path, expect=STACK_FORMAT)
         layers = []
         seen: set[str] = set()
-        prev_shape = None
         for i, lm in enumerate(_list(manifest, "layers", path)):
             where = f"{path}: manifest layer {i}"
             try:
@@ -191,27 +194,37 @@ class LayerStack:
                 if full not in tensors:
                     raise ManifestError(f"{path}: the manifest lists tensor {full!r} but the file does not hold it.")
                 own[key] = tensors.pop(full).to(device)
-            for key, want in (("weight", spec.weight_shape), ("bias", (spec.out_features,))):
-                if key not in own:
-                    raise ManifestError(f"{path}: layer {name!r} has no {key} tensor.")
-                if tuple(own[key].shape) != tuple(want):
-                    raise ManifestError(
-                        f"{path}: layer {name!r} tensor {key!r} has shape {tuple(own[key].shape)} "
-                        f"but its spec needs {tuple(want)}."
-                    )
-            if prev_shape is not None and not spec.accepts(prev_shape):
-                raise ManifestError(
-                    f"{path}: layer {name!r} expects input {spec.input_shape} but the previous "
-                    f"layer gives {prev_shape}."
-                )
-            prev_shape = spec.output_shape
             layers.append(StackLayer(name, spec, own, lm.get("pretrain", {})))
+        if problem := layers_problem(layers):
+            raise ManifestError(f"{path}: {problem}.")
         if tensors:
             raise ManifestError(
                 f"{path}: tensors {sorted(tensors)[:5]} are not in the manifest; the file was "
                 "edited or written by another tool."
             )
         return cls(layers, manifest.get("recipe"), manifest.get("info", {}))
+
+
+def layers_problem(layers: list[StackLayer]) -> str | None:
+    """What keeps ``layers`` from being one stack, or None: a repeated name, a weight or bias
+    missing or not of its spec's shape, a layer that does not take the previous one's output."""
+    seen: set[str] = set()
+    prev = None
+    for layer in layers:
+        name, spec = layer.name, layer.spec
+        if name in seen:
+            return f"duplicate layer name {name!r}"
+        seen.add(name)
+        for key, want in (("weight", spec.weight_shape), ("bias", (spec.out_features,))):
+            if key not in layer.tensors:
+                return f"layer {name!r} has no {key} tensor"
+            have = tuple(layer.tensors[key].shape)
+            if have != tuple(want):
+                return f"layer {name!r} tensor {key!r} has shape {have} but its spec needs {tuple(want)}"
+        if prev is not None and not spec.accepts(prev):
+            return f"layer {name!r} expects input {spec.input_shape} but the previous layer gives {prev}"
+        prev = spec.output_shape
+    return None
 
 
 def _list(manifest: dict, key: str, path: Path) -> list:

@@ -203,3 +203,27 @@ def test_transform_takes_numpy_and_names_a_wrong_shape_or_dtype():
         st.transform(x[0])
     with pytest.raises(DataError, match=r"x is torch.float64 but the stack's weights are torch.float32"):
         st.transform(x.double().numpy())
+
+
+def test_save_refuses_layers_that_could_not_be_loaded_back(tmp_path):
+    """A stack put together by hand whose layers do not chain, repeat a name (its tensors
+    overwrote each other in the file) or hold a weight of another shape than their spec was
+    written, and only load refused it; save now refuses first and keeps the file there."""
+    from surgery.errors import ShapeError
+    from surgery.layers import LayerSpec
+    from surgery.stack import StackLayer
+
+    def layer(name, a, b, rows=None):
+        return StackLayer(name, LayerSpec(in_features=a, out_features=b),
+                          {"weight": torch.randn(rows or b, a), "bias": torch.zeros(b)})
+
+    p = random_stack().save(tmp_path / "s.safetensors")
+    before = p.read_bytes()
+    cases = {"layer 'h2' expects input \\(7,\\) but the previous layer gives \\(5,\\)": [layer("h1", 10, 5),
+                                                                                        layer("h2", 7, 3)],
+             "duplicate layer name 'h1'": [layer("h1", 10, 5), layer("h1", 5, 3)],
+             "layer 'h1' tensor 'weight' has shape \\(4, 10\\) but its spec needs \\(5, 10\\)": [layer("h1", 10, 5, 4)]}
+    for said, layers in cases.items():
+        with pytest.raises(ShapeError, match=f"s.safetensors: not written: {said}"):
+            LayerStack(layers).save(p)
+        assert p.read_bytes() == before
