@@ -26,6 +26,10 @@ def make_dir(path: str | Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTDIR):  # the path, or a folder above it, is a file
+            file = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+            raise OutputError(f"cannot create the directory {path}: {file} is a file, not a directory; "
+                              "choose another --out/--output.") from e
         raise OutputError(f"cannot create the directory {path} ({e.strerror}); choose another --out/--output "
                           "or fix its permissions.") from e
     if not os.access(path, os.W_OK | os.X_OK):  # exists, but nothing could be written into it
@@ -61,6 +65,23 @@ def _no_room(e: OSError | SafetensorError) -> str | None:
     return why.split(" (os error")[0] if any(f"(os error {n})" in why for n in _NO_ROOM) else None
 
 
+def _mode_for(path: Path) -> int:
+    """The permissions the finished file gets: those of the file it replaces, or what a
+    plain ``open(path, "w")`` would give under this process's umask (``mkstemp`` makes its
+    temp file readable by its owner only, which on a shared machine would hide every result
+    from the rest of the group)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path in the target's directory; rename over ``path`` on success (a
@@ -74,6 +95,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)

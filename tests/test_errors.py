@@ -207,7 +207,7 @@ def unwritable_out(tmp: Path):
     blocker = tmp / "file"
     blocker.write_text("a file where a directory should be")
     r = _write(tmp / "r.yaml", _net_recipe())
-    return ["run", str(r), "--out", str(blocker / "out")], "cannot create the directory", [blocker]
+    return ["run", str(r), "--out", str(blocker / "out")], "file is a file, not a directory", [blocker]
 
 
 def unwritable_stack_output(tmp: Path):
@@ -1038,3 +1038,31 @@ def test_a_damaged_file_anywhere_in_a_grid_is_never_a_traceback(finished_grid, t
             assert code in (0, 2) and "Traceback" not in err, (argv, damaged, err)
             lines = [x for x in err.strip().splitlines() if not x.startswith(f"surgery {argv[0]}: warning: ")]
             assert len(lines) == (code == 2) and all(x.startswith(f"surgery {argv[0]}: error: ") for x in lines), err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o007])
+def test_written_files_get_the_permissions_open_would_give_them(tmp_path, umask):
+    """The temp file a write goes through is its owner's alone (``mkstemp``); the finished
+    file must not be, or a run's results on a shared machine are hidden from the group. A
+    new file gets ``0o666 & ~umask``, as ``open`` gives; a replaced file keeps its mode."""
+    import surgery.io
+    from surgery import cli
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\ndata: {dataset: synthetic, limit: 200}\n"
+                      "pretrain: {layers: [{method: rbm, hidden: 8, epochs: 1}]}\n"
+                      "surgery: {ops: [{op: take, source: pretrained}, {op: head, classes: 10}]}\n"
+                      "finetune: {epochs: 1, batch_size: 50}\n")
+    old = os.umask(umask)
+    try:
+        assert cli.main(["run", str(recipe), "--out", str(tmp_path / "out")]) == 0
+        written = sorted(p for p in (tmp_path / "out").rglob("*") if p.is_file())
+        assert {p.name for p in written} >= {"model.safetensors", "result.json", "stack.safetensors"}
+        assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: oct(0o666 & ~umask)
+                                                                             for p in written}
+        kept = tmp_path / "out" / "result.json"
+        kept.chmod(0o640)
+        surgery.io.write_json(kept, {"x": 1})
+        assert kept.stat().st_mode & 0o777 == 0o640 and surgery.io.read_json(kept) == {"x": 1}
+    finally:
+        os.umask(old)
