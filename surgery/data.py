@@ -27,7 +27,7 @@ from torch import Tensor
 from .configs import as_config, as_tensor
 from .datafiles import IDX_FILES, MNIST_HELP, find_idx, read_arrays, read_idx, read_mnist_pickle
 from .devices import DeviceName, resolve_device
-from .errors import ConfigError, DataError, SurgeryWarning
+from .errors import ConfigError, DataError, OutputError, SurgeryWarning
 from .io import atomic_path
 
 
@@ -278,10 +278,23 @@ def load_mnist(path: Path | None = None, valid_size: int = 10000) -> Dataset:
     for split, (x, y) in zip(("train", "valid", "test"), arrays):
         t[f"{split}.x"] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).view(-1, 1, 28, 28)
         t[f"{split}.y"] = torch.from_numpy(np.asarray(y, dtype=np.int64))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(cache) as tmp:
-        save_file(t, str(tmp), metadata={"source": str(src)})
+    _write_cache(cache, t, src)
     return _resplit(_mnist_from_tensors(t), valid_size)
+
+
+def _write_cache(cache: Path, t: dict[str, Tensor], src: Path) -> None:
+    """Keep the parsed arrays for the next run; where that cannot be written (a read-only
+    home on a cluster node, a full disk) the run goes on and reads ``src`` again next time."""
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cache) as tmp:
+            save_file(t, str(tmp), metadata={"source": str(src)})
+    except (OSError, OutputError) as e:
+        cause = e.__cause__ if isinstance(e, OutputError) and e.__cause__ is not None else e
+        why = getattr(cause, "strerror", None) or str(cause)
+        warnings.warn(f"cannot cache MNIST as {cache} ({why}); it is read from {src} again each run. "
+                      "Set SURGERY_CACHE to a writable directory to keep the cache there.", SurgeryWarning,
+                      stacklevel=3)
 
 
 def _mnist_from_tensors(t: dict[str, Tensor]) -> Dataset:

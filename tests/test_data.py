@@ -28,6 +28,31 @@ def test_mnist_splits_and_cache(tmp_path, monkeypatch):
     assert torch.equal(img.train.x.flatten(1), ds.train.x[:10])
 
 
+@pytest.mark.parametrize("blocked", ["not a directory", "disk full"])
+def test_an_unwritable_cache_is_a_warning_and_the_data_still_loads(tmp_path, monkeypatch, blocked):
+    """The parsed-MNIST cache is only a speed-up: a cache directory that cannot be made (a
+    read-only home) or written (a full disk) is a warning naming it, not a traceback."""
+    import errno
+
+    import surgery.io
+
+    if blocked == "not a directory":
+        (tmp_path / "file").write_text("x")
+        monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "file" / "cache"))
+    else:
+        monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+
+        def full(*args):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(surgery.io.os, "replace", full)
+    with pytest.warns(SurgeryWarning, match=r"cannot cache MNIST as .*cache.*\((Not a directory|No space left on "
+                                            r"device)\); it is read from .*mnist.pkl.gz again each run"):
+        ds = load_dataset(DataConfig(limit=100))
+    assert ds.train.x.shape == (100, 784) and len(ds.test) == 10000
+    assert not list(tmp_path.rglob("*.safetensors*"))
+
+
 class _Evil:
     def __reduce__(self):
         import os
