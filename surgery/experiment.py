@@ -304,7 +304,7 @@ def _read_rows(d: Path) -> list[dict[str, Any]]:
     damaged = ("; the file is damaged. Run its recipe again with this --out to write it anew (finished cells are "
                "read back, not trained again), or, for a directory `surgery compare --out` made, that compare.")
     try:
-        with p.open(newline="") as f:
+        with p.open(newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise ManifestError(f"{p}: not a readable CSV table ({e}){damaged}") from None

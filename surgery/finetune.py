@@ -209,7 +209,7 @@ class TrainingLoop:
             if out is not None:  # rewritten whole, atomically: consistent with the checkpoint
                 (out / "result.json").unlink(missing_ok=True)  # a run's trained here before: stale until this ends
                 with atomic_path(out / "metrics.jsonl") as tmp:
-                    tmp.write_text("".join(json.dumps(h) + "\n" for h in hist))
+                    tmp.write_text("".join(json.dumps(h) + "\n" for h in hist), encoding="utf-8")
 
 
 EpochCallback = Callable[["Trainer", dict[str, Any]], None]

@@ -109,7 +109,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -126,7 +126,7 @@ def read_json(path: str | Path, hint: str = "") -> dict[str, Any]:
     damaged) or holds something other than an object; ``hint`` says what to do about it."""
     path = Path(path)
     try:
-        obj = json.loads(path.read_text())
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise ManifestError(f"{path}: cannot be read ({e.strerror}).{hint}") from e
     except ValueError as e:
@@ -142,7 +142,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     file and line when one is not."""
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise ManifestError(f"{path}: cannot be read ({e.strerror}).") from e
     except UnicodeDecodeError as e:

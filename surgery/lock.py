@@ -32,7 +32,7 @@ def _name(shard: tuple[int, int] | None) -> str:
 def _read(path: Path) -> dict[str, Any] | None:
     """A lock's holder, ``{}`` for one being written, ``None`` when it is gone or damaged."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         if not text and time.time() - path.stat().st_mtime < _YOUNG:
             return {}
         holder = json.loads(text)
@@ -131,7 +131,7 @@ def hold(out: str | Path, shard: tuple[int, int] | None = None, flag: str = "--o
         except OSError as e:
             raise OutputError(f"cannot write {path} ({e.strerror}); choose another --out or fix its "
                               "permissions.") from e
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(json.dumps(me))
         break
     else:

@@ -45,7 +45,7 @@ def _experiment_record(out: Path) -> dict[str, Any]:
 
 def _read(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None  # being written, or damaged: left out of the counts
 
@@ -53,7 +53,7 @@ def _read(path: Path) -> Any:
 def _history(path: Path) -> list[dict[str, Any]]:
     """The epochs of a ``metrics.jsonl``; none when it is missing or being written."""
     try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, ValueError):
         return []
 

@@ -165,3 +165,31 @@ def test_public_api_is_documented(path):
 
     walk(tree.body, True)
     assert not missing, f"{path.name}: no docstring on " + ", ".join(missing)
+
+
+def _text_io_without_encoding(tree: ast.AST) -> list[int]:
+    """Lines that open, read or write a file as text with the locale's encoding."""
+    lines = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or any(k.arg == "encoding" for k in node.keywords):
+            continue
+        f = node.func
+        name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+        owner = f.value.id if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) else ""
+        if name in ("read_text", "write_text") and isinstance(f, ast.Attribute):  # Path's, not io.write_text
+            lines.append(node.lineno)
+        elif name == "fdopen" or (name == "open" and owner not in ("gzip", "os")):  # os.open is bytes
+            at = 0 if isinstance(f, ast.Attribute) and name == "open" else 1  # Path.open(mode), open(path, mode)
+            modes = [k.value for k in node.keywords if k.arg == "mode"] + node.args[at:at + 1]
+            if not any(isinstance(m, ast.Constant) and "b" in str(m.value) for m in modes):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_text_files_are_read_and_written_as_utf8():
+    """Recipes, reports and JSON hold non-ASCII text (±, —, units' names in comments); with the
+    locale's encoding a machine whose locale is not UTF-8 (Windows' cp1252) would misread a
+    recipe or fail to write a report, so every text read and write names UTF-8."""
+    found = {str(p.relative_to(PKG.parent)): lines for p in PKG.rglob("*.py")
+             if (lines := _text_io_without_encoding(ast.parse(p.read_text(encoding="utf-8"))))}
+    assert found == {}
