@@ -6,6 +6,7 @@ Every user-fixable problem is printed as one paragraph (no traceback) with exit 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -430,6 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `surgery inspect runs | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor may the exit's flush complain
         return 141  # 128 + SIGPIPE, as a shell reports a command whose reader went away
+    except OSError as e:  # the file system refused a path we were given (too long, a link loop, no access)
+        if e.filename is None:
+            raise
+        print(f"surgery {args.command}: error: {os_refusal(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as e:
         again = {"run": " (an experiment skips its finished cells; a single run needs --resume and a "
                         "checkpoint, finetune.checkpoint_every)",
@@ -441,6 +447,15 @@ def main(argv: list[str] | None = None) -> int:
               f"continue{again}.", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130  # 128 + the signal, as a shell reports it
     return 0
+
+
+def os_refusal(e: OSError) -> str:
+    """One paragraph for an ``OSError`` on a path: which path, why, what to do."""
+    advice = {errno.ENAMETOOLONG: "give a shorter path (a name in it is longer than the file system allows)",
+              errno.ELOOP: "the path goes round a loop of symbolic links; give another",
+              errno.EACCES: "fix its permissions or give another path",
+              errno.EPERM: "fix its permissions or give another path"}.get(e.errno or 0, "check the path")
+    return f"cannot use {e.filename} ({e.strerror}); {advice}, then run the same command again."
 
 
 class Terminated(KeyboardInterrupt):

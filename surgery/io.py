@@ -88,7 +88,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     file that was there is replaced only then; on any failure the temp file is removed)."""
     path = file_to_write(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # the temp name is at most 80 characters, so that any name that fits the file system has one that fits too
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise OutputError(f"cannot write {path} ({e.strerror}); choose another --out/--output "
                           "or fix the directory's permissions.") from e

@@ -218,6 +218,18 @@ def unwritable_stack_output(tmp: Path):
     return ["pretrain", str(r), "-o", str(blocker / "s.safetensors")], "cannot create the directory", [blocker]
 
 
+def too_long_stack_output(tmp: Path):
+    r = _write(tmp / "r.yaml", {"data": {"dataset": "synthetic", "n_train": 200},
+                                "pretrain": {"layers": [{"method": "rbm", "hidden": 4, "epochs": 1}]}})
+    return ["pretrain", str(r), "-o", str(tmp / ("s" * 300 + ".safetensors"))], "(File name too long); give a " \
+        "shorter path", [r]
+
+
+def too_long_out(tmp: Path):
+    r = _write(tmp / "r.yaml", _net_recipe())
+    return ["run", str(r), "--out", str(tmp / ("o" * 300))], "(File name too long); give a shorter path", [r]
+
+
 def unwritable_model_output(tmp: Path):
     blocker = tmp / "file"
     blocker.write_text("x")
@@ -556,6 +568,8 @@ CASES: dict[str, Case] = {
     "pretrain: conv_ae on flat data": conv_on_flat,
     "pretrain: unwritable -o": unwritable_stack_output,
     "assemble: unwritable -o": unwritable_model_output,
+    "pretrain: -o of a name too long for the file system": too_long_stack_output,
+    "run: --out of a name too long for the file system": too_long_out,
     "inspect: truncated stack": truncated_stack,
     "run: a stack file given as the recipe": stack_given_as_recipe,
     "inspect: random bytes": garbage_stack,
@@ -1066,3 +1080,13 @@ def test_written_files_get_the_permissions_open_would_give_them(tmp_path, umask)
         assert kept.stat().st_mode & 0o777 == 0o640 and surgery.io.read_json(kept) == {"x": 1}
     finally:
         os.umask(old)
+
+
+def test_a_file_name_as_long_as_the_file_system_allows_is_written(tmp_path):
+    """The temp file a write goes through has a name of its own; it must fit wherever the
+    target's name fits (255 bytes here), not fail for a name of 245."""
+    import surgery.io
+
+    target = tmp_path / ("m" * 243 + ".json")
+    surgery.io.write_json(target, {"x": 1})
+    assert surgery.io.read_json(target) == {"x": 1} and [p.name for p in tmp_path.iterdir()] == [target.name]
