@@ -214,6 +214,17 @@ def test_catalogue_is_large_enough():
     assert len(CATALOGUE) >= 25
 
 
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_a_recipe_saved_with_a_byte_order_mark_loads(tmp_path, suffix):
+    """Windows editors (Notepad, PowerShell's ``Out-File``) start UTF-8 files with a BOM;
+    ``json`` refuses one (``Unexpected UTF-8 BOM``), so a recipe is read without it."""
+    r = {"name": "bom", "data": {"dataset": "synthetic"}, "finetune": {"epochs": 2}}
+    text = json.dumps(r) if suffix == ".json" else yaml.safe_dump(r)
+    path = tmp_path / f"r{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert load_recipe(path).finetune.epochs == 2
+
+
 def test_yaml_syntax_error_and_non_mapping(workdir, capsys):
     (workdir / "r.yaml").write_text("data: {dataset: [\n")
     assert main(["validate", str(workdir / "r.yaml")]) == 2
