@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from .data import load_dataset
+from .data import Dataset, load_dataset
 from .errors import SurgeryError, TrainingDiverged
 from .grid import check_search
 from .io import make_dir, progress_line, write_json, write_text
@@ -67,21 +67,22 @@ def _why(e: Exception) -> str:
     return f"{type(e).__name__}: {first_line(e)}"
 
 
-def _open_study(name: str, url: str, sampler: Any) -> Any:
-    """Create or join a study; workers starting together may race to create the schema,
-    so a failed attempt is retried after a short random wait."""
+def _open_study(name: str, url: str, sampler: Any) -> tuple[Any, Any]:
+    """Create or join a study: the study and its storage, which :func:`_close` closes; workers
+    starting together may race to create the schema, so a failed attempt is retried after a
+    short random wait."""
     import optuna
     from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
     last: Exception | None = None
     for _ in range(8):
+        storage = None
         try:
-            storage: Any = url
-            if url.startswith("sqlite"):
-                # wait for the writer lock instead of failing at once when workers share a file
-                storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+            # on a shared SQLite file, wait for the writer lock instead of failing at once
+            kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
             return optuna.create_study(study_name=name, storage=storage, direction="minimize", sampler=sampler,
-                                       load_if_exists=True)
+                                       load_if_exists=True), storage
         except (ImportError, ValueError, ArgumentError) as e:  # no driver for its database, a storage gone, no URL
             raise SurgeryError(f"--storage {url}: cannot open the study ({_why(e)}); give an SQLAlchemy URL "
                                "whose database driver is installed (sqlite:///PATH needs none; postgresql:// needs "
@@ -92,12 +93,21 @@ def _open_study(name: str, url: str, sampler: Any) -> Any:
                                    "it away to start the study anew (search.json beside it lists the trials it held), "
                                    "or give another --out or --storage.") from None
             last = e  # a race with another worker creating the schema, or a database not up yet: tried again
+            _close(storage)
             time.sleep(0.2 + random.random())
     assert last is not None
     raise SurgeryError(f"--storage {url}: cannot open the study ({_why(last)}); check that the database is "
                        "reachable and the URL right (sqlite:///PATH, postgresql://...), or leave --storage out for a "
                        "file under --out.")
 
+
+
+def _close(storage: Any) -> None:
+    """Close the storage's database connections: the pool would hold them (and the file,
+    which Windows then cannot move or delete) until the process ends."""
+    if storage is not None:
+        storage.remove_session()
+        storage.engine.dispose()
 
 
 def shown(values: dict[str, Any], skip: list[str] | tuple[str, ...] = ()) -> str:
@@ -193,9 +203,26 @@ def run_search(recipe: Recipe, out: str | Path, trials: int | None = None, stora
         storage = f"sqlite:///{(out / 'search.db').resolve()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = cfg.study or recipe.name
+    study, db = _open_study(name, storage, make_sampler(cfg.sampler, recipe.seed))
+    try:
+        make_dir(out)  # after a --storage that cannot be opened has failed: it leaves no directory
+        return _optimize(study, recipe, first, dataset, out, cfg.trials if trials is None else trials, storage,
+                         progress)
+    finally:
+        _close(db)
+
+
+def _optimize(study: Any, recipe: Recipe, first: Recipe, dataset: Dataset, out: Path, n: int, storage: str,
+              progress: bool | None) -> dict[str, Any]:
+    """Run ``n`` trials of the study (one at a time, or ``search.batch`` together), each on
+    ``first``'s ``dataset`` where its data section is the same, and write the outcome."""
+    import optuna
+
+    cfg: SearchConfig = recipe.search  # type: ignore[assignment]
+    name = cfg.study or recipe.name
+    base = recipe.to_dict()
+    base.pop("search", None)
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    study = _open_study(name, storage, make_sampler(cfg.sampler, recipe.seed))
-    make_dir(out)  # after a --storage that cannot be opened has failed: it leaves no directory
 
     def objective(trial: optuna.Trial) -> float:
         values = seeded_suggest(study, trial, cfg, recipe.seed)
@@ -208,7 +235,6 @@ def run_search(recipe: Recipe, out: str | Path, trials: int | None = None, stora
             res = None
         return _score(trial, values, res, progress)
 
-    n = cfg.trials if trials is None else trials
     so_far = partial(_write_outcome, study, name, storage, recipe, out, final=False)  # for inspect, and a kill
     if cfg.batch == 1:
         study.optimize(objective, n_trials=n, callbacks=[lambda *_: so_far()])

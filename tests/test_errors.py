@@ -426,8 +426,9 @@ def search_storage_of_no_known_database(tmp: Path):
 
 
 def search_storage_optuna_dropped(tmp: Path):
-    return (_search(tmp, "--storage", "redis://localhost"),  # optuna raised a ValueError: a traceback
-            "--storage redis://localhost: cannot open the study (ValueError: RedisStorage is removed", [])
+    return (_search(tmp, "--storage", "redis://localhost"),  # optuna once raised a ValueError: a traceback
+            "--storage redis://localhost: cannot open the study (NoSuchModuleError: Can't load plugin: "
+            "sqlalchemy.dialects:redis); give an SQLAlchemy URL", [])
 
 
 def search_storage_damaged(tmp: Path):

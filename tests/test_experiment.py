@@ -330,6 +330,22 @@ def _search_recipe(tmp_path):
     return p
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="lists open files through /proc")
+def test_a_finished_search_leaves_its_database_closed(tmp_path):
+    """The study's connection pool is closed when the search returns: an open search.db
+    outlives it in a notebook (and Windows cannot then move or delete the directory)."""
+    import surgery as S
+    from surgery.search import run_search
+
+    out = tmp_path / "sout"
+    run_search(S.load_recipe(_search_recipe(tmp_path)), out, trials=1, progress=False)
+
+    def open_files():
+        return {os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")}
+
+    assert str((out / "search.db").resolve()) not in open_files()
+
+
 def test_search_end_to_end(tmp_path, capsys):
     p = _search_recipe(tmp_path)
     out = tmp_path / "sout"
