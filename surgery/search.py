@@ -73,13 +73,16 @@ def _open_study(name: str, url: str, sampler: Any) -> tuple[Any, Any]:
     short random wait."""
     import optuna
     from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+    from sqlalchemy.pool import NullPool
 
+    # SQLite: wait for the writer lock instead of failing at once when workers share a file,
+    # and keep no connection open between uses (a pool's would hold the file open; NullPool's
+    # are closed when a session ends, also when opening a damaged file fails)
+    kwargs = {"connect_args": {"timeout": 60}, "poolclass": NullPool} if url.startswith("sqlite") else {}
     last: Exception | None = None
     for _ in range(8):
         storage = None
         try:
-            # on a shared SQLite file, wait for the writer lock instead of failing at once
-            kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
             storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
             return optuna.create_study(study_name=name, storage=storage, direction="minimize", sampler=sampler,
                                        load_if_exists=True), storage

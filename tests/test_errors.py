@@ -955,7 +955,7 @@ def test_damaged_files_in_an_experiment_directory(tmp_path, capsys, damage):
     metrics.jsonl leaves its curve out of the figure, with a warning; a damaged experiment.json
     stops compare with one paragraph naming it; none is a traceback."""
     rp, out = _small_grid(tmp_path)
-    before = {r["cell"]: r["test_error"] for r in csv.DictReader((out / "results.csv").open())}
+    before = {r["cell"]: r["test_error"] for r in csv.DictReader((out / "results.csv").read_text().splitlines())}
     cells = sorted((out / "cells").iterdir())
     bad = {"truncated": '{"test_error": 1', "a list": "[1, 2]", "a word for a number": '{"test_error": "x"}'}[damage]
     (cells[0] / "result.json").write_text(bad)
@@ -969,7 +969,7 @@ def test_damaged_files_in_an_experiment_directory(tmp_path, capsys, damage):
         f"{'not readable JSON' if damage == 'truncated' else 'a JSON list'}" in "\n".join(said), said
     if damage == "a word for a number":  # it was a ValueError from a format string
         assert f"{cells[0] / 'result.json'}: test_error is 'x', not a number" in "\n".join(said), said
-    after = {r["cell"]: r["test_error"] for r in csv.DictReader((out / "results.csv").open())}
+    after = {r["cell"]: r["test_error"] for r in csv.DictReader((out / "results.csv").read_text().splitlines())}
     assert after == before  # the cell trained again to the same result
     (out / "experiment.json").write_text(bad if damage != "a word for a number" else '{"recipe": 1}')
     assert main(["compare", str(out)]) == 2

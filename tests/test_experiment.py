@@ -502,10 +502,12 @@ def test_two_workers_share_one_sqlite_study(tmp_path):
         assert pr.returncode == 0, err[-2000:]
     import optuna
 
-    study = optuna.load_study(study_name="s", storage=url)
-    workers = {t.user_attrs["worker"] for t in study.trials if t.state.name == "COMPLETE"}
-    assert len(study.trials) == 4 and len(workers) == 2
-    drawn = [tuple(sorted(t.params.items())) for t in study.trials]
+    storage = optuna.storages.RDBStorage(url)
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    storage.engine.dispose()  # its connections closed, not left to the garbage collector
+    workers = {t.user_attrs["worker"] for t in trials if t.state.name == "COMPLETE"}
+    assert len(trials) == 4 and len(workers) == 2
+    drawn = [tuple(sorted(t.params.items())) for t in trials]
     assert len(set(drawn)) == 4, drawn  # no worker repeats another's draw
 
 
@@ -1284,7 +1286,8 @@ def test_inspect_of_a_directory_of_runs_gives_a_line_for_each(tmp_path, capsys):
     p = subprocess.Popen([sys.executable, "-m", "surgery", "inspect", str(runs)], cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
     p.stdout.close()  # the reader goes away before anything is printed
-    assert p.wait(timeout=120) == 141 and b"Traceback" not in p.stderr.read()
+    with p.stderr:
+        assert p.wait(timeout=120) == 141 and b"Traceback" not in p.stderr.read()
 
 
 def test_tuning_lines_count_the_trials_of_every_arm_and_leave_read_back_ones_out_of_the_pace(tmp_path, capsys):
