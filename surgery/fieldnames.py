@@ -24,8 +24,14 @@ def _unwrap(ann: Any) -> list[Any]:
     return [ann]
 
 
+def _is_model(t: Any) -> bool:
+    # not issubclass alone: on Python 3.10 ``dict[str, X]`` passes isinstance(t, type), then
+    # issubclass raises TypeError
+    return get_origin(t) is None and isinstance(t, type) and issubclass(t, BaseModel)
+
+
 def _models(ann: Any) -> list[type[BaseModel]]:
-    return [t for t in _unwrap(ann) if isinstance(t, type) and issubclass(t, BaseModel)]
+    return [t for t in _unwrap(ann) if _is_model(t)]
 
 
 def _step(ann: Any, key: Any) -> list[Any]:
@@ -33,7 +39,7 @@ def _step(ann: Any, key: Any) -> list[Any]:
     held = []
     for t in _unwrap(ann):
         args = get_args(t)
-        if isinstance(t, type) and issubclass(t, BaseModel) and isinstance(key, str) and key in t.model_fields:
+        if _is_model(t) and isinstance(key, str) and key in t.model_fields:
             held.append(t.model_fields[key].annotation)
         elif get_origin(t) in (list, tuple) and isinstance(key, int) and args:
             held.append(args[0])
@@ -76,7 +82,7 @@ def _may_hold(ann: Any, value: Any) -> bool:
     """Whether a field of type ``ann`` may take ``value`` by its shape: a section (a mapping)
     only a mapping, a plain value only a field that is not a section alone."""
     sections = [t for t in _unwrap(ann) if t is not type(None)]
-    if all(isinstance(t, type) and issubclass(t, BaseModel) for t in sections):
+    if all(_is_model(t) for t in sections):
         return isinstance(value, dict)
     return True
 
