@@ -432,9 +432,16 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor may the exit's flush complain
         return 141  # 128 + SIGPIPE, as a shell reports a command whose reader went away
     except OSError as e:  # the file system refused a path we were given (too long, a link loop, no access)
-        if e.filename is None:
+        if e.filename is not None:
+            print(f"surgery {args.command}: error: {os_refusal(e)}", file=sys.stderr)
+            return 2
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
             raise
-        print(f"surgery {args.command}: error: {os_refusal(e)}", file=sys.stderr)
+        # no path: printing failed (`surgery run ... > log` on a full disk); the results are on disk
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor may the exit's flush fail again
+        print(f"surgery {args.command}: error: cannot write to standard output ({e.strerror}); what the "
+              "command wrote to files is kept. Free some space where its output goes, or send it elsewhere.",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         again = {"run": " (an experiment skips its finished cells; a single run needs --resume and a "

@@ -640,6 +640,25 @@ def test_one_case_through_a_real_process(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr and fragment in p.stderr, p.stderr
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device that is always full")
+def test_a_full_disk_under_standard_output_is_one_paragraph_and_the_results_stay(tmp_path):
+    """`surgery run ... > log` where the log's disk is full: printing fails after the work is
+    done; one paragraph on stderr, exit 2, no traceback, the run's files in place."""
+    (tmp_path / "r.yaml").write_text("data: {dataset: synthetic, n_train: 200}\n"
+                                     "surgery: {ops: [{op: insert, name: h1, units: 8}, {op: head, classes: 4}]}\n"
+                                     "finetune: {epochs: 1, batch_size: 50, device: cpu}\n")
+    path = os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([sys.executable, "-m", "surgery", "run", "r.yaml", "--out", "o"], cwd=tmp_path,
+                           env={**os.environ, "PYTHONPATH": path}, stdout=full, stderr=subprocess.PIPE, text=True,
+                           timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "Exception ignored" not in p.stderr, p.stderr
+    assert p.stderr.splitlines()[-1] == ("surgery run: error: cannot write to standard output (No space left on "
+                                         "device); what the command wrote to files is kept. Free some space where "
+                                         "its output goes, or send it elsewhere."), p.stderr
+    assert json.loads((tmp_path / "o" / "result.json").read_text())["epochs"] == 1
+
+
 def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
     """SIGTERM (a job scheduler ending a job) mid-training: one line saying how to continue,
     exit 143, the checkpoint kept (what --resume continues from), no temp file or lock left."""
