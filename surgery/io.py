@@ -77,9 +77,13 @@ def _mode_for(path: Path) -> int:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
-    os.umask(mask)
-    return mask
+    try:  # Linux shows it without changing it (another thread may be creating a file)
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)  # elsewhere the only way to read it is to set it; put it straight back
+        os.umask(mask)
+        return mask
 
 
 @contextmanager
