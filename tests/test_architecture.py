@@ -187,9 +187,10 @@ def _text_io_without_encoding(tree: ast.AST) -> list[int]:
 
 
 def test_text_files_are_read_and_written_as_utf8():
-    """Recipes, reports and JSON hold non-ASCII text (±, —, units' names in comments); with the
-    locale's encoding a machine whose locale is not UTF-8 (Windows' cp1252) would misread a
-    recipe or fail to write a report, so every text read and write names UTF-8."""
+    """Recipes, reports and JSON hold non-ASCII text (±, –, anything in a recipe's comments);
+    with the locale's encoding a machine whose locale is not UTF-8 (Windows' cp1252) would
+    misread a UTF-8 recipe and write reports that are not UTF-8, so every text read and
+    write names UTF-8."""
     found = {str(p.relative_to(PKG.parent)): lines for p in PKG.rglob("*.py")
              if (lines := _text_io_without_encoding(ast.parse(p.read_text(encoding="utf-8"))))}
     assert found == {}
