@@ -209,22 +209,21 @@ def run_search(recipe: Recipe, out: str | Path, trials: int | None = None, stora
     study, db = _open_study(name, storage, make_sampler(cfg.sampler, recipe.seed))
     try:
         make_dir(out)  # after a --storage that cannot be opened has failed: it leaves no directory
-        return _optimize(study, recipe, first, dataset, out, cfg.trials if trials is None else trials, storage,
-                         progress)
+        return _optimize(study, recipe, base, first, dataset, out, cfg.trials if trials is None else trials,
+                         storage, progress)
     finally:
         _close(db)
 
 
-def _optimize(study: Any, recipe: Recipe, first: Recipe, dataset: Dataset, out: Path, n: int, storage: str,
-              progress: bool | None) -> dict[str, Any]:
-    """Run ``n`` trials of the study (one at a time, or ``search.batch`` together), each on
-    ``first``'s ``dataset`` where its data section is the same, and write the outcome."""
+def _optimize(study: Any, recipe: Recipe, base: dict[str, Any], first: Recipe, dataset: Dataset, out: Path, n: int,
+              storage: str, progress: bool | None) -> dict[str, Any]:
+    """Run ``n`` trials of the study (one at a time, or ``search.batch`` together), each
+    ``base`` (the recipe without its search section) with the trial's values, on ``first``'s
+    ``dataset`` where its data section is the same, and write the outcome."""
     import optuna
 
     cfg: SearchConfig = recipe.search  # type: ignore[assignment]
     name = cfg.study or recipe.name
-    base = recipe.to_dict()
-    base.pop("search", None)
     worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def objective(trial: optuna.Trial) -> float:
@@ -251,13 +250,14 @@ def _write_outcome(study: Any, name: str, storage: str, recipe: Recipe, out: Pat
     """Write search.json (every trial of the study) and best.yaml (the best scored trial's
     recipe): after each trial (``final=False``), and when the search ends, when a study in
     which no trial scored is a ``TrainingDiverged``."""
+    trials = study.trials  # each access reads every trial from the storage
     summary = {
         "study": name,
         "storage": storage,
         "trials": [{"number": t.number, "value": t.value, "params": t.params, "worker": t.user_attrs.get("worker"),
-                    "state": t.state.name, "diverged": bool(t.user_attrs.get("diverged"))} for t in study.trials],
+                    "state": t.state.name, "diverged": bool(t.user_attrs.get("diverged"))} for t in trials],
     }
-    scored = [t for t in study.trials if t.state.name == "COMPLETE" and not t.user_attrs.get("diverged")]
+    scored = [t for t in trials if t.state.name == "COMPLETE" and not t.user_attrs.get("diverged")]
     if not scored:
         write_json(out / "search.json", summary)
         if not final:
