@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "writes results.csv and the report")
 
     p = _recipe_cmd(sub, "search", "Optuna hyperparameter search over the recipe's search: params")
-    p.add_argument("--trials", type=int, help="trials for this worker (default search.trials)")
+    p.add_argument("--trials", type=int, metavar="N", help="run N more trials in this worker (default: the trials "
+                   "the study still lacks of search.trials, so a search run again after a stop runs only the rest)")
     p.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT/search.db); share it across workers")
     p.add_argument("--out", type=user_path, help="output directory (default runs/<name>-search)")
     _file_commands(sub)
@@ -379,7 +380,9 @@ def cmd_search(args: argparse.Namespace) -> None:
     recipe = _load(args)
     out = _out(args, recipe, "-search")
     s = run_search(recipe, out, args.trials, args.storage)
-    say(f"study {s['study']}: {len(s['trials'])} trials; best valid error {s['best_value']:.2f}% "
+    done = sum(t["state"] == "COMPLETE" for t in s["trials"])
+    others = f" ({len(s['trials']) - done} failed or unfinished)" if len(s["trials"]) > done else ""
+    say(f"study {s['study']}: {done} trials finished{others}; best valid error {s['best_value']:.2f}% "
         f"(trial {s['best_trial'] + 1}) with {s['best_params']}",
         f"best recipe written to {out}/best.yaml")
 
@@ -447,8 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         again = {"run": " (an experiment skips its finished cells; a single run needs --resume and a "
                         "checkpoint, finetune.checkpoint_every)",
                  "finetune": " with --resume (it continues from the last checkpoint, finetune.checkpoint_every)",
-                 "search": " (the study in its storage, OUT/search.db unless --storage, keeps the finished trials; "
-                           "--trials N adds N more)"}.get(args.command, "")
+                 "search": " (the study in its storage, OUT/search.db unless --storage, keeps the finished trials "
+                           "and runs only the rest of search.trials; --trials N runs N more)"}.get(args.command, "")
         how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         print(f"surgery {args.command}: {how}; files written so far are kept. Run the same command again to "
               f"continue{again}.", file=sys.stderr)

@@ -189,7 +189,8 @@ def describe_search(out: Path) -> list[str]:
         n = n + 1 if isinstance(n, int) else "?"  # counted from 1, as the log counts them
         lines.append(f"best: trial {n}, validation {summary['best_value']:.2f}% with "
                      f"{values}; its recipe: {out}/best.yaml")
-    lines.append(f"`surgery search RECIPE --out {out} --trials N` adds N trials to the study")
+    lines.append(f"`surgery search RECIPE --out {out}` runs the trials it still lacks of search.trials; "
+                 "`--trials N` runs N more")
     return lines
 
 

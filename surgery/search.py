@@ -14,7 +14,6 @@ import random
 import socket
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -152,10 +151,11 @@ def _trial_recipe(base: dict[str, Any], values: dict[str, Any], recipe: Recipe, 
 
 
 def _optimize_in_batches(study: Any, cfg: SearchConfig, base: dict[str, Any], recipe: Recipe, out: Path, n: int,
-                         worker: str, progress: bool | None, after: Callable[[], Any]) -> None:
+                         worker: str, progress: bool | None, after: Callable[[], bool]) -> None:
     """Ask ``cfg.batch`` trials at a time, run them as one batch (their fine-tuning as one
     population where they can share it) and tell their validation errors (``DIVERGED_SCORE``
-    when a run diverged), until ``n`` trials are done; ``after()`` each batch."""
+    when a run diverged), until ``n`` trials are done or ``after()``, called after each
+    batch, says to stop."""
     import optuna
 
     done = 0
@@ -177,12 +177,24 @@ def _optimize_in_batches(study: Any, cfg: SearchConfig, base: dict[str, Any], re
         for trial, vals, res in zip(asked, values, results):
             study.tell(trial, _score(trial, vals, res, progress))
         done += len(asked)
-        after()
+        if after():
+            return
+
+
+def finished(study: Any) -> int:
+    """How many of the study's trials finished (scored, or diverged and scored the worst)."""
+    import optuna
+
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
 
 def run_search(recipe: Recipe, out: str | Path, trials: int | None = None, storage: str | None = None,
                progress: bool | None = None) -> dict[str, Any]:
-    """Run (or join) the study; write best.yaml and search.json under ``out``."""
+    """Run (or join) the study; write best.yaml and search.json under ``out``. Without
+    ``trials`` the study is taken to ``search.trials`` finished trials (a search run again
+    after a stop runs only the rest, as an experiment skips its finished cells; with other
+    workers on its storage, each stops once the study has them); ``trials``: this worker
+    runs that many more."""
     import optuna
 
     cfg: SearchConfig | None = recipe.search
@@ -209,17 +221,23 @@ def run_search(recipe: Recipe, out: str | Path, trials: int | None = None, stora
     study, db = _open_study(name, storage, make_sampler(cfg.sampler, recipe.seed))
     try:
         make_dir(out)  # after a --storage that cannot be opened has failed: it leaves no directory
-        return _optimize(study, recipe, base, first, dataset, out, cfg.trials if trials is None else trials,
-                         storage, progress)
+        done = finished(study)
+        if trials is None and done >= cfg.trials:
+            progress_line(progress, f"search: study {name!r} already has {done} finished trials (search.trials: "
+                                    f"{cfg.trials}); --trials N runs N more")
+            return _write_outcome(study, name, storage, recipe, out)
+        n, total = (cfg.trials - done, cfg.trials) if trials is None else (trials, None)
+        return _optimize(study, recipe, base, first, dataset, out, n, total, storage, progress)
     finally:
         _close(db)
 
 
 def _optimize(study: Any, recipe: Recipe, base: dict[str, Any], first: Recipe, dataset: Dataset, out: Path, n: int,
-              storage: str, progress: bool | None) -> dict[str, Any]:
+              total: int | None, storage: str, progress: bool | None) -> dict[str, Any]:
     """Run ``n`` trials of the study (one at a time, or ``search.batch`` together), each
     ``base`` (the recipe without its search section) with the trial's values, on ``first``'s
-    ``dataset`` where its data section is the same, and write the outcome."""
+    ``dataset`` where its data section is the same, and write the outcome; stop early once
+    the study has ``total`` finished trials (other workers' among them)."""
     import optuna
 
     cfg: SearchConfig = recipe.search  # type: ignore[assignment]
@@ -237,9 +255,13 @@ def _optimize(study: Any, recipe: Recipe, base: dict[str, Any], first: Recipe, d
             res = None
         return _score(trial, values, res, progress)
 
-    so_far = partial(_write_outcome, study, name, storage, recipe, out, final=False)  # for inspect, and a kill
+    def so_far() -> bool:
+        """Write search.json and best.yaml (for inspect, and a kill); True once the study has ``total``."""
+        s = _write_outcome(study, name, storage, recipe, out, final=False)
+        return total is not None and sum(t["state"] == "COMPLETE" for t in s["trials"]) >= total
+
     if cfg.batch == 1:
-        study.optimize(objective, n_trials=n, callbacks=[lambda *_: so_far()])
+        study.optimize(objective, n_trials=n, callbacks=[lambda st, _: so_far() and st.stop()])
     else:
         _optimize_in_batches(study, cfg, base, recipe, out, n, worker, progress, so_far)
     return _write_outcome(study, name, storage, recipe, out)

@@ -804,7 +804,7 @@ def test_a_full_disk_is_one_paragraph_and_keeps_the_file_that_was_there(tmp_path
 
 
 @pytest.mark.parametrize("command,hint", [("run", "a single run needs --resume"), ("finetune", "with --resume"),
-                                          ("search", "--trials N adds N more")])
+                                          ("search", "runs only the rest of search.trials")])
 def test_ctrl_c_says_how_to_continue(tmp_path, capsys, monkeypatch, command, hint):
     """Ctrl-C is one line with exit status 130 saying how that command continues, no traceback."""
     from surgery import cli

@@ -490,6 +490,49 @@ def test_a_stopped_search_keeps_its_trials_and_best_so_far(tmp_path, monkeypatch
     assert "  s: search, trials: 2\n" not in said and "  s: search, trials: 2; best: trial" in said, said
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_search_run_again_runs_only_the_trials_it_lacks(tmp_path, monkeypatch, capsys, batch):
+    """Stopped after two of its four trials, the same command run again runs the other two
+    (it ran four more, and the Ctrl-C message said to run it again); run once more it runs
+    none and says so; --trials N still runs N more."""
+    from surgery.finetune import PopulationTrainer, Trainer
+
+    fits = []
+
+    def stop_on_third(fit):  # the third trial alone, or the second batch of two
+        def wrapped(self, *a, **k):
+            fits.append(1)
+            if len(fits) == 3 - (batch > 1):
+                raise KeyboardInterrupt
+            return fit(self, *a, **k)
+        return wrapped
+
+    p = _search_recipe(tmp_path)
+    r = yaml.safe_load(p.read_text())
+    r["search"].update(trials=4, batch=batch)
+    p.write_text(yaml.safe_dump(r))
+    out = tmp_path / "s"
+
+    def states():
+        return [t["state"] for t in json.loads((out / "search.json").read_text())["trials"]]
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "fit", stop_on_third(Trainer.fit))
+        m.setattr(PopulationTrainer, "fit", stop_on_third(PopulationTrainer.fit))
+        assert main(["search", str(p), "--out", str(out)]) == 130
+    assert states().count("COMPLETE") == 2
+    assert main(["search", str(p), "--out", str(out)]) == 0
+    assert states().count("COMPLETE") == 4 and len(states()) == 4 + batch  # the stopped ones: FAIL
+    capsys.readouterr()
+    assert main(["search", str(p), "--out", str(out)]) == 0
+    said = capsys.readouterr()
+    assert "already has 4 finished trials (search.trials: 4)" in said.err, said.err
+    assert f"4 trials finished ({batch} failed or unfinished); best valid" in said.out
+    assert states().count("COMPLETE") == 4
+    assert main(["search", str(p), "--out", str(out), "--trials", "1"]) == 0
+    assert states().count("COMPLETE") == 5
+
+
 def test_two_workers_share_one_sqlite_study(tmp_path):
     p = _search_recipe(tmp_path)
     url = f"sqlite:///{tmp_path / 'shared.db'}"
@@ -509,6 +552,17 @@ def test_two_workers_share_one_sqlite_study(tmp_path):
     assert len(trials) == 4 and len(workers) == 2
     drawn = [tuple(sorted(t.params.items())) for t in trials]
     assert len(set(drawn)) == 4, drawn  # no worker repeats another's draw
+    # Without --trials each worker stops once the study has search.trials (4): not 4 each.
+    url = f"sqlite:///{tmp_path / 'second.db'}"
+    for pr in [subprocess.Popen(cmd[:-4] + ["--set", "search.trials=4", "--storage", url, "--out",
+                                            str(tmp_path / f"v{i}")], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True) for i in range(2)]:
+        _, err = pr.communicate(timeout=300)
+        assert pr.returncode == 0, err[-2000:]
+    storage = optuna.storages.RDBStorage(url)
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    storage.engine.dispose()
+    assert 4 <= len(trials) <= 5 and all(t.state.name == "COMPLETE" for t in trials), len(trials)  # 5: both ran one
 
 
 @pytest.mark.parametrize("batch", [1, 2])
