@@ -185,8 +185,9 @@ class StackedStep:
     epoch's permutations ([K, N], copied into one buffer) at a device counter; lr and
     momentum [K] live in device tensors refilled before a replay; losses and errors sum on
     the device; the first ``warmup`` steps run eagerly on a side stream, the partial last
-    batch eagerly. Uncaptured (a CPU, Adam, dropout), the same function runs eagerly, so
-    the CPU tests check exactly the arithmetic a GPU captures."""
+    batch eagerly; the global step (Adam's bias correction) is a device tensor too.
+    Uncaptured (a CPU, dropout), the same function runs eagerly, so the CPU tests check
+    exactly the arithmetic a GPU captures."""
 
     def __init__(self, chain: StackedChain, opt: StackedOptimizer, x: Tensor, y: Tensor, batch: int,
                  noise: Noise | None, capture: bool, warmup: int = 3):
@@ -200,7 +201,7 @@ class StackedStep:
         self.perms = torch.zeros(K, x.shape[0], dtype=torch.long, device=dev)
         self.rows = torch.arange(batch, device=dev)
         self.pos = torch.zeros((), dtype=torch.long, device=dev)
-        self.t = 0  # the global step, for Adam's bias correction (never captured)
+        self.t = torch.zeros((), device=dev)  # the global step, for Adam's bias correction
 
     def start_epoch(self, perms: Tensor) -> None:
         """This epoch's permutations [K, N] (each member's data order); zeroes the sums."""
@@ -230,10 +231,10 @@ class StackedStep:
 
     def step(self, t: int) -> None:
         """Train every member on its next full batch; ``t``: the global step."""
-        self.t = t
+        self.t.fill_(t)
         self.replay()
 
     def last_batch(self, start: int, t: int) -> None:
         """Train on each member's rows from ``start`` to the end (a partial batch), eagerly."""
-        self.t = t
+        self.t.fill_(t)
         self._step(self.perms[:, start:])

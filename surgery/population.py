@@ -13,8 +13,8 @@ epochs, early stopping, results and files, is the single run's
 
 Scope today: dense chains (dropout allowed), SGD with momentum/Nesterov, Adam (a
 momentum schedule sets its beta1), RMSprop, Adagrad and Adadelta, ``layer_lr``, any
-lr/momentum schedule, early stopping, per-model init and dropout; on a GPU the SGD step is captured as a CUDA graph
-(:class:`surgery.graphed.StackedStep`; not with the other optimizers or dropout). Not
+lr/momentum schedule, early stopping, per-model init and dropout; on a GPU the step is captured as a CUDA graph
+(:class:`surgery.graphed.StackedStep`; not with dropout, whose masks are drawn on the CPU). Not
 yet: freeze schedules, conv layers, AMP and checkpoints;
 ``check_population`` names what a config lacks. Greedy pretraining has its own populations
 (:func:`surgery.pretrain.greedy.greedy_pretrain_population`); its supervised ``grow`` stages
@@ -150,8 +150,6 @@ def capture_blockers(cfgs: list[FinetuneConfig], device: torch.device, dropout: 
         reasons.append(f"the device is {device}, not a CUDA GPU")
     if any(c.cuda_graph is False for c in cfgs):
         reasons.append("cuda_graph: false")
-    if cfgs[0].optimizer.name != "sgd":
-        reasons.append(f"the optimizer is {cfgs[0].optimizer.name!r} (captured: sgd)")
     if dropout:
         reasons.append("dropout masks are drawn per member on the CPU")
     return reasons

@@ -129,10 +129,11 @@ class StackedOptimizer:
         self.alpha = per_member(alpha, 0.99)
         self.rho = per_member(rho, 0.9)
 
-    def step(self, lr: Tensor, mom: Tensor, step: int) -> None:
+    def step(self, lr: Tensor, mom: Tensor, step: int | Tensor) -> None:
         """One update of every member: ``lr`` [K], ``mom`` [K] (SGD and RMSprop momentum,
-        Adam's beta1; unused by Adagrad and Adadelta), ``step`` the global step (from 0);
-        each layer's lr times the member's multiplier for it."""
+        Adam's beta1; unused by Adagrad and Adadelta), ``step`` the global step (from 0; a
+        0-d device tensor where the update is captured as a CUDA graph); each layer's lr
+        times the member's multiplier for it."""
         if self.kind != "sgd":
             getattr(self, f"_{self.kind}")(lr, mom, step)
             return
@@ -161,7 +162,7 @@ class StackedOptimizer:
                 g.addcmul_(view(self.decay), p)
             yield p, g, buf, sq, mult, view
 
-    def _adam(self, lr: Tensor, beta1: Tensor, step: int) -> None:
+    def _adam(self, lr: Tensor, beta1: Tensor, step: int | Tensor) -> None:
         """As ``torch.optim.Adam`` with L2 weight decay (a momentum schedule sets beta1):
         ``p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``."""
         t, b2 = step + 1, self.b2
@@ -173,7 +174,7 @@ class StackedOptimizer:
             denom = (v.sqrt() / view(root)).add_(view(self.eps))
             p.sub_(m.div(denom).mul_(view(size * mult)))
 
-    def _rmsprop(self, lr: Tensor, mom: Tensor, step: int) -> None:
+    def _rmsprop(self, lr: Tensor, mom: Tensor, step: int | Tensor) -> None:
         """As ``torch.optim.RMSprop`` (not centered): ``v = alpha v + (1 - alpha) g^2``,
         ``buf = mom buf + g / (sqrt(v) + eps)``, ``p -= lr buf`` (momentum 0: ``buf`` is the step)."""
         for p, g, buf, v, mult, view in self._each():
@@ -181,13 +182,13 @@ class StackedOptimizer:
             buf.mul_(view(mom)).addcdiv_(g, v.sqrt().add_(view(self.eps)))
             p.addcmul_(view(lr * mult), buf, value=-1.0)
 
-    def _adagrad(self, lr: Tensor, mom: Tensor, step: int) -> None:
+    def _adagrad(self, lr: Tensor, mom: Tensor, step: int | Tensor) -> None:
         """As ``torch.optim.Adagrad`` (no lr decay): ``v += g^2``, ``p -= lr g / (sqrt(v) + eps)``."""
         for p, g, _, v, mult, view in self._each():
             v.addcmul_(g, g)
             p.addcmul_(view(lr * mult), g / v.sqrt().add_(view(self.eps)), value=-1.0)
 
-    def _adadelta(self, lr: Tensor, mom: Tensor, step: int) -> None:
+    def _adadelta(self, lr: Tensor, mom: Tensor, step: int | Tensor) -> None:
         """As ``torch.optim.Adadelta``: ``v = rho v + (1 - rho) g^2``, ``d = sqrt(u + eps) /
         sqrt(v + eps) g``, ``u = rho u + (1 - rho) d^2``, ``p -= lr d``."""
         for p, g, u, v, mult, view in self._each():

@@ -67,13 +67,15 @@ def test_finetune_step(synth, monkeypatch, opt, extra):
     audit.check(min_replays=60)
 
 
-def test_population_step(synth):
-    """Two models fine-tuned together (their own lr, momentum and schedule); the first
+@pytest.mark.parametrize("opt", [{"momentum": 0.9}, {"name": "adam", "weight_decay": 1e-4}, {"name": "rmsprop"},
+                                 {"name": "adagrad"}, {"name": "adadelta"}])
+def test_population_step(synth, opt):
+    """Two models fine-tuned together (their own lr, Nesterov flag and schedule); the first
     stops early (its lr held at 0 from then on) while the other trains on."""
     stop = {"patience": 1, "min_delta": 100.0}
-    cfgs = [cfg(epochs=4, optimizer={"lr": lr, "momentum": 0.9, "nesterov": nest}, early_stopping=es,
-                schedule={"lr": {"kind": "exponential", "end": 0.01}}) for lr, nest, es in ((0.1, False, stop),
-                                                                                         (0.2, True, None))]
+    cfgs = [cfg(epochs=4, optimizer={**opt, "lr": lr, "nesterov": nest and "momentum" in opt}, early_stopping=es,
+                schedule={"lr": {"kind": "exponential", "end": 0.01}}) for lr, nest, es in ((0.01, False, stop),
+                                                                                         (0.02, True, None))]
     assert capture_blockers(cfgs, torch.device("cuda"), False) == []
     with audit_replays() as audit:
         trainer = PopulationTrainer([mlp(), mlp(seed=1)], synth, cfgs, seeds=[0, 1])

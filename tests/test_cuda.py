@@ -214,19 +214,25 @@ def test_a_captured_population_continues_from_its_members_checkpoints(tmp_path):
             torch.testing.assert_close(continued.weights(k)[name], w, rtol=1e-6, atol=1e-7, msg=f"{k} {name}")
 
 
-def test_population_step_captured_as_a_cuda_graph_equals_eager():
-    """A population's SGD step replayed from a CUDA graph (momentum, Nesterov, weight decay,
-    an lr schedule, a partial last batch) equals the same population run eagerly."""
+@pytest.mark.parametrize("kind", ["sgd", "adam", "rmsprop", "adagrad", "adadelta"])
+def test_population_step_captured_as_a_cuda_graph_equals_eager(kind):
+    """A population's step replayed from a CUDA graph (SGD: momentum, Nesterov, weight
+    decay; the others with their own lr and decay; an lr schedule, a partial last batch;
+    Adam's bias correction from the global step in a device tensor) equals the same
+    population run eagerly."""
     from surgery.finetune import PopulationTrainer
 
     ds = _ds()
+    scale = 1.0 if kind in ("sgd", "adadelta") else 0.05
 
     def cfgs(graph):
         kw = {"epochs": 3, "device": "cuda", "batch_size": 48, "progress": False, "cuda_graph": graph}
-        return [FinetuneConfig(**kw, optimizer={"lr": 0.1, "momentum": 0.9}),
-                FinetuneConfig(**kw, optimizer={"lr": 0.2, "momentum": 0.5, "nesterov": True, "weight_decay": 1e-3}),
-                FinetuneConfig(**kw, optimizer={"lr": 0.3, "momentum": 0.9},
-                               schedule={"lr": {"kind": "exponential", "end": 0.01}})]
+        sgd = kind == "sgd"
+        return [FinetuneConfig(**kw, optimizer={"name": kind, "lr": 0.1 * scale, **({"momentum": 0.9} if sgd else {})}),
+                FinetuneConfig(**kw, optimizer={"name": kind, "lr": 0.2 * scale, "weight_decay": 1e-3,
+                                                **({"momentum": 0.5, "nesterov": True} if sgd else {})}),
+                FinetuneConfig(**kw, optimizer={"name": kind, "lr": 0.3 * scale, **({"momentum": 0.9} if sgd else {})},
+                               schedule={"lr": {"kind": "exponential", "end": 0.01 * scale}})]
 
     graphs = [mlp((64, 32, 16), seed=k) for k in range(3)]
     eager = PopulationTrainer(graphs, ds, cfgs(False), [1, 2, 3])
