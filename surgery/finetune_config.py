@@ -71,8 +71,8 @@ class FinetuneConfig(BaseModel):
     checkpoint_every: int = Field(default=0, ge=0, description="epochs between checkpoints; 0: none")
     amp: bool = Field(default=False, description="bf16 autocast (CUDA)")
     cuda_graph: bool | Literal["auto"] = Field(
-        default="auto", description="capture the training step as a CUDA graph; auto: on CUDA with sgd/adam, "
-        "no DDP, no compile and no freeze schedule")
+        default="auto", description="capture the training step as a CUDA graph; auto: on CUDA with any "
+        "optimizer but cg, no DDP, no compile and no freeze schedule")
     compile: bool = Field(default=False, description="torch.compile the model")
     progress: bool | None = None
 

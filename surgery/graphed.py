@@ -37,30 +37,35 @@ from .capture import Replay
 from .errors import ConfigError
 from .stacked import Noise, StackedChain, StackedOptimizer
 
-GRAPH_OPTIMIZERS = ("sgd", "adam")
+GRAPH_OPTIMIZERS = ("sgd", "adam", "rmsprop", "adagrad", "adadelta")  # all but cg, whose line searches need the host
+# The state tensors each optimizer keeps for a parameter, under torch.optim's names (and a
+# 0-d "step" for all but SGD).
+STATE = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq"), "rmsprop": ("square_avg", "momentum_buffer"),
+         "adagrad": ("sum",), "adadelta": ("square_avg", "acc_delta")}
 
 
 class GraphedStep:
-    """Forward + backward + SGD/Adam update of ``net`` on batches of ``batch`` rows.
+    """Forward + backward + optimizer update of ``net`` on batches of ``batch`` rows.
 
-    ``groups``: the optimizer's param groups (``params``, ``lr_mult``); ``opt``: the
-    ``torch.optim`` optimizer whose state tensors the update reads and writes.
+    ``opt``: the ``torch.optim`` optimizer (SGD, Adam, RMSprop, Adagrad or Adadelta, named
+    ``name``) whose hyperparameters (its first param group's) and state tensors the update
+    reads and writes; each param group keeps its ``lr_mult``.
     """
 
-    def __init__(self, net: nn.Module, opt: torch.optim.Optimizer, name: str, momentum: float, weight_decay: float,
-                 nesterov: bool, betas: tuple[float, float], eps: float | None, amp: bool, capture: bool,
+    def __init__(self, net: nn.Module, opt: torch.optim.Optimizer, name: str, amp: bool, capture: bool,
                  warmup: int = 3):
         if name not in GRAPH_OPTIMIZERS:
-            raise ConfigError(f"finetune.cuda_graph: the {name!r} optimizer is not captured; use sgd or adam, "
-                              "or cuda_graph: false.")
-        self.net, self.opt, self.name = net, opt, name
-        self.wd, self.nesterov, self.b2, self.amp = weight_decay, nesterov, betas[1], amp
-        self.default_momentum = momentum if name == "sgd" else betas[0]
-        self.eps = 1e-8 if eps is None else eps
+            raise ConfigError(f"finetune.cuda_graph: the {name!r} optimizer is not captured; use one of "
+                              f"{list(GRAPH_OPTIMIZERS)}, or cuda_graph: false.")
+        hp = opt.param_groups[0]
+        self.net, self.opt, self.name, self.amp = net, opt, name, amp
+        self.wd, self.nesterov, self.eps = hp["weight_decay"], hp.get("nesterov", False), hp.get("eps")
+        self.b2, self.alpha, self.rho = hp.get("betas", (0.0, 0.0))[1], hp.get("alpha"), hp.get("rho")
+        self.default_momentum = hp["betas"][0] if name == "adam" else hp.get("momentum", 0.0)
         self.capture, self.warmup = capture, warmup
         dev = next(net.parameters()).device
         self.lr = torch.zeros((), device=dev)
-        self.mom = torch.zeros((), device=dev)  # SGD momentum, or Adam's beta1
+        self.mom = torch.zeros((), device=dev)  # SGD and RMSprop momentum, or Adam's beta1
         self.loss_sum = torch.zeros((), device=dev)
         self.wrong = torch.zeros((), dtype=torch.long, device=dev)
         self.xs: Tensor | None = None  # the epoch's shuffled training set, [N, ...] and [N]
@@ -74,21 +79,20 @@ class GraphedStep:
         return [(gr["lr_mult"], [p for p in gr["params"] if p.requires_grad]) for gr in self.opt.param_groups]
 
     def _state(self, p: Tensor) -> dict[str, Tensor]:
+        """``p``'s state in the optimizer, as ``torch.optim`` keeps it (so checkpoints and an
+        eager step read it), made where it is missing; ``step`` a 0-d tensor on the device."""
         st = self.opt.state[p]
-        if self.name == "sgd":
-            if st.get("momentum_buffer") is None:
-                st["momentum_buffer"] = torch.zeros_like(p)
-        else:
-            if not isinstance(st.get("step"), Tensor) or st["step"].device != p.device:
-                st["step"] = torch.tensor(float(st.get("step", 0.0)), device=p.device)
-            st.setdefault("exp_avg", torch.zeros_like(p))
-            st.setdefault("exp_avg_sq", torch.zeros_like(p))
+        for key in STATE[self.name]:
+            if st.get(key) is None:  # SGD without momentum keeps a None buffer
+                st[key] = torch.zeros_like(p)
+        if self.name != "sgd" and (not isinstance(st.get("step"), Tensor) or st["step"].device != p.device):
+            st["step"] = torch.tensor(float(st.get("step", 0.0)), device=p.device)
         return st
 
     @torch.no_grad()
     def _update(self) -> None:
-        """The SGD/Adam update of every trainable tensor in a handful of ``_foreach`` kernels
-        (captured, ~10 launches instead of ~6 per tensor)."""
+        """The optimizer's update of every trainable tensor in a handful of ``_foreach``
+        kernels (captured, ~10 launches instead of ~6 per tensor)."""
         pairs = [(p, mult) for mult, params in self._trainable() for p in params]
         if not pairs:
             return
@@ -97,32 +101,73 @@ class GraphedStep:
         if self.wd:
             grads = torch._foreach_add(grads, params, alpha=self.wd)
         states = [self._state(p) for p in params]
-        if self.name == "sgd":
-            bufs = [st["momentum_buffer"] for st in states]
-            torch._foreach_mul_(bufs, self.mom)
-            torch._foreach_add_(bufs, grads)
-            if self.nesterov:
-                steps = torch._foreach_mul(bufs, self.mom)
-                torch._foreach_add_(steps, grads)
-                torch._foreach_mul_(steps, self.lr)
-            else:
-                steps = torch._foreach_mul(bufs, self.lr)
-        else:
-            torch._foreach_add_([st["step"] for st in states], 1)  # 0-d tensors, as torch.optim.Adam keeps
-            t = states[0]["step"]
-            m, v = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
-            torch._foreach_mul_(m, self.mom)
-            torch._foreach_add_(m, torch._foreach_mul(grads, 1 - self.mom))
-            torch._foreach_mul_(v, self.b2)
-            torch._foreach_addcmul_(v, grads, grads, value=1 - self.b2)
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_div_(denom, torch.sqrt(1 - self.b2**t))
-            torch._foreach_add_(denom, self.eps)
-            steps = torch._foreach_div(m, denom)
-            torch._foreach_mul_(steps, self.lr / (1 - torch.pow(self.mom, t)))
+        t = None if self.name == "sgd" else states[0]["step"]
+        if t is not None:
+            torch._foreach_add_([st["step"] for st in states], 1)  # counted as torch.optim counts
+        steps = getattr(self, f"_{self.name}")(grads, [[st[k] for st in states] for k in STATE[self.name]], t)
         if any(m != 1.0 for m in mults):
             torch._foreach_mul_(steps, mults)
         torch._foreach_sub_(params, steps)
+
+    # Each returns the steps (lr included) that are subtracted from the parameters; ``states``:
+    # the optimizer's state tensors of every parameter, one list for each key of STATE; ``t``:
+    # the step count, a 0-d device tensor (Adam's bias correction).
+    def _sgd(self, grads: list[Tensor], states: list[list[Tensor]], t: Tensor | None) -> list[Tensor]:
+        bufs = states[0]
+        torch._foreach_mul_(bufs, self.mom)
+        torch._foreach_add_(bufs, grads)
+        if not self.nesterov:
+            return torch._foreach_mul(bufs, self.lr)
+        steps = torch._foreach_mul(bufs, self.mom)
+        torch._foreach_add_(steps, grads)
+        torch._foreach_mul_(steps, self.lr)
+        return steps
+
+    def _adam(self, grads: list[Tensor], states: list[list[Tensor]], t: Tensor | None) -> list[Tensor]:
+        m, v = states
+        torch._foreach_mul_(m, self.mom)
+        torch._foreach_add_(m, torch._foreach_mul(grads, 1 - self.mom))
+        torch._foreach_mul_(v, self.b2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - self.b2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, torch.sqrt(1 - self.b2**t))
+        torch._foreach_add_(denom, self.eps)
+        steps = torch._foreach_div(m, denom)
+        torch._foreach_mul_(steps, self.lr / (1 - torch.pow(self.mom, t)))
+        return steps
+
+    def _rmsprop(self, grads: list[Tensor], states: list[list[Tensor]], t: Tensor | None) -> list[Tensor]:
+        v, bufs = states  # momentum 0: the buffer holds g / (sqrt(v) + eps), the step itself
+        torch._foreach_mul_(v, self.alpha)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - self.alpha)
+        avg = torch._foreach_sqrt(v)
+        torch._foreach_add_(avg, self.eps)
+        torch._foreach_mul_(bufs, self.mom)
+        torch._foreach_addcdiv_(bufs, grads, avg)
+        return torch._foreach_mul(bufs, self.lr)
+
+    def _adagrad(self, grads: list[Tensor], states: list[list[Tensor]], t: Tensor | None) -> list[Tensor]:
+        (sums,) = states
+        torch._foreach_addcmul_(sums, grads, grads)
+        std = torch._foreach_sqrt(sums)
+        torch._foreach_add_(std, self.eps)
+        steps = torch._foreach_div(grads, std)
+        torch._foreach_mul_(steps, self.lr)
+        return steps
+
+    def _adadelta(self, grads: list[Tensor], states: list[list[Tensor]], t: Tensor | None) -> list[Tensor]:
+        v, u = states  # averages of squared gradients and of squared updates
+        torch._foreach_mul_(v, self.rho)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - self.rho)
+        std = torch._foreach_add(v, self.eps)
+        torch._foreach_sqrt_(std)
+        delta = torch._foreach_add(u, self.eps)
+        torch._foreach_sqrt_(delta)
+        torch._foreach_div_(delta, std)
+        torch._foreach_mul_(delta, grads)
+        torch._foreach_mul_(u, self.rho)
+        torch._foreach_addcmul_(u, delta, delta, value=1 - self.rho)
+        return torch._foreach_mul(delta, self.lr)
 
     def _step(self, x: Tensor, y: Tensor) -> None:
         # autocast must not cache casts across a graph capture (see torch.cuda.graph docs)

@@ -319,9 +319,7 @@ class ModuleEngine:
                               "(captures where it can) or false.")
         if blockers:
             return None
-        o = cfg.optimizer
-        return GraphedStep(self.net, self.opt, o.name, o.momentum, o.weight_decay, o.nesterov, o.betas, o.eps,
-                           cfg.amp, capture=True)
+        return GraphedStep(self.net, self.opt, cfg.optimizer.name, cfg.amp, capture=True)
 
     def errors(self, split: str, chunk: int | None = None) -> list[float]:
         """``[error]``: the classification error in percent on ``split`` (train, valid or test)."""

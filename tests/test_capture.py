@@ -54,7 +54,12 @@ def test_dense_autoencoder_step(kw):
     ({"name": "sgd", "lr": 0.3, "momentum": 0.9},
      {"schedule": {"lr": {"kind": "step", "step_epochs": 1, "gamma": 0.5}}}),
     ({"name": "adam", "lr": 0.005, "weight_decay": 1e-4}, {"schedule": {"lr": {"kind": "cosine", "end": 0.001}}}),
-], ids=["sgd+nesterov+schedules+dropout", "sgd+momentum+schedule", "adam+schedule"])
+    ({"name": "rmsprop", "lr": 0.003, "momentum": 0.5}, {"schedule": {"momentum": {"kind": "linear", "end": 0.9}},
+                                                        "dropout": {"h1": 0.2}}),
+    ({"name": "adagrad", "lr": 0.03, "weight_decay": 1e-4}, {"layer_lr": {"out": 0.5}}),
+    ({"name": "adadelta", "lr": 1.0}, {"schedule": {"lr": {"kind": "exponential", "end": 0.1}}}),
+], ids=["sgd+nesterov+schedules+dropout", "sgd+momentum+schedule", "adam+schedule", "rmsprop+momentum ramp+dropout",
+        "adagrad+layer_lr", "adadelta+schedule"])
 def test_finetune_step(synth, monkeypatch, opt, extra):
     from surgery import module_engine
 

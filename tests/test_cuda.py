@@ -105,7 +105,10 @@ def _twin(cfg_kw: dict, epochs: int = 2):
     {"optimizer": {"name": "sgd", "lr": 0.3, "momentum": 0.5}, "layer_lr": {"h1": 2.0},
      "schedule": {"lr": {"kind": "exponential", "start": 0.3, "end": 0.01}, "momentum": {"kind": "linear"}}},
     {"optimizer": {"name": "sgd", "lr": 0.2, "momentum": 0.9}, "dropout": {"h1": 0.3}, "input_dropout": 0.1},
-], ids=["momentum", "nesterov", "adam", "schedule", "dropout"])
+    {"optimizer": {"name": "rmsprop", "lr": 0.003, "momentum": 0.5, "weight_decay": 1e-4}},
+    {"optimizer": {"name": "adagrad", "lr": 0.03}, "schedule": {"lr": {"kind": "cosine", "end": 0.001}}},
+    {"optimizer": {"name": "adadelta", "lr": 1.0}, "layer_lr": {"out": 0.5}},
+], ids=["momentum", "nesterov", "adam", "schedule", "dropout", "rmsprop", "adagrad", "adadelta"])
 def test_cuda_graph_equals_eager(kw):
     graphed, eager = _twin(kw)
     g = graphed.engine.graphed

@@ -666,8 +666,7 @@ def _graphed_vs_torch(opt_cfg, schedule=None, layer_lr=None, steps=6):
     mult = layer_lr or {}
     opts = [build_optimizer(o, [{"params": list(m.parameters()), "lr_mult": mult.get(name, 1.0), "node": name}
                                 for name, m in net.named_children()]) for net in nets]
-    step = GraphedStep(nets[1], opts[1], o.name, o.momentum, o.weight_decay, o.nesterov, o.betas, o.eps,
-                       amp=False, capture=False)
+    step = GraphedStep(nets[1], opts[1], o.name, amp=False, capture=False)
     gen = torch.Generator().manual_seed(0)
     xs, ys = torch.rand(16 * steps - 5, 20, generator=gen), torch.randint(0, 3, (16 * steps - 5,), generator=gen)
     step.start_epoch(xs, ys, 16)
@@ -692,7 +691,13 @@ def _graphed_vs_torch(opt_cfg, schedule=None, layer_lr=None, steps=6):
      {"lr": {"kind": "exponential", "start": 0.5, "end": 0.01}, "momentum": {"kind": "linear", "start": 0.5}}, None),
     ({"name": "adam", "lr": 0.01, "weight_decay": 1e-3}, None, {"out": 0.5}),
     ({"name": "adam", "lr": 0.01}, {"momentum": {"kind": "linear", "start": 0.8, "end": 0.95}}, None),
-], ids=["momentum", "plain+layer_lr", "nesterov+decay", "schedules", "adam+layer_lr", "adam+beta1 ramp"])
+    ({"name": "rmsprop", "lr": 0.01, "weight_decay": 1e-3, "alpha": 0.9}, None, {"out": 0.5}),
+    ({"name": "rmsprop", "lr": 0.01, "momentum": 0.5}, {"momentum": {"kind": "linear", "start": 0.5, "end": 0.9},
+                                                        "lr": {"kind": "cosine", "end": 0.001}}, None),
+    ({"name": "adagrad", "lr": 0.05, "weight_decay": 1e-3}, {"lr": {"kind": "exponential", "end": 0.01}}, None),
+    ({"name": "adadelta", "lr": 1.0, "rho": 0.95, "eps": 1e-5}, None, {"h1": 0.5}),
+], ids=["momentum", "plain+layer_lr", "nesterov+decay", "schedules", "adam+layer_lr", "adam+beta1 ramp",
+        "rmsprop+decay+layer_lr", "rmsprop+momentum ramp", "adagrad+decay+schedule", "adadelta+layer_lr"])
 def test_captured_step_arithmetic_equals_torch_optim(case):
     _graphed_vs_torch(*case)
 
@@ -702,7 +707,9 @@ def test_captured_step_arithmetic_equals_torch_optim(case):
      {"schedule": {"lr": {"kind": "exponential", "end": 0.01}, "momentum": {"kind": "linear", "end": 0.9}},
       "dropout": {"h1": 0.3}}),
     ({"name": "adam", "lr": 0.005, "weight_decay": 1e-4}, {"layer_lr": {"out": 0.5}}),
-], ids=["sgd+schedules+dropout", "adam+layer_lr"])
+    ({"name": "rmsprop", "lr": 0.002, "momentum": 0.5}, {"schedule": {"lr": {"kind": "cosine", "end": 1e-4}}}),
+    ({"name": "adadelta", "lr": 1.0, "weight_decay": 1e-4}, {"dropout": {"h1": 0.2}}),
+], ids=["sgd+schedules+dropout", "adam+layer_lr", "rmsprop+momentum+schedule", "adadelta+dropout"])
 def test_graphed_epoch_loop_trains_what_the_eager_loop_trains(synth, opt, extra):
     """The epoch loop a CUDA run takes (train_graphed_epoch: the schedule written into the
     step's device tensors each step, the partial last batch run eagerly, loss and error
@@ -715,9 +722,8 @@ def test_graphed_epoch_loop_trains_what_the_eager_loop_trains(synth, opt, extra)
     eager = Trainer(mlp(), synth, c)  # seeds torch's default generator, which dropout draws from
     a = eager.fit()
     graphed = Trainer(mlp(), synth, c)
-    e, o = graphed.engine, c.optimizer
-    e.graphed = GraphedStep(e.net, e.opt, o.name, o.momentum, o.weight_decay, o.nesterov, o.betas, o.eps,
-                            amp=False, capture=False)
+    e = graphed.engine
+    e.graphed = GraphedStep(e.net, e.opt, c.optimizer.name, amp=False, capture=False)
     b = graphed.fit()
     for (k, x), (_, y) in zip(eager.model.state_dict().items(), graphed.model.state_dict().items()):
         torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5, msg=k)
@@ -731,8 +737,8 @@ def test_cuda_graph_option_on_the_cpu(synth):
     assert Trainer(mlp(), synth, cfg()).engine.graphed is None  # auto: eager on the CPU
     with pytest.raises(SurgeryError, match="finetune.cuda_graph: true, but the device is cpu, not a CUDA GPU"):
         Trainer(mlp(), synth, cfg(cuda_graph=True))
-    with pytest.raises(SurgeryError, match="'rmsprop' is not one of"):
-        Trainer(mlp(), synth, cfg(cuda_graph=True, optimizer={"name": "rmsprop", "lr": 0.01}))
+    with pytest.raises(SurgeryError, match="'cg' is not one of"):
+        Trainer(mlp(), synth, cfg(cuda_graph=True, optimizer={"name": "cg"}))
 
 
 def _without_valid(ds):
