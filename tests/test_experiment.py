@@ -443,25 +443,32 @@ def test_search_marks_diverged_trials_and_never_picks_them(tmp_path, monkeypatch
     assert not (tmp_path / "b" / "best.yaml").exists()
 
 
+def _interrupt_fit(monkeypatch, n: int) -> list:
+    """Ctrl-C at the ``n``-th fine-tuning (a Trainer's or a population's fit); returns the
+    list of fits so far (a test can reset it)."""
+    from surgery.finetune import PopulationTrainer, Trainer
+
+    fits: list = []
+
+    def stop(fit):
+        def wrapped(self, *a, **k):
+            fits.append(1)
+            if len(fits) == n:
+                raise KeyboardInterrupt
+            return fit(self, *a, **k)
+        return wrapped
+
+    monkeypatch.setattr(Trainer, "fit", stop(Trainer.fit))
+    monkeypatch.setattr(PopulationTrainer, "fit", stop(PopulationTrainer.fit))
+    return fits
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_a_stopped_search_keeps_its_trials_and_best_so_far(tmp_path, monkeypatch, capsys, batch):
     """search.json and best.yaml are written after every trial (or batch), not only at the
     end: a search stopped midway (Ctrl-C, a lost machine) keeps them, and `inspect` describes
     it; it said the directory was not a run's."""
-    from surgery.finetune import PopulationTrainer, Trainer
-
-    fits = []
-
-    def stop_on_third(fit):  # the third trial alone, or the second batch of two
-        def wrapped(self, *a, **k):
-            fits.append(1)
-            if len(fits) == 3 - (batch > 1):
-                raise KeyboardInterrupt
-            return fit(self, *a, **k)
-        return wrapped
-
-    monkeypatch.setattr(Trainer, "fit", stop_on_third(Trainer.fit))
-    monkeypatch.setattr(PopulationTrainer, "fit", stop_on_third(PopulationTrainer.fit))
+    fits = _interrupt_fit(monkeypatch, 3 - (batch > 1))  # the third trial alone, or the second batch of two
     p = _search_recipe(tmp_path)
     r = yaml.safe_load(p.read_text())
     r["search"].update(trials=6, batch=batch)
@@ -495,18 +502,6 @@ def test_a_search_run_again_runs_only_the_trials_it_lacks(tmp_path, monkeypatch,
     """Stopped after two of its four trials, the same command run again runs the other two
     (it ran four more, and the Ctrl-C message said to run it again); run once more it runs
     none and says so; --trials N still runs N more."""
-    from surgery.finetune import PopulationTrainer, Trainer
-
-    fits = []
-
-    def stop_on_third(fit):  # the third trial alone, or the second batch of two
-        def wrapped(self, *a, **k):
-            fits.append(1)
-            if len(fits) == 3 - (batch > 1):
-                raise KeyboardInterrupt
-            return fit(self, *a, **k)
-        return wrapped
-
     p = _search_recipe(tmp_path)
     r = yaml.safe_load(p.read_text())
     r["search"].update(trials=4, batch=batch)
@@ -517,8 +512,7 @@ def test_a_search_run_again_runs_only_the_trials_it_lacks(tmp_path, monkeypatch,
         return [t["state"] for t in json.loads((out / "search.json").read_text())["trials"]]
 
     with monkeypatch.context() as m:
-        m.setattr(Trainer, "fit", stop_on_third(Trainer.fit))
-        m.setattr(PopulationTrainer, "fit", stop_on_third(PopulationTrainer.fit))
+        _interrupt_fit(m, 3 - (batch > 1))  # the third trial alone, or the second batch of two
         assert main(["search", str(p), "--out", str(out)]) == 130
     assert states().count("COMPLETE") == 2
     assert main(["search", str(p), "--out", str(out)]) == 0
