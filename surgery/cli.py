@@ -381,6 +381,9 @@ def cmd_search(args: argparse.Namespace) -> None:
     out = _out(args, recipe, "-search")
     s = run_search(recipe, out, args.trials, args.storage)
     done = sum(t["state"] == "COMPLETE" for t in s["trials"])
+    if s["ran"] == 0:
+        say(f"nothing to run: study {s['study']} already has {done} finished trials (search.trials: "
+            f"{recipe.search.trials}); --trials N runs N more")
     others = f" ({len(s['trials']) - done} failed or unfinished)" if len(s["trials"]) > done else ""
     say(f"study {s['study']}: {done} trials finished{others}; best valid error {s['best_value']:.2f}% "
         f"(trial {s['best_trial'] + 1}) with {s['best_params']}",

@@ -151,11 +151,11 @@ def _trial_recipe(base: dict[str, Any], values: dict[str, Any], recipe: Recipe, 
 
 
 def _optimize_in_batches(study: Any, cfg: SearchConfig, base: dict[str, Any], recipe: Recipe, out: Path, n: int,
-                         worker: str, progress: bool | None, after: Callable[[], bool]) -> None:
+                         worker: str, progress: bool | None, after: Callable[[], bool]) -> int:
     """Ask ``cfg.batch`` trials at a time, run them as one batch (their fine-tuning as one
     population where they can share it) and tell their validation errors (``DIVERGED_SCORE``
     when a run diverged), until ``n`` trials are done or ``after()``, called after each
-    batch, says to stop."""
+    batch, says to stop; returns how many ran."""
     import optuna
 
     done = 0
@@ -178,7 +178,8 @@ def _optimize_in_batches(study: Any, cfg: SearchConfig, base: dict[str, Any], re
             study.tell(trial, _score(trial, vals, res, progress))
         done += len(asked)
         if after():
-            return
+            break
+    return done
 
 
 def finished(study: Any) -> int:
@@ -190,11 +191,11 @@ def finished(study: Any) -> int:
 
 def run_search(recipe: Recipe, out: str | Path, trials: int | None = None, storage: str | None = None,
                progress: bool | None = None) -> dict[str, Any]:
-    """Run (or join) the study; write best.yaml and search.json under ``out``. Without
-    ``trials`` the study is taken to ``search.trials`` finished trials (a search run again
-    after a stop runs only the rest, as an experiment skips its finished cells; with other
-    workers on its storage, each stops once the study has them); ``trials``: this worker
-    runs that many more."""
+    """Run (or join) the study; write best.yaml and search.json under ``out``, and return
+    what search.json holds and ``ran``, the trials this call ran. Without ``trials`` the
+    study is taken to ``search.trials`` finished trials (a search run again after a stop
+    runs only the rest, as an experiment skips its finished cells; with other workers on its
+    storage, each stops once the study has them); ``trials``: this worker runs that many more."""
     import optuna
 
     cfg: SearchConfig | None = recipe.search
@@ -222,10 +223,8 @@ def run_search(recipe: Recipe, out: str | Path, trials: int | None = None, stora
     try:
         make_dir(out)  # after a --storage that cannot be opened has failed: it leaves no directory
         done = finished(study)
-        if trials is None and done >= cfg.trials:
-            progress_line(progress, f"search: study {name!r} already has {done} finished trials (search.trials: "
-                                    f"{cfg.trials}); --trials N runs N more")
-            return _write_outcome(study, name, storage, recipe, out)
+        if trials is None and done >= cfg.trials:  # nothing left to run: the outcome written again
+            return {**_write_outcome(study, name, storage, recipe, out), "ran": 0}
         n, total = (cfg.trials - done, cfg.trials) if trials is None else (trials, None)
         return _optimize(study, recipe, base, first, dataset, out, n, total, storage, progress)
     finally:
@@ -244,7 +243,10 @@ def _optimize(study: Any, recipe: Recipe, base: dict[str, Any], first: Recipe, d
     name = cfg.study or recipe.name
     worker = f"{socket.gethostname()}:{os.getpid()}"
 
+    ran = [0]
+
     def objective(trial: optuna.Trial) -> float:
+        ran[0] += 1
         values = seeded_suggest(study, trial, cfg, recipe.seed)
         trial.set_user_attr("worker", worker)
         r, rdir = _trial_recipe(base, values, recipe, trial, out)
@@ -263,8 +265,8 @@ def _optimize(study: Any, recipe: Recipe, base: dict[str, Any], first: Recipe, d
     if cfg.batch == 1:
         study.optimize(objective, n_trials=n, callbacks=[lambda st, _: so_far() and st.stop()])
     else:
-        _optimize_in_batches(study, cfg, base, recipe, out, n, worker, progress, so_far)
-    return _write_outcome(study, name, storage, recipe, out)
+        ran[0] = _optimize_in_batches(study, cfg, base, recipe, out, n, worker, progress, so_far)
+    return {**_write_outcome(study, name, storage, recipe, out), "ran": ran[0]}
 
 
 def _write_outcome(study: Any, name: str, storage: str, recipe: Recipe, out: Path,

@@ -520,7 +520,7 @@ def test_a_search_run_again_runs_only_the_trials_it_lacks(tmp_path, monkeypatch,
     capsys.readouterr()
     assert main(["search", str(p), "--out", str(out)]) == 0
     said = capsys.readouterr()
-    assert "already has 4 finished trials (search.trials: 4)" in said.err, said.err
+    assert "nothing to run: study s already has 4 finished trials (search.trials: 4)" in said.out, said.out
     assert f"4 trials finished ({batch} failed or unfinished); best valid" in said.out
     assert states().count("COMPLETE") == 4
     assert main(["search", str(p), "--out", str(out), "--trials", "1"]) == 0
