@@ -41,7 +41,7 @@ def _read(path: Path) -> dict[str, Any] | None:
     return holder if isinstance(holder, dict) else None
 
 
-def _alive(holder: dict[str, Any]) -> bool:
+def alive(holder: dict[str, Any]) -> bool:
     """Whether the lock's process still runs: checked on this machine (a lock of this
     process counts as ended: it was left by an earlier call that did not end cleanly);
     taken as running when held on another machine or while it is being written."""
@@ -64,7 +64,7 @@ def holders(out: Path) -> list[tuple[Path, dict[str, Any]]]:
     found = []
     for path in sorted(Path(out).glob(f"{LOCK}*")):
         holder = _read(path)
-        if holder is not None and _alive(holder):
+        if holder is not None and alive(holder):
             found.append((path, holder))
     return found
 
@@ -118,7 +118,7 @@ def hold(out: str | Path, shard: tuple[int, int] | None = None, flag: str = "--o
     for _ in range(3):  # a run that took the lock between our look and our create: look again
         for other in sorted(out.glob(f"{LOCK}*")):
             holder = _read(other)
-            if holder is None or not _alive(holder):  # left by a run that has ended
+            if holder is None or not alive(holder):  # left by a run that has ended
                 other.unlink(missing_ok=True)
             elif (why := _conflict(other, holder, shard)) is not None:
                 raise _refusal(out, other, holder, why, flag)

@@ -23,6 +23,7 @@ from .data import Dataset, load_dataset
 from .errors import SurgeryError, TrainingDiverged
 from .grid import check_search
 from .io import make_dir, progress_line, write_json, write_text
+from .lock import alive
 from .outdirs import check_own_out
 from .pipeline import plan_network, run, run_batch
 from .recipe import Recipe, apply_overrides, recipe_from_dict
@@ -189,6 +190,29 @@ def finished(study: Any) -> int:
     return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
 
+def _fail_orphans(study: Any) -> list[int]:
+    """Mark failed the trials a worker on this machine left running when its process ended
+    (``kill -9``, a lost session: it could not say so), so that the study, search.json and
+    ``inspect`` count them as failed; returns their numbers. A trial of a worker still
+    running, or of another machine, is left as it is."""
+    import optuna
+
+    orphans = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
+        if host and pid.isdigit() and not alive({"host": host, "pid": int(pid)}):
+            orphans.append(t.number)
+    if orphans:
+        level = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # not a 'Trial N failed' warning each
+        try:
+            for number in orphans:
+                study.tell(number, state=optuna.trial.TrialState.FAIL)
+        finally:
+            optuna.logging.set_verbosity(level)
+    return orphans
+
+
 def run_search(recipe: Recipe, out: str | Path, trials: int | None = None, storage: str | None = None,
                progress: bool | None = None) -> dict[str, Any]:
     """Run (or join) the study; write best.yaml and search.json under ``out``, and return
@@ -222,6 +246,11 @@ def run_search(recipe: Recipe, out: str | Path, trials: int | None = None, stora
     study, db = _open_study(name, storage, make_sampler(cfg.sampler, recipe.seed))
     try:
         make_dir(out)  # after a --storage that cannot be opened has failed: it leaves no directory
+        orphans = _fail_orphans(study)
+        if orphans:
+            which = f"trial {orphans[0] + 1} was" if len(orphans) == 1 else \
+                f"trials {', '.join(str(n + 1) for n in orphans)} were"
+            progress_line(progress, f"search: {which} left unfinished by a process that has ended; marked failed")
         done = finished(study)
         if trials is None and done >= cfg.trials:  # nothing left to run: the outcome written again
             return {**_write_outcome(study, name, storage, recipe, out), "ran": 0}

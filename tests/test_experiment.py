@@ -527,6 +527,30 @@ def test_a_search_run_again_runs_only_the_trials_it_lacks(tmp_path, monkeypatch,
     assert states().count("COMPLETE") == 5
 
 
+def test_a_search_marks_failed_the_trials_a_killed_worker_left_running(tmp_path, capsys):
+    """A worker killed midway (kill -9) leaves its trial RUNNING; the next search on the
+    study marks it failed (inspect said 'failed or unfinished' for ever) and runs the trials
+    the study lacks; a trial of a worker still running is left alone."""
+    import socket
+
+    import optuna
+
+    p = _search_recipe(tmp_path)
+    out = tmp_path / "s"
+    out.mkdir()
+    url = f"sqlite:///{out / 'search.db'}"
+    storage = optuna.storages.RDBStorage(url)
+    study = optuna.create_study(study_name="s", storage=storage, direction="minimize")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for pid in (int(dead.stdout), os.getppid()):  # a process that has ended, one that runs
+        study.ask().set_user_attr("worker", f"{socket.gethostname()}:{pid}")
+    storage.engine.dispose()
+    assert main(["search", str(p), "--out", str(out)]) == 0
+    states = [t["state"] for t in json.loads((out / "search.json").read_text())["trials"]]
+    assert states[:2] == ["FAIL", "RUNNING"] and states.count("COMPLETE") == 3, states
+    assert "trial 1 was left unfinished by a process that has ended; marked failed" in capsys.readouterr().err
+
+
 def test_two_workers_share_one_sqlite_study(tmp_path):
     p = _search_recipe(tmp_path)
     url = f"sqlite:///{tmp_path / 'shared.db'}"
