@@ -73,7 +73,8 @@ def test_finetune_step(synth, monkeypatch, opt, extra):
 
 
 @pytest.mark.parametrize("opt", [{"momentum": 0.9}, {"name": "adam", "weight_decay": 1e-4}, {"name": "rmsprop"},
-                                 {"name": "adagrad"}, {"name": "adadelta"}])
+                                 {"name": "adagrad"}, {"name": "adadelta"}],
+                         ids=["sgd", "adam", "rmsprop", "adagrad", "adadelta"])
 def test_population_step(synth, opt):
     """Two models fine-tuned together (their own lr, Nesterov flag and schedule); the first
     stops early (its lr held at 0 from then on) while the other trains on."""
