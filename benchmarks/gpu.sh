@@ -95,8 +95,8 @@ if [ "$quick" = protocol ]; then  # #13's paper protocol, as far as one call all
 fi
 n=()
 [ "$quick" = quick ] && n=(--n 10000)
-# The CUDA tests first and on their own (35 of them, each recipe among them: the GPU's own
-# answer comes back even if the rest of the suite, ~170 s on 2 CPU cores, runs out of time).
+# The CUDA tests first and on their own (44 of them, each recipe among them: the GPU's own
+# answer comes back even if the rest of the suite, 200-250 s on 2 CPU cores, runs out of time).
 step cuda-tests 180 $py -m pytest -q -p no:cacheprovider tests/test_cuda.py
 step tests 180 $py -m pytest -q -p no:cacheprovider --ignore tests/test_cuda.py
 step finetune 90 $py benchmarks/finetune.py --device cuda --rounds 3 "${n[@]}"
