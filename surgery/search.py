@@ -272,10 +272,11 @@ def _optimize(study: Any, recipe: Recipe, base: dict[str, Any], first: Recipe, d
     name = cfg.study or recipe.name
     worker = f"{socket.gethostname()}:{os.getpid()}"
 
-    ran = [0]
+    ran = 0  # trials this call runs
 
     def objective(trial: optuna.Trial) -> float:
-        ran[0] += 1
+        nonlocal ran
+        ran += 1
         values = seeded_suggest(study, trial, cfg, recipe.seed)
         trial.set_user_attr("worker", worker)
         r, rdir = _trial_recipe(base, values, recipe, trial, out)
@@ -294,8 +295,8 @@ def _optimize(study: Any, recipe: Recipe, base: dict[str, Any], first: Recipe, d
     if cfg.batch == 1:
         study.optimize(objective, n_trials=n, callbacks=[lambda st, _: so_far() and st.stop()])
     else:
-        ran[0] = _optimize_in_batches(study, cfg, base, recipe, out, n, worker, progress, so_far)
-    return {**_write_outcome(study, name, storage, recipe, out), "ran": ran[0]}
+        ran = _optimize_in_batches(study, cfg, base, recipe, out, n, worker, progress, so_far)
+    return {**_write_outcome(study, name, storage, recipe, out), "ran": ran}
 
 
 def _write_outcome(study: Any, name: str, storage: str, recipe: Recipe, out: Path,
