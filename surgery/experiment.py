@@ -77,7 +77,8 @@ def _run_cells(recipe: Recipe, runner: CellRunner, cells: list[Cell], out: Path,
     tune = recipe.experiment.tune
     whose = f"shard {shard[0] + 1}/{shard[1]} of " if shard is not None else ""
     progress_line(progress, f"experiment: {whose}{len(cells)} cell{'s' * (len(cells) != 1)}" + (
-        f", each arm and depth tuned first ({tune.trials} trials)" if tune is not None else "")
+        f", each arm and depth tuned first ({tune.trials} trials"
+        + (f" on {tune.seeds} seeds each" if tune.seeds > 1 else "") + ")" if tune is not None else "")
         + f"; files in {out} (`surgery inspect {out}` says how far it has got)")
     if tune is not None:
         tuned = tune_arms(tune, cells, runner, out, progress, shard)

@@ -18,6 +18,7 @@ from pydantic import (
     NonNegativeInt,
     PositiveInt,
     field_validator,
+    model_validator,
 )
 
 from .errors import SurgeryWarning
@@ -91,15 +92,20 @@ def _tunable_paths(v: dict[str, ParamRange]) -> dict[str, ParamRange]:
 
 class TuneConfig(BaseModel):
     """``experiment.tune``: the same search budget for every arm. Per (arm, depth),
-    ``trials`` Optuna trials on the first seed score each set of values by ``metric`` (the
-    validation error), ``batch`` of them at a time (trained together as a population where
-    the experiment's ``population`` allows); every seed then runs with the best values."""
+    ``trials`` Optuna trials score each set of values by ``metric`` (the validation error)
+    on the first seed, or by its mean over the first ``seeds`` seeds, ``batch`` trials at a
+    time (trained together as a population where the experiment's ``population`` allows);
+    every seed then runs with the best values."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     params: Annotated[dict[str, ParamRange], AfterValidator(_tunable_paths)] = Field(
         min_length=1, description="dotted path in a cell's recipe -> range")
     trials: int = Field(default=10, ge=1)
+    seeds: int = Field(default=1, ge=1, description=(
+        "how many of the experiment's first seeds score each trial, by their mean (Erhan et al. chose "
+        "over 10): more seeds cost more runs and reward a lucky seed less; the chosen trial's runs "
+        "become those seeds' cells"))
     metric: Literal["valid_error"] = "valid_error"
     sampler: Literal["tpe", "gp", "random"] = "tpe"
     seed: int = Field(default=0, ge=0, description="the sampler's seed")
@@ -207,6 +213,14 @@ class ExperimentConfig(BaseModel):
         # a repeated seed would be one run counted twice in n, the mean and the interval
         _say_repeats("seeds", v, "each seed runs once and counts once in the statistics")
         return list(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _tune_seeds_run(self) -> ExperimentConfig:
+        if self.tune is not None and self.tune.seeds > len(self.seeds):
+            raise ValueError(f"tune.seeds is {self.tune.seeds}, but seeds lists {len(self.seeds)} "
+                             f"({self.seeds}): a trial is scored on the first tune.seeds of the experiment's "
+                             "seeds; lower tune.seeds or add seeds")
+        return self
 
     def arms(self) -> dict[str, ArmConfig]:
         """The arms by name (built-in names resolved to their configs)."""

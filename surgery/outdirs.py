@@ -99,6 +99,7 @@ class _Tuning(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     metric: str
     trials_per_arm: int
+    seeds: int = 1  # a trial's runs, one a seed (files written before tune.seeds have no such key)
     trials: list[_Trial]
 
     @model_validator(mode="after")

@@ -205,8 +205,10 @@ def validate(recipe: Recipe | str | Path) -> tuple[ModelGraph | None, list[str]]
                      f"seeds {exp.seeds})")
         if exp.tune is not None:
             groups = len({(c.condition, c.depth) for c in cells})
+            on = (f"seed {exp.seeds[0]}" if exp.tune.seeds == 1 else
+                  f"seeds {', '.join(map(str, exp.seeds[:exp.tune.seeds]))}, scored by their mean")
             notes.append(f"tuning first: {exp.tune.trials} {exp.tune.sampler} trials for each of {groups} "
-                         f"(arm, depth) on seed {exp.seeds[0]} ({exp.tune.trials * groups} runs) over "
+                         f"(arm, depth) on {on} ({exp.tune.trials * exp.tune.seeds * groups} runs) over "
                          f"{', '.join(exp.tune.params)}; then every seed with its arm's best values")
     check_search(recipe)
     if recipe.surgery is None and stack is None:

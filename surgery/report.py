@@ -101,11 +101,12 @@ def _p(p: float) -> str:
 def tuning_markdown(tuning: dict[str, Any]) -> list[str]:
     """The report's tuning section: the budget, and per (arm, depth) the values chosen on
     the validation set; every trial is listed in ``tuning.json``."""
-    metric = tuning["metric"]
+    metric, seeds = tuning["metric"], tuning.get("seeds", 1)  # files written before tune.seeds: one
+    on = f"the first seed, scored by {metric}" if seeds == 1 else \
+        f"the first {seeds} seeds, scored by the mean of their {metric}"
     lines = ["", "## Tuning", "",
-             f"Every arm had the same budget: {tuning['trials_per_arm']} trials per depth on the first seed, "
-             f"scored by {metric} (the test set plays no part); the seeds then ran with the best values. "
-             "All trials: `tuning.json`.", "",
+             f"Every arm had the same budget: {tuning['trials_per_arm']} trials per depth on {on} (the test set "
+             "plays no part); the seeds then ran with the best values. All trials: `tuning.json`.", "",
              f"| condition | depth | best trial | {metric} | values |", "|---|---:|---:|---:|---|"]
     for t in tuning["trials"]:
         if "best_trial" in t:

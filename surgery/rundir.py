@@ -306,7 +306,9 @@ def describe_run(out: Path) -> list[str]:
         lines.append(f"pretrained stacks: {whole} whole" + "".join(
             _stack_so_far(d) for d in stacks if not (d / "pretrain.json").is_file()))
     trials, tuning_now = _runs(out / "tuning")
-    planned = (exp.get("tune") or {}).get("trials")
+    tune = exp.get("tune") or {}
+    seeds = tune.get("seeds", 1)  # a trial runs on each of the first seeds
+    planned = tune.get("trials", 0) * seeds
     by_arm: dict[tuple[str, int], list[float | None]] = defaultdict(list)
     for r in (r for r in trials if isinstance(r.get("depth"), int)):  # one damaged from outside is left out
         valid = r.get("valid_error")
@@ -316,7 +318,8 @@ def describe_run(out: Path) -> list[str]:
         vals = [v for v in ends if v is not None]
         diverged = f", {len(ends) - len(vals)} diverged" if len(vals) < len(ends) else ""
         valid = f", validation {_span(vals)}" if vals else ""
-        lines.append(f"tuning {arm} d{depth}: {len(ends)}{of} trials finished{valid}{diverged}")
+        runs = "trials" if seeds == 1 else f"trial runs ({tune.get('trials')} trials x {seeds} seeds)"
+        lines.append(f"tuning {arm} d{depth}: {len(ends)}{of} {runs} finished{valid}{diverged}")
     cells, cells_now = _runs(out / "cells")
     total = meta.get("cells") if isinstance(meta.get("cells"), int) else None
     if total and len(cells) > total:  # runs of other seed lists shared the directory

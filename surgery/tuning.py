@@ -1,8 +1,9 @@
 """The same tuning budget for every arm (``experiment.tune``): an (arm, depth)'s Optuna
-trials on its first seed's cell, ``batch`` at a time (a batch's trials train together as
-populations where ``experiment.population`` allows, or are shared out among shards), scored
-by validation error only; the best trial's values then go to every seed's cell, and the
-best trial's directory becomes its first seed's cell. ``tuning.json`` records every trial.
+trials on its first seed's cell (on its first ``seeds`` seeds' cells, scored by their mean),
+``batch`` at a time (a batch's trials train together as populations where
+``experiment.population`` allows, or are shared out among shards), scored by validation
+error only; the best trial's values then go to every seed's cell, and the best trial's
+directories become those seeds' cells. ``tuning.json`` records every trial.
 """
 
 from __future__ import annotations
@@ -21,14 +22,16 @@ from .outdirs import read_tuning
 from .search import DIVERGED_SCORE, make_sampler, shown, suggest
 
 WAIT_SECONDS = 30.0  # the longest pause between two looks for another shard's trials
+Ended = tuple[dict[str, Any] | None, str]  # a run's result (None: it diverged) and whose it is ("", another shard's)
+Waiting = tuple[Any, dict[str, Any], list[Cell]]  # an Optuna trial, its values and its run on each seed
 
 
 def tune_arms(cfg: TuneConfig, cells: list[Cell], runner: CellRunner, out: Path,
               progress: bool | None = None, shard: tuple[int, int] | None = None) -> list[Cell]:
     """The same search budget for every (arm, depth): ``cfg.trials`` Optuna trials on the
-    first seed's cell, scored by validation error (never test), ``cfg.batch`` at a time;
-    then every seed's cell with the best trial's values (the caller adopts the best trial's
-    directory as its first seed's cell). Writes every trial to ``OUT/tuning.json``; a trial
+    first ``cfg.seeds`` seeds' cells, scored by their mean validation error (never test),
+    ``cfg.batch`` at a time; then every seed's cell with the best trial's values (the caller
+    adopts the best trial's directories as those seeds' cells). Writes every trial to ``OUT/tuning.json``; a trial
     whose training diverged is recorded as such and told to Optuna as the worst error
     (``DIVERGED_SCORE``), never chosen. A ``shard`` trains its share of each batch and waits
     for the other shards' trials."""
@@ -39,61 +42,66 @@ def tune_arms(cfg: TuneConfig, cells: list[Cell], runner: CellRunner, out: Path,
     bar = progress_bar(len(groups) * cfg.trials, "tuning", progress, "trial")
     pace = Pace(len(groups) * cfg.trials, unit="trials")
     for (arm, depth), group in groups.items():
-        trials, best = _tune_arm(cfg, group[0], runner, bar, pace, progress, shard)
+        trials, best = _tune_arm(cfg, group[:cfg.seeds], runner, bar, pace, progress, shard)
         record += [{"condition": arm, "depth": depth, **t} for t in [*trials, best]]
         tuned += [with_values(c, best["params"]) for c in group]
     bar.close()
-    write_json(out / "tuning.json", {"metric": cfg.metric, "trials_per_arm": cfg.trials, "batch": cfg.batch,
-                                     "trials": record})
+    write_json(out / "tuning.json", {"metric": cfg.metric, "trials_per_arm": cfg.trials, "seeds": cfg.seeds,
+                                     "batch": cfg.batch, "trials": record})
     return tuned
 
 
-def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any, pace: Pace, progress: bool | None,
+def _tune_arm(cfg: TuneConfig, cells: list[Cell], runner: CellRunner, bar: Any, pace: Pace, progress: bool | None,
               shard: tuple[int, int] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """One (arm, depth)'s study on ``cell``: its trials' records and the best one's (a
-    ``shard`` trains its share of each batch, then waits for the rest); ``pace`` counts the
-    trials of every arm for the log lines."""
+    """One (arm, depth)'s study on ``cells`` (its first seeds'): its trials' records and the
+    best one's. A trial runs its values on each of ``cells`` and scores their mean (a
+    ``shard`` trains its share of each batch's runs, then waits for the rest); ``pace``
+    counts the trials of every arm for the log lines."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize", sampler=make_sampler(cfg.sampler, cfg.seed))
-    where = f"{cell.condition} depth {cell.depth}"
+    where = f"{cells[0].condition} depth {cells[0].depth}"
     # a pretraining value means nothing to an arm that does not pretrain (with_values skips it)
-    ignored = sorted(k for k in cfg.params if k.startswith("pretrain")) if cell.pretrain_key is None else []
+    ignored = sorted(k for k in cfg.params if k.startswith("pretrain")) if cells[0].pretrain_key is None else []
     assert runner.recipe.experiment is not None
     mode = runner.recipe.experiment.population
     record: list[dict[str, Any]] = []
 
-    def tell(trial: Any, vals: dict[str, Any], c: Cell, result: dict[str, Any] | None, whose: str = "") -> None:
-        if result is None:
-            study.tell(trial, DIVERGED_SCORE)
-            record.append({"trial": trial.number, "params": vals, cfg.metric: None, "diverged": True})
-        else:
-            study.tell(trial, result[cfg.metric])
-            record.append({"trial": trial.number, "params": vals, cfg.metric: result[cfg.metric]})
+    def tell(trial: Any, vals: dict[str, Any], runs: list[Cell], ended: list[Ended]) -> None:
+        entry, outcome = _score(cfg.metric, runs, [result for result, _ in ended])
+        study.tell(trial, DIVERGED_SCORE if entry.get("diverged") else entry[cfg.metric])
+        record.append({"trial": trial.number, "params": vals, **entry})
         bar.update(1)
-        outcome = f"diverged (scored {DIVERGED_SCORE:g}%)" if result is None else summary(result, test=False)
         told = shown(vals, ignored) or "(no tuned value applies to this arm)"
-        pace.add(fresh=_ended_since(runner.out / "tuning" / c.key, pace.since))  # one a rerun reads back: no pace
+        fresh = any(_ended_since(runner.out / "tuning" / c.key, pace.since) for c in runs)
+        pace.add(fresh=fresh)  # one a rerun reads back: no pace
+        others = sum(bool(whose) for _, whose in ended)
+        whose = "" if not others else " (another shard's)" if others == len(ended) else " (partly another shard's)"
         progress_line(progress, f"tuning: {where} trial {trial.number + 1}/{cfg.trials} {told}: {outcome}{whose}; "
                                 f"{pace}")
+
+    def tell_ended(waiting: list[Waiting], ended: dict[str, Ended]) -> list[Waiting]:
+        """Tell (and log) each waiting trial whose runs have all ended; the others."""
+        for trial, vals, runs in (w for w in waiting if all(c.key in ended for c in w[2])):
+            tell(trial, vals, runs, [ended[c.key] for c in runs])
+        return [w for w in waiting if not all(c.key in ended for c in w[2])]
 
     while len(record) < cfg.trials:
         asked = [study.ask() for _ in range(min(cfg.batch, cfg.trials - len(record)))]
         values = [suggest(t, cfg.params) for t in asked]
-        batch = [with_values(cell, v) for v in values]
-        mine = {c.key for c in (batch if shard is None else shard_of(batch, *shard))}
-        trained = runner.run_batch([c for c in batch if c.key in mine], mode, "tuning")
-        later = []  # other shards' trials, read once this shard's have trained
-        for trial, vals, c in zip(asked, values, batch):  # each told and logged as it finishes
-            if c.key not in mine:
-                later.append((trial, vals, c))
-                continue
-            tell(trial, vals, c, next(trained))
-        if later:
-            ended = _others_ended([c for _, _, c in later], runner, mode, f"tuning: {where}", progress)
-            for trial, vals, c in later:
-                tell(trial, vals, c, *ended[c.key])
+        waiting: list[Waiting] = [(t, v, [with_values(c, v) for c in cells]) for t, v in zip(asked, values)]
+        runs = [c for _, _, trial_runs in waiting for c in trial_runs]
+        mine = {c.key for c in (runs if shard is None else shard_of(runs, *shard))}
+        own = [c for c in runs if c.key in mine]
+        ended: dict[str, Ended] = {}
+        for c, result in zip(own, runner.run_batch(own, mode, "tuning")):  # each trial told as its runs end
+            ended[c.key] = (result, "")
+            waiting = tell_ended(waiting, ended)
+        if waiting:  # other shards' runs, read once this shard's have trained
+            later = [c for _, _, trial_runs in waiting for c in trial_runs if c.key not in ended]
+            ended.update(_others_ended(later, runner, mode, f"tuning: {where}", progress))
+            tell_ended(waiting, ended)
     record.sort(key=lambda t: t["trial"])
     scored = [t for t in record if not t.get("diverged")]
     if not scored:
@@ -104,6 +112,22 @@ def _tune_arm(cfg: TuneConfig, cell: Cell, runner: CellRunner, bar: Any, pace: P
                     **({"ignored": ignored} if ignored else {})}
 
 
+def _score(metric: str, runs: list[Cell], results: list[dict[str, Any] | None]) -> tuple[dict[str, Any], str]:
+    """A trial's record (its score: the mean ``metric`` over its runs, one per seed; with
+    more than one, each seed's too) and its outcome in words; diverged if any run diverged."""
+    if any(r is None for r in results):
+        bad = [str(c.seed) for c, r in zip(runs, results) if r is None]
+        on = f" on seed {', '.join(bad)}" if len(runs) > 1 else ""
+        return {metric: None, "diverged": True}, f"diverged{on} (scored {DIVERGED_SCORE:g}%)"
+    done = [r for r in results if r is not None]
+    if len(done) == 1:
+        return {metric: done[0][metric]}, summary(done[0], test=False)
+    score = round(sum(r[metric] for r in done) / len(done), 4)
+    each = ", ".join(f"{c.seed}: {r[metric]:.2f}%" for c, r in zip(runs, done))
+    return ({metric: score, f"{metric}_by_seed": {str(c.seed): r[metric] for c, r in zip(runs, done)}},
+            f"valid {score:.2f}%, the mean of seeds {each}")
+
+
 def _ended_since(trial_dir: Path, since: float) -> bool:
     """Whether the trial's result (or divergence) was written at or after ``since`` (a
     wall-clock time): trained in this run, or by another shard while it ran."""
@@ -112,7 +136,7 @@ def _ended_since(trial_dir: Path, since: float) -> bool:
 
 
 def _others_ended(trials: list[Cell], runner: CellRunner, mode: str | int, what: str,
-                  progress: bool | None) -> dict[str, tuple[dict[str, Any] | None, str]]:
+                  progress: bool | None) -> dict[str, Ended]:
     """Other shards' ``trials`` once they have ended: by key, each one's result (``None``:
     diverged) and whose it is. One whose result was damaged after its shard wrote it (by
     something else: ours are written whole) is trained here again."""
@@ -157,10 +181,11 @@ def merge_tuning(dirs: list[Path]) -> dict[str, Any] | None:
     found = [read_tuning(d / "tuning.json") for d in dirs if (d / "tuning.json").is_file()]
     if not found:
         return None
-    budgets = {(t["metric"], t["trials_per_arm"]) for t in found}
+    budgets = {(t["metric"], t["trials_per_arm"], t.get("seeds", 1)) for t in found}  # no seeds: written before
     if len(budgets) > 1:
         raise SurgeryError(f"compare: the directories were tuned with different budgets {sorted(budgets)} "
-                           "(metric, trials per arm); merge only runs of one recipe's experiment.tune.")
+                           "(metric, trials per arm, seeds a trial); merge only runs of one recipe's "
+                           "experiment.tune.")
     arms: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for t in found:
         arms.update(_by_arm(t["trials"]))

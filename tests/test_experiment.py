@@ -718,6 +718,53 @@ def _tuning_recipe(**tune):
     return r
 
 
+def test_a_trial_scored_on_several_seeds_is_their_mean_and_its_runs_become_those_seeds_cells(tmp_path, capsys):
+    """tune.seeds: 2 runs each trial on the first two seeds and scores it by the mean of their
+    validation errors (Erhan et al. chose over 10 seeds, where one seed rewards a lucky draw);
+    the best mean is chosen, its two runs are adopted as those seeds' cells and only the third
+    seed trains anew; validate, the log, inspect and the report say so; a tune.seeds the
+    experiment's seeds cannot give is refused, naming the field."""
+    r = _tuning_recipe(trials=3, seeds=2)
+    r["experiment"]["seeds"] = [0, 1, 2]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    assert main(["validate", str(tmp_path / "r.yaml")]) == 0
+    assert "on seeds 0, 1, scored by their mean (12 runs)" in capsys.readouterr().out
+    out = tmp_path / "out"
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(out)]) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("tuning: ")]
+    assert len(lines) == 6 and all(", the mean of seeds 0: " in x for x in lines), lines
+    tuning = json.loads((out / "tuning.json").read_text())
+    assert tuning["seeds"] == 2
+    trials = [t for t in tuning["trials"] if "trial" in t]
+    for t in trials:
+        by_seed = t["valid_error_by_seed"]
+        assert sorted(by_seed) == ["0", "1"] and t["valid_error"] == pytest.approx(sum(by_seed.values()) / 2)
+    runs = sorted(json.loads(p.read_text())["valid_error"] for p in (out / "tuning").glob("*/result.json"))
+    assert runs == sorted(v for t in trials for v in t["valid_error_by_seed"].values())  # 12 runs, each scored
+    rows = _rows(out)
+    for best in (t for t in tuning["trials"] if "best_trial" in t):
+        mine = [t for t in trials if t["condition"] == best["condition"]]
+        assert best["valid_error"] == min(t["valid_error"] for t in mine)
+        chosen = mine[best["best_trial"]]["valid_error_by_seed"]
+        for row in (x for x in rows if x["condition"] == best["condition"]):
+            cell = Path(row["path"])
+            trial = out / "tuning" / cell.name / "result.json"
+            assert trial.is_file() == (row["seed"] in chosen)  # seeds 0 and 1: the best trial's runs, adopted
+            if row["seed"] in chosen:
+                assert trial.read_text() == (cell / "result.json").read_text()
+                assert float(row["valid_error"]) == chosen[row["seed"]]
+    assert "the first 2 seeds, scored by the mean of their valid_error" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert any(x.startswith("tuning dae d1: 6 of 6 trial runs (3 trials x 2 seeds) finished, validation ")
+               for x in capsys.readouterr().out.splitlines())
+    r["experiment"]["seeds"] = [0]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o2")]) == 2
+    assert "tune.seeds is 2, but seeds lists 1 ([0])" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+
+
 def test_a_tuning_batch_trains_its_trials_together_and_equals_one_by_one(tmp_path, capsys):
     """tune.batch: 4 with population: 4 asks an arm's four trials at once (TPE's first ten are
     random draws, so the same values), pretrains the dae trials' stacks and fine-tunes the
@@ -746,12 +793,15 @@ def test_a_tuning_batch_trains_its_trials_together_and_equals_one_by_one(tmp_pat
         assert (ra["cell"], ra["test_error"], ra["valid_error"]) == (rb["cell"], rb["test_error"], rb["valid_error"])
 
 
-def test_shards_share_one_tuned_grid_and_equal_one_process(tmp_path, capsys):
+@pytest.mark.parametrize("seeds", [1, 2])
+def test_shards_share_one_tuned_grid_and_equal_one_process(tmp_path, capsys, seeds):
     """`--shard 1/2` (here) and `--shard 2/2` (another process) over one --out, at once:
-    each trains its half of an arm's trial batch, waits for the other's, then trains its
-    half of the seed cells; no trial is trained by both, and the run without --shard trains
-    nothing more and writes the results, trials and best choices of a run in one process."""
-    r = _tuning_recipe(batch=4)
+    each trains its half of an arm's trial batch (of its trials' runs, with tune.seeds: 2),
+    waits for the other's, then trains its half of the seed cells; no trial is trained by
+    both, and the run without --shard trains nothing more and writes the results, trials and
+    best choices of a run in one process."""
+    r = _tuning_recipe(batch=4, seeds=seeds)
+    r["experiment"]["seeds"] = [0, 1, 2]
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
     recipe, out = str(tmp_path / "r.yaml"), tmp_path / "sharded"
     assert main(["run", recipe, "--out", str(tmp_path / "one")]) == 0
@@ -764,9 +814,12 @@ def test_shards_share_one_tuned_grid_and_equal_one_process(tmp_path, capsys):
     assert other.returncode == 0, said_other[1][-2000:]
     said = capsys.readouterr()
     trials = [x for err in (said.err, said_other[1]) for x in err.splitlines() if x.startswith("tuning: ")]
-    trained = [x for x in trials if "trial " in x and "(another shard's)" not in x]
+    trained = [x for x in trials if "trial " in x and "another shard's)" not in x]
     read = [x for x in trials if "(another shard's);" in x]  # then how many of all are done
-    assert len(trained) == len(read) == 8 and len({x.split(":")[1] for x in trained}) == 8, trials
+    if seeds == 1:
+        assert len(trained) == len(read) == 8 and len({x.split(":")[1] for x in trained}) == 8, trials
+    else:  # each shard tells all 8 trials, some of whose runs the other trained
+        assert len([x for x in trials if "trial " in x]) == 16 and "(partly another shard's);" in "".join(trials)
     assert "shard 1/2: " in said.out and "shard 2/2: " in said_other[0]
     assert main(["inspect", str(out)]) == 0  # every cell trained by a shard, nothing collected yet
     assert "every cell finished, no results.csv yet: `surgery run RECIPE " in capsys.readouterr().out
@@ -865,8 +918,12 @@ def test_compare_merges_arms_tuned_in_separate_runs(tmp_path, capsys):
     (tmp_path / "dae" / "tuning.json").write_text(json.dumps({**other, "trials_per_arm": 5}))
     capsys.readouterr()
     assert main(["compare", str(tmp_path / "none"), str(tmp_path / "dae"), "--out", str(tmp_path / "m2")]) == 2
-    assert "different budgets [('valid_error', 2), ('valid_error', 5)]" in capsys.readouterr().err
+    assert "different budgets [('valid_error', 2, 1), ('valid_error', 5, 1)]" in capsys.readouterr().err
     assert not (tmp_path / "m2").exists()  # refused before anything was written
+    (tmp_path / "dae" / "tuning.json").write_text(json.dumps({**other, "seeds": 2}))  # trials scored on 2 seeds
+    assert main(["compare", str(tmp_path / "none"), str(tmp_path / "dae"), "--out", str(tmp_path / "m2")]) == 2
+    assert "[('valid_error', 2, 1), ('valid_error', 2, 2)] (metric, trials per arm, seeds a trial)" in \
+        capsys.readouterr().err
 
 
 def test_compare_refuses_runs_on_other_data_and_says_which_runs_a_later_directory_replaces(tmp_path, capsys):
