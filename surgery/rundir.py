@@ -318,8 +318,8 @@ def describe_run(out: Path) -> list[str]:
         vals = [v for v in ends if v is not None]
         diverged = f", {len(ends) - len(vals)} diverged" if len(vals) < len(ends) else ""
         valid = f", validation {_span(vals)}" if vals else ""
-        runs = "trials" if seeds == 1 else f"trial runs ({tune.get('trials')} trials x {seeds} seeds)"
-        lines.append(f"tuning {arm} d{depth}: {len(ends)}{of} {runs} finished{valid}{diverged}")
+        what = "trials" if seeds == 1 else f"trial runs ({tune.get('trials')} trials x {seeds} seeds)"
+        lines.append(f"tuning {arm} d{depth}: {len(ends)}{of} {what} finished{valid}{diverged}")
     cells, cells_now = _runs(out / "cells")
     total = meta.get("cells") if isinstance(meta.get("cells"), int) else None
     if total and len(cells) > total:  # runs of other seed lists shared the directory
