@@ -31,10 +31,10 @@ def tune_arms(cfg: TuneConfig, cells: list[Cell], runner: CellRunner, out: Path,
     """The same search budget for every (arm, depth): ``cfg.trials`` Optuna trials on the
     first ``cfg.seeds`` seeds' cells, scored by their mean validation error (never test),
     ``cfg.batch`` at a time; then every seed's cell with the best trial's values (the caller
-    adopts the best trial's directories as those seeds' cells). Writes every trial to ``OUT/tuning.json``; a trial
-    whose training diverged is recorded as such and told to Optuna as the worst error
-    (``DIVERGED_SCORE``), never chosen. A ``shard`` trains its share of each batch and waits
-    for the other shards' trials."""
+    adopts the best trial's directories as those seeds' cells). Writes every trial to
+    ``OUT/tuning.json``; a trial whose training diverged (on any of its seeds) is recorded as
+    such and told to Optuna as the worst error (``DIVERGED_SCORE``), never chosen. A
+    ``shard`` trains its share of each batch and waits for the other shards' trials."""
     groups: dict[tuple[str, int], list[Cell]] = {}
     for c in cells:
         groups.setdefault((c.condition, c.depth), []).append(c)

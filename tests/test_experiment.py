@@ -1018,6 +1018,32 @@ def test_a_diverging_trial_is_scored_worst_and_the_arm_goes_on(tmp_path, monkeyp
     assert "every trial of none depth 1 diverged" in err and "Traceback" not in err, err
 
 
+def test_a_trial_that_diverges_on_one_of_its_seeds_is_scored_worst(tmp_path, monkeypatch, capsys):
+    """With tune.seeds: 2 a trial whose run on seed 1 diverges (and on seed 0 trains) is
+    recorded as diverged, says on which seed, and is never chosen."""
+    from surgery.errors import TrainingDiverged
+    from surgery.finetune import Trainer
+
+    fit = Trainer.fit
+
+    def diverge_on_seed_1(self, *a, **k):
+        if self.cfg.optimizer.lr > 0.1 and self.seed == 1:
+            raise TrainingDiverged("the training loss became NaN or infinite in epoch 1")
+        return fit(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "fit", diverge_on_seed_1)
+    r = _tuning_recipe(seeds=2)
+    r["experiment"]["conditions"] = ["none"]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "a")]) == 0
+    trials = json.loads((tmp_path / "a" / "tuning.json").read_text())["trials"]
+    failed = [t for t in trials if t.get("diverged")]
+    assert failed and all(t["params"]["finetune.optimizer.lr"] > 0.1 and t["valid_error"] is None for t in failed)
+    assert trials[-1]["params"]["finetune.optimizer.lr"] <= 0.1 and trials[-1]["valid_error"] is not None
+    assert "diverged on seed 1 (scored 100%)" in capsys.readouterr().err
+    assert len(list((tmp_path / "a" / "tuning").glob("*/diverged.json"))) == len(failed)  # seed 0's runs trained
+
+
 def test_report_sets_the_papers_numbers_beside_ours():
     """experiment.paper: per arm the published error, ours with its interval, the gap and
     whether it is within the target; an arm that did not run says so; bad keys are refused."""
