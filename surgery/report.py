@@ -117,6 +117,65 @@ def tuning_markdown(tuning: dict[str, Any]) -> list[str]:
     return lines
 
 
+def spread_p(a: list[float], b: list[float]) -> float:
+    """Levene's test that two samples have the same spread, centred on the median (the
+    Brown-Forsythe form, robust to a skewed sample): the p-value; nan where the test is
+    undefined: fewer than 3 values on a side (two values lie equally far from their median,
+    so the test has nothing to compare), or no spread in the distances."""
+    if len(a) < 3 or len(b) < 3:
+        return math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = float(_stats().levene(a, b, center="median").pvalue)
+    return p if math.isfinite(p) else math.nan
+
+
+def _step(a: list[float], b: list[float]) -> str:
+    """The change in mean from sample ``a`` to ``b`` with Welch's p ("+0.27 (p 0.0004)")."""
+    diff = float(np.mean(b) - np.mean(a))
+    p = welch(b, a)[1]
+    return f"{diff:+.2f}" + ("" if math.isnan(p) else f" (p {_p(p)})")
+
+
+def depth_markdown(rows: list[dict[str, Any]], baseline: str = "none") -> list[str]:
+    """The report's answer to "what did adding a layer do?": per arm run at two depths or more,
+    the change in mean test error from each depth to the next (Welch p) and the depth where it
+    is lowest; then each cell's spread over seeds against ``baseline``'s at the same depth
+    (Levene p). Nothing when no arm ran at two depths."""
+    errs = {key: [float(r["test_error"]) for r in runs] for key, runs in cells(rows).items()}
+    arms = sorted({c for c, _ in errs}, key=lambda c: (c != baseline, c))
+    depths = {a: sorted(d for c, d in errs if c == a) for a in arms}
+    deep = [a for a in arms if len(depths[a]) > 1]
+    if not deep:
+        return []
+    every = sorted({d for a in deep for d in depths[a]})
+    steps = list(zip(every, every[1:]))
+    lines = ["", "## Depth", "", "What adding a layer did: the change in each arm's mean test error from one depth "
+             "to the next (Welch's p), and the depth where its mean is lowest.", "",
+             "| condition | " + " | ".join(f"{a} -> {b}" for a, b in steps) + " | lowest at |",
+             "|---|" + "---:|" * (len(steps) + 1)]
+    for a in deep:
+        cols = [_step(errs[a, d], errs[a, e]) if (a, d) in errs and (a, e) in errs else "–" for d, e in steps]
+        lowest = min(depths[a], key=lambda d: float(np.mean(errs[a, d])))
+        lines.append(f"| {a} | " + " | ".join(cols) + f" | {lowest} |")
+    others = [a for a in arms if a != baseline and any((baseline, d) in errs for d in depths[a])]
+    if baseline not in arms or not others:
+        return lines
+    shown = sorted({d for a in others for d in depths[a] if (baseline, d) in errs})
+    lines += ["", f"Spread over seeds: the standard deviation of each cell's test error, and Levene's test "
+              f"(median-centred) against `{baseline}` at the same depth: a small p says the spreads differ.", "",
+              "| condition | " + " | ".join(f"depth {d}" for d in shown) + " |", "|---|" + "---:|" * len(shown)]
+    for a in [baseline] + others:
+        cols = []
+        for d in shown:
+            vals, base = errs.get((a, d)), errs.get((baseline, d))
+            sd = _fmt(float(np.std(vals, ddof=1))) if vals and len(vals) > 1 else "–"
+            p = spread_p(vals, base) if vals and base and a != baseline else math.nan
+            cols.append(sd + ("" if math.isnan(p) else f" (p {_p(p)})"))
+        lines.append(f"| {a} | " + " | ".join(cols) + " |")
+    return lines
+
+
 def paper_markdown(paper: dict[str, Any], tab: list[dict[str, Any]]) -> list[str]:
     """The report's comparison with the published numbers: per arm the paper's test error,
     ours (mean and 95% interval), the gap, and whether it is within ``target`` points."""
@@ -171,6 +230,7 @@ def markdown(rows: list[dict[str, Any]], baseline: str = "none", tuning: dict[st
         lines += ["", failed] if failed else []
         lines += ["", f"Lowest mean test error: **{best['condition']}** at depth {best['depth']} "
                       f"({best['mean']:.2f}%)."]
+    lines += depth_markdown(rows, baseline)
     lines += paper_markdown(paper, tab) if paper else []
     lines += tuning_markdown(tuning) if tuning else []
     lines += ["", "## Figures", "",

@@ -1548,3 +1548,39 @@ def test_inspect_says_what_a_stack_s_snapshot_directory_holds(tmp_path, capsys):
     assert states == ["(unfinished: a rerun pretrains it again)", "(unfinished: a rerun continues after them)",
                       "(whole)"], said
     assert said[0][1].startswith(f"`surgery inspect {d}/depth2.safetensors` shows the stack of those 2 layers")
+
+
+def test_the_report_says_what_adding_a_layer_did():
+    """The depth section: per arm at two depths or more, the change in mean from each depth to
+    the next with Welch's p and the depth where the mean is lowest; each cell's sd against the
+    baseline's at that depth with Levene's (median-centred) p; absent with one depth."""
+    from scipy import stats
+
+    from surgery.report import depth_markdown, markdown
+
+    errors = {("none", 1): [5.0, 5.1, 4.9, 5.05], ("none", 2): [4.6, 4.7, 4.5, 4.65],
+              ("none", 3): [5.5, 6.4, 4.9, 6.1], ("dae", 1): [4.0, 4.1, 3.9, 4.05],
+              ("dae", 3): [3.5, 3.6, 3.45, 3.55], ("shallow", 1): [4.4, 4.5, 4.3, 4.45]}
+    rows = [{"condition": c, "depth": d, "seed": i, "test_error": e} for (c, d), errs in errors.items()
+            for i, e in enumerate(errs)]
+    lines = depth_markdown(rows)
+    assert "\n".join(lines) in markdown(rows)
+    table_rows = [line for line in lines if line.startswith("| ")]
+    assert table_rows[0] == "| condition | 1 -> 2 | 2 -> 3 | lowest at |"
+    p12 = stats.ttest_ind(errors["none", 2], errors["none", 1], equal_var=False).pvalue
+    p23 = stats.ttest_ind(errors["none", 3], errors["none", 2], equal_var=False).pvalue
+    assert table_rows[1] == f"| none | -0.40 (p {p12:.4f}) | +1.11 (p {p23:.4f}) | 2 |"
+    assert table_rows[2] == "| dae | – | – | 3 |"  # dae skipped depth 2: no step to state
+    assert not any(r.startswith("| shallow |") and "->" in r for r in table_rows[:3])  # one depth: no trend
+    spread = table_rows[3:]
+    assert spread[0] == "| condition | depth 1 | depth 3 |"  # the depths another arm shares with none
+    sd = {k: np.std(v, ddof=1) for k, v in errors.items()}
+    assert spread[1] == f"| none | {sd['none', 1]:.2f} | {sd['none', 3]:.2f} |"
+    lev = stats.levene(errors["dae", 3], errors["none", 3], center="median").pvalue
+    assert spread[2].startswith("| dae | ") and spread[2].endswith(f" | {sd['dae', 3]:.2f} (p {lev:.4f}) |")
+    assert lev < 0.05  # the baseline's depth-3 cell is the wide one
+    assert spread[3].startswith("| shallow | 0.09 (p ") and spread[3].endswith(" | – |")
+    one_depth = [r for r in rows if r["depth"] == 1]
+    assert depth_markdown(one_depth) == [] and "## Depth" not in markdown(one_depth)
+    two_seeds = [r for r in rows if r["seed"] < 2]  # two values lie equally far from their median
+    assert "(p " not in depth_markdown(two_seeds)[-1] and "| dae | 0.07 | 0.07 |" in depth_markdown(two_seeds)
