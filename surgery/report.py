@@ -150,12 +150,19 @@ def depth_markdown(rows: list[dict[str, Any]], baseline: str = "none") -> list[s
         return []
     every = sorted({d for a in deep for d in depths[a]})
     steps = list(zip(every, every[1:]))
+    def step(a: str, d: int, e: int) -> str:  # the arm's step into depth e, from d or its last depth below e
+        below = [b for b in depths[a] if b < e]
+        if (a, e) not in errs or not below:
+            return "–"
+        return _step(errs[a, below[-1]], errs[a, e]) + ("" if below[-1] == d else f" from {below[-1]}")
+
     lines = ["", "## Depth", "", "What adding a layer did: the change in each arm's mean test error from one depth "
-             "to the next (Welch's p), and the depth where its mean is lowest.", "",
+             "to the next it ran (Welch's p; \"from 1\": from the depth named, where it skipped one), and the "
+             "depth where its mean is lowest.", "",
              "| condition | " + " | ".join(f"{a} -> {b}" for a, b in steps) + " | lowest at |",
              "|---|" + "---:|" * (len(steps) + 1)]
     for a in deep:
-        cols = [_step(errs[a, d], errs[a, e]) if (a, d) in errs and (a, e) in errs else "–" for d, e in steps]
+        cols = [step(a, d, e) for d, e in steps]
         lowest = min(depths[a], key=lambda d: float(np.mean(errs[a, d])))
         lines.append(f"| {a} | " + " | ".join(cols) + f" | {lowest} |")
     others = [a for a in arms if a != baseline and any((baseline, d) in errs for d in depths[a])]

@@ -1570,7 +1570,8 @@ def test_the_report_says_what_adding_a_layer_did():
     p12 = stats.ttest_ind(errors["none", 2], errors["none", 1], equal_var=False).pvalue
     p23 = stats.ttest_ind(errors["none", 3], errors["none", 2], equal_var=False).pvalue
     assert table_rows[1] == f"| none | -0.40 (p {p12:.4f}) | +1.11 (p {p23:.4f}) | 2 |"
-    assert table_rows[2] == "| dae | – | – | 3 |"  # dae skipped depth 2: no step to state
+    p13 = stats.ttest_ind(errors["dae", 3], errors["dae", 1], equal_var=False).pvalue
+    assert table_rows[2] == f"| dae | – | -0.49 (p {p13:.4f}) from 1 | 3 |"  # dae skipped depth 2
     assert not any(r.startswith("| shallow |") and "->" in r for r in table_rows[:3])  # one depth: no trend
     spread = table_rows[3:]
     assert spread[0] == "| condition | depth 1 | depth 3 |"  # the depths another arm shares with none
