@@ -58,6 +58,11 @@ def cells(rows: list[dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, An
     return dict(sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])))
 
 
+def cell_errors(rows: list[dict[str, Any]]) -> dict[tuple[str, int], list[float]]:
+    """The test errors per (arm, depth), in :func:`cells`' order."""
+    return {key: [float(r["test_error"]) for r in runs] for key, runs in cells(rows).items()}
+
+
 def check_rows(rows: list[dict[str, Any]], where: str) -> None:
     """``SurgeryError`` naming ``where`` and the first row that is not a result: a dict with
     condition, depth, seed and a numeric test_error."""
@@ -76,7 +81,7 @@ def table(rows: list[dict[str, Any]], baseline: str = "none") -> list[dict[str, 
     at the same depth; an arm at a depth the baseline did not run (a shallow arm beside a
     deep grid) against the baseline's only depth, when it ran at one (``baseline_depth``)."""
     check_rows(rows, "the result rows")
-    groups = {key: [float(r["test_error"]) for r in runs] for key, runs in cells(rows).items()}
+    groups = cell_errors(rows)
     base_depths = sorted(d for c, d in groups if c == baseline)
     out = []
     for (cond, depth), vals in groups.items():
@@ -142,7 +147,7 @@ def depth_markdown(rows: list[dict[str, Any]], baseline: str = "none") -> list[s
     the change in mean test error from each depth to the next (Welch p) and the depth where it
     is lowest; then each cell's spread over seeds against ``baseline``'s at the same depth
     (Levene p). Nothing when no arm ran at two depths."""
-    errs = {key: [float(r["test_error"]) for r in runs] for key, runs in cells(rows).items()}
+    errs = cell_errors(rows)
     arms = sorted({c for c, _ in errs}, key=lambda c: (c != baseline, c))
     depths = {a: sorted(d for c, d in errs if c == a) for a in arms}
     deep = [a for a in arms if len(depths[a]) > 1]
