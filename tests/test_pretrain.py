@@ -374,8 +374,8 @@ def _grow_reference(x, y, stack, cfg, batch_size, g):
     spec = cfg.spec_for((stack.transform(x[:1]).shape[1],))
     new, head = spec.build(), torch.nn.Linear(cfg.hidden, int(y.max()) + 1)
     with torch.no_grad():
-        init_weight(new.weight, cfg.activation, "classic", spec, generator=g)
-        init_weight(head.weight, "linear", "classic", generator=g)
+        init_weight(new.weight, cfg.activation, cfg.init, spec, generator=g)
+        init_weight(head.weight, "linear", cfg.init, generator=g)
         head.bias.zero_()
     net = torch.nn.Sequential(*below, new, head)
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -395,8 +395,8 @@ def _grow_reference(x, y, stack, cfg, batch_size, g):
 @pytest.mark.parametrize("stacked", [False, True], ids=["gemm loop", "bmm"])
 @pytest.mark.parametrize("train", ["all", "new"])
 def test_grow_stage_equals_autograd_for_each_member(train, stacked):
-    """Two members grown together through the stacked chain (their own lr, momentum and
-    weight decay) each equal autograd + torch.optim.SGD on that member alone: the new
+    """Two members grown together through the stacked chain (their own lr, momentum, weight
+    decay and init scheme) each equal autograd + torch.optim.SGD on that member alone: the new
     layer, the layers below (train: all) and the loss history; and the validation error each
     records is that of the stage's network (layers below, new layer, head) on held-out rows."""
     from surgery.layers import LayerSpec
@@ -411,7 +411,8 @@ def test_grow_stage_equals_autograd_for_each_member(train, stacked):
                                       {"weight": w, "bias": torch.zeros(16)}, {"method": "rbm"})])
 
     cfgs = [GrowConfig(hidden=12, epochs=2, lr=0.1, momentum=0.9, train=train),
-            GrowConfig(hidden=12, epochs=2, lr=0.05, momentum=0.5, weight_decay=0.01, train=train)]
+            GrowConfig(hidden=12, epochs=2, lr=0.05, momentum=0.5, weight_decay=0.01, train=train,
+                       init="torch")]
     refs = [_grow_reference(x, y, stack(k), c, 50, G(10 + k)) for k, c in enumerate(cfgs)]
     stacks = [stack(0), stack(1)]
     vx, vy = torch.rand(4100, 30, generator=G(5)), torch.randint(0, 4, (4100,), generator=G(6))  # > one chunk

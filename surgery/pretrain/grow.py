@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..batched import RowGather, loops_on, member_tensor
 from ..errors import ConfigError
-from ..layers import init_weight
+from ..layers import InitName, init_weight
 from ..stack import LayerStack, StackLayer
 from ..stacked import StackedChain, StackedOptimizer
 from .base import (
@@ -39,7 +39,7 @@ VALID_CHUNK = 2000  # validation rows per forward pass
 
 
 class GrowConfig(LayerPretrainConfig):
-    """``{method: grow, hidden, epochs, lr, momentum, train: all|new, identity_init}``."""
+    """``{method: grow, hidden, epochs, lr, momentum, train: all|new, identity_init, init}``."""
 
     method: Literal["grow"] = "grow"
     momentum: float = Field(default=0.9, ge=0, lt=1)
@@ -48,6 +48,11 @@ class GrowConfig(LayerPretrainConfig):
         default=False,
         description="start the new layer as the identity (function-preserving for relu/linear; "
         "needs hidden equal to the layer below)",
+    )
+    init: InitName = Field(
+        default="classic",
+        description="how the new layer and its temporary head start: classic (Glorot uniform, x4 for "
+        "sigmoid), xavier, he, sparse, or torch (uniform +-1/sqrt(fan-in), the 2007 papers' choice)",
     )
 
 
@@ -62,8 +67,8 @@ def _stage_layers(stack: LayerStack, cfg: GrowConfig, name: str, in_features: in
                               f"{layer.name!r} is {layer.spec.kind}; use train: new on top of conv layers.")
     spec = cfg.spec_for((in_features,))
     new = torch.eye(cfg.hidden, in_features) if cfg.identity_init else \
-        init_weight(torch.empty(spec.weight_shape), cfg.activation, "classic", spec, generator=g)
-    head = init_weight(torch.empty(classes, cfg.hidden), "linear", "classic", generator=g)
+        init_weight(torch.empty(spec.weight_shape), cfg.activation, cfg.init, spec, generator=g)
+    head = init_weight(torch.empty(classes, cfg.hidden), "linear", cfg.init, generator=g)
     weights = [layer.tensors["weight"] for layer in below] + [new, head]
     biases = [layer.tensors["bias"] for layer in below] + [torch.zeros(cfg.hidden), torch.zeros(classes)]
     return weights, biases, [layer.spec.activation for layer in below] + [cfg.activation, "linear"]
