@@ -805,3 +805,23 @@ def test_a_single_run_logs_each_epoch_where_its_bar_is_hidden(tmp_path, capsys):
     assert main(["run", str(tmp_path / "g.yaml"), "--out", str(tmp_path / "g")]) == 0
     err = capsys.readouterr().err
     assert "finetune: epoch" not in err and "experiment: cell 2/2" in err, err
+
+
+def test_finetune_init_redraws_the_fresh_hidden_layers_only():
+    """``finetune.init`` re-draws the fresh hidden layers in its scheme; the pretrained layers
+    and the zero-initialised softmax head keep their weights, so an arm whose only fresh
+    layer is the head (rbm, dae) trains the same under every init."""
+    from surgery.assembly import build_graph
+    from surgery.module_engine import prepare_graph
+
+    ops = [{"op": "take", "source": "s"}, {"op": "insert", "name": "extra", "units": 40}, {"op": "head", "classes": 3}]
+    before = build_graph(ops, {"s": random_stack((20, 30, 25))}, seed=1)
+    after = prepare_graph(before, cfg(init="torch"), seed=1)
+    for name in ("h1", "h2", "out"):
+        for k, t in before.node(name).tensors.items():
+            assert torch.equal(after.node(name).tensors[k], t), (name, k)
+    assert not after.node("out").tensors["weight"].any()
+    w = after.node("extra").tensors["weight"]
+    assert not torch.equal(w, before.node("extra").tensors["weight"])
+    assert float(w.abs().max()) <= 1 / math.sqrt(25) < float(before.node("extra").tensors["weight"].abs().max())
+    assert after.node("extra").provenance["init"] == "torch"
