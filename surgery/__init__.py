@@ -11,74 +11,57 @@ The public API, the same objects the recipes are made of::
 
 Recipes: ``S.load_recipe(path)`` then ``S.run(recipe, out)`` (one network) or
 ``S.run_experiment(recipe, out)`` and ``S.write_report(out, rows)`` (a grid).
+
+Each name is imported from its module on first use: ``__init__.pyi`` lists them (and is
+what type checkers read), so ``import surgery`` and ``surgery --help`` are quick and
+torch loads only when something needs it.
 """
 
-from .assembly import ForeignSource, SurgeryConfig, build_graph
-from .data import DataConfig, Dataset, Split, load_dataset
-from .devices import resolve_device
-from .errors import (
-    CheckpointError,
-    ConfigError,
-    DataError,
-    DeviceError,
-    ManifestError,
-    OutOfMemory,
-    OutputError,
-    ShapeError,
-    SurgeryError,
-    TrainingDiverged,
-)
-from .experiment import read_results, run_experiment
-from .experiment_config import ArmConfig, ExperimentConfig
-from .finetune import FinetuneConfig, PopulationTrainer, Trainer
-from .graph import ModelGraph, Node
-from .grid import plan_cells
-from .layers import LayerSpec, init_weight
-from .model_file import describe_model, load_model, save_model
-from .modules import read_back, to_module
-from .ops import (
-    DeepenOp,
-    DropoutOp,
-    FreezeOp,
-    HeadOp,
-    ImportOp,
-    InsertOp,
-    ReinitOp,
-    RemoveOp,
-    TakeOp,
-    TransplantOp,
-    WidenOp,
-)
-from .pipeline import assemble, evaluate, pretrain, run, validate
-from .pretrain import (
-    AEConfig,
-    GrowConfig,
-    PretrainConfig,
-    RBMConfig,
-    greedy_pretrain,
-    train_autoencoder,
-    train_rbm,
-)
-from .recipe import Recipe, load_recipe, recipe_from_dict
-from .report import significance_line, summary_grid, table, write_report
-from .schedules import OptimizerConfig, ScheduleConfig
-from .search_config import SearchConfig
-from .stack import LayerStack, StackLayer
-from .version import __version__
+from __future__ import annotations
 
-__all__ = [
-    "AEConfig", "ArmConfig", "CheckpointError", "ConfigError", "DataConfig", "DataError", "Dataset", "DeepenOp",
-    "DeviceError", "DropoutOp", "ExperimentConfig", "FinetuneConfig", "ForeignSource", "FreezeOp", "GrowConfig",
-    "HeadOp", "ImportOp", "InsertOp", "LayerSpec", "LayerStack", "ManifestError", "ModelGraph", "Node",
-    "describe_model",
-    "OptimizerConfig", "OutOfMemory", "OutputError", "PopulationTrainer", "PretrainConfig", "RBMConfig", "Recipe",
-    "ReinitOp",
-    "RemoveOp",
-    "ScheduleConfig", "SearchConfig", "ShapeError", "Split", "StackLayer", "SurgeryConfig", "SurgeryError",
-    "TakeOp", "Trainer", "TrainingDiverged", "TransplantOp", "WidenOp", "__version__", "assemble", "build_graph",
-    "evaluate",
-    "greedy_pretrain", "init_weight", "load_dataset", "load_model", "load_recipe", "plan_cells", "pretrain",
-    "read_back", "read_results", "recipe_from_dict", "resolve_device", "run", "run_experiment", "save_model",
-    "significance_line", "summary_grid",
-    "table", "to_module", "train_autoencoder", "train_rbm", "validate", "write_report",
-]
+import ast
+import importlib
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+
+def _public_names() -> dict[str, str]:
+    """Each public name -> the module that defines it, from the ``from .module import ...``
+    lines of ``__init__.pyi``."""
+    tree = ast.parse((Path(__file__).parent / "__init__.pyi").read_text(encoding="utf-8"))
+    return {alias.asname or alias.name: node.module for node in tree.body
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module
+            for alias in node.names}
+
+
+_WHERE = _public_names()
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """The package module, which keeps its public names when a submodule of the same name
+    loads: the import system sets ``surgery.pretrain`` to the subpackage when it first loads
+    it, and the public ``surgery.pretrain`` is the function (``pipeline.pretrain``)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _WHERE and _WHERE[name] != name and isinstance(value, types.ModuleType):
+            return  # the subpackage stays reachable as sys.modules["surgery.pretrain"] and by `from`
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

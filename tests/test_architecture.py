@@ -23,7 +23,7 @@ LEVELS: list[tuple[str, set[str]]] = [
                      "population"}),
     ("recipe composition", {"experiment_config", "search_config", "recipe", "grid", "fieldnames"}),
     ("orchestration", {"pipeline", "stacks_dir", "cells", "tuning", "experiment", "search"}),
-    ("report and cli", {"figures", "report", "rundir", "cli", "__main__"}),
+    ("report and cli", {"figures", "report", "rundir", "commands", "cli", "__main__"}),
 ]
 
 
@@ -69,6 +69,36 @@ def _level(module: str) -> int:
 def _graph() -> dict[str, set[str]]:
     mods = _modules()
     return {m: _imports(m, p, mods) for m, p in mods.items()}
+
+
+def test_the_package_gives_each_public_name_on_first_use():
+    """``import surgery`` and ``surgery --help`` leave torch unloaded (a command's help
+    answers at once); every name ``__init__.pyi`` exports is there, the same object its
+    module defines, and a name it lacks is an ``AttributeError``."""
+    import importlib
+    import subprocess
+    import sys
+
+    code = ("import contextlib, io, sys, surgery, surgery.cli\n"
+            "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+            "    surgery.cli.main(['run', '--help'])\n"
+            "print(sorted(m for m in ('torch', 'surgery.commands', 'surgery.finetune') if m in sys.modules))\n"
+            "import surgery.pretrain.rbm\n"  # loads the subpackage named like the function surgery.pretrain
+            "print(surgery.pretrain.__module__, surgery.RBMConfig.__module__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split("\n")[:2] == ["[]", "surgery.pipeline surgery.pretrain.rbm"]
+    import surgery
+
+    stub = ast.parse((PKG / "__init__.pyi").read_text(encoding="utf-8"))
+    listed = next(ast.literal_eval(n.value) for n in stub.body
+                  if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "__all__")
+    imported = {a.asname or a.name: n.module for n in stub.body if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert sorted(listed) == sorted(imported) == surgery.__all__
+    for name, module in imported.items():
+        assert getattr(surgery, name) is getattr(importlib.import_module(f"surgery.{module}"), name)
+        assert name in dir(surgery)
+    with pytest.raises(AttributeError, match="no attribute 'Trainr'"):
+        surgery.Trainr  # noqa: B018
 
 
 def test_every_module_has_a_level():

@@ -1103,6 +1103,22 @@ def test_an_experiment_on_every_training_example_keeps_last_epochs(tmp_path, cap
     # merged elsewhere (e.g. with another seed's directory), the report keeps the paper's numbers
     assert main(["compare", str(tmp_path / "out"), "--out", str(tmp_path / "merged")]) == 0
     assert "## Against the paper" in (tmp_path / "merged" / "report.md").read_text()
+    # the paper's numbers and text set on finished runs (merged, or in place), and nothing else
+    capsys.readouterr()
+    recorded = (tmp_path / "out" / "experiment.json").read_text()
+    assert main(["compare", str(tmp_path / "out"), "--out", str(tmp_path / "m2"), "--set",
+                 "experiment.paper.errors.rbm=1.1", "--set", "experiment.paper.differences=used 300 examples"]) == 0
+    report = (tmp_path / "m2" / "report.md").read_text()
+    assert "| rbm | 1 | 1.10 |" in report and "this run did not: used 300 examples" in report
+    assert (tmp_path / "out" / "experiment.json").read_text() == recorded
+    for bad, said in (("finetune.epochs=3", "compare --set finetune.epochs: only experiment.paper.*"),
+                      ("experiment.paper.target=-1", "experiment.paper.target: Input should be greater than 0")):
+        assert main(["compare", str(tmp_path / "out"), "--set", bad]) == 2
+        assert said in capsys.readouterr().err
+        assert (tmp_path / "out" / "experiment.json").read_text() == recorded
+    assert main(["compare", str(tmp_path / "out"), "--set", "experiment.paper.target=0.5"]) == 0
+    assert "a match is within 0.5 points" in (tmp_path / "out" / "report.md").read_text()
+    assert json.loads((tmp_path / "out" / "experiment.json").read_text())["cells"] == json.loads(recorded)["cells"]
     # whatever chooses by validation error is refused at validation, naming the field
     tuned = {**recipe["experiment"], "tune": {"params": {"finetune.optimizer.lr": {"type": "float", "low": 0.01,
                                                                                      "high": 0.3}}, "trials": 2}}
