@@ -246,7 +246,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         try:
             out[key.strip()] = yaml.load(raw, Loader=_RecipeLoader) if raw.strip() else None  # noqa: S506
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({_syntax(e)}).") from None
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({_syntax(e)}); a text holding ': ', "
+                              f"' #' or a leading quote or bracket needs quotes round it: "
+                              f"--set '{key.strip()}=\"...\"'.") from None
     return out
 
 

@@ -238,6 +238,7 @@ def test_yaml_syntax_error_and_non_mapping(workdir, capsys):
     assert main(["validate", str(workdir / "r.yaml"), "--set", "seed=[a"]) == 2
     err = capsys.readouterr().err
     assert "--set 'seed=[a': the value is not valid YAML (line 1, column 3" in err and err.count("\n") == 1, err
+    assert err.rstrip().endswith("needs quotes round it: --set 'seed=\"...\"'."), err
     (workdir / "r.yaml").write_text("- 1\n- 2\n")
     assert main(["validate", str(workdir / "r.yaml")]) == 2
     assert "must be a mapping" in capsys.readouterr().err
