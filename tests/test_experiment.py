@@ -1116,6 +1116,11 @@ def test_an_experiment_on_every_training_example_keeps_last_epochs(tmp_path, cap
         assert main(["compare", str(tmp_path / "out"), "--set", bad]) == 2
         assert said in capsys.readouterr().err
         assert (tmp_path / "out" / "experiment.json").read_text() == recorded
+    bare = tmp_path / "bare"  # results without the experiment.json that records the recipe
+    shutil.copytree(tmp_path / "out", bare)
+    (bare / "experiment.json").unlink()
+    assert main(["compare", str(bare), "--set", "experiment.paper.target=0.5"]) == 2
+    assert f"compare --set: {bare} has no experiment.json recording its recipe" in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "out"), "--set", "experiment.paper.target=0.5"]) == 0
     assert "a match is within 0.5 points" in (tmp_path / "out" / "report.md").read_text()
     assert json.loads((tmp_path / "out" / "experiment.json").read_text())["cells"] == json.loads(recorded)["cells"]
