@@ -81,13 +81,59 @@ BUILTIN_ARMS: dict[str, ArmConfig] = {
 }
 
 
-def _tunable_paths(v: dict[str, ParamRange]) -> dict[str, ParamRange]:
+def _tunable_paths(v: dict[str, Any]) -> dict[str, Any]:
     for k in v:
         if k.split(".")[0] not in ("data", "pretrain", "finetune"):
             raise ValueError(f"params[{k!r}]: tuned paths start with data, pretrain or finetune "
                              "(a cell's recipe; pretrain.layers.*.lr sets every layer)")
         check_scored_alike(k)
     return v
+
+
+def scale_of(value: Any) -> float | None:
+    """The factor of a ``{times: X}`` value of ``experiment.tune.then`` (X times the value
+    chosen so far), or ``None`` for a plain value."""
+    if isinstance(value, dict) and set(value) == {"times"}:
+        return value["times"]
+    return None
+
+
+def _alternatives(v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for i, alt in enumerate(v):
+        if not alt:
+            raise ValueError(f"alternatives[{i}] is empty: give the values it sets, e.g. {{finetune.batch_size: 10}}")
+        try:
+            _tunable_paths(alt)
+        except ValueError as e:  # the same rules as a tuned parameter's path, named as this one
+            raise ValueError(str(e).replace("params[", f"alternatives[{i}][", 1)) from None
+        for path, value in alt.items():
+            factor = scale_of(value)
+            if factor is None and isinstance(value, dict) and "times" in value:
+                raise ValueError(f"alternatives[{i}][{path!r}]: {{times: X}} takes no other key (got {value})")
+            if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))
+                                       or not factor > 0):
+                raise ValueError(f"alternatives[{i}][{path!r}]: times must be a positive number (got {factor!r})")
+    return v
+
+
+class TuneStep(BaseModel):
+    """One step of ``experiment.tune.then``, after an arm's trials: each alternative runs once
+    (on the tuning seeds) with the values chosen so far and its own set over them; the
+    lowest validation error among the alternatives and the values so far is kept (a tie
+    keeps the values so far). ``{times: X}`` sets X times the value so far (an lr halved or
+    doubled). An alternative that changes nothing for an arm (a pretraining value of an arm
+    that does not pretrain, or the value it has) does not run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, description="what the step chooses, as the log and report say it")
+    conditions: list[str] | None = Field(default=None, description="the arms it applies to (default: all)")
+    alternatives: Annotated[list[dict[str, Any]], AfterValidator(_alternatives)] = Field(
+        min_length=1, description="each a dotted path -> value (or {times: X}) set over the values so far")
+
+    def applies_to(self, arm: str) -> bool:
+        """Whether the step runs for arm ``arm`` (every arm when ``conditions`` is unset)."""
+        return self.conditions is None or arm in self.conditions
 
 
 class TuneConfig(BaseModel):
@@ -113,6 +159,10 @@ class TuneConfig(BaseModel):
         "trials asked of the sampler at once; their pretraining and fine-tuning run as populations "
         "where experiment.population allows (TPE draws its first 10 trials at random, so up to 10 "
         "at once it asks exactly what it would ask one by one)"))
+    then: list[TuneStep] = Field(default_factory=list, description=(
+        "steps after the trials, in order: each tries its alternatives at the values chosen so far "
+        "and keeps the one with the lowest validation error (the minibatch size, say, or the number "
+        "of pretraining epochs, chosen last as a paper did)"))
 
 
 def _paper_keys(v: dict[str, float]) -> dict[str, float]:
@@ -220,6 +270,15 @@ class ExperimentConfig(BaseModel):
             raise ValueError(f"tune.seeds is {self.tune.seeds}, but seeds lists {len(self.seeds)} "
                              f"({self.seeds}): a trial is scored on the first tune.seeds of the experiment's "
                              "seeds; lower tune.seeds or add seeds")
+        return self
+
+    @model_validator(mode="after")
+    def _steps_name_arms(self) -> ExperimentConfig:
+        arms = self.arms()
+        for i, step in enumerate(self.tune.then if self.tune is not None else []):
+            bad = [a for a in step.conditions or [] if a not in arms]
+            if bad:
+                raise ValueError(f"tune.then[{i}].conditions: {bad} not among the experiment's arms {list(arms)}")
         return self
 
     def arms(self) -> dict[str, ArmConfig]:

@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from .errors import ConfigError, SurgeryError
-from .experiment_config import DEFAULT_LAYER, ArmConfig, ExperimentConfig
+from .experiment_config import DEFAULT_LAYER, ArmConfig, ExperimentConfig, scale_of
 from .finetune_config import LAYER_PATTERN_FIELDS, FinetuneConfig
 from .recipe import Recipe, Rename, apply_overrides, as_recipe, recipe_from_dict
 from .search_config import ParamRange
@@ -196,6 +196,60 @@ def with_values(cell: Cell, values: dict[str, Any]) -> Cell:
     return Cell(condition=cell.condition, depth=cell.depth, seed=cell.seed, recipe=r, pretrain_key=pkey)
 
 
+_MISSING = object()
+
+
+def _get_path(r: Any, path: str) -> Any:
+    """The value at ``a.b.0.c`` in nested dicts and lists, or ``_MISSING``."""
+    for part in path.split("."):
+        if isinstance(r, dict) and part in r:
+            r = r[part]
+        elif isinstance(r, list) and part.isdigit() and int(part) < len(r):
+            r = r[int(part)]
+        else:
+            return _MISSING
+    return r
+
+
+def _each_path(full: dict[str, Any], path: str) -> list[str]:
+    """``path`` with a ``*`` step written out for every item of its list in ``full``."""
+    head, _, rest = path.partition(".*.")
+    if not rest:
+        return [path]
+    items = _get_path(full, head)
+    if not isinstance(items, list):
+        raise SurgeryError(f"{head} is not a list in this cell's recipe")
+    return [p for i in range(len(items)) for p in _each_path(full, f"{head}.{i}.{rest}")]
+
+
+def step_values(full: dict[str, Any], alternative: dict[str, Any]) -> dict[str, Any]:
+    """An ``experiment.tune.then`` alternative as the values it sets in a cell whose whole
+    recipe (defaults included) is ``full``: a ``{times: X}`` value becomes X times the
+    value there (each layer's own, for a ``*`` path); pretraining values are left out for
+    a cell that does not pretrain. ``SurgeryError`` when a scaled path holds no number."""
+    values: dict[str, Any] = {}
+    for path, value in alternative.items():
+        if path.startswith("pretrain") and "pretrain" not in full:
+            continue
+        factor = scale_of(value)
+        if factor is None:
+            values[path] = value
+            continue
+        for each in _each_path(full, path):
+            now = _get_path(full, each)
+            if isinstance(now, bool) or not isinstance(now, (int, float)):
+                raise SurgeryError(f"{path}: {{times: {factor}}} needs a number there, and this cell's recipe has "
+                                   f"{'nothing' if now is _MISSING else repr(now)} at {each}")
+            values[each] = now * factor
+    return values
+
+
+def changes(full: dict[str, Any], values: dict[str, Any]) -> bool:
+    """Whether setting ``values`` changes the whole recipe ``full`` (a step's alternative
+    that would not is not run)."""
+    return any(_get_path(full, each) != value for path, value in values.items() for each in _each_path(full, path))
+
+
 def first_cells(cells: list[Cell]) -> dict[tuple[str, int], Cell]:
     """Each (arm, depth)'s first cell (its first seed's), in plan order."""
     firsts: dict[tuple[str, int], Cell] = {}
@@ -206,9 +260,9 @@ def first_cells(cells: list[Cell]) -> dict[tuple[str, int], Cell]:
 
 def check_cells(recipe: Recipe, cells: list[Cell]) -> dict[tuple[str, int], Recipe]:
     """Validate the recipe of each (arm, depth)'s first cell, and with each of
-    ``experiment.tune.params`` set in it, before anything trains: a bad arm override or a
-    tuned path that is not a recipe field fails now, named, not after the first stacks.
-    Returns those first cells' recipes."""
+    ``experiment.tune.params`` set in it, and each alternative of ``experiment.tune.then``,
+    before anything trains: a bad arm override or a tuned path that is not a recipe field
+    fails now, named, not after the first stacks. Returns those first cells' recipes."""
     exp = recipe.experiment
     assert exp is not None
     checked = {}
@@ -218,7 +272,23 @@ def check_cells(recipe: Recipe, cells: list[Cell]) -> dict[tuple[str, int], Reci
         if exp.tune is not None:
             check_ranges("experiment.tune.params", exp.tune.params, recipe, f" [{arm} d{depth}]",
                          lambda path, value, cell=cell: with_values(cell, {path: value}).recipe)
+            _check_steps(recipe, exp, cell, checked[arm, depth].to_dict())
     return checked
+
+
+def _check_steps(recipe: Recipe, exp: ExperimentConfig, cell: Cell, full: dict[str, Any]) -> None:
+    """Validate ``cell``'s recipe (``full``: with its defaults) with each alternative of the
+    ``experiment.tune.then`` steps that apply to its arm set in it."""
+    where = f" [{cell.condition} d{cell.depth}]"
+    for i, step in enumerate(exp.tune.then if exp.tune is not None else []):
+        for j, alternative in enumerate(step.alternatives if step.applies_to(cell.condition) else []):
+            field = f"experiment.tune.then[{i}].alternatives[{j}]"
+            try:
+                data = with_values(cell, step_values(full, alternative)).recipe
+            except SurgeryError as e:  # with_values names the path as a tuned parameter's: said here as ours
+                said = str(e).split(": ", 1)[-1] if str(e).startswith("experiment.tune.params[") else str(e)
+                raise ConfigError(f"{field}{where}: {said}") from None
+            recipe_from_dict(data, recipe.base_dir, f"{recipe.source}{where} with {field}")
 
 
 def written_as(exp: ExperimentConfig, name: str, cell_recipe: dict[str, Any]) -> Rename:

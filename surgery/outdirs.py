@@ -93,6 +93,11 @@ class _Trial(BaseModel):
     params: dict[str, Any] = {}
 
 
+class _Step(_Trial):
+    step: str
+    so_far: float | int
+
+
 class _Tuning(BaseModel):
     """What the readers of ``tuning.json`` (compare, the report) take for granted."""
 
@@ -101,6 +106,8 @@ class _Tuning(BaseModel):
     trials_per_arm: int
     seeds: int = 1  # a trial's runs, one a seed (files written before tune.seeds have no such key)
     trials: list[_Trial]
+    then: list[dict[str, Any]] = []  # experiment.tune.then (files written before it have none)
+    steps: list[_Step] = []
 
     @model_validator(mode="after")
     def _best_rows_scored(self) -> _Tuning:
@@ -108,6 +115,11 @@ class _Tuning(BaseModel):
             if "best_trial" in (t.model_extra or {}) and not isinstance((t.model_extra or {}).get(self.metric),
                                                                          (int, float)):
                 raise ValueError(f"trials.{i}: a best trial without a numeric {self.metric}")
+        for i, s in enumerate(self.steps):
+            extra = s.model_extra or {}
+            if not (extra.get("skipped") or extra.get("diverged")) and not isinstance(extra.get(self.metric),
+                                                                                      (int, float)):
+                raise ValueError(f"steps.{i}: a step's run without a numeric {self.metric}")
         return self
 
 

@@ -109,17 +109,35 @@ def tuning_markdown(tuning: dict[str, Any]) -> list[str]:
     metric, seeds = tuning["metric"], tuning.get("seeds", 1)  # files written before tune.seeds: one
     on = f"the first seed, scored by {metric}" if seeds == 1 else \
         f"the first {seeds} seeds, scored by the mean of their {metric}"
+    then = [s["name"] for s in tuning.get("then", [])]
+    steps = (f", then {len(then)} step{'s' * (len(then) > 1)} ({'; '.join(then)}), each trying its alternatives "
+             "over the values chosen so far and keeping the lowest" if then else "")
     lines = ["", "## Tuning", "",
-             f"Every arm had the same budget: {tuning['trials_per_arm']} trials per depth on {on} (the test set "
-             "plays no part); the seeds then ran with the best values. All trials: `tuning.json`.", "",
-             f"| condition | depth | best trial | {metric} | values |", "|---|---:|---:|---:|---|"]
+             f"Every arm had the same budget: {tuning['trials_per_arm']} trials per depth on {on}{steps} (the test "
+             "set plays no part); the seeds then ran with the values chosen. All trials: `tuning.json`.", "",
+             f"| condition | depth | {'chosen by' if then else 'best trial'} | {metric} | values |",
+             "|---|---:|---:|---:|---|"]
     for t in tuning["trials"]:
         if "best_trial" in t:
-            vals = ", ".join(f"`{k}`={v:.4g}" if isinstance(v, float) else f"`{k}`={v}" for k, v in t["params"].items()
-                             if k not in t.get("ignored", ()))  # values the arm does not use
+            vals = _values(t["params"], t.get("ignored", ()))  # leaving out values the arm does not use
             best = f"{t['best_trial'] + 1}/{tuning['trials_per_arm']}"  # counted from 1, as the log counts them
+            best = f"trial {best}" + "".join(f" + {s}" for s in t.get("steps_taken", [])) if then else best
             lines.append(f"| {t['condition']} | {t['depth']} | {best} | {t[metric]:.2f} | {vals} |")
+    if tuning.get("steps"):
+        lines += ["", f"The steps after the trials, each alternative set over the values chosen so far ({metric} "
+                  "so far beside it):", "", f"| condition | depth | step | alternative | {metric} | so far | taken |",
+                  "|---|---:|---|---|---:|---:|---|"]
+        for s in tuning["steps"]:
+            score = "not run" if s.get("skipped") else "diverged" if s.get("diverged") else f"{s[metric]:.2f}"
+            lines.append(f"| {s['condition']} | {s['depth']} | {s['step']} | {_values(s['params'])} | {score} | "
+                         f"{s['so_far']:.2f} | {'yes' if s.get('taken') else ''} |")
     return lines
+
+
+def _values(params: dict[str, Any], ignored: Any = ()) -> str:
+    """Tuned values for a markdown table cell, each path in backquotes, floats to 4 digits."""
+    return ", ".join(f"`{k}`={v:.4g}" if isinstance(v, float) else f"`{k}`={v}" for k, v in params.items()
+                     if k not in ignored)
 
 
 def spread_p(a: list[float], b: list[float]) -> float:

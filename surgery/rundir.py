@@ -274,6 +274,31 @@ def _describe_merge(out: Path, meta: dict[str, Any]) -> list[str]:
             f"finished: results in {out}/results.csv, report in {out}/report.md"]
 
 
+def _tuning_so_far(trials: list[dict[str, Any]], tune: dict[str, Any]) -> list[str]:
+    """A line per (arm, depth) of an experiment's tuning: its runs ended (``trials``: their
+    results) against those planned by ``tune`` (the recipe's ``experiment.tune``), and the
+    span of their validation errors."""
+    seeds = tune.get("seeds", 1)  # a trial runs on each of the first seeds
+    planned = tune.get("trials", 0) * seeds
+    by_arm: dict[tuple[str, int], list[float | None]] = defaultdict(list)
+    for r in (r for r in trials if isinstance(r.get("depth"), int)):  # one damaged from outside is left out
+        valid = r.get("valid_error")
+        by_arm[(str(r.get("condition")), r["depth"])].append(float(valid) if isinstance(valid, (int, float)) else None)
+    lines = []
+    for (arm, depth), ends in sorted(by_arm.items()):
+        # a tune.then step's alternatives: each a run more on each tuning seed, unless it changes nothing
+        alts = sum(len(s.get("alternatives") or []) for s in tune.get("then") or []
+                   if isinstance(s, dict) and arm in (s.get("conditions") or [arm]))
+        of = f" of {'up to ' if alts else ''}{planned + alts * seeds}" if planned else ""
+        vals = [v for v in ends if v is not None]
+        diverged = f", {len(ends) - len(vals)} diverged" if len(vals) < len(ends) else ""
+        valid = f", validation {_span(vals)}" if vals else ""
+        what = "trials" if seeds == 1 else f"trial runs ({tune.get('trials')} trials x {seeds} seeds)"
+        what += " and step alternatives" if alts else ""
+        lines.append(f"tuning {arm} d{depth}: {len(ends)}{of} {what} finished{valid}{diverged}")
+    return lines
+
+
 def describe_run(out: Path) -> list[str]:
     """Lines saying what the experiment directory ``out`` holds: pretrained stacks, tuning
     trials (per arm and depth, with their validation errors), finished cells and what is
@@ -306,20 +331,7 @@ def describe_run(out: Path) -> list[str]:
         lines.append(f"pretrained stacks: {whole} whole" + "".join(
             _stack_so_far(d) for d in stacks if not (d / "pretrain.json").is_file()))
     trials, tuning_now = _runs(out / "tuning")
-    tune = exp.get("tune") or {}
-    seeds = tune.get("seeds", 1)  # a trial runs on each of the first seeds
-    planned = tune.get("trials", 0) * seeds
-    by_arm: dict[tuple[str, int], list[float | None]] = defaultdict(list)
-    for r in (r for r in trials if isinstance(r.get("depth"), int)):  # one damaged from outside is left out
-        valid = r.get("valid_error")
-        by_arm[(str(r.get("condition")), r["depth"])].append(float(valid) if isinstance(valid, (int, float)) else None)
-    for (arm, depth), ends in sorted(by_arm.items()):
-        of = f" of {planned}" if planned else ""
-        vals = [v for v in ends if v is not None]
-        diverged = f", {len(ends) - len(vals)} diverged" if len(vals) < len(ends) else ""
-        valid = f", validation {_span(vals)}" if vals else ""
-        what = "trials" if seeds == 1 else f"trial runs ({tune.get('trials')} trials x {seeds} seeds)"
-        lines.append(f"tuning {arm} d{depth}: {len(ends)}{of} {what} finished{valid}{diverged}")
+    lines += _tuning_so_far(trials, exp.get("tune") or {})
     cells, cells_now = _runs(out / "cells")
     total = meta.get("cells") if isinstance(meta.get("cells"), int) else None
     if total and len(cells) > total:  # runs of other seed lists shared the directory

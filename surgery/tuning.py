@@ -2,12 +2,15 @@
 trials on its first seed's cell (on its first ``seeds`` seeds' cells, scored by their mean),
 ``batch`` at a time (a batch's trials train together as populations where
 ``experiment.population`` allows, or are shared out among shards), scored by validation
-error only; the best trial's values then go to every seed's cell, and the best trial's
-directories become those seeds' cells. ``tuning.json`` records every trial.
+error only; then the ``then`` steps, each trying its alternatives over the values chosen
+so far (a minibatch size chosen last); the values chosen go to every seed's cell, and the
+chosen run's directories become those seeds' cells. ``tuning.json`` records every trial
+and every step's runs.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import shutil
 import time
 from pathlib import Path
@@ -16,9 +19,10 @@ from typing import Any
 from .cells import DIVERGED_FILE, CellRunner, summary
 from .errors import SurgeryError, TrainingDiverged
 from .experiment_config import TuneConfig
-from .grid import Cell, shard_of, with_values
+from .grid import Cell, changes, shard_of, step_values, with_values
 from .io import Pace, progress_bar, progress_line, write_json
 from .outdirs import read_tuning
+from .recipe import recipe_from_dict
 from .search import DIVERGED_SCORE, make_sampler, shown, suggest
 
 WAIT_SECONDS = 30.0  # the longest pause between two looks for another shard's trials
@@ -30,25 +34,100 @@ def tune_arms(cfg: TuneConfig, cells: list[Cell], runner: CellRunner, out: Path,
               progress: bool | None = None, shard: tuple[int, int] | None = None) -> list[Cell]:
     """The same search budget for every (arm, depth): ``cfg.trials`` Optuna trials on the
     first ``cfg.seeds`` seeds' cells, scored by their mean validation error (never test),
-    ``cfg.batch`` at a time; then every seed's cell with the best trial's values (the caller
-    adopts the best trial's directories as those seeds' cells). Writes every trial to
-    ``OUT/tuning.json``; a trial whose training diverged (on any of its seeds) is recorded as
-    such and told to Optuna as the worst error (``DIVERGED_SCORE``), never chosen. A
-    ``shard`` trains its share of each batch and waits for the other shards' trials."""
+    ``cfg.batch`` at a time, and the ``cfg.then`` steps after them; then every seed's cell
+    with the values chosen (the caller adopts the chosen run's directories as those seeds'
+    cells). Writes every trial and step run to ``OUT/tuning.json``; a trial whose training
+    diverged (on any of its seeds) is recorded as such and told to Optuna as the worst error
+    (``DIVERGED_SCORE``), never chosen (nor is such a step's alternative). A ``shard`` trains
+    its share of each batch and waits for the other shards' trials."""
     groups: dict[tuple[str, int], list[Cell]] = {}
     for c in cells:
         groups.setdefault((c.condition, c.depth), []).append(c)
-    record, tuned = [], []
-    bar = progress_bar(len(groups) * cfg.trials, "tuning", progress, "trial")
-    pace = Pace(len(groups) * cfg.trials, unit="trials")
+    record, stepped, tuned = [], [], []
+    total = sum(cfg.trials + _alternatives(cfg, arm) for arm, _ in groups)  # an alternative counts as a trial
+    bar = progress_bar(total, "tuning", progress, "trial")
+    pace = Pace(total, unit="trials" if not cfg.then else "trials and step alternatives")
     for (arm, depth), group in groups.items():
         trials, best = _tune_arm(cfg, group[:cfg.seeds], runner, bar, pace, progress, shard)
+        steps, best = _then(cfg, group[:cfg.seeds], best, runner, (bar, pace, progress), shard)
         record += [{"condition": arm, "depth": depth, **t} for t in [*trials, best]]
+        stepped += [{"condition": arm, "depth": depth, **s} for s in steps]
         tuned += [with_values(c, best["params"]) for c in group]
     bar.close()
+    then = {"then": [s.model_dump() for s in cfg.then], "steps": stepped} if cfg.then else {}
     write_json(out / "tuning.json", {"metric": cfg.metric, "trials_per_arm": cfg.trials, "seeds": cfg.seeds,
-                                     "batch": cfg.batch, "trials": record})
+                                     "batch": cfg.batch, "trials": record, **then})
     return tuned
+
+
+def _alternatives(cfg: TuneConfig, arm: str) -> int:
+    """How many alternatives the ``then`` steps that apply to ``arm`` try."""
+    return sum(len(s.alternatives) for s in cfg.then if s.applies_to(arm))
+
+
+def _then(cfg: TuneConfig, cells: list[Cell], best: dict[str, Any], runner: CellRunner,
+          shown_by: tuple[Any, Pace, bool | None], shard: tuple[int, int] | None) -> tuple[list[dict[str, Any]],
+                                                                                        dict[str, Any]]:
+    """The ``cfg.then`` steps of one (arm, depth) after its trials (``best``: the best
+    trial's entry), in order: each runs its alternatives over the values chosen so far on
+    ``cells`` (the tuning seeds'), scored as a trial is, and keeps the lowest validation error
+    (a tie keeps the values so far). Returns the steps' records and ``best`` with the values
+    chosen. ``shown_by``: the progress bar, the pace and the progress setting."""
+    bar, pace, progress = shown_by
+    where = f"{cells[0].condition} depth {cells[0].depth}"
+    values, score, taken = dict(best["params"]), best[cfg.metric], []
+    record: list[dict[str, Any]] = []
+    for step in (s for s in cfg.then if s.applies_to(cells[0].condition)):
+        now = with_values(cells[0], values).recipe
+        full = recipe_from_dict(now, runner.recipe.base_dir, f"{runner.recipe.source} [{where}]").to_dict()
+        tries = [step_values(full, alt) for alt in step.alternatives]
+        runs = {i: [with_values(c, merged_values(values, vals)) for c in cells] for i, vals in enumerate(tries)
+                if changes(full, vals)}  # one that changes nothing has the score so far: not run
+        ended = _run_shared([c for rs in runs.values() for c in rs], runner, shard, f"tuning: {where}", progress)
+        entries = []
+        for i, vals in enumerate(tries):
+            if i not in runs:  # said as written (step_values drops what an arm without pretraining ignores)
+                vals = dict(step.alternatives[i])
+                entries.append({"step": step.name, "params": vals, "skipped": "changes nothing for this arm"})
+                outcome = "changes nothing for this arm: not run"
+                pace.add(fresh=False)
+            else:
+                entry, outcome = _score(cfg.metric, runs[i], [ended[c.key][0] for c in runs[i]])
+                entries.append({"step": step.name, "params": vals, **entry})
+                pace.add(fresh=any(_ended_since(runner.out / "tuning" / c.key, pace.since) for c in runs[i]))
+            bar.update(1)
+            progress_line(progress, f"tuning: {where} {step.name}: {shown(vals) or 'nothing'}: {outcome}; {pace}")
+        scored = [e for e in entries if isinstance(e.get(cfg.metric), (int, float))]
+        win = min(scored, key=lambda e: e[cfg.metric], default=None)
+        for e in entries:
+            e.update(so_far=score, taken=e is win and e[cfg.metric] < score)
+        if win is not None and win["taken"]:
+            values, score = merged_values(values, win["params"]), win[cfg.metric]
+            taken.append(step.name)
+        said = f"took {shown(win['params'])}" if win is not None and win["taken"] else "kept the values so far"
+        progress_line(progress, f"tuning: {where} {step.name}: {said} (valid {score:.2f}%)")
+        record += entries
+    return record, {**best, "params": values, cfg.metric: score, **({"steps_taken": taken} if cfg.then else {})}
+
+
+def merged_values(values: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with ``more`` set over them, in the order they apply: a path ``more`` sets
+    (every layer's, for a ``*`` path) leaves ``values`` and comes after the rest."""
+    kept = {k: v for k, v in values.items() if not any(k == p or fnmatch.fnmatchcase(k, p) for p in more)}
+    return {**kept, **more}
+
+
+def _run_shared(runs: list[Cell], runner: CellRunner, shard: tuple[int, int] | None, what: str,
+                progress: bool | None) -> dict[str, Ended]:
+    """Train ``runs`` (tuning runs, as populations where the experiment allows), a
+    ``shard`` its share and then waiting for the others'; by key, each one's end."""
+    assert runner.recipe.experiment is not None
+    mode = runner.recipe.experiment.population
+    runs = list({c.key: c for c in runs}.values())
+    mine = runs if shard is None else shard_of(runs, *shard)
+    ended: dict[str, Ended] = {c.key: (r, "") for c, r in zip(mine, runner.run_batch(mine, mode, "tuning"))}
+    rest = [c for c in runs if c.key not in ended]
+    return {**ended, **(_others_ended(rest, runner, mode, what, progress) if rest else {})}
 
 
 def _tune_arm(cfg: TuneConfig, cells: list[Cell], runner: CellRunner, bar: Any, pace: Pace, progress: bool | None,
@@ -181,15 +260,20 @@ def merge_tuning(dirs: list[Path]) -> dict[str, Any] | None:
     found = [read_tuning(d / "tuning.json") for d in dirs if (d / "tuning.json").is_file()]
     if not found:
         return None
-    budgets = {(t["metric"], t["trials_per_arm"], t.get("seeds", 1)) for t in found}  # no seeds: written before
+    budgets = {(t["metric"], t["trials_per_arm"], t.get("seeds", 1), *(s["name"] for s in t.get("then", [])))
+               for t in found}  # no seeds: written before tune.seeds; no then: before tune.then
     if len(budgets) > 1:
         raise SurgeryError(f"compare: the directories were tuned with different budgets {sorted(budgets)} "
-                           "(metric, trials per arm, seeds a trial); merge only runs of one recipe's "
-                           "experiment.tune.")
+                           "(metric, trials per arm, seeds a trial, and any tune.then steps by name); merge only "
+                           "runs of one recipe's experiment.tune.")
     arms: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for t in found:
-        arms.update(_by_arm(t["trials"]))
-    return {**found[0], "trials": [t for trials in arms.values() for t in trials]}
+    steps: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for t in found:  # an arm's steps come from the directory its trials come from
+        trials = _by_arm(t["trials"])
+        arms.update(trials)
+        steps.update({arm: _by_arm(t.get("steps", [])).get(arm, []) for arm in trials})
+    merged = {**found[0], "trials": [t for trials in arms.values() for t in trials]}
+    return {**merged, "steps": [s for arm in steps.values() for s in arm]} if "then" in found[0] else merged
 
 
 def _by_arm(trials: list[dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, Any]]]:

@@ -765,6 +765,128 @@ def test_a_trial_scored_on_several_seeds_is_their_mean_and_its_runs_become_those
     assert not (tmp_path / "o2").exists()
 
 
+THEN = [  # the steps of bengio2007's protocol, in small
+    {"name": "unsupervised epochs", "conditions": ["dae"], "alternatives": [{"pretrain.layers.*.epochs": 3}]},
+    {"name": "lr again", "alternatives": [{"finetune.optimizer.lr": {"times": 0.5}},
+                                          {"finetune.optimizer.lr": {"times": 2}}]},
+    {"name": "budget", "alternatives": [{"finetune.epochs": 4}, {"finetune.epochs": 2}]},  # 2: the recipe's
+    {"name": "noise", "alternatives": [{"pretrain.layers.*.noise": 0.1}]},
+]
+
+
+def _replay_steps(trial, steps):
+    """The values and score the rule of experiment.tune.then arrives at from the best trial's
+    and the steps' records: each step's lowest run taken when below the score so far."""
+    values, score = dict(trial["params"]), trial["valid_error"]
+    for name in dict.fromkeys(s["step"] for s in steps):
+        mine = [s for s in steps if s["step"] == name]
+        assert all(s["so_far"] == score for s in mine), mine
+        ran = [s for s in mine if not s.get("skipped")]
+        low = min((s["valid_error"] for s in ran), default=None)
+        taken = [s for s in mine if s["taken"]]
+        if low is not None and low < score:
+            assert taken == [next(s for s in ran if s["valid_error"] == low)], mine
+            values, score = {**values, **taken[0]["params"]}, low
+        else:
+            assert not taken, mine
+    return values, score
+
+
+def test_tune_then_steps_try_alternatives_over_the_values_chosen_so_far(tmp_path, capsys):
+    """experiment.tune.then, after an arm's trials, runs each step's alternatives over the
+    values chosen so far ({times: X}: X times the value so far; conditions: those arms only;
+    one that changes nothing for an arm is not run) and keeps the lowest validation error, a
+    tie keeping the values so far; every seed runs with the values chosen and the chosen run
+    is seed 0's cell; validate, the log, the report and inspect say so; a rerun trains nothing."""
+    r = _tuning_recipe(trials=2)
+    r["experiment"]["tune"]["then"] = THEN
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    assert main(["validate", str(tmp_path / "r.yaml")]) == 0
+    assert ("then 4 step(s) (unsupervised epochs; lr again; budget; noise: up to 11 runs more, each alternative "
+            "over the values chosen so far") in capsys.readouterr().out
+    out = tmp_path / "out"
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "tuning: none depth 1 noise: pretrain.layers.*.noise=0.1: changes nothing for this arm: not run" in err
+    tuning = json.loads((out / "tuning.json").read_text())
+    assert [s["name"] for s in tuning["then"]] == [s["name"] for s in THEN]
+    rows = _rows(out)
+    for arm, names in (("none", ["lr again"] * 2 + ["budget"] * 2 + ["noise"]),
+                       ("dae", ["unsupervised epochs"] + ["lr again"] * 2 + ["budget"] * 2 + ["noise"])):
+        best = next(t for t in tuning["trials"] if "best_trial" in t and t["condition"] == arm)
+        trial = [t for t in tuning["trials"] if "trial" in t and t["condition"] == arm][best["best_trial"]]
+        steps = [s for s in tuning["steps"] if s["condition"] == arm]
+        assert [s["step"] for s in steps] == names
+        lr = trial["params"]["finetune.optimizer.lr"]  # no step before "lr again" changes it
+        assert [s["params"]["finetune.optimizer.lr"] for s in steps if s["step"] == "lr again"] == \
+            pytest.approx([lr / 2, lr * 2])
+        assert [s["step"] for s in steps if s.get("skipped")] == ["budget"] + ["noise"] * (arm == "none")
+        values, score = _replay_steps(trial, steps)
+        assert best["valid_error"] == score and best["params"] == {**best["params"], **values}
+        assert best["steps_taken"] == [s["step"] for s in steps if s["taken"]]
+        for row in (x for x in rows if x["condition"] == arm):
+            cell = json.loads((Path(row["path"]) / "recipe.json").read_text())
+            assert cell["finetune"]["optimizer"]["lr"] == best["params"]["finetune.optimizer.lr"]
+            assert cell["finetune"]["epochs"] == best["params"].get("finetune.epochs", 2)
+            if arm == "dae":
+                assert cell["pretrain"]["layers"][0]["epochs"] == best["params"].get("pretrain.layers.*.epochs", 1)
+            if row["seed"] == "0":  # the chosen run itself, not trained again
+                chosen = out / "tuning" / Path(row["path"]).name / "result.json"
+                assert chosen.read_text() == (Path(row["path"]) / "result.json").read_text()
+    report = (out / "report.md").read_text().split("## Tuning")[1]
+    assert "then 4 steps (unsupervised epochs; lr again; budget; noise), each trying" in report
+    assert "| none | 1 | noise | `pretrain.layers.*.noise`=0.1 | not run |" in report
+    assert sum(x.startswith(("| none | 1 | ", "| dae | 1 | ")) for x in report.splitlines()) == 2 + 11
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    said = capsys.readouterr().out
+    ran = 2 + sum(not s.get("skipped") for s in tuning["steps"] if s["condition"] == "dae")
+    assert f"tuning dae d1: {ran} of up to 8 trials and step alternatives finished, validation " in said, said
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(out)]) == 0  # a rerun trains nothing again
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == stamps
+    assert json.loads((out / "tuning.json").read_text()) == tuning
+
+
+def test_tune_then_steps_merge_by_arm_and_refuse_a_bad_alternative_before_training(tmp_path, capsys):
+    """Arms tuned apart with the same steps merge, each arm's steps with its trials; other
+    steps are another budget, refused; an alternative that sets no recipe field, scales what
+    is not a number or names an arm the grid lacks is refused before anything trains."""
+    for arm in ("none", "dae"):
+        r = _tuning_recipe(trials=2)
+        r["experiment"].update(conditions=[arm], seeds=[0])
+        r["experiment"]["tune"]["then"] = THEN[1:3]
+        (tmp_path / f"{arm}.yaml").write_text(yaml.safe_dump(r))
+        assert main(["run", str(tmp_path / f"{arm}.yaml"), "--out", str(tmp_path / arm)]) == 0
+    assert main(["compare", str(tmp_path / "none"), str(tmp_path / "dae"), "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "tuning.json").read_text())
+    each = [json.loads((tmp_path / arm / "tuning.json").read_text()) for arm in ("none", "dae")]
+    assert merged["steps"] == each[0]["steps"] + each[1]["steps"] and len(merged["steps"]) == 8
+    assert "| dae | 1 | budget | `finetune.epochs`=2 | not run |" in (tmp_path / "m" / "report.md").read_text()
+    (tmp_path / "dae" / "tuning.json").write_text(json.dumps({**each[1], "then": THEN[1:2]}))
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "none"), str(tmp_path / "dae"), "--out", str(tmp_path / "m2")]) == 2
+    assert "('valid_error', 2, 1, 'lr again', 'budget')" in capsys.readouterr().err
+    r = _tuning_recipe(trials=2)
+    for then, said in (
+            ([{"name": "x", "alternatives": [{"finetune.nonsense": 1}]}],
+             "experiment.tune.then[0].alternatives[0]"),
+            ([{"name": "x", "alternatives": [{"finetune.optimizer.name": {"times": 2}}]}],
+             "experiment.tune.then[0].alternatives[0] [none d1]: finetune.optimizer.name: {times: 2} needs a "
+             "number there, and this cell's recipe has 'sgd'"),
+            ([{"name": "x", "alternatives": [{"finetune.epochs": 3}]},
+              {"name": "y", "conditions": ["rbm"], "alternatives": [{"finetune.epochs": 3}]}],
+             "tune.then[1].conditions: ['rbm'] not among the experiment's arms ['none', 'dae']"),
+            ([{"name": "x", "alternatives": [{"finetune.optimizer.lr": {"times": 0}}]}],
+             "alternatives[0]['finetune.optimizer.lr']: times must be a positive number (got 0)")):
+        r["experiment"]["tune"]["then"] = then
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(r))
+        for cmd in (["validate"], ["run", "--out", str(tmp_path / "o")]):
+            assert main([cmd[0], str(tmp_path / "bad.yaml"), *cmd[1:]]) == 2
+            assert said in capsys.readouterr().err
+        assert not (tmp_path / "o").exists()
+
+
 def test_a_tuning_batch_trains_its_trials_together_and_equals_one_by_one(tmp_path, capsys):
     """tune.batch: 4 with population: 4 asks an arm's four trials at once (TPE's first ten are
     random draws, so the same values), pretrains the dae trials' stacks and fine-tunes the
@@ -797,10 +919,11 @@ def test_a_tuning_batch_trains_its_trials_together_and_equals_one_by_one(tmp_pat
 def test_shards_share_one_tuned_grid_and_equal_one_process(tmp_path, capsys, seeds):
     """`--shard 1/2` (here) and `--shard 2/2` (another process) over one --out, at once:
     each trains its half of an arm's trial batch (of its trials' runs, with tune.seeds: 2),
-    waits for the other's, then trains its half of the seed cells; no trial is trained by
-    both, and the run without --shard trains nothing more and writes the results, trials and
-    best choices of a run in one process."""
+    waits for the other's, then its half of each tune.then step's runs, then its half of the
+    seed cells; no trial is trained by both, and the run without --shard trains nothing more
+    and writes the results, trials, steps and choices of a run in one process."""
     r = _tuning_recipe(batch=4, seeds=seeds)
+    r["experiment"]["tune"]["then"] = THEN[1:3]
     r["experiment"]["seeds"] = [0, 1, 2]
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
     recipe, out = str(tmp_path / "r.yaml"), tmp_path / "sharded"
@@ -922,7 +1045,7 @@ def test_compare_merges_arms_tuned_in_separate_runs(tmp_path, capsys):
     assert not (tmp_path / "m2").exists()  # refused before anything was written
     (tmp_path / "dae" / "tuning.json").write_text(json.dumps({**other, "seeds": 2}))  # trials scored on 2 seeds
     assert main(["compare", str(tmp_path / "none"), str(tmp_path / "dae"), "--out", str(tmp_path / "m2")]) == 2
-    assert "[('valid_error', 2, 1), ('valid_error', 2, 2)] (metric, trials per arm, seeds a trial)" in \
+    assert "[('valid_error', 2, 1), ('valid_error', 2, 2)] (metric, trials per arm, seeds a trial, and" in \
         capsys.readouterr().err
 
 
