@@ -18,7 +18,8 @@
 # bengio2007_fixed (all five arms). `populations`: only the
 # population benchmarks (fine-tuning K=1/5/25 on 50k examples, RBM and DAE layers K=1/25).
 # `grids`: the whole bengio2007_fixed and erhan2010_fixed grids. `protocol`: the whole
-# recipes/bengio2007.yaml protocol (10 tuning trials per arm trained together, then 5 seeds)
+# recipes/bengio2007.yaml protocol (10 tuning trials per arm trained together, its tune.then
+# steps, then 5 seeds)
 # under a 9-minute limit. `hinton-cg`: recipes/hinton2006_cg.yaml (the DBN fine-tuned by conjugate
 # gradients for 200 epochs, as the paper did). Each mode fits one call.
 set -uo pipefail

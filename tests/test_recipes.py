@@ -378,6 +378,33 @@ def test_every_shipped_recipe_runs_shrunk_on_the_cpu(tmp_path):
         assert main(shrunk_recipe_args(tmp_path / "recipes", name, out, "cpu")) == 0, name
 
 
+def test_bengio2007_plans_the_cells_its_published_report_ran():
+    """recipes/bengio2007.yaml states its whole protocol (trials, then experiment.tune.then):
+    from the values its arms' trials chose (docs/results/bengio2007_one_protocol/tuning.json)
+    the step taken for grow-frozen, none and shallow (the minibatch size) gives every seed
+    exactly the cell (its recipe's hash) that report ran, none run differently by hand."""
+    import csv
+
+    from surgery.grid import step_values, with_values
+    from surgery.tuning import merged_values
+
+    results = ROOT / "docs" / "results" / "bengio2007_one_protocol"
+    r = load_recipe(ROOT / "recipes" / "bengio2007.yaml")
+    assert r.experiment is not None and r.experiment.tune is not None
+    step = next(s for s in r.experiment.tune.then if s.name == "minibatch size")
+    best = {t["condition"]: t["params"] for t in json.loads((results / "tuning.json").read_text())["trials"]
+            if "best_trial" in t}
+    with (results / "results.csv").open() as f:
+        ran = {(row["condition"], int(row["seed"])): row["cell"] for row in csv.DictReader(f)}
+    cells = plan_cells(r, (784,), 10)
+    for arm in ("grow-frozen", "none", "shallow"):
+        first = next(c for c in cells if c.condition == arm)
+        full = recipe_from_dict(with_values(first, best[arm]).recipe, r.base_dir).to_dict()
+        values = merged_values(best[arm], step_values(full, step.alternatives[0]))
+        assert [with_values(c, values).key for c in cells if c.condition == arm] == \
+            [ran[arm, seed] for seed in r.experiment.seeds], arm
+
+
 SMALL = ["--set", "data.dataset=synthetic", "--set", "data.limit=300"]
 
 
