@@ -84,7 +84,7 @@ def _then(cfg: TuneConfig, cells: list[Cell], best: dict[str, Any], runner: Cell
         runs = {i: [with_values(c, merged_values(values, vals)) for c in cells] for i, vals in enumerate(tries)
                 if changes(full, vals)}  # one that changes nothing has the score so far: not run
         ended = _run_shared([c for rs in runs.values() for c in rs], runner, shard, f"tuning: {where}", progress)
-        entries = []
+        entries: list[dict[str, Any]] = []
         for i, vals in enumerate(tries):
             if i not in runs:  # said as written (step_values drops what an arm without pretraining ignores)
                 vals = dict(step.alternatives[i])
