@@ -225,8 +225,9 @@ def _each_path(full: dict[str, Any], path: str) -> list[str]:
 def step_values(full: dict[str, Any], alternative: dict[str, Any]) -> dict[str, Any]:
     """An ``experiment.tune.then`` alternative as the values it sets in a cell whose whole
     recipe (defaults included) is ``full``: a ``{times: X}`` value becomes X times the
-    value there (each layer's own, for a ``*`` path); pretraining values are left out for
-    a cell that does not pretrain. ``SurgeryError`` when a scaled path holds no number."""
+    value there (each layer's own, for a ``*`` path; the nearest whole number for a field of
+    whole numbers, such as epochs); pretraining values are left out for a cell that does
+    not pretrain. ``SurgeryError`` when a scaled path holds no number."""
     values: dict[str, Any] = {}
     for path, value in alternative.items():
         if path.startswith("pretrain") and "pretrain" not in full:
@@ -240,7 +241,8 @@ def step_values(full: dict[str, Any], alternative: dict[str, Any]) -> dict[str, 
             if isinstance(now, bool) or not isinstance(now, (int, float)):
                 raise SurgeryError(f"{path}: {{times: {factor}}} needs a number there, and this cell's recipe has "
                                    f"{'nothing' if now is _MISSING else repr(now)} at {each}")
-            values[each] = now * factor
+            # ``full`` is validated: a float field holds a float there, so an int is a field of whole numbers
+            values[each] = round(now * factor) if isinstance(now, int) else now * factor
     return values
 
 

@@ -848,6 +848,32 @@ def test_tune_then_steps_try_alternatives_over_the_values_chosen_so_far(tmp_path
     assert json.loads((out / "tuning.json").read_text()) == tuning
 
 
+def test_a_step_alternative_scales_each_value_it_names_as_the_field_allows():
+    """{times: X} multiplies the value a cell has now: each layer's own for a ``*`` path, to
+    the nearest whole number for a field of whole numbers, an lr written as 1 as the float it
+    is; a pretraining value is dropped for a cell that does not pretrain; a later value
+    for a ``*`` path replaces the per-layer ones before it."""
+    from surgery.grid import changes, step_values
+    from surgery.tuning import merged_values
+
+    r = recipe_from_dict({"data": {"dataset": "synthetic"}, "finetune": {"epochs": 15, "optimizer": {"lr": 1}},
+                          "pretrain": {"layers": [{"method": "rbm", "hidden": 8, "lr": 0.1},
+                                                  {"method": "rbm", "hidden": 8, "lr": 0.3}]}})
+    full = r.to_dict()
+    got = step_values(full, {"finetune.epochs": {"times": 0.5}, "finetune.optimizer.lr": {"times": 0.5},
+                             "pretrain.layers.*.lr": {"times": 2}})
+    assert got == {"finetune.epochs": 8, "finetune.optimizer.lr": 0.5, "pretrain.layers.0.lr": 0.2,
+                   "pretrain.layers.1.lr": 0.6}
+    assert changes(full, got) and not changes(full, {"finetune.epochs": 15, "pretrain.layers.*.hidden": 8})
+    no_pretrain = {k: v for k, v in full.items() if k != "pretrain"}
+    assert step_values(no_pretrain, {"pretrain.layers.*.lr": {"times": 2}, "finetune.epochs": 3}) == \
+        {"finetune.epochs": 3}
+    assert list(merged_values(got, {"pretrain.layers.*.lr": 0.05})) == [
+        "finetune.epochs", "finetune.optimizer.lr", "pretrain.layers.*.lr"]
+    with pytest.raises(SurgeryError, match="needs a number there, and this cell's recipe has 'sgd'"):
+        step_values(full, {"finetune.optimizer.name": {"times": 2}})
+
+
 def test_tune_then_steps_merge_by_arm_and_refuse_a_bad_alternative_before_training(tmp_path, capsys):
     """Arms tuned apart with the same steps merge, each arm's steps with its trials; other
     steps are another budget, refused; an alternative that sets no recipe field, scales what
