@@ -164,6 +164,11 @@ class TuneConfig(BaseModel):
         "and keeps the one with the lowest validation error (the minibatch size, say, or the number "
         "of pretraining epochs, chosen last as a paper did)"))
 
+    def step_runs(self, arm: str) -> int:
+        """How many alternatives the ``then`` steps that apply to ``arm`` try (each a run on
+        each tuning seed, unless it changes nothing for the arm)."""
+        return sum(len(s.alternatives) for s in self.then if s.applies_to(arm))
+
 
 def _paper_keys(v: dict[str, float]) -> dict[str, float]:
     for k in v:

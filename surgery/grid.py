@@ -171,17 +171,12 @@ def _spelled_out(finetune: dict[str, Any]) -> dict[str, Any]:
 
 def _set_path(r: dict[str, Any], path: str, value: Any) -> None:
     """``a.b.0.c = value``; a ``*`` step sets every item of a list (``pretrain.layers.*.lr``)."""
-    head, _, rest = path.partition(".*.")
-    if not rest:
-        apply_overrides(r, {path: value})
-        return
-    items = r
-    for part in head.split("."):
-        items = items.get(part) if isinstance(items, dict) else None  # type: ignore[assignment]
-    if not isinstance(items, list):
-        raise SurgeryError(f"experiment.tune.params[{path!r}]: {head} is not a list in this cell's recipe.")
-    for i in range(len(items)):
-        _set_path(r, f"{head}.{i}.{rest}", value)
+    try:
+        paths = _each_path(r, path)
+    except SurgeryError as e:
+        raise SurgeryError(f"experiment.tune.params[{path!r}]: {e}.") from None
+    for each in paths:
+        apply_overrides(r, {each: value})
 
 
 def with_values(cell: Cell, values: dict[str, Any]) -> Cell:

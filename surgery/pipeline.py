@@ -208,8 +208,7 @@ def validate(recipe: Recipe | str | Path) -> tuple[ModelGraph | None, list[str]]
             on = (f"seed {exp.seeds[0]}" if exp.tune.seeds == 1 else
                   f"seeds {', '.join(map(str, exp.seeds[:exp.tune.seeds]))}, scored by their mean")
             steps = exp.tune.then
-            more = sum(len(s.alternatives) for c in cells if c.seed == exp.seeds[0] for s in steps
-                       if s.applies_to(c.condition)) * exp.tune.seeds  # one run each on each tuning seed
+            more = sum(exp.tune.step_runs(arm) for arm, _ in {(c.condition, c.depth) for c in cells}) * exp.tune.seeds
             then = (f"; then {len(steps)} step(s) ({'; '.join(s.name for s in steps)}: up to {more} runs more, each "
                     "alternative over the values chosen so far, the lowest validation error kept)" if steps else "")
             notes.append(f"tuning first: {exp.tune.trials} {exp.tune.sampler} trials for each of {groups} "

@@ -44,7 +44,7 @@ def tune_arms(cfg: TuneConfig, cells: list[Cell], runner: CellRunner, out: Path,
     for c in cells:
         groups.setdefault((c.condition, c.depth), []).append(c)
     record, stepped, tuned = [], [], []
-    total = sum(cfg.trials + _alternatives(cfg, arm) for arm, _ in groups)  # an alternative counts as a trial
+    total = sum(cfg.trials + cfg.step_runs(arm) for arm, _ in groups)  # an alternative counts as a trial
     bar = progress_bar(total, "tuning", progress, "trial")
     pace = Pace(total, unit="trials" if not cfg.then else "trials and step alternatives")
     for (arm, depth), group in groups.items():
@@ -58,11 +58,6 @@ def tune_arms(cfg: TuneConfig, cells: list[Cell], runner: CellRunner, out: Path,
     write_json(out / "tuning.json", {"metric": cfg.metric, "trials_per_arm": cfg.trials, "seeds": cfg.seeds,
                                      "batch": cfg.batch, "trials": record, **then})
     return tuned
-
-
-def _alternatives(cfg: TuneConfig, arm: str) -> int:
-    """How many alternatives the ``then`` steps that apply to ``arm`` try."""
-    return sum(len(s.alternatives) for s in cfg.then if s.applies_to(arm))
 
 
 def _then(cfg: TuneConfig, cells: list[Cell], best: dict[str, Any], runner: CellRunner,
