@@ -279,11 +279,18 @@ class ExperimentConfig(BaseModel):
 
     @model_validator(mode="after")
     def _steps_name_arms(self) -> ExperimentConfig:
+        # a name no arm here has: a typo where the arms are built-in names (no such arm can
+        # exist), else maybe an arm left out by --set 'experiment.conditions=[...]' (run apart)
         arms = self.arms()
         for i, step in enumerate(self.tune.then if self.tune is not None else []):
-            bad = [a for a in step.conditions or [] if a not in arms]
-            if bad:
-                raise ValueError(f"tune.then[{i}].conditions: {bad} not among the experiment's arms {list(arms)}")
+            absent = [a for a in step.conditions or [] if a not in arms]
+            if isinstance(self.conditions, list) and any(a not in BUILTIN_ARMS for a in absent):
+                raise ValueError(f"tune.then[{i}].conditions: {absent} not among the experiment's arms {list(arms)}")
+            if absent:
+                here = [a for a in step.conditions or [] if a in arms]
+                warnings.warn(f"experiment.tune.then[{i}] ({step.name}): its conditions {absent} are not among the "
+                              f"arms run here {list(arms)}; it runs for {here or 'no arm'} here (arms run apart "
+                              "are merged by `surgery compare`).", SurgeryWarning, stacklevel=2)
         return self
 
     def arms(self) -> dict[str, ArmConfig]:

@@ -220,9 +220,10 @@ def _each_path(full: dict[str, Any], path: str) -> list[str]:
 def step_values(full: dict[str, Any], alternative: dict[str, Any]) -> dict[str, Any]:
     """An ``experiment.tune.then`` alternative as the values it sets in a cell whose whole
     recipe (defaults included) is ``full``: a ``{times: X}`` value becomes X times the
-    value there (each layer's own, for a ``*`` path; the nearest whole number for a field of
-    whole numbers, such as epochs); pretraining values are left out for a cell that does
-    not pretrain. ``SurgeryError`` when a scaled path holds no number."""
+    value there (each layer's own, for a ``*`` path, which stays one path where every layer
+    has the same value; the nearest whole number for a field of whole numbers, such as
+    epochs); pretraining values are left out for a cell that does not pretrain.
+    ``SurgeryError`` when a scaled path holds no number."""
     values: dict[str, Any] = {}
     for path, value in alternative.items():
         if path.startswith("pretrain") and "pretrain" not in full:
@@ -231,13 +232,16 @@ def step_values(full: dict[str, Any], alternative: dict[str, Any]) -> dict[str, 
         if factor is None:
             values[path] = value
             continue
+        scaled = {}
         for each in _each_path(full, path):
             now = _get_path(full, each)
             if isinstance(now, bool) or not isinstance(now, (int, float)):
                 raise SurgeryError(f"{path}: {{times: {factor}}} needs a number there, and this cell's recipe has "
                                    f"{'nothing' if now is _MISSING else repr(now)} at {each}")
             # ``full`` is validated: a float field holds a float there, so an int is a field of whole numbers
-            values[each] = round(now * factor) if isinstance(now, int) else now * factor
+            scaled[each] = round(now * factor) if isinstance(now, int) else now * factor
+        same = len(set(scaled.values())) == 1
+        values.update({path: next(iter(scaled.values()))} if same and "*" in path else scaled)
     return values
 
 
