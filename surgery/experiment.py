@@ -125,8 +125,8 @@ def _data_unchanged(out: Path, runner: CellRunner) -> dict[str, str]:
     before = before if isinstance(before, dict) else {}
     now = {}
     for key, ds in runner.datasets.items():
-        section = {k: v for k, v in json.loads(key).items() if k != "device"}  # where it runs changes nothing
-        now[json.dumps(section, sort_keys=True)] = fingerprint(*(t for s in (ds.train, ds.valid, ds.test)
+        fields = {k: v for k, v in json.loads(key).items() if k != "device"}  # where it runs changes nothing
+        now[json.dumps(fields, sort_keys=True)] = fingerprint(*(t for s in (ds.train, ds.valid, ds.test)
                                                                  for t in (s.x, s.y)))
     for section, fp in now.items():
         if before.get(section, fp) != fp:

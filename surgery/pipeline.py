@@ -207,7 +207,7 @@ def validate(recipe: Recipe | str | Path) -> tuple[ModelGraph | None, list[str]]
             groups = len({(c.condition, c.depth) for c in cells})
             on = (f"seed {exp.seeds[0]}" if exp.tune.seeds == 1 else
                   f"seeds {', '.join(map(str, exp.seeds[:exp.tune.seeds]))}, scored by their mean")
-            steps = exp.tune.then
+            steps = [s for s in exp.tune.then if any(s.applies_to(arm) for arm in exp.arms())]  # for arms here
             more = sum(exp.tune.step_runs(arm) for arm, _ in {(c.condition, c.depth) for c in cells}) * exp.tune.seeds
             then = (f"; then {len(steps)} step(s) ({'; '.join(s.name for s in steps)}: up to {more} runs more, each "
                     "alternative over the values chosen so far, the lowest validation error kept)" if steps else "")

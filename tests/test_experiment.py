@@ -922,7 +922,7 @@ def test_tune_then_steps_merge_by_arm_and_refuse_a_bad_alternative_before_traini
     said = capsys.readouterr()
     assert "warning: experiment.tune.then[0] (y): its conditions ['dae'] are not among the arms run here ['none']" \
         in said.err
-    assert "then 1 step(s) (y: up to 0 runs more" in said.out
+    assert "experiment: 2 cells (none x depths [1] x seeds [0, 1])" in said.out and " step" not in said.out
 
 
 def test_a_tuning_batch_trains_its_trials_together_and_equals_one_by_one(tmp_path, capsys):
