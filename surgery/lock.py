@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import socket
 import sys
@@ -73,11 +74,40 @@ def describe_holder(holder: dict[str, Any]) -> str:
     """``surgery run r.yaml --out runs/x (pid 123 on this machine, since 20:31)``."""
     if not holder:
         return "a run that is starting (its lock is being written)"
-    since = holder.get("since")
-    when = time.strftime(", since %Y-%m-%d %H:%M", time.localtime(since)) if isinstance(since, (int, float)) else ""
-    here = holder.get("host") == socket.gethostname()
-    where = "this machine" if here else f"the machine {holder.get('host')!r}"
-    return f"`{holder.get('command', '?')}` (pid {holder.get('pid')} on {where}{when})"
+    return f"`{holder.get('command', '?')}` (pid {holder.get('pid')} on {_where_since([holder])})"
+
+
+_SHARD_OPTION = re.compile(r"--shard[= ]\d+/\d+")
+
+
+def describe_holders(out: Path) -> list[str]:
+    """A line for each run writing into ``out`` now; the shards started with one command line
+    (apart from their ``--shard``) on one machine share a line that writes it once."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for path, holder in holders(out):
+        shard = holder.get("shard")
+        key = ((_SHARD_OPTION.sub("--shard I/N", str(holder.get("command"))), str(holder.get("host")), str(shard[1]))
+               if isinstance(shard, list) and len(shard) == 2 else (str(path),))
+        groups.setdefault(key, []).append(holder)
+    lines = []
+    for key, group in groups.items():
+        if len(group) == 1:
+            lines.append(describe_holder(group[0]))
+            continue
+        group.sort(key=lambda h: h["shard"][0])  # the lock files sort 1, 10, 2 from ten shards
+        shards = ", ".join(f"{h['shard'][0] + 1}/{h['shard'][1]}" for h in group)
+        pids = ", ".join(str(h.get("pid")) for h in group)
+        lines.append(f"shards {shards} of `{key[0]}` (pids {pids} on {_where_since(group)})")
+    return lines
+
+
+def _where_since(group: list[dict[str, Any]]) -> str:
+    """``this machine, since 2026-12-06 23:52``: where the runs of ``group`` (one machine's) run
+    and when the first of them started."""
+    starts = [h["since"] for h in group if isinstance(h.get("since"), (int, float))]
+    when = time.strftime(", since %Y-%m-%d %H:%M", time.localtime(min(starts))) if starts else ""
+    host = group[0].get("host")
+    return ("this machine" if host == socket.gethostname() else f"the machine {host!r}") + when
 
 
 def _conflict(path: Path, holder: dict[str, Any], shard: tuple[int, int] | None) -> str | None:

@@ -29,7 +29,7 @@ from .checkpoint import MEMBER_CHECKPOINT, read_checkpoint_meta
 from .errors import ManifestError, SurgeryError
 from .experiment import read_results
 from .io import duration, percent
-from .lock import describe_holder, holders
+from .lock import describe_holders
 from .outdirs import experiment_meta, is_experiment_dir, is_search_dir, is_single_run_dir
 from .weights_io import weights_held
 
@@ -111,7 +111,7 @@ def _span(values: list[float]) -> str:
 
 def _in_use(out: Path) -> list[str]:
     """A line for each run writing into ``out`` now (its lock, :mod:`surgery.lock`)."""
-    return [f"running now: {describe_holder(holder)}" for _, holder in holders(out)]
+    return [f"running now: {line}" for line in describe_holders(out)]
 
 
 def describe_single_run(out: Path) -> list[str]:

@@ -76,6 +76,26 @@ def test_inspect_says_which_run_writes_into_a_directory_now(tmp_path, capsys, ot
         "; running now"), line
 
 
+def test_inspect_writes_the_command_line_of_shards_started_together_once(tmp_path, capsys, other_process):
+    from surgery.cli import main
+
+    (tmp_path / "g.yaml").write_text(GRID)
+    out = tmp_path / "out"
+    assert main(["run", str(tmp_path / "g.yaml"), "--out", str(out)]) == 0
+    capsys.readouterr()
+    for i in (2, 10, 1):  # lock files sort 1, 10, 2
+        fake_lock(out, other_process.pid, f"{LOCK}-shard-{i}-of-10", shard=[i - 1, 10],
+                  command=f"surgery run g.yaml --set x=1 --shard {i}/10 --out out")
+    fake_lock(out, other_process.pid, f"{LOCK}-shard-3-of-10", shard=[2, 10], command="surgery run h.yaml --shard 3/10")
+    assert main(["inspect", str(out)]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("running now: ")]
+    assert said[0].startswith("running now: shards 1/10, 2/10, 10/10 of `surgery run g.yaml --set x=1 --shard I/N "
+                              f"--out out` (pids {other_process.pid}, {other_process.pid}, {other_process.pid} on "
+                              "this machine, since "), said
+    assert said[1].startswith(f"running now: `surgery run h.yaml --shard 3/10` (pid {other_process.pid} "), said
+    assert len(said) == 2, said
+
+
 def test_shards_go_beside_each_other_not_beside_a_whole_run(tmp_path, other_process):
     out = tmp_path / "out"
     fake_lock(out, other_process.pid, f"{LOCK}-shard-1-of-2", shard=[0, 2])
