@@ -86,8 +86,9 @@ def describe_holders(out: Path) -> list[str]:
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for path, holder in holders(out):
         shard = holder.get("shard")
-        key = ((_SHARD_OPTION.sub("--shard I/N", str(holder.get("command"))), str(holder.get("host")), str(shard[1]))
-               if isinstance(shard, list) and len(shard) == 2 else (str(path),))
+        key: tuple[str, ...] = (str(path),)  # a run alone
+        if isinstance(shard, list) and len(shard) == 2:  # one of N shards: grouped by its command, machine and N
+            key = (_SHARD_OPTION.sub("--shard I/N", str(holder.get("command"))), str(holder.get("host")), str(shard[1]))
         groups.setdefault(key, []).append(holder)
     lines = []
     for key, group in groups.items():
