@@ -172,8 +172,8 @@ def _filters_figure(rows: list[dict[str, Any]], conds: list[str]) -> Any:
                 break
     n = max(len(panels), 1)
     cols = min(n, 6)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows + 0.4), squeeze=False)
+    grid_rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(grid_rows, cols, figsize=(3.2 * cols, 3.4 * grid_rows + 0.4), squeeze=False)
     axes = axes.ravel()
     n = len(panels)
     for ax, (c, w) in zip(axes, panels):
