@@ -17,7 +17,7 @@ from .data import arrays_dataset, load_dataset, warn_unseen_classes
 from .datafiles import is_arrays_file, read_arrays
 from .errors import ConfigError, DataError, ManifestError, OutputError, SurgeryError
 from .experiment import merge_results, run_experiment, write_results_csv
-from .experiment_config import ExperimentConfig
+from .experiment_config import recorded_experiment
 from .grid import parse_shard
 from .io import file_to_write, percent, write_json
 from .model_file import describe_model, load_model, save_model
@@ -299,7 +299,7 @@ def with_paper(meta: dict, overrides: list[str], where: Path) -> dict:
                           "experiment.paper to set; give first a directory `surgery run` made.")
     recipe = apply_overrides(copy.deepcopy(recipe), pairs)
     try:
-        ExperimentConfig.model_validate(recipe["experiment"])
+        recorded_experiment(recipe["experiment"])
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, "compare --set", rename=lambda p: ["experiment", *p])) from None
     return {**meta, "recipe": recipe}

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from .cells import CellRunner, summary
 from .data import fingerprint
 from .errors import ConfigError, ManifestError, OutputError, SurgeryError, SurgeryWarning
-from .experiment_config import ExperimentConfig
+from .experiment_config import ExperimentConfig, recorded_experiment
 from .grid import Cell, plan_cells, shard_of
 from .io import RERUN, Pace, make_dir, progress_bar, progress_line, read_json, write_json, write_text
 from .lock import hold
@@ -244,7 +244,7 @@ def _arm_settings(d: Path) -> tuple[list[str], dict[str, Any]] | None:
     and widths by the paths its recipe holds them at (its ``experiment.json``); None when
     that cannot be read."""
     try:
-        exp = ExperimentConfig.model_validate(read_json(d / "experiment.json", RERUN)["recipe"]["experiment"])
+        exp = recorded_experiment(read_json(d / "experiment.json", RERUN)["recipe"]["experiment"])
     except (ManifestError, ValidationError, KeyError, TypeError):
         return None
     tuned = [p for p in (exp.tune.params if exp.tune is not None else {})]

@@ -308,3 +308,12 @@ DEFAULT_LAYER = {
     "sparse_ae": {"lr": 0.01, "momentum": 0.9},
     "grow": {"lr": 0.1, "momentum": 0.9},
 }
+
+
+def recorded_experiment(section: Any) -> ExperimentConfig:
+    """The ``experiment`` section a finished run recorded (its ``experiment.json``), checked
+    again without the warnings the run gave when it started (a repeated seed, a step for an
+    arm run apart): nothing runs from it now, so they would only repeat themselves."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SurgeryWarning)
+        return ExperimentConfig.model_validate(section)

@@ -923,6 +923,16 @@ def test_tune_then_steps_merge_by_arm_and_refuse_a_bad_alternative_before_traini
     assert "warning: experiment.tune.then[0] (y): its conditions ['dae'] are not among the arms run here ['none']" \
         in said.err
     assert "experiment: 2 cells (none x depths [1] x seeds [0, 1])" in said.out and " step" not in said.out
+    # a finished run's record read again (surgery compare) repeats none of it: nothing runs from it
+    import warnings
+
+    from surgery.experiment_config import ExperimentConfig, recorded_experiment
+    section = {**r["experiment"], "conditions": ["none"]}
+    with pytest.warns(SurgeryWarning, match="not among the arms run here"):
+        ExperimentConfig.model_validate(section)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert recorded_experiment(section).tune.then[0].conditions == ["dae"]
 
 
 def test_a_tuning_batch_trains_its_trials_together_and_equals_one_by_one(tmp_path, capsys):
