@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -103,17 +104,21 @@ def _p(p: float) -> str:
     return "<0.0001" if p < 5e-5 else _fmt(p, 4)
 
 
-def tuning_markdown(tuning: dict[str, Any]) -> list[str]:
+def tuning_markdown(tuning: dict[str, Any], cells: Iterable[tuple[str, int]] = ()) -> list[str]:
     """The report's tuning section: the budget, and per (arm, depth) the values chosen on
-    the validation set; every trial is listed in ``tuning.json``."""
+    the validation set; every trial is listed in ``tuning.json``. Which of ``cells`` (the
+    report's (arm, depth) pairs) were not tuned, as in a merge of tuned and untuned runs."""
     metric, seeds = tuning["metric"], tuning.get("seeds", 1)  # files written before tune.seeds: one
     on = f"the first seed, scored by {metric}" if seeds == 1 else \
         f"the first {seeds} seeds, scored by the mean of their {metric}"
     then = [s["name"] for s in tuning.get("then", [])]
     steps = (f", then {len(then)} step{'s' * (len(then) > 1)} ({'; '.join(then)}), each trying its alternatives "
              "over the values chosen so far and keeping the lowest" if then else "")
+    tuned = {(t["condition"], int(t["depth"])) for t in tuning["trials"] if "best_trial" in t}
+    untuned = sorted(set(cells) - tuned)
+    arms = "Every arm tuned here" if untuned else "Every arm"
     lines = ["", "## Tuning", "",
-             f"Every arm had the same budget: {tuning['trials_per_arm']} trials per depth on {on}{steps} (the test "
+             f"{arms} had the same budget: {tuning['trials_per_arm']} trials per depth on {on}{steps} (the test "
              "set plays no part); the seeds then ran with the values chosen. All trials: `tuning.json`.", "",
              f"| condition | depth | {'chosen by' if then else 'best trial'} | {metric} | values |",
              "|---|---:|---:|---:|---|"]
@@ -123,6 +128,7 @@ def tuning_markdown(tuning: dict[str, Any]) -> list[str]:
             best = f"{t['best_trial'] + 1}/{tuning['trials_per_arm']}"  # counted from 1, as the log counts them
             best = f"trial {best}" + "".join(f" + {s}" for s in t.get("steps_taken", [])) if then else best
             lines.append(f"| {t['condition']} | {t['depth']} | {best} | {t[metric]:.2f} | {vals} |")
+    lines += ["", _untuned_line(untuned)] if untuned else []
     if tuning.get("steps"):
         lines += ["", f"The steps after the trials, each alternative set over the values chosen so far ({metric} "
                   "so far beside it):", "", f"| condition | depth | step | alternative | {metric} | so far | taken |",
@@ -132,6 +138,17 @@ def tuning_markdown(tuning: dict[str, Any]) -> list[str]:
             lines.append(f"| {s['condition']} | {s['depth']} | {s['step']} | {_values(s['params'])} | {score} | "
                          f"{s['so_far']:.2f} | {'yes' if s.get('taken') else ''} |")
     return lines
+
+
+def _untuned_line(untuned: list[tuple[str, int]]) -> str:
+    """Which (arm, depth) cells of a merged report ran without tuning, arm by arm."""
+    depths: dict[str, list[int]] = {}
+    for arm, depth in untuned:
+        depths.setdefault(arm, []).append(depth)
+    which = " and ".join(f"{arm} at depth{'s' * (len(ds) > 1)} {', '.join(map(str, ds))}" for arm, ds in depths.items())
+    return (f"Not tuned: {which}, with the values set in the recipe of the run each came from (that "
+            "directory's `experiment.json`; a merge lists its directories under `merged_from`), not values "
+            "chosen at that depth.")
 
 
 def _values(params: dict[str, Any], ignored: Any = ()) -> str:
@@ -262,7 +279,7 @@ def markdown(rows: list[dict[str, Any]], baseline: str = "none", tuning: dict[st
                       f"({best['mean']:.2f}%)."]
     lines += depth_markdown(rows, baseline)
     lines += paper_markdown(paper, tab) if paper else []
-    lines += tuning_markdown(tuning) if tuning else []
+    lines += tuning_markdown(tuning, {(r["condition"], int(r["depth"])) for r in rows}) if tuning else []
     lines += ["", "## Figures", "",
               "![test error vs depth](figures/error_vs_depth.png)", "",
               "![spread over seeds](figures/error_hist.png)", ""]

@@ -1080,7 +1080,17 @@ def test_compare_merges_arms_tuned_in_separate_runs(tmp_path, capsys):
         ("none", False), ("none", False), ("none", True), ("dae", False), ("dae", False), ("dae", True)]
     report = (tmp_path / "merged" / "report.md").read_text()
     assert "| none | 1 | " in report.split("## Tuning")[1] and "| dae | 1 | " in report.split("## Tuning")[1]
-    assert "leave out" not in report
+    assert "leave out" not in report and "Every arm had the same budget" in report and "Not tuned" not in report
+    # a deeper run of one arm with the values set by hand (untuned, as at the paper's scale on 2 cores): the
+    # report says which cells the budget did not cover
+    r = _tuning_recipe(trials=2)
+    r["experiment"].update(conditions=["none"], seeds=[0], depths=[2], tune=None)
+    (tmp_path / "deep.yaml").write_text(yaml.safe_dump(r))
+    assert main(["run", str(tmp_path / "deep.yaml"), "--out", str(tmp_path / "deep")]) == 0
+    assert main(["compare", str(tmp_path / "none"), str(tmp_path / "dae"), str(tmp_path / "deep"),
+                 "--out", str(tmp_path / "m3")]) == 0
+    section = (tmp_path / "m3" / "report.md").read_text().split("## Tuning")[1]
+    assert "Every arm tuned here had the same budget" in section and "Not tuned: none at depth 2, " in section
     # merged again once one run's directories are gone (results.csv kept): the report says whose curves are missing
     shutil.rmtree(tmp_path / "dae" / "cells")
     assert main(["compare", str(tmp_path / "none"), str(tmp_path / "dae"), "--out", str(tmp_path / "m1")]) == 0
