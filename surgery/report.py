@@ -104,9 +104,9 @@ def _p(p: float) -> str:
     return "<0.0001" if p < 5e-5 else _fmt(p, 4)
 
 
-def tuning_markdown(tuning: dict[str, Any], cells: Iterable[tuple[str, int]] = ()) -> list[str]:
+def tuning_markdown(tuning: dict[str, Any], ran: Iterable[tuple[str, int]] = ()) -> list[str]:
     """The report's tuning section: the budget, and per (arm, depth) the values chosen on
-    the validation set; every trial is listed in ``tuning.json``. Which of ``cells`` (the
+    the validation set; every trial is listed in ``tuning.json``. Which of ``ran`` (the
     report's (arm, depth) pairs) were not tuned, as in a merge of tuned and untuned runs."""
     metric, seeds = tuning["metric"], tuning.get("seeds", 1)  # files written before tune.seeds: one
     on = f"the first seed, scored by {metric}" if seeds == 1 else \
@@ -115,7 +115,7 @@ def tuning_markdown(tuning: dict[str, Any], cells: Iterable[tuple[str, int]] = (
     steps = (f", then {len(then)} step{'s' * (len(then) > 1)} ({'; '.join(then)}), each trying its alternatives "
              "over the values chosen so far and keeping the lowest" if then else "")
     tuned = {(t["condition"], int(t["depth"])) for t in tuning["trials"] if "best_trial" in t}
-    untuned = sorted(set(cells) - tuned)
+    untuned = sorted(set(ran) - tuned)
     arms = "Every arm tuned here" if untuned else "Every arm"
     lines = ["", "## Tuning", "",
              f"{arms} had the same budget: {tuning['trials_per_arm']} trials per depth on {on}{steps} (the test "
@@ -279,7 +279,7 @@ def markdown(rows: list[dict[str, Any]], baseline: str = "none", tuning: dict[st
                       f"({best['mean']:.2f}%)."]
     lines += depth_markdown(rows, baseline)
     lines += paper_markdown(paper, tab) if paper else []
-    lines += tuning_markdown(tuning, {(r["condition"], int(r["depth"])) for r in rows}) if tuning else []
+    lines += tuning_markdown(tuning, cells(rows)) if tuning else []
     lines += ["", "## Figures", "",
               "![test error vs depth](figures/error_vs_depth.png)", "",
               "![spread over seeds](figures/error_hist.png)", ""]
