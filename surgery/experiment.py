@@ -309,10 +309,10 @@ def _read_rows(d: Path) -> list[dict[str, Any]]:
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise ManifestError(f"{p}: not a readable CSV table ({e}){damaged}") from None
-    finished = len(list(d.glob("cells/*/result.json"))) if not rows else 0
-    if finished:  # emptied, or not a table at all
-        raise ManifestError(f"{p}: holds no result rows, but {finished} cell{'s' * (finished != 1)} under "
-                            f"{d / 'cells'} finished{damaged}")
+    if not rows:  # emptied, or not a table at all: a run writes the file once, with every row
+        finished = len(list(d.glob("cells/*/result.json")))
+        beside = f", but {finished} cell{'s' * (finished != 1)} under {d / 'cells'} finished" if finished else ""
+        raise ManifestError(f"{p}: holds no result rows{beside}{damaged}")
     for line, r in enumerate(rows, 2):  # the header is line 1
         if missing := [k for k in ("condition", "depth", "seed", "test_error") if r.get(k) in (None, "")]:
             raise ManifestError(f"{p}, line {line}: no {missing[0]}{damaged}")

@@ -553,6 +553,8 @@ CASES: dict[str, Case] = {
         tmp, b"condition,depth,seed\nnone,1,0\n", "results.csv, line 2: no test_error; the file is damaged. Run its"),
     "compare: an emptied results.csv beside finished cells": lambda tmp: _damaged_results(
         tmp, b"", "results.csv: holds no result rows, but 2 cells under ", finished=2),
+    "compare: a results.csv of a header alone": lambda tmp: _damaged_results(
+        tmp, HEADER, "results.csv: holds no result rows; the file is damaged. Run its recipe again"),
     "compare: a results.csv with a word for a number": lambda tmp: _damaged_results(
         tmp, HEADER + b"none,1,0,1.0,2.0,3.0,x,1\n", "results.csv, line 2: epochs is 'x', not a number"),
     "compare: an experiment.json whose recipe is a string": lambda tmp: _damaged_meta(
