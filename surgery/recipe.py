@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -122,21 +123,34 @@ def format_validation_error(e: ValidationError, source: str, data: Any = None, r
         path, union_at = _field_path(err, data) if data is not None else (list(err["loc"]), None)
         if err["type"] == "extra_forbidden" and data is not None:  # a misspelt or misplaced key: which was meant
             err = {**err, "msg": field_hint(Recipe, path, data) or err["msg"]}
+        if err["type"] in _BOUNDS and _is_nan(err.get("input")):  # NaN fails every bound; "<= 100" misleads
+            err = {**err, "msg": "Input should be a finite number, not NaN"}
         err = {**err, "msg": err["msg"] + value_hint(err)}
         key = ("union", tuple(path[:union_at])) if union_at is not None else i
         problems.setdefault(key, []).append((path, err))
     lines: list[str] = []
-    for key, errs in problems.items():
+    for errs in problems.values():
         fitting = [(p, err) for p, err in errs if not _form_mismatch(err)]
         if len(errs) == 1 or fitting:
             said = [_problem(*_renamed(p, err["msg"], rename), err.get("input")) for p, err in (fitting or errs)]
-        else:  # the value has none of the forms: name them all
-            msgs = [err["msg"] for _, err in errs]
-            msg = msgs[0] + "".join(f"; or {m.removeprefix('Input should be ')}" for m in msgs[1:])
-            said = [_problem(*_renamed(list(key[1]), msg, rename), errs[0][1].get("input"))]
+        else:  # the value has none of the forms: name them all, where it stopped in each
+            said = [_problem(*_renamed(p, msg, rename), got) for p, msg, got in _forms_missed(errs)]
         lines += [line for line in said if line not in lines]
     n = len(lines)
     return f"{source}: {n} problem{'s' if n > 1 else ''} in the recipe:\n" + "\n".join(lines)
+
+
+def _forms_missed(errs: list[tuple[list[Any], dict[str, Any]]]) -> list[tuple[list[Any], str, Any]]:
+    """Each place a value that fits none of a union's forms went wrong, with what each form
+    there wanted ("a valid integer; or a valid list"). A form whose inside the value reached
+    (a key of a mapping, an item of a list: an error below it) is the form it has, and its
+    own complaint that the value is not of that form is dropped."""
+    inner = [(p, e) for p, e in errs if not any(len(q) > len(p) and q[:len(p)] == p for q, _ in errs)]
+    at: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for p, e in inner:
+        at.setdefault(tuple(p), []).append(e)
+    return [(list(p), es[0]["msg"] + "".join(f"; or {e['msg'].removeprefix('Input should be ')}" for e in es[1:]),
+             es[0].get("input")) for p, es in at.items()]
 
 
 def _renamed(path: list[Any], msg: str, rename: Rename | None) -> tuple[list[Any], str]:
@@ -180,6 +194,17 @@ def _field_path(err: dict[str, Any], data: Any) -> tuple[list[Any], int | None]:
             continue  # a form's name, not a field
         path.append(p)
     return path, union_at
+
+
+_BOUNDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of")
+
+
+def _is_nan(value: Any) -> bool:
+    """Whether ``value`` reads as NaN (``.nan`` in YAML, or the text ``nan``)."""
+    try:
+        return math.isnan(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def _form_mismatch(err: dict[str, Any]) -> bool:

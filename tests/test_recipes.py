@@ -179,6 +179,18 @@ CATALOGUE = {
                                  "1 problem in the recipe:\n  - experiment.hidden.1: Input should be greater than 0"),
     "experiment population neither": (_set("experiment", {"conditions": ["none"], "population": "many"}),
                                       "experiment.population: Input should be 'auto' or 'off'; or a valid integer"),
+    # a union's value whose inside was reached (a mapping of arms): the line names where in it, not every form
+    "experiment arm of no method": (_set("experiment", {"conditions": {"x": {"method": "bogus"}}}),
+                                    "1 problem in the recipe:\n  - experiment.conditions.x.method: Input should be "
+                                    "'none', 'rbm'"),
+    "experiment arm's widths [5, x]": (_set("experiment", {"conditions": {"x": {"hidden": [5, "x"]}}}),
+                                       "1 problem in the recipe:\n  - experiment.conditions.x.hidden.1: Input should "
+                                       "be a valid integer"),
+    "experiment width neither": (_set("experiment", {"conditions": ["none"], "hidden": "x"}),
+                                 "experiment.hidden: Input should be a valid integer, unable to parse string as an "
+                                 "integer; or a valid list (got \"x\")"),
+    "NaN learning rate": (_set("finetune.optimizer.lr", float("nan")),  # not "less than or equal to 100"
+                          "finetune.optimizer.lr: Input should be a finite number, not NaN (got NaN)"),
     "experiment negative seed": (_set("experiment", {"conditions": ["none"], "seeds": [1, -1]}),
                                  "experiment.seeds.1: Input should be greater than or equal to 0 (got -1)"),
     "search bad range": (_set("search", {"params": {"finetune.optimizer.lr": {"low": 1, "high": 0.1}}}),
