@@ -205,7 +205,7 @@ class PaperReference(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     source: str = Field(description="the paper and table, e.g. 'Bengio et al. 2007, Table 2'")
-    errors: Annotated[dict[str, float], AfterValidator(_paper_keys)] = Field(
+    errors: Annotated[dict[str, Annotated[float, Field(ge=0, le=100)]], AfterValidator(_paper_keys)] = Field(
         min_length=1, description="test error % by arm ('rbm': at its largest depth) or arm and depth ('rbm d2')")
     target: float | None = Field(default=None, gt=0, description="points within the paper that count as a match")
     differences: str = Field(default="", description="what the paper did that this recipe does not")

@@ -191,6 +191,10 @@ CATALOGUE = {
                                  "integer; or a valid list (got \"x\")"),
     "NaN learning rate": (_set("finetune.optimizer.lr", float("nan")),  # not "less than or equal to 100"
                           "finetune.optimizer.lr: Input should be a finite number, not NaN (got NaN)"),
+    "experiment paper error out of range": (_set("experiment", {"conditions": ["none"], "paper": {
+        "source": "x", "errors": {"none": float("nan"), "none d2": 120}}}),
+        "2 problems in the recipe:\n  - experiment.paper.errors.none: Input should be a finite number, not NaN "
+        "(got NaN)\n  - experiment.paper.errors.none d2: Input should be less than or equal to 100 (got 120)"),
     "experiment negative seed": (_set("experiment", {"conditions": ["none"], "seeds": [1, -1]}),
                                  "experiment.seeds.1: Input should be greater than or equal to 0 (got -1)"),
     "search bad range": (_set("search", {"params": {"finetune.optimizer.lr": {"low": 1, "high": 0.1}}}),
