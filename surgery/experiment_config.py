@@ -69,6 +69,17 @@ class ArmConfig(BaseModel):
                                                              "data.flatten: false)")
     data: dict[str, Any] = Field(default_factory=dict, description="overrides for the data section")
 
+    @model_validator(mode="after")
+    def _settings_it_uses(self) -> ArmConfig:
+        # a setting the arm's method never reads is a mistake (the method forgotten, most likely)
+        if self.method == "none" and self.layer:
+            raise ValueError(f"layer {self.layer} sets how layers are pretrained, but method none pretrains none; "
+                             "give the arm a pretraining method (rbm, dae, ...) or drop layer")
+        if self.method != "grow" and "train" in self.model_fields_set:
+            raise ValueError(f"train: {self.train} chooses which layers a grow arm trains at each stage; method "
+                             f"{self.method} does not grow (give method: grow, or drop train)")
+        return self
+
 
 BUILTIN_ARMS: dict[str, ArmConfig] = {
     "none": ArmConfig(method="none"),

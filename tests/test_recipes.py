@@ -191,6 +191,13 @@ CATALOGUE = {
                                  "integer; or a valid list (got \"x\")"),
     "NaN learning rate": (_set("finetune.optimizer.lr", float("nan")),  # not "less than or equal to 100"
                           "finetune.optimizer.lr: Input should be a finite number, not NaN (got NaN)"),
+    # a setting the arm's method never reads: the method forgotten
+    "experiment arm without pretraining given layer settings": (
+        _set("experiment", {"conditions": {"x": {"layer": {"noise": 0.2}}}}),
+        "experiment.conditions.x: layer {'noise': 0.2} sets how layers are pretrained, but method none"),
+    "experiment arm that does not grow given train": (
+        _set("experiment", {"conditions": {"x": {"method": "dae", "train": "new"}}}),
+        "experiment.conditions.x: train: new chooses which layers a grow arm trains"),
     "experiment paper error out of range": (_set("experiment", {"conditions": ["none"], "paper": {
         "source": "x", "errors": {"none": float("nan"), "none d2": 120}}}),
         "2 problems in the recipe:\n  - experiment.paper.errors.none: Input should be a finite number, not NaN "
