@@ -75,7 +75,7 @@ class ArmConfig(BaseModel):
         if self.method == "none" and self.layer:
             raise ValueError(f"layer {self.layer} sets how layers are pretrained, but method none pretrains none; "
                              "give the arm a pretraining method (rbm, dae, ...) or drop layer")
-        if self.method != "grow" and "train" in self.model_fields_set:
+        if self.method != "grow" and self.train == "new":  # (a recorded recipe says the default, all)
             raise ValueError(f"train: {self.train} chooses which layers a grow arm trains at each stage; method "
                              f"{self.method} does not grow (give method: grow, or drop train)")
         return self

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from surgery.cli import main
 from surgery.errors import SurgeryError
+from surgery.experiment_config import ExperimentConfig, recorded_experiment
 from surgery.grid import plan_cells
 from surgery.recipe import Recipe, load_recipe, recipe_from_dict
 from tests.helpers import random_stack, shipped_recipe_order, shrunk_recipe_args
@@ -231,6 +232,17 @@ def test_malformed_recipe_catalogue(workdir, case, capsys):
     assert code == 2, err
     assert "Traceback" not in err
     assert fragment in err, err
+
+
+def test_recorded_arms_read_back():
+    # experiment.json records every field of an arm, defaults too (train: all on an arm that does not
+    # grow): the checks of what an arm may set must still read it back, or a run's directory is lost
+    exp = ExperimentConfig.model_validate({"conditions": {
+        "none-torch": {"method": "none", "finetune": {"init": "torch"}},
+        "frozen": {"method": "grow", "train": "new"}, "relu-dae": {"method": "dae", "layer": {"lr": 0.002}}}})
+    again = recorded_experiment(json.loads(json.dumps(exp.model_dump(mode="json"))))
+    assert again.arms() == exp.arms()
+    assert again.arms()["none-torch"].train == "all" and "train" in again.arms()["none-torch"].model_fields_set
 
 
 def test_catalogue_is_large_enough():
