@@ -279,6 +279,10 @@ def test_yaml_syntax_error_and_non_mapping(workdir, capsys):
     assert "must be a mapping" in capsys.readouterr().err
     assert main(["validate", str(workdir / "nope.yaml")]) == 2
     assert "no such recipe file" in capsys.readouterr().err
+    (workdir / "recipes").mkdir()
+    (workdir / "recipes" / "a.yaml").write_text("data: {dataset: synthetic}\n")
+    assert main(["validate", str(workdir / "recipes")]) == 2
+    assert "recipes: a directory, not a recipe file; give one of its recipes (a.yaml, ...)." in capsys.readouterr().err
 
 
 def test_a_key_given_twice_is_refused_not_kept_last(workdir, capsys):
