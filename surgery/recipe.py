@@ -363,9 +363,10 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     """The recipe file as a dict (YAML, or JSON by suffix); ``ConfigError`` for a missing, empty or malformed file."""
     path = Path(path)
     if path.is_dir():
-        shipped = sorted(p.name for p in path.glob("*.y*ml"))[:3]
+        recipes = sorted(p.name for p in path.glob("*.y*ml"))
+        named = ", ".join(recipes[:3]) + (", ..." if len(recipes) > 3 else "")
         raise ConfigError(f"{path}: a directory, not a recipe file; give one of its recipes"
-                          + (f" ({', '.join(shipped)}, ...)." if shipped else ", a .yaml or .json file."))
+                          + (f" ({named})." if recipes else ", a .yaml or .json file."))
     if not path.is_file():
         raise ConfigError(f"{path}: no such recipe file.")
     try:

@@ -282,7 +282,7 @@ def test_yaml_syntax_error_and_non_mapping(workdir, capsys):
     (workdir / "recipes").mkdir()
     (workdir / "recipes" / "a.yaml").write_text("data: {dataset: synthetic}\n")
     assert main(["validate", str(workdir / "recipes")]) == 2
-    assert "recipes: a directory, not a recipe file; give one of its recipes (a.yaml, ...)." in capsys.readouterr().err
+    assert "recipes: a directory, not a recipe file; give one of its recipes (a.yaml)." in capsys.readouterr().err
 
 
 def test_a_key_given_twice_is_refused_not_kept_last(workdir, capsys):
