@@ -180,7 +180,8 @@ def read_results(dirs: str | Path | list[str | Path]) -> list[dict[str, Any]]:
 
 def merge_results(dirs: str | Path | list[str | Path]) -> tuple[list[dict[str, Any]], list[str]]:
     """:func:`read_results`, and a line for each directory whose runs replaced an earlier
-    one's for the same (condition, depth, seed). ``SurgeryError`` when the directories ran on
+    one's for the same (condition, depth, seed), and a warning for each arm whose runs came
+    with other settings from different directories. ``SurgeryError`` when the directories ran on
     different data (their ``experiment.json`` say so): their errors would not be comparable."""
     dirs = [Path(dirs)] if isinstance(dirs, (str, Path)) else [Path(d) for d in dirs]
     _check_same_data(dirs)
@@ -208,35 +209,71 @@ _NOT_PROTOCOL = {"name", "seed", "device", "progress", "checkpoint_every"}
 
 def _mixed_protocols(merged: dict[tuple[str, int, int], dict[str, Any]],
                      origin: dict[tuple[str, int, int], Path]) -> list[str]:
-    """A line for each (arm, depth) whose merged runs were made with different settings (a
-    cell's fine-tuning, data and surgery, its arm's pretraining), naming the first field that
-    differs and the directories: their mean would mix two protocols. Values a directory's
+    """A line for each arm whose merged runs were made with different settings in different
+    directories (a cell's fine-tuning, data and surgery, its arm's pretraining), naming the
+    first field that differs and the directories: their mean, or their depth curve, would mix
+    two protocols. At one depth every setting counts; between depths only what does not
+    depend on depth (not the layers' list or the surgery). Values a directory's
     ``experiment.tune`` chose may differ (each directory chose its own by the same budget)."""
     arms = {d: _arm_settings(d) for d in set(origin.values())}
-    first: dict[tuple[str, int], tuple[Path, dict[str, Any]]] = {}
+    # the first run of an arm (depth None), and of an arm at a depth
+    first: dict[tuple[str, int | None], tuple[Path, int, dict[str, Any]]] = {}
+    said: set[tuple[str, Path, Path, bool]] = set()  # (arm, first directory, this one, same depth): once each
     found: dict[tuple[str, str, Path, str, Path], list[str]] = {}  # a difference -> the arms and depths it is in
-    for key, row in sorted(merged.items()):
-        d = origin[key]
-        try:
-            cell = read_json(Path(row["path"]) / "recipe.json", RERUN) if row.get("path") else None
-        except ManifestError:
-            cell = None  # its cell directory is gone or damaged (the report says whose curves are missing)
-        if not isinstance(cell, dict) or arms[d] is None:
+    for (arm, depth, seed), row in sorted(merged.items()):
+        d = origin[(arm, depth, seed)]
+        settings = _cell_settings(row, arm, arms[d])
+        if settings is None:
             continue  # nothing to compare
-        tuned, by_arm = arms[d]
-        settings = {k: v for k, v in _flat({**cell, **by_arm.get(key[0], {})}).items()
-                    if k.rsplit(".", 1)[-1] not in _NOT_PROTOCOL and not any(fnmatch(k, t) for t in tuned)}
-        seen = first.setdefault(key[:2], (d, settings))
-        diff = sorted(k for k in seen[1].keys() | settings.keys() if seen[1].get(k) != settings.get(k))
-        if diff and seen[0] != d:
+        first.setdefault((arm, None), (d, depth, settings))
+        d0, depth0, settings0 = first.setdefault((arm, depth), (d, depth, settings))
+        if d0 == d:
+            d0, depth0, settings0 = first[(arm, None)]  # none at this depth from elsewhere: the arm's first run
+        pair = (arm, d0, d, depth0 == depth)
+        if d0 == d or pair in said:
+            continue
+        tuned = arms[d0][0] + arms[d][0]  # type: ignore[index]  # both were read, or settings would be None
+        diff = sorted(k for k in settings0.keys() | settings.keys()
+                      if settings0.get(k) != settings.get(k) and not _tuned(k, tuned)
+                      and (depth0 == depth or _same_at_any_depth(k, settings0, settings)))
+        if diff:
+            said.add(pair)
             k = diff[0]
-            found.setdefault((k, repr(seen[1].get(k)), seen[0], repr(settings.get(k)), d), []).append(
-                f"{key[0]} d{key[1]}")
-            first[key[:2]] = (d, settings)  # said once a pair of directories
+            where = f"{arm} d{depth}" if depth0 == depth else f"{arm} d{depth0} and d{depth}"
+            found.setdefault((k, repr(settings0.get(k)), d0, repr(settings.get(k)), d), []).append(where)
     return [f"compare: warning: the runs merged for {', '.join(dict.fromkeys(where))} differ in {k} ({a} in {da}, {b} "
             f"in {db}): their means and intervals mix two protocols. Merge runs of one recipe (seeds or arms run "
             "apart), or rerun one of them with the other's settings."
             for (k, a, da, b, db), where in found.items()]
+
+
+def _tuned(key: str, tuned: list[str]) -> bool:
+    """Whether ``key`` holds a value ``experiment.tune`` chose: a tuned path, or the method's
+    default for a tuned layer setting (``pretrain.layers.*.lr`` sets ``experiment.methods.M.lr``)."""
+    name = key.rsplit(".", 1)[-1]
+    return any(fnmatch(key, t) or (key.startswith("experiment.methods.") and t.startswith("pretrain.layers.")
+                                   and t.rsplit(".", 1)[-1] == name) for t in tuned)
+
+
+def _same_at_any_depth(key: str, a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether runs of one arm at two depths should agree on ``key``: all but the surgery and
+    the layers one of them lacks (a greedy stack's lower layers are trained alike)."""
+    return not key.startswith("surgery.") and (not key.startswith("pretrain.layers.") or (key in a and key in b))
+
+
+def _cell_settings(row: dict[str, Any], arm: str,
+                   recorded: tuple[list[str], dict[str, Any]] | None) -> dict[str, Any] | None:
+    """The settings one merged run was made with, flat (its cell's recipe and its arm's
+    pretraining, without what changes only where or how it is watched); None when its cell
+    directory or its directory's experiment.json cannot be read."""
+    try:
+        cell = read_json(Path(row["path"]) / "recipe.json", RERUN) if row.get("path") else None
+    except ManifestError:
+        cell = None  # its cell directory is gone or damaged (the report says whose curves are missing)
+    if not isinstance(cell, dict) or recorded is None:
+        return None
+    return {k: v for k, v in _flat({**cell, **recorded[1].get(arm, {})}).items()
+            if k.rsplit(".", 1)[-1] not in _NOT_PROTOCOL}
 
 
 def _arm_settings(d: Path) -> tuple[list[str], dict[str, Any]] | None:
@@ -260,8 +297,11 @@ def _arm_settings(d: Path) -> tuple[list[str], dict[str, Any]] | None:
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``d`` as dotted paths to values, lists of mappings by index (``pretrain.layers.0.lr``)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
+        if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            v = dict(enumerate(v))
         out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 

@@ -1112,11 +1112,11 @@ def test_compare_refuses_runs_on_other_data_and_says_which_runs_a_later_director
     ran on different data are refused, naming the field, before anything is written; a run of
     a later directory that replaces an earlier one's is named; runs of one arm and depth made
     with other settings (here fine-tuning epochs) are merged with a warning naming them."""
-    def grid(name, seeds, finetune=None, **data):
+    def grid(name, seeds, finetune=None, depth=1, **data):
         r = json.loads(json.dumps(TINY))
         r["data"] = {**r["data"], **data}
         r["finetune"] = {**r["finetune"], **(finetune or {})}
-        r["experiment"] = {**r["experiment"], "conditions": ["none"], "depths": [1], "seeds": seeds}
+        r["experiment"] = {**r["experiment"], "conditions": ["none"], "depths": [depth], "seeds": seeds}
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(r))
         assert main(["run", str(tmp_path / f"{name}.yaml"), "--out", str(tmp_path / name)]) == 0
 
@@ -1156,6 +1156,27 @@ def test_compare_refuses_runs_on_other_data_and_says_which_runs_a_later_director
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "d"), "--out", str(tmp_path / "ad")]) == 0
     assert (f"compare: warning: the runs merged for none d1 differ in finetune.epochs (2 in {tmp_path / 'a'}, 3 in "
             f"{tmp_path / 'd'}): their means and intervals mix two protocols") in capsys.readouterr().out
+    # between depths: the depth curve of one arm made with two protocols (here another recipe's
+    # fine-tuning epochs); the same protocol at another depth (another surgery) merges quietly
+    grid("e", [0], finetune={"epochs": 3}, depth=2)
+    grid("f", [0], depth=2)
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "e"), "--out", str(tmp_path / "ae")]) == 0
+    assert (f"compare: warning: the runs merged for none d1 and d2 differ in finetune.epochs (2 in {tmp_path / 'a'}, "
+            f"3 in {tmp_path / 'e'})") in capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "f"), "--out", str(tmp_path / "af")]) == 0
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_a_tuned_layer_setting_covers_the_methods_default_it_replaced():
+    """A directory that tuned ``pretrain.layers.*.lr`` records the method's untuned default
+    beside the value its cells used; merged with runs given that value by hand, the default is
+    no difference of protocol, while an untuned setting of the method still is."""
+    from surgery.experiment import _tuned
+
+    assert _tuned("experiment.methods.dae.lr", ["pretrain.layers.*.lr"])
+    assert _tuned("pretrain.layers.3.lr", ["pretrain.layers.*.lr"])
+    assert not _tuned("experiment.methods.dae.noise", ["pretrain.layers.*.lr"])
+    assert not _tuned("finetune.optimizer.lr", ["pretrain.layers.*.lr"])
 
 
 def test_a_diverging_trial_is_scored_worst_and_the_arm_goes_on(tmp_path, monkeypatch, capsys):
