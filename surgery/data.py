@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -29,6 +29,13 @@ from .datafiles import IDX_FILES, MNIST_HELP, find_idx, read_arrays, read_idx, r
 from .devices import DeviceName, resolve_device
 from .errors import ConfigError, DataError, OutputError, SurgeryWarning
 from .io import atomic_path
+
+# Fields one kind of dataset reads and the others do not, and what a user of the others wants instead.
+_SYNTHETIC_ONLY = {"n_train": "data.limit keeps the first N training examples",
+                   "n_valid": "data.valid_size sets the validation examples",
+                   "n_test": "the test split is the dataset's own", "side": "its images are the files'",
+                   "classes": "its classes are its labels'"}
+_NOT_SYNTHETIC = {"path": "its examples are made, not read", "valid_size": "it has data.n_valid"}
 
 
 class DataConfig(BaseModel):
@@ -53,11 +60,25 @@ class DataConfig(BaseModel):
     )
     device: DeviceName = Field(default="cpu", description="where the tensors live: cpu, cuda, cuda:N, auto")
     # synthetic dataset shape
-    n_train: int = Field(default=2000, gt=0)
-    n_valid: int = Field(default=500, gt=0)
-    n_test: int = Field(default=500, gt=0)
-    side: int = Field(default=8, gt=1, description="synthetic images are side x side")
-    classes: int = Field(default=4, gt=1)
+    n_train: int = Field(default=2000, gt=0, description="synthetic: training examples (others: data.limit)")
+    n_valid: int = Field(default=500, gt=0, description="synthetic: validation examples (others: data.valid_size)")
+    n_test: int = Field(default=500, gt=0, description="synthetic: test examples")
+    side: int = Field(default=8, gt=1, description="synthetic: images are side x side")
+    classes: int = Field(default=4, gt=1, description="synthetic: classes")
+
+    @field_validator("path", "valid_size", "n_train", "n_valid", "n_test", "side", "classes")
+    @classmethod
+    def _read_by_its_dataset(cls, value: Any, info: ValidationInfo) -> Any:
+        # a field the dataset never reads would be dropped without a word (a recorded recipe
+        # holds every field at its default, so only a value other than the default is one)
+        dataset = info.data.get("dataset")
+        synthetic = info.field_name in _SYNTHETIC_ONLY
+        if dataset is None or value == cls.model_fields[str(info.field_name)].default or synthetic == (
+                dataset == "synthetic"):
+            return value
+        readers = "synthetic" if synthetic else "mnist, idx and arrays"
+        instead = (_SYNTHETIC_ONLY if synthetic else _NOT_SYNTHETIC)[str(info.field_name)]
+        raise ValueError(f"read by dataset {readers} only, not {dataset} ({instead}); drop it")
 
 
 @dataclass(repr=False)

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from surgery.cli import main
+from surgery.data import DataConfig
 from surgery.errors import SurgeryError
 from surgery.experiment_config import ExperimentConfig, recorded_experiment
 from surgery.grid import plan_cells
@@ -218,6 +219,14 @@ CATALOGUE = {
                                          "error, so all of them need the same validation examples"),
     "tune over the dataset": (_set("experiment", {"conditions": ["none"], "tune": {"params": {"data.path": {
         "type": "categorical", "choices": ["a.npz", "b.npz"]}}}}), "params['data.path']: trials are ranked by"),
+    "a synthetic size on MNIST": (_set("data", {"dataset": "mnist", "n_train": 5}),
+                                  "data.n_train: read by dataset synthetic only, not mnist (data.limit keeps the "
+                                  "first N training examples); drop it (got 5)"),
+    "a file for synthetic data": (_set("data.path", "mnist.pkl.gz"),
+                                  "data.path: read by dataset mnist, idx and arrays only, not synthetic"),
+    "a validation size for synthetic data": (_set("data.valid_size", 100),
+                                             "data.valid_size: read by dataset mnist, idx and arrays only, not "
+                                             "synthetic (it has data.n_valid)"),
 }
 
 
@@ -232,6 +241,14 @@ def test_malformed_recipe_catalogue(workdir, case, capsys):
     assert code == 2, err
     assert "Traceback" not in err
     assert fragment in err, err
+
+
+def test_a_recorded_data_section_reads_back():
+    # experiment.json and a cell's recipe.json record every data field, the ones the dataset
+    # does not read too (n_train on MNIST): only a value other than the default is a mistake
+    for dataset in ("mnist", "synthetic"):
+        cfg = DataConfig(dataset=dataset)
+        assert DataConfig.model_validate(json.loads(json.dumps(cfg.model_dump(mode="json")))) == cfg
 
 
 def test_recorded_arms_read_back():
