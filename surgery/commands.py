@@ -24,7 +24,15 @@ from .model_file import describe_model, load_model, save_model
 from .outdirs import check_merge_out, experiment_meta
 from .pipeline import assemble, check_network, evaluate, finetune_model, pretrain, run, validate
 from .preflight import check_data
-from .recipe import Recipe, apply_overrides, format_validation_error, json_schema, load_recipe, parse_overrides
+from .recipe import (
+    RECIPE_SUFFIXES,
+    Recipe,
+    apply_overrides,
+    format_validation_error,
+    json_schema,
+    load_recipe,
+    parse_overrides,
+)
 from .report import failed_line, significance_line, summary_grid, write_report
 from .rundir import describe_checkpoint, describe_run
 from .runtime import is_main_process
@@ -191,6 +199,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """``surgery evaluate``: a model file's error on each split of the recipe's data, beside
     what it recorded when it was fine-tuned."""
+    if Path(args.recipe).suffix == ".safetensors" and Path(args.model).suffix in RECIPE_SUFFIXES:
+        raise ConfigError(f"surgery evaluate takes the recipe first, then the model: `surgery evaluate {args.model} "
+                          f"{args.recipe}`.")
     recipe = _load(args)
     graph = load_model(args.model)
     data = load_dataset(recipe.data, recipe.base_dir)

@@ -359,11 +359,15 @@ def _selected(old: Any, value: Any) -> Any:
     return value
 
 
+# The suffixes of the files read as recipes (.json as JSON, the others as YAML).
+RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
+
+
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
     """The recipe file as a dict (YAML, or JSON by suffix); ``ConfigError`` for a missing, empty or malformed file."""
     path = Path(path)
     if path.is_dir():
-        recipes = sorted(p.name for p in path.iterdir() if p.suffix in (".yaml", ".yml", ".json"))
+        recipes = sorted(p.name for p in path.iterdir() if p.suffix in RECIPE_SUFFIXES)
         named = ", ".join(recipes[:3]) + (", ..." if len(recipes) > 3 else "")
         raise ConfigError(f"{path}: a directory, not a recipe file; give one of its recipes"
                           + (f" ({named})." if recipes else ", a .yaml or .json file."))

@@ -188,6 +188,12 @@ def evaluate_a_stack(tmp: Path):
     return ["evaluate", str(_write(tmp / "r.yaml", _net_recipe())), str(p)], "this is a layer stack, not an", [p]
 
 
+def evaluate_model_before_recipe(tmp: Path):
+    r = _write(tmp / "r.yaml", _net_recipe())
+    p = random_stack(sizes=(64, 8)).save(tmp / "s.safetensors")
+    return ["evaluate", str(p), str(r)], f"takes the recipe first, then the model: `surgery evaluate {r} {p}`", [p, r]
+
+
 def stack_given_as_model(tmp: Path):
     p = random_stack(sizes=(64, 8)).save(tmp / "s.safetensors")
     r = _write(tmp / "r.yaml", _net_recipe())
@@ -604,6 +610,7 @@ CASES: dict[str, Case] = {
     "finetune --model: a stack, not a model": stack_given_as_model,
     "evaluate: wrong input width": evaluate_a_model_of_other_width,
     "evaluate: a stack, not a model": evaluate_a_stack,
+    "evaluate: the model before the recipe": evaluate_model_before_recipe,
 }
 
 
