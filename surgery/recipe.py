@@ -129,10 +129,14 @@ def format_validation_error(e: ValidationError, source: str, data: Any = None, r
         key = ("union", tuple(path[:union_at])) if union_at is not None else i
         problems.setdefault(key, []).append((path, err))
     lines: list[str] = []
-    for errs in problems.values():
+    for key, errs in problems.items():
         fitting = [(p, err) for p, err in errs if not _form_mismatch(err)]
         if len(errs) == 1 or fitting:
             said = [_problem(*_renamed(p, err["msg"], rename), err.get("input")) for p, err in (fitting or errs)]
+            if fitting and isinstance(key, tuple):  # a wrong choice or type inside the form it has, besides
+                inside = [(p, err) for p, err in errs if _form_mismatch(err) and len(p) > len(key[1])
+                          and not any(q[:len(p)] == p for q, _ in fitting)]  # not a form of a fitting value
+                said += [_problem(*_renamed(p, msg, rename), got) for p, msg, got in _forms_missed(inside)]
         else:  # the value has none of the forms: name them all, where it stopped in each
             said = [_problem(*_renamed(p, msg, rename), got) for p, msg, got in _forms_missed(errs)]
         lines += [line for line in said if line not in lines]

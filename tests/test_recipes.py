@@ -188,6 +188,11 @@ CATALOGUE = {
     "experiment arm's widths [5, x]": (_set("experiment", {"conditions": {"x": {"hidden": [5, "x"]}}}),
                                        "1 problem in the recipe:\n  - experiment.conditions.x.hidden.1: Input should "
                                        "be a valid integer"),
+    # two problems inside one arm, a bound and a wrong choice: both named, not the bound alone
+    "experiment arm of no method and a negative width": (
+        _set("experiment", {"conditions": {"x": {"method": "bogus", "hidden": [3, -1]}}}),
+        "2 problems in the recipe:\n  - experiment.conditions.x.hidden.1: Input should be greater than 0 (got -1)\n"
+        "  - experiment.conditions.x.method: Input should be 'none', 'rbm'"),
     "experiment width neither": (_set("experiment", {"conditions": ["none"], "hidden": "x"}),
                                  "experiment.hidden: Input should be a valid integer, unable to parse string as an "
                                  "integer; or a valid list (got \"x\")"),
