@@ -306,7 +306,8 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str])
     A list of names set onto a mapping that holds every one of them keeps those entries, in
     the list's order: ``experiment.conditions=[rbm-cg]`` runs one of the recipe's own arms.
     A mapping's own dotted keys (a search's ``finetune.optimizer.lr``) are matched whole:
-    ``search.params.finetune.optimizer.lr.low=0.01``.
+    ``search.params.finetune.optimizer.lr.low=0.01``; a path the params lack is a new one:
+    ``search.params.finetune.optimizer.momentum={type: float, low: 0, high: 0.9}``.
     """
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
@@ -324,6 +325,8 @@ def _set_path(data: dict[str, Any], key: str, value: Any) -> None:
     while True:
         if isinstance(cur, dict):
             parts[i:] = _dotted_key(cur, parts[i:])
+            if i and parts[i - 1] == "params" and parts[i] not in cur:  # a new searched path, whole
+                parts[i:] = [".".join(parts[i:])]
         part, last = parts[i], i == len(parts) - 1
         if isinstance(cur, list):
             try:

@@ -382,6 +382,11 @@ def test_a_search_parameter_is_set_by_its_dotted_name():
     assert lr.high == load_recipe(path).search.params["finetune.optimizer.lr"].high
     with pytest.raises(SurgeryError, match=r"search\.params\.finetune\.optimizer\.lr: log scale needs low > 0"):
         load_recipe(path, ["search.params.finetune.optimizer.lr.low=-1"])
+    # a path the params lack is a new searched parameter, named whole (not a section finetune)
+    r = load_recipe(path, ["search.params.finetune.optimizer.weight_decay={type: float, low: 0.0, high: 0.001}"])
+    assert r.search.params["finetune.optimizer.weight_decay"].high == 0.001 and len(r.search.params) == 5
+    r = load_recipe(path, ["search.params.finetune.optimizer.name={type: categorical, choices: [sgd, adam]}"])
+    assert r.search.params["finetune.optimizer.name"].choices == ["sgd", "adam"]
 
 
 def test_schema_command(capsys):
