@@ -319,7 +319,7 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str])
 def _set_path(data: dict[str, Any], key: str, value: Any) -> None:
     """Set one dotted ``key`` of :func:`apply_overrides` to ``value``; a missing section on
     the way is made, a list is entered by index."""
-    parts = key.split(".")
+    parts = key.replace("\\.", ".").split(".")  # a dot escaped as in some tools' paths is a dot: keys match whole
     cur: Any = data
     i = 0
     while True:

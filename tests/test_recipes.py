@@ -387,6 +387,8 @@ def test_a_search_parameter_is_set_by_its_dotted_name():
     assert r.search.params["finetune.optimizer.weight_decay"].high == 0.001 and len(r.search.params) == 5
     r = load_recipe(path, ["search.params.finetune.optimizer.name={type: categorical, choices: [sgd, adam]}"])
     assert r.search.params["finetune.optimizer.name"].choices == ["sgd", "adam"]
+    escaped = load_recipe(path, ["search.params.finetune\\.optimizer\\.lr.low=0.02"])  # as some tools write it
+    assert escaped.search.params["finetune.optimizer.lr"].low == 0.02 and len(escaped.search.params) == 4
 
 
 def test_schema_command(capsys):
