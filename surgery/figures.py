@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,11 @@ from .io import atomic_path, make_dir, read_jsonl
 from .weights_io import first_line
 
 
-def write_figures(out: Path, rows: list[dict[str, Any]], tab: list[dict[str, Any]], baseline: str) -> None:
-    """``out/figures/*.png`` for an experiment's result rows and their ``report.table``."""
+def write_figures(out: Path, rows: list[dict[str, Any]], tab: list[dict[str, Any]], baseline: str,
+                  stuck: Collection[tuple[str, int]] = ()) -> None:
+    """``out/figures/*.png`` for an experiment's result rows and their ``report.table``;
+    ``stuck``: the (arm, depth) cells with a run that did not learn (drawn off the scale
+    when their means would squash the others')."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,7 +31,7 @@ def write_figures(out: Path, rows: list[dict[str, Any]], tab: list[dict[str, Any
     conds = sorted({r["condition"] for r in rows}, key=lambda c: (c != baseline, c))
     cmap = plt_colormap(len(conds))
     colors = {c: cmap(i % cmap.N) for i, c in enumerate(conds)}
-    _save(_depth_figure(tab, conds, colors, baseline), out / "figures" / "error_vs_depth.png")
+    _save(_depth_figure(tab, conds, colors, baseline, stuck), out / "figures" / "error_vs_depth.png")
     _save(_hist_figure(rows, conds), out / "figures" / "error_hist.png")
     _save(_curves_figure(rows, conds, colors), out / "figures" / "learning_curves.png")
     _save(_filters_figure(rows, conds), out / "figures" / "filters.png")
@@ -40,8 +44,10 @@ def plt_colormap(n: int) -> Any:
     return plt.cm.tab10 if n <= 10 else plt.cm.tab20
 
 
-def _depth_figure(tab: list[dict[str, Any]], conds: list[str], colors: dict[str, Any], baseline: str) -> Any:
-    """Test error vs depth with CI bars (one depth: arms side by side, sorted)."""
+def _depth_figure(tab: list[dict[str, Any]], conds: list[str], colors: dict[str, Any], baseline: str,
+                  stuck: Collection[tuple[str, int]]) -> Any:
+    """Test error vs depth with CI bars (one depth: arms side by side, sorted); the means of
+    cells where runs did not learn, far above the rest, are marked at the edge with their value."""
     import matplotlib.pyplot as plt
 
     depths_all = sorted({t["depth"] for t in tab})
@@ -59,13 +65,17 @@ def _depth_figure(tab: list[dict[str, Any]], conds: list[str], colors: dict[str,
         ax.set_xlabel("test error (%)")
         ax.set_title(f"Test error per arm (mean, 95% CI over seeds; dashed: {baseline})")
         ax.grid(alpha=0.3, axis="x")
+        _off_scale(ax, [(t["mean"], y, "tab:blue") for t, y in zip(ts, ys)], _scale(ts, stuck), "x")
         return fig
     fig, ax = plt.subplots(figsize=(8 if len(conds) <= 8 else 9, 4.5))
+    points = []  # (mean, depth as drawn, colour) of every cell
     for i, c in enumerate(conds):
         ts = [t for t in tab if t["condition"] == c]
         dodge = 0.06 * (i - (len(conds) - 1) / 2)  # keep the CI bars apart
         ax.errorbar([t["depth"] + dodge for t in ts], [t["mean"] for t in ts], yerr=_bars(ts), marker="o", capsize=4,
                     label=c, color=colors[c])
+        points += [(t["mean"], t["depth"] + dodge, colors[c]) for t in ts]
+    _off_scale(ax, points, _scale(tab, stuck), "y")
     ax.set_xlabel("hidden layers")
     ax.set_ylabel("test error (%)")
     ax.set_title("Test error vs depth (mean, 95% CI over seeds)")
@@ -73,6 +83,39 @@ def _depth_figure(tab: list[dict[str, Any]], conds: list[str], colors: dict[str,
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))  # beside the axes: never over a point
     return fig
+
+
+def _scale(tab: list[dict[str, Any]], stuck: Collection[tuple[str, int]]) -> tuple[float, float] | None:
+    """The error axis's range when cells where runs did not learn lie far above the others
+    (the range of those others, intervals included, with room above); None to leave it be."""
+    learned = [t for t in tab if (t["condition"], t["depth"]) not in stuck]
+    if not learned or len(learned) == len(tab):
+        return None
+    below, above = _bars(learned)
+    low = min(t["mean"] - b for t, b in zip(learned, below))
+    high = max(t["mean"] + a for t, a in zip(learned, above))
+    span = max(high - low, 0.1 * high, 1e-3)
+    top = high + 0.3 * span
+    if max(t["mean"] for t in tab) <= top:
+        return None  # every mean fits
+    return max(0.0, low - 0.1 * span), top
+
+
+def _off_scale(ax: Any, points: list[tuple[float, float, Any]], scale: tuple[float, float] | None,
+               axis: str) -> None:
+    """Cut the error ``axis`` to ``scale`` and mark each point beyond it at the edge: a
+    triangle pointing out and its value."""
+    if scale is None:
+        return
+    (ax.set_ylim if axis == "y" else ax.set_xlim)(*scale)
+    for value, at, color in points:
+        if value <= scale[1]:
+            continue
+        xy, marker, offset = ((at, scale[1]), "^", (0, -14)) if axis == "y" else ((scale[1], at), ">", (-8, 0))
+        ax.plot(*xy, marker=marker, color=color, ms=9, clip_on=False, zorder=5)
+        ax.annotate(f"{value:.1f}% (off the scale: did not learn)", xy, xytext=offset, textcoords="offset points",
+                    ha="center" if axis == "y" else "right", va="top" if axis == "y" else "center", fontsize=8,
+                    color=color)
 
 
 def _bars(ts: list[dict[str, Any]]) -> list[list[float]]:

@@ -349,20 +349,23 @@ def summary_grid(rows: list[dict[str, Any]], baseline: str = "none") -> list[str
 FAILED_TRAIN_ERROR = 50.0  # %: a run that gets half its own training set wrong has not learned
 
 
+def learned(r: dict[str, Any], threshold: float = FAILED_TRAIN_ERROR) -> bool:
+    """Whether result row ``r``'s run learned: training error below ``threshold`` % at the
+    kept epoch (or not recorded)."""
+    return r.get("train_error") in (None, "") or float(r["train_error"]) < threshold
+
+
 def failed_line(rows: list[dict[str, Any]], threshold: float = FAILED_TRAIN_ERROR) -> str | None:
     """One sentence on the runs that did not learn (training error at or above ``threshold`` %
     at the kept epoch: stuck near chance, as a deep net without pretraining can be): per arm
     and depth how many, which seeds, and the others' mean; None when every run learned."""
-    def learned(r: dict[str, Any]) -> bool:
-        return r.get("train_error") in (None, "") or float(r["train_error"]) < threshold
-
     parts = []
     for (cond, depth), runs in cells(rows).items():
-        stuck = sorted((r for r in runs if not learned(r)), key=lambda r: int(r["seed"]))
+        stuck = sorted((r for r in runs if not learned(r, threshold)), key=lambda r: int(r["seed"]))
         if not stuck:
             continue
         seeds = ", ".join(str(int(r["seed"])) for r in stuck)
-        rest = [float(r["test_error"]) for r in runs if learned(r)]
+        rest = [float(r["test_error"]) for r in runs if learned(r, threshold)]
         others = f"; the others' mean {np.mean(rest):.2f}%" if rest else ""
         plural = "s" if len(stuck) > 1 else ""
         parts.append(f"{cond} d{depth} {len(stuck)} of {len(runs)} (seed{plural} {seeds}{others})")
@@ -396,4 +399,5 @@ def write_report(out: Path, rows: list[dict[str, Any]], baseline: str = "none") 
     exp = (experiment_meta(out).get("recipe") or {}).get("experiment") or {}
     make_dir(out)
     write_text(out / "report.md", markdown(rows, baseline, tuning, exp.get("paper")))
-    write_figures(out, rows, table(rows, baseline), baseline)
+    stuck = {(r["condition"], int(r["depth"])) for r in rows if not learned(r)}
+    write_figures(out, rows, table(rows, baseline), baseline, stuck)

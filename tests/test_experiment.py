@@ -284,6 +284,35 @@ def test_error_bars_stay_between_0_and_100_percent():
     assert below_rbm == above_rbm == pytest.approx(rbm["ci_half"])
 
 
+def test_cells_that_did_not_learn_are_drawn_off_the_scale():
+    """Nets stuck at chance (90%) beside nets at 1-2% would flatten the depth curves to a line
+    at the bottom: the error axis keeps to the cells that learned, and each mean beyond it is
+    marked at the edge with its value; with nothing far above, the axis is left as it is."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from surgery.figures import _depth_figure
+
+    def run(cond, depth, seed, test):
+        return {"condition": cond, "depth": depth, "seed": seed, "test_error": test}
+
+    rows = [run("none", d, s, e + d / 10) for d in (1, 2) for s, e in enumerate([1.6, 1.8, 1.7])]
+    rows += [run("none", 3, s, 89.7) for s in range(3)]
+    rows += [run("dae", d, s, e) for d in (1, 2, 3) for s, e in enumerate([1.4, 1.5, 1.45])]
+    colors = {"none": "tab:blue", "dae": "tab:orange"}
+    fig = _depth_figure(table(rows), ["none", "dae"], colors, "none", {("none", 3)})
+    ax = fig.axes[0]
+    low, high = ax.get_ylim()
+    assert 1.0 < high < 3 and low < 1.4
+    assert [t.get_text() for t in ax.texts] == ["89.7% (off the scale: did not learn)"]
+    learned = [r for r in rows if r["depth"] < 3 or r["condition"] == "dae"]
+    fig = _depth_figure(table(learned), ["none", "dae"], colors, "none", set())
+    assert not fig.axes[0].texts
+    one = [r for r in rows if r["depth"] == 3]  # one depth: arms side by side, the error along x
+    fig = _depth_figure(table(one), ["none", "dae"], colors, "none", {("none", 3)})
+    assert fig.axes[0].get_xlim()[1] < 3 and len(fig.axes[0].texts) == 1
+
+
 def test_cell_keys_stay_what_earlier_versions_made():
     """A cell's directory is a hash of its recipe, so a run resumed by a newer surgery finds
     its finished cells only if a recipe that does not use a new option dumps as before (new
