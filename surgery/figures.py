@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,10 @@ from .weights_io import first_line
 
 
 def write_figures(out: Path, rows: list[dict[str, Any]], tab: list[dict[str, Any]], baseline: str,
-                  stuck: Collection[tuple[str, int]] = ()) -> None:
+                  learned: Callable[[dict[str, Any]], bool] = lambda row: True) -> None:
     """``out/figures/*.png`` for an experiment's result rows and their ``report.table``;
-    ``stuck``: the (arm, depth) cells with a run that did not learn (drawn off the scale
-    when their means would squash the others')."""
+    ``learned(row)``: whether a run learned (those that did not are drawn apart when their
+    errors would squash the others')."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,8 +31,9 @@ def write_figures(out: Path, rows: list[dict[str, Any]], tab: list[dict[str, Any
     conds = sorted({r["condition"] for r in rows}, key=lambda c: (c != baseline, c))
     cmap = plt_colormap(len(conds))
     colors = {c: cmap(i % cmap.N) for i, c in enumerate(conds)}
+    stuck = {(r["condition"], int(r["depth"])) for r in rows if not learned(r)}
     _save(_depth_figure(tab, conds, colors, baseline, stuck), out / "figures" / "error_vs_depth.png")
-    _save(_hist_figure(rows, conds), out / "figures" / "error_hist.png")
+    _save(_hist_figure(rows, conds, learned), out / "figures" / "error_hist.png")
     _save(_curves_figure(rows, conds, colors), out / "figures" / "learning_curves.png")
     _save(_filters_figure(rows, conds), out / "figures" / "filters.png")
 
@@ -125,25 +126,31 @@ def _bars(ts: list[dict[str, Any]]) -> list[list[float]]:
     return [[min(h, t["mean"]) for h, t in zip(half, ts)], [min(h, 100 - t["mean"]) for h, t in zip(half, ts)]]
 
 
-def _hist_figure(rows: list[dict[str, Any]], conds: list[str]) -> Any:
-    """Histogram of test errors over seeds, one panel per arm (as Erhan et al. 2010)."""
+def _hist_figure(rows: list[dict[str, Any]], conds: list[str], learned: Callable[[dict[str, Any]], bool]) -> Any:
+    """Histogram of test errors over seeds, one panel per arm (as Erhan et al. 2010); where
+    some runs learned and some did not, the bins span those that learned and a panel's label
+    says how many of its runs did not (and their mean), so chance does not squash the spread."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    allv = [float(r["test_error"]) for r in rows]
+    apart = [r for r in rows if not learned(r)] if any(learned(r) for r in rows) else []
+    drawn = [r for r in rows if r not in apart]
+    allv = [float(r["test_error"]) for r in drawn]
     bins = np.linspace(min(allv), max(allv) + 1e-6, 21) if allv else 10
     depths = sorted({int(r["depth"]) for r in rows})
     fig, axes = plt.subplots(len(conds), 1, figsize=(7, 1.6 + 1.3 * len(conds)), sharex=True, squeeze=False)
     for ax, c in zip(axes[:, 0], conds):
-        mine = [r for r in rows if r["condition"] == c]
+        mine = [r for r in drawn if r["condition"] == c]
         per_depth = [[float(r["test_error"]) for r in mine if int(r["depth"]) == d] for d in depths]
         shades = [plt.cm.viridis(i / max(len(depths) - 1, 1)) for i in range(len(depths))]
         ax.hist(per_depth, bins=bins, stacked=True, color=shades, label=[f"depth {d}" for d in depths])
         v = [x for xs in per_depth for x in xs]
         sd = np.std(v, ddof=1) if len(v) > 1 else 0.0
-        ax.set_ylabel(f"{c}\nn={len(v)}, sd={sd:.2f}", rotation=0, ha="right", va="center")
+        stuck = [float(r["test_error"]) for r in apart if r["condition"] == c]
+        more = f"\n+{len(stuck)} not learned\n(mean {np.mean(stuck):.1f}%)" if stuck else ""
+        ax.set_ylabel(f"{c}\nn={len(v)}, sd={sd:.2f}{more}", rotation=0, ha="right", va="center")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[0, 0].legend(loc="upper left", fontsize="small", ncol=len(depths))
+    axes[0, 0].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")  # beside: never over a bar
     axes[-1, 0].set_xlabel("test error (%)")
     fig.suptitle("Spread of test error over seeds (stacked by depth)")
     return fig

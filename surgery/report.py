@@ -399,5 +399,4 @@ def write_report(out: Path, rows: list[dict[str, Any]], baseline: str = "none") 
     exp = (experiment_meta(out).get("recipe") or {}).get("experiment") or {}
     make_dir(out)
     write_text(out / "report.md", markdown(rows, baseline, tuning, exp.get("paper")))
-    stuck = {(r["condition"], int(r["depth"])) for r in rows if not learned(r)}
-    write_figures(out, rows, table(rows, baseline), baseline, stuck)
+    write_figures(out, rows, table(rows, baseline), baseline, learned)

@@ -287,11 +287,12 @@ def test_error_bars_stay_between_0_and_100_percent():
 def test_cells_that_did_not_learn_are_drawn_off_the_scale():
     """Nets stuck at chance (90%) beside nets at 1-2% would flatten the depth curves to a line
     at the bottom: the error axis keeps to the cells that learned, and each mean beyond it is
-    marked at the edge with its value; with nothing far above, the axis is left as it is."""
+    marked at the edge with its value; with nothing far above, the axis is left as it is. The
+    histogram of errors over seeds bins the runs that learned and counts the others apart."""
     import matplotlib
 
     matplotlib.use("Agg")
-    from surgery.figures import _depth_figure
+    from surgery.figures import _depth_figure, _hist_figure
 
     def run(cond, depth, seed, test):
         return {"condition": cond, "depth": depth, "seed": seed, "test_error": test}
@@ -311,6 +312,11 @@ def test_cells_that_did_not_learn_are_drawn_off_the_scale():
     one = [r for r in rows if r["depth"] == 3]  # one depth: arms side by side, the error along x
     fig = _depth_figure(table(one), ["none", "dae"], colors, "none", {("none", 3)})
     assert fig.axes[0].get_xlim()[1] < 3 and len(fig.axes[0].texts) == 1
+    # the spread over seeds: bins over the runs that learned, the others counted in the label
+    fig = _hist_figure(rows, ["none", "dae"], lambda r: r["test_error"] < 50)
+    none, dae = fig.axes
+    assert none.get_xlim()[1] < 3 and none.get_ylabel() == "none\nn=6, sd=0.10\n+3 not learned\n(mean 89.7%)"
+    assert dae.get_ylabel() == "dae\nn=9, sd=0.04"
 
 
 def test_cell_keys_stay_what_earlier_versions_made():
