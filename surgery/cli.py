@@ -25,7 +25,8 @@ EPILOG = """recipes are YAML or JSON files with the sections data, pretrain, sur
 finetune, experiment and search; `surgery schema` prints their JSON Schema.
 Every command that reads a recipe takes --set dotted.path=value overrides, e.g.
 --set pretrain.layers.0.epochs=2 --set data.limit=1000; a list of an experiment's
-own arm names runs only those: --set 'experiment.conditions=[rbm, none]'."""
+own arm names runs only those: --set 'experiment.conditions=[rbm, none]'; a
+searched parameter goes by its whole path: --set search.params.finetune.optimizer.lr.low=0.01."""
 
 
 def user_path(text: str) -> Path:
