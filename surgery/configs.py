@@ -41,7 +41,8 @@ def problems(e: ValidationError) -> str:
     """A pydantic error in one line: each bad field's path, what is wrong and the value."""
     def one(err: Any) -> str:
         got = "" if isinstance(err.get("input"), Mapping) else f" (got {err.get('input')!r})"
-        return f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}{got}"
+        msg = err["msg"].removeprefix("Value error, ")  # a validator's own words
+        return f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {msg}{got}"
     return "; ".join(one(err) for err in e.errors())
 
 

@@ -23,6 +23,10 @@ def test_data_and_pretraining_take_dicts_names_and_arrays():
     for given in (DATA, {**DATA}):
         assert torch.equal(S.load_dataset(given).train.x, data.train.x)
     assert S.load_dataset("synthetic").name == "synthetic"
+    with pytest.raises(ConfigError) as e:  # a field MNIST never reads, said in the validator's own words
+        S.load_dataset({"dataset": "mnist", "n_train": 5})
+    assert str(e.value) == ("surgery.load_dataset(cfg): n_train: read by dataset synthetic only, not mnist (data.limit "
+                            "keeps the first N training examples); drop it (got 5)")
     stack = S.greedy_pretrain(data.train.x, S.PretrainConfig(layers=LAYERS), seed=3)
     assert _same_stack(S.greedy_pretrain(data.train.x, {"layers": LAYERS}, seed=3), stack)
     assert _same_stack(S.greedy_pretrain(data.train.x.numpy(), {"layers": LAYERS}, seed=3), stack)
