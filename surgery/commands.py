@@ -265,18 +265,27 @@ def _summary(rows: list[dict], baseline: str) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> None:
     """``surgery compare``: merge experiment directories and rebuild the report."""
-    if len(args.dirs) > 1 and args.out is None:
-        raise SurgeryError(f"compare: merging {len(args.dirs)} directories makes a new results.csv and report; give "
+    first: dict[Path, Path] = {}
+    for d in args.dirs:
+        first.setdefault(d.resolve(), d)
+    dirs = list(first.values())  # each once, where it first stands
+    twice = [str(d) for d in dirs if sum(e.resolve() == d.resolve() for e in args.dirs) > 1]
+    if len(dirs) > 1 and args.out is None:
+        raise SurgeryError(f"compare: merging {len(dirs)} directories makes a new results.csv and report; give "
                            "--out DIR for them (each directory's own are kept as they are).")
-    merging = args.out is not None and (len(args.dirs) > 1 or args.out.resolve() != args.dirs[0].resolve())
+    merging = args.out is not None and (len(dirs) > 1 or args.out.resolve() != dirs[0].resolve())
     if merging:
-        check_merge_out(args.out, args.dirs)
-    rows, notes = merge_results(args.dirs)  # refused when the directories ran on different data
-    tuning = merge_tuning(args.dirs)  # arms tuned in separate runs: all their trials (checked before any write)
-    out = args.out or args.dirs[0]
-    described = experiment_meta(Path(args.dirs[0]))
+        check_merge_out(args.out, dirs)
+    rows, notes = merge_results(dirs)  # refused when the directories ran on different data
+    arms = sorted({r["condition"] for r in rows})
+    if args.baseline is not None and args.baseline not in arms:
+        raise ConfigError(f"compare: --baseline {args.baseline!r} is none of the arms merged ({', '.join(arms)}); "
+                          "name one of them, or leave --baseline out for the recipe's experiment.baseline.")
+    tuning = merge_tuning(dirs)  # arms tuned in separate runs: all their trials (checked before any write)
+    out = args.out or dirs[0]
+    described = experiment_meta(Path(dirs[0]))
     if args.overrides:
-        described = with_paper(described, args.overrides, args.dirs[0])
+        described = with_paper(described, args.overrides, dirs[0])
     baseline = args.baseline
     if baseline is None:
         baseline = ((described.get("recipe") or {}).get("experiment") or {}).get("baseline", "none")
@@ -286,11 +295,12 @@ def cmd_compare(args: argparse.Namespace) -> None:
         write_results_csv(Path(out) / "results.csv", rows)
         if described:  # the first run's recipe (and paper), and what was merged (`surgery inspect` says)
             kept = {k: v for k, v in described.items() if k not in ("cells", "merged_from")}
-            write_json(Path(out) / "experiment.json", {**kept, "merged_from": [str(d) for d in args.dirs]})
+            write_json(Path(out) / "experiment.json", {**kept, "merged_from": [str(d) for d in dirs]})
         if tuning is not None:
             write_json(Path(out) / "tuning.json", tuning)
     write_report(Path(out), rows, baseline=baseline)
-    say(*notes, f"report for {len(rows)} runs in {out}/report.md")
+    read_once = [f"compare: {', '.join(twice)} given more than once; read once."] if twice else []
+    say(*read_once, *notes, f"report for {len(rows)} runs in {out}/report.md")
     _summary(rows, baseline)
 
 

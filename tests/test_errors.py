@@ -370,6 +370,14 @@ def _damaged_results(tmp: Path, text: bytes, fragment: str, finished: int = 0) -
 HEADER = b"condition,depth,seed,train_error,valid_error,test_error,epochs,best_epoch\n"
 
 
+def compare_against_no_arm_merged(tmp: Path):
+    """A misspelt --baseline: refused before the merge's directory is made."""
+    _damaged_results(tmp, HEADER + b"none,1,0,1.0,2.0,3.0,1,1\nrbm,1,0,1.0,2.0,2.5,1,1\n", "")
+    argv = ["compare", str(tmp / "grid"), "--out", str(tmp / "merged"), "--baseline", "nnoe"]
+    return argv, "compare: --baseline 'nnoe' is none of the arms merged (none, rbm); name one of them", [
+        tmp / "grid" / "results.csv"]
+
+
 def _damaged_tuning(tmp: Path, text: str, fragment: str) -> Case:
     """An experiment directory whose tuning.json was edited into ``text`` (KeyError in compare)."""
     _damaged_results(tmp, HEADER + b"none,1,0,1.0,2.0,3.0,1,1\n", "")
@@ -553,6 +561,7 @@ CASES: dict[str, Case] = {
     "search: a storage optuna no longer has": search_storage_optuna_dropped,
     "compare: a single run's directory": compare_a_single_run,
     "compare: an unfinished experiment": compare_an_unfinished_experiment,
+    "compare: a baseline of no arm merged": compare_against_no_arm_merged,
     "compare: a results.csv of random bytes": lambda tmp: _damaged_results(
         tmp, bytes(range(128, 256)), "results.csv: not a readable CSV table ('utf-8' codec can't decode"),
     "compare: a results.csv without test errors": lambda tmp: _damaged_results(
@@ -633,6 +642,7 @@ def test_bad_input_gives_one_paragraph_and_exit_2(name, tmp_path, capsys, monkey
     assert not (tmp_path / "PWNED").exists(), "a pickle ran code"
     if "GPU the machine lacks" in name:  # refused before anything pretrained or was made
         assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "merged").exists()
 
 
 def test_catalogue_covers_the_commands():

@@ -1164,8 +1164,10 @@ def test_compare_refuses_runs_on_other_data_and_says_which_runs_a_later_director
     assert "give --out DIR" in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "ac")]) == 2
     assert "ran on different data (data.n_train" in capsys.readouterr().err and not (tmp_path / "ac").exists()
-    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab")]) == 0
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), f"{tmp_path / 'a'}/", "--out",
+                 str(tmp_path / "ab")]) == 0
     said = capsys.readouterr().out
+    assert f"compare: {tmp_path / 'a'} given more than once; read once." in said  # not "a replaces b's s1"
     assert f"compare: 1 run(s) of {tmp_path / 'b'} replace earlier directories' (none d1 s1)" in said
     assert "warning" not in said  # seeds run apart: one protocol
     assert sorted(r["seed"] for r in _rows(tmp_path / "ab")) == ["0", "1", "2"]
