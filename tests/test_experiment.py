@@ -324,7 +324,7 @@ def test_cell_keys_stay_what_earlier_versions_made():
     its finished cells only if a recipe that does not use a new option dumps as before (new
     options default to None, which recipe dumps leave out). These keys were made by the
     version before `optimizer.line_searches` existed; when a key changes on purpose, say so
-    in the changelog: every unfinished experiment directory trains again."""
+    in the commit message and the README: every unfinished experiment directory trains again."""
     r = recipe_from_dict({"name": "k", "data": {"dataset": "synthetic"},
                           "experiment": {"conditions": ["none", "rbm"], "depths": [1], "seeds": [0], "hidden": 8},
                           "finetune": {"epochs": 1}}, Path("."), "probe")
