@@ -120,4 +120,7 @@ def field_hint(root: type[BaseModel], path: list[Any], data: Any) -> str | None:
                     if key in sub.model_fields and _may_hold(sub.model_fields[key].annotation, value)})
     if below:
         return f"no such field here; it belongs in {' or '.join(below)}"
+    part = [f for f in fields if f.startswith(f"{key}_") or f.endswith(f"_{key}")][:3]  # a part of a name
+    if part:
+        return f"no such field; did you mean {' or '.join(at + f for f in part)}?"
     return f"no such field; the fields {'of ' + here if here else 'of a recipe'} are {', '.join(fields)}"

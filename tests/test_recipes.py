@@ -74,6 +74,9 @@ CATALOGUE = {
     "unknown data field": (_set("data.shuffle", True), "data.shuffle: no such field; the fields of data are "),
     "misspelt field": (_set("finetune.epoch", 3),
                        "finetune.epoch: no such field; did you mean finetune.epochs? (got 3)"),
+    "a part of a field's name": (_set("pretrain", {"layers": [{"method": "sparse_ae", "hidden": 4, "sparsity": 0.05}]}),
+                                 "pretrain.layers.0.sparsity: no such field; did you mean "
+                                 "pretrain.layers.0.sparsity_target or pretrain.layers.0.sparsity_weight? (got 0.05)"),
     "misplaced field": (_set("finetune.lr", 0.05), "finetune.lr: no such field here; it belongs in "
                         "finetune.optimizer.lr (got 0.05)"),
     "misspelt section": (_set("finetune.optimiser", {"lr": 0.1}), "finetune.optimiser: no such field; did you mean "
