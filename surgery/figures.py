@@ -76,10 +76,10 @@ def _depth_figure(tab: list[dict[str, Any]], conds: list[str], colors: dict[str,
         ax.errorbar([t["depth"] + dodge for t in ts], [t["mean"] for t in ts], yerr=_bars(ts), marker="o", capsize=4,
                     label=c, color=colors[c])
         points += [(t["mean"], t["depth"] + dodge, colors[c]) for t in ts]
+    ax.set_title("Test error vs depth (mean, 95% CI over seeds)")
     _off_scale(ax, points, _scale(tab, stuck), "y")
     ax.set_xlabel("hidden layers")
     ax.set_ylabel("test error (%)")
-    ax.set_title("Test error vs depth (mean, 95% CI over seeds)")
     ax.set_xticks(depths_all)
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))  # beside the axes: never over a point
@@ -105,18 +105,20 @@ def _scale(tab: list[dict[str, Any]], stuck: Collection[tuple[str, int]]) -> tup
 def _off_scale(ax: Any, points: list[tuple[float, float, Any]], scale: tuple[float, float] | None,
                axis: str) -> None:
     """Cut the error ``axis`` to ``scale`` and mark each point beyond it at the edge: a
-    triangle pointing out and its value."""
+    triangle pointing out and its value (values side by side stacked, never over each other);
+    the title says what the triangles are."""
     if scale is None:
         return
     (ax.set_ylim if axis == "y" else ax.set_xlim)(*scale)
-    for value, at, color in points:
-        if value <= scale[1]:
-            continue
-        xy, marker, offset = ((at, scale[1]), "^", (0, -14)) if axis == "y" else ((scale[1], at), ">", (-8, 0))
+    beyond = sorted((at, value, color) for value, at, color in points if value > scale[1])
+    for k, (at, value, color) in enumerate(beyond):
+        xy, marker, offset = ((at, scale[1]), "^", (0, -12 - 11 * k)) if axis == "y" else \
+            ((scale[1], at), ">", (-8, 0))
         ax.plot(*xy, marker=marker, color=color, ms=9, clip_on=False, zorder=5)
-        ax.annotate(f"{value:.1f}% (off the scale: did not learn)", xy, xytext=offset, textcoords="offset points",
-                    ha="center" if axis == "y" else "right", va="top" if axis == "y" else "center", fontsize=8,
-                    color=color)
+        ax.annotate(f"{value:.1f}%", xy, xytext=offset, textcoords="offset points", fontsize=8, color=color,
+                    ha="center" if axis == "y" else "right", va="top" if axis == "y" else "center")
+    ax.set_title(f"{ax.get_title()}\n(triangles: means off the scale, of cells where runs did not learn)",
+                 fontsize="medium")
 
 
 def _bars(ts: list[dict[str, Any]]) -> list[list[float]]:
