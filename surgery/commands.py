@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import shutil
+from collections import Counter
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -265,11 +266,10 @@ def _summary(rows: list[dict], baseline: str) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> None:
     """``surgery compare``: merge experiment directories and rebuild the report."""
-    first: dict[Path, Path] = {}
-    for d in args.dirs:
-        first.setdefault(d.resolve(), d)
-    dirs = list(first.values())  # each once, where it first stands
-    twice = [str(d) for d in dirs if sum(e.resolve() == d.resolve() for e in args.dirs) > 1]
+    given = Counter(d.resolve() for d in args.dirs)
+    first = {d.resolve(): d for d in reversed(args.dirs)}  # each once, as it first stands
+    dirs = [first[r] for r in given]  # in the order first given
+    twice = [str(first[r]) for r, n in given.items() if n > 1]
     if len(dirs) > 1 and args.out is None:
         raise SurgeryError(f"compare: merging {len(dirs)} directories makes a new results.csv and report; give "
                            "--out DIR for them (each directory's own are kept as they are).")

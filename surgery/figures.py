@@ -110,7 +110,7 @@ def _off_scale(ax: Any, points: list[tuple[float, float, Any]], scale: tuple[flo
     if scale is None:
         return
     (ax.set_ylim if axis == "y" else ax.set_xlim)(*scale)
-    beyond = sorted((at, value, color) for value, at, color in points if value > scale[1])
+    beyond = sorted(((at, value, color) for value, at, color in points if value > scale[1]), key=lambda p: p[0])
     for k, (at, value, color) in enumerate(beyond):
         xy, marker, offset = ((at, scale[1]), "^", (0, -12 - 11 * k)) if axis == "y" else \
             ((scale[1], at), ">", (-8, 0))
