@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from .model_file import describe_model, load_model, save_model
 from .outdirs import check_merge_out, experiment_meta
 from .pipeline import assemble, check_network, evaluate, finetune_model, pretrain, run, validate
 from .preflight import check_data
+from .provenance import ended, invocation, merged, with_command
 from .recipe import (
     RECIPE_SUFFIXES,
     Recipe,
@@ -266,6 +268,7 @@ def _summary(rows: list[dict], baseline: str) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> None:
     """``surgery compare``: merge experiment directories and rebuild the report."""
+    t0, entry = time.perf_counter(), invocation(None)
     given = Counter(d.resolve() for d in args.dirs)
     first = {d.resolve(): d for d in reversed(args.dirs)}  # each once, as it first stands
     dirs = [first[r] for r in given]  # in the order first given
@@ -289,13 +292,16 @@ def cmd_compare(args: argparse.Namespace) -> None:
     baseline = args.baseline
     if baseline is None:
         baseline = ((described.get("recipe") or {}).get("experiment") or {}).get("baseline", "none")
+    this = ended(entry, time.perf_counter() - t0, "finished") if entry is not None else None
     if args.overrides and not merging:  # the one directory's record of the paper, and nothing else, changes
-        write_json(Path(out) / "experiment.json", described)
+        write_json(Path(out) / "experiment.json", {**described, "commands": with_command(described, this)})
     if merging:
         write_results_csv(Path(out) / "results.csv", rows)
-        if described:  # the first run's recipe (and paper), and what was merged (`surgery inspect` says)
-            kept = {k: v for k, v in described.items() if k not in ("cells", "merged_from")}
-            write_json(Path(out) / "experiment.json", {**kept, "merged_from": [str(d) for d in dirs]})
+        if described:  # the first run's recipe (and paper), what was merged and the commands that made it
+            kept = {k: v for k, v in described.items() if k not in ("cells", "merged_from", "commands")}
+            made = merged([(d, experiment_meta(d)) for d in dirs])
+            write_json(Path(out) / "experiment.json", {**kept, "merged_from": [str(d) for d in dirs],
+                                                       "commands": with_command({"commands": made}, this)})
         if tuning is not None:
             write_json(Path(out) / "tuning.json", tuning)
     write_report(Path(out), rows, baseline=baseline)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 import warnings
+from contextlib import suppress
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -25,13 +27,15 @@ from pydantic import ValidationError
 
 from .cells import CellRunner, summary
 from .data import fingerprint
+from .devices import resolve_device
 from .errors import ConfigError, ManifestError, OutputError, SurgeryError, SurgeryWarning
 from .experiment_config import ExperimentConfig, recorded_experiment
 from .grid import Cell, plan_cells, shard_of
-from .io import RERUN, Pace, make_dir, progress_bar, progress_line, read_json, write_json, write_text
+from .io import RERUN, Pace, make_dir, progress_bar, progress_line, read_json, write_text
 from .lock import hold
 from .outdirs import check_own_out, experiment_meta, is_experiment_dir, is_single_run_dir
 from .pipeline import check_grid
+from .provenance import device_label, finish, invocation, outcome_of, update_record, with_command
 from .recipe import Recipe, as_recipe
 from .tuning import adopt_trial, tune_arms
 
@@ -51,6 +55,7 @@ def run_experiment(recipe: Recipe | str | Path, out: str | Path, progress: bool 
     it returns the rows of its own cells.
 
     The report (tables, figures) is :func:`surgery.report.write_report`'s job."""
+    t0 = time.perf_counter()
     recipe = as_recipe(recipe, "surgery.run_experiment")
     if recipe.experiment is None:
         raise ConfigError(f"{recipe.source}: the recipe has no experiment: section; one network runs with "
@@ -58,13 +63,23 @@ def run_experiment(recipe: Recipe | str | Path, out: str | Path, progress: bool 
     runner = CellRunner(recipe, Path(out), progress)
     cells = plan_cells(recipe, runner.data.input_shape, runner.data.num_classes)
     check_grid(recipe, cells, runner.dataset)  # before the directory is made: a grid that cannot run leaves nothing
+    device = device_label(resolve_device(recipe.finetune.device, "finetune.device"))
+    entry = invocation(device, shard)  # this command, as experiment.json records it
     check_own_out(Path(out), "experiment")
     fingerprints = _data_unchanged(Path(out), runner)
     out = make_dir(Path(out))
     with hold(out, shard):
-        write_json(out / "experiment.json", {"recipe": recipe.to_dict(), "cells": len(cells),  # first: inspect reads
-                                             "data_fingerprints": fingerprints})
-        return _run_cells(recipe, runner, cells, out, progress, shard)
+        update_record(out / "experiment.json", lambda meta: {  # first: inspect reads it
+            "recipe": recipe.to_dict(), "cells": len(cells), "data_fingerprints": fingerprints,
+            "commands": with_command(meta, entry)})
+        try:
+            rows = _run_cells(recipe, runner, cells, out, progress, shard)
+        except BaseException as e:
+            with suppress(SurgeryError, OSError):  # the error that stopped the run is the one to tell
+                finish(out / "experiment.json", entry, time.perf_counter() - t0, outcome_of(e))
+            raise
+        finish(out / "experiment.json", entry, time.perf_counter() - t0, outcome_of(None))
+        return rows
 
 
 def _run_cells(recipe: Recipe, runner: CellRunner, cells: list[Cell], out: Path, progress: bool | None,

@@ -154,7 +154,7 @@ def hold(out: str | Path, shard: tuple[int, int] | None = None, flag: str = "--o
             elif (why := _conflict(other, holder, shard)) is not None:
                 raise _refusal(out, other, holder, why, flag)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": round(time.time(), 3),
-              "command": _command(), "shard": list(shard) if shard is not None else None}
+              "command": command_line(), "shard": list(shard) if shard is not None else None}
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -175,7 +175,7 @@ def hold(out: str | Path, shard: tuple[int, int] | None = None, flag: str = "--o
             path.unlink(missing_ok=True)
 
 
-def _command() -> str:
+def command_line() -> str:
     """This process's command line, as its lock names it: ``surgery run r.yaml``, or the
     Python program that called the API."""
     argv = sys.argv or ["?"]

@@ -18,6 +18,7 @@ from .errors import SurgeryError
 from .figures import write_figures
 from .io import make_dir, write_text
 from .outdirs import experiment_meta, read_tuning
+from .provenance import cost_markdown, recorded
 
 
 def _stats() -> Any:
@@ -248,9 +249,9 @@ def paper_markdown(paper: dict[str, Any], tab: list[dict[str, Any]]) -> list[str
 
 
 def markdown(rows: list[dict[str, Any]], baseline: str = "none", tuning: dict[str, Any] | None = None,
-             paper: dict[str, Any] | None = None) -> str:
+             paper: dict[str, Any] | None = None, commands: list[dict[str, Any]] | None = None) -> str:
     """The report's markdown: the table, the best arm, the paper's numbers and the tuning
-    (if any), the figures."""
+    (if any), the cost (with the ``commands`` that made the results), the figures."""
     tab = table(rows, baseline)
     seeds = sorted({int(r["seed"]) for r in rows})
     lines = [
@@ -280,6 +281,7 @@ def markdown(rows: list[dict[str, Any]], baseline: str = "none", tuning: dict[st
     lines += depth_markdown(rows, baseline)
     lines += paper_markdown(paper, tab) if paper else []
     lines += tuning_markdown(tuning, cells(rows)) if tuning else []
+    lines += cost_markdown(rows, commands or [])
     lines += ["", "## Figures", "",
               "![test error vs depth](figures/error_vs_depth.png)", "",
               "![spread over seeds](figures/error_hist.png)", ""]
@@ -396,7 +398,8 @@ def write_report(out: Path, rows: list[dict[str, Any]], baseline: str = "none") 
     check_rows(rows, str(out))
     tuning_path = out / "tuning.json"
     tuning = read_tuning(tuning_path) if tuning_path.is_file() else None
-    exp = (experiment_meta(out).get("recipe") or {}).get("experiment") or {}
+    meta = experiment_meta(out)
+    exp = (meta.get("recipe") or {}).get("experiment") or {}
     make_dir(out)
-    write_text(out / "report.md", markdown(rows, baseline, tuning, exp.get("paper")))
+    write_text(out / "report.md", markdown(rows, baseline, tuning, exp.get("paper"), recorded(meta)))
     write_figures(out, rows, table(rows, baseline), baseline, learned)

@@ -31,6 +31,7 @@ from .experiment import read_results
 from .io import duration, percent
 from .lock import describe_holders
 from .outdirs import experiment_meta, is_experiment_dir, is_search_dir, is_single_run_dir
+from .provenance import commands_line, recorded
 from .weights_io import weights_held
 
 
@@ -271,7 +272,13 @@ def _describe_merge(out: Path, meta: dict[str, Any]) -> list[str]:
         held = "results.csv unreadable (run the compare again)"
     return [f"{out}: experiment{f' {name}' if name else ''}, merged by `surgery compare`",
             f"merged: {held} from {', '.join(map(str, meta['merged_from']))}",
-            f"finished: results in {out}/results.csv, report in {out}/report.md"]
+            *_made_by(meta), f"finished: results in {out}/results.csv, report in {out}/report.md"]
+
+
+def _made_by(meta: dict[str, Any]) -> list[str]:
+    """The line on the commands an ``experiment.json`` records, if it records any."""
+    line = commands_line(recorded(meta))
+    return [line] if line else []
 
 
 def _tuning_so_far(trials: list[dict[str, Any]], tune: dict[str, Any]) -> list[str]:
@@ -339,6 +346,7 @@ def describe_run(out: Path) -> list[str]:
     else:
         lines.append(f"cells: {len(cells)}{f' of {total}' if total else ''} finished")
     lines += [f"unfinished (training now, or stopped): {x}" for x in tuning_now + cells_now]
+    lines += _made_by(meta)
     if total and len(cells) >= total and (out / "results.csv").is_file():
         lines.append(f"finished: results in {out}/results.csv, report in {out}/report.md")
     elif total and len(cells) >= total:  # shards trained them; the run that writes the results has not run

@@ -16,7 +16,7 @@ PKG = Path(__file__).resolve().parents[1] / "surgery"
 # Lowest first. A module may import modules of its own level or below, never above.
 LEVELS: list[tuple[str, set[str]]] = [
     ("foundations", {"errors", "io", "layers", "cg", "schedules", "runtime", "devices", "version", "batched", "stacked",
-                     "capture", "lock", "configs", "outdirs"}),
+                     "capture", "lock", "configs", "outdirs", "provenance"}),
     ("data and stacks", {"datafiles", "data", "weights_io", "stack"}),
     ("pretrain, graph and ops", {"pretrain", "graph", "ops", "assembly", "modules", "model_file"}),
     ("fine-tuning", {"finetune_config", "finetune", "checkpoint", "graphed", "preflight", "module_engine",

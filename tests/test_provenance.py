@@ -1,0 +1,136 @@
+"""An experiment directory records the commands that made it and the report says what they
+cost: every run's entry in ``experiment.json`` (also one that was interrupted), carried
+through ``surgery compare``, kept whole when shards write at once."""
+
+import json
+import multiprocessing
+import sys
+
+import pytest
+import yaml
+
+from surgery.cli import main
+from surgery.experiment import read_results
+from surgery.provenance import cost_markdown, recorded, update_record
+
+SMALL = {
+    "name": "small",
+    "data": {"dataset": "synthetic", "n_train": 200, "n_valid": 100, "n_test": 100},
+    "experiment": {"conditions": ["none", "dae"], "depths": [1, 2], "seeds": [0, 1], "hidden": 8,
+                   "pretrain_epochs": 1},
+    "finetune": {"epochs": 1, "batch_size": 50, "device": "cpu", "progress": False,
+                 "optimizer": {"name": "sgd", "lr": 0.1}},
+}
+
+
+def _commands(out):
+    return recorded(json.loads((out / "experiment.json").read_text()))
+
+
+def _run(monkeypatch, recipe, out, *more):
+    argv = ["run", str(recipe), "--out", str(out), *more]
+    monkeypatch.setattr(sys, "argv", ["surgery", *argv])  # what a console run's command line is
+    return main(argv)
+
+
+def test_each_run_of_an_experiment_is_recorded_with_its_end(tmp_path, monkeypatch, capsys):
+    rp = tmp_path / "small.yaml"
+    rp.write_text(yaml.safe_dump(SMALL))
+    out = tmp_path / "out"
+    assert _run(monkeypatch, rp, out) == 0
+    assert _run(monkeypatch, rp, out, "--set", "experiment.seeds=[0, 1, 2]") == 0  # one seed more
+    first, second = _commands(out)
+    assert first["command"] == f"surgery run {rp} --out {out}"
+    assert second["command"].endswith("--set 'experiment.seeds=[0, 1, 2]'")
+    for e in (first, second):
+        assert e["outcome"] == "finished" and e["seconds"] >= 0 and e["device"] == "cpu"
+        assert e["threads"] >= 1 and e["surgery"] and e["torch"] and e["started"].startswith("20")
+    report = (out / "report.md").read_text()
+    cost = report[report.index("## Cost"):report.index("## Figures")]
+    assert f"`{first['command']}`: " in cost and f"`{second['command']}`: " in cost
+    assert "over 12 runs" in cost and "over 3 greedy stacks" in cost  # dae's stacks of seeds 0-2
+    said = capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert "made by 2 commands" in capsys.readouterr().out and not said.err.count("Traceback")
+
+
+def test_an_interrupted_run_is_recorded_as_such_and_the_earlier_entries_kept(tmp_path, monkeypatch):
+    rp = tmp_path / "small.yaml"
+    rp.write_text(yaml.safe_dump(SMALL))
+    out = tmp_path / "out"
+    assert _run(monkeypatch, rp, out, "--set", "experiment.conditions=[none]") == 0
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("surgery.cells.CellRunner.run_populations", stop)
+    assert _run(monkeypatch, rp, out) == 130  # the CLI's status for Ctrl-C
+    done, stopped = _commands(out)
+    assert done["outcome"] == "finished" and stopped["outcome"] == "interrupted"
+    assert isinstance(stopped["seconds"], float)
+
+
+def test_compare_carries_each_directory_s_commands(tmp_path, monkeypatch, capsys):
+    rp = tmp_path / "small.yaml"
+    rp.write_text(yaml.safe_dump(SMALL))
+    a, b, merged = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
+    assert _run(monkeypatch, rp, a, "--set", "experiment.conditions=[none]") == 0
+    assert _run(monkeypatch, rp, b, "--set", "experiment.conditions=[dae]") == 0
+    monkeypatch.setattr(sys, "argv", ["surgery", "compare", str(a), str(b), "--out", str(merged)])
+    assert main(["compare", str(a), str(b), "--out", str(merged)]) == 0
+    made = _commands(merged)
+    assert [e.get("dir") for e in made] == [str(a), str(b), None]
+    assert made[2]["command"] == f"surgery compare {a} {b} --out {merged}" and "device" not in made[2]
+    assert [e["command"] for e in made[:2]] == [_commands(a)[0]["command"], _commands(b)[0]["command"]]
+    assert f"in `{a}`" in (merged / "report.md").read_text()
+
+
+def test_pretraining_time_counts_each_stack_once():
+    rows = [  # a depth-d cell records its stack's first d layers' share of the stack's time
+        {"condition": "dae", "depth": 1, "seed": 0, "pretrain_seconds": 10.0, "finetune_seconds": 5.0,
+         "path": "runs/a/cells/k1"},
+        {"condition": "dae", "depth": 2, "seed": 0, "pretrain_seconds": 20.0, "finetune_seconds": 5.0,
+         "path": "runs/a/cells/k2"},
+        {"condition": "dae", "depth": 2, "seed": 0, "pretrain_seconds": 30.0, "finetune_seconds": 5.0,
+         "path": "runs/b/cells/k2"},  # the same seed's stack, pretrained again in another directory
+        {"condition": "none", "depth": 2, "seed": 0, "pretrain_seconds": 0.0, "finetune_seconds": 45.0,
+         "path": "runs/a/cells/k3"},
+    ]
+    text = "\n".join(cost_markdown(rows, []))
+    assert "fine-tuning 1.0 min over 4 runs" in text and "pretraining 50.0 s over 2 greedy stacks" in text
+    assert "Commands that wrote" not in text
+
+
+def _append(path, n, tag, barrier):
+    barrier.wait()  # both writers start together
+    for i in range(n):
+        update_record(path, lambda meta, i=i: {**meta, "commands": [*recorded(meta), {"command": f"{tag}{i}"}]})
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock")
+def test_writers_at_once_keep_every_entry(tmp_path):
+    path = tmp_path / "experiment.json"
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_append, args=(path, 100, tag, barrier)) for tag in "ab"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    names = [e["command"] for e in recorded(json.loads(path.read_text()))]
+    assert sorted(names) == sorted(f"{t}{i}" for t in "ab" for i in range(100))
+
+
+def test_results_made_before_commands_were_recorded_still_report(tmp_path, monkeypatch):
+    rp = tmp_path / "small.yaml"
+    rp.write_text(yaml.safe_dump(SMALL))
+    out = tmp_path / "out"
+    assert _run(monkeypatch, rp, out, "--set", "experiment.conditions=[none]") == 0
+    meta = json.loads((out / "experiment.json").read_text())
+    del meta["commands"]  # as an experiment.json written before 2026-12-07
+    (out / "experiment.json").write_text(json.dumps(meta))
+    assert main(["compare", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "## Cost" in report and "Commands that wrote" not in report
+    assert len(read_results(out)) == 4
