@@ -83,6 +83,9 @@ def test_compare_carries_each_directory_s_commands(tmp_path, monkeypatch, capsys
     assert made[2]["command"] == f"surgery compare {a} {b} --out {merged}" and "device" not in made[2]
     assert [e["command"] for e in made[:2]] == [_commands(a)[0]["command"], _commands(b)[0]["command"]]
     assert f"in `{a}`" in (merged / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["inspect", str(merged)]) == 0
+    assert "made by 3 commands" in capsys.readouterr().out
 
 
 def test_pretraining_time_counts_each_stack_once():
