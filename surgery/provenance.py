@@ -133,18 +133,19 @@ def outcome_of(error: BaseException | None) -> str:
     return f"stopped by {type(error).__name__}"
 
 
-def _stacks(rows: list[dict[str, Any]]) -> dict[tuple[str, str, Any], float]:
+def _stacks(rows: list[dict[str, Any]]) -> list[float]:
     """Each greedy stack's pretraining seconds, once: a depth-d cell records its stack's first
-    d layers' share, so a stack's time is its deepest cell's; stacks are told apart by
-    experiment directory (a cell's ``path`` is ``DIR/cells/KEY``), arm and seed."""
-    stacks: dict[tuple[str, str, Any], float] = {}
+    d layers' share, so a stack's time is its deepest cell's. Stacks are told apart by
+    experiment directory (a cell's ``path`` is ``DIR/cells/KEY``), arm and seed; arms that
+    share a stack (two arms of one method that differ only in fine-tuning) record the very
+    same seconds, counted once."""
+    deepest: dict[tuple[str, str, Any], float] = {}
     for r in rows:
         seconds = r.get("pretrain_seconds")
         if isinstance(seconds, (int, float)) and seconds > 0:
-            where = str(Path(str(r.get("path") or "")).parent.parent)
-            key = (where, str(r["condition"]), r["seed"])
-            stacks[key] = max(stacks.get(key, 0.0), float(seconds))
-    return stacks
+            key = (str(Path(str(r.get("path") or "")).parent.parent), str(r["condition"]), r["seed"])
+            deepest[key] = max(deepest.get(key, 0.0), float(seconds))
+    return list({(where, seed, seconds): seconds for (where, _, seed), seconds in deepest.items()}.values())
 
 
 def _entry_line(e: Entry) -> str:
@@ -184,7 +185,7 @@ def cost_markdown(rows: list[dict[str, Any]], commands: list[Entry]) -> list[str
     lines = ["", "## Cost", "",
              f"Training time the results record (wall clock, summed): fine-tuning {duration(tuned)} over "
              f"{len(rows)} run{'s' * (len(rows) != 1)}"
-             + (f", pretraining {duration(sum(stacks.values()))} over {len(stacks)} greedy "
+             + (f", pretraining {duration(sum(stacks))} over {len(stacks)} greedy "
                 f"stack{'s' * (len(stacks) != 1)} (each once; a depth-d run starts from its stack's first d layers)"
                 if stacks else "")
              + ". Tuning trials, data loading and reports are not in it"

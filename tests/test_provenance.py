@@ -98,9 +98,13 @@ def test_pretraining_time_counts_each_stack_once():
          "path": "runs/b/cells/k2"},  # the same seed's stack, pretrained again in another directory
         {"condition": "none", "depth": 2, "seed": 0, "pretrain_seconds": 0.0, "finetune_seconds": 45.0,
          "path": "runs/a/cells/k3"},
+        {"condition": "rbm", "depth": 1, "seed": 0, "pretrain_seconds": 3.0, "finetune_seconds": 0.0,
+         "path": "runs/a/cells/k4"},
+        {"condition": "rbm-lr2", "depth": 1, "seed": 0, "pretrain_seconds": 3.0, "finetune_seconds": 0.0,
+         "path": "runs/a/cells/k5"},  # rbm's stack, fine-tuned at another lr
     ]
     text = "\n".join(cost_markdown(rows, []))
-    assert "fine-tuning 1.0 min over 4 runs" in text and "pretraining 50.0 s over 2 greedy stacks" in text
+    assert "fine-tuning 1.0 min over 6 runs" in text and "pretraining 53.0 s over 3 greedy stacks" in text
     assert "Commands that wrote" not in text
 
 
