@@ -476,6 +476,41 @@ def test_bengio2007_plans_the_cells_its_published_report_ran():
             [ran[arm, seed] for seed in r.experiment.seeds], arm
 
 
+def test_erhan2010_plans_the_cells_its_published_report_ran():
+    """docs/results/erhan2010_d1_d5 ran depth 1 by recipes/erhan2010.yaml's protocol and
+    depths 2-5 with each arm's depth-1 values, one command per arm, depth and seeds
+    (docs/erhan2010.md): the values its tuning.json records as chosen, set on the recipe with
+    tuning off, plan the very cell (its recipe's hash) of every run the report holds."""
+    import csv
+
+    results = ROOT / "docs" / "results" / "erhan2010_d1_d5"
+    best = {t["condition"]: t["params"] for t in json.loads((results / "tuning.json").read_text())["trials"]
+            if "best_trial" in t}
+    none = [f"finetune.optimizer.{k}={best['none'][f'finetune.optimizer.{k}']!r}" for k in ("lr", "weight_decay")]
+    dae = best["dae"]
+    arms = {
+        "none": ["experiment.conditions=[none]", *none],
+        "dae": ["experiment.conditions=[dae]", *(f"finetune.optimizer.{k}={dae[f'finetune.optimizer.{k}']!r}"
+                                                for k in ("lr", "weight_decay")),
+                f"experiment.methods.dae={{lr: {dae['pretrain.layers.*.lr']!r}, momentum: 0.0, "
+                f"noise: {dae['pretrain.layers.*.noise']!r}}}"],
+        "none-torch": ["experiment.conditions={none-torch: {method: none, finetune: {init: torch}}}",
+                       "experiment.baseline=none-torch", *none],
+        "none-torch-50": ["experiment.conditions={none-torch-50: {method: none, finetune: {init: torch, "
+                          "early_stopping: null}}}", "experiment.baseline=none-torch-50", *none],
+    }
+    with (results / "results.csv").open() as f:
+        ran: dict[tuple[str, int], dict[int, str]] = {}
+        for row in csv.DictReader(f):
+            ran.setdefault((row["condition"], int(row["depth"])), {})[int(row["seed"])] = row["cell"]
+    assert {arm for arm, _ in ran} == set(arms) and len(ran) == 15  # none, dae at 1-5; none-torch 2-5
+    for (arm, depth), cells in ran.items():
+        seeds = sorted(cells)
+        r = load_recipe(ROOT / "recipes" / "erhan2010.yaml", ["experiment.tune=null", f"experiment.depths=[{depth}]",
+                                                               f"experiment.seeds={seeds}", *arms[arm]])
+        assert {c.seed: c.key for c in plan_cells(r, (784,), 10)} == cells, (arm, depth)
+
+
 SMALL = ["--set", "data.dataset=synthetic", "--set", "data.limit=300"]
 
 
