@@ -65,16 +65,22 @@ def device_label(device: Any) -> str:
 
 @contextmanager
 def _exclusive(directory: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``directory`` (nothing where there is no ``fcntl``)."""
-    if fcntl is None:
-        yield
-        return
-    fd = os.open(directory, os.O_RDONLY)
+    """Hold an exclusive ``flock`` on ``directory`` (nothing where there is no ``fcntl``, or
+    where the file system refuses locks)."""
+    fd = None
+    if fcntl is not None:
+        try:
+            fd = os.open(directory, os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (some network mounts): the write goes on unguarded
+            if fd is not None:
+                os.close(fd)
+            fd = None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)  # closing releases the lock
+        if fd is not None:
+            os.close(fd)  # closing releases the lock
 
 
 def update_record(path: Path, change: Callable[[dict[str, Any]], dict[str, Any]]) -> None:

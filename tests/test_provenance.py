@@ -141,3 +141,18 @@ def test_results_made_before_commands_were_recorded_still_report(tmp_path, monke
     report = (out / "report.md").read_text()
     assert "## Cost" in report and "Commands that wrote" not in report
     assert len(read_results(out)) == 4
+
+
+def test_a_file_system_without_locks_still_gets_the_record(tmp_path, monkeypatch):
+    import errno
+
+    import surgery.provenance as provenance
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    if provenance.fcntl is not None:
+        monkeypatch.setattr(provenance.fcntl, "flock", refuse)
+    path = tmp_path / "experiment.json"
+    _append(path, 2, "x", type("NoWait", (), {"wait": lambda self: None})())
+    assert [e["command"] for e in recorded(json.loads(path.read_text()))] == ["x0", "x1"]
