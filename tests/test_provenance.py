@@ -109,7 +109,7 @@ def test_pretraining_time_counts_each_stack_once():
 
 
 def _append(path, n, tag, barrier):
-    barrier.wait()  # both writers start together
+    barrier.wait(60)  # both writers start together
     for i in range(n):
         update_record(path, lambda meta, i=i: {**meta, "commands": [*recorded(meta), {"command": f"{tag}{i}"}]})
 
@@ -119,7 +119,7 @@ def test_writers_at_once_keep_every_entry(tmp_path):
     path = tmp_path / "experiment.json"
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(2)
-    procs = [ctx.Process(target=_append, args=(path, 100, tag, barrier)) for tag in "ab"]
+    procs = [ctx.Process(target=_append, args=(path, 100, tag, barrier), daemon=True) for tag in "ab"]
     for p in procs:
         p.start()
     for p in procs:
@@ -154,5 +154,5 @@ def test_a_file_system_without_locks_still_gets_the_record(tmp_path, monkeypatch
     if provenance.fcntl is not None:
         monkeypatch.setattr(provenance.fcntl, "flock", refuse)
     path = tmp_path / "experiment.json"
-    _append(path, 2, "x", type("NoWait", (), {"wait": lambda self: None})())
+    _append(path, 2, "x", type("NoWait", (), {"wait": lambda self, timeout: None})())
     assert [e["command"] for e in recorded(json.loads(path.read_text()))] == ["x0", "x1"]
