@@ -1,6 +1,7 @@
 """CUDA paths; skipped on machines without a GPU (run them where one is lent:
 `benchmarks/gpu.sh` does)."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -162,6 +163,8 @@ def test_experiment_grid_with_every_builtin_arm_on_cuda(tmp_path, device):
         f"finetune: {{epochs: 1, device: {device}, batch_size: 50}}\n")
     assert main(["run", str(recipe), "--out", str(tmp_path / "out"), "--set", f"data.device={device}"]) == 0
     assert (tmp_path / "out" / "results.csv").read_text().count("\n") == 1 + 6 * 2 + 1
+    made = json.loads((tmp_path / "out" / "experiment.json").read_text())["commands"]
+    assert made[-1]["device"] == f"cuda ({torch.cuda.get_device_name()})"  # where it trained, named
 
 
 def test_every_recipe_runs_on_cuda(tmp_path):
