@@ -26,7 +26,7 @@ from .version import __version__
 
 try:
     import fcntl
-except ImportError:  # not on Windows: shards there may each keep only their own entry
+except ImportError:  # Windows has no flock: shards there that start at once may drop an entry
     fcntl = None  # type: ignore[assignment]
 
 Entry = dict[str, Any]
@@ -112,6 +112,7 @@ def finish(path: Path, entry: Entry | None, seconds: float, outcome: str) -> Non
     OutputError``); the entry is added again if it is no longer there. Nothing for ``None``."""
     if entry is None:
         return
+
     def change(meta: dict[str, Any]) -> dict[str, Any]:
         kept = [e for e in recorded(meta) if not _same(e, entry)]
         return {**meta, "commands": [*kept, ended(entry, seconds, outcome)]}
