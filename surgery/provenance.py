@@ -178,7 +178,8 @@ def commands_line(commands: list[Entry]) -> str | None:
     last = commands[-1]
     how = (f"{last.get('outcome', 'ended')} after {duration(last['seconds'])}"
            if isinstance(last.get("seconds"), (int, float)) else "no end recorded yet")
-    return (f"made by {len(commands)} command{'s' * (len(commands) != 1)} ({duration(sum(timed))} of wall time); "
+    wall = f"{duration(sum(timed))} of wall time" if timed else "none ended yet"
+    return (f"made by {len(commands)} command{'s' * (len(commands) != 1)} ({wall}); "
             f"the last `{last.get('command', '?')}`, started {last.get('started', '?')}, {how} "
             "(experiment.json lists them all, as does the report's Cost section)")
 

@@ -70,6 +70,15 @@ def test_an_interrupted_run_is_recorded_as_such_and_the_earlier_entries_kept(tmp
     assert isinstance(stopped["seconds"], float)
 
 
+def test_inspect_says_when_no_command_has_ended_yet():
+    from surgery.provenance import commands_line
+
+    running = {"command": "surgery run r.yaml --out x", "started": "2026-12-07T12:07:02+0000"}
+    assert "(none ended yet)" in commands_line([running]) and "no end recorded yet" in commands_line([running])
+    done = {**running, "seconds": 90.0, "outcome": "finished"}
+    assert "(1.5 min of wall time)" in commands_line([done, running])
+
+
 def test_compare_carries_each_directory_s_commands(tmp_path, monkeypatch, capsys):
     rp = tmp_path / "small.yaml"
     rp.write_text(yaml.safe_dump(SMALL))
