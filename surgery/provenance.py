@@ -169,12 +169,17 @@ def _entry_line(e: Entry) -> str:
     return f"- `{e.get('command', '?')}`: " + "; ".join(p for p in parts if p)
 
 
+def _ended_seconds(commands: list[Entry]) -> list[float]:
+    """The wall times of the commands that have an end recorded."""
+    return [float(e["seconds"]) for e in commands if isinstance(e.get("seconds"), (int, float))]
+
+
 def commands_line(commands: list[Entry]) -> str | None:
     """``surgery inspect``'s line on the commands that wrote a directory: how many, their wall
     time, and the last one (the report lists them all); ``None`` when none is recorded."""
     if not commands:
         return None
-    timed = [float(e["seconds"]) for e in commands if isinstance(e.get("seconds"), (int, float))]
+    timed = _ended_seconds(commands)
     last = commands[-1]
     how = (f"{last.get('outcome', 'ended')} after {duration(last['seconds'])}"
            if isinstance(last.get("seconds"), (int, float)) else "no end recorded yet")
@@ -199,7 +204,7 @@ def cost_markdown(rows: list[dict[str, Any]], commands: list[Entry]) -> list[str
              + ". Tuning trials, data loading and reports are not in it"
              + ("; the commands' wall time below is." if commands else ".")]
     if commands:
-        timed = [float(e["seconds"]) for e in commands if isinstance(e.get("seconds"), (int, float))]
+        timed = _ended_seconds(commands)
         lines += ["", f"Commands that wrote these results ({len(commands)}; {duration(sum(timed))} of wall time "
                       "summed over those with an end recorded; processes that ran at once count each):", ""]
         lines += [_entry_line(e) for e in commands]
