@@ -26,7 +26,7 @@ from .outdirs import read_result
 from .pipeline import load_sources
 from .population import architecture_key, model_bytes, population_size
 from .recipe import Recipe, recipe_from_dict
-from .stacks_dir import StackStore
+from .stacks_dir import StackDonors, StackStore
 
 DIVERGED_FILE = "diverged.json"  # in a tuning trial's directory: its training diverged (told as the worst score)
 
@@ -36,12 +36,12 @@ class CellRunner:
     (pretrained once), fine-tuning alone or in populations, each result cached under the
     cell's key."""
 
-    def __init__(self, recipe: Recipe, out: Path, progress: bool | None = None):
+    def __init__(self, recipe: Recipe, out: Path, progress: bool | None = None, donors: StackDonors | None = None):
         self.recipe, self.out, self.progress = recipe, out, progress
         data = load_dataset(recipe.data, recipe.base_dir)
         self.data = data
         self.datasets = {json.dumps(recipe.data.model_dump(mode="json"), sort_keys=True): data}
-        self.stacks = StackStore(out / "stacks", recipe, self.dataset, progress)
+        self.stacks = StackStore(out / "stacks", recipe, self.dataset, progress, donors)
         self.damaged: set[Path] = set()  # result files found damaged, each told once
 
     def dataset(self, r: Recipe) -> Dataset:

@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "processes (or machines sharing --out) run one grid together; a shard waits for the others' "
                    "trials of a batch; when all have ended, run once without --shard: it trains what is left and "
                    "writes results.csv and the report")
+    p.add_argument("--stacks-from", action="append", type=user_path, metavar="DIR", help="experiments: another "
+                   "experiment's --out whose greedy stacks this one's may start from: a stack with the same data, "
+                   "seed and first layers takes that one's snapshot after them and pretrains only the layers "
+                   "above (the result is the same, bit for bit); repeatable")
 
     p = _recipe_cmd(sub, "search", "Optuna hyperparameter search over the recipe's search: params")
     p.add_argument("--trials", type=int, metavar="N", help="run N more trials in this worker (default: the trials "

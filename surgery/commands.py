@@ -239,6 +239,10 @@ def cmd_run(args: argparse.Namespace) -> None:
         if shard is not None:
             raise SurgeryError(f"--shard: {args.recipe} has no experiment: section; shards split an experiment's "
                                "cells (a single run is one process: drop --shard).")
+        if args.stacks_from:
+            raise SurgeryError(f"--stacks-from: {args.recipe} has no experiment: section; a single run continues "
+                               "only its own pretraining (--resume), or takes a saved stack through its surgery: "
+                               "section (source: a stack file).")
         res = run(recipe, out, resume=args.resume)
         if "test_error" in res:
             _print_result(res, out)
@@ -246,7 +250,7 @@ def cmd_run(args: argparse.Namespace) -> None:
             say(f"assembled model in {out}/assembled.safetensors (no finetune: section)")
         return
     baseline = recipe.experiment.baseline
-    rows = run_experiment(recipe, out, shard=shard)
+    rows = run_experiment(recipe, out, shard=shard, stacks_from=args.stacks_from)
     cells = f"{len(rows)} cell{'s' * (len(rows) != 1)}"
     if shard is not None:
         say(f"shard {args.shard}: {cells} finished in {out}/cells/; when every shard has finished, "

@@ -37,6 +37,7 @@ from .outdirs import check_own_out, experiment_meta, is_experiment_dir, is_singl
 from .pipeline import check_grid
 from .provenance import device_label, finish, invocation, outcome_of, update_record, with_command
 from .recipe import Recipe, as_recipe
+from .stacks_dir import StackDonors
 from .tuning import adopt_trial, tune_arms
 
 RESULT_FIELDS = ["condition", "depth", "seed", "train_error", "valid_error", "test_error", "epochs",
@@ -44,7 +45,8 @@ RESULT_FIELDS = ["condition", "depth", "seed", "train_error", "valid_error", "te
 
 
 def run_experiment(recipe: Recipe | str | Path, out: str | Path, progress: bool | None = None,
-                   shard: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+                   shard: tuple[int, int] | None = None,
+                   stacks_from: list[str | Path] | None = None) -> list[dict[str, Any]]:
     """Run every cell not yet finished under ``out`` (after tuning each arm when the
     experiment has ``tune:``); write ``results.csv`` and return its rows.
 
@@ -54,13 +56,18 @@ def run_experiment(recipe: Recipe | str | Path, out: str | Path, progress: bool 
     and writes no ``results.csv`` (a run without a shard does, training whatever is left);
     it returns the rows of its own cells.
 
+    ``stacks_from``: other experiments' directories whose greedy stacks this one's may
+    start from (:class:`surgery.stacks_dir.StackDonors`): a depth-5 grid continues a depth-4
+    grid's stacks after their fourth layer instead of pretraining those four again.
+
     The report (tables, figures) is :func:`surgery.report.write_report`'s job."""
     t0 = time.perf_counter()
     recipe = as_recipe(recipe, "surgery.run_experiment")
     if recipe.experiment is None:
         raise ConfigError(f"{recipe.source}: the recipe has no experiment: section; one network runs with "
                           "surgery.run(recipe, out) (`surgery run RECIPE` runs either).")
-    runner = CellRunner(recipe, Path(out), progress)
+    donors = StackDonors(_donor_dirs(stacks_from, Path(out))) if stacks_from else None
+    runner = CellRunner(recipe, Path(out), progress, donors)
     cells = plan_cells(recipe, runner.data.input_shape, runner.data.num_classes)
     check_grid(recipe, cells, runner.dataset)  # before the directory is made: a grid that cannot run leaves nothing
     device = device_label(resolve_device(recipe.finetune.device, "finetune.device"))
@@ -80,6 +87,21 @@ def run_experiment(recipe: Recipe | str | Path, out: str | Path, progress: bool 
             raise
         finish(out / "experiment.json", entry, time.perf_counter() - t0, outcome_of(None))
         return rows
+
+
+def _donor_dirs(dirs: list[str | Path], out: Path) -> list[Path]:
+    """``--stacks-from``'s directories, each checked to be another experiment's."""
+    checked = []
+    for d in map(Path, dirs):
+        if not d.is_dir() or not is_experiment_dir(d):
+            why = "does not exist" if not d.exists() else "is not an experiment's output directory (no experiment.json)"
+            raise SurgeryError(f"--stacks-from {d}: {why}; give the --out of an earlier `surgery run` of an "
+                               "experiment, whose stacks/ this run's stacks may start from.")
+        if d.resolve() == out.resolve():
+            raise SurgeryError(f"--stacks-from {d} is this run's --out; a run continues its own stacks without it "
+                               "(give another experiment's directory, or drop --stacks-from).")
+        checked.append(d)
+    return checked
 
 
 def _run_cells(recipe: Recipe, runner: CellRunner, cells: list[Cell], out: Path, progress: bool | None,

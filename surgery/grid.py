@@ -44,6 +44,17 @@ class Cell(BaseModel):
         return _hash(self.recipe)
 
 
+def stack_plan(recipe: dict[str, Any]) -> dict[str, Any]:
+    """What makes a cell's greedy stack, from the cell's recipe: its data, pretrain section
+    and seed (``Cell.pretrain_key`` is a hash of it)."""
+    return {"data": recipe["data"], "pretrain": recipe["pretrain"], "seed": recipe["seed"]}
+
+
+def stack_key(plan: dict[str, Any]) -> str:
+    """The name of the directory of the greedy stack ``plan`` (:func:`stack_plan`) makes."""
+    return _hash(plan)
+
+
 def _widths(name: str, hidden: int | list[int], depth: int) -> list[int]:
     """Units of hidden layers 1..``depth``: one width for all, or the first ``depth`` of a list."""
     if isinstance(hidden, int):
@@ -128,7 +139,7 @@ def plan_cells(recipe: Recipe | str | Path | dict[str, Any], input_shape: tuple[
                     r["surgery"] = {"ops": [{"op": "take", "source": "pretrained", "layers": [0, depth]}, head]}
                 else:
                     r["surgery"] = {"ops": [*_fresh_ops(arm, widths[:depth], act, input_shape), head]}
-                pkey = _hash({"data": r["data"], "pretrain": pre, "seed": seed}) if pre else None
+                pkey = stack_key(stack_plan(r)) if pre else None
                 cells.append(Cell(condition=name, depth=depth, seed=seed, recipe=r, pretrain_key=pkey))
     missed = [f"finetune.{field}: {pattern!r}" for (field, pattern), hit in matched.items() if not hit]
     if missed:
@@ -187,7 +198,7 @@ def with_values(cell: Cell, values: dict[str, Any]) -> Cell:
         if path.startswith("pretrain") and "pretrain" not in r:
             continue  # a pretraining value means nothing to an arm that does not pretrain
         _set_path(r, path, value)
-    pkey = _hash({"data": r["data"], "pretrain": r["pretrain"], "seed": cell.seed}) if "pretrain" in r else None
+    pkey = stack_key(stack_plan(r)) if "pretrain" in r else None
     return Cell(condition=cell.condition, depth=cell.depth, seed=cell.seed, recipe=r, pretrain_key=pkey)
 
 

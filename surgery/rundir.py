@@ -201,10 +201,21 @@ def describe_snapshots(d: Path) -> list[str]:
     done, goes_on = _layers_kept(d)
     state = ("whole" if (d / "pretrain.json").is_file() else
              "unfinished: a rerun continues after them" if goes_on else "unfinished: a rerun pretrains it again")
+    those = "that layer" if done == 1 else f"the stack of those {done} layers"
     return [f"{d}: a greedy stack's layer snapshots (an experiment's stacks/KEY, or a run's pretrain/), "
-            f"{_layers(done)} ({state})",
-            f"`surgery inspect {d}/depth{done}.safetensors` shows the stack of those {_layers(done)} (depthN: the "
-            "first N)"]
+            f"{_layers(done)} ({state})", *_plan_line(d),
+            f"`surgery inspect {d}/depth{done}.safetensors` shows {those} (depthN: the first N)"]
+
+
+def _plan_line(d: Path) -> list[str]:
+    """What a grid's stack is pretrained to, as its ``plan.json`` says (none: nothing)."""
+    plan = _read(d / "plan.json")
+    try:
+        layers = ", ".join(f"{lc['method']} {lc['hidden']}" for lc in plan["pretrain"]["layers"])
+        data = plan["data"].get("path") or plan["data"].get("dataset")
+        return [f"its plan (plan.json): {layers}; seed {plan['seed']}, data {data}"]
+    except (KeyError, TypeError, AttributeError):
+        return []
 
 
 def describe_checkpoint(path: Path, meta: dict[str, Any]) -> list[str]:

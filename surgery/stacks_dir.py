@@ -1,17 +1,23 @@
 """An experiment directory's greedy stacks, ``OUT/stacks/<key>/``: each pretrained once per
 (arm, seed, data) at its largest depth and kept as a ``depthN`` snapshot after every layer
 (the depth-N cells start from it) with ``rngN``, the generator state then; ``pretrain.json``
-marks it whole. A run stopped mid-stack continues after the deepest layer it kept, and the
-stack equals the one an unbroken run makes. Where populations are on, the stacks that share
-a layer plan (the seeds of an arm; arms of one method) pretrain together.
+marks it whole, ``plan.json`` says what makes it (data, pretrain section, seed). A run
+stopped mid-stack continues after the deepest layer it kept, and the stack equals the one an
+unbroken run makes; a stack can also start from another experiment's (``surgery run
+--stacks-from DIR``) where the two share data, seed and their first layers. Where
+populations are on, the stacks that share a layer plan (the seeds of an arm; arms of one
+method) pretrain together.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import suppress
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,11 +29,11 @@ from .checkpoint import read_generator_state, save_generator_state
 from .data import Dataset
 from .devices import resolve_device
 from .errors import ConfigError, ManifestError, SurgeryError, SurgeryWarning
-from .grid import Cell
-from .io import progress_line, read_json, write_json
+from .grid import Cell, stack_key, stack_plan
+from .io import atomic_path, progress_line, read_json, write_json
 from .population import population_size
 from .pretrain import greedy_pretrain
-from .pretrain.greedy import greedy_pretrain_population
+from .pretrain.greedy import PretrainConfig, greedy_pretrain_population
 from .recipe import Recipe, recipe_from_dict
 from .stack import LayerStack
 
@@ -46,11 +52,13 @@ def _pretrained_in(sdir: Path) -> tuple[float, int]:
 
 class StackStore:
     """The greedy stacks under ``root`` of an experiment run from ``recipe``; ``dataset(r)``
-    gives a cell recipe's data (loaded once)."""
+    gives a cell recipe's data (loaded once); ``donors``: other experiments' stacks a stack
+    may start from."""
 
     def __init__(self, root: Path, recipe: Recipe, dataset: Callable[[Recipe], Dataset],
-                 progress: bool | None = None):
+                 progress: bool | None = None, donors: StackDonors | None = None):
         self.root, self.recipe, self.dataset, self.progress = root, recipe, dataset, progress
+        self.donors = donors
 
     def stack(self, cell: Cell, r: Recipe, data: Dataset) -> tuple[LayerStack, float]:
         """The depth-``cell.depth`` snapshot of the cell's greedy stack (trained on first
@@ -60,6 +68,7 @@ class StackStore:
         if not (spath.is_file() and (sdir / "pretrain.json").is_file()):  # pretrain.json marks it finished
             assert r.pretrain is not None
             t0 = time.perf_counter()
+            self._begin(sdir, stack_plan(cell.recipe))
             start = resume_point([sdir], len(r.pretrain.layers), self.progress)
             st = greedy_pretrain(data.train.x, r.pretrain, r.seed, y=data.train.y, progress=self.progress,
                                  data_fingerprint=data.fingerprint(),
@@ -77,6 +86,7 @@ class StackStore:
         if mode == "off" or (mode == "auto" and resolve_device(self.recipe.data.device, "data.device").type != "cuda"):
             return
         groups: dict[str, dict[str, tuple[Recipe, Dataset]]] = {}
+        plans: dict[str, dict[str, Any]] = {}  # a stack's key -> what makes it
         widest: dict[str, int] = {}
         for cell in cells:
             key = cell.pretrain_key
@@ -88,6 +98,7 @@ class StackStore:
             plan = [(lc.method, lc.hidden, lc.epochs, lc.batch_size or bs) for lc in r.pretrain.layers]
             gkey = json.dumps([r.data.model_dump(mode="json"), plan], sort_keys=True)
             groups.setdefault(gkey, {})[key] = (r, self.dataset(r))
+            plans[key] = stack_plan(cell.recipe)
             widest[gkey] = max(lc.hidden for lc in r.pretrain.layers)
         for gkey, group in groups.items():
             members = list(group.items())
@@ -96,9 +107,31 @@ class StackStore:
             size = population_size(mode, x.device, 4 * x.shape[0] * widest[gkey] + 16 * x[0].numel() * widest[gkey])
             for i in range(0, len(members), size):
                 if len(members[i : i + size]) > 1:
-                    self._pretrain_together(members[i : i + size])
+                    self._pretrain_together(members[i : i + size], plans)
 
-    def _pretrain_together(self, members: list[tuple[str, tuple[Recipe, Dataset]]]) -> None:
+    def _begin(self, sdir: Path, plan: dict[str, Any]) -> None:
+        """Before a stack pretrains: record what makes it (``plan.json``, which
+        ``--stacks-from`` reads), and take the first layers a donor has of the same plan
+        where it has more than ``sdir`` kept."""
+        if not (sdir / "plan.json").is_file():
+            write_json(sdir / "plan.json", plan)
+        if self.donors is None:
+            return
+        found = self.donors.deepest(plan)
+        if found is None or found[1] <= _kept_depth(sdir):
+            return
+        src, depth = found
+        for k in range(1, depth + 1):
+            for name in (f"depth{k}.safetensors", f"rng{k}.safetensors"):
+                if not (sdir / name).is_file():
+                    with atomic_path(sdir / name) as tmp:
+                        shutil.copyfile(src / name, tmp)
+        if self.progress is not False:
+            print(f"pretrain: stack {sdir.name} starts from the first {depth} layer{'s' * (depth > 1)} of {src} "
+                  "(the same data, seed and layers up to there)", file=sys.stderr, flush=True)
+
+    def _pretrain_together(self, members: list[tuple[str, tuple[Recipe, Dataset]]],
+                           plans: dict[str, dict[str, Any]]) -> None:
         data = members[0][1][1]
         dirs = [self.root / key for key, _ in members]
         cfgs = [r.pretrain for _, (r, _) in members]
@@ -108,6 +141,8 @@ class StackStore:
                 save_snapshot(sdir, i, st, rng)
 
         t0 = time.perf_counter()
+        for sdir, (key, _) in zip(dirs, members):
+            self._begin(sdir, plans[key])
         try:
             start = resume_point(dirs, len(cfgs[0].layers), self.progress)
             stacks = greedy_pretrain_population(
@@ -120,6 +155,72 @@ class StackStore:
         seconds = round((time.perf_counter() - t0) / len(members) + before, 3)  # each stack's share
         for sdir, st in zip(dirs, stacks):
             write_json(sdir / "pretrain.json", {"seconds": seconds, "layers": len(st), "population": len(members)})
+
+
+class StackDonors:
+    """The greedy stacks of other experiment directories (``surgery run --stacks-from
+    DIR``): a stack of this run whose data, seed, pretraining batch size and first ``d``
+    layers are one of theirs starts from that one's depth-``d`` snapshot and generator
+    state, as a resumed run does, and ends as it would have alone, bit for bit. What made
+    a donor stack is its ``plan.json``, or (stacks made before plan.json was written) the
+    ``recipe.json`` of a cell that took it."""
+
+    def __init__(self, dirs: list[Path]):
+        self.dirs = dirs
+        self._index: dict[str, tuple[Path, int]] | None = None
+
+    def deepest(self, plan: dict[str, Any]) -> tuple[Path, int] | None:
+        """The donor stack with the deepest snapshot that ``plan``'s stack would make too,
+        and that depth; None when no donor shares even its first layer."""
+        if self._index is None:
+            self._index = {}
+            for d in self.dirs:
+                for sdir, made_by in _donor_plans(d).items():
+                    for depth, key in enumerate(prefix_keys(made_by), 1):
+                        if _kept_depth(sdir, depth) == depth:
+                            self._index.setdefault(key, (sdir, depth))
+        keys = prefix_keys(plan)
+        return next((self._index[k] for k in reversed(keys) if k in self._index), None)
+
+
+def prefix_keys(plan: dict[str, Any]) -> list[str]:
+    """For each depth d of the stack ``plan`` (:func:`surgery.grid.stack_plan`) makes,
+    what its first d layers depend on, as one string: data, seed, batch size, and the
+    first d layers' settings with every default written out. Empty for a plan this
+    version cannot read."""
+    try:
+        cfg = PretrainConfig.model_validate(plan["pretrain"])
+        data, seed = plan["data"], plan["seed"]
+    except (KeyError, TypeError, ValueError):  # pydantic's ValidationError is a ValueError
+        return []
+    layers = [lc.model_dump(mode="json") for lc in cfg.layers]
+    return [json.dumps({"data": data, "seed": seed, "batch_size": cfg.batch_size, "layers": layers[:d]},
+                       sort_keys=True, default=str) for d in range(1, len(layers) + 1)]
+
+
+def _donor_plans(d: Path) -> dict[Path, dict[str, Any]]:
+    """Each greedy stack directory under experiment directory ``d`` with what made it."""
+    plans: dict[Path, dict[str, Any]] = {}
+    for cell_recipe in sorted(d.glob("cells/*/recipe.json")) + sorted(d.glob("tuning/*/recipe.json")):
+        with suppress(ManifestError, KeyError):
+            r = read_json(cell_recipe)
+            if "pretrain" in r:
+                plan = stack_plan(r)
+                plans[d / "stacks" / stack_key(plan)] = plan
+    for made_by in sorted(d.glob("stacks/*/plan.json")):
+        with suppress(ManifestError):
+            plans[made_by.parent] = read_json(made_by)
+    return plans
+
+
+def _kept_depth(sdir: Path, most: int | None = None) -> int:
+    """The deepest layer (up to ``most``) whose snapshot and generator state ``sdir`` holds
+    both of, from layer 1 on without a gap; 0 for none."""
+    depth = 0
+    while (most is None or depth < most) and (sdir / f"depth{depth + 1}.safetensors").is_file() \
+            and (sdir / f"rng{depth + 1}.safetensors").is_file():
+        depth += 1
+    return depth
 
 
 def continue_from(snapshots: Path, plan: dict[str, Any], layers: int, resume: bool,

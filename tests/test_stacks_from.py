@@ -1,0 +1,135 @@
+"""`surgery run --stacks-from DIR`: a grid's greedy stacks start from another experiment's
+where they share data, seed and first layers, and end as they would have alone."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from surgery.cli import main
+from surgery.experiment import read_results, run_experiment
+from surgery.grid import stack_key
+
+GRID = {
+    "name": "donors",
+    "data": {"dataset": "synthetic", "n_train": 300, "n_valid": 100, "n_test": 100},
+    "experiment": {"conditions": ["dae", "rbm", "grow"], "depths": [1], "seeds": [0], "hidden": 12,
+                   "pretrain_epochs": 2},
+    "finetune": {"epochs": 2, "batch_size": 50, "device": "cpu", "progress": False,
+                 "optimizer": {"name": "sgd", "lr": 0.2, "momentum": 0.9}},
+}
+
+
+def _recipe(tmp_path: Path, name: str, **experiment) -> Path:
+    r = {**GRID, "experiment": {**GRID["experiment"], **experiment}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(r))
+    return path
+
+
+def _run(capsys, recipe: Path, out: Path, *donors: Path) -> str:
+    args = ["run", str(recipe), "--out", str(out)]
+    for d in donors:
+        args += ["--stacks-from", str(d)]
+    capsys.readouterr()
+    assert main(args) == 0
+    return capsys.readouterr().err
+
+
+def _results(out: Path) -> list[tuple]:
+    return sorted((r["condition"], r["depth"], r["seed"], r["test_error"], r["best_epoch"]) for r in read_results(out))
+
+
+def _same_stacks(a: Path, b: Path) -> None:
+    """Every snapshot and generator state under ``a/stacks`` is in ``b/stacks``, bit for bit."""
+    files = sorted(p.relative_to(a) for p in a.glob("stacks/*/*.safetensors"))
+    assert files and files == sorted(p.relative_to(b) for p in b.glob("stacks/*/*.safetensors"))
+    for f in files:
+        ta, tb = load_file(str(a / f)), load_file(str(b / f))
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), f
+
+
+def test_a_deeper_grid_continues_a_shallower_grid_s_stacks_and_ends_as_alone(tmp_path, capsys):
+    one = tmp_path / "one"
+    _run(capsys, _recipe(tmp_path, "one"), one)
+    deeper = _recipe(tmp_path, "two", depths=[2, 3])
+    err = _run(capsys, deeper, tmp_path / "continued", one)
+    assert err.count("starts from the first 1 layer of") == 3, err  # each arm's, from the one-layer grid's
+    _run(capsys, deeper, tmp_path / "alone")
+    assert _results(tmp_path / "continued") == _results(tmp_path / "alone")
+    _same_stacks(tmp_path / "alone", tmp_path / "continued")
+    plans = sorted((tmp_path / "continued").glob("stacks/*/plan.json"))
+    assert len(plans) == 3 and all(stack_key(json.loads(p.read_text())) == p.parent.name for p in plans)
+    capsys.readouterr()
+    assert main(["inspect", str(plans[0].parent)]) == 0
+    said = capsys.readouterr().out.splitlines()
+    plan_line = r"its plan \(plan\.json\): (dae|rbm|grow) 12, \1 12, \1 12; seed 0, data synthetic"
+    assert re.fullmatch(plan_line, said[1]), said
+    # a three-layer grid takes the continued grid's three-layer stacks whole: nothing is pretrained again
+    err = _run(capsys, _recipe(tmp_path, "three", depths=[3]), tmp_path / "again", tmp_path / "continued")
+    assert err.count("starts from the first 3 layers of") == 3, err
+    assert "pretrain: continuing the stack after layer 3 of 3" in err
+    _same_stacks(tmp_path / "again", tmp_path / "alone")
+
+
+def test_a_shallower_grid_takes_the_first_layers_of_a_deeper_one(tmp_path, capsys):
+    """Stacks made before ``plan.json`` was kept beside them are known by their cells' recipes."""
+    deep = tmp_path / "deep"
+    _run(capsys, _recipe(tmp_path, "deep", depths=[2]), deep)
+    for plan in deep.glob("stacks/*/plan.json"):
+        plan.unlink()
+    shallow = _recipe(tmp_path, "shallow", depths=[1])
+    err = _run(capsys, shallow, tmp_path / "taken", deep)
+    assert err.count("starts from the first 1 layer of") == 3, err
+    _run(capsys, shallow, tmp_path / "alone")
+    assert _results(tmp_path / "taken") == _results(tmp_path / "alone")
+    _same_stacks(tmp_path / "alone", tmp_path / "taken")
+
+
+def test_stacks_of_another_plan_are_not_taken(tmp_path, capsys):
+    one = tmp_path / "one"
+    _run(capsys, _recipe(tmp_path, "one"), one)
+    for name, changed in (("seed", {"seeds": [1]}), ("epochs", {"pretrain_epochs": 1}),
+                          ("noise", {"methods": {"dae": {"noise": 0.1}}, "conditions": ["dae"]})):
+        err = _run(capsys, _recipe(tmp_path, name, depths=[2], **changed), tmp_path / name, one)
+        assert "starts from" not in err, name
+
+
+def test_stacks_from_that_cannot_be_used_are_refused_in_one_paragraph(tmp_path, capsys):
+    recipe = _recipe(tmp_path, "r")
+    (tmp_path / "plain").mkdir()
+    single = tmp_path / "single.yaml"
+    single.write_text(yaml.safe_dump({"data": GRID["data"], "surgery": {"ops": [
+        {"op": "insert", "name": "h1", "units": 4, "in_features": 20}, {"op": "head", "classes": 2}]}}))
+    for args, says in (
+            ([str(recipe), "--out", str(tmp_path / "o"), "--stacks-from", str(tmp_path / "missing")], "does not exist"),
+            ([str(recipe), "--out", str(tmp_path / "o"), "--stacks-from", str(tmp_path / "plain")],
+             "is not an experiment's output directory"),
+            ([str(single), "--out", str(tmp_path / "s"), "--stacks-from", str(tmp_path / "plain")],
+             "has no experiment: section")):
+        capsys.readouterr()
+        assert main(["run", *args]) != 0
+        err = capsys.readouterr().err
+        assert "--stacks-from" in err and says in err and "Traceback" not in err, err
+        assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()
+    _run(capsys, recipe, tmp_path / "o")
+    with pytest.raises(Exception, match="is this run's --out"):
+        run_experiment(recipe, tmp_path / "o", progress=False, stacks_from=[tmp_path / "o"])
+
+
+def test_stacks_pretrained_together_start_from_donors_too(tmp_path, capsys):
+    """With populations, the seeds of an arm pretrain together; each takes its own donor's layers."""
+    together = {"conditions": ["dae"], "seeds": [0, 1], "population": 2}
+    one = tmp_path / "one"
+    _run(capsys, _recipe(tmp_path, "one", **together), one)
+    deeper = _recipe(tmp_path, "two", depths=[2], **together)
+    err = _run(capsys, deeper, tmp_path / "continued", one)
+    assert err.count("starts from the first 1 layer of") == 2, err
+    assert "pretrain: continuing 2 stacks after layer 1 of 2" in err
+    _run(capsys, deeper, tmp_path / "alone")
+    assert _results(tmp_path / "continued") == _results(tmp_path / "alone")
+    _same_stacks(tmp_path / "alone", tmp_path / "continued")
