@@ -4,7 +4,7 @@
 # each under a time limit (about 8 minutes in all). Everything goes under $OUT.
 #
 #     bash ../shared/gpu/wheels.sh                 # here, once: fills .whl/ (git-ignored)
-#     OUT=/tmp/gpu bash benchmarks/gpu.sh [quick|seed|populations|grids|protocol|hinton-cg]  # there, with .whl
+#     OUT=/tmp/gpu bash benchmarks/gpu.sh [targets|quick|seed|populations|grids|protocol|hinton-cg]  # there, with .whl
 #
 # A device call brings back at most 8 files from $OUT, so experiment runs write under
 # $RUNS (default /tmp/gpu-runs) and only their report.md and one results.jsonl (every
@@ -21,7 +21,10 @@
 # recipes/bengio2007.yaml protocol (10 tuning trials per arm trained together, its tune.then
 # steps, then 5 seeds)
 # under a 9-minute limit. `hinton-cg`: recipes/hinton2006_cg.yaml (the DBN fine-tuned by conjugate
-# gradients for 200 epochs, as the paper did). Each mode fits one call.
+# gradients for 200 epochs, as the paper did). `targets`: the CUDA tests, then each speed
+# target once (fine-tuning, RBM, 25 models together, the bengio2007_fixed grid), most wanted
+# first, in at most 565 s: the one call to make when a session has a single start of the
+# machine. Each mode fits one call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
@@ -70,6 +73,18 @@ experiment() {  # experiment NAME SECONDS RECIPE [--set ...]: run it on CUDA und
     $py benchmarks/collect_results.py "$runs/$name" > "$out/$name-results.jsonl"
 }
 
+if [ "$quick" = targets ]; then  # every speed target of #11 and #12 and the CUDA tests, in one call, most wanted first
+    step cuda-tests 220 $py -m pytest -q -p no:cacheprovider tests/test_cuda.py
+    step finetune 70 $py benchmarks/finetune.py --device cuda --rounds 2
+    step rbm 35 $py benchmarks/rbm.py --device cuda --rounds 2
+    step population 110 $py benchmarks/population.py --device cuda --ks 1 25 --n 50000 --rounds 1
+    # the grid's report stays under $runs: a call brings back 8 files, and its results.jsonl says it all
+    step bengio2007-grid 130 $py -m surgery run recipes/bengio2007_fixed.yaml --out "$runs/bengio2007-grid" \
+        --set data.device=cuda --set finetune.device=cuda
+    $py benchmarks/collect_results.py "$runs/bengio2007-grid" > "$out/bengio2007-grid-results.jsonl"
+    cat "$out/summary.txt"
+    exit 0
+fi
 if [ "$quick" = populations ]; then
     step population 200 $py benchmarks/population.py --device cuda --ks 1 5 25 --n 50000 --rounds 1
     step pretrain-population 90 $py benchmarks/population.py --device cuda --pretrain rbm --ks 1 25 --n 10000 --rounds 1
