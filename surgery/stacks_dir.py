@@ -118,6 +118,9 @@ class StackStore:
         if self.donors is None:
             return
         found = self.donors.deepest(plan)
+        if found is None and _kept_depth(sdir) == 0 and self.progress is not False:
+            print(f"pretrain: stack {sdir.name} (seed {plan.get('seed')}) takes nothing from --stacks-from: "
+                  f"{self.donors.why_none(plan)}; it pretrains from layer 1", file=sys.stderr, flush=True)
         if found is None or found[1] <= _kept_depth(sdir):
             return
         src, depth = found
@@ -167,35 +170,64 @@ class StackDonors:
 
     def __init__(self, dirs: list[Path]):
         self.dirs = dirs
-        self._index: dict[str, tuple[Path, int]] | None = None
+        self._plans: list[tuple[Path, dict[str, Any]]] | None = None
+        self._index: dict[str, tuple[Path, int]] = {}
 
     def deepest(self, plan: dict[str, Any]) -> tuple[Path, int] | None:
         """The donor stack with the deepest snapshot that ``plan``'s stack would make too,
         and that depth; None when no donor shares even its first layer."""
-        if self._index is None:
-            self._index = {}
-            for d in self.dirs:
-                for sdir, made_by in _donor_plans(d).items():
-                    for depth, key in enumerate(prefix_keys(made_by), 1):
-                        if _kept_depth(sdir, depth) == depth:
-                            self._index.setdefault(key, (sdir, depth))
-        keys = prefix_keys(plan)
+        if self._plans is None:
+            self._plans = [item for d in self.dirs for item in _donor_plans(d).items()]
+            for sdir, made_by in self._plans:
+                for depth, prefix in enumerate(prefixes(made_by), 1):
+                    if _kept_depth(sdir, depth) == depth:
+                        self._index.setdefault(_as_key(prefix), (sdir, depth))
+        keys = [_as_key(p) for p in prefixes(plan)]
         return next((self._index[k] for k in reversed(keys) if k in self._index), None)
 
+    def why_none(self, plan: dict[str, Any]) -> str:
+        """Why no donor shares ``plan``'s first layer: where the nearest one differs."""
+        mine = prefixes(plan)[:1]
+        nearest = None  # (differences, stack directory) of the donor with the fewest
+        for sdir, made_by in self._plans or []:
+            theirs = prefixes(made_by)[:1]
+            if mine and theirs and _kept_depth(sdir, 1) == 1:
+                found = _differences(mine[0], theirs[0])
+                if nearest is None or len(found) < len(nearest[0]):
+                    nearest = (found, sdir)
+        if nearest is None:
+            return "those directories hold no stack with a first layer to take"
+        where, here, there = nearest[0][0]
+        return f"the nearest, {nearest[1]}, has {where} {there!r} where this run has {here!r}"
 
-def prefix_keys(plan: dict[str, Any]) -> list[str]:
+
+def prefixes(plan: dict[str, Any]) -> list[dict[str, Any]]:
     """For each depth d of the stack ``plan`` (:func:`surgery.grid.stack_plan`) makes,
-    what its first d layers depend on, as one string: data, seed, batch size, and the
-    first d layers' settings with every default written out. Empty for a plan this
-    version cannot read."""
+    what its first d layers depend on: data, seed, batch size, and the first d layers'
+    settings with every default written out. Empty for a plan this version cannot read."""
     try:
         cfg = PretrainConfig.model_validate(plan["pretrain"])
         data, seed = plan["data"], plan["seed"]
     except (KeyError, TypeError, ValueError):  # pydantic's ValidationError is a ValueError
         return []
     layers = [lc.model_dump(mode="json") for lc in cfg.layers]
-    return [json.dumps({"data": data, "seed": seed, "batch_size": cfg.batch_size, "layers": layers[:d]},
-                       sort_keys=True, default=str) for d in range(1, len(layers) + 1)]
+    return [{"data": data, "seed": seed, "pretrain": {"batch_size": cfg.batch_size, "layers": layers[:d]}}
+            for d in range(1, len(layers) + 1)]
+
+
+def _as_key(prefix: dict[str, Any]) -> str:
+    return json.dumps(prefix, sort_keys=True, default=str)
+
+
+def _differences(a: Any, b: Any, where: str = "") -> list[tuple[str, Any, Any]]:
+    """Each place (a dotted path) where the nested dicts and lists ``a`` and ``b`` differ,
+    with the two values there."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str)
+                for d in _differences(a.get(k), b.get(k), f"{where}.{k}" if where else str(k))]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{where}.{i}")]
+    return [] if a == b else [(where, a, b)]
 
 
 def _donor_plans(d: Path) -> dict[Path, dict[str, Any]]:

@@ -93,10 +93,15 @@ def test_a_shallower_grid_takes_the_first_layers_of_a_deeper_one(tmp_path, capsy
 def test_stacks_of_another_plan_are_not_taken(tmp_path, capsys):
     one = tmp_path / "one"
     _run(capsys, _recipe(tmp_path, "one"), one)
-    for name, changed in (("seed", {"seeds": [1]}), ("epochs", {"pretrain_epochs": 1}),
-                          ("noise", {"methods": {"dae": {"noise": 0.1}}, "conditions": ["dae"]})):
+    for name, changed, says in (
+            ("seed", {"seeds": [1]}, "has seed 0 where this run has 1"),
+            ("epochs", {"pretrain_epochs": 1}, "has pretrain.layers.0.epochs 2 where this run has 1"),
+            ("noise", {"methods": {"dae": {"noise": 0.1}}, "conditions": ["dae"]},
+             "has pretrain.layers.0.noise 0.25 where this run has 0.1")):
         err = _run(capsys, _recipe(tmp_path, name, depths=[2], **changed), tmp_path / name, one)
         assert "starts from" not in err, name
+        told = [line for line in err.splitlines() if "takes nothing from --stacks-from" in line]
+        assert told and all(says in line and line.endswith("it pretrains from layer 1") for line in told), err
 
 
 def test_stacks_from_that_cannot_be_used_are_refused_in_one_paragraph(tmp_path, capsys):
