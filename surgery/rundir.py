@@ -32,6 +32,7 @@ from .io import duration, percent
 from .lock import describe_holders
 from .outdirs import experiment_meta, is_experiment_dir, is_search_dir, is_single_run_dir
 from .provenance import commands_line, recorded
+from .stacks_dir import TAKEN_FILE
 from .weights_io import weights_held
 
 
@@ -203,8 +204,27 @@ def describe_snapshots(d: Path) -> list[str]:
              "unfinished: a rerun continues after them" if goes_on else "unfinished: a rerun pretrains it again")
     those = "that layer" if done == 1 else f"the stack of those {done} layers"
     return [f"{d}: a greedy stack's layer snapshots (an experiment's stacks/KEY, or a run's pretrain/), "
-            f"{_layers(done)} ({state})", *_plan_line(d),
+            f"{_layers(done)} ({state})", *_plan_line(d), *_taken_line(d),
             f"`surgery inspect {d}/depth{done}.safetensors` shows {those} (depthN: the first N)"]
+
+
+def _taken(stacks: list[Path]) -> list[str]:
+    """A line saying which stacks started from another experiment's (``taken.json``)."""
+    taken = [t for d in stacks if isinstance(t := _read(d / TAKEN_FILE), dict)]
+    if not taken:
+        return []
+    where = sorted({str(Path(str(t.get("from", "?"))).parent.parent) for t in taken})
+    after = " or ".join(sorted({str(t.get("layers", "?")) for t in taken}))
+    return [f"{len(taken)} of them started from another experiment's (--stacks-from {', '.join(where)}), after "
+            f"layer {after} of theirs"]
+
+
+def _taken_line(d: Path) -> list[str]:
+    """Where a stack's first layers came from, as its ``taken.json`` says (none: nothing)."""
+    taken = _read(d / TAKEN_FILE)
+    if not isinstance(taken, dict):
+        return []
+    return [f"taken from {taken.get('from')} (--stacks-from): its first {_layers(taken.get('layers', 0))}"]
 
 
 def _plan_line(d: Path) -> list[str]:
@@ -348,6 +368,7 @@ def describe_run(out: Path) -> list[str]:
         whole = sum((d / "pretrain.json").is_file() for d in stacks)
         lines.append(f"pretrained stacks: {whole} whole" + "".join(
             _stack_so_far(d) for d in stacks if not (d / "pretrain.json").is_file()))
+        lines += _taken(stacks)
     trials, tuning_now = _runs(out / "tuning")
     lines += _tuning_so_far(trials, exp.get("tune") or {})
     cells, cells_now = _runs(out / "cells")

@@ -1,10 +1,11 @@
 """An experiment directory's greedy stacks, ``OUT/stacks/<key>/``: each pretrained once per
 (arm, seed, data) at its largest depth and kept as a ``depthN`` snapshot after every layer
 (the depth-N cells start from it) with ``rngN``, the generator state then; ``pretrain.json``
-marks it whole, ``plan.json`` says what makes it (data, pretrain section, seed). A run
+marks it whole, ``plan.json`` says what makes it (data, pretrain section, seed), ``taken.json``
+what it took from another experiment's stack (``surgery run --stacks-from DIR``). A run
 stopped mid-stack continues after the deepest layer it kept, and the stack equals the one an
-unbroken run makes; a stack can also start from another experiment's (``surgery run
---stacks-from DIR``) where the two share data, seed and their first layers. Where
+unbroken run makes; a stack can also start from another experiment's where the two share
+data, seed and their first layers. Where
 populations are on, the stacks that share a layer plan (the seeds of an arm; arms of one
 method) pretrain together.
 """
@@ -48,6 +49,9 @@ def _pretrained_in(sdir: Path) -> tuple[float, int]:
         raise ManifestError(f"{sdir / 'pretrain.json'}: seconds {seconds!r} and layers {layers!r} are not both "
                             f"numbers; the file is damaged.{fix}")
     return float(seconds), layers
+
+
+TAKEN_FILE = "taken.json"  # in a stack directory: the layers it took from another experiment's stack, and whose
 
 
 class StackStore:
@@ -129,6 +133,7 @@ class StackStore:
                 if not (sdir / name).is_file():
                     with atomic_path(sdir / name) as tmp:
                         shutil.copyfile(src / name, tmp)
+        write_json(sdir / TAKEN_FILE, {"from": str(src), "layers": depth})
         if self.progress is not False:
             print(f"pretrain: stack {sdir.name} starts from the first {depth} layer{'s' * (depth > 1)} of {src} "
                   "(the same data, seed and layers up to there)", file=sys.stderr, flush=True)

@@ -44,6 +44,16 @@ def _results(out: Path) -> list[tuple]:
     return sorted((r["condition"], r["depth"], r["seed"], r["test_error"], r["best_epoch"]) for r in read_results(out))
 
 
+def _taken_key(donor: Path, plan: Path) -> str:
+    """The donor stack whose first layer the stack of ``plan`` (a plan.json) took."""
+    mine = json.loads(plan.read_text())
+    for theirs in donor.glob("stacks/*/plan.json"):
+        other = json.loads(theirs.read_text())
+        if other["seed"] == mine["seed"] and other["pretrain"]["layers"][0] == mine["pretrain"]["layers"][0]:
+            return theirs.parent.name
+    raise AssertionError(f"no stack of {donor} has {plan}'s first layer")
+
+
 def _same_stacks(a: Path, b: Path) -> None:
     """Every snapshot and generator state under ``a/stacks`` is in ``b/stacks``, bit for bit."""
     files = sorted(p.relative_to(a) for p in a.glob("stacks/*/*.safetensors"))
@@ -69,6 +79,10 @@ def test_a_deeper_grid_continues_a_shallower_grid_s_stacks_and_ends_as_alone(tmp
     said = capsys.readouterr().out.splitlines()
     plan_line = r"its plan \(plan\.json\): (dae|rbm|grow) 12, \1 12, \1 12; seed 0, data synthetic"
     assert re.fullmatch(plan_line, said[1]), said
+    assert said[2] == f"taken from {one / 'stacks'}/{_taken_key(one, plans[0])} (--stacks-from): its first 1 layer"
+    assert main(["inspect", str(tmp_path / "continued")]) == 0
+    said = capsys.readouterr().out
+    assert f"3 of them started from another experiment's (--stacks-from {one}), after layer 1 of theirs" in said
     # a three-layer grid takes the continued grid's three-layer stacks whole: nothing is pretrained again
     err = _run(capsys, _recipe(tmp_path, "three", depths=[3]), tmp_path / "again", tmp_path / "continued")
     assert err.count("starts from the first 3 layers of") == 3, err
