@@ -121,11 +121,11 @@ class StackStore:
             write_json(sdir / "plan.json", plan)
         if self.donors is None:
             return
-        found = self.donors.deepest(plan)
-        if found is None and _kept_depth(sdir) == 0 and self.progress is not False:
-            print(f"pretrain: stack {sdir.name} (seed {plan.get('seed')}) takes nothing from --stacks-from: "
-                  f"{self.donors.why_none(plan)}; it pretrains from layer 1", file=sys.stderr, flush=True)
-        if found is None or found[1] <= _kept_depth(sdir):
+        found, kept = self.donors.deepest(plan), _kept_depth(sdir)
+        if found is None and kept == 0:
+            self._tell(f"pretrain: stack {sdir.name} (seed {plan.get('seed')}) takes nothing from --stacks-from: "
+                       f"{self.donors.why_none(plan)}; it pretrains from layer 1")
+        if found is None or found[1] <= kept:
             return
         src, depth = found
         for k in range(1, depth + 1):
@@ -134,9 +134,13 @@ class StackStore:
                     with atomic_path(sdir / name) as tmp:
                         shutil.copyfile(src / name, tmp)
         write_json(sdir / TAKEN_FILE, {"from": str(src), "layers": depth})
+        self._tell(f"pretrain: stack {sdir.name} starts from the first {depth} layer{'s' * (depth > 1)} of {src} "
+                   "(the same data, seed and layers up to there)")
+
+    def _tell(self, line: str) -> None:
+        """A line on stderr, terminal or not, unless progress is off."""
         if self.progress is not False:
-            print(f"pretrain: stack {sdir.name} starts from the first {depth} layer{'s' * (depth > 1)} of {src} "
-                  "(the same data, seed and layers up to there)", file=sys.stderr, flush=True)
+            print(line, file=sys.stderr, flush=True)
 
     def _pretrain_together(self, members: list[tuple[str, tuple[Recipe, Dataset]]],
                            plans: dict[str, dict[str, Any]]) -> None:
@@ -175,18 +179,23 @@ class StackDonors:
 
     def __init__(self, dirs: list[Path]):
         self.dirs = dirs
-        self._plans: list[tuple[Path, dict[str, Any]]] | None = None
+        self._kept: list[tuple[Path, list[dict[str, Any]]]] | None = None  # each donor stack's kept layers' prefixes
         self._index: dict[str, tuple[Path, int]] = {}
+
+    def _donors(self) -> list[tuple[Path, list[dict[str, Any]]]]:
+        """Each donor stack with the prefixes (:func:`prefixes`) of the layers it kept; read once."""
+        if self._kept is None:
+            self._kept = [(sdir, prefixes(made_by)[:_kept_depth(sdir)])
+                          for d in self.dirs for sdir, made_by in _donor_plans(d).items()]
+            for sdir, kept in self._kept:
+                for depth, prefix in enumerate(kept, 1):
+                    self._index.setdefault(_as_key(prefix), (sdir, depth))
+        return self._kept
 
     def deepest(self, plan: dict[str, Any]) -> tuple[Path, int] | None:
         """The donor stack with the deepest snapshot that ``plan``'s stack would make too,
         and that depth; None when no donor shares even its first layer."""
-        if self._plans is None:
-            self._plans = [item for d in self.dirs for item in _donor_plans(d).items()]
-            for sdir, made_by in self._plans:
-                for depth, prefix in enumerate(prefixes(made_by), 1):
-                    if _kept_depth(sdir, depth) == depth:
-                        self._index.setdefault(_as_key(prefix), (sdir, depth))
+        self._donors()
         keys = [_as_key(p) for p in prefixes(plan)]
         return next((self._index[k] for k in reversed(keys) if k in self._index), None)
 
@@ -194,10 +203,9 @@ class StackDonors:
         """Why no donor shares ``plan``'s first layer: where the nearest one differs."""
         mine = prefixes(plan)[:1]
         nearest = None  # (differences, stack directory) of the donor with the fewest
-        for sdir, made_by in self._plans or []:
-            theirs = prefixes(made_by)[:1]
-            if mine and theirs and _kept_depth(sdir, 1) == 1:
-                found = _differences(mine[0], theirs[0])
+        for sdir, kept in self._donors():
+            if mine and kept:
+                found = _differences(mine[0], kept[0])
                 if nearest is None or len(found) < len(nearest[0]):
                     nearest = (found, sdir)
         if nearest is None:
@@ -250,12 +258,11 @@ def _donor_plans(d: Path) -> dict[Path, dict[str, Any]]:
     return plans
 
 
-def _kept_depth(sdir: Path, most: int | None = None) -> int:
-    """The deepest layer (up to ``most``) whose snapshot and generator state ``sdir`` holds
-    both of, from layer 1 on without a gap; 0 for none."""
+def _kept_depth(sdir: Path) -> int:
+    """The deepest layer whose snapshot and generator state ``sdir`` holds both of, from
+    layer 1 on without a gap; 0 for none."""
     depth = 0
-    while (most is None or depth < most) and (sdir / f"depth{depth + 1}.safetensors").is_file() \
-            and (sdir / f"rng{depth + 1}.safetensors").is_file():
+    while (sdir / f"depth{depth + 1}.safetensors").is_file() and (sdir / f"rng{depth + 1}.safetensors").is_file():
         depth += 1
     return depth
 
