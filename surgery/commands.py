@@ -23,7 +23,7 @@ from .experiment_config import recorded_experiment
 from .grid import parse_shard
 from .io import file_to_write, percent, write_json
 from .model_file import describe_model, load_model, save_model
-from .outdirs import check_merge_out, experiment_meta
+from .outdirs import check_merge_out, experiment_meta, merged_from
 from .pipeline import assemble, check_network, evaluate, finetune_model, pretrain, run, validate
 from .preflight import check_data
 from .provenance import ended, invocation, merged, with_command
@@ -299,12 +299,13 @@ def cmd_compare(args: argparse.Namespace) -> None:
     this = ended(entry, time.perf_counter() - t0, "finished") if entry is not None else None
     if args.overrides and not merging:  # the one directory's record of the paper, and nothing else, changes
         write_json(Path(out) / "experiment.json", {**described, "commands": with_command(described, this)})
-    if merging:
+    if merging:  # everything read (``out`` may be an earlier merge among them) before anything is written
+        made = merged([(d, experiment_meta(d)) for d in dirs])
+        sources = merged_from(Path(out), dirs, experiment_meta(Path(out)))
         write_results_csv(Path(out) / "results.csv", rows)
         if described:  # the first run's recipe (and paper), what was merged and the commands that made it
             kept = {k: v for k, v in described.items() if k not in ("cells", "merged_from", "commands")}
-            made = merged([(d, experiment_meta(d)) for d in dirs])
-            write_json(Path(out) / "experiment.json", {**kept, "merged_from": [str(d) for d in dirs],
+            write_json(Path(out) / "experiment.json", {**kept, "merged_from": sources,
                                                        "commands": with_command({"commands": made}, this)})
         if tuning is not None:
             write_json(Path(out) / "tuning.json", tuning)

@@ -158,13 +158,23 @@ def check_own_out(out: Path, kind: str) -> None:
 
 def check_merge_out(out: Path, dirs: list[Path]) -> None:
     """``OutputError`` when writing a merge into ``out`` would replace what a run made there:
-    ``out`` is one of the directories merged, or holds files a run wrote (an experiment's
-    cells, a single run's or a search's). A new directory, or an earlier merge's, is fine."""
-    if any(out.resolve() == d.resolve() for d in dirs):
-        raise OutputError(f"compare: --out {out} is one of the directories merged; the merge would replace its own "
-                          "results.csv and report. Give a new directory (each merged one keeps its own).")
+    ``out`` holds files a run wrote (an experiment's cells, a single run's or a search's),
+    whether or not it is one of the directories merged. A new directory, or an earlier
+    merge's (one of those merged too: runs added to it in place), is fine."""
     made = [f for files in RUN_FILES.values() for f in present(out, files) if f != "experiment.json"]
+    if made and any(out.resolve() == d.resolve() for d in dirs):
+        raise OutputError(f"compare: --out {out} is one of the directories merged, and a run trained there "
+                          f"({', '.join(made)}); the merge would replace its own results.csv and report. Give a "
+                          "new directory (each merged one keeps its own).")
     if made:
         raise OutputError(f"compare: --out {out} holds a run's files ({', '.join(made)}); the merge's results.csv "
                           "and report would replace or mix with that run's. Give a new directory, or one an earlier "
                           "`compare --out` made.")
+
+
+def merged_from(out: Path, dirs: list[Path], meta: dict) -> list[str]:
+    """A merge's ``merged_from``: the directories merged, ``out`` among them (runs added to an
+    earlier merge in place; ``meta`` its experiment.json) standing for those it lists."""
+    names = [name for d in dirs
+             for name in (meta.get("merged_from", []) if d.resolve() == out.resolve() else [d])]
+    return list(dict.fromkeys(map(str, names)))

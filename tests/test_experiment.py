@@ -1173,7 +1173,8 @@ def test_compare_refuses_runs_on_other_data_and_says_which_runs_a_later_director
     assert sorted(r["seed"] for r in _rows(tmp_path / "ab")) == ["0", "1", "2"]
     assert (tmp_path / "a" / "results.csv").read_text() == before
     # the merge goes to a new directory or an earlier merge's: never over what a run made
-    for out, said in (("a", "is one of the directories merged"), ("c", "holds a run's files (cells/)")):
+    for out, said in (("a", "is one of the directories merged, and a run trained there (cells/"),
+                      ("c", "holds a run's files (cells/)")):
         kept = (tmp_path / out / "results.csv").read_text()
         assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / out)]) == 2
         assert said in capsys.readouterr().err and (tmp_path / out / "results.csv").read_text() == kept
@@ -1189,6 +1190,18 @@ def test_compare_refuses_runs_on_other_data_and_says_which_runs_a_later_director
     assert main(["run", str(tmp_path / "a.yaml"), "--out", str(tmp_path / "ab")]) == 2  # a run would replace them
     assert "holds the results `surgery compare` merged" in capsys.readouterr().err
     assert (tmp_path / "ab" / "results.csv").read_text() == kept
+    # runs added to an earlier merge in place: what a merge into a new directory makes, and its
+    # merged_from names the directories it holds, not itself
+    grid("g", [5])
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "g"), "--out",
+                 str(tmp_path / "abg")]) == 0
+    assert main(["compare", str(tmp_path / "ab"), str(tmp_path / "g"), "--out", str(tmp_path / "ab")]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "ab" / "results.csv").read_text() == (tmp_path / "abg" / "results.csv").read_text() != kept
+    meta = json.loads((tmp_path / "ab" / "experiment.json").read_text())
+    assert meta["merged_from"] == [str(tmp_path / d) for d in ("a", "b", "g")]
+    assert [e.get("dir") for e in meta["commands"]] == [  # the runs, the first merge, g's run, this merge
+        *(str(tmp_path / d) for d in ("a", "b", "ab", "g")), None]
     grid("d", [4], finetune={"epochs": 3})
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "d"), "--out", str(tmp_path / "ad")]) == 0
     assert (f"compare: warning: the runs merged for none d1 differ in finetune.epochs (2 in {tmp_path / 'a'}, 3 in "
