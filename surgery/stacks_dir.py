@@ -78,7 +78,7 @@ class StackStore:
                                  data_fingerprint=data.fingerprint(),
                                  on_layer=partial(save_snapshot, sdir),
                                  valid=(data.valid.x, data.valid.y), start=start[0] if start else None)
-            seconds = time.perf_counter() - t0 + (_seconds_before(start[0][0]) if start else 0.0)
+            seconds = time.perf_counter() - t0 + (_spent_before(sdir, start[0][0]) if start else 0.0)
             write_json(sdir / "pretrain.json", {"seconds": round(seconds, 3), "layers": len(st)})
         seconds, layers = _pretrained_in(sdir)
         return LayerStack.load(spath), seconds * cell.depth / max(layers, 1)
@@ -163,9 +163,9 @@ class StackStore:
                 start=start)
         except ConfigError:
             return  # members that cannot train together pretrain one by one when their cells run
-        before = _seconds_before(start[0][0]) if start else 0.0
-        seconds = round((time.perf_counter() - t0) / len(members) + before, 3)  # each stack's share
-        for sdir, st in zip(dirs, stacks):
+        share = (time.perf_counter() - t0) / len(members)  # each stack's
+        for i, (sdir, st) in enumerate(zip(dirs, stacks)):
+            seconds = round(share + (_spent_before(sdir, start[i][0]) if start else 0.0), 3)
             write_json(sdir / "pretrain.json", {"seconds": seconds, "layers": len(st), "population": len(members)})
 
 
@@ -336,6 +336,11 @@ def resume_point(dirs: list[Path], layers: int, progress: bool | None = None) ->
 _FRESH_STATE = torch.Generator().get_state()
 
 
-def _seconds_before(stack: LayerStack) -> float:
-    """The pretraining seconds its layers recorded (a continued stack's earlier part)."""
-    return float(sum(layer.pretrain.get("seconds", 0.0) for layer in stack.layers))
+def _spent_before(sdir: Path, stack: LayerStack) -> float:
+    """The pretraining seconds the layers of ``stack`` (where the stack in ``sdir`` continues
+    from) recorded, less those of the first layers it took from another experiment's
+    (``taken.json``): they were spent there and are counted in that experiment's report, so a
+    merge of the two counts them once."""
+    taken = read_json(sdir / TAKEN_FILE) if (sdir / TAKEN_FILE).is_file() else {}
+    n = taken.get("layers", 0) if isinstance(taken.get("layers"), int) else 0
+    return float(sum(layer.pretrain.get("seconds", 0.0) for layer in stack.layers[n:]))

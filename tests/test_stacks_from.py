@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from surgery.cli import main
 from surgery.experiment import read_results, run_experiment
 from surgery.grid import stack_key
+from surgery.stack import LayerStack
 
 GRID = {
     "name": "donors",
@@ -63,11 +64,29 @@ def _same_stacks(a: Path, b: Path) -> None:
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), f
 
 
+def _took_an_hour(stacks: Path) -> None:
+    """Each layer of the snapshots under ``stacks`` recorded as pretrained in an hour: time a
+    stack that takes them did not spend."""
+    for path in stacks.glob("*/depth*.safetensors"):
+        st = LayerStack.load(path)
+        for layer in st.layers:
+            layer.pretrain["seconds"] = 3600.0
+        st.save(path)
+
+
+def _pretrain_seconds(out: Path) -> list[float]:
+    return [json.loads(p.read_text())["seconds"] for p in out.glob("stacks/*/pretrain.json")]
+
+
 def test_a_deeper_grid_continues_a_shallower_grid_s_stacks_and_ends_as_alone(tmp_path, capsys):
     one = tmp_path / "one"
     _run(capsys, _recipe(tmp_path, "one"), one)
+    _took_an_hour(one / "stacks")
     deeper = _recipe(tmp_path, "two", depths=[2, 3])
     err = _run(capsys, deeper, tmp_path / "continued", one)
+    # a taken layer's time is the donor's, counted in its report: a merge of both counts it once
+    assert len(_pretrain_seconds(tmp_path / "continued")) == 3 and max(_pretrain_seconds(tmp_path / "continued")) < 3600
+    assert all(float(r["pretrain_seconds"]) < 3600 for r in read_results(tmp_path / "continued"))
     assert err.count("starts from the first 1 layer of") == 3, err  # each arm's, from the one-layer grid's
     _run(capsys, deeper, tmp_path / "alone")
     assert _results(tmp_path / "continued") == _results(tmp_path / "alone")
@@ -84,8 +103,10 @@ def test_a_deeper_grid_continues_a_shallower_grid_s_stacks_and_ends_as_alone(tmp
     said = capsys.readouterr().out
     assert f"3 of them started from another experiment's (--stacks-from {one}), after layer 1 of theirs" in said
     # a three-layer grid takes the continued grid's three-layer stacks whole: nothing is pretrained again
+    _took_an_hour(tmp_path / "continued" / "stacks")
     err = _run(capsys, _recipe(tmp_path, "three", depths=[3]), tmp_path / "again", tmp_path / "continued")
     assert err.count("starts from the first 3 layers of") == 3, err
+    assert len(_pretrain_seconds(tmp_path / "again")) == 3 and max(_pretrain_seconds(tmp_path / "again")) < 3600
     assert "pretrain: continuing the stack after layer 3 of 3" in err
     _same_stacks(tmp_path / "again", tmp_path / "alone")
 
@@ -145,10 +166,12 @@ def test_stacks_pretrained_together_start_from_donors_too(tmp_path, capsys):
     together = {"conditions": ["dae"], "seeds": [0, 1], "population": 2}
     one = tmp_path / "one"
     _run(capsys, _recipe(tmp_path, "one", **together), one)
+    _took_an_hour(one / "stacks")
     deeper = _recipe(tmp_path, "two", depths=[2], **together)
     err = _run(capsys, deeper, tmp_path / "continued", one)
     assert err.count("starts from the first 1 layer of") == 2, err
     assert "pretrain: continuing 2 stacks after layer 1 of 2" in err
+    assert len(_pretrain_seconds(tmp_path / "continued")) == 2 and max(_pretrain_seconds(tmp_path / "continued")) < 3600
     _run(capsys, deeper, tmp_path / "alone")
     assert _results(tmp_path / "continued") == _results(tmp_path / "alone")
     _same_stacks(tmp_path / "alone", tmp_path / "continued")
