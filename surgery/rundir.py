@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -300,10 +300,23 @@ def _describe_merge(out: Path, meta: dict[str, Any]) -> list[str]:
         rows = read_results(out)
         held = f"{len(rows)} runs ({', '.join(dict.fromkeys(str(r['condition']) for r in rows))})"
     except SurgeryError:
-        held = "results.csv unreadable (run the compare again)"
+        rows, held = [], "results.csv unreadable (run the compare again)"
     return [f"{out}: experiment{f' {name}' if name else ''}, merged by `surgery compare`",
-            f"merged: {held} from {', '.join(map(str, meta['merged_from']))}",
+            f"merged: {held} from {', '.join(map(str, meta['merged_from']))}", *_seeds_line(rows),
             *_made_by(meta), f"finished: results in {out}/results.csv, report in {out}/report.md"]
+
+
+def _seeds_line(rows: list[dict[str, Any]]) -> list[str]:
+    """How many seeds each arm has at each depth, e.g. ``seeds at depths 1, 2: none 20, 15;
+    dae 20, -`` (``-``: none at that depth)."""
+    seeds: dict[str, Counter[int]] = defaultdict(Counter)
+    for r in rows:
+        seeds[str(r["condition"])][int(r["depth"])] += 1
+    depths = sorted({d for c in seeds.values() for d in c})
+    if not depths:
+        return []
+    arms = "; ".join(f"{arm} {', '.join(str(c[d] or '-') for d in depths)}" for arm, c in seeds.items())
+    return [f"seeds at depth{'s' * (len(depths) > 1)} {', '.join(map(str, depths))}: {arms}"]
 
 
 def _made_by(meta: dict[str, Any]) -> list[str]:

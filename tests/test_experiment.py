@@ -1181,9 +1181,9 @@ def test_compare_refuses_runs_on_other_data_and_says_which_runs_a_later_director
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab")]) == 0
     capsys.readouterr()
     assert main(["inspect", str(tmp_path / "ab")]) == 0  # what it holds, not "0 of 2 cells finished"
-    assert capsys.readouterr().out.splitlines()[:2] == [
+    assert capsys.readouterr().out.splitlines()[:3] == [
         f"{tmp_path / 'ab'}: experiment tiny, merged by `surgery compare`",
-        f"merged: 3 runs (none) from {tmp_path / 'a'}, {tmp_path / 'b'}"]
+        f"merged: 3 runs (none) from {tmp_path / 'a'}, {tmp_path / 'b'}", "seeds at depth 1: none 3"]
     assert main(["inspect", str(tmp_path)]) == 0
     assert "  ab: merged results, 3 runs (none)" in capsys.readouterr().out.splitlines()
     kept = (tmp_path / "ab" / "results.csv").read_text()
@@ -1215,6 +1215,22 @@ def test_compare_refuses_runs_on_other_data_and_says_which_runs_a_later_director
             f"3 in {tmp_path / 'e'})") in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "f"), "--out", str(tmp_path / "af")]) == 0
     assert "warning" not in capsys.readouterr().out
+    grid("h", [7], depth=1)
+    grid("i", [7], depth=3)
+    assert main(["compare", str(tmp_path / "af"), str(tmp_path / "h"), str(tmp_path / "i"), "--out",
+                 str(tmp_path / "af")]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "af")]) == 0  # how far each cell has got to the seeds it wants
+    assert "seeds at depths 1, 2, 3: none 3, 1, 1" in capsys.readouterr().out.splitlines()
+
+
+def test_inspect_counts_the_seeds_of_each_arm_at_each_depth_of_a_merge():
+    from surgery.rundir import _seeds_line
+
+    rows = [{"condition": c, "depth": d, "seed": s} for c, d, s in
+            (("none", 1, 0), ("none", 1, 1), ("none", 3, 0), ("dae", 3, 0), ("dae", 3, 4))]
+    assert _seeds_line(rows) == ["seeds at depths 1, 3: none 2, 1; dae -, 2"]
+    assert _seeds_line([]) == []
 
 
 def test_a_tuned_layer_setting_covers_the_methods_default_it_replaced():
