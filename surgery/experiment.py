@@ -18,7 +18,6 @@ import csv
 import json
 import time
 import warnings
-from contextlib import suppress
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from .io import RERUN, Pace, make_dir, progress_bar, progress_line, read_json, w
 from .lock import hold
 from .outdirs import check_own_out, experiment_meta, is_experiment_dir, is_single_run_dir
 from .pipeline import check_grid
-from .provenance import device_label, finish, invocation, outcome_of, update_record, with_command
+from .provenance import device_label, ends_recorded, invocation, update_record, with_command
 from .recipe import Recipe, as_recipe
 from .stacks_dir import StackDonors
 from .tuning import adopt_trial, tune_arms
@@ -79,14 +78,8 @@ def run_experiment(recipe: Recipe | str | Path, out: str | Path, progress: bool 
         update_record(out / "experiment.json", lambda meta: {  # first: inspect reads it
             "recipe": recipe.to_dict(), "cells": len(cells), "data_fingerprints": fingerprints,
             "commands": with_command(meta, entry)})
-        try:
-            rows = _run_cells(recipe, runner, cells, out, progress, shard)
-        except BaseException as e:
-            with suppress(SurgeryError, OSError):  # the error that stopped the run is the one to tell
-                finish(out / "experiment.json", entry, time.perf_counter() - t0, outcome_of(e))
-            raise
-        finish(out / "experiment.json", entry, time.perf_counter() - t0, outcome_of(None))
-        return rows
+        with ends_recorded(out / "experiment.json", entry, t0):
+            return _run_cells(recipe, runner, cells, out, progress, shard)
 
 
 def _donor_dirs(dirs: list[str | Path], out: Path) -> list[Path]:

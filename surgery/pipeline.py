@@ -11,6 +11,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from .preflight import check_data, check_fits, check_patterns
 from .pretrain import greedy_pretrain
 from .pretrain.base import check_input
 from .pretrain.greedy import plan_stack
+from .provenance import COMMANDS_FILE, device_label, recording
 from .recipe import Recipe, as_recipe
 from .runtime import is_main_process
 from .stack import LayerStack
@@ -284,10 +286,12 @@ def _planned_graph(recipe: Recipe, stack: LayerStack | None, data: Dataset) -> M
 
 
 def run(recipe: Recipe | str | Path, out: str | Path, resume: bool = False, progress: bool | None = None,
-        data: Dataset | None = None, epoch_lines: bool = True) -> dict[str, Any]:
+        data: Dataset | None = None, epoch_lines: bool = True, record: bool = True) -> dict[str, Any]:
     """pretrain (if any) -> assemble -> fine-tune (if any) of a recipe (or a recipe file);
     files go under ``out``. ``epoch_lines``: a log line per epoch where the bar is hidden
-    (:class:`surgery.finetune.EpochLog`; a search's trials say one line each instead)."""
+    (:class:`surgery.finetune.EpochLog`; a search's trials say one line each instead).
+    ``record``: this command goes into ``out/commands.json`` (a search's trials are recorded
+    in the search's)."""
     recipe = as_recipe(recipe, "surgery.run")
     if recipe.pretrain is None and recipe.surgery is None:
         _nothing_to_assemble(recipe)  # before anything is made or loaded
@@ -298,10 +302,18 @@ def run(recipe: Recipe | str | Path, out: str | Path, resume: bool = False, prog
     out = Path(out)
     check_own_out(out, "single run")
     make_dir(out)
-    with hold(out):
+    with hold(out), (recording(out / COMMANDS_FILE, _device(recipe), t0) if record else nullcontext()):
         if resume and (done := _finished_already(out, {"recipe": recipe.to_dict()})) is not None:
             return done
         return _pretrain_and_finetune(recipe, data, out, resume, progress, t0, epoch_lines)
+
+
+def _device(recipe: Recipe) -> str:
+    """Where a single run trains, as its commands record it: fine-tuning's device, or the data's
+    (pretraining) when it has no finetune: section."""
+    if recipe.finetune is not None:
+        return device_label(resolve_device(recipe.finetune.device, "finetune.device"))
+    return device_label(resolve_device(recipe.data.device, "data.device"))
 
 
 def _pretrain_and_finetune(recipe: Recipe, data: Dataset, out: Path, resume: bool, progress: bool | None,
@@ -430,7 +442,8 @@ def finetune_model(model_path: str | Path, data: Dataset, cfg: FinetuneConfig, s
     ``provenance`` (e.g. the recipe) into the fine-tuned model file."""
     check_own_out(Path(out), "single run")
     make_dir(out)  # an unwritable output fails now, not after the first epoch
-    with hold(out):
+    device = device_label(resolve_device(cfg.device, "finetune.device"))
+    with hold(out), recording(Path(out) / COMMANDS_FILE, device):
         if resume and (done := _finished_already(Path(out), provenance or {})) is not None:
             return done
         graph = load_model(model_path)

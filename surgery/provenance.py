@@ -3,7 +3,8 @@
 line, when it started, how it ended, its wall time, the device and threads, the surgery and
 torch versions); ``surgery compare`` carries the merged directories' lists into its own,
 each entry naming its directory. The report's Cost section reads them, with the training
-time the results themselves record (:func:`cost_markdown`).
+time the results themselves record (:func:`cost_markdown`). A single run's and a search's
+directory keep the same list in ``commands.json`` (:func:`recording`).
 
 Shards of one grid start together and each adds its entry to the same file, so every
 change to the list is a read-modify-write under an exclusive ``flock`` of the directory
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ except ImportError:  # Windows has no flock: shards there that start at once may
     fcntl = None  # type: ignore[assignment]
 
 Entry = dict[str, Any]
+COMMANDS_FILE = "commands.json"  # a single run's or a search's record of the commands that wrote there
 
 
 def invocation(device: str | None, shard: tuple[int, int] | None = None) -> Entry | None:
@@ -41,9 +43,10 @@ def invocation(device: str | None, shard: tuple[int, int] | None = None) -> Entr
 
     if not is_main_process():
         return None
-    entry: Entry = {"command": command_line(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "pid": os.getpid(), "device": device, "threads": torch.get_num_threads(),
-                    "surgery": __version__, "torch": torch.__version__}
+    now = time.time()
+    entry: Entry = {"command": command_line(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now)),
+                    "started_unix": now, "pid": os.getpid(), "device": device,
+                    "threads": torch.get_num_threads(), "surgery": __version__, "torch": torch.__version__}
     if device is None:
         entry = {k: v for k, v in entry.items() if k not in ("device", "threads")}
     return {**entry, "shard": f"{shard[0] + 1}/{shard[1]}"} if shard is not None else entry
@@ -120,8 +123,37 @@ def finish(path: Path, entry: Entry | None, seconds: float, outcome: str) -> Non
     update_record(path, change)
 
 
+@contextmanager
+def ends_recorded(path: Path, entry: Entry | None, t0: float) -> Iterator[None]:
+    """Mark ``entry`` (in the ``commands`` at ``path``) ended when the block ends, however it
+    ends, with the wall time since ``t0`` (``time.perf_counter()``); the error that ended it,
+    if any, is the one raised, not a failure to record it."""
+    try:
+        yield
+    except BaseException as e:
+        with suppress(SurgeryError, OSError):
+            finish(path, entry, time.perf_counter() - t0, outcome_of(e))
+        raise
+    finish(path, entry, time.perf_counter() - t0, outcome_of(None))
+
+
+@contextmanager
+def recording(path: Path, device: str | None, t0: float | None = None) -> Iterator[None]:
+    """Record this command in the ``commands`` of the JSON object at ``path`` (a single
+    run's or a search's ``commands.json``) now, and its end when the block ends; ``t0``:
+    when it started, if before now. Nothing on a ``torchrun`` rank other than the first."""
+    t0 = time.perf_counter() if t0 is None else t0
+    entry = invocation(device)
+    if entry is not None:
+        update_record(path, lambda meta: {**meta, "commands": with_command(meta, entry)})
+    with ends_recorded(path, entry, t0):
+        yield
+
+
 def _same(a: Entry, b: Entry) -> bool:
-    return all(a.get(k) == b.get(k) for k in ("command", "started", "pid"))
+    """Whether two entries are one command's (one process may run two in the same second: the
+    Python API's calls; entries written before ``started_unix`` was kept have none)."""
+    return all(a.get(k) == b.get(k) for k in ("command", "started", "pid", "started_unix"))
 
 
 def merged(sources: list[tuple[Path, dict[str, Any]]]) -> list[Entry]:
@@ -174,9 +206,10 @@ def _ended_seconds(commands: list[Entry]) -> list[float]:
     return [float(e["seconds"]) for e in commands if isinstance(e.get("seconds"), (int, float))]
 
 
-def commands_line(commands: list[Entry]) -> str | None:
+def commands_line(commands: list[Entry], where: str = "experiment.json lists them all, as does the report's "
+                  "Cost section") -> str | None:
     """``surgery inspect``'s line on the commands that wrote a directory: how many, their wall
-    time, and the last one (the report lists them all); ``None`` when none is recorded."""
+    time, the last one, and ``where`` all are listed; ``None`` when none is recorded."""
     if not commands:
         return None
     timed = _ended_seconds(commands)
@@ -186,7 +219,7 @@ def commands_line(commands: list[Entry]) -> str | None:
     wall = f"{duration(sum(timed))} of wall time" if timed else "none ended yet"
     return (f"made by {len(commands)} command{'s' * (len(commands) != 1)} ({wall}); "
             f"the last `{last.get('command', '?')}`, started {last.get('started', '?')}, {how} "
-            "(experiment.json lists them all, as does the report's Cost section)")
+            f"({where})")
 
 
 def cost_markdown(rows: list[dict[str, Any]], commands: list[Entry]) -> list[str]:

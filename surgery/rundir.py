@@ -31,7 +31,7 @@ from .experiment import read_results
 from .io import duration, percent
 from .lock import describe_holders
 from .outdirs import experiment_meta, is_experiment_dir, is_search_dir, is_single_run_dir
-from .provenance import commands_line, recorded
+from .provenance import COMMANDS_FILE, commands_line, recorded
 from .stacks_dir import TAKEN_FILE
 from .weights_io import weights_held
 
@@ -156,7 +156,14 @@ def describe_single_run(out: Path) -> list[str]:
     held = sorted(p.name for p in out.glob("*.safetensors"))
     if held:
         lines.append(f"weights: {', '.join(held)} (`surgery inspect FILE` shows each)")
-    return lines
+    return lines + _commands_file(out)
+
+
+def _commands_file(out: Path) -> list[str]:
+    """The line on the commands a single run's or a search's ``commands.json`` records."""
+    meta = _read(out / COMMANDS_FILE)  # None when missing or damaged: no line
+    line = commands_line(recorded(meta if isinstance(meta, dict) else {}), f"{COMMANDS_FILE} lists them all")
+    return [line] if line else []
 
 
 def describe_search(out: Path) -> list[str]:
@@ -167,7 +174,8 @@ def describe_search(out: Path) -> list[str]:
         started = len(list((out / "trials").glob("*"))) if (out / "trials").is_dir() else 0
         return [f"{out}: a search (surgery search)",
                 f"trials: none finished ({started} started)",
-                f"`surgery search RECIPE --out {out}` runs it again; search.json is written after each trial"]
+                f"`surgery search RECIPE --out {out}` runs it again; search.json is written after each trial",
+                *_commands_file(out)]
     summary = _read(out / "search.json")
     if not isinstance(summary, dict) or not isinstance(summary.get("trials"), list):
         raise SurgeryError(f"{out}/search.json: damaged or being written; `surgery search RECIPE --out {out}` "
@@ -193,7 +201,7 @@ def describe_search(out: Path) -> list[str]:
                      f"{values}; its recipe: {out}/best.yaml")
     lines.append(f"`surgery search RECIPE --out {out}` runs the trials it still lacks of search.trials; "
                  "`--trials N` runs N more")
-    return lines
+    return lines + _commands_file(out)
 
 
 def describe_snapshots(d: Path) -> list[str]:

@@ -20,12 +20,14 @@ from typing import Any
 import yaml
 
 from .data import Dataset, load_dataset
+from .devices import resolve_device
 from .errors import SurgeryError, TrainingDiverged
 from .grid import check_search
 from .io import make_dir, progress_line, write_json, write_text
 from .lock import alive
 from .outdirs import check_own_out
 from .pipeline import plan_network, run, run_batch
+from .provenance import COMMANDS_FILE, device_label, recording
 from .recipe import Recipe, apply_overrides, recipe_from_dict
 from .search_config import ParamRange, SearchConfig
 from .weights_io import first_line
@@ -246,16 +248,18 @@ def run_search(recipe: Recipe, out: str | Path, trials: int | None = None, stora
     study, db = _open_study(name, storage, make_sampler(cfg.sampler, recipe.seed))
     try:
         make_dir(out)  # after a --storage that cannot be opened has failed: it leaves no directory
-        orphans = _fail_orphans(study)
-        if orphans:
-            which = f"trial {orphans[0] + 1} was" if len(orphans) == 1 else \
-                f"trials {', '.join(str(n + 1) for n in orphans)} were"
-            progress_line(progress, f"search: {which} left unfinished by a process that has ended; marked failed")
-        done = finished(study)
-        if trials is None and done >= cfg.trials:  # nothing left to run: the outcome written again
-            return {**_write_outcome(study, name, storage, recipe, out), "ran": 0}
-        n, total = (cfg.trials - done, cfg.trials) if trials is None else (trials, None)
-        return _optimize(study, recipe, base, first, dataset, out, n, total, storage, progress)
+        device = device_label(resolve_device(recipe.finetune.device, "finetune.device"))
+        with recording(out / COMMANDS_FILE, device):  # a worker joining the study adds its entry
+            orphans = _fail_orphans(study)
+            if orphans:
+                which = f"trial {orphans[0] + 1} was" if len(orphans) == 1 else \
+                    f"trials {', '.join(str(n + 1) for n in orphans)} were"
+                progress_line(progress, f"search: {which} left unfinished by a process that has ended; marked failed")
+            done = finished(study)
+            if trials is None and done >= cfg.trials:  # nothing left to run: the outcome written again
+                return {**_write_outcome(study, name, storage, recipe, out), "ran": 0}
+            n, total = (cfg.trials - done, cfg.trials) if trials is None else (trials, None)
+            return _optimize(study, recipe, base, first, dataset, out, n, total, storage, progress)
     finally:
         _close(db)
 
@@ -282,7 +286,7 @@ def _optimize(study: Any, recipe: Recipe, base: dict[str, Any], first: Recipe, d
         r, rdir = _trial_recipe(base, values, recipe, trial, out)
         try:
             res = run(r, rdir, progress=progress,
-                      data=dataset if r.data == first.data else None, epoch_lines=False)
+                      data=dataset if r.data == first.data else None, epoch_lines=False, record=False)
         except TrainingDiverged:
             res = None
         return _score(trial, values, res, progress)

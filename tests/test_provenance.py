@@ -70,6 +70,52 @@ def test_an_interrupted_run_is_recorded_as_such_and_the_earlier_entries_kept(tmp
     assert isinstance(stopped["seconds"], float)
 
 
+def _single(tmp_path, **extra):
+    r = {k: v for k, v in SMALL.items() if k != "experiment"}
+    r = {**r, "pretrain": {"layers": [{"method": "dae", "hidden": 8, "epochs": 1}]}, **extra}
+    path = tmp_path / "single.yaml"
+    path.write_text(yaml.safe_dump(r))
+    return path
+
+
+def test_a_single_run_and_a_search_record_their_commands_and_a_search_s_trials_do_not(
+        tmp_path, monkeypatch, capsys):
+    rp, out = _single(tmp_path), tmp_path / "one"
+    assert _run(monkeypatch, rp, out) == 0
+    monkeypatch.setattr("surgery.finetune.Trainer.fit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert _run(monkeypatch, rp, out) == 130  # run again over it, stopped by Ctrl-C
+    monkeypatch.undo()
+    assert _run(monkeypatch, rp, out, "--resume") == 0
+    commands = recorded(json.loads((out / "commands.json").read_text()))
+    assert [(e["command"], e["outcome"]) for e in commands] == [
+        (f"surgery run {rp} --out {out}", "finished"), (f"surgery run {rp} --out {out}", "interrupted"),
+        (f"surgery run {rp} --out {out} --resume", "finished")]
+    assert all(e["device"] == "cpu" and isinstance(e["seconds"], float) for e in commands)
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert ("made by 3 commands" in (said := capsys.readouterr().out.splitlines()[-1])
+            and said.endswith("(commands.json lists them all)"))
+    # surgery finetune --model: a single run too
+    argv = ["finetune", str(rp), "--model", str(out / "assembled.safetensors"), "--out", str(tmp_path / "ft")]
+    monkeypatch.setattr(sys, "argv", ["surgery", *argv])
+    assert main(argv) == 0
+    (entry,) = recorded(json.loads((tmp_path / "ft" / "commands.json").read_text()))
+    assert entry["command"] == "surgery " + " ".join(argv) and entry["outcome"] == "finished"
+    # a search: one entry in its directory, none in its trials'
+    sp = _single(tmp_path, search={"trials": 2, "params": {
+        "finetune.optimizer.lr": {"type": "float", "low": 0.01, "high": 0.5, "log": True}}})
+    argv = ["search", str(sp), "--out", str(tmp_path / "s")]
+    monkeypatch.setattr(sys, "argv", ["surgery", *argv])
+    assert main(argv) == 0
+    (entry,) = recorded(json.loads((tmp_path / "s" / "commands.json").read_text()))
+    assert entry["command"] == "surgery " + " ".join(argv) and entry["outcome"] == "finished"
+    trials = list((tmp_path / "s" / "trials").iterdir())
+    assert len(trials) == 2 and not any((t / "commands.json").exists() for t in trials)
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "s")]) == 0
+    assert "made by 1 command (" in capsys.readouterr().out.splitlines()[-1]
+
+
 def test_inspect_says_when_no_command_has_ended_yet():
     from surgery.provenance import commands_line
 
