@@ -290,8 +290,8 @@ def run(recipe: Recipe | str | Path, out: str | Path, resume: bool = False, prog
     """pretrain (if any) -> assemble -> fine-tune (if any) of a recipe (or a recipe file);
     files go under ``out``. ``epoch_lines``: a log line per epoch where the bar is hidden
     (:class:`surgery.finetune.EpochLog`; a search's trials say one line each instead).
-    ``record``: this command goes into ``out/commands.json`` (a search's trials are recorded
-    in the search's)."""
+    ``record``: this command goes into ``out/commands.json`` when it trains (a search's trials
+    are recorded in the search's; a ``resume`` that finds the run finished writes nothing)."""
     recipe = as_recipe(recipe, "surgery.run")
     if recipe.pretrain is None and recipe.surgery is None:
         _nothing_to_assemble(recipe)  # before anything is made or loaded
@@ -302,10 +302,11 @@ def run(recipe: Recipe | str | Path, out: str | Path, resume: bool = False, prog
     out = Path(out)
     check_own_out(out, "single run")
     make_dir(out)
-    with hold(out), (recording(out / COMMANDS_FILE, _device(recipe), t0) if record else nullcontext()):
+    with hold(out):
         if resume and (done := _finished_already(out, {"recipe": recipe.to_dict()})) is not None:
-            return done
-        return _pretrain_and_finetune(recipe, data, out, resume, progress, t0, epoch_lines)
+            return done  # nothing trained, nothing written
+        with recording(out / COMMANDS_FILE, _device(recipe), t0) if record else nullcontext():
+            return _pretrain_and_finetune(recipe, data, out, resume, progress, t0, epoch_lines)
 
 
 def _device(recipe: Recipe) -> str:
@@ -443,8 +444,9 @@ def finetune_model(model_path: str | Path, data: Dataset, cfg: FinetuneConfig, s
     check_own_out(Path(out), "single run")
     make_dir(out)  # an unwritable output fails now, not after the first epoch
     device = device_label(resolve_device(cfg.device, "finetune.device"))
-    with hold(out), recording(Path(out) / COMMANDS_FILE, device):
+    with hold(out):
         if resume and (done := _finished_already(Path(out), provenance or {})) is not None:
-            return done
-        graph = load_model(model_path)
-        return Trainer(graph, data, cfg, seed, out, EpochLog(cfg), provenance=provenance).fit(resume=resume)
+            return done  # nothing trained, nothing written
+        with recording(Path(out) / COMMANDS_FILE, device):
+            graph = load_model(model_path)
+            return Trainer(graph, data, cfg, seed, out, EpochLog(cfg), provenance=provenance).fit(resume=resume)

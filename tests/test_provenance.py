@@ -85,11 +85,12 @@ def test_a_single_run_and_a_search_record_their_commands_and_a_search_s_trials_d
     monkeypatch.setattr("surgery.finetune.Trainer.fit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     assert _run(monkeypatch, rp, out) == 130  # run again over it, stopped by Ctrl-C
     monkeypatch.undo()
-    assert _run(monkeypatch, rp, out, "--resume") == 0
+    assert _run(monkeypatch, rp, out, "--set", "finetune.epochs=2") == 0
+    assert _run(monkeypatch, rp, out, "--set", "finetune.epochs=2", "--resume") == 0  # finished: trains nothing
     commands = recorded(json.loads((out / "commands.json").read_text()))
     assert [(e["command"], e["outcome"]) for e in commands] == [
         (f"surgery run {rp} --out {out}", "finished"), (f"surgery run {rp} --out {out}", "interrupted"),
-        (f"surgery run {rp} --out {out} --resume", "finished")]
+        (f"surgery run {rp} --out {out} --set finetune.epochs=2", "finished")]
     assert all(e["device"] == "cpu" and isinstance(e["seconds"], float) for e in commands)
     capsys.readouterr()
     assert main(["inspect", str(out)]) == 0
