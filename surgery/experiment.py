@@ -265,7 +265,8 @@ def _mixed_protocols(merged: dict[tuple[str, int, int], dict[str, Any]],
         tuned = arms[d0][0] + arms[d][0]  # type: ignore[index]  # both were read, or settings would be None
         diff = sorted(k for k in settings0.keys() | settings.keys()
                       if settings0.get(k) != settings.get(k) and not _tuned(k, tuned)
-                      and (depth0 == depth or _same_at_any_depth(k, settings0, settings)))
+                      and (depth0 == depth or _same_at_any_depth(k, settings0, settings))
+                      and _described_in_both(k, settings0, settings))
         if diff:
             said.add(pair)
             k = diff[0]
@@ -275,6 +276,13 @@ def _mixed_protocols(merged: dict[tuple[str, int, int], dict[str, Any]],
             f"in {db}): their means and intervals mix two protocols. Merge runs of one recipe (seeds or arms run "
             "apart), or rerun one of them with the other's settings."
             for (k, a, da, b, db), where in found.items()]
+
+
+def _described_in_both(key: str, a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether both runs' settings can say what ``key`` was: an arm's ``experiment.*``
+    settings are missing for the runs of an earlier merge whose recipe (its first
+    directory's) has not that arm, which is no difference of protocol."""
+    return not key.startswith("experiment.") or (key in a and key in b)
 
 
 def _tuned(key: str, tuned: list[str]) -> bool:

@@ -1224,6 +1224,30 @@ def test_compare_refuses_runs_on_other_data_and_says_which_runs_a_later_director
     assert "seeds at depths 1, 2, 3: none 3, 1, 1" in capsys.readouterr().out.splitlines()
 
 
+def test_runs_added_to_an_earlier_merge_of_arms_run_apart_merge_quietly(tmp_path, capsys):
+    """A merge's recipe is its first directory's, which may have run another arm: the runs of
+    an arm it does not describe are no other protocol than the same arm's runs added later."""
+    def grid(name, arm, seed, epochs=1):
+        r = json.loads(json.dumps(TINY))
+        r["experiment"] = {**r["experiment"], "conditions": [arm], "depths": [1], "seeds": [seed],
+                           "pretrain_epochs": epochs}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(r))
+        assert main(["run", str(tmp_path / f"{name}.yaml"), "--out", str(tmp_path / name)]) == 0
+
+    grid("none", "none", 0)
+    grid("dae", "dae", 0)
+    grid("dae1", "dae", 1)
+    grid("dae2", "dae", 2, epochs=2)  # pretrained otherwise
+    merged = str(tmp_path / "merged")
+    assert main(["compare", str(tmp_path / "none"), str(tmp_path / "dae"), "--out", merged]) == 0
+    capsys.readouterr()
+    assert main(["compare", merged, str(tmp_path / "dae1"), "--out", merged]) == 0
+    said = capsys.readouterr().out
+    assert "warning" not in said and "report for 3 runs" in said
+    assert main(["compare", merged, str(tmp_path / "dae2"), "--out", merged]) == 0  # still told
+    assert "the runs merged for dae d1 differ in pretrain.layers.0.epochs (1 in " in capsys.readouterr().out
+
+
 def test_inspect_counts_the_seeds_of_each_arm_at_each_depth_of_a_merge():
     from surgery.rundir import _seeds_line
 
