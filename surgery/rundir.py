@@ -162,8 +162,7 @@ def describe_single_run(out: Path) -> list[str]:
 def _commands_file(out: Path) -> list[str]:
     """The line on the commands a single run's or a search's ``commands.json`` records."""
     meta = _read(out / COMMANDS_FILE)  # None when missing or damaged: no line
-    line = commands_line(recorded(meta if isinstance(meta, dict) else {}), f"{COMMANDS_FILE} lists them all")
-    return [line] if line else []
+    return _made_by(meta if isinstance(meta, dict) else {}, f"{COMMANDS_FILE} lists them all")
 
 
 def describe_search(out: Path) -> list[str]:
@@ -327,9 +326,10 @@ def _seeds_line(rows: list[dict[str, Any]]) -> list[str]:
     return [f"seeds at depth{'s' * (len(depths) > 1)} {', '.join(map(str, depths))}: {arms}"]
 
 
-def _made_by(meta: dict[str, Any]) -> list[str]:
-    """The line on the commands an ``experiment.json`` records, if it records any."""
-    line = commands_line(recorded(meta))
+def _made_by(meta: dict[str, Any], *where: str) -> list[str]:
+    """The line on the commands an ``experiment.json`` (or ``commands.json``) records, if it
+    records any; ``where``: where all of them are listed, if not the experiment's files."""
+    line = commands_line(recorded(meta), *where)
     return [line] if line else []
 
 
