@@ -218,8 +218,17 @@ def commands_line(commands: list[Entry], where: str = "experiment.json lists the
            if isinstance(last.get("seconds"), (int, float)) else "no end recorded yet")
     wall = f"{duration(sum(timed))} of wall time" if timed else "none ended yet"
     return (f"made by {len(commands)} command{'s' * (len(commands) != 1)} ({wall}); "
-            f"the last `{last.get('command', '?')}`, started {last.get('started', '?')}, {how} "
+            f"the last `{_clipped(str(last.get('command', '?')))}`, started {last.get('started', '?')}, {how} "
             f"({where})")
+
+
+def _clipped(command: str, limit: int = 300) -> str:
+    """``command`` whole if it is at most ``limit`` characters, else its start and end with
+    how many characters were left out (a merge's ``--set experiment.paper...`` runs to pages)."""
+    if len(command) <= limit:
+        return command
+    keep = limit // 2
+    return f"{command[:keep]} [... {len(command) - 2 * keep} characters ...] {command[-keep:]}"
 
 
 def cost_markdown(rows: list[dict[str, Any]], commands: list[Entry]) -> list[str]:

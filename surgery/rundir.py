@@ -309,8 +309,15 @@ def _describe_merge(out: Path, meta: dict[str, Any]) -> list[str]:
     except SurgeryError:
         rows, held = [], "results.csv unreadable (run the compare again)"
     return [f"{out}: experiment{f' {name}' if name else ''}, merged by `surgery compare`",
-            f"merged: {held} from {', '.join(map(str, meta['merged_from']))}", *_seeds_line(rows),
+            f"merged: {held} from {_some(list(map(str, meta['merged_from'])))}", *_seeds_line(rows),
             *_made_by(meta), f"finished: results in {out}/results.csv, report in {out}/report.md"]
+
+
+def _some(dirs: list[str], shown: int = 4) -> str:
+    """The directories a merge holds, the first ``shown`` of a long list and how many more."""
+    if len(dirs) <= shown + 1:
+        return ", ".join(dirs)
+    return f"{', '.join(dirs[:shown])} and {len(dirs) - shown} more (experiment.json's merged_from lists them all)"
 
 
 def _seeds_line(rows: list[dict[str, Any]]) -> list[str]:

@@ -1257,6 +1257,14 @@ def test_inspect_counts_the_seeds_of_each_arm_at_each_depth_of_a_merge():
     assert _seeds_line([]) == []
 
 
+def test_inspect_names_the_first_directories_of_a_long_merge_and_counts_the_rest():
+    from surgery.rundir import _some
+
+    assert _some(["a", "b", "c", "d", "e"]) == "a, b, c, d, e"  # one more than shown: named, not counted
+    assert _some([f"runs/s{i}" for i in range(30)]) == (
+        "runs/s0, runs/s1, runs/s2, runs/s3 and 26 more (experiment.json's merged_from lists them all)")
+
+
 def test_a_tuned_layer_setting_covers_the_methods_default_it_replaced():
     """A directory that tuned ``pretrain.layers.*.lr`` records the method's untuned default
     beside the value its cells used; merged with runs given that value by hand, the default is

@@ -124,6 +124,11 @@ def test_inspect_says_when_no_command_has_ended_yet():
     assert "(none ended yet)" in commands_line([running]) and "no end recorded yet" in commands_line([running])
     done = {**running, "seconds": 90.0, "outcome": "finished"}
     assert "(1.5 min of wall time)" in commands_line([done, running])
+    # a command of pages (a merge's --set experiment.paper.differences=...) is shown by its ends
+    long = {**done, "command": "surgery compare a b --set 'experiment.paper.differences=" + "x" * 2000 + " end.'"}
+    line = commands_line([long])
+    assert "`surgery compare a b --set 'experiment.paper.differences=xx" in line and "xx end.'`" in line
+    assert "[... 1762 characters ...]" in line and len(line) < 550
 
 
 def test_compare_carries_each_directory_s_commands(tmp_path, monkeypatch, capsys):
