@@ -47,6 +47,8 @@ def _require_file(path: Path) -> None:
     if path.is_dir():
         raise ManifestError(f"{path}: a directory, not a weights file{weights_held(path)}; give the .safetensors "
                             "file's path.")
+    if path.exists() and not path.is_file():
+        raise ManifestError(f"{path}: not a regular file (a device, pipe or socket); give a .safetensors file's path.")
     if not path.is_file():
         raise ManifestError(f"{path}: no such file.")
 

@@ -1,5 +1,6 @@
 import json
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,6 +110,9 @@ def test_missing_file(tmp_path, capsys):
     assert err.count("\n") == 1, err
     with pytest.raises(ManifestError, match="a directory, not a weights file \\(it holds stack.safetensors\\)"):
         read_manifest(tmp_path)  # what the other commands say
+    if Path("/dev/null").exists():
+        with pytest.raises(ManifestError, match="/dev/null: not a regular file"):
+            read_manifest("/dev/null")
 
 
 def test_inspect_prints_layers_and_metrics(tmp_path, capsys):
