@@ -97,12 +97,27 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     say(describe(stack.manifest()), f"stack written to {out}")
 
 
+_TEXT_SUFFIXES = (".yaml", ".yml", ".json", ".csv", ".md", ".txt", ".log", ".png")
+
+
+def _text_not_weights(path: Path) -> str:
+    """What to run instead of ``inspect`` on a recipe or on one of a run's own text files."""
+    if path.suffix.lower() in (".yaml", ".yml"):
+        return (f"{path}: a recipe, not a weights file; `surgery validate {path}` checks it and prints the "
+                "planned network.")
+    recipe = f", or `surgery validate {path}` if it is a recipe" if path.suffix.lower() == ".json" else ""
+    return (f"{path}: a {path.suffix} file, not a weights file (inspect reads stacks, models, checkpoints, arrays "
+            f"files and run directories); `surgery inspect {path.parent}` shows the run it belongs to{recipe}.")
+
+
 def cmd_inspect(args: argparse.Namespace) -> None:
     """``surgery inspect``: describe a stack or model file (validating it whole), or an
     run or experiment directory's progress."""
     if args.file.is_dir():
         say(*describe_run(args.file))  # one paragraph when it is no run's directory
         return
+    if args.file.suffix.lower() in _TEXT_SUFFIXES and args.file.is_file():
+        raise ManifestError(_text_not_weights(args.file))
     if is_arrays_file(args.file):
         say(_describe_dataset_file(args.file))
         return

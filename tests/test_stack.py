@@ -115,6 +115,19 @@ def test_missing_file(tmp_path, capsys):
             read_manifest("/dev/null")
 
 
+@pytest.mark.parametrize("name, says", [
+    ("quick.yaml", "a recipe, not a weights file; `surgery validate"),
+    ("results.csv", "a .csv file, not a weights file"),
+    ("experiment.json", "shows the run it belongs to, or `surgery validate"),
+])
+def test_inspect_of_a_recipe_or_a_runs_text_file_says_what_to_run_instead(tmp_path, capsys, name, says):
+    (tmp_path / name).write_text("name: x\n")
+    assert main(["inspect", str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "corrupt" not in err and err.count("\n") == 1, err
+    assert f"surgery inspect {tmp_path}" in err or name.endswith(".yaml"), err
+
+
 def test_inspect_prints_layers_and_metrics(tmp_path, capsys):
     p = random_stack().save(tmp_path / "s.safetensors")
     assert main(["inspect", str(p)]) == 0
