@@ -18,6 +18,7 @@ import csv
 import json
 import time
 import warnings
+from collections import Counter
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -228,9 +229,28 @@ def merge_results(dirs: str | Path | list[str | Path]) -> tuple[list[dict[str, A
                          "a later directory wins for the same cell.")
         merged.update({(r["condition"], r["depth"], r["seed"]): r for r in rows})
         origin.update({(r["condition"], r["depth"], r["seed"]): d for r in rows})
-    if len(dirs) > 1:
-        notes += _mixed_protocols(merged, origin)
+    if len(set(origin.values())) > 1:
+        notes += _mixed_protocols(merged, origin) + _unchecked(merged, origin)
     return list(merged.values()), notes
+
+
+def _unchecked(merged: dict[tuple[str, int, int], dict[str, Any]],
+               origin: dict[tuple[str, int, int], Path]) -> list[str]:
+    """A note for each directory some of whose merged runs the protocol check could not read
+    (no ``experiment.json``, or their cell directories gone, as for a published report): the
+    absence of a warning says nothing about them."""
+    lines = []
+    for d, n in Counter(origin.values()).items():
+        if not (d / "experiment.json").is_file():
+            why, k = "it has no experiment.json, so neither their data nor their settings can be read", n
+        else:
+            k = sum(1 for key, row in merged.items() if origin[key] == d
+                    and not (row.get("path") and (Path(row["path"]) / "recipe.json").is_file()))
+            why = "their cell directories are not here"
+        if k:
+            lines.append(f"compare: {k} of the {n} runs merged from {d} could not be checked against the other "
+                         f"directories' settings ({why}); had they run another protocol, nothing here would say so.")
+    return lines
 
 
 # Fields that change where or how a run is watched or kept, not its numbers.

@@ -1224,6 +1224,38 @@ def test_compare_refuses_runs_on_other_data_and_says_which_runs_a_later_director
     assert "seeds at depths 1, 2, 3: none 3, 1, 1" in capsys.readouterr().out.splitlines()
 
 
+def test_compare_says_which_merged_runs_it_could_not_check_for_another_protocol(tmp_path, capsys):
+    """Runs whose cell directories are gone (a published report) or whose directory has no
+    experiment.json cannot be checked against the others' settings: compare says so rather
+    than letting the absence of a warning vouch for them."""
+    def grid(name, seed, epochs):
+        r = json.loads(json.dumps(TINY))
+        r["finetune"] = {**r["finetune"], "epochs": epochs}
+        r["experiment"] = {**r["experiment"], "conditions": ["none"], "depths": [1], "seeds": [seed]}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(r))
+        assert main(["run", str(tmp_path / f"{name}.yaml"), "--out", str(tmp_path / name)]) == 0
+
+    grid("a", 0, 2)
+    grid("d", 1, 3)
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "d"), "--out", str(tmp_path / "ad")]) == 0
+    said = capsys.readouterr().out
+    assert "differ in finetune.epochs" in said and "could not be checked" not in said
+    shutil.rmtree(tmp_path / "d" / "cells")
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "d"), "--out", str(tmp_path / "ad2")]) == 0
+    said = capsys.readouterr().out
+    assert "differ in" not in said, said
+    assert (f"compare: 1 of the 1 runs merged from {tmp_path / 'd'} could not be checked against the other "
+            "directories' settings (their cell directories are not here)") in said
+    (tmp_path / "a" / "experiment.json").unlink()
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "d"), "--out", str(tmp_path / "ad3")]) == 0
+    said = capsys.readouterr().out
+    assert f"runs merged from {tmp_path / 'a'} could not be checked against the other directories' settings (it " \
+           "has no experiment.json, so neither their data nor their settings can be read)" in said
+    assert main(["compare", str(tmp_path / "a"), "--out", str(tmp_path / "a1")]) == 0  # one directory: nothing to check
+    assert "could not be checked" not in capsys.readouterr().out
+
+
 def test_runs_added_to_an_earlier_merge_of_arms_run_apart_merge_quietly(tmp_path, capsys):
     """A merge's recipe is its first directory's, which may have run another arm: the runs of
     an arm it does not describe are no other protocol than the same arm's runs added later."""
