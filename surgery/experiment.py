@@ -215,7 +215,8 @@ def merge_results(dirs: str | Path | list[str | Path]) -> tuple[list[dict[str, A
     with other settings from different directories. ``SurgeryError`` when the directories ran on
     different data (their ``experiment.json`` say so): their errors would not be comparable."""
     dirs = [Path(dirs)] if isinstance(dirs, (str, Path)) else [Path(d) for d in dirs]
-    _check_same_data(dirs)
+    if len(dirs) > 1:
+        _check_same_data(dirs)
     merged: dict[tuple[str, int, int], dict[str, Any]] = {}
     origin: dict[tuple[str, int, int], Path] = {}  # the directory each merged row came from
     notes = []

@@ -33,16 +33,16 @@ from .lock import describe_holders
 from .outdirs import experiment_meta, is_experiment_dir, is_search_dir, is_single_run_dir
 from .provenance import COMMANDS_FILE, commands_line, recorded
 from .stacks_dir import TAKEN_FILE
-from .weights_io import weights_held
+from .weights_io import first_line, weights_held
 
 
-def _experiment_record(out: Path) -> dict[str, Any]:
-    """``out/experiment.json``'s record; ``{}`` while it is being written or when damaged
-    (the cells still say how far the experiment got)."""
+def _experiment_record(out: Path) -> tuple[dict[str, Any], list[str]]:
+    """``out/experiment.json``'s record (``{}`` before it is written), and a line saying what
+    is wrong with it when it is damaged: the cells still say how far the experiment got."""
     try:
-        return experiment_meta(out)
-    except ManifestError:
-        return {}
+        return experiment_meta(out), []
+    except ManifestError as e:
+        return {}, [first_line(e)]
 
 
 def _read(path: Path) -> Any:
@@ -313,6 +313,16 @@ def _describe_merge(out: Path, meta: dict[str, Any]) -> list[str]:
             *_made_by(meta), f"finished: results in {out}/results.csv, report in {out}/report.md"]
 
 
+def _held(out: Path) -> list[str]:
+    """The runs ``out/results.csv`` holds and their seeds per arm and depth (none if unreadable)."""
+    try:
+        rows = read_results(out)
+    except SurgeryError:
+        return []
+    return [f"results.csv: {len(rows)} runs ({', '.join(dict.fromkeys(str(r['condition']) for r in rows))})",
+            *_seeds_line(rows)]
+
+
 def _some(dirs: list[str], shown: int = 4) -> str:
     """The directories a merge holds, the first ``shown`` of a long list and how many more."""
     if len(dirs) <= shown + 1:
@@ -385,12 +395,12 @@ def describe_run(out: Path) -> list[str]:
                            f"or pretrain/, nor an experiment's experiment.json, cells/, tuning/ or stacks/, nor a "
                            f"search's search.json, search.db or trials/); give a .safetensors file"
                            f"{weights_held(out)} or a run's --out directory.")
-    meta = _experiment_record(out)
+    meta, damaged = _experiment_record(out)
     if isinstance(meta.get("merged_from"), list):
         return _describe_merge(out, meta)
     recipe = meta.get("recipe") or {}
     exp = recipe.get("experiment") or {}
-    lines = [f"{out}: experiment {recipe.get('name', '')}".rstrip(), *_in_use(out)]
+    lines = [f"{out}: experiment {recipe.get('name', '')}".rstrip(), *damaged, *_in_use(out)]
     stacks = [d for d in sorted((out / "stacks").glob("*")) if d.is_dir()] if (out / "stacks").is_dir() else []
     if stacks:
         whole = sum((d / "pretrain.json").is_file() for d in stacks)
@@ -400,6 +410,8 @@ def describe_run(out: Path) -> list[str]:
     trials, tuning_now = _runs(out / "tuning")
     lines += _tuning_so_far(trials, exp.get("tune") or {})
     cells, cells_now = _runs(out / "cells")
+    if not cells and damaged:  # a merge's directory, say: what its results.csv holds
+        lines += _held(out)
     total = meta.get("cells") if isinstance(meta.get("cells"), int) else None
     if total and len(cells) > total:  # runs of other seed lists shared the directory
         lines.append(f"cells: {len(cells)} finished (the last run planned {total})")

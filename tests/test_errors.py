@@ -1014,6 +1014,14 @@ def test_damaged_files_in_an_experiment_directory(tmp_path, capsys, damage):
     err = capsys.readouterr().err
     assert err.startswith(f"surgery compare: error: {out / 'experiment.json'}: ") and "Traceback" not in err
     assert "Run its recipe again with this --out to write it anew." in err and err.count("\n") == 1
+    assert main(["inspect", str(out)]) == 0  # how far it got, and what is wrong with its record
+    said = capsys.readouterr().out.splitlines()
+    assert said[1].startswith(f"{out / 'experiment.json'}: ") and "Run its recipe again" in said[1], said
+    assert f"cells: {len(cells)} finished" in said, said
+    shutil.rmtree(out / "cells")  # as in a published report: what its results.csv holds
+    assert main(["inspect", str(out)]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert any(s.startswith(f"results.csv: {len(before)} runs (") for s in said), said
     assert main(["run", str(rp), "--out", str(out)]) == 0  # as the error says: written anew
     assert main(["compare", str(out)]) == 0
 
