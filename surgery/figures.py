@@ -131,31 +131,58 @@ def _bars(ts: list[dict[str, Any]]) -> list[list[float]]:
 def _hist_figure(rows: list[dict[str, Any]], conds: list[str], learned: Callable[[dict[str, Any]], bool]) -> Any:
     """Histogram of test errors over seeds, one panel per arm (as Erhan et al. 2010); where
     some runs learned and some did not, the bins span those that learned and a panel's label
-    says how many of its runs did not (and their mean), so chance does not squash the spread."""
+    says how many of its runs did not (and their mean), so chance does not squash the spread;
+    a learned run far above the rest (beyond the upper quartile by three interquartile ranges)
+    is left off the axis the same way and counted in the label with its error. The sd is the
+    spread within a depth (pooled over depths), the one the seeds' spread is about."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     apart = [r for r in rows if not learned(r)] if any(learned(r) for r in rows) else []
-    drawn = [r for r in rows if r not in apart]
+    kept = [r for r in rows if r not in apart]
+    top = _fence([float(r["test_error"]) for r in kept])
+    drawn = [r for r in kept if float(r["test_error"]) <= top]
     allv = [float(r["test_error"]) for r in drawn]
-    bins = np.linspace(min(allv), max(allv) + 1e-6, 21) if allv else 10
+    bins = np.linspace(min(allv), max(allv) + 1e-6, 26) if allv else 10
     depths = sorted({int(r["depth"]) for r in rows})
     fig, axes = plt.subplots(len(conds), 1, figsize=(7, 1.6 + 1.3 * len(conds)), sharex=True, squeeze=False)
     for ax, c in zip(axes[:, 0], conds):
-        mine = [r for r in drawn if r["condition"] == c]
-        per_depth = [[float(r["test_error"]) for r in mine if int(r["depth"]) == d] for d in depths]
+        per_depth = [[float(r["test_error"]) for r in drawn if r["condition"] == c and int(r["depth"]) == d]
+                     for d in depths]
         shades = [plt.cm.viridis(i / max(len(depths) - 1, 1)) for i in range(len(depths))]
         ax.hist(per_depth, bins=bins, stacked=True, color=shades, label=[f"depth {d}" for d in depths])
-        v = [x for xs in per_depth for x in xs]
-        sd = np.std(v, ddof=1) if len(v) > 1 else 0.0
+        mine = [r for r in kept if r["condition"] == c]
+        far = sorted(float(r["test_error"]) for r in mine if float(r["test_error"]) > top)
         stuck = [float(r["test_error"]) for r in apart if r["condition"] == c]
-        more = f"\n+{len(stuck)} not learned\n(mean {np.mean(stuck):.1f}%)" if stuck else ""
-        ax.set_ylabel(f"{c}\nn={len(v)}, sd={sd:.2f}{more}", rotation=0, ha="right", va="center")
+        more = f"\n+{len(far)} off the axis\n({', '.join(f'{x:.2f}%' for x in far[:3])})" if far else ""
+        more += f"\n+{len(stuck)} not learned\n(mean {np.mean(stuck):.1f}%)" if stuck else ""
+        ax.set_ylabel(f"{c}\nn={len(mine)}, sd={_sd_within(mine):.2f}{more}", rotation=0, ha="right", va="center")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0, 0].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")  # beside: never over a bar
     axes[-1, 0].set_xlabel("test error (%)")
-    fig.suptitle("Spread of test error over seeds (stacked by depth)")
+    fig.suptitle("Spread of test error over seeds (stacked by depth; sd: within a depth)")
     return fig
+
+
+def _fence(values: list[float]) -> float:
+    """The upper quartile plus three interquartile ranges (at least 0.1 points): errors above it
+    are far out, drawn off the axis so one run does not squash the others into a few bins."""
+    if len(values) < 4:
+        return math.inf
+    q1, q3 = np.percentile(values, [25, 75])
+    return float(q3 + 3 * max(q3 - q1, 0.1 / 3))
+
+
+def _sd_within(rows: list[dict[str, Any]]) -> float:
+    """The standard deviation of test error within a depth, pooled over the depths (their
+    variances weighted by degrees of freedom); 0 with no depth of two runs."""
+    by_depth: dict[int, list[float]] = {}
+    for r in rows:
+        by_depth.setdefault(int(r["depth"]), []).append(float(r["test_error"]))
+    dof = sum(len(v) - 1 for v in by_depth.values() if len(v) > 1)
+    if not dof:
+        return 0.0
+    return math.sqrt(sum(np.var(v, ddof=1) * (len(v) - 1) for v in by_depth.values() if len(v) > 1) / dof)
 
 
 def _curves_figure(rows: list[dict[str, Any]], conds: list[str], colors: dict[str, Any]) -> Any:

@@ -316,7 +316,15 @@ def test_cells_that_did_not_learn_are_drawn_off_the_scale():
     fig = _hist_figure(rows, ["none", "dae"], lambda r: r["test_error"] < 50)
     none, dae = fig.axes
     assert none.get_xlim()[1] < 3 and none.get_ylabel() == "none\nn=6, sd=0.10\n+3 not learned\n(mean 89.7%)"
-    assert dae.get_ylabel() == "dae\nn=9, sd=0.04"
+    assert dae.get_ylabel() == "dae\nn=9, sd=0.05"  # within a depth: not 0.04 over all nine
+    # one learned run far above the rest goes off the axis too, named in the label (its error
+    # still counts in the sd)
+    far = [run("dae", d, s, e + d / 10) for d in (1, 2, 3) for s, e in enumerate([1.4, 1.5, 1.45])]
+    far.append(run("dae", 3, 9, 4.06))
+    fig = _hist_figure(far, ["dae"], lambda r: True)
+    ax = fig.axes[0]
+    assert ax.get_xlim()[1] < 3.5 and ax.get_ylabel() == "dae\nn=10, sd=0.76\n+1 off the axis\n(4.06%)"
+    assert sum(p.get_height() for p in ax.patches) == 9
 
 
 def test_cell_keys_stay_what_earlier_versions_made():
