@@ -34,8 +34,20 @@ def write_figures(out: Path, rows: list[dict[str, Any]], tab: list[dict[str, Any
     stuck = {(r["condition"], int(r["depth"])) for r in rows if not learned(r)}
     _save(_depth_figure(tab, conds, colors, baseline, stuck), out / "figures" / "error_vs_depth.png")
     _save(_hist_figure(rows, conds, learned), out / "figures" / "error_hist.png")
-    _save(_curves_figure(rows, conds, colors), out / "figures" / "learning_curves.png")
-    _save(_filters_figure(rows, conds), out / "figures" / "filters.png")
+    if not kept_figures(out, rows):  # else none of the runs is here to draw them anew from
+        _save(_curves_figure(rows, conds, colors), out / "figures" / "learning_curves.png")
+        _save(_filters_figure(rows, conds), out / "figures" / "filters.png")
+
+
+FROM_RUNS = ("learning_curves.png", "filters.png")  # the figures drawn from the runs' own directories
+
+
+def kept_figures(out: Path, rows: list[dict[str, Any]]) -> bool:
+    """Whether the figures drawn from the runs' directories are kept as an earlier build drew
+    them: none of those directories (results.csv's ``path``) is here, as for a published
+    report, and the figures are; drawn anew from nothing they would be empty."""
+    return (not any(r.get("path") and Path(r["path"]).is_dir() for r in rows)
+            and all((out / "figures" / name).is_file() for name in FROM_RUNS))
 
 
 def plt_colormap(n: int) -> Any:
@@ -186,7 +198,8 @@ def _sd_within(rows: list[dict[str, Any]]) -> float:
 
 
 def _curves_figure(rows: list[dict[str, Any]], conds: list[str], colors: dict[str, Any]) -> Any:
-    """Validation error per epoch at each arm's largest depth: every seed faint (early stopping
+    """Validation error per epoch at each arm's largest depth (of the runs whose directories
+    are here, for a merge of a published report and new runs): every seed faint (early stopping
     ends them at different epochs) and the mean over seeds while all of them run; the training
     error instead when the runs had no validation split (``data.valid_size: 0``). A log scale
     when the errors span more than 20x (a run stuck near chance beside ones at 2%)."""
@@ -195,9 +208,10 @@ def _curves_figure(rows: list[dict[str, Any]], conds: list[str], colors: dict[st
     histories: dict[str, list[list[dict[str, Any]]]] = {}
     for c in conds:
         crow = [r for r in rows if r["condition"] == c]
-        dmax = max(int(r["depth"]) for r in crow)
-        paths = [Path(r["path"]) / "metrics.jsonl" for r in crow if int(r["depth"]) == dmax and r.get("path")]
-        histories[f"{c} (depth {dmax})"] = [h for p in paths if p.is_file() and (h := _history(p))]
+        here = [r for r in crow if r.get("path") and (Path(r["path"]) / "metrics.jsonl").is_file()]
+        dmax = max(int(r["depth"]) for r in here or crow)  # the largest depth whose runs are here
+        paths = [Path(r["path"]) / "metrics.jsonl" for r in here if int(r["depth"]) == dmax]
+        histories[f"{c} (depth {dmax})"] = [h for p in paths if (h := _history(p))]
     validated = all(h["valid_error"] is not None for hs in histories.values() for hist in hs for h in hist)
     key = "valid_error" if validated else "train_error"
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .errors import SurgeryError
-from .figures import write_figures
+from .figures import kept_figures, write_figures
 from .io import make_dir, write_text
 from .outdirs import experiment_meta, read_tuning
 from .provenance import cost_markdown, recorded
@@ -249,9 +249,11 @@ def paper_markdown(paper: dict[str, Any], tab: list[dict[str, Any]]) -> list[str
 
 
 def markdown(rows: list[dict[str, Any]], baseline: str = "none", tuning: dict[str, Any] | None = None,
-             paper: dict[str, Any] | None = None, commands: list[dict[str, Any]] | None = None) -> str:
+             paper: dict[str, Any] | None = None, commands: list[dict[str, Any]] | None = None,
+             kept: bool = False) -> str:
     """The report's markdown: the table, the best arm, the paper's numbers and the tuning
-    (if any), the cost (with the ``commands`` that made the results), the figures."""
+    (if any), the cost (with the ``commands`` that made the results), the figures (``kept``:
+    those drawn from the runs' directories are an earlier build's, none of them being here)."""
     tab = table(rows, baseline)
     seeds = sorted({int(r["seed"]) for r in rows})
     lines = [
@@ -286,10 +288,14 @@ def markdown(rows: list[dict[str, Any]], baseline: str = "none", tuning: dict[st
               "![test error vs depth](figures/error_vs_depth.png)", "",
               "![spread over seeds](figures/error_hist.png)", ""]
     gone = [r for r in rows if not (r.get("path") and (Path(r["path"]) / "metrics.jsonl").is_file())]
-    if gone:  # runs merged from a results.csv whose run directories are not here
+    if kept:
+        lines += ["The learning curves and filters are kept as an earlier build of this report drew them: none of "
+                  "its runs' directories (results.csv's `path`) is here to draw them from.", ""]
+    elif gone:  # runs merged from a results.csv whose run directories are not here
         arms = ", ".join(sorted({r["condition"] for r in gone}))
         lines += [f"The learning curves and filters leave out the runs whose directories (results.csv's `path`) "
-                  f"are not here: {len(gone)} of {len(rows)} ({arms}).", ""]
+                  f"are not here: {len(gone)} of {len(rows)} ({arms}); the curves are each arm's at the largest "
+                  "depth whose runs are here.", ""]
     lines += ["![learning curves](figures/learning_curves.png)", "",
               "![first-layer filters](figures/filters.png)", ""]
     return "\n".join(lines)
@@ -401,5 +407,6 @@ def write_report(out: Path, rows: list[dict[str, Any]], baseline: str = "none") 
     meta = experiment_meta(out)
     exp = (meta.get("recipe") or {}).get("experiment") or {}
     make_dir(out)
-    write_text(out / "report.md", markdown(rows, baseline, tuning, exp.get("paper"), recorded(meta)))
+    kept = kept_figures(out, rows)
+    write_text(out / "report.md", markdown(rows, baseline, tuning, exp.get("paper"), recorded(meta), kept))
     write_figures(out, rows, table(rows, baseline), baseline, learned)

@@ -1107,7 +1107,7 @@ def test_a_batch_of_trials_trained_one_by_one_logs_each_as_it_finishes(tmp_path,
     assert events[:8] == ["fit", "tuning"] * 4, events
 
 
-def test_compare_merges_arms_tuned_in_separate_runs(tmp_path, capsys):
+def test_compare_merges_arms_tuned_in_separate_runs(tmp_path, capsys, monkeypatch):
     """A protocol run arm by arm (as on a small machine) merges into one report whose tuning
     section lists every arm's best trial; budgets that differ are refused, naming them."""
     for arm in ("none", "dae"):
@@ -1138,6 +1138,25 @@ def test_compare_merges_arms_tuned_in_separate_runs(tmp_path, capsys):
     shutil.rmtree(tmp_path / "dae" / "cells")
     assert main(["compare", str(tmp_path / "none"), str(tmp_path / "dae"), "--out", str(tmp_path / "m1")]) == 0
     assert "are not here: 1 of 2 (dae)" in (tmp_path / "m1" / "report.md").read_text()
+    # rebuilt once no run's directory is here (a published report): the curves and filters an
+    # earlier build drew are kept, not drawn anew from nothing
+    figures = {n: (tmp_path / "m1" / "figures" / n).read_bytes() for n in ("learning_curves.png", "filters.png")}
+    shutil.move(tmp_path / "none" / "cells", tmp_path / "none_cells")
+    assert main(["compare", str(tmp_path / "m1")]) == 0
+    assert figures == {n: (tmp_path / "m1" / "figures" / n).read_bytes() for n in figures}
+    report = (tmp_path / "m1" / "report.md").read_text()
+    assert "kept as an earlier build of this report drew them" in report and "are not here" not in report
+    shutil.move(tmp_path / "none_cells", tmp_path / "none" / "cells")
+    # some here: each arm's curves at the largest depth whose runs are here (none's depth-2 run is gone)
+    import surgery.figures as figures_module
+
+    read, history = [], figures_module._history
+    monkeypatch.setattr(figures_module, "_history", lambda p: read.append(p) or history(p))
+    shutil.rmtree(tmp_path / "deep" / "cells")
+    assert main(["compare", str(tmp_path / "none"), str(tmp_path / "deep"), "--out", str(tmp_path / "m4")]) == 0
+    assert len(read) == 1 and (tmp_path / "none") in read[0].parents, read
+    assert "the curves are each arm's at the largest depth whose runs are here" in (
+        tmp_path / "m4" / "report.md").read_text()
     other = json.loads((tmp_path / "dae" / "tuning.json").read_text())
     (tmp_path / "dae" / "tuning.json").write_text(json.dumps({**other, "trials_per_arm": 5}))
     capsys.readouterr()
