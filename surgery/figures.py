@@ -39,7 +39,7 @@ def write_figures(out: Path, rows: list[dict[str, Any]], tab: list[dict[str, Any
         _save(_filters_figure(rows, conds), out / "figures" / "filters.png")
 
 
-FROM_RUNS = ("learning_curves.png", "filters.png")  # the figures drawn from the runs' own directories
+_FROM_RUNS = ("learning_curves.png", "filters.png")  # the figures drawn from the runs' own directories
 
 
 def kept_figures(out: Path, rows: list[dict[str, Any]]) -> bool:
@@ -47,7 +47,7 @@ def kept_figures(out: Path, rows: list[dict[str, Any]]) -> bool:
     them: none of those directories (results.csv's ``path``) is here, as for a published
     report, and the figures are; drawn anew from nothing they would be empty."""
     return (not any(r.get("path") and Path(r["path"]).is_dir() for r in rows)
-            and all((out / "figures" / name).is_file() for name in FROM_RUNS))
+            and all((out / "figures" / name).is_file() for name in _FROM_RUNS))
 
 
 def plt_colormap(n: int) -> Any:

@@ -305,7 +305,7 @@ def _describe_merge(out: Path, meta: dict[str, Any]) -> list[str]:
     name = meta["recipe"].get("name") if isinstance(meta.get("recipe"), dict) else None
     try:
         rows = read_results(out)
-        held = f"{len(rows)} runs ({', '.join(dict.fromkeys(str(r['condition']) for r in rows))})"
+        held = _runs_of(rows)
     except SurgeryError:
         rows, held = [], "results.csv unreadable (run the compare again)"
     return [f"{out}: experiment{f' {name}' if name else ''}, merged by `surgery compare`",
@@ -319,8 +319,12 @@ def _held(out: Path) -> list[str]:
         rows = read_results(out)
     except SurgeryError:
         return []
-    return [f"results.csv: {len(rows)} runs ({', '.join(dict.fromkeys(str(r['condition']) for r in rows))})",
-            *_seeds_line(rows)]
+    return [f"results.csv: {_runs_of(rows)}", *_seeds_line(rows)]
+
+
+def _runs_of(rows: list[dict[str, Any]]) -> str:
+    """``12 runs (none, dae)``: how many result rows, of which arms."""
+    return f"{len(rows)} runs ({', '.join(dict.fromkeys(str(r['condition']) for r in rows))})"
 
 
 def _some(dirs: list[str], shown: int = 4) -> str:
