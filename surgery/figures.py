@@ -20,10 +20,11 @@ from .weights_io import first_line
 
 
 def write_figures(out: Path, rows: list[dict[str, Any]], tab: list[dict[str, Any]], baseline: str,
-                  learned: Callable[[dict[str, Any]], bool] = lambda row: True) -> None:
+                  learned: Callable[[dict[str, Any]], bool] = lambda row: True, kept: bool = False) -> None:
     """``out/figures/*.png`` for an experiment's result rows and their ``report.table``;
     ``learned(row)``: whether a run learned (those that did not are drawn apart when their
-    errors would squash the others')."""
+    errors would squash the others'); ``kept``: leave the figures drawn from the runs'
+    directories as they are (:func:`kept_figures`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,7 +35,7 @@ def write_figures(out: Path, rows: list[dict[str, Any]], tab: list[dict[str, Any
     stuck = {(r["condition"], int(r["depth"])) for r in rows if not learned(r)}
     _save(_depth_figure(tab, conds, colors, baseline, stuck), out / "figures" / "error_vs_depth.png")
     _save(_hist_figure(rows, conds, learned), out / "figures" / "error_hist.png")
-    if not kept_figures(out, rows):  # else none of the runs is here to draw them anew from
+    if not kept:  # else none of the runs is here to draw them anew from
         _save(_curves_figure(rows, conds, colors), out / "figures" / "learning_curves.png")
         _save(_filters_figure(rows, conds), out / "figures" / "filters.png")
 
