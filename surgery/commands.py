@@ -312,6 +312,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     if baseline is None:
         baseline = ((described.get("recipe") or {}).get("experiment") or {}).get("baseline", "none")
     this = ended(entry, time.perf_counter() - t0, "finished") if entry is not None else None
+    if this is not None and notes:  # what it said of the merge stays with it, in the report's Cost section
+        this = {**this, "notes": notes}
     if args.overrides and not merging:  # the one directory's record of the paper, and nothing else, changes
         write_json(Path(out) / "experiment.json", {**described, "commands": with_command(described, this)})
     if merging:  # everything read (``out`` may be an earlier merge among them) before anything is written

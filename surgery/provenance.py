@@ -188,7 +188,8 @@ def _stacks(rows: list[dict[str, Any]]) -> list[float]:
 
 
 def _entry_line(e: Entry) -> str:
-    """One command of the Cost section: the command, how long and how it ended, on what."""
+    """One command of the Cost section: the command, how long and how it ended, on what, and
+    what it said of the runs it merged (a ``compare``'s ``notes``), each on a line below it."""
     seconds = e.get("seconds")
     took = (f"{duration(seconds)}, {e.get('outcome', 'ended')}" if isinstance(seconds, (int, float))
             else "no end recorded (still running, or killed)")
@@ -198,7 +199,9 @@ def _entry_line(e: Entry) -> str:
     versions = f"surgery {e.get('surgery', '?')}, torch {e.get('torch', '?')}"
     where = f"in `{e['dir']}`" if e.get("dir") else ""
     parts = [took, on, versions, f"started {e.get('started', '?')}", where]
-    return f"- `{e.get('command', '?')}`: " + "; ".join(p for p in parts if p)
+    notes = e.get("notes") if isinstance(e.get("notes"), list) else []
+    return "\n".join([f"- `{e.get('command', '?')}`: " + "; ".join(p for p in parts if p),
+                      *(f"  - {n}" for n in notes)])
 
 
 def _ended_seconds(commands: list[Entry]) -> list[float]:

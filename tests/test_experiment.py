@@ -1145,7 +1145,7 @@ def test_compare_merges_arms_tuned_in_separate_runs(tmp_path, capsys, monkeypatc
     assert main(["compare", str(tmp_path / "m1")]) == 0
     assert figures == {n: (tmp_path / "m1" / "figures" / n).read_bytes() for n in figures}
     report = (tmp_path / "m1" / "report.md").read_text()
-    assert "kept as an earlier build of this report drew them" in report and "are not here" not in report
+    assert "kept as an earlier build of this report drew them" in report and "are not here: " not in report
     shutil.move(tmp_path / "none_cells", tmp_path / "none" / "cells")
     # some here: each arm's curves at the largest depth whose runs are here (none's depth-2 run is gone)
     import surgery.figures as figures_module
@@ -1268,12 +1268,20 @@ def test_compare_says_which_merged_runs_it_could_not_check_for_another_protocol(
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "d"), "--out", str(tmp_path / "ad")]) == 0
     said = capsys.readouterr().out
     assert "differ in finetune.epochs" in said and "could not be checked" not in said
+    # what compare said stays in the report, under the command that said it, through a rebuild
+    warning = next(line for line in said.splitlines() if "differ in finetune.epochs" in line)
+    assert main(["compare", str(tmp_path / "ad")]) == 0
+    report = (tmp_path / "ad" / "report.md").read_text()
+    lines = report.split("## Cost")[1].splitlines()
+    assert lines[lines.index(f"  - {warning}") - 1].startswith("- `")  # below the command's own line
     shutil.rmtree(tmp_path / "d" / "cells")
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "d"), "--out", str(tmp_path / "ad2")]) == 0
     said = capsys.readouterr().out
     assert "differ in" not in said, said
-    assert (f"compare: 1 of the 1 runs merged from {tmp_path / 'd'} could not be checked against the other "
-            "directories' settings (their cell directories are not here)") in said
+    unchecked = (f"compare: 1 of the 1 runs merged from {tmp_path / 'd'} could not be checked against the other "
+                 "directories' settings (their cell directories are not here)")
+    assert unchecked in said
+    assert unchecked in (tmp_path / "ad2" / "report.md").read_text()
     (tmp_path / "a" / "experiment.json").unlink()
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "d"), "--out", str(tmp_path / "ad3")]) == 0
     said = capsys.readouterr().out
