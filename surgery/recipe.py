@@ -368,20 +368,27 @@ def _selected(old: Any, value: Any) -> Any:
 
 # The suffixes of the files read as recipes (.json as JSON, the others as YAML).
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
+_RECIPE_MAX_BYTES = 16 * 2**20  # far above any recipe; what is longer is some other file
 
 
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
-    """The recipe file as a dict (YAML, or JSON by suffix); ``ConfigError`` for a missing, empty or malformed file."""
+    """The recipe file as a dict (YAML, or JSON by suffix); ``ConfigError`` for a missing, empty or malformed file.
+    A pipe is read as a file is (``surgery validate <(...)``, ``/dev/stdin``)."""
     path = Path(path)
     if path.is_dir():
         recipes = sorted(p.name for p in path.iterdir() if p.suffix in RECIPE_SUFFIXES)
         named = ", ".join(recipes[:3]) + (", ..." if len(recipes) > 3 else "")
         raise ConfigError(f"{path}: a directory, not a recipe file; give one of its recipes"
                           + (f" ({named})." if recipes else ", a .yaml or .json file."))
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{path}: no such recipe file.")
     try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is dropped
+        with path.open("rb") as f:  # a pipe too; at most a cap's worth, for one that never ends (/dev/zero)
+            raw = f.read(_RECIPE_MAX_BYTES + 1)
+        if len(raw) > _RECIPE_MAX_BYTES:
+            raise ConfigError(f"{path}: over {_RECIPE_MAX_BYTES // 2**20} MiB, not a recipe (a recipe is a short YAML "
+                              "or JSON text). Was a data file given in its place?")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors) is dropped
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not a text file (byte {e.start} is no UTF-8); a recipe is YAML or JSON text. "
                           "Was a stack, model or data file given in its place?") from None

@@ -1,7 +1,9 @@
 import copy
 import json
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -308,6 +310,27 @@ def test_yaml_syntax_error_and_non_mapping(workdir, capsys):
     (workdir / "recipes" / "a.yaml").write_text("data: {dataset: synthetic}\n")
     assert main(["validate", str(workdir / "recipes")]) == 2
     assert "recipes: a directory, not a recipe file; give one of its recipes (a.yaml)." in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not Path("/dev/zero").exists(), reason="needs POSIX pipes")
+def test_a_recipe_is_read_from_a_pipe_and_an_endless_one_is_refused(tmp_path, capsys):
+    """``surgery validate <(...)`` or ``/dev/stdin`` reads the recipe from a pipe; a file that
+    never ends (``/dev/zero``) or a huge one is refused after a bounded read, not read until
+    memory runs out."""
+    fifo = tmp_path / "recipe.yaml"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_text, args=("data: {dataset: synthetic}\nfinetune: {epochs: 2}\n",),
+                              daemon=True)  # a failing check must not leave pytest waiting on it
+    writer.start()
+    assert main(["validate", str(fifo)]) == 0
+    writer.join()
+    assert capsys.readouterr().out.startswith(f"{fifo}: ok")
+    assert main(["validate", "/dev/zero"]) == 2
+    err = capsys.readouterr().err
+    assert "/dev/zero: over 16 MiB, not a recipe" in err and err.count("\n") == 1, err
+    if Path("/dev/null").exists():
+        assert main(["validate", "/dev/null"]) == 2
+        assert "/dev/null: the recipe is empty" in capsys.readouterr().err
 
 
 def test_a_key_given_twice_is_refused_not_kept_last(workdir, capsys):
