@@ -50,7 +50,8 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    """The public names (what tab completion offers), not this file's helpers (``Path``, ``ast``)."""
+    return sorted({n for n in globals() if n.startswith("__")} | set(__all__))
 
 
 class _Package(types.ModuleType):

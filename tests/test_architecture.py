@@ -97,6 +97,7 @@ def test_the_package_gives_each_public_name_on_first_use():
     for name, module in imported.items():
         assert getattr(surgery, name) is getattr(importlib.import_module(f"surgery.{module}"), name)
         assert name in dir(surgery)
+    assert not {"Path", "Any", "ast", "importlib", "sys", "types", "annotations"} & set(dir(surgery))  # helpers
     with pytest.raises(AttributeError, match="no attribute 'Trainr'"):
         surgery.Trainr  # noqa: B018
 
