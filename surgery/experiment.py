@@ -184,6 +184,10 @@ def write_results_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def _no_results(d: Path) -> str:
     """Why ``d`` has no results.csv, and what to do."""
+    if d.is_file():  # its results.csv, or a report, given in place of the directory
+        hint = f" (its directory is {d.parent})" if d.name in ("results.csv", "report.md", "experiment.json") else ""
+        return (f"{d}: a file, not an experiment directory{hint}; compare takes the --out directories that "
+                "`surgery run` wrote for recipes with an experiment: section.")
     if is_single_run_dir(d) and not is_experiment_dir(d):
         return (f"{d}: a single run's directory, not an experiment's; compare merges the --out directories of "
                 "recipes with an experiment: section (`surgery inspect DIR` shows a single run).")

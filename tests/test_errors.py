@@ -355,6 +355,13 @@ def compare_an_unfinished_experiment(tmp: Path):
     return ["compare", str(tmp / "half")], "an experiment that has not finished", [tmp / "half" / "experiment.json"]
 
 
+def compare_a_results_file(tmp: Path):
+    (tmp / "exp").mkdir()
+    csv = tmp / "exp" / "results.csv"
+    csv.write_text("condition,depth,seed,test_error\nnone,1,0,2.0\n")
+    return ["compare", str(csv)], f"a file, not an experiment directory (its directory is {tmp / 'exp'})", [csv]
+
+
 def _damaged_results(tmp: Path, text: bytes, fragment: str, finished: int = 0) -> Case:
     """An experiment directory whose results.csv holds ``text`` (it raised UnicodeDecodeError,
     TypeError or ValueError), beside ``finished`` cells' results."""
@@ -561,6 +568,7 @@ CASES: dict[str, Case] = {
     "search: a storage optuna no longer has": search_storage_optuna_dropped,
     "compare: a single run's directory": compare_a_single_run,
     "compare: an unfinished experiment": compare_an_unfinished_experiment,
+    "compare: its results.csv in place of the directory": compare_a_results_file,
     "compare: a baseline of no arm merged": compare_against_no_arm_merged,
     "compare: a results.csv of random bytes": lambda tmp: _damaged_results(
         tmp, bytes(range(128, 256)), "results.csv: not a readable CSV table ('utf-8' codec can't decode"),
