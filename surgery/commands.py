@@ -23,7 +23,7 @@ from .experiment_config import recorded_experiment
 from .grid import parse_shard
 from .io import file_to_write, percent, write_json
 from .model_file import describe_model, load_model, save_model
-from .outdirs import check_merge_out, experiment_meta, merged_from
+from .outdirs import check_merge_out, experiment_meta, merged_from, recipe_source
 from .pipeline import assemble, check_network, evaluate, finetune_model, pretrain, run, validate
 from .preflight import check_data
 from .provenance import ended, invocation, merged, with_command
@@ -322,7 +322,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
         write_results_csv(Path(out) / "results.csv", rows)
         if described:  # the first run's recipe (and paper), what was merged and the commands that made it
             kept = {k: v for k, v in described.items() if k not in ("cells", "merged_from", "commands")}
-            write_json(Path(out) / "experiment.json", {**kept, "merged_from": sources,
+            write_json(Path(out) / "experiment.json", {**kept, "recipe_from": recipe_source(dirs[0], described),
+                                                       "merged_from": sources,
                                                        "commands": with_command({"commands": made}, this)})
         if tuning is not None:
             write_json(Path(out) / "tuning.json", tuning)

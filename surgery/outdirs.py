@@ -172,6 +172,15 @@ def check_merge_out(out: Path, dirs: list[Path]) -> None:
                           "`compare --out` made.")
 
 
+def recipe_source(d: Path, meta: dict) -> str:
+    """The directory whose recipe ``d``'s experiment.json (``meta``) records: ``d`` for a run's;
+    for a merge's, the first directory merged, followed back through earlier merges (its
+    ``recipe_from``; the first of ``merged_from`` where an older compare wrote none)."""
+    if not isinstance(meta.get("merged_from"), list) or not meta["merged_from"]:
+        return str(d)
+    return str(meta.get("recipe_from") or meta["merged_from"][0])
+
+
 def merged_from(out: Path, dirs: list[Path], meta: dict) -> list[str]:
     """A merge's ``merged_from``: the directories merged, ``out`` among them (runs added to an
     earlier merge in place; ``meta`` its experiment.json) standing for those it lists."""

@@ -30,7 +30,7 @@ from .errors import ManifestError, SurgeryError
 from .experiment import read_results
 from .io import duration, percent
 from .lock import describe_holders
-from .outdirs import experiment_meta, is_experiment_dir, is_search_dir, is_single_run_dir
+from .outdirs import experiment_meta, is_experiment_dir, is_search_dir, is_single_run_dir, recipe_source
 from .provenance import COMMANDS_FILE, commands_line, recorded
 from .stacks_dir import TAKEN_FILE
 from .weights_io import first_line, weights_held
@@ -310,7 +310,9 @@ def _describe_merge(out: Path, meta: dict[str, Any]) -> list[str]:
         rows, held = [], "results.csv unreadable (run the compare again)"
     return [f"{out}: experiment{f' {name}' if name else ''}, merged by `surgery compare`",
             f"merged: {held} from {_some(list(map(str, meta['merged_from'])))}", *_seeds_line(rows),
-            *_made_by(meta), f"finished: results in {out}/results.csv, report in {out}/report.md"]
+            f"recipe (experiment.json's): {recipe_source(out, meta)}'s, the first merged; the arms, depths and seeds "
+            "are results.csv's, each run's settings its command's", *_made_by(meta),
+            f"finished: results in {out}/results.csv, report in {out}/report.md"]
 
 
 def _held(out: Path) -> list[str]:

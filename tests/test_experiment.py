@@ -1208,9 +1208,11 @@ def test_compare_refuses_runs_on_other_data_and_says_which_runs_a_later_director
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab")]) == 0
     capsys.readouterr()
     assert main(["inspect", str(tmp_path / "ab")]) == 0  # what it holds, not "0 of 2 cells finished"
-    assert capsys.readouterr().out.splitlines()[:3] == [
+    assert capsys.readouterr().out.splitlines()[:4] == [
         f"{tmp_path / 'ab'}: experiment tiny, merged by `surgery compare`",
-        f"merged: 3 runs (none) from {tmp_path / 'a'}, {tmp_path / 'b'}", "seeds at depth 1: none 3"]
+        f"merged: 3 runs (none) from {tmp_path / 'a'}, {tmp_path / 'b'}", "seeds at depth 1: none 3",
+        f"recipe (experiment.json's): {tmp_path / 'a'}'s, the first merged; the arms, depths and seeds are "
+        "results.csv's, each run's settings its command's"]
     assert main(["inspect", str(tmp_path)]) == 0
     assert "  ab: merged results, 3 runs (none)" in capsys.readouterr().out.splitlines()
     kept = (tmp_path / "ab" / "results.csv").read_text()
@@ -1222,11 +1224,14 @@ def test_compare_refuses_runs_on_other_data_and_says_which_runs_a_later_director
     grid("g", [5])
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "g"), "--out",
                  str(tmp_path / "abg")]) == 0
+    older = json.loads((tmp_path / "ab" / "experiment.json").read_text())  # as a compare before recipe_from wrote it
+    (tmp_path / "ab" / "experiment.json").write_text(json.dumps({k: v for k, v in older.items() if k != "recipe_from"}))
     assert main(["compare", str(tmp_path / "ab"), str(tmp_path / "g"), "--out", str(tmp_path / "ab")]) == 0
     capsys.readouterr()
     assert (tmp_path / "ab" / "results.csv").read_text() == (tmp_path / "abg" / "results.csv").read_text() != kept
     meta = json.loads((tmp_path / "ab" / "experiment.json").read_text())
     assert meta["merged_from"] == [str(tmp_path / d) for d in ("a", "b", "g")]
+    assert meta["recipe_from"] == str(tmp_path / "a")  # whose recipe it holds: a's, not the merge's own
     assert [e.get("dir") for e in meta["commands"]] == [  # the runs, the first merge, g's run, this merge
         *(str(tmp_path / d) for d in ("a", "b", "ab", "g")), None]
     grid("d", [4], finetune={"epochs": 3})
