@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def grid_recipe(n: int, seeds: int, epochs: int, width: int) -> dict:
-    from surgery.data import find_mnist_file
+    from surgery.loaders import find_mnist_file
 
     data = ({"dataset": "mnist", "limit": n} if find_mnist_file() is not None
             else {"dataset": "synthetic", "n_train": n, "n_valid": n // 5, "n_test": n // 5})

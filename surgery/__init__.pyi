@@ -3,7 +3,8 @@
 module on first use (so ``surgery --help`` does not wait for torch)."""
 
 from .assembly import ForeignSource, SurgeryConfig, build_graph
-from .data import DataConfig, Dataset, Split, load_dataset
+from .data import DataConfig, load_dataset
+from .dataset import Dataset, Split
 from .devices import resolve_device
 from .errors import (
     CheckpointError,

@@ -15,7 +15,8 @@ from typing import Any
 
 from .assembly import build_graph
 from .checkpoint import MEMBER_CHECKPOINT, read_checkpoint_meta
-from .data import Dataset, load_dataset
+from .data import load_dataset
+from .dataset import Dataset
 from .devices import resolve_device
 from .errors import CheckpointError, ConfigError, ManifestError, SurgeryWarning, TrainingDiverged
 from .finetune import PopulationTrainer, Trainer

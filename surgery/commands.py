@@ -15,13 +15,14 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .checkpoint import read_checkpoint_meta
-from .data import arrays_dataset, load_dataset, warn_unseen_classes
+from .data import load_dataset, warn_unseen_classes
 from .datafiles import is_arrays_file, read_arrays
 from .errors import ConfigError, DataError, ManifestError, OutputError, SurgeryError
 from .experiment import merge_results, run_experiment, write_results_csv
 from .experiment_config import recorded_experiment
 from .grid import parse_shard
 from .io import file_to_write, percent, write_json
+from .loaders import arrays_dataset
 from .model_file import describe_model, load_model, save_model
 from .outdirs import check_merge_out, experiment_meta, merged_from, recipe_source
 from .pipeline import assemble, check_network, evaluate, finetune_model, pretrain, run, validate

@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .cells import CellRunner, summary
-from .data import fingerprint
+from .dataset import fingerprint
 from .devices import resolve_device
 from .errors import ConfigError, ManifestError, OutputError, SurgeryError, SurgeryWarning
 from .experiment_config import ExperimentConfig, recorded_experiment

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .checkpoint import MEMBER_CHECKPOINT, Checkpoint, read_checkpoint, save_checkpoint
 from .configs import DATA, GRAPH, as_config, require
-from .data import Dataset
+from .dataset import Dataset
 from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .finetune_config import FinetuneConfig
 from .graph import ModelGraph

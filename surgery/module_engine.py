@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import Checkpoint, load_model_state, restore_rng, rng_states
-from .data import Dataset, Split
+from .dataset import Dataset, Split
 from .devices import resolve_device
 from .errors import ConfigError, SurgeryError, SurgeryWarning, TrainingDiverged
 from .finetune_config import FinetuneConfig

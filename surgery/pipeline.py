@@ -18,13 +18,15 @@ from typing import Any
 
 from .assembly import ForeignSource, SurgeryConfig, build_graph
 from .configs import DATA, GRAPH, require
-from .data import Dataset, find_mnist_file, load_dataset
+from .data import load_dataset
+from .dataset import Dataset
 from .devices import resolve_device
 from .errors import ConfigError, ManifestError, OutputError, SurgeryError, SurgeryWarning, TrainingDiverged
 from .finetune import EpochLog, FinetuneConfig, PopulationTrainer, Record, Trainer
 from .graph import ModelGraph
 from .grid import Cell, check_cells, check_search, plan_cells
 from .io import make_dir, percent
+from .loaders import find_mnist_file
 from .lock import hold
 from .model_file import load_model, save_model
 from .module_engine import error_rate

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .batched import loops_on
-from .data import Dataset
+from .dataset import Dataset
 from .devices import resolve_device
 from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .finetune_config import FinetuneConfig

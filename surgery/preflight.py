@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from .data import Dataset, non_finite
+from .dataset import Dataset, non_finite
 from .errors import ConfigError, DataError, ShapeError, SurgeryWarning
 from .finetune_config import LAYER_PATTERN_FIELDS, FinetuneConfig
 from .graph import ModelGraph

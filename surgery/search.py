@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from .data import Dataset, load_dataset
+from .data import load_dataset
+from .dataset import Dataset
 from .devices import resolve_device
 from .errors import SurgeryError, TrainingDiverged
 from .grid import check_search

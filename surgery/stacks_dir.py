@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import read_generator_state, save_generator_state
-from .data import Dataset
+from .dataset import Dataset
 from .devices import resolve_device
 from .errors import ConfigError, ManifestError, SurgeryError, SurgeryWarning
 from .grid import Cell, stack_key, stack_plan

@@ -17,7 +17,7 @@ PKG = Path(__file__).resolve().parents[1] / "surgery"
 LEVELS: list[tuple[str, set[str]]] = [
     ("foundations", {"errors", "io", "layers", "cg", "schedules", "runtime", "devices", "version", "batched", "stacked",
                      "capture", "lock", "configs", "outdirs", "provenance"}),
-    ("data and stacks", {"datafiles", "data", "weights_io", "stack"}),
+    ("data and stacks", {"datafiles", "dataset", "loaders", "data", "weights_io", "stack"}),
     ("pretrain, graph and ops", {"pretrain", "graph", "ops", "assembly", "modules", "model_file"}),
     ("fine-tuning", {"finetune_config", "finetune", "checkpoint", "graphed", "preflight", "module_engine",
                      "population"}),

@@ -10,8 +10,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from surgery.data import DataConfig, epoch_batches, load_dataset
+from surgery.data import DataConfig, load_dataset
 from surgery.datafiles import RestrictedUnpickler, read_mnist_pickle
+from surgery.dataset import epoch_batches
 from surgery.devices import resolve_device
 from surgery.errors import SurgeryError, SurgeryWarning
 
@@ -216,7 +217,7 @@ def test_mnist_valid_size_moves_the_split_inside_the_60k_training_images():
 
 
 def test_non_finite_counts_nan_and_inf_and_is_not_fooled_by_an_overflowing_sum():
-    from surgery.data import non_finite
+    from surgery.dataset import non_finite
 
     x = torch.rand(100, 7)
     assert non_finite(x) == 0 and non_finite(torch.empty(0, 3)) == 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from surgery.data import Dataset, Split
+from surgery.dataset import Dataset, Split
 from surgery.errors import ConfigError, SurgeryError, SurgeryWarning, TrainingDiverged
 from surgery.finetune import FinetuneConfig, Trainer
 from surgery.graph import ModelGraph

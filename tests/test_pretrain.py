@@ -366,7 +366,7 @@ def test_mask_noise_keeps_one_minus_level():
 def _grow_reference(x, y, stack, cfg, batch_size, g):
     """The grow stage written with autograd and torch.optim.SGD, drawing from ``g`` in the
     same order (new layer's init, head's init, then one permutation per epoch)."""
-    from surgery.data import epoch_batches
+    from surgery.dataset import epoch_batches
     from surgery.layers import init_weight
 
     below = [layer.module() for layer in stack.layers] if cfg.train == "all" else []

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..configs import as_config, as_tensor
-from ..data import epoch_batches
+from ..dataset import epoch_batches
 from ..errors import ShapeError
 from ..runtime import keep_freed_memory
 from ..schedules import OptimizerConfig, build_optimizer

@@ -10,7 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from ..data import non_finite
+from ..dataset import non_finite
 from ..errors import ConfigError, DataError, ShapeError, SurgeryWarning, TrainingDiverged
 from ..io import progress_bar as _bar
 from ..layers import Activation, LayerSpec

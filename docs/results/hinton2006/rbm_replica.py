@@ -17,7 +17,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from surgery.data import load_mnist
+from surgery.loaders import load_mnist
 
 
 def main() -> None:
