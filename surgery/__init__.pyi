@@ -39,7 +39,8 @@ from .ops import (
     TransplantOp,
     WidenOp,
 )
-from .pipeline import assemble, evaluate, pretrain, run, validate
+from .pipeline import evaluate, pretrain, run
+from .planning import assemble, validate
 from .pretrain import (
     AEConfig,
     GrowConfig,

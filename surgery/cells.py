@@ -24,7 +24,7 @@ from .graph import ModelGraph
 from .grid import Cell
 from .io import Pace, duration, progress_line, read_json, write_json
 from .outdirs import read_result
-from .pipeline import load_sources
+from .planning import load_sources
 from .population import architecture_key, model_bytes, population_size
 from .recipe import Recipe, recipe_from_dict
 from .stacks_dir import StackDonors, StackStore

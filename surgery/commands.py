@@ -25,7 +25,8 @@ from .io import file_to_write, percent, write_json
 from .loaders import arrays_dataset
 from .model_file import describe_model, load_model, save_model
 from .outdirs import check_merge_out, experiment_meta, merged_from, recipe_source
-from .pipeline import assemble, check_network, evaluate, finetune_model, pretrain, run, validate
+from .pipeline import evaluate, finetune_model, pretrain, run
+from .planning import assemble, check_network, validate
 from .preflight import check_data
 from .provenance import ended, invocation, merged, with_command
 from .recipe import (

@@ -34,7 +34,7 @@ from .grid import Cell, plan_cells, shard_of
 from .io import RERUN, Pace, make_dir, progress_bar, progress_line, read_json, write_text
 from .lock import hold
 from .outdirs import check_own_out, experiment_meta, is_experiment_dir, is_single_run_dir
-from .pipeline import check_grid
+from .planning import check_grid
 from .provenance import device_label, ends_recorded, invocation, update_record, with_command
 from .recipe import Recipe, as_recipe
 from .stacks_dir import StackDonors

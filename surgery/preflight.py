@@ -1,6 +1,6 @@
 """What fine-tuning refuses (or warns about) before it trains, for a single network and a
 population alike, and for a run planning its network before pretraining
-(:func:`surgery.pipeline.plan_network`): data it cannot use, a network that does not fit the
+(:func:`surgery.planning.plan_network`): data it cannot use, a network that does not fit the
 data, a layer pattern that names no layer, a batch larger than the training set."""
 
 from __future__ import annotations

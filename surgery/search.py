@@ -27,7 +27,8 @@ from .grid import check_search
 from .io import make_dir, progress_line, write_json, write_text
 from .lock import alive
 from .outdirs import check_own_out
-from .pipeline import plan_network, run, run_batch
+from .pipeline import run, run_batch
+from .planning import plan_network
 from .provenance import COMMANDS_FILE, device_label, recording
 from .recipe import Recipe, apply_overrides, recipe_from_dict
 from .search_config import ParamRange, SearchConfig

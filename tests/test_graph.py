@@ -291,7 +291,7 @@ def test_import_foreign_safetensors_and_state_dict(tmp_path):
         "ops": [{"op": "import", "source": "w", "layers": ["h1"]},
                 {"op": "import", "source": "w", "layers": ["o"], "activation": "linear"}],
     })
-    from surgery.pipeline import load_sources
+    from surgery.planning import load_sources
     from surgery.recipe import Recipe
 
     r = Recipe(surgery=cfg)
