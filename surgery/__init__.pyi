@@ -18,7 +18,7 @@ from .errors import (
     SurgeryError,
     TrainingDiverged,
 )
-from .experiment import read_results, run_experiment
+from .experiment import run_experiment
 from .experiment_config import ArmConfig, ExperimentConfig
 from .finetune import FinetuneConfig, PopulationTrainer, Trainer
 from .graph import ModelGraph, Node
@@ -52,6 +52,7 @@ from .pretrain import (
 )
 from .recipe import Recipe, load_recipe, recipe_from_dict
 from .report import significance_line, summary_grid, table, write_report
+from .results import read_results
 from .schedules import OptimizerConfig, ScheduleConfig
 from .search_config import SearchConfig
 from .stack import LayerStack, StackLayer

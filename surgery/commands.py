@@ -18,7 +18,7 @@ from .checkpoint import read_checkpoint_meta
 from .data import load_dataset, warn_unseen_classes
 from .datafiles import is_arrays_file, read_arrays
 from .errors import ConfigError, DataError, ManifestError, OutputError, SurgeryError
-from .experiment import merge_results, run_experiment, write_results_csv
+from .experiment import run_experiment
 from .experiment_config import recorded_experiment
 from .grid import parse_shard
 from .io import file_to_write, percent, write_json
@@ -39,6 +39,7 @@ from .recipe import (
     parse_overrides,
 )
 from .report import failed_line, significance_line, summary_grid, write_report
+from .results import merge_results, write_results_csv
 from .rundir import describe_checkpoint, describe_run
 from .runtime import is_main_process
 from .search import run_search

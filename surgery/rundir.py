@@ -27,11 +27,11 @@ from typing import Any
 from .cells import DIVERGED_FILE
 from .checkpoint import MEMBER_CHECKPOINT, read_checkpoint_meta
 from .errors import ManifestError, SurgeryError
-from .experiment import read_results
 from .io import duration, percent
 from .lock import describe_holders
 from .outdirs import experiment_meta, is_experiment_dir, is_search_dir, is_single_run_dir, recipe_source
 from .provenance import COMMANDS_FILE, commands_line, recorded
+from .results import read_results
 from .stacks_dir import TAKEN_FILE
 from .weights_io import first_line, weights_held
 

@@ -22,7 +22,7 @@ LEVELS: list[tuple[str, set[str]]] = [
     ("fine-tuning", {"finetune_config", "finetune", "checkpoint", "graphed", "preflight", "module_engine",
                      "population"}),
     ("recipe composition", {"experiment_config", "search_config", "recipe", "grid", "fieldnames"}),
-    ("orchestration", {"planning", "pipeline", "stacks_dir", "cells", "tuning", "experiment", "search"}),
+    ("orchestration", {"planning", "pipeline", "stacks_dir", "cells", "tuning", "experiment", "results", "search"}),
     ("report and cli", {"figures", "report", "rundir", "commands", "cli", "__main__"}),
 ]
 

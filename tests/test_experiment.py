@@ -15,10 +15,10 @@ import yaml
 
 from surgery.cli import main
 from surgery.errors import SurgeryError, SurgeryWarning
-from surgery.experiment import read_results
 from surgery.grid import plan_cells
 from surgery.recipe import load_recipe, recipe_from_dict
 from surgery.report import summarize, table, welch
+from surgery.results import read_results
 
 ROOT = Path(__file__).resolve().parents[1]
 CONV = {"maps": 4, "kernel_size": 3, "stride": 1}
@@ -1341,7 +1341,7 @@ def test_a_tuned_layer_setting_covers_the_methods_default_it_replaced():
     """A directory that tuned ``pretrain.layers.*.lr`` records the method's untuned default
     beside the value its cells used; merged with runs given that value by hand, the default is
     no difference of protocol, while an untuned setting of the method still is."""
-    from surgery.experiment import _tuned
+    from surgery.results import _tuned
 
     assert _tuned("experiment.methods.dae.lr", ["pretrain.layers.*.lr"])
     assert _tuned("pretrain.layers.3.lr", ["pretrain.layers.*.lr"])

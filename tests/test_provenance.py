@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from surgery.cli import main
-from surgery.experiment import read_results
 from surgery.provenance import cost_markdown, recorded, update_record
+from surgery.results import read_results
 
 SMALL = {
     "name": "small",

@@ -11,8 +11,9 @@ import yaml
 from safetensors.torch import load_file
 
 from surgery.cli import main
-from surgery.experiment import read_results, run_experiment
+from surgery.experiment import run_experiment
 from surgery.grid import stack_key
+from surgery.results import read_results
 from surgery.stack import LayerStack
 
 GRID = {
