@@ -29,15 +29,8 @@ from .pipeline import evaluate, finetune_model, pretrain, run
 from .planning import assemble, check_network, validate
 from .preflight import check_data
 from .provenance import ended, invocation, merged, with_command
-from .recipe import (
-    RECIPE_SUFFIXES,
-    Recipe,
-    apply_overrides,
-    format_validation_error,
-    json_schema,
-    load_recipe,
-    parse_overrides,
-)
+from .recipe import Recipe, format_validation_error, json_schema, load_recipe
+from .recipe_text import RECIPE_SUFFIXES, apply_overrides, parse_overrides
 from .report import failed_line, significance_line, summary_grid, write_report
 from .results import merge_results, write_results_csv
 from .rundir import describe_checkpoint, describe_run

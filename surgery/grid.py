@@ -22,7 +22,8 @@ from pydantic import BaseModel, ValidationError
 from .errors import ConfigError, SurgeryError
 from .experiment_config import DEFAULT_LAYER, ArmConfig, ExperimentConfig, scale_of
 from .finetune_config import LAYER_PATTERN_FIELDS, FinetuneConfig
-from .recipe import Recipe, Rename, apply_overrides, as_recipe, recipe_from_dict
+from .recipe import Recipe, Rename, as_recipe, recipe_from_dict
+from .recipe_text import apply_overrides
 from .search_config import ParamRange
 
 

@@ -30,7 +30,8 @@ from .outdirs import check_own_out
 from .pipeline import run, run_batch
 from .planning import plan_network
 from .provenance import COMMANDS_FILE, device_label, recording
-from .recipe import Recipe, apply_overrides, recipe_from_dict
+from .recipe import Recipe, recipe_from_dict
+from .recipe_text import apply_overrides
 from .search_config import ParamRange, SearchConfig
 from .weights_io import first_line
 

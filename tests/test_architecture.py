@@ -21,7 +21,7 @@ LEVELS: list[tuple[str, set[str]]] = [
     ("pretrain, graph and ops", {"pretrain", "graph", "ops", "assembly", "modules", "model_file"}),
     ("fine-tuning", {"finetune_config", "finetune", "checkpoint", "graphed", "preflight", "module_engine",
                      "population"}),
-    ("recipe composition", {"experiment_config", "search_config", "recipe", "grid", "fieldnames"}),
+    ("recipe composition", {"experiment_config", "search_config", "recipe_text", "recipe", "grid", "fieldnames"}),
     ("orchestration", {"planning", "pipeline", "stacks_dir", "cells", "tuning", "experiment", "results", "search"}),
     ("report and cli", {"figures", "report", "rundir", "commands", "cli", "__main__"}),
 ]
