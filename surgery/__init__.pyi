@@ -51,11 +51,12 @@ from .pretrain import (
     train_rbm,
 )
 from .recipe import Recipe, load_recipe, recipe_from_dict
-from .report import significance_line, summary_grid, table, write_report
+from .report import significance_line, summary_grid, write_report
 from .results import read_results
 from .schedules import OptimizerConfig, ScheduleConfig
 from .search_config import SearchConfig
 from .stack import LayerStack, StackLayer
+from .stats import table
 from .version import __version__
 
 __all__ = [

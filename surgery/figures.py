@@ -21,7 +21,7 @@ from .weights_io import first_line
 
 def write_figures(out: Path, rows: list[dict[str, Any]], tab: list[dict[str, Any]], baseline: str,
                   learned: Callable[[dict[str, Any]], bool] = lambda row: True, kept: bool = False) -> None:
-    """``out/figures/*.png`` for an experiment's result rows and their ``report.table``;
+    """``out/figures/*.png`` for an experiment's result rows and their ``stats.table``;
     ``learned(row)``: whether a run learned (those that did not are drawn apart when their
     errors would squash the others'); ``kept``: leave the figures drawn from the runs'
     directories as they are (:func:`kept_figures`)."""

@@ -1,13 +1,12 @@
-"""Tables for a comparison: report.md (its figures: :mod:`surgery.figures`).
-
-Statistics per condition x depth: mean, standard deviation and a 95% confidence interval
-(Student t), and a Welch t-test of each arm against the baseline arm at the same depth.
+"""Tables for a comparison: report.md (its figures: :mod:`surgery.figures`; its statistics:
+:mod:`surgery.stats`): per condition x depth the mean, standard deviation and 95% interval
+with a Welch t-test against the baseline arm at the same depth, what adding a layer did,
+the spread over seeds, the paper's numbers, the tuning and the cost.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -19,81 +18,7 @@ from .figures import kept_figures, write_figures
 from .io import make_dir, write_text
 from .outdirs import experiment_meta, read_tuning
 from .provenance import cost_markdown, recorded
-
-
-def _stats() -> Any:
-    """``scipy.stats``, imported when a statistic is first wanted: the import takes 1-2 s of
-    every command's start, and most (validate, inspect, a single run, --help) never need it."""
-    from scipy import stats
-
-    return stats
-
-
-def summarize(values: list[float]) -> dict[str, float]:
-    """n, mean, sd and the 95% Student-t interval of the mean."""
-    a = np.asarray(values, dtype=float)
-    n = len(a)
-    mean = float(a.mean()) if n else math.nan
-    std = float(a.std(ddof=1)) if n > 1 else math.nan
-    half = float(_stats().t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else math.nan
-    return {"n": n, "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "ci_half": half}
-
-
-def welch(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Welch's t statistic and two-sided p-value (nan when either side has < 2 values)."""
-    if len(a) < 2 or len(b) < 2:
-        return math.nan, math.nan
-    if np.std(a) == 0 and np.std(b) == 0:  # no spread on either side: any difference is certain
-        diff = float(np.mean(a) - np.mean(b))
-        return (math.copysign(math.inf, diff), 0.0) if diff else (math.nan, math.nan)
-    with warnings.catch_warnings():  # near-identical samples: scipy warns, the numbers stand
-        warnings.simplefilter("ignore", RuntimeWarning)
-        t, p = _stats().ttest_ind(a, b, equal_var=False)
-    return float(t), float(p)
-
-
-def cells(rows: list[dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, Any]]]:
-    """The rows per (arm, depth), ordered by depth, then arm."""
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["condition"], int(r["depth"])), []).append(r)
-    return dict(sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])))
-
-
-def cell_errors(rows: list[dict[str, Any]]) -> dict[tuple[str, int], list[float]]:
-    """The test errors per (arm, depth), in :func:`cells`' order."""
-    return {key: [float(r["test_error"]) for r in runs] for key, runs in cells(rows).items()}
-
-
-def check_rows(rows: list[dict[str, Any]], where: str) -> None:
-    """``SurgeryError`` naming ``where`` and the first row that is not a result: a dict with
-    condition, depth, seed and a numeric test_error."""
-    for i, r in enumerate(rows):
-        lacks = [k for k in ("condition", "depth", "seed", "test_error") if k not in r] if isinstance(r, dict) else []
-        if isinstance(r, dict) and not lacks and not isinstance(r["test_error"], (int, float, str)):
-            lacks = ["a numeric test_error"]
-        if not isinstance(r, dict) or lacks:
-            what = f"lacks {lacks[0]}" if isinstance(r, dict) else f"is a {type(r).__name__}"
-            raise SurgeryError(f"{where}: rows[{i}] {what}; give the rows surgery.run_experiment returned (or "
-                               "surgery.read_results(out)): dicts with condition, depth, seed and test_error.")
-
-
-def table(rows: list[dict[str, Any]], baseline: str = "none") -> list[dict[str, Any]]:
-    """Per (arm, depth): the summary of test errors and Welch's t-test against ``baseline``
-    at the same depth; an arm at a depth the baseline did not run (a shallow arm beside a
-    deep grid) against the baseline's only depth, when it ran at one (``baseline_depth``)."""
-    check_rows(rows, "the result rows")
-    groups = cell_errors(rows)
-    base_depths = sorted(d for c, d in groups if c == baseline)
-    out = []
-    for (cond, depth), vals in groups.items():
-        s = summarize(vals)
-        bd = depth if depth in base_depths else (base_depths[0] if len(base_depths) == 1 else None)
-        base = groups.get((baseline, bd)) if bd is not None else None
-        t, p = welch(vals, base) if base is not None and cond != baseline else (math.nan, math.nan)
-        out.append({"condition": cond, "depth": depth, **s, "t": t, "p": p, "baseline_depth": bd,
-                    "baseline_mean": float(np.mean(base)) if base else math.nan})
-    return out
+from .stats import FAILED_TRAIN_ERROR, cell_errors, cells, check_rows, learned, spread_p, table, welch
 
 
 def _fmt(x: float, nd: int = 2) -> str:
@@ -156,19 +81,6 @@ def _values(params: dict[str, Any], ignored: Any = ()) -> str:
     """Tuned values for a markdown table cell, each path in backquotes, floats to 4 digits."""
     return ", ".join(f"`{k}`={v:.4g}" if isinstance(v, float) else f"`{k}`={v}" for k, v in params.items()
                      if k not in ignored)
-
-
-def spread_p(a: list[float], b: list[float]) -> float:
-    """Levene's test that two samples have the same spread, centred on the median (the
-    Brown-Forsythe form, robust to a skewed sample): the p-value; nan where the test is
-    undefined: fewer than 3 values on a side (two values lie equally far from their median,
-    so the test has nothing to compare), or no spread in the distances."""
-    if len(a) < 3 or len(b) < 3:
-        return math.nan
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        p = float(_stats().levene(a, b, center="median").pvalue)
-    return p if math.isfinite(p) else math.nan
 
 
 def _step(a: list[float], b: list[float]) -> str:
@@ -352,15 +264,6 @@ def summary_grid(rows: list[dict[str, Any]], baseline: str = "none") -> list[str
     for r in grid:
         lines.append("  " + r[0].ljust(widths[0]) + "".join("   " + v.rjust(w) for v, w in zip(r[1:], widths[1:])))
     return lines
-
-
-FAILED_TRAIN_ERROR = 50.0  # %: a run that gets half its own training set wrong has not learned
-
-
-def learned(r: dict[str, Any], threshold: float = FAILED_TRAIN_ERROR) -> bool:
-    """Whether result row ``r``'s run learned: training error below ``threshold`` % at the
-    kept epoch (or not recorded)."""
-    return r.get("train_error") in (None, "") or float(r["train_error"]) < threshold
 
 
 def failed_line(rows: list[dict[str, Any]], threshold: float = FAILED_TRAIN_ERROR) -> str | None:

@@ -23,7 +23,7 @@ LEVELS: list[tuple[str, set[str]]] = [
                      "population"}),
     ("recipe composition", {"experiment_config", "search_config", "recipe_text", "recipe", "grid", "fieldnames"}),
     ("orchestration", {"planning", "pipeline", "stacks_dir", "cells", "tuning", "experiment", "results", "search"}),
-    ("report and cli", {"figures", "report", "rundir", "commands", "cli", "__main__"}),
+    ("report and cli", {"stats", "figures", "report", "rundir", "commands", "cli", "__main__"}),
 ]
 
 

@@ -17,8 +17,8 @@ from surgery.cli import main
 from surgery.errors import SurgeryError, SurgeryWarning
 from surgery.grid import plan_cells
 from surgery.recipe import load_recipe, recipe_from_dict
-from surgery.report import summarize, table, welch
 from surgery.results import read_results
+from surgery.stats import summarize, table, welch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONV = {"maps": 4, "kernel_size": 3, "stride": 1}
