@@ -200,7 +200,8 @@ def _sd_within(rows: list[dict[str, Any]]) -> float:
 
 def _curves_figure(rows: list[dict[str, Any]], conds: list[str], colors: dict[str, Any]) -> Any:
     """Validation error per epoch at each arm's largest depth (of the runs whose directories
-    are here, for a merge of a published report and new runs): every seed faint (early stopping
+    are here, for a merge of a published report and new runs; the legend says which depth and
+    how many seeds): every seed faint (early stopping
     ends them at different epochs) and the mean over seeds while all of them run; the training
     error instead when the runs had no validation split (``data.valid_size: 0``). A log scale
     when the errors span more than 20x (a run stuck near chance beside ones at 2%)."""
@@ -212,7 +213,8 @@ def _curves_figure(rows: list[dict[str, Any]], conds: list[str], colors: dict[st
         here = [r for r in crow if r.get("path") and (Path(r["path"]) / "metrics.jsonl").is_file()]
         dmax = max(int(r["depth"]) for r in here or crow)  # the largest depth whose runs are here
         paths = [Path(r["path"]) / "metrics.jsonl" for r in here if int(r["depth"]) == dmax]
-        histories[f"{c} (depth {dmax})"] = [h for p in paths if (h := _history(p))]
+        hs = [h for p in paths if (h := _history(p))]
+        histories[f"{c} (depth {dmax}, {len(hs)} seed{'s' * (len(hs) != 1)})"] = hs
     validated = all(h["valid_error"] is not None for hs in histories.values() for hist in hs for h in hist)
     key = "valid_error" if validated else "train_error"
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -1155,6 +1155,8 @@ def test_compare_merges_arms_tuned_in_separate_runs(tmp_path, capsys, monkeypatc
     shutil.rmtree(tmp_path / "deep" / "cells")
     assert main(["compare", str(tmp_path / "none"), str(tmp_path / "deep"), "--out", str(tmp_path / "m4")]) == 0
     assert len(read) == 1 and (tmp_path / "none") in read[0].parents, read
+    fig = figures_module._curves_figure(_rows(tmp_path / "m4"), ["none"], {"none": "tab:blue"})
+    assert fig.axes[0].get_legend_handles_labels()[1] == ["none (depth 1, 1 seed)"]  # which depth, how many seeds
     assert "the curves are each arm's at the largest depth whose runs are here" in (
         tmp_path / "m4" / "report.md").read_text()
     other = json.loads((tmp_path / "dae" / "tuning.json").read_text())
