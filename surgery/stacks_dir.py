@@ -74,11 +74,12 @@ class StackStore:
             t0 = time.perf_counter()
             self._begin(sdir, stack_plan(cell.recipe))
             start = resume_point([sdir], len(r.pretrain.layers), self.progress)
+            before = _spent_before(sdir, start[0][0]) if start else 0.0  # now: the stack grows as it trains
             st = greedy_pretrain(data.train.x, r.pretrain, r.seed, y=data.train.y, progress=self.progress,
                                  data_fingerprint=data.fingerprint(),
                                  on_layer=partial(save_snapshot, sdir),
                                  valid=(data.valid.x, data.valid.y), start=start[0] if start else None)
-            seconds = time.perf_counter() - t0 + (_spent_before(sdir, start[0][0]) if start else 0.0)
+            seconds = time.perf_counter() - t0 + before
             write_json(sdir / "pretrain.json", {"seconds": round(seconds, 3), "layers": len(st)})
         seconds, layers = _pretrained_in(sdir)
         return LayerStack.load(spath), seconds * cell.depth / max(layers, 1)
@@ -157,6 +158,7 @@ class StackStore:
             self._begin(sdir, plans[key])
         try:
             start = resume_point(dirs, len(cfgs[0].layers), self.progress)
+            before = [_spent_before(sdir, st) for sdir, (st, _) in zip(dirs, start or [])] or [0.0] * len(dirs)
             stacks = greedy_pretrain_population(
                 data.train.x, cfgs, [r.seed for _, (r, _) in members], y=data.train.y, progress=self.progress,
                 data_fingerprint=data.fingerprint(), on_layer=snapshot, valid=(data.valid.x, data.valid.y),
@@ -165,7 +167,7 @@ class StackStore:
             return  # members that cannot train together pretrain one by one when their cells run
         share = (time.perf_counter() - t0) / len(members)  # each stack's
         for i, (sdir, st) in enumerate(zip(dirs, stacks)):
-            seconds = round(share + (_spent_before(sdir, start[i][0]) if start else 0.0), 3)
+            seconds = round(share + before[i], 3)
             write_json(sdir / "pretrain.json", {"seconds": seconds, "layers": len(st), "population": len(members)})
 
 
@@ -340,7 +342,8 @@ def _spent_before(sdir: Path, stack: LayerStack) -> float:
     """The pretraining seconds the layers of ``stack`` (where the stack in ``sdir`` continues
     from) recorded, less those of the first layers it took from another experiment's
     (``taken.json``): they were spent there and are counted in that experiment's report, so a
-    merge of the two counts them once."""
+    merge of the two counts them once. Read before the stack continues: the layers trained
+    then are appended to ``stack`` itself, and are this run's time."""
     taken = read_json(sdir / TAKEN_FILE) if (sdir / TAKEN_FILE).is_file() else {}
     n = taken.get("layers", 0) if isinstance(taken.get("layers"), int) else 0
     return float(sum(layer.pretrain.get("seconds", 0.0) for layer in stack.layers[n:]))

@@ -3,7 +3,9 @@ where they share data, seed and first layers, and end as they would have alone."
 
 import json
 import re
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -176,3 +178,31 @@ def test_stacks_pretrained_together_start_from_donors_too(tmp_path, capsys):
     _run(capsys, deeper, tmp_path / "alone")
     assert _results(tmp_path / "continued") == _results(tmp_path / "alone")
     _same_stacks(tmp_path / "alone", tmp_path / "continued")
+
+
+@pytest.mark.parametrize("together", [{}, {"seeds": [0, 1], "population": 2}], ids=["alone", "population"])
+def test_a_continued_stack_records_each_layer_s_time_once(tmp_path, capsys, monkeypatch, together):
+    """The pretraining seconds of a stack that continues (another grid's first layers, or its
+    own run's before a stop) are this run's time plus the earlier layers' of its own: the
+    layers it trains now are not counted again (they join the very stack it continued)."""
+    import surgery.stacks_dir as stacks_dir
+
+    grid = {"conditions": ["dae"], **together}
+    one = tmp_path / "one"
+    _run(capsys, _recipe(tmp_path, "one", **grid), one)
+    monkeypatch.setattr(stacks_dir, "time", SimpleNamespace(perf_counter=lambda: 0.0))  # this run took no time
+    three = _recipe(tmp_path, "three", depths=[3], **grid)
+    _run(capsys, three, tmp_path / "continued", one)
+    assert _pretrain_seconds(tmp_path / "continued") == [0.0] * len(together.get("seeds", [0]))
+    # stopped after its first layer, then run again in its own directory: that layer's seconds, once
+    own = tmp_path / "own"
+    _run(capsys, three, own)
+    for sdir in own.glob("stacks/*"):
+        for f in ("pretrain.json", "depth2.safetensors", "rng2.safetensors", "depth3.safetensors", "rng3.safetensors"):
+            (sdir / f).unlink()
+    shutil.rmtree(own / "cells")
+    first = {sdir.name: LayerStack.load(sdir / "depth1.safetensors").layers[0].pretrain["seconds"]
+             for sdir in own.glob("stacks/*")}
+    assert "continuing" in _run(capsys, three, own)
+    assert {sdir.name: json.loads((sdir / "pretrain.json").read_text())["seconds"]
+            for sdir in own.glob("stacks/*")} == {k: round(v, 3) for k, v in first.items()}
