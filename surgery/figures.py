@@ -201,10 +201,10 @@ def _sd_within(rows: list[dict[str, Any]]) -> float:
 def _curves_figure(rows: list[dict[str, Any]], conds: list[str], colors: dict[str, Any]) -> Any:
     """Validation error per epoch at each arm's largest depth (of the runs whose directories
     are here, for a merge of a published report and new runs; the legend says which depth and
-    how many seeds): every seed faint (early stopping
-    ends them at different epochs) and the mean over seeds while all of them run; the training
-    error instead when the runs had no validation split (``data.valid_size: 0``). A log scale
-    when the errors span more than 20x (a run stuck near chance beside ones at 2%)."""
+    how many seeds): every seed faint (early stopping ends them at different epochs) and the
+    mean over seeds while all of them run; the training error instead when the runs had no
+    validation split (``data.valid_size: 0``). A log scale when the errors span more than 20x
+    (a run stuck near chance beside ones at 2%)."""
     import matplotlib.pyplot as plt
 
     histories: dict[str, list[list[dict[str, Any]]]] = {}
