@@ -158,7 +158,7 @@ class StackStore:
             self._begin(sdir, plans[key])
         try:
             start = resume_point(dirs, len(cfgs[0].layers), self.progress)
-            before = [_spent_before(sdir, st) for sdir, (st, _) in zip(dirs, start or [])] or [0.0] * len(dirs)
+            before = [_spent_before(sdir, st) for sdir, (st, _) in zip(dirs, start)] if start else [0.0] * len(dirs)
             stacks = greedy_pretrain_population(
                 data.train.x, cfgs, [r.seed for _, (r, _) in members], y=data.train.y, progress=self.progress,
                 data_fingerprint=data.fingerprint(), on_layer=snapshot, valid=(data.valid.x, data.valid.y),
